@@ -1,0 +1,362 @@
+//! Wiring and the scheduler: open the journal, start the sources, and hand runnable objects to
+//! the sink, at most `concurrency` at a time. The scheduler is the only place where delivery
+//! outcomes become journal states and retry decisions.
+//!
+//! Destination-level refusals (credentials, bucket, region) pause dispatching instead of failing
+//! every object: the operator is told once, `status` shows it, and the daemon probes again with
+//! one object after a growing delay. `--once` stops at the first such refusal.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{watch, Notify};
+use tokio::task::JoinSet;
+use tracing::Instrument;
+
+use crate::config::{AfterUpload, Config, SourceConfig};
+use crate::journal::{Journal, JournalError, ObjectRow, State};
+use crate::retry::{Backoff, Class};
+use crate::s3::{credentials, S3Client, S3Error};
+use crate::sink::s3::{S3Sink, UploadParams};
+use crate::sink::Outcome;
+use crate::source::fs::{after_upload, AfterResult, FsSource, SourceReport};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    #[error("S3 credentials: {0}")]
+    Credentials(#[from] credentials::CredentialsError),
+    #[error(transparent)]
+    Setup(#[from] S3Error),
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct RunOptions {
+    pub once: bool,
+}
+
+/// What a run did; `--once` prints it and derives the exit code from it.
+#[derive(Debug, Default)]
+pub struct Summary {
+    pub delivered: u64,
+    pub bytes: u64,
+    pub rejected: u64,
+    pub vanished: u64,
+    pub failed: u64,
+    pub changed: u64,
+    pub unsettled: usize,
+    pub refused: usize,
+    pub destination_error: Option<String>,
+}
+
+impl Summary {
+    pub fn all_delivered(&self) -> bool {
+        self.rejected == 0 && self.failed == 0 && self.destination_error.is_none()
+    }
+}
+
+/// Delay before probing a destination that refused us, growing up to 10 minutes.
+const PROBE: Backoff = Backoff {
+    base: Duration::from_secs(30),
+    cap: Duration::from_secs(600),
+};
+
+struct Scheduler {
+    journal: Journal,
+    sink: Arc<S3Sink>,
+    sources: HashMap<String, SourceConfig>,
+    once: bool,
+    summary: Summary,
+    paused_until: Option<Instant>,
+    probe_round: u32,
+    refused_code: Option<String>,
+}
+
+pub async fn run(config: Config, opts: RunOptions, mut shutdown: watch::Receiver<bool>) -> Result<Summary, AppError> {
+    let journal = Journal::open(&config.agent.journal)?;
+    let creds = credentials::resolve(&config.destination)?;
+    tracing::info!(
+        endpoint = %config.destination.endpoint,
+        bucket = %config.destination.bucket,
+        access_key_id = %creds.access_key_id(),
+        credentials = %creds.origin,
+        "destination"
+    );
+    let a = &config.agent;
+    let client = S3Client::new(&config.destination, creds, a.max_retries, a.request_timeout, a.concurrency * 2)?;
+    let params = UploadParams {
+        part_size: a.part_size,
+        multipart_threshold: a.multipart_threshold,
+    };
+    let sink = Arc::new(S3Sink::new(client, journal.clone(), params, a.parts_in_flight));
+    journal
+        .set_agent_state("started", humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string())
+        .await?;
+    journal.set_agent_state("pid", std::process::id().to_string()).await?;
+
+    let wake = Arc::new(Notify::new());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut sources: JoinSet<Result<SourceReport, JournalError>> = JoinSet::new();
+    let mut summary = Summary::default();
+    for s in &config.sources {
+        let mut src = FsSource::new(s.clone(), config.destination.prefix.clone(), journal.clone(), wake.clone());
+        if opts.once {
+            let r = src.scan_once().await?;
+            tracing::info!(source = %s.name, files = r.seen, queued = r.offered, unsettled = r.unsettled, refused = r.refused, "scanned");
+            summary.unsettled += r.unsettled;
+            summary.refused += r.refused;
+        } else {
+            sources.spawn(src.run(stop_rx.clone()));
+        }
+    }
+
+    let mut sched = Scheduler {
+        journal: journal.clone(),
+        sink,
+        sources: config.sources.iter().map(|s| (s.name.clone(), s.clone())).collect(),
+        once: opts.once,
+        summary,
+        paused_until: None,
+        probe_round: 0,
+        refused_code: None,
+    };
+    sched.preflight().await?;
+    let concurrency = config.agent.concurrency;
+    let (obj_stop_tx, obj_stop_rx) = watch::channel(false);
+    let mut inflight: JoinSet<(ObjectRow, Outcome, Duration)> = JoinSet::new();
+    let mut inflight_ids: Vec<i64> = Vec::new();
+    let mut cursor = 0i64;
+    let mut draining = false;
+    let mut grace_deadline: Option<tokio::time::Instant> = None;
+
+    loop {
+        let mut exhausted = false;
+        let may_dispatch = !draining && sched.destination_open();
+        if may_dispatch && inflight.len() < concurrency {
+            // While probing a paused destination, one object at a time.
+            let free = if sched.probe_round > 0 { 1usize.saturating_sub(inflight.len()) } else { concurrency - inflight.len() };
+            let rows = if free == 0 {
+                Vec::new()
+            } else {
+                journal.runnable(free, if opts.once { cursor } else { 0 }, !opts.once, inflight_ids.clone()).await?
+            };
+            exhausted = rows.len() < free;
+            for row in rows {
+                cursor = cursor.max(row.id);
+                inflight_ids.push(row.id);
+                let span = tracing::info_span!("object", id = row.id, key = %row.key);
+                let sink = sched.sink.clone();
+                let root = sched.sources.get(&row.source).map(|s| s.path.clone());
+                let stop = obj_stop_rx.clone();
+                inflight.spawn(
+                    async move {
+                        let started = Instant::now();
+                        let outcome = match (&root, row.state) {
+                            (None, _) => Outcome::Retry(format!("source {:?} is no longer in the config", row.source)),
+                            (Some(_), State::Delivered) => Outcome::Delivered,
+                            (Some(root), _) => sink.deliver(&row, root, stop).await,
+                        };
+                        (row, outcome, started.elapsed())
+                    }
+                    .instrument(span),
+                );
+            }
+        }
+        if inflight.is_empty() {
+            if draining {
+                break;
+            }
+            if opts.once && (exhausted || !may_dispatch) {
+                break;
+            }
+        }
+        let poll = if opts.once {
+            Duration::from_secs(3600)
+        } else {
+            let next = journal.next_wakeup_ms().await?.map(|ms| Duration::from_millis(ms as u64));
+            let until_probe = sched.paused_until.map(|t| t.saturating_duration_since(Instant::now()));
+            [Some(Duration::from_secs(30)), next, until_probe]
+                .into_iter()
+                .flatten()
+                .min()
+                .unwrap_or(Duration::from_secs(30))
+                .max(Duration::from_millis(50))
+        };
+        tokio::select! {
+            Some(res) = inflight.join_next(), if !inflight.is_empty() => {
+                let Ok((row, outcome, took)) = res else { continue };
+                inflight_ids.retain(|id| *id != row.id);
+                sched.settle_outcome(row, outcome, took).await?;
+            }
+            Some(res) = sources.join_next(), if !sources.is_empty() => {
+                if let Ok(Err(e)) = res {
+                    return Err(e.into());
+                }
+            }
+            _ = wake.notified(), if !draining => {}
+            _ = tokio::time::sleep(poll), if !draining => {}
+            _ = shutdown.changed(), if !draining => {
+                draining = true;
+                let _ = stop_tx.send(true);
+                let _ = obj_stop_tx.send(true);
+                let grace = config.agent.shutdown_grace;
+                tracing::info!(in_flight = inflight.len(), grace = %humantime::format_duration(grace), "shutting down: finishing parts in flight");
+                grace_deadline = Some(tokio::time::Instant::now() + grace);
+            }
+            _ = async { tokio::time::sleep_until(grace_deadline.unwrap_or_else(tokio::time::Instant::now)).await }, if draining && grace_deadline.is_some() => {
+                tracing::warn!(in_flight = inflight.len(), "grace period over: stopping; unfinished parts resume on the next start");
+                inflight.abort_all();
+                while inflight.join_next().await.is_some() {}
+                break;
+            }
+        }
+    }
+    let _ = stop_tx.send(true);
+    while let Some(res) = sources.join_next().await {
+        if let Ok(Err(e)) = res {
+            return Err(e.into());
+        }
+    }
+    Ok(sched.summary)
+}
+
+impl Scheduler {
+    /// The destination refuses everyone: tell the operator once per distinct cause, publish it
+    /// for `status`, and pause (daemon) or stop dispatching (`--once`).
+    async fn refuse(&mut self, err: &S3Error) -> Result<(), JournalError> {
+        let msg = match err.advice() {
+            Some(advice) => format!("{err} ({advice})"),
+            None => err.to_string(),
+        };
+        let code = err.code().unwrap_or_default().to_string();
+        if self.refused_code.as_deref() != Some(code.as_str()) {
+            tracing::error!(endpoint = %self.sink.client().endpoint(), bucket = %self.sink.client().bucket(), error = %msg, "destination refuses uploads; pausing this destination");
+            self.journal.note_error(msg.clone()).await?;
+            self.refused_code = Some(code);
+        }
+        let since = humantime::format_rfc3339_seconds(std::time::SystemTime::now());
+        self.journal
+            .set_agent_state("destination", format!("refusing since {since}: {msg}"))
+            .await?;
+        if self.once {
+            self.summary.destination_error.get_or_insert(msg);
+        } else {
+            self.probe_round += 1;
+            let delay = PROBE.nth(self.probe_round, fastrand::f64());
+            self.paused_until = Some(Instant::now() + delay);
+            tracing::info!(probe_in = %humantime::format_duration(Duration::from_secs(delay.as_secs())), "will probe the destination again");
+        }
+        Ok(())
+    }
+
+    /// HeadBucket before the first upload, so a missing bucket or wrong region is reported at
+    /// once. A 403 proves nothing here (a least-privilege policy may lack s3:ListBucket), and a
+    /// network error neither: the first real request decides those.
+    async fn preflight(&mut self) -> Result<(), JournalError> {
+        match self.sink.client().head_bucket().await {
+            Ok(()) => self.journal.set_agent_state("destination", "ok".into()).await,
+            Err(e) if e.class() == Class::Destination && !matches!(e, S3Error::Service { status: 403, .. }) => {
+                self.refuse(&e).await
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "bucket check inconclusive; continuing");
+                Ok(())
+            }
+        }
+    }
+
+    fn destination_open(&self) -> bool {
+        if self.once {
+            return self.summary.destination_error.is_none();
+        }
+        self.paused_until.is_none_or(|t| Instant::now() >= t)
+    }
+
+    async fn settle_outcome(&mut self, row: ObjectRow, outcome: Outcome, took: Duration) -> Result<(), JournalError> {
+        let j = &self.journal;
+        match outcome {
+            Outcome::Delivered => {
+                if self.probe_round > 0 || self.refused_code.is_some() {
+                    tracing::info!(bucket = %self.sink.client().bucket(), "destination accepts requests again");
+                    self.probe_round = 0;
+                    self.paused_until = None;
+                    self.refused_code = None;
+                }
+                j.set_agent_state("destination", "ok".into()).await?;
+                let action = self
+                    .sources
+                    .get(&row.source)
+                    .map_or(AfterUpload::Keep, |s| s.after_upload.clone());
+                let first_time = row.state != State::Delivered;
+                if first_time {
+                    j.delivered(row.id, action == AfterUpload::Keep).await?;
+                    self.summary.delivered += 1;
+                    self.summary.bytes += row.fingerprint.size;
+                    let mbps = row.fingerprint.size as f64 / took.as_secs_f64().max(1e-6) / 1e6;
+                    tracing::info!(key = %row.key, size = row.fingerprint.size, secs = took.as_secs_f64(), mb_per_s = format!("{mbps:.1}"), "delivered and verified");
+                }
+                if action != AfterUpload::Keep {
+                    let root = self.sources.get(&row.source).map(|s| s.path.clone()).unwrap_or_default();
+                    let (rel, fp, act) = (row.rel_path.clone(), row.fingerprint, action.clone());
+                    let res = tokio::task::spawn_blocking(move || after_upload(&root, &rel, &act, fp))
+                        .await
+                        .map_err(|_| JournalError::Panicked)?;
+                    match res {
+                        Ok(r) => {
+                            if r == AfterResult::LeftChanged {
+                                tracing::warn!(path = %row.rel_path.display(), "source changed after delivery: left in place; the new version will be sent");
+                            } else {
+                                tracing::debug!(result = ?r, "after_upload done");
+                            }
+                            j.set_state(row.id, State::Done).await?;
+                        }
+                        Err(e) => {
+                            let msg = format!("after_upload failed for {}: {e}", row.rel_path.display());
+                            tracing::warn!(error = %e, "after_upload failed; will try again");
+                            j.retry_later(row.id, 60_000, true, msg).await?;
+                        }
+                    }
+                }
+            }
+            Outcome::Retry(msg) => {
+                let n = row.attempts + 1;
+                let delay = Backoff::OBJECT.nth(n, fastrand::f64());
+                if self.once {
+                    self.summary.failed += 1;
+                    tracing::warn!(error = %msg, "not delivered in this run; it resumes on the next run");
+                } else {
+                    tracing::warn!(error = %msg, attempt = n, retry_in = %humantime::format_duration(Duration::from_secs(delay.as_secs())), "transfer failed; will retry");
+                }
+                j.retry_later(row.id, delay.as_millis() as i64, true, msg).await?;
+            }
+            Outcome::Destination(err) => {
+                j.retry_later(row.id, 0, false, err.to_string()).await?;
+                self.refuse(&err).await?;
+            }
+            Outcome::Rejected(msg) => {
+                tracing::error!(error = %msg, "rejected: this object will not be uploaded");
+                self.summary.rejected += 1;
+                j.finish_with_error(row.id, State::Rejected, msg).await?;
+            }
+            Outcome::Vanished(msg) => {
+                tracing::warn!(error = %msg, "source file disappeared before upload; skipped");
+                self.summary.vanished += 1;
+                j.finish_with_error(row.id, State::Vanished, msg).await?;
+            }
+            Outcome::Changed(msg) => {
+                tracing::info!(reason = %msg, "source changed under the upload; waiting for it to settle");
+                self.summary.changed += 1;
+                let settle = self.sources.get(&row.source).map_or(Duration::from_secs(30), |s| s.settle);
+                j.reset(row.id, None, msg.clone()).await?;
+                j.retry_later(row.id, settle.as_millis() as i64, false, msg).await?;
+            }
+            Outcome::Interrupted => {
+                tracing::info!("interrupted; resumes from the journal on the next start");
+            }
+            Outcome::Fatal(e) => return Err(e),
+        }
+        Ok(())
+    }
+}

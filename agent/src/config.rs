@@ -1,0 +1,1011 @@
+//! Configuration: one TOML file, read in two phases.
+//!
+//! Phase one deserializes into `Raw*` structs (serde, `deny_unknown_fields`) so that a typo or a
+//! wrong type is reported with the file, line and dotted key. Phase two validates every value into
+//! typed fields (sizes, durations, paths, globs) and collects *every* problem before reporting, so
+//! an operator fixes a file in one pass. `ha-edge validate` and `ha-edge run` share this code.
+//!
+//! Secrets never live here: the destination's credentials come from the environment, systemd
+//! credentials or an AWS shared credentials file (see `s3::credentials`).
+
+use std::fmt;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use globset::{Glob, GlobSet, GlobSetBuilder};
+use serde::Deserialize;
+use toml::Spanned;
+
+/// S3 limits on multipart parts.
+pub const MIN_PART_SIZE: u64 = 5 * 1024 * 1024;
+pub const MAX_PART_SIZE: u64 = 5 * 1024 * 1024 * 1024;
+/// S3 allows at most 10,000 parts per upload.
+pub const MAX_PARTS: u64 = 10_000;
+
+/// One problem in a config file, located to a line and a dotted key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigProblem {
+    pub line: usize,
+    pub column: usize,
+    pub key: String,
+    pub message: String,
+}
+
+/// All problems found in one config file.
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub problems: Vec<ConfigProblem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.problems.len();
+        write!(
+            f,
+            "{} has {n} problem{}",
+            self.file.display(),
+            if n == 1 { "" } else { "s" }
+        )?;
+        for p in &self.problems {
+            write!(
+                f,
+                "\n  {}:{}:{}: {}: {}",
+                self.file.display(),
+                p.line,
+                p.column,
+                if p.key.is_empty() { "(file)" } else { &p.key },
+                p.message
+            )?;
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Phase one: the file as written.
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    agent: Option<Spanned<RawAgent>>,
+    #[serde(default)]
+    source: Vec<Spanned<RawSource>>,
+    destination: Option<Spanned<RawDestination>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAgent {
+    /// SQLite journal file; must be an absolute path on local disk.
+    journal: Option<Spanned<String>>,
+    /// Objects transferred at the same time.
+    concurrency: Option<Spanned<i64>>,
+    /// Multipart parts (and single-PUT bodies) held in memory at once, across all objects.
+    parts_in_flight: Option<Spanned<i64>>,
+    /// Size of one multipart part.
+    part_size: Option<Spanned<toml::Value>>,
+    /// Files at or above this size are sent as multipart uploads.
+    multipart_threshold: Option<Spanned<toml::Value>>,
+    /// Attempts per HTTP request before the object is put back with a backoff.
+    max_retries: Option<Spanned<i64>>,
+    /// Upper bound for one HTTP request.
+    request_timeout: Option<Spanned<toml::Value>>,
+    /// How long in-flight parts may take to finish after SIGTERM.
+    shutdown_grace: Option<Spanned<toml::Value>>,
+    /// "text" or "json".
+    log_format: Option<Spanned<String>>,
+    /// Default log filter, e.g. "info" or "ha_edge=debug"; RUST_LOG overrides it.
+    log_level: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSource {
+    name: Option<Spanned<String>>,
+    #[serde(rename = "type")]
+    kind: Option<Spanned<String>>,
+    path: Option<Spanned<String>>,
+    include: Option<Spanned<Vec<Spanned<String>>>>,
+    exclude: Option<Spanned<Vec<Spanned<String>>>>,
+    settle: Option<Spanned<toml::Value>>,
+    /// Full rescan period; events between rescans are a latency hint only.
+    rescan_interval: Option<Spanned<toml::Value>>,
+    after_upload: Option<Spanned<toml::Value>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDestination {
+    #[serde(rename = "type")]
+    kind: Option<Spanned<String>>,
+    endpoint: Option<Spanned<String>>,
+    region: Option<Spanned<String>>,
+    bucket: Option<Spanned<String>>,
+    prefix: Option<Spanned<String>>,
+    sse: Option<Spanned<String>>,
+    kms_key_id: Option<Spanned<String>>,
+    path_style: Option<Spanned<bool>>,
+    /// Profile in the AWS shared credentials file.
+    profile: Option<Spanned<String>>,
+    /// AWS shared credentials file (default: $AWS_SHARED_CREDENTIALS_FILE or ~/.aws/credentials).
+    credentials_file: Option<Spanned<String>>,
+    /// Extra PEM CA bundle trusted for an on-premise HTTPS endpoint.
+    ca_file: Option<Spanned<String>>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Phase two: validated, typed values.
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub agent: AgentConfig,
+    pub sources: Vec<SourceConfig>,
+    pub destination: S3Destination,
+}
+
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub journal: PathBuf,
+    pub concurrency: usize,
+    pub parts_in_flight: usize,
+    pub part_size: u64,
+    pub multipart_threshold: u64,
+    pub max_retries: u32,
+    pub request_timeout: Duration,
+    pub shutdown_grace: Duration,
+    pub log_format: LogFormat,
+    pub log_level: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AfterUpload {
+    Keep,
+    Delete,
+    MoveTo(PathBuf),
+}
+
+#[derive(Debug, Clone)]
+pub struct SourceConfig {
+    pub name: String,
+    pub path: PathBuf,
+    pub include: Option<GlobSet>,
+    pub exclude: GlobSet,
+    pub settle: Duration,
+    pub rescan_interval: Duration,
+    pub after_upload: AfterUpload,
+}
+
+impl SourceConfig {
+    /// Whether a path relative to the source root passes include/exclude.
+    pub fn selects(&self, rel: &Path) -> bool {
+        if self.exclude.is_match(rel) {
+            return false;
+        }
+        match &self.include {
+            Some(set) => set.is_match(rel),
+            None => true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Sse {
+    Aes256,
+    Kms { key_id: Option<String> },
+}
+
+#[derive(Debug, Clone)]
+pub struct S3Destination {
+    pub endpoint: reqwest::Url,
+    pub region: String,
+    pub bucket: String,
+    pub prefix: String,
+    pub sse: Option<Sse>,
+    pub path_style: bool,
+    pub profile: Option<String>,
+    pub credentials_file: Option<PathBuf>,
+    pub ca_file: Option<PathBuf>,
+}
+
+impl Config {
+    /// Reads and validates `file`, reporting every problem at once.
+    pub fn load(file: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(file).map_err(|e| ConfigError {
+            file: file.to_path_buf(),
+            problems: vec![ConfigProblem {
+                line: 0,
+                column: 0,
+                key: String::new(),
+                message: format!("cannot read the file: {e}"),
+            }],
+        })?;
+        Config::parse(file, &text)
+    }
+
+    /// Validates config text; `file` is used for messages only.
+    pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
+        let mut v = Validator {
+            text,
+            problems: Vec::new(),
+        };
+        let raw: RawConfig = match parse_raw(text) {
+            Ok(raw) => raw,
+            Err(problem) => {
+                return Err(ConfigError {
+                    file: file.to_path_buf(),
+                    problems: vec![problem],
+                })
+            }
+        };
+        let config = v.config(raw);
+        match config {
+            Some(c) if v.problems.is_empty() => Ok(c),
+            _ => {
+                v.problems.sort_by_key(|p| (p.line, p.column));
+                Err(ConfigError {
+                    file: file.to_path_buf(),
+                    problems: v.problems,
+                })
+            }
+        }
+    }
+}
+
+fn parse_raw(text: &str) -> Result<RawConfig, ConfigProblem> {
+    let de = toml::Deserializer::parse(text).map_err(|e| toml_problem(text, "", &e))?;
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        // Spanned<T> shows up as a private path segment; drop it.
+        let key = e
+            .path()
+            .to_string()
+            .split('.')
+            .filter(|s| !s.starts_with("$__serde_spanned"))
+            .collect::<Vec<_>>()
+            .join(".");
+        let key = if key.is_empty() { String::new() } else { key };
+        toml_problem(text, &key, e.inner())
+    })
+}
+
+fn toml_problem(text: &str, key: &str, e: &toml::de::Error) -> ConfigProblem {
+    let (line, column) = e
+        .span()
+        .map(|s| line_col(text, s.start))
+        .unwrap_or((1, 1));
+    ConfigProblem {
+        line,
+        column,
+        key: key.to_string(),
+        message: e.message().trim().to_string(),
+    }
+}
+
+/// 1-based line and column of a byte offset.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = &text[..offset];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rfind('\n').map_or(offset, |nl| offset - nl - 1) + 1;
+    (line, column)
+}
+
+struct Validator<'a> {
+    text: &'a str,
+    problems: Vec<ConfigProblem>,
+}
+
+impl Validator<'_> {
+    fn problem(&mut self, span: Range<usize>, key: &str, message: impl Into<String>) {
+        let (line, column) = line_col(self.text, span.start);
+        self.problems.push(ConfigProblem {
+            line,
+            column,
+            key: key.to_string(),
+            message: message.into(),
+        });
+    }
+
+    fn config(&mut self, raw: RawConfig) -> Option<Config> {
+        let agent = match raw.agent {
+            Some(a) => {
+                let span = a.span();
+                self.agent(a.into_inner(), span)
+            }
+            None => {
+                self.problem(0..0, "agent", "missing [agent] table (it needs at least `journal`)");
+                None
+            }
+        };
+        if raw.source.is_empty() {
+            self.problem(
+                0..0,
+                "source",
+                "no [[source]] table: nothing to watch (add at least one)",
+            );
+        }
+        let mut sources = Vec::new();
+        for (i, s) in raw.source.into_iter().enumerate() {
+            let span = s.span();
+            if let Some(src) = self.source(i, s.into_inner(), span) {
+                sources.push(src);
+            }
+        }
+        self.check_sources_apart(&sources);
+        let destination = match raw.destination {
+            Some(d) => {
+                let span = d.span();
+                self.destination(d.into_inner(), span)
+            }
+            None => {
+                self.problem(0..0, "destination", "missing [destination] table");
+                None
+            }
+        };
+        if let (Some(agent), Some(dest)) = (&agent, &destination) {
+            if agent.journal_inside_any(&sources) {
+                self.problem(
+                    0..0,
+                    "agent.journal",
+                    "the journal must not live inside a watched source directory",
+                );
+            }
+            let _ = dest;
+        }
+        Some(Config {
+            agent: agent?,
+            sources,
+            destination: destination?,
+        })
+    }
+
+    fn agent(&mut self, a: RawAgent, span: Range<usize>) -> Option<AgentConfig> {
+        let journal = match a.journal {
+            Some(j) => {
+                let p = PathBuf::from(j.get_ref());
+                if !p.is_absolute() {
+                    self.problem(
+                        j.span(),
+                        "agent.journal",
+                        format!(
+                            "must be an absolute path, got {:?} (e.g. \"/var/lib/ha-edge/journal.db\")",
+                            j.get_ref()
+                        ),
+                    );
+                    None
+                } else if j.get_ref().ends_with('/') {
+                    self.problem(
+                        j.span(),
+                        "agent.journal",
+                        "must name a file, not a directory",
+                    );
+                    None
+                } else {
+                    Some(p)
+                }
+            }
+            None => {
+                self.problem(span.clone(), "agent.journal", "missing (the SQLite journal file, e.g. \"/var/lib/ha-edge/journal.db\")");
+                None
+            }
+        };
+        let concurrency = self.int_in(a.concurrency, "agent.concurrency", 1, 256, 4);
+        let parts_in_flight = self.int_in(a.parts_in_flight, "agent.parts_in_flight", 1, 256, 4);
+        let part_size = self.size(
+            a.part_size,
+            "agent.part_size",
+            MIN_PART_SIZE,
+            MAX_PART_SIZE,
+            8 * 1024 * 1024,
+        );
+        let multipart_threshold = self.size(
+            a.multipart_threshold,
+            "agent.multipart_threshold",
+            MIN_PART_SIZE,
+            MAX_PART_SIZE,
+            16 * 1024 * 1024,
+        );
+        let max_retries = self.int_in(a.max_retries, "agent.max_retries", 0, 100, 6);
+        let request_timeout = self.duration(
+            a.request_timeout,
+            "agent.request_timeout",
+            Duration::from_secs(1),
+            Duration::from_secs(300),
+        );
+        let shutdown_grace = self.duration(
+            a.shutdown_grace,
+            "agent.shutdown_grace",
+            Duration::ZERO,
+            Duration::from_secs(30),
+        );
+        let log_format = match a.log_format {
+            None => LogFormat::Text,
+            Some(f) => match f.get_ref().as_str() {
+                "text" => LogFormat::Text,
+                "json" => LogFormat::Json,
+                other => {
+                    self.problem(
+                        f.span(),
+                        "agent.log_format",
+                        format!("must be \"text\" or \"json\", got {other:?}"),
+                    );
+                    LogFormat::Text
+                }
+            },
+        };
+        let log_level = match a.log_level {
+            None => "info".to_string(),
+            Some(l) => {
+                if tracing_subscriber::EnvFilter::builder()
+                    .parse(l.get_ref())
+                    .is_err()
+                {
+                    self.problem(
+                        l.span(),
+                        "agent.log_level",
+                        format!(
+                            "not a log filter: {:?} (try \"info\" or \"ha_edge=debug\")",
+                            l.get_ref()
+                        ),
+                    );
+                }
+                l.into_inner()
+            }
+        };
+        Some(AgentConfig {
+            journal: journal?,
+            concurrency: concurrency as usize,
+            parts_in_flight: parts_in_flight as usize,
+            part_size,
+            multipart_threshold,
+            max_retries: max_retries as u32,
+            request_timeout,
+            shutdown_grace,
+            log_format,
+            log_level,
+        })
+    }
+
+    fn source(&mut self, i: usize, s: RawSource, span: Range<usize>) -> Option<SourceConfig> {
+        let at = |k: &str| format!("source[{i}].{k}");
+        let name = match s.name {
+            Some(n) => {
+                let ok = !n.get_ref().is_empty()
+                    && n.get_ref().len() <= 64
+                    && n
+                        .get_ref()
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.');
+                if !ok {
+                    self.problem(
+                        n.span(),
+                        &at("name"),
+                        format!(
+                            "must be 1-64 characters of A-Z a-z 0-9 . _ -, got {:?}",
+                            n.get_ref()
+                        ),
+                    );
+                }
+                Some(n.into_inner())
+            }
+            None => {
+                self.problem(span.clone(), &at("name"), "missing (a short unique name for this source)");
+                None
+            }
+        };
+        match s.kind {
+            Some(k) if k.get_ref() == "fs" => {}
+            Some(k) => self.problem(
+                k.span(),
+                &at("type"),
+                format!("unknown source type {:?} (supported: \"fs\")", k.get_ref()),
+            ),
+            None => self.problem(span.clone(), &at("type"), "missing (use type = \"fs\")"),
+        }
+        let path = match s.path {
+            Some(p) => {
+                let pb = PathBuf::from(p.get_ref());
+                if !pb.is_absolute() {
+                    self.problem(
+                        p.span(),
+                        &at("path"),
+                        format!("must be an absolute path, got {:?}", p.get_ref()),
+                    );
+                    None
+                } else {
+                    match std::fs::metadata(&pb) {
+                        Ok(m) if m.is_dir() => Some(pb),
+                        Ok(_) => {
+                            self.problem(p.span(), &at("path"), format!("{} is not a directory", pb.display()));
+                            None
+                        }
+                        Err(e) => {
+                            self.problem(p.span(), &at("path"), format!("cannot use {}: {e}", pb.display()));
+                            None
+                        }
+                    }
+                }
+            }
+            None => {
+                self.problem(span.clone(), &at("path"), "missing (the directory to watch)");
+                None
+            }
+        };
+        let include = s.include.map(|globs| self.globs(globs, &at("include")));
+        let exclude = match s.exclude {
+            Some(globs) => self.globs(globs, &at("exclude")),
+            None => GlobSet::empty(),
+        };
+        let settle = self.duration(s.settle, &at("settle"), Duration::ZERO, Duration::from_secs(30));
+        let rescan_interval = self.duration(
+            s.rescan_interval,
+            &at("rescan_interval"),
+            Duration::from_secs(1),
+            Duration::from_secs(60),
+        );
+        let after_upload = match s.after_upload {
+            None => AfterUpload::Keep,
+            Some(v) => {
+                let sp = v.span();
+                match v.into_inner() {
+                    toml::Value::String(s) if s == "keep" => AfterUpload::Keep,
+                    toml::Value::String(s) if s == "delete" => AfterUpload::Delete,
+                    toml::Value::Table(t)
+                        if t.len() == 1 && t.get("move_to").is_some_and(|v| v.is_str()) =>
+                    {
+                        let dest = PathBuf::from(t["move_to"].as_str().unwrap_or_default());
+                        if !dest.is_absolute() {
+                            self.problem(sp, &at("after_upload.move_to"), "must be an absolute path");
+                        } else if let Some(src) = &path {
+                            if dest.starts_with(src) {
+                                self.problem(
+                                    sp,
+                                    &at("after_upload.move_to"),
+                                    "must be outside the source path (moved files would be found again)",
+                                );
+                            }
+                        }
+                        AfterUpload::MoveTo(dest)
+                    }
+                    other => {
+                        self.problem(
+                            sp,
+                            &at("after_upload"),
+                            format!(
+                                "must be \"keep\", \"delete\" or {{ move_to = \"/abs/dir\" }}, got {other}"
+                            ),
+                        );
+                        AfterUpload::Keep
+                    }
+                }
+            }
+        };
+        Some(SourceConfig {
+            name: name?,
+            path: path?,
+            include,
+            exclude,
+            settle,
+            rescan_interval,
+            after_upload,
+        })
+    }
+
+    fn check_sources_apart(&mut self, sources: &[SourceConfig]) {
+        for (i, a) in sources.iter().enumerate() {
+            for b in &sources[i + 1..] {
+                if a.name == b.name {
+                    self.problem(0..0, "source.name", format!("two sources are named {:?}", a.name));
+                }
+                if a.path.starts_with(&b.path) || b.path.starts_with(&a.path) {
+                    self.problem(
+                        0..0,
+                        "source.path",
+                        format!(
+                            "sources {:?} ({}) and {:?} ({}) overlap: a file would be sent twice",
+                            a.name,
+                            a.path.display(),
+                            b.name,
+                            b.path.display()
+                        ),
+                    );
+                }
+            }
+        }
+    }
+
+    fn destination(&mut self, d: RawDestination, span: Range<usize>) -> Option<S3Destination> {
+        match &d.kind {
+            Some(k) if k.get_ref() == "s3" => {}
+            Some(k) => self.problem(
+                k.span(),
+                "destination.type",
+                format!("unknown destination type {:?} (supported: \"s3\")", k.get_ref()),
+            ),
+            None => self.problem(span.clone(), "destination.type", "missing (use type = \"s3\")"),
+        }
+        let endpoint = match d.endpoint {
+            Some(e) => match reqwest::Url::parse(e.get_ref()) {
+                Ok(u) if (u.scheme() == "http" || u.scheme() == "https") && u.host().is_some() => {
+                    if u.path() != "/" || u.query().is_some() {
+                        self.problem(
+                            e.span(),
+                            "destination.endpoint",
+                            "must be scheme://host[:port] without a path (the bucket goes in `bucket`)",
+                        );
+                    }
+                    Some(u)
+                }
+                Ok(_) => {
+                    self.problem(e.span(), "destination.endpoint", "must be an http:// or https:// URL");
+                    None
+                }
+                Err(err) => {
+                    self.problem(e.span(), "destination.endpoint", format!("not a URL: {err}"));
+                    None
+                }
+            },
+            None => {
+                self.problem(span.clone(), "destination.endpoint", "missing (e.g. \"https://s3.eu-central-1.amazonaws.com\")");
+                None
+            }
+        };
+        let region = match d.region {
+            Some(r) if !r.get_ref().is_empty() && r.get_ref().chars().all(|c| c.is_ascii_alphanumeric() || c == '-') => {
+                Some(r.into_inner())
+            }
+            Some(r) => {
+                self.problem(r.span(), "destination.region", format!("not a region name: {:?}", r.get_ref()));
+                None
+            }
+            None => {
+                self.problem(span.clone(), "destination.region", "missing (e.g. \"eu-central-1\")");
+                None
+            }
+        };
+        let bucket = match d.bucket {
+            Some(b) => {
+                if let Err(why) = check_bucket_name(b.get_ref()) {
+                    self.problem(b.span(), "destination.bucket", why);
+                }
+                Some(b.into_inner())
+            }
+            None => {
+                self.problem(span.clone(), "destination.bucket", "missing");
+                None
+            }
+        };
+        let prefix = match d.prefix {
+            None => String::new(),
+            Some(p) => {
+                if p.get_ref().starts_with('/') {
+                    self.problem(p.span(), "destination.prefix", "must not start with '/' (keys are relative to the bucket)");
+                }
+                if p.get_ref().split('/').any(|c| c == ".." || c == ".") {
+                    self.problem(p.span(), "destination.prefix", "must not contain '.' or '..' segments");
+                }
+                if p.get_ref().len() > 512 {
+                    self.problem(p.span(), "destination.prefix", "is longer than 512 bytes");
+                }
+                p.into_inner()
+            }
+        };
+        let sse = match d.sse {
+            None => None,
+            Some(s) => match s.get_ref().as_str() {
+                "AES256" => Some(Sse::Aes256),
+                "aws:kms" => Some(Sse::Kms {
+                    key_id: d.kms_key_id.as_ref().map(|k| k.get_ref().clone()),
+                }),
+                other => {
+                    self.problem(
+                        s.span(),
+                        "destination.sse",
+                        format!("must be \"AES256\" or \"aws:kms\", got {other:?}"),
+                    );
+                    None
+                }
+            },
+        };
+        if let Some(k) = &d.kms_key_id {
+            if !matches!(sse, Some(Sse::Kms { .. })) {
+                self.problem(k.span(), "destination.kms_key_id", "only applies with sse = \"aws:kms\"");
+            }
+        }
+        let credentials_file = d.credentials_file.map(|c| {
+            let p = PathBuf::from(c.get_ref());
+            if !p.is_absolute() {
+                self.problem(c.span(), "destination.credentials_file", "must be an absolute path");
+            }
+            p
+        });
+        let ca_file = d.ca_file.map(|c| {
+            let p = PathBuf::from(c.get_ref());
+            if let Err(e) = std::fs::metadata(&p) {
+                self.problem(c.span(), "destination.ca_file", format!("cannot read {}: {e}", p.display()));
+            }
+            p
+        });
+        let dest = S3Destination {
+            endpoint: endpoint?,
+            region: region?,
+            bucket: bucket?,
+            prefix,
+            sse,
+            path_style: d.path_style.map(Spanned::into_inner).unwrap_or(false),
+            profile: d.profile.map(Spanned::into_inner),
+            credentials_file,
+            ca_file,
+        };
+        let ip_host = matches!(
+            dest.endpoint.host(),
+            Some(url::Host::Ipv4(_) | url::Host::Ipv6(_))
+        );
+        if ip_host && !dest.path_style {
+            self.problem(
+                span,
+                "destination.path_style",
+                "must be true when the endpoint is an IP address (virtual-hosted buckets need a DNS name)",
+            );
+        }
+        Some(dest)
+    }
+
+    fn int_in(&mut self, v: Option<Spanned<i64>>, key: &str, min: i64, max: i64, default: i64) -> i64 {
+        match v {
+            None => default,
+            Some(v) if (min..=max).contains(v.get_ref()) => *v.get_ref(),
+            Some(v) => {
+                self.problem(v.span(), key, format!("must be between {min} and {max}, got {}", v.get_ref()));
+                default
+            }
+        }
+    }
+
+    fn size(&mut self, v: Option<Spanned<toml::Value>>, key: &str, min: u64, max: u64, default: u64) -> u64 {
+        let Some(v) = v else { return default };
+        let span = v.span();
+        match parse_size(v.get_ref()) {
+            Ok(n) if (min..=max).contains(&n) => n,
+            Ok(n) => {
+                self.problem(
+                    span,
+                    key,
+                    format!(
+                        "must be between {} and {}, got {}",
+                        bytesize::ByteSize(min).display().iec(),
+                        bytesize::ByteSize(max).display().iec(),
+                        bytesize::ByteSize(n).display().iec()
+                    ),
+                );
+                default
+            }
+            Err(why) => {
+                self.problem(span, key, why);
+                default
+            }
+        }
+    }
+
+    fn duration(&mut self, v: Option<Spanned<toml::Value>>, key: &str, min: Duration, default: Duration) -> Duration {
+        let Some(v) = v else { return default };
+        let span = v.span();
+        match parse_duration(v.get_ref()) {
+            Ok(d) if d >= min => d,
+            Ok(_) => {
+                self.problem(span, key, format!("must be at least {}", humantime::format_duration(min)));
+                default
+            }
+            Err(why) => {
+                self.problem(span, key, why);
+                default
+            }
+        }
+    }
+
+    fn globs(&mut self, globs: Spanned<Vec<Spanned<String>>>, key: &str) -> GlobSet {
+        let mut b = GlobSetBuilder::new();
+        for g in globs.into_inner() {
+            match Glob::new(g.get_ref()) {
+                Ok(glob) => {
+                    b.add(glob);
+                }
+                Err(e) => self.problem(g.span(), key, format!("bad glob {:?}: {}", g.get_ref(), e.kind())),
+            }
+        }
+        b.build().unwrap_or_else(|_| GlobSet::empty())
+    }
+}
+
+impl AgentConfig {
+    fn journal_inside_any(&self, sources: &[SourceConfig]) -> bool {
+        sources.iter().any(|s| self.journal.starts_with(&s.path))
+    }
+}
+
+/// Parses "8MiB", "16 MB", "1GiB" or a plain integer number of bytes.
+pub fn parse_size(v: &toml::Value) -> Result<u64, String> {
+    match v {
+        toml::Value::Integer(n) if *n >= 0 => Ok(*n as u64),
+        toml::Value::String(s) => s
+            .parse::<bytesize::ByteSize>()
+            .map(|b| b.as_u64())
+            .map_err(|_| format!("not a size: {s:?} (write e.g. \"8MiB\" or \"64 MB\")")),
+        other => Err(format!("expected a size such as \"8MiB\", got {other}")),
+    }
+}
+
+/// Parses "30s", "5m", "1h 30m" or a plain integer number of seconds.
+pub fn parse_duration(v: &toml::Value) -> Result<Duration, String> {
+    match v {
+        toml::Value::Integer(n) if *n >= 0 => Ok(Duration::from_secs(*n as u64)),
+        toml::Value::String(s) => humantime::parse_duration(s)
+            .map_err(|e| format!("not a duration: {s:?} ({e}; write e.g. \"30s\" or \"5m\")")),
+        other => Err(format!("expected a duration such as \"30s\", got {other}")),
+    }
+}
+
+/// S3 bucket naming rules (the subset every S3-compatible server shares).
+pub fn check_bucket_name(b: &str) -> Result<(), String> {
+    let ok_chars = b
+        .chars()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.');
+    if !(3..=63).contains(&b.len()) {
+        return Err(format!("bucket names are 3 to 63 characters, got {:?}", b));
+    }
+    if !ok_chars {
+        return Err(format!("bucket names use a-z 0-9 . - only, got {b:?}"));
+    }
+    let first = b.chars().next().unwrap_or('-');
+    let last = b.chars().last().unwrap_or('-');
+    if !first.is_ascii_alphanumeric() || !last.is_ascii_alphanumeric() {
+        return Err(format!("bucket names start and end with a letter or digit, got {b:?}"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn good(dir: &Path) -> String {
+        format!(
+            r#"
+[agent]
+journal = "{d}/journal.db"
+
+[[source]]
+name = "fhir"
+type = "fs"
+path = "{d}/in"
+include = ["**/*.ndjson"]
+settle = "2s"
+
+[destination]
+type = "s3"
+endpoint = "http://127.0.0.1:9000"
+region = "eu-central-1"
+bucket = "fhir-bucket"
+prefix = "fhir/"
+path_style = true
+"#,
+            d = dir.display()
+        )
+    }
+
+    fn problems(text: &str) -> Vec<ConfigProblem> {
+        Config::parse(Path::new("t.toml"), text).unwrap_err().problems
+    }
+
+    #[test]
+    fn good_config_validates_with_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("in")).unwrap();
+        let c = Config::parse(Path::new("t.toml"), &good(dir.path())).unwrap();
+        assert_eq!(c.agent.part_size, 8 << 20);
+        assert_eq!(c.agent.concurrency, 4);
+        assert_eq!(c.sources[0].settle, Duration::from_secs(2));
+        assert!(c.sources[0].selects(Path::new("a/b.ndjson")));
+        assert!(!c.sources[0].selects(Path::new("a/b.tmp")));
+        assert_eq!(c.destination.prefix, "fhir/");
+        assert!(c.destination.path_style);
+    }
+
+    #[test]
+    fn unknown_key_names_line_and_key() {
+        let p = problems("[agent]\njournal = \"/j.db\"\nconcurency = 3\n");
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_eq!(p[0].line, 3);
+        assert_eq!(p[0].key, "agent.concurency");
+        assert!(p[0].message.contains("unknown field"), "{}", p[0].message);
+    }
+
+    #[test]
+    fn wrong_type_names_dotted_key() {
+        let p = problems("[agent]\njournal = 5\n");
+        assert_eq!(p[0].line, 2);
+        assert_eq!(p[0].key, "agent.journal");
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("in")).unwrap();
+        let text = good(dir.path())
+            .replace("journal.db\"", "journal.db\"\npart_size = \"1MiB\"")
+            .replace("settle = \"2s\"", "settle = \"soon\"")
+            .replace("fhir-bucket", "Bad_Bucket");
+        let p = problems(&text);
+        let keys: Vec<_> = p.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            ["agent.part_size", "source[0].settle", "destination.bucket"],
+            "{p:?}"
+        );
+        assert_eq!(p[0].line, 4);
+    }
+
+    #[test]
+    fn relative_paths_and_overlaps_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("in/sub")).unwrap();
+        let text = good(dir.path()).replace(
+            &format!("journal = \"{}/journal.db\"", dir.path().display()),
+            "journal = \"journal.db\"",
+        ) + &format!(
+            "\n[[source]]\nname = \"sub\"\ntype = \"fs\"\npath = \"{}/in/sub\"\n",
+            dir.path().display()
+        );
+        // [[source]] after [destination] is valid TOML; the second source overlaps the first.
+        let p = problems(&text);
+        assert!(p.iter().any(|p| p.key == "agent.journal"), "{p:?}");
+        assert!(p.iter().any(|p| p.key == "source.path" && p.message.contains("overlap")), "{p:?}");
+    }
+
+    #[test]
+    fn sizes_and_durations() {
+        assert_eq!(parse_size(&toml::Value::String("8MiB".into())), Ok(8 << 20));
+        assert_eq!(parse_size(&toml::Value::String("5 MiB".into())), Ok(5 << 20));
+        assert_eq!(parse_size(&toml::Value::Integer(1024)), Ok(1024));
+        assert!(parse_size(&toml::Value::String("lots".into())).is_err());
+        assert_eq!(
+            parse_duration(&toml::Value::String("1m 30s".into())),
+            Ok(Duration::from_secs(90))
+        );
+        assert!(parse_duration(&toml::Value::Boolean(true)).is_err());
+    }
+
+    #[test]
+    fn bucket_names() {
+        assert!(check_bucket_name("healthalliance-fhir").is_ok());
+        assert!(check_bucket_name("ab").is_err());
+        assert!(check_bucket_name("-abc").is_err());
+        assert!(check_bucket_name("ABC").is_err());
+    }
+
+    #[test]
+    fn line_col_is_one_based() {
+        assert_eq!(line_col("a\nbc\n", 0), (1, 1));
+        assert_eq!(line_col("a\nbc\n", 3), (2, 2));
+    }
+}
+
+/// Just `agent.journal`, for `status`, which must work even when other parts of the config
+/// (a source directory, say) are currently broken.
+pub fn journal_path(file: &Path) -> Result<PathBuf, String> {
+    let text = std::fs::read_to_string(file).map_err(|e| format!("{}: cannot read: {e}", file.display()))?;
+    let table: toml::Table = toml::from_str(&text).map_err(|e| format!("{}: {}", file.display(), e.message()))?;
+    table
+        .get("agent")
+        .and_then(|a| a.get("journal"))
+        .and_then(|j| j.as_str())
+        .map(PathBuf::from)
+        .ok_or_else(|| format!("{}: agent.journal is not set", file.display()))
+}

@@ -1,0 +1,43 @@
+//! The journal: every object ha-edge has seen, and every multipart part it has sent, in SQLite.
+//!
+//! # States
+//! ```text
+//!            offer (settled file)                hash + CreateMultipartUpload
+//!   (none) ───────────────────────▶ pending ──────────────────────────────▶ uploading
+//!                                     │  ▲                                    │ all parts recorded
+//!                     single PUT ok   │  │ NoSuchUpload / file changed        ▼
+//!                     + HEAD verified │  └──────────────────────────────── completing
+//!                                     ▼                                       │ Complete + HEAD verified
+//!                                 delivered ◀─────────────────────────────────┘
+//!                                     │ after_upload done (keep: at once)
+//!                                     ▼
+//!                                   done
+//!   any active state ──▶ rejected (permanent object error)   pending ──▶ vanished (source gone)
+//! ```
+//!
+//! # Invariants
+//! - A state is committed *before* the action it allows: the SHA-256 and fingerprint before any
+//!   byte is sent; the upload id before the first part; `completing` before
+//!   CompleteMultipartUpload; `delivered` (after verification) before the source is deleted or
+//!   moved. So after a crash the journal never claims more than happened.
+//! - A part row is written only after the server acknowledged that part (its ETag), so the parts
+//!   table is a subset of what the server holds. A part that was sent but not recorded is sent
+//!   again: at most `parts_in_flight` parts per crash.
+//! - An object's identity is its source, its path relative to the source root, and its
+//!   fingerprint (size, mtime, inode). A file whose fingerprint changes after delivery is a new
+//!   row (a new version); a pending one is updated in place.
+//!
+//! # Recovery
+//! Nothing special runs at start-up: `uploading` and `completing` rows are simply runnable. The
+//! uploader reconciles them with the server (ListParts; on NoSuchUpload a HEAD tells whether the
+//! completion went through before the crash) and continues or starts that object over.
+//!
+//! SQLite runs in WAL mode with `synchronous = FULL`: a commit survives power loss, and readers
+//! (`ha-edge status`) never block the writer.
+
+mod model;
+mod schema;
+mod store;
+
+pub use model::{Fingerprint, ObjectRow, PartRow, State};
+pub use store::{Candidate, Journal, JournalError, Status};

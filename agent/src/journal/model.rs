@@ -1,0 +1,159 @@
+//! Journal types and the pure rules for new observations.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum State {
+    Pending,
+    Uploading,
+    Completing,
+    Delivered,
+    Done,
+    Rejected,
+    Vanished,
+}
+
+impl State {
+    pub const ALL: [State; 7] = [
+        State::Pending,
+        State::Uploading,
+        State::Completing,
+        State::Delivered,
+        State::Done,
+        State::Rejected,
+        State::Vanished,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Pending => "pending",
+            State::Uploading => "uploading",
+            State::Completing => "completing",
+            State::Delivered => "delivered",
+            State::Done => "done",
+            State::Rejected => "rejected",
+            State::Vanished => "vanished",
+        }
+    }
+
+}
+
+impl fmt::Display for State {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for State {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        State::ALL
+            .into_iter()
+            .find(|st| st.as_str() == s)
+            .ok_or_else(|| format!("unknown state {s:?}"))
+    }
+}
+
+/// What identifies one version of a source file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Fingerprint {
+    pub size: u64,
+    pub mtime_ns: i64,
+    pub inode: u64,
+}
+
+impl Fingerprint {
+    pub fn of(meta: &std::fs::Metadata) -> Fingerprint {
+        use std::os::unix::fs::MetadataExt;
+        Fingerprint {
+            size: meta.len(),
+            mtime_ns: meta.mtime().saturating_mul(1_000_000_000) + meta.mtime_nsec(),
+            inode: meta.ino(),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ObjectRow {
+    pub id: i64,
+    pub source: String,
+    pub rel_path: PathBuf,
+    pub key: String,
+    pub fingerprint: Fingerprint,
+    pub state: State,
+    pub sha256: Option<[u8; 32]>,
+    pub upload_id: Option<String>,
+    pub part_size: Option<u64>,
+    pub attempts: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartRow {
+    pub number: u32,
+    pub size: u64,
+    /// Base64 SHA-256 of the part, as sent in x-amz-checksum-sha256.
+    pub sha256_b64: String,
+    pub etag: String,
+}
+
+/// What an offer of a settled file does to the journal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OfferAction {
+    /// Never seen, or a new version of something finished: a new pending row.
+    Insert,
+    /// A pending row whose file changed before its upload began: refresh its fingerprint.
+    Refresh,
+    /// Already known as it is, or an upload in progress (the uploader checks the fingerprint).
+    Nothing,
+}
+
+/// The rule for a settled file given the newest journal row for the same path.
+pub fn offer_action(latest: Option<(State, Fingerprint)>, seen: Fingerprint) -> OfferAction {
+    match latest {
+        None => OfferAction::Insert,
+        Some((_, fp)) if fp == seen => OfferAction::Nothing,
+        Some((State::Pending, _)) => OfferAction::Refresh,
+        Some((State::Uploading | State::Completing, _)) => OfferAction::Nothing,
+        Some((State::Delivered | State::Done | State::Rejected | State::Vanished, _)) => {
+            OfferAction::Insert
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const A: Fingerprint = Fingerprint {
+        size: 10,
+        mtime_ns: 1,
+        inode: 7,
+    };
+    const B: Fingerprint = Fingerprint {
+        size: 11,
+        mtime_ns: 2,
+        inode: 7,
+    };
+
+    #[test]
+    fn offer_rules() {
+        assert_eq!(offer_action(None, A), OfferAction::Insert);
+        for st in State::ALL {
+            assert_eq!(offer_action(Some((st, A)), A), OfferAction::Nothing, "{st}");
+        }
+        assert_eq!(offer_action(Some((State::Pending, A)), B), OfferAction::Refresh);
+        assert_eq!(offer_action(Some((State::Uploading, A)), B), OfferAction::Nothing);
+        assert_eq!(offer_action(Some((State::Done, A)), B), OfferAction::Insert);
+        assert_eq!(offer_action(Some((State::Rejected, A)), B), OfferAction::Insert);
+    }
+
+    #[test]
+    fn state_names_round_trip() {
+        for st in State::ALL {
+            assert_eq!(st.as_str().parse::<State>().unwrap(), st);
+        }
+        assert!("bogus".parse::<State>().is_err());
+    }
+}

@@ -1,0 +1,50 @@
+//! Schema migrations, applied in order and tracked in `PRAGMA user_version`.
+
+/// Each entry moves the schema from version `i` to `i + 1`. Append only.
+pub const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE objects (
+    id              INTEGER PRIMARY KEY,
+    source          TEXT    NOT NULL,
+    rel_path        BLOB    NOT NULL,   -- raw bytes of the path relative to the source root
+    key             TEXT    NOT NULL,
+    size            INTEGER NOT NULL,
+    mtime_ns        INTEGER NOT NULL,
+    inode           INTEGER NOT NULL,
+    state           TEXT    NOT NULL,
+    sha256          BLOB,               -- whole-object SHA-256, fixed before any byte is sent
+    upload_id       TEXT,
+    part_size       INTEGER,
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    next_attempt_ms INTEGER NOT NULL DEFAULT 0,
+    last_error      TEXT,
+    discovered_ms   INTEGER NOT NULL,
+    updated_ms      INTEGER NOT NULL,
+    delivered_ms    INTEGER
+);
+CREATE INDEX objects_by_path  ON objects (source, rel_path, id);
+CREATE INDEX objects_by_state ON objects (state, next_attempt_ms);
+
+CREATE TABLE parts (
+    object_id   INTEGER NOT NULL REFERENCES objects (id) ON DELETE CASCADE,
+    part_number INTEGER NOT NULL,
+    size        INTEGER NOT NULL,
+    sha256_b64  TEXT    NOT NULL,
+    etag        TEXT    NOT NULL,
+    PRIMARY KEY (object_id, part_number)
+) WITHOUT ROWID;
+
+CREATE TABLE errors (
+    id        INTEGER PRIMARY KEY,
+    at_ms     INTEGER NOT NULL,
+    object_id INTEGER,
+    message   TEXT    NOT NULL
+);
+
+-- Small facts the daemon publishes for `ha-edge status` (destination health, counters).
+CREATE TABLE agent_state (
+    name  TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+) WITHOUT ROWID;
+"#];
+
+pub const CURRENT: i64 = MIGRATIONS.len() as i64;

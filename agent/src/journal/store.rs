@@ -1,0 +1,732 @@
+//! The SQLite connection and every query. One connection behind a mutex; callers on the async
+//! runtime go through `spawn_blocking`, so a slow fsync never stalls a tokio worker.
+
+use std::collections::BTreeMap;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
+use serde::Serialize;
+
+use super::model::{offer_action, Fingerprint, ObjectRow, OfferAction, PartRow, State};
+use super::schema;
+
+/// Errors kept in the `errors` table for `status`.
+const ERRORS_KEPT: i64 = 1000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    #[error("cannot open the journal {path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error("the journal {path} was written by a newer ha-edge (schema {found}, this build knows {known}); upgrade ha-edge")]
+    TooNew {
+        path: PathBuf,
+        found: i64,
+        known: i64,
+    },
+    #[error("the journal {path} is damaged ({detail}). Stop ha-edge, move the file (and its -wal and -shm files) aside, and start again: source files are found again by the next scan, and objects already in the bucket are uploaded once more")]
+    Corrupt { path: PathBuf, detail: String },
+    #[error("journal {path}: {source}")]
+    Sqlite {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error("no journal at {0} (ha-edge has not run with this config yet)")]
+    Missing(PathBuf),
+    #[error("the journal thread panicked")]
+    Panicked,
+}
+
+impl JournalError {
+    fn from_sqlite(path: &Path, e: rusqlite::Error) -> JournalError {
+        use rusqlite::ErrorCode::{DatabaseCorrupt, NotADatabase};
+        match e.sqlite_error_code() {
+            Some(DatabaseCorrupt | NotADatabase) => JournalError::Corrupt {
+                path: path.to_path_buf(),
+                detail: e.to_string(),
+            },
+            _ => JournalError::Sqlite {
+                path: path.to_path_buf(),
+                source: e,
+            },
+        }
+    }
+}
+
+/// A settled file offered by a source.
+#[derive(Debug, Clone)]
+pub struct Candidate {
+    pub rel_path: PathBuf,
+    pub key: String,
+    pub fingerprint: Fingerprint,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct OfferStats {
+    pub inserted: usize,
+    pub refreshed: usize,
+}
+
+#[derive(Debug, Serialize)]
+pub struct StatusError {
+    pub at: String,
+    pub key: Option<String>,
+    pub message: String,
+}
+
+/// What `ha-edge status` shows.
+#[derive(Debug, Serialize)]
+pub struct Status {
+    pub journal: PathBuf,
+    pub objects: BTreeMap<String, u64>,
+    pub bytes_pending: u64,
+    pub bytes_delivered: u64,
+    pub oldest_pending_age_secs: Option<u64>,
+    pub agent: BTreeMap<String, String>,
+    pub last_errors: Vec<StatusError>,
+}
+
+#[derive(Clone)]
+pub struct Journal {
+    conn: Arc<Mutex<Connection>>,
+    path: Arc<PathBuf>,
+}
+
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn path_bytes(p: &Path) -> &[u8] {
+    p.as_os_str().as_bytes()
+}
+
+impl Journal {
+    /// Opens (creating if needed) the journal and brings its schema up to date.
+    pub fn open(path: &Path) -> Result<Journal, JournalError> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| JournalError::Open {
+                path: path.to_path_buf(),
+                source: rusqlite::Error::ToSqlConversionFailure(Box::new(e)),
+            })?;
+        }
+        let conn = Connection::open(path).map_err(|e| JournalError::Open {
+            path: path.to_path_buf(),
+            source: e,
+        })?;
+        let j = Journal {
+            conn: Arc::new(Mutex::new(conn)),
+            path: Arc::new(path.to_path_buf()),
+        };
+        j.with(|c| {
+            c.busy_timeout(std::time::Duration::from_secs(10))?;
+            c.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get::<_, String>(0))?;
+            c.pragma_update(None, "synchronous", "FULL")?;
+            c.pragma_update(None, "foreign_keys", "ON")?;
+            Ok(())
+        })?;
+        j.migrate()?;
+        Ok(j)
+    }
+
+    /// Opens an existing journal read-only (for `status`; works while the daemon runs).
+    pub fn open_readonly(path: &Path) -> Result<Journal, JournalError> {
+        if !path.exists() {
+            return Err(JournalError::Missing(path.to_path_buf()));
+        }
+        let conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(|e| JournalError::Open {
+            path: path.to_path_buf(),
+            source: e,
+        })?;
+        let j = Journal {
+            conn: Arc::new(Mutex::new(conn)),
+            path: Arc::new(path.to_path_buf()),
+        };
+        j.with(|c| c.busy_timeout(std::time::Duration::from_secs(5)))?;
+        let version: i64 = j.with(|c| c.pragma_query_value(None, "user_version", |r| r.get(0)))?;
+        if version > schema::CURRENT {
+            return Err(JournalError::TooNew {
+                path: path.to_path_buf(),
+                found: version,
+                known: schema::CURRENT,
+            });
+        }
+        Ok(j)
+    }
+
+    /// Runs `f` on the connection in the calling thread.
+    fn with<R>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> rusqlite::Result<R>,
+    ) -> Result<R, JournalError> {
+        let mut guard = self.conn.lock().map_err(|_| JournalError::Panicked)?;
+        f(&mut guard).map_err(|e| JournalError::from_sqlite(&self.path, e))
+    }
+
+    /// Runs `f` on the connection on tokio's blocking pool.
+    async fn call<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> rusqlite::Result<R> + Send + 'static,
+    ) -> Result<R, JournalError> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.with(f))
+            .await
+            .map_err(|_| JournalError::Panicked)?
+    }
+
+    fn migrate(&self) -> Result<(), JournalError> {
+        let version: i64 = self.with(|c| c.pragma_query_value(None, "user_version", |r| r.get(0)))?;
+        if version > schema::CURRENT {
+            return Err(JournalError::TooNew {
+                path: self.path.to_path_buf(),
+                found: version,
+                known: schema::CURRENT,
+            });
+        }
+        for (i, sql) in schema::MIGRATIONS.iter().enumerate().skip(version as usize) {
+            self.with(|c| {
+                let tx = c.transaction()?;
+                tx.execute_batch(sql)?;
+                tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+                tx.commit()
+            })?;
+        }
+        Ok(())
+    }
+
+    /// A full consistency check (for `validate`).
+    pub fn check_integrity(&self) -> Result<(), JournalError> {
+        let result: String = self.with(|c| c.query_row("PRAGMA quick_check", [], |r| r.get(0)))?;
+        if result == "ok" {
+            Ok(())
+        } else {
+            Err(JournalError::Corrupt {
+                path: self.path.to_path_buf(),
+                detail: result,
+            })
+        }
+    }
+
+    /// Records settled files of one source; one transaction for the whole batch.
+    pub async fn offer(
+        &self,
+        source: String,
+        batch: Vec<Candidate>,
+    ) -> Result<OfferStats, JournalError> {
+        self.call(move |c| {
+            let tx = c.transaction()?;
+            let mut stats = OfferStats::default();
+            let now = now_ms();
+            {
+                let mut latest = tx.prepare_cached(
+                    "SELECT id, state, size, mtime_ns, inode FROM objects
+                     WHERE source = ?1 AND rel_path = ?2 ORDER BY id DESC LIMIT 1",
+                )?;
+                let mut insert = tx.prepare_cached(
+                    "INSERT INTO objects (source, rel_path, key, size, mtime_ns, inode, state,
+                                          discovered_ms, updated_ms)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'pending', ?7, ?7)",
+                )?;
+                let mut refresh = tx.prepare_cached(
+                    "UPDATE objects SET size = ?2, mtime_ns = ?3, inode = ?4, sha256 = NULL,
+                                        updated_ms = ?5
+                     WHERE id = ?1 AND state = 'pending'",
+                )?;
+                for cand in &batch {
+                    let row = latest
+                        .query_row(params![source, path_bytes(&cand.rel_path)], |r| {
+                            let state: String = r.get(1)?;
+                            Ok((
+                                r.get::<_, i64>(0)?,
+                                state.parse::<State>().unwrap_or(State::Rejected),
+                                Fingerprint {
+                                    size: r.get::<_, i64>(2)? as u64,
+                                    mtime_ns: r.get(3)?,
+                                    inode: r.get::<_, i64>(4)? as u64,
+                                },
+                            ))
+                        })
+                        .optional()?;
+                    let fp = cand.fingerprint;
+                    match offer_action(row.map(|(_, s, f)| (s, f)), fp) {
+                        OfferAction::Insert => {
+                            insert.execute(params![
+                                source,
+                                path_bytes(&cand.rel_path),
+                                cand.key,
+                                fp.size as i64,
+                                fp.mtime_ns,
+                                fp.inode as i64,
+                                now
+                            ])?;
+                            stats.inserted += 1;
+                        }
+                        OfferAction::Refresh => {
+                            let id = row.map(|(id, _, _)| id).unwrap_or_default();
+                            refresh.execute(params![id, fp.size as i64, fp.mtime_ns, fp.inode as i64, now])?;
+                            stats.refreshed += 1;
+                        }
+                        OfferAction::Nothing => {}
+                    }
+                }
+            }
+            tx.commit()?;
+            Ok(stats)
+        })
+        .await
+    }
+
+    /// Objects with work to do, oldest first. `after_id` lets a one-shot run visit each object
+    /// once; `respect_backoff` makes the daemon wait out each object's retry delay; `skip` are
+    /// ids already in flight.
+    pub async fn runnable(
+        &self,
+        limit: usize,
+        after_id: i64,
+        respect_backoff: bool,
+        skip: Vec<i64>,
+    ) -> Result<Vec<ObjectRow>, JournalError> {
+        self.call(move |c| {
+            let not_before = if respect_backoff { now_ms() } else { i64::MAX };
+            let mut stmt = c.prepare_cached(
+                "SELECT id, source, rel_path, key, size, mtime_ns, inode, state, sha256, upload_id,
+                        part_size, attempts
+                 FROM objects
+                 WHERE state IN ('pending', 'uploading', 'completing', 'delivered')
+                   AND next_attempt_ms <= ?1 AND id > ?2
+                 ORDER BY id LIMIT ?3",
+            )?;
+            let rows = stmt
+                .query_map(params![not_before, after_id, (limit + skip.len()) as i64], row_to_object)?
+                .filter(|r| r.as_ref().map_or(true, |o| !skip.contains(&o.id)))
+                .take(limit)
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    /// Milliseconds until the earliest backed-off object becomes runnable, if any.
+    pub async fn next_wakeup_ms(&self) -> Result<Option<i64>, JournalError> {
+        self.call(|c| {
+            c.query_row(
+                "SELECT MIN(next_attempt_ms) FROM objects
+                 WHERE state IN ('pending', 'uploading', 'completing', 'delivered')",
+                [],
+                |r| r.get::<_, Option<i64>>(0),
+            )
+            .map(|m| m.map(|t| (t - now_ms()).max(0)))
+        })
+        .await
+    }
+
+    /// Fixes the whole-object hash and the fingerprint it was computed from. Returns false if the
+    /// row changed meanwhile (a rescan saw a newer version), in which case nothing is written.
+    pub async fn set_hashed(
+        &self,
+        id: i64,
+        fp: Fingerprint,
+        sha256: [u8; 32],
+    ) -> Result<bool, JournalError> {
+        self.call(move |c| {
+            let n = c.execute(
+                "UPDATE objects SET sha256 = ?2, updated_ms = ?6
+                 WHERE id = ?1 AND state = 'pending' AND size = ?3 AND mtime_ns = ?4 AND inode = ?5",
+                params![id, &sha256[..], fp.size as i64, fp.mtime_ns, fp.inode as i64, now_ms()],
+            )?;
+            Ok(n == 1)
+        })
+        .await
+    }
+
+    pub async fn begin_multipart(
+        &self,
+        id: i64,
+        upload_id: String,
+        part_size: u64,
+    ) -> Result<(), JournalError> {
+        self.call(move |c| {
+            c.execute(
+                "UPDATE objects SET state = 'uploading', upload_id = ?2, part_size = ?3, updated_ms = ?4
+                 WHERE id = ?1",
+                params![id, upload_id, part_size as i64, now_ms()],
+            )
+            .map(drop)
+        })
+        .await
+    }
+
+    pub async fn record_part(&self, id: i64, part: PartRow) -> Result<(), JournalError> {
+        self.call(move |c| {
+            c.execute(
+                "INSERT OR REPLACE INTO parts (object_id, part_number, size, sha256_b64, etag)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![id, part.number, part.size as i64, part.sha256_b64, part.etag],
+            )
+            .map(drop)
+        })
+        .await
+    }
+
+    pub async fn parts(&self, id: i64) -> Result<Vec<PartRow>, JournalError> {
+        self.call(move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT part_number, size, sha256_b64, etag FROM parts
+                 WHERE object_id = ?1 ORDER BY part_number",
+            )?;
+            let rows = stmt
+                .query_map([id], |r| {
+                    Ok(PartRow {
+                        number: r.get(0)?,
+                        size: r.get::<_, i64>(1)? as u64,
+                        sha256_b64: r.get(2)?,
+                        etag: r.get(3)?,
+                    })
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    /// Forgets parts the server no longer has.
+    pub async fn drop_parts(&self, id: i64, numbers: Vec<u32>) -> Result<(), JournalError> {
+        self.call(move |c| {
+            let tx = c.transaction()?;
+            for n in numbers {
+                tx.execute(
+                    "DELETE FROM parts WHERE object_id = ?1 AND part_number = ?2",
+                    params![id, n],
+                )?;
+            }
+            tx.commit()
+        })
+        .await
+    }
+
+    pub async fn set_state(&self, id: i64, state: State) -> Result<(), JournalError> {
+        self.call(move |c| {
+            c.execute(
+                "UPDATE objects SET state = ?2, updated_ms = ?3 WHERE id = ?1",
+                params![id, state.as_str(), now_ms()],
+            )
+            .map(drop)
+        })
+        .await
+    }
+
+    /// Starts an object over: pending, no hash, no upload, no parts; optionally a new fingerprint.
+    pub async fn reset(
+        &self,
+        id: i64,
+        fp: Option<Fingerprint>,
+        why: String,
+    ) -> Result<(), JournalError> {
+        self.call(move |c| {
+            let tx = c.transaction()?;
+            tx.execute("DELETE FROM parts WHERE object_id = ?1", [id])?;
+            tx.execute(
+                "UPDATE objects SET state = 'pending', sha256 = NULL, upload_id = NULL,
+                        part_size = NULL, last_error = ?2, updated_ms = ?3
+                 WHERE id = ?1",
+                params![id, why, now_ms()],
+            )?;
+            if let Some(fp) = fp {
+                tx.execute(
+                    "UPDATE objects SET size = ?2, mtime_ns = ?3, inode = ?4 WHERE id = ?1",
+                    params![id, fp.size as i64, fp.mtime_ns, fp.inode as i64],
+                )?;
+            }
+            tx.commit()
+        })
+        .await
+    }
+
+    /// The object is in the bucket and verified. With `finished`, nothing is left to do
+    /// (after_upload = keep); otherwise the after_upload action is still owed.
+    pub async fn delivered(&self, id: i64, finished: bool) -> Result<(), JournalError> {
+        self.call(move |c| {
+            let now = now_ms();
+            let state = if finished { State::Done } else { State::Delivered };
+            let tx = c.transaction()?;
+            tx.execute(
+                "UPDATE objects SET state = ?2, delivered_ms = ?3, updated_ms = ?3, last_error = NULL,
+                        next_attempt_ms = 0
+                 WHERE id = ?1",
+                params![id, state.as_str(), now],
+            )?;
+            tx.execute("DELETE FROM parts WHERE object_id = ?1", [id])?;
+            tx.commit()
+        })
+        .await
+    }
+
+    /// Ends an object with a terminal state (rejected, vanished) and records why.
+    pub async fn finish_with_error(
+        &self,
+        id: i64,
+        state: State,
+        message: String,
+    ) -> Result<(), JournalError> {
+        self.call(move |c| {
+            let now = now_ms();
+            let tx = c.transaction()?;
+            tx.execute(
+                "UPDATE objects SET state = ?2, last_error = ?3, updated_ms = ?4 WHERE id = ?1",
+                params![id, state.as_str(), message, now],
+            )?;
+            tx.execute("DELETE FROM parts WHERE object_id = ?1", [id])?;
+            insert_error(&tx, now, Some(id), &message)?;
+            tx.commit()
+        })
+        .await
+    }
+
+    /// Puts an object back to be tried again no earlier than `delay_ms` from now.
+    pub async fn retry_later(
+        &self,
+        id: i64,
+        delay_ms: i64,
+        count_attempt: bool,
+        message: String,
+    ) -> Result<(), JournalError> {
+        self.call(move |c| {
+            let now = now_ms();
+            let tx = c.transaction()?;
+            tx.execute(
+                "UPDATE objects SET attempts = attempts + ?2, next_attempt_ms = ?3, last_error = ?4,
+                        updated_ms = ?5
+                 WHERE id = ?1",
+                params![id, count_attempt as i64, now + delay_ms, message, now],
+            )?;
+            if count_attempt {
+                insert_error(&tx, now, Some(id), &message)?;
+            }
+            tx.commit()
+        })
+        .await
+    }
+
+    /// Records an error that is not tied to one object (e.g. destination refused).
+    pub async fn note_error(&self, message: String) -> Result<(), JournalError> {
+        self.call(move |c| insert_error(c, now_ms(), None, &message)).await
+    }
+
+    pub async fn set_agent_state(&self, name: &'static str, value: String) -> Result<(), JournalError> {
+        self.call(move |c| {
+            c.execute(
+                "INSERT INTO agent_state (name, value) VALUES (?1, ?2)
+                 ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+                params![name, value],
+            )
+            .map(drop)
+        })
+        .await
+    }
+
+    pub fn status(&self) -> Result<Status, JournalError> {
+        self.with(|c| {
+            let mut objects = BTreeMap::new();
+            for st in State::ALL {
+                objects.insert(st.as_str().to_string(), 0u64);
+            }
+            let mut stmt = c.prepare("SELECT state, COUNT(*) FROM objects GROUP BY state")?;
+            for row in stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))? {
+                let (state, n) = row?;
+                objects.insert(state, n as u64);
+            }
+            let bytes_pending: i64 = c.query_row(
+                "SELECT COALESCE(SUM(size), 0) FROM objects
+                 WHERE state IN ('pending', 'uploading', 'completing')",
+                [],
+                |r| r.get(0),
+            )?;
+            let bytes_delivered: i64 = c.query_row(
+                "SELECT COALESCE(SUM(size), 0) FROM objects WHERE state IN ('delivered', 'done')",
+                [],
+                |r| r.get(0),
+            )?;
+            let oldest: Option<i64> = c.query_row(
+                "SELECT MIN(discovered_ms) FROM objects
+                 WHERE state IN ('pending', 'uploading', 'completing')",
+                [],
+                |r| r.get(0),
+            )?;
+            let mut agent = BTreeMap::new();
+            let mut stmt = c.prepare("SELECT name, value FROM agent_state ORDER BY name")?;
+            for row in stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))? {
+                let (k, v) = row?;
+                agent.insert(k, v);
+            }
+            let mut stmt = c.prepare(
+                "SELECT e.at_ms, o.key, e.message FROM errors e
+                 LEFT JOIN objects o ON o.id = e.object_id
+                 ORDER BY e.id DESC LIMIT 10",
+            )?;
+            let last_errors = stmt
+                .query_map([], |r| {
+                    let at: i64 = r.get(0)?;
+                    Ok(StatusError {
+                        at: humantime::format_rfc3339_seconds(
+                            UNIX_EPOCH + std::time::Duration::from_millis(at.max(0) as u64),
+                        )
+                        .to_string(),
+                        key: r.get(1)?,
+                        message: r.get(2)?,
+                    })
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(Status {
+                journal: self.path.to_path_buf(),
+                objects,
+                bytes_pending: bytes_pending as u64,
+                bytes_delivered: bytes_delivered as u64,
+                oldest_pending_age_secs: oldest.map(|t| ((now_ms() - t).max(0) / 1000) as u64),
+                agent,
+                last_errors,
+            })
+        })
+    }
+}
+
+fn insert_error(c: &Connection, now: i64, id: Option<i64>, message: &str) -> rusqlite::Result<()> {
+    c.execute(
+        "INSERT INTO errors (at_ms, object_id, message) VALUES (?1, ?2, ?3)",
+        params![now, id, message],
+    )?;
+    c.execute(
+        "DELETE FROM errors WHERE id <= (SELECT MAX(id) FROM errors) - ?1",
+        [ERRORS_KEPT],
+    )?;
+    Ok(())
+}
+
+fn row_to_object(r: &rusqlite::Row<'_>) -> rusqlite::Result<ObjectRow> {
+    let state: String = r.get(7)?;
+    let sha: Option<Vec<u8>> = r.get(8)?;
+    Ok(ObjectRow {
+        id: r.get(0)?,
+        source: r.get(1)?,
+        rel_path: PathBuf::from(std::ffi::OsString::from_vec(r.get::<_, Vec<u8>>(2)?)),
+        key: r.get(3)?,
+        fingerprint: Fingerprint {
+            size: r.get::<_, i64>(4)? as u64,
+            mtime_ns: r.get(5)?,
+            inode: r.get::<_, i64>(6)? as u64,
+        },
+        state: state.parse().map_err(|e: String| {
+            rusqlite::Error::FromSqlConversionFailure(7, rusqlite::types::Type::Text, e.into())
+        })?,
+        sha256: sha.and_then(|v| <[u8; 32]>::try_from(v.as_slice()).ok()),
+        upload_id: r.get(9)?,
+        part_size: r.get::<_, Option<i64>>(10)?.map(|n| n as u64),
+        attempts: r.get(11)?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cand(p: &str, size: u64) -> Candidate {
+        Candidate {
+            rel_path: PathBuf::from(p),
+            key: p.to_string(),
+            fingerprint: Fingerprint {
+                size,
+                mtime_ns: 1,
+                inode: 1,
+            },
+        }
+    }
+
+    #[tokio::test]
+    async fn offer_is_idempotent_and_versions_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(&dir.path().join("j.db")).unwrap();
+        let s = j.offer("s".into(), vec![cand("a", 1), cand("b", 2)]).await.unwrap();
+        assert_eq!(s.inserted, 2);
+        let s = j.offer("s".into(), vec![cand("a", 1), cand("b", 2)]).await.unwrap();
+        assert_eq!(s, OfferStats::default());
+        // A pending file that changes is refreshed in place...
+        let s = j.offer("s".into(), vec![cand("a", 5)]).await.unwrap();
+        assert_eq!(s.refreshed, 1);
+        // ...a delivered one becomes a new version.
+        let rows = j.runnable(10, 0, true, vec![]).await.unwrap();
+        let b = rows.iter().find(|r| r.key == "b").unwrap().id;
+        j.delivered(b, true).await.unwrap();
+        let s = j.offer("s".into(), vec![cand("b", 3)]).await.unwrap();
+        assert_eq!(s.inserted, 1);
+        let st = j.status().unwrap();
+        assert_eq!(st.objects["pending"], 2);
+        assert_eq!(st.objects["done"], 1);
+        assert_eq!(st.bytes_pending, 8);
+    }
+
+    #[tokio::test]
+    async fn state_survives_reopen_and_hash_guard_detects_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j.db");
+        {
+            let j = Journal::open(&path).unwrap();
+            j.offer("s".into(), vec![cand("a", 1)]).await.unwrap();
+            let id = j.runnable(1, 0, true, vec![]).await.unwrap()[0].id;
+            let stale = Fingerprint { size: 9, mtime_ns: 1, inode: 1 };
+            assert!(!j.set_hashed(id, stale, [1; 32]).await.unwrap());
+            assert!(j.set_hashed(id, cand("a", 1).fingerprint, [1; 32]).await.unwrap());
+            j.begin_multipart(id, "up-1".into(), 5 << 20).await.unwrap();
+            j.record_part(
+                id,
+                PartRow { number: 1, size: 5 << 20, sha256_b64: "x".into(), etag: "\"e\"".into() },
+            )
+            .await
+            .unwrap();
+        }
+        let j = Journal::open(&path).unwrap();
+        let rows = j.runnable(10, 0, true, vec![]).await.unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].state, State::Uploading);
+        assert_eq!(rows[0].upload_id.as_deref(), Some("up-1"));
+        assert_eq!(rows[0].sha256, Some([1; 32]));
+        assert_eq!(j.parts(rows[0].id).await.unwrap().len(), 1);
+        j.reset(rows[0].id, None, "gone".into()).await.unwrap();
+        assert!(j.parts(rows[0].id).await.unwrap().is_empty());
+        j.check_integrity().unwrap();
+    }
+
+    #[tokio::test]
+    async fn backoff_and_cursor_filter_runnable() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(&dir.path().join("j.db")).unwrap();
+        j.offer("s".into(), vec![cand("a", 1), cand("b", 1)]).await.unwrap();
+        let rows = j.runnable(10, 0, true, vec![]).await.unwrap();
+        j.retry_later(rows[0].id, 60_000, true, "later".into()).await.unwrap();
+        assert_eq!(j.runnable(10, 0, true, vec![]).await.unwrap().len(), 1);
+        assert_eq!(j.runnable(10, 0, false, vec![]).await.unwrap().len(), 2);
+        assert_eq!(j.runnable(10, rows[0].id, false, vec![]).await.unwrap().len(), 1);
+        assert_eq!(j.runnable(10, 0, false, vec![rows[1].id]).await.unwrap().len(), 1);
+        assert!(j.next_wakeup_ms().await.unwrap().is_some());
+        assert_eq!(j.status().unwrap().last_errors[0].message, "later");
+    }
+
+    #[test]
+    fn garbage_file_is_reported_as_corrupt() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j.db");
+        std::fs::write(&path, vec![0x42u8; 8192]).unwrap();
+        let err = Journal::open(&path).err().expect("must fail");
+        assert!(matches!(err, JournalError::Corrupt { .. }), "{err}");
+        assert!(err.to_string().contains("move the file"));
+    }
+}

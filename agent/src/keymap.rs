@@ -1,0 +1,96 @@
+//! Maps a path relative to a source root onto an S3 object key.
+//!
+//! The mapping is the identity on ordinary names (`a/b.ndjson` becomes `prefix + "a/b.ndjson"`),
+//! so operators find their files where they expect them. Names that cannot be carried across
+//! safely are refused rather than rewritten, because any rewriting scheme can make two different
+//! files collide on one key: S3 keys are UTF-8, so names with invalid UTF-8 are refused, and so
+//! are control characters (newlines in keys break log lines and many S3 tools), `.`/`..`
+//! segments, absolute paths and keys longer than S3's 1,024-byte limit. Percent-encoding for the
+//! request URL happens in the S3 client, not here.
+
+use std::path::{Component, Path};
+
+/// S3's limit on key length, in bytes.
+pub const MAX_KEY_LEN: usize = 1024;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KeyError {
+    #[error("the path is absolute")]
+    Absolute,
+    #[error("the path has a '.' or '..' segment")]
+    DotSegment,
+    #[error("the name is not valid UTF-8")]
+    NotUtf8,
+    #[error("the name contains a control character")]
+    ControlChar,
+    #[error("the key would be {0} bytes, more than S3's 1024")]
+    TooLong(usize),
+    #[error("the path is empty")]
+    Empty,
+}
+
+/// The object key for `rel` (relative to the source root) under `prefix`.
+pub fn object_key(prefix: &str, rel: &Path) -> Result<String, KeyError> {
+    let mut key = String::with_capacity(prefix.len() + rel.as_os_str().len());
+    key.push_str(prefix);
+    let mut first = true;
+    for c in rel.components() {
+        match c {
+            Component::Normal(name) => {
+                let name = name.to_str().ok_or(KeyError::NotUtf8)?;
+                if name.chars().any(char::is_control) {
+                    return Err(KeyError::ControlChar);
+                }
+                if !first {
+                    key.push('/');
+                }
+                key.push_str(name);
+                first = false;
+            }
+            Component::CurDir | Component::ParentDir => return Err(KeyError::DotSegment),
+            Component::RootDir | Component::Prefix(_) => return Err(KeyError::Absolute),
+        }
+    }
+    if first {
+        return Err(KeyError::Empty);
+    }
+    if key.len() > MAX_KEY_LEN {
+        return Err(KeyError::TooLong(key.len()));
+    }
+    Ok(key)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
+
+    #[test]
+    fn ordinary_paths_keep_their_names() {
+        assert_eq!(
+            object_key("fhir/", Path::new("2026/Patient.ndjson")).unwrap(),
+            "fhir/2026/Patient.ndjson"
+        );
+        assert_eq!(object_key("", Path::new("a b+c%d.ndjson")).unwrap(), "a b+c%d.ndjson");
+        assert_eq!(object_key("p/", Path::new("ümlaut/日本.dcm")).unwrap(), "p/ümlaut/日本.dcm");
+    }
+
+    #[test]
+    fn hostile_paths_are_refused() {
+        assert_eq!(object_key("", Path::new("../etc/passwd")), Err(KeyError::DotSegment));
+        assert_eq!(object_key("", Path::new("a/../../b")), Err(KeyError::DotSegment));
+        assert_eq!(object_key("", Path::new("/etc/passwd")), Err(KeyError::Absolute));
+        assert_eq!(object_key("", Path::new("a\nb")), Err(KeyError::ControlChar));
+        assert_eq!(object_key("", Path::new("")), Err(KeyError::Empty));
+        let bad = Path::new(OsStr::from_bytes(b"caf\xe9.txt"));
+        assert_eq!(object_key("", bad), Err(KeyError::NotUtf8));
+        let long = "x".repeat(1025);
+        assert_eq!(object_key("", Path::new(&long)), Err(KeyError::TooLong(1025)));
+    }
+
+    #[test]
+    fn leading_dash_is_just_a_name() {
+        assert_eq!(object_key("", Path::new("-rf")).unwrap(), "-rf");
+    }
+}

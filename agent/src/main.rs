@@ -1,0 +1,157 @@
+//! ha-edge: parse the command line, load the config, run, and map the result to an exit code.
+//!
+//! Exit codes: 0 success; 1 run finished but not everything was delivered; 2 bad config,
+//! credentials or usage; 3 the destination refused us (credentials, bucket, region); 4 the
+//! journal is unusable.
+
+mod app;
+mod cli;
+mod config;
+mod journal;
+mod keymap;
+mod retry;
+mod s3;
+mod shutdown;
+mod sink;
+mod source;
+mod status;
+
+use std::io::IsTerminal;
+use std::path::Path;
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use crate::cli::{Cli, Command};
+use crate::config::{Config, LogFormat};
+
+const EXIT_INCOMPLETE: u8 = 1;
+const EXIT_CONFIG: u8 = 2;
+const EXIT_DESTINATION: u8 = 3;
+const EXIT_JOURNAL: u8 = 4;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Validate { config } => validate(&config),
+        Command::Status { config, json } => status(&config, json),
+        Command::Run { config, once } => run(&config, once),
+    }
+}
+
+fn fail(code: u8, msg: impl std::fmt::Display) -> ExitCode {
+    eprintln!("ha-edge: {msg}");
+    ExitCode::from(code)
+}
+
+fn load(file: &Path) -> Result<Config, ExitCode> {
+    Config::load(file).map_err(|e| fail(EXIT_CONFIG, e))
+}
+
+fn validate(file: &Path) -> ExitCode {
+    let config = match load(file) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    if let Err(e) = s3::credentials::resolve(&config.destination) {
+        return fail(EXIT_CONFIG, format!("{}: destination: {e}", file.display()));
+    }
+    if config.agent.journal.exists() {
+        let checked = journal::Journal::open_readonly(&config.agent.journal).and_then(|j| j.check_integrity());
+        if let Err(e) = checked {
+            return fail(EXIT_JOURNAL, e);
+        }
+    }
+    let d = &config.destination;
+    println!(
+        "{}: ok ({} source{} -> s3://{}/{} at {})",
+        file.display(),
+        config.sources.len(),
+        if config.sources.len() == 1 { "" } else { "s" },
+        d.bucket,
+        d.prefix,
+        d.endpoint
+    );
+    ExitCode::SUCCESS
+}
+
+fn status(file: &Path, json: bool) -> ExitCode {
+    let path = match config::journal_path(file) {
+        Ok(p) => p,
+        Err(e) => return fail(EXIT_CONFIG, e),
+    };
+    let st = match journal::Journal::open_readonly(&path).and_then(|j| j.status()) {
+        Ok(s) => s,
+        Err(e) => return fail(EXIT_JOURNAL, e),
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&st).unwrap_or_default());
+    } else {
+        print!("{}", status::render_text(&st));
+    }
+    ExitCode::SUCCESS
+}
+
+fn init_logging(format: LogFormat, level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+    }
+}
+
+fn run(file: &Path, once: bool) -> ExitCode {
+    let config = match load(file) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    init_logging(config.agent.log_format, &config.agent.log_level);
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => return fail(EXIT_INCOMPLETE, format!("cannot start the runtime: {e}")),
+    };
+    let result = rt.block_on(async {
+        let shutdown = shutdown::install().map_err(|e| (EXIT_INCOMPLETE, format!("cannot install signal handlers: {e}")))?;
+        tracing::info!(version = env!("CARGO_PKG_VERSION"), config = %file.display(), once, "ha-edge starting");
+        app::run(config, app::RunOptions { once }, shutdown).await.map_err(|e| {
+            let code = match e {
+                app::AppError::Journal(_) => EXIT_JOURNAL,
+                app::AppError::Credentials(_) | app::AppError::Setup(_) => EXIT_CONFIG,
+            };
+            (code, e.to_string())
+        })
+    });
+    rt.shutdown_timeout(std::time::Duration::from_secs(1));
+    let summary = match result {
+        Ok(s) => s,
+        Err((code, msg)) => return fail(code, msg),
+    };
+    if !once {
+        tracing::info!(delivered = summary.delivered, "stopped");
+        return ExitCode::SUCCESS;
+    }
+    eprintln!(
+        "ha-edge: {} delivered ({} bytes), {} rejected, {} failed (resume on the next run), {} vanished, {} changed during upload, {} not yet settled, {} refused",
+        summary.delivered,
+        summary.bytes,
+        summary.rejected,
+        summary.failed,
+        summary.vanished,
+        summary.changed,
+        summary.unsettled,
+        summary.refused
+    );
+    if let Some(e) = &summary.destination_error {
+        return fail(EXIT_DESTINATION, format!("destination refused: {e}"));
+    }
+    if summary.all_delivered() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_INCOMPLETE)
+    }
+}

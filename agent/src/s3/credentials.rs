@@ -1,0 +1,275 @@
+//! Where the S3 keys come from. Never from the TOML, never into a log line.
+//!
+//! If the config names `profile` or `credentials_file`, that shared credentials file is used and
+//! nothing else. Otherwise the first of these that is present wins:
+//! 1. `AWS_ACCESS_KEY_ID` + `AWS_SECRET_ACCESS_KEY` (+ `AWS_SESSION_TOKEN`) in the environment;
+//! 2. files `aws_access_key_id`, `aws_secret_access_key` (+ `aws_session_token`) in
+//!    `$CREDENTIALS_DIRECTORY` (systemd `LoadCredential=`);
+//! 3. the AWS shared credentials file (`$AWS_SHARED_CREDENTIALS_FILE` or `~/.aws/credentials`),
+//!    profile `$AWS_PROFILE` or `default`.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use crate::config::S3Destination;
+
+#[derive(Clone)]
+pub struct Credentials {
+    access_key_id: String,
+    secret_access_key: String,
+    session_token: Option<String>,
+    /// Where they came from, for logs ("environment", "systemd credentials", "profile x in F").
+    pub origin: String,
+}
+
+impl fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Credentials")
+            .field("access_key_id", &self.access_key_id)
+            .field("secret_access_key", &"<redacted>")
+            .field("session_token", &self.session_token.as_ref().map(|_| "<redacted>"))
+            .field("origin", &self.origin)
+            .finish()
+    }
+}
+
+impl Credentials {
+    pub fn new(ak: &str, sk: &str, token: Option<&str>) -> Credentials {
+        Credentials {
+            access_key_id: ak.to_string(),
+            secret_access_key: sk.to_string(),
+            session_token: token.map(str::to_string),
+            origin: "given".into(),
+        }
+    }
+
+    pub fn access_key_id(&self) -> &str {
+        &self.access_key_id
+    }
+
+    pub(super) fn to_aws(&self) -> aws_credential_types::Credentials {
+        aws_credential_types::Credentials::new(
+            &self.access_key_id,
+            &self.secret_access_key,
+            self.session_token.clone(),
+            None,
+            "ha-edge",
+        )
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CredentialsError {
+    #[error("{0} is set but {1} is not")]
+    HalfSet(&'static str, &'static str),
+    #[error("cannot read credential file {path}: {source}")]
+    Unreadable {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("credential file {0} is empty")]
+    Empty(PathBuf),
+    #[error("profile {profile:?} not found in {file} (or it lacks aws_access_key_id / aws_secret_access_key)")]
+    NoProfile { profile: String, file: PathBuf },
+    #[error("no S3 credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, provide aws_access_key_id and aws_secret_access_key via systemd LoadCredential=, or use an AWS shared credentials file")]
+    NotFound,
+}
+
+/// Resolves credentials for a destination from the process environment.
+pub fn resolve(dest: &S3Destination) -> Result<Credentials, CredentialsError> {
+    resolve_with(dest, &|k| std::env::var(k).ok())
+}
+
+/// `env` is injected so the chain can be tested without touching the process environment.
+pub fn resolve_with(
+    dest: &S3Destination,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Credentials, CredentialsError> {
+    let shared_file = || {
+        dest.credentials_file
+            .clone()
+            .or_else(|| env("AWS_SHARED_CREDENTIALS_FILE").map(PathBuf::from))
+            .or_else(|| env("HOME").map(|h| PathBuf::from(h).join(".aws/credentials")))
+    };
+    if dest.profile.is_some() || dest.credentials_file.is_some() {
+        let profile = dest.profile.clone().unwrap_or_else(|| "default".into());
+        let file = shared_file().ok_or(CredentialsError::NotFound)?;
+        return from_shared_file(&file, &profile);
+    }
+    let non_empty = |k: &str| env(k).filter(|v| !v.is_empty());
+    match (non_empty("AWS_ACCESS_KEY_ID"), non_empty("AWS_SECRET_ACCESS_KEY")) {
+        (Some(ak), Some(sk)) => {
+            let mut c = Credentials::new(&ak, &sk, non_empty("AWS_SESSION_TOKEN").as_deref());
+            c.origin = "environment".into();
+            return Ok(c);
+        }
+        (Some(_), None) => {
+            return Err(CredentialsError::HalfSet("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"))
+        }
+        (None, Some(_)) => {
+            return Err(CredentialsError::HalfSet("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID"))
+        }
+        (None, None) => {}
+    }
+    if let Some(dir) = non_empty("CREDENTIALS_DIRECTORY") {
+        let dir = PathBuf::from(dir);
+        if dir.join("aws_access_key_id").exists() || dir.join("aws_secret_access_key").exists() {
+            let ak = read_secret(&dir.join("aws_access_key_id"))?;
+            let sk = read_secret(&dir.join("aws_secret_access_key"))?;
+            let token_path = dir.join("aws_session_token");
+            let token = if token_path.exists() {
+                Some(read_secret(&token_path)?)
+            } else {
+                None
+            };
+            let mut c = Credentials::new(&ak, &sk, token.as_deref());
+            c.origin = format!("systemd credentials in {}", dir.display());
+            return Ok(c);
+        }
+    }
+    if let Some(file) = shared_file() {
+        if file.exists() {
+            let profile = non_empty("AWS_PROFILE").unwrap_or_else(|| "default".into());
+            return from_shared_file(&file, &profile);
+        }
+    }
+    Err(CredentialsError::NotFound)
+}
+
+fn read_secret(path: &Path) -> Result<String, CredentialsError> {
+    let s = std::fs::read_to_string(path).map_err(|source| CredentialsError::Unreadable {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let s = s.trim();
+    if s.is_empty() {
+        return Err(CredentialsError::Empty(path.to_path_buf()));
+    }
+    Ok(s.to_string())
+}
+
+fn from_shared_file(file: &Path, profile: &str) -> Result<Credentials, CredentialsError> {
+    let text = std::fs::read_to_string(file).map_err(|source| CredentialsError::Unreadable {
+        path: file.to_path_buf(),
+        source,
+    })?;
+    let values = ini_section(&text, profile);
+    let get = |k: &str| values.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+    match (get("aws_access_key_id"), get("aws_secret_access_key")) {
+        (Some(ak), Some(sk)) => {
+            let mut c = Credentials::new(ak, sk, get("aws_session_token"));
+            c.origin = format!("profile {profile} in {}", file.display());
+            Ok(c)
+        }
+        _ => Err(CredentialsError::NoProfile {
+            profile: profile.to_string(),
+            file: file.to_path_buf(),
+        }),
+    }
+}
+
+/// The `key = value` pairs of `[section]` in an INI-style AWS credentials file.
+fn ini_section(text: &str, section: &str) -> Vec<(String, String)> {
+    let mut inside = false;
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') || line.starts_with(';') {
+            continue;
+        }
+        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            let name = name.trim();
+            inside = name == section || name.strip_prefix("profile ").map(str::trim) == Some(section);
+            continue;
+        }
+        if inside {
+            if let Some((k, v)) = line.split_once('=') {
+                out.push((k.trim().to_string(), v.trim().to_string()));
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn dest() -> S3Destination {
+        S3Destination {
+            endpoint: "http://127.0.0.1:9000".parse().unwrap(),
+            region: "eu-central-1".into(),
+            bucket: "b".into(),
+            prefix: String::new(),
+            sse: None,
+            path_style: true,
+            profile: None,
+            credentials_file: None,
+            ca_file: None,
+        }
+    }
+
+    fn env_of(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let m: HashMap<String, String> =
+            pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        move |k: &str| m.get(k).cloned()
+    }
+
+    #[test]
+    fn environment_first() {
+        let c = resolve_with(&dest(), &env_of(&[("AWS_ACCESS_KEY_ID", "AK"), ("AWS_SECRET_ACCESS_KEY", "SK")]))
+            .unwrap();
+        assert_eq!(c.access_key_id(), "AK");
+        assert_eq!(c.origin, "environment");
+        assert!(!format!("{c:?}").contains("SK\""), "secret must not be in Debug output");
+    }
+
+    #[test]
+    fn half_set_environment_is_an_error() {
+        let e = resolve_with(&dest(), &env_of(&[("AWS_ACCESS_KEY_ID", "AK")])).unwrap_err();
+        assert!(matches!(e, CredentialsError::HalfSet(..)));
+    }
+
+    #[test]
+    fn systemd_credentials_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("aws_access_key_id"), "AK2\n").unwrap();
+        std::fs::write(dir.path().join("aws_secret_access_key"), "SK2\n").unwrap();
+        let d = dir.path().to_str().unwrap().to_string();
+        let c = resolve_with(&dest(), &env_of(&[("CREDENTIALS_DIRECTORY", &d)])).unwrap();
+        assert_eq!(c.access_key_id(), "AK2");
+        assert_eq!(c.secret_access_key, "SK2");
+        // One file missing: a clear error, not a silent fall-through.
+        std::fs::remove_file(dir.path().join("aws_secret_access_key")).unwrap();
+        let e = resolve_with(&dest(), &env_of(&[("CREDENTIALS_DIRECTORY", &d)])).unwrap_err();
+        assert!(e.to_string().contains("aws_secret_access_key"), "{e}");
+    }
+
+    #[test]
+    fn shared_file_profile() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("credentials");
+        std::fs::write(
+            &f,
+            "[default]\naws_access_key_id = D\naws_secret_access_key = DS\n\n[edge]\naws_access_key_id=E\naws_secret_access_key=ES\naws_session_token = T\n",
+        )
+        .unwrap();
+        let mut d = dest();
+        d.credentials_file = Some(f.clone());
+        d.profile = Some("edge".into());
+        let c = resolve_with(&d, &env_of(&[("AWS_ACCESS_KEY_ID", "ignored"), ("AWS_SECRET_ACCESS_KEY", "x")])).unwrap();
+        assert_eq!(c.access_key_id(), "E");
+        assert_eq!(c.session_token.as_deref(), Some("T"));
+        d.profile = Some("nope".into());
+        assert!(matches!(resolve_with(&d, &env_of(&[])), Err(CredentialsError::NoProfile { .. })));
+        let f = f.to_str().unwrap().to_string();
+        let c = resolve_with(&dest(), &env_of(&[("AWS_SHARED_CREDENTIALS_FILE", &f)])).unwrap();
+        assert_eq!(c.access_key_id(), "D");
+    }
+
+    #[test]
+    fn nothing_found() {
+        assert!(matches!(resolve_with(&dest(), &env_of(&[])), Err(CredentialsError::NotFound)));
+    }
+}

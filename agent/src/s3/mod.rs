@@ -1,0 +1,606 @@
+//! One small S3 client: the handful of operations ha-edge needs, SigV4-signed, with retries
+//! decided by `crate::retry`. Every body is in memory (`Bytes`) when it is sent, so its SHA-256
+//! is in the signature and in `x-amz-checksum-sha256`, and a retry re-sends the same bytes.
+
+pub mod credentials;
+mod sign;
+mod xml;
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use base64::Engine as _;
+use bytes::Bytes;
+use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
+use reqwest::{Method, Url};
+use sha2::{Digest, Sha256};
+
+use crate::config::{S3Destination, Sse};
+use crate::retry::{classify, Backoff, Class, Failure};
+pub use credentials::Credentials;
+pub use xml::ServerPart;
+
+/// Characters left alone in a key path: RFC 3986 unreserved plus '/'.
+const KEY_SET: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'~')
+    .remove(b'/');
+/// Query values: unreserved only.
+const QUERY_SET: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'~');
+
+#[derive(Debug, thiserror::Error)]
+pub enum S3Error {
+    #[error("{op} s3://{bucket}/{key}: HTTP {status} {code}: {message}")]
+    Service {
+        op: &'static str,
+        bucket: String,
+        key: String,
+        status: u16,
+        code: String,
+        message: String,
+        retry_after: Option<Duration>,
+    },
+    #[error("{op} s3://{bucket}/{key}: {detail}")]
+    Transport {
+        op: &'static str,
+        bucket: String,
+        key: String,
+        detail: String,
+    },
+    #[error("{op} s3://{bucket}/{key}: unexpected answer: {detail}")]
+    Protocol {
+        op: &'static str,
+        bucket: String,
+        key: String,
+        detail: String,
+    },
+    #[error("cannot build the HTTP client: {0}")]
+    Setup(String),
+}
+
+impl S3Error {
+    pub fn class(&self) -> Class {
+        match self {
+            S3Error::Service { status, code, .. } => classify(Failure::Status {
+                status: *status,
+                code,
+            }),
+            S3Error::Transport { .. } | S3Error::Protocol { .. } => classify(Failure::Transport),
+            S3Error::Setup(_) => Class::Destination,
+        }
+    }
+
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            S3Error::Service { code, .. } => Some(code),
+            _ => None,
+        }
+    }
+
+    /// A sentence for the operator on destination-level errors: what is wrong and what to check.
+    pub fn advice(&self) -> Option<&'static str> {
+        let S3Error::Service { status, code, .. } = self else {
+            return None;
+        };
+        Some(match (status, code.as_str()) {
+            (403, "SignatureDoesNotMatch") => "the secret key does not match the access key ID: check the credentials",
+            (403, "InvalidAccessKeyId") => "the server does not know this access key ID: check the credentials",
+            (403, "ExpiredToken" | "InvalidToken") => "the session token is expired or invalid: renew the credentials",
+            (403, "RequestTimeTooSkewed") => "this machine's clock is too far off: fix time synchronisation (NTP)",
+            (403, _) => "access denied: check the credentials and the bucket policy (s3:PutObject, s3:GetObject, multipart permissions)",
+            (404, "NoSuchBucket") => "the bucket does not exist at this endpoint: check destination.bucket and destination.endpoint",
+            (301 | 307, _) | (400, "AuthorizationHeaderMalformed") => "the bucket lives in another region or endpoint: check destination.region and destination.endpoint",
+            _ => return None,
+        })
+    }
+}
+
+/// What HEAD tells about a stored object.
+#[derive(Debug, Clone)]
+pub struct Head {
+    pub size: u64,
+    pub meta_sha256: Option<String>,
+    pub checksum_sha256: Option<String>,
+}
+
+struct Request {
+    method: Method,
+    url: Url,
+    headers: Vec<(&'static str, String)>,
+    body: Bytes,
+    payload_sha256_hex: String,
+}
+
+struct Response {
+    headers: reqwest::header::HeaderMap,
+    body: Bytes,
+}
+
+pub struct S3Client {
+    http: reqwest::Client,
+    dest: S3Destination,
+    creds: Credentials,
+    max_retries: u32,
+    timeout: Duration,
+}
+
+impl S3Client {
+    pub fn new(
+        dest: &S3Destination,
+        creds: Credentials,
+        max_retries: u32,
+        timeout: Duration,
+        pool: usize,
+    ) -> Result<Arc<S3Client>, S3Error> {
+        let tls = tls_config(dest.ca_file.as_deref()).map_err(S3Error::Setup)?;
+        let http = reqwest::Client::builder()
+            .tls_backend_preconfigured(tls)
+            .connect_timeout(Duration::from_secs(10))
+            .pool_max_idle_per_host(pool)
+            .pool_idle_timeout(Duration::from_secs(30))
+            .tcp_nodelay(true)
+            .user_agent(concat!("ha-edge/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| S3Error::Setup(e.to_string()))?;
+        Ok(Arc::new(S3Client {
+            http,
+            dest: dest.clone(),
+            creds,
+            max_retries,
+            timeout,
+        }))
+    }
+
+    pub fn bucket(&self) -> &str {
+        &self.dest.bucket
+    }
+
+    pub fn endpoint(&self) -> &Url {
+        &self.dest.endpoint
+    }
+
+    fn url(&self, key: &str, query: &[(&str, &str)]) -> Url {
+        let ep = &self.dest.endpoint;
+        let key_enc = utf8_percent_encode(key, KEY_SET).to_string();
+        let mut s = if self.dest.path_style {
+            format!("{}://{}/{}/{}", ep.scheme(), authority(ep), self.dest.bucket, key_enc)
+        } else {
+            format!("{}://{}.{}/{}", ep.scheme(), self.dest.bucket, authority(ep), key_enc)
+        };
+        for (i, (k, v)) in query.iter().enumerate() {
+            s.push(if i == 0 { '?' } else { '&' });
+            s.push_str(k);
+            if !v.is_empty() || *k != "uploads" {
+                s.push('=');
+                s.push_str(&utf8_percent_encode(v, QUERY_SET).to_string());
+            }
+        }
+        Url::parse(&s).unwrap_or_else(|_| ep.clone())
+    }
+
+    fn sse_headers(&self, headers: &mut Vec<(&'static str, String)>) {
+        match &self.dest.sse {
+            None => {}
+            Some(Sse::Aes256) => headers.push(("x-amz-server-side-encryption", "AES256".into())),
+            Some(Sse::Kms { key_id }) => {
+                headers.push(("x-amz-server-side-encryption", "aws:kms".into()));
+                if let Some(id) = key_id {
+                    headers.push(("x-amz-server-side-encryption-aws-kms-key-id", id.clone()));
+                }
+            }
+        }
+    }
+
+    /// Single PUT of a whole object whose SHA-256 is `sha256`.
+    pub async fn put_object(&self, key: &str, body: Bytes, sha256: &[u8; 32]) -> Result<(), S3Error> {
+        let mut headers = vec![
+            ("x-amz-checksum-sha256", b64(sha256)),
+            ("x-amz-meta-sha256", hex::encode(sha256)),
+            ("content-type", "application/octet-stream".to_string()),
+        ];
+        self.sse_headers(&mut headers);
+        let req = Request {
+            method: Method::PUT,
+            url: self.url(key, &[]),
+            headers,
+            body,
+            payload_sha256_hex: hex::encode(sha256),
+        };
+        self.execute("PutObject", key, req).await.map(drop)
+    }
+
+    /// Starts a multipart upload; the whole-object SHA-256 goes into the metadata.
+    pub async fn create_multipart(&self, key: &str, sha256: &[u8; 32]) -> Result<String, S3Error> {
+        let mut headers = vec![
+            ("x-amz-meta-sha256", hex::encode(sha256)),
+            ("x-amz-checksum-algorithm", "SHA256".to_string()),
+            ("content-type", "application/octet-stream".to_string()),
+        ];
+        self.sse_headers(&mut headers);
+        let req = Request {
+            method: Method::POST,
+            url: self.url(key, &[("uploads", "")]),
+            headers,
+            body: Bytes::new(),
+            payload_sha256_hex: sign::EMPTY_SHA256.to_string(),
+        };
+        let resp = self.execute("CreateMultipartUpload", key, req).await?;
+        let body = String::from_utf8_lossy(&resp.body);
+        xml::parse_upload_id(&body).ok_or_else(|| self.protocol("CreateMultipartUpload", key, "no UploadId"))
+    }
+
+    /// Sends one part; returns its ETag.
+    pub async fn upload_part(
+        &self,
+        key: &str,
+        upload_id: &str,
+        number: u32,
+        body: Bytes,
+        sha256: &[u8; 32],
+    ) -> Result<String, S3Error> {
+        let n = number.to_string();
+        let req = Request {
+            method: Method::PUT,
+            url: self.url(key, &[("partNumber", &n), ("uploadId", upload_id)]),
+            headers: vec![("x-amz-checksum-sha256", b64(sha256))],
+            body,
+            payload_sha256_hex: hex::encode(sha256),
+        };
+        let resp = self.execute("UploadPart", key, req).await?;
+        resp.headers
+            .get(reqwest::header::ETAG)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+            .ok_or_else(|| self.protocol("UploadPart", key, "no ETag"))
+    }
+
+    /// Every part the server holds for an upload (follows pagination).
+    pub async fn list_parts(&self, key: &str, upload_id: &str) -> Result<Vec<ServerPart>, S3Error> {
+        let mut all = Vec::new();
+        let mut marker: Option<u32> = None;
+        loop {
+            let m = marker.map(|m| m.to_string());
+            let mut q = vec![("uploadId", upload_id)];
+            if let Some(m) = &m {
+                q.push(("part-number-marker", m));
+            }
+            let req = Request {
+                method: Method::GET,
+                url: self.url(key, &q),
+                headers: vec![],
+                body: Bytes::new(),
+                payload_sha256_hex: sign::EMPTY_SHA256.to_string(),
+            };
+            let resp = self.execute("ListParts", key, req).await?;
+            let page = xml::parse_list_parts(&String::from_utf8_lossy(&resp.body))
+                .ok_or_else(|| self.protocol("ListParts", key, "not a ListPartsResult"))?;
+            all.extend(page.parts);
+            match page.next_marker {
+                Some(next) if Some(next) != marker => marker = Some(next),
+                _ => break,
+            }
+        }
+        all.sort_by_key(|p| p.number);
+        all.dedup_by_key(|p| p.number);
+        Ok(all)
+    }
+
+    /// Completes an upload from (part number, ETag, base64 SHA-256) in order.
+    pub async fn complete_multipart(
+        &self,
+        key: &str,
+        upload_id: &str,
+        parts: &[(u32, String, String)],
+    ) -> Result<(), S3Error> {
+        let body = xml::complete_body(parts.iter().map(|(n, e, s)| (*n, e.as_str(), s.as_str())));
+        let body = Bytes::from(body);
+        let sha = hex::encode(Sha256::digest(&body));
+        let req = Request {
+            method: Method::POST,
+            url: self.url(key, &[("uploadId", upload_id)]),
+            headers: vec![("content-type", "application/xml".to_string())],
+            body,
+            payload_sha256_hex: sha,
+        };
+        let resp = self.execute("CompleteMultipartUpload", key, req).await?;
+        // S3 may answer 200 and still fail, with an <Error> document in the body.
+        if let Some(e) = xml::parse_error(&String::from_utf8_lossy(&resp.body)) {
+            return Err(S3Error::Service {
+                op: "CompleteMultipartUpload",
+                bucket: self.dest.bucket.clone(),
+                key: key.to_string(),
+                status: if e.code == "InternalError" { 500 } else { 400 },
+                code: e.code,
+                message: e.message,
+                retry_after: None,
+            });
+        }
+        Ok(())
+    }
+
+    /// Aborts an upload; an upload that is already gone counts as aborted.
+    pub async fn abort_multipart(&self, key: &str, upload_id: &str) -> Result<(), S3Error> {
+        let req = Request {
+            method: Method::DELETE,
+            url: self.url(key, &[("uploadId", upload_id)]),
+            headers: vec![],
+            body: Bytes::new(),
+            payload_sha256_hex: sign::EMPTY_SHA256.to_string(),
+        };
+        match self.execute("AbortMultipartUpload", key, req).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.code() == Some("NoSuchUpload") => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Checks that the bucket exists and answers. A 404 becomes `NoSuchBucket` (HEAD answers
+    /// carry no error document).
+    pub async fn head_bucket(&self) -> Result<(), S3Error> {
+        let ep = &self.dest.endpoint;
+        let url = if self.dest.path_style {
+            format!("{}://{}/{}", ep.scheme(), authority(ep), self.dest.bucket)
+        } else {
+            format!("{}://{}.{}/", ep.scheme(), self.dest.bucket, authority(ep))
+        };
+        let req = Request {
+            method: Method::HEAD,
+            url: Url::parse(&url).map_err(|e| self.protocol("HeadBucket", "", &e.to_string()))?,
+            headers: vec![],
+            body: Bytes::new(),
+            payload_sha256_hex: sign::EMPTY_SHA256.to_string(),
+        };
+        match self.execute("HeadBucket", "", req).await {
+            Ok(_) => Ok(()),
+            Err(S3Error::Service { op, bucket, key, status: 404, message, retry_after, .. }) => Err(S3Error::Service {
+                op,
+                bucket,
+                key,
+                status: 404,
+                code: "NoSuchBucket".into(),
+                message,
+                retry_after,
+            }),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Size and checksums of a stored object, or None if there is no such object.
+    pub async fn head_object(&self, key: &str) -> Result<Option<Head>, S3Error> {
+        let req = Request {
+            method: Method::HEAD,
+            url: self.url(key, &[]),
+            headers: vec![("x-amz-checksum-mode", "ENABLED".to_string())],
+            body: Bytes::new(),
+            payload_sha256_hex: sign::EMPTY_SHA256.to_string(),
+        };
+        let resp = match self.execute("HeadObject", key, req).await {
+            Ok(r) => r,
+            Err(S3Error::Service { status: 404, code, .. }) if code != "NoSuchBucket" => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let header = |n: &str| {
+            resp.headers
+                .get(n)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
+        let size = header("content-length")
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| self.protocol("HeadObject", key, "no Content-Length"))?;
+        Ok(Some(Head {
+            size,
+            meta_sha256: header("x-amz-meta-sha256"),
+            checksum_sha256: header("x-amz-checksum-sha256"),
+        }))
+    }
+
+    fn protocol(&self, op: &'static str, key: &str, detail: &str) -> S3Error {
+        S3Error::Protocol {
+            op,
+            bucket: self.dest.bucket.clone(),
+            key: key.to_string(),
+            detail: detail.to_string(),
+        }
+    }
+
+    /// Signs and sends `req`, retrying transient failures with jittered backoff.
+    async fn execute(&self, op: &'static str, key: &str, req: Request) -> Result<Response, S3Error> {
+        let mut delay = Backoff::REQUEST.base;
+        let mut attempt = 0;
+        loop {
+            let err = match self.send_once(op, key, &req).await {
+                Ok(resp) => return Ok(resp),
+                Err(e) => e,
+            };
+            if err.class() != Class::Transient || attempt >= self.max_retries {
+                return Err(err);
+            }
+            attempt += 1;
+            delay = Backoff::REQUEST.next(delay, fastrand::f64());
+            if let S3Error::Service { retry_after: Some(ra), .. } = &err {
+                delay = delay.max(*ra).min(Duration::from_secs(120));
+            }
+            tracing::debug!(op, key, attempt, delay_ms = delay.as_millis() as u64, error = %err, "retrying request");
+            tokio::time::sleep(delay).await;
+        }
+    }
+
+    async fn send_once(&self, op: &'static str, key: &str, req: &Request) -> Result<Response, S3Error> {
+        let transport = |detail: String| S3Error::Transport {
+            op,
+            bucket: self.dest.bucket.clone(),
+            key: key.to_string(),
+            detail,
+        };
+        let host = req.url.host_str().unwrap_or_default().to_string();
+        let host = match req.url.port() {
+            Some(p) => format!("{host}:{p}"),
+            None => host,
+        };
+        let mut to_sign: Vec<(&str, &str)> = vec![("host", host.as_str())];
+        to_sign.extend(req.headers.iter().map(|(k, v)| (*k, v.as_str())));
+        let signed = sign::signing_headers(
+            &self.creds,
+            &self.dest.region,
+            req.method.as_str(),
+            req.url.as_str(),
+            &to_sign,
+            &req.payload_sha256_hex,
+            SystemTime::now(),
+        )
+        .map_err(|e| transport(e.to_string()))?;
+        let mut rb = self
+            .http
+            .request(req.method.clone(), req.url.clone())
+            .timeout(self.timeout)
+            .body(req.body.clone());
+        for (k, v) in &req.headers {
+            rb = rb.header(*k, v);
+        }
+        for (k, v) in signed {
+            rb = rb.header(k, v);
+        }
+        let resp = rb.send().await.map_err(|e| transport(describe(&e)))?;
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let body = resp.bytes().await.map_err(|e| transport(describe(&e)))?;
+        if status.is_success() {
+            return Ok(Response { headers, body });
+        }
+        let doc = xml::parse_error(&String::from_utf8_lossy(&body));
+        let (code, message) = match doc {
+            Some(d) => (d.code, d.message),
+            None => (
+                status.canonical_reason().unwrap_or("").replace(' ', ""),
+                String::new(),
+            ),
+        };
+        let retry_after = headers
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
+        Err(S3Error::Service {
+            op,
+            bucket: self.dest.bucket.clone(),
+            key: key.to_string(),
+            status: status.as_u16(),
+            code,
+            message,
+            retry_after,
+        })
+    }
+}
+
+/// host[:port] of a URL.
+fn authority(u: &Url) -> String {
+    match (u.host_str(), u.port()) {
+        (Some(h), Some(p)) => format!("{h}:{p}"),
+        (Some(h), None) => h.to_string(),
+        _ => String::new(),
+    }
+}
+
+pub fn b64(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+/// reqwest's Display hides the cause; walk the chain for something an operator can act on.
+fn describe(e: &reqwest::Error) -> String {
+    let mut s = if e.is_timeout() {
+        "timed out".to_string()
+    } else if e.is_connect() {
+        "cannot connect".to_string()
+    } else {
+        "request failed".to_string()
+    };
+    let mut src: Option<&dyn std::error::Error> = std::error::Error::source(e);
+    while let Some(cause) = src {
+        s.push_str(": ");
+        s.push_str(&cause.to_string());
+        src = cause.source();
+    }
+    s
+}
+
+fn tls_config(ca_file: Option<&std::path::Path>) -> Result<rustls::ClientConfig, String> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::CertificateDer;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(ca) = ca_file {
+        let certs = CertificateDer::pem_file_iter(ca)
+            .map_err(|e| format!("cannot read CA file {}: {e}", ca.display()))?;
+        for cert in certs {
+            let cert = cert.map_err(|e| format!("bad certificate in {}: {e}", ca.display()))?;
+            roots
+                .add(cert)
+                .map_err(|e| format!("unusable certificate in {}: {e}", ca.display()))?;
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(cfg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn client(path_style: bool) -> Arc<S3Client> {
+        let dest = S3Destination {
+            endpoint: if path_style { "http://127.0.0.1:9000" } else { "http://s3.local:9000" }.parse().unwrap(),
+            region: "eu-central-1".into(),
+            bucket: "bkt".into(),
+            prefix: String::new(),
+            sse: None,
+            path_style,
+            profile: None,
+            credentials_file: None,
+            ca_file: None,
+        };
+        S3Client::new(&dest, Credentials::new("a", "b", None), 0, Duration::from_secs(1), 1).unwrap()
+    }
+
+    #[test]
+    fn urls_encode_keys_once() {
+        let c = client(true);
+        assert_eq!(
+            c.url("fhir/a b+c%.ndjson", &[]).as_str(),
+            "http://127.0.0.1:9000/bkt/fhir/a%20b%2Bc%25.ndjson"
+        );
+        assert_eq!(
+            c.url("k", &[("partNumber", "3"), ("uploadId", "a+b/c=")]).as_str(),
+            "http://127.0.0.1:9000/bkt/k?partNumber=3&uploadId=a%2Bb%2Fc%3D"
+        );
+        assert_eq!(c.url("k", &[("uploads", "")]).as_str(), "http://127.0.0.1:9000/bkt/k?uploads");
+        assert_eq!(client(false).url("k", &[]).as_str(), "http://bkt.s3.local:9000/k");
+    }
+
+    #[test]
+    fn destination_errors_carry_advice() {
+        let e = S3Error::Service {
+            op: "PutObject",
+            bucket: "b".into(),
+            key: "k".into(),
+            status: 403,
+            code: "SignatureDoesNotMatch".into(),
+            message: String::new(),
+            retry_after: None,
+        };
+        assert_eq!(e.class(), Class::Destination);
+        assert!(e.advice().unwrap().contains("secret key"));
+    }
+}

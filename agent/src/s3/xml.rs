@@ -1,0 +1,136 @@
+//! The few S3 XML documents ha-edge reads and writes.
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ErrorDoc {
+    pub code: String,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerPart {
+    pub number: u32,
+    pub etag: String,
+    pub size: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartsPage {
+    pub parts: Vec<ServerPart>,
+    pub next_marker: Option<u32>,
+}
+
+fn child_text<'a>(node: roxmltree::Node<'a, 'a>, name: &str) -> Option<&'a str> {
+    node.children()
+        .find(|c| c.tag_name().name() == name)
+        .and_then(|c| c.text())
+}
+
+/// An `<Error>` document, if `body` is one.
+pub fn parse_error(body: &str) -> Option<ErrorDoc> {
+    let doc = roxmltree::Document::parse(body).ok()?;
+    let root = doc.root_element();
+    if root.tag_name().name() != "Error" {
+        return None;
+    }
+    Some(ErrorDoc {
+        code: child_text(root, "Code").unwrap_or_default().to_string(),
+        message: child_text(root, "Message").unwrap_or_default().to_string(),
+    })
+}
+
+pub fn parse_upload_id(body: &str) -> Option<String> {
+    let doc = roxmltree::Document::parse(body).ok()?;
+    child_text(doc.root_element(), "UploadId").map(str::to_string)
+}
+
+pub fn parse_list_parts(body: &str) -> Option<PartsPage> {
+    let doc = roxmltree::Document::parse(body).ok()?;
+    let root = doc.root_element();
+    if root.tag_name().name() != "ListPartsResult" {
+        return None;
+    }
+    let mut parts = Vec::new();
+    for p in root.children().filter(|c| c.tag_name().name() == "Part") {
+        parts.push(ServerPart {
+            number: child_text(p, "PartNumber")?.trim().parse().ok()?,
+            etag: child_text(p, "ETag").unwrap_or_default().to_string(),
+            size: child_text(p, "Size")?.trim().parse().ok()?,
+        });
+    }
+    let truncated = child_text(root, "IsTruncated").map(str::trim) == Some("true");
+    let next_marker = if truncated {
+        child_text(root, "NextPartNumberMarker").and_then(|m| m.trim().parse().ok())
+    } else {
+        None
+    };
+    Some(PartsPage { parts, next_marker })
+}
+
+fn escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&apos;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// The CompleteMultipartUpload body: (part number, ETag, base64 SHA-256) in part order.
+pub fn complete_body<'a>(parts: impl IntoIterator<Item = (u32, &'a str, &'a str)>) -> String {
+    let mut s = String::from("<CompleteMultipartUpload xmlns=\"http://s3.amazonaws.com/doc/2006-03-01/\">");
+    for (n, etag, sha) in parts {
+        s.push_str(&format!(
+            "<Part><PartNumber>{n}</PartNumber><ETag>{}</ETag><ChecksumSHA256>{}</ChecksumSHA256></Part>",
+            escape(etag),
+            escape(sha)
+        ));
+    }
+    s.push_str("</CompleteMultipartUpload>");
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_document() {
+        let e = parse_error(
+            "<?xml version=\"1.0\"?><Error><Code>NoSuchBucket</Code><Message>The specified bucket does not exist</Message><BucketName>x</BucketName></Error>",
+        )
+        .unwrap();
+        assert_eq!(e.code, "NoSuchBucket");
+        assert!(parse_error("<ListPartsResult/>").is_none());
+        assert!(parse_error("not xml").is_none());
+    }
+
+    #[test]
+    fn list_parts_with_pagination() {
+        let body = r#"<ListPartsResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/">
+            <IsTruncated>true</IsTruncated><NextPartNumberMarker>2</NextPartNumberMarker>
+            <Part><PartNumber>1</PartNumber><ETag>"a"</ETag><Size>5242880</Size></Part>
+            <Part><PartNumber>2</PartNumber><ETag>&quot;b&quot;</ETag><Size>10</Size></Part>
+        </ListPartsResult>"#;
+        let p = parse_list_parts(body).unwrap();
+        assert_eq!(p.parts.len(), 2);
+        assert_eq!(p.parts[1].etag, "\"b\"");
+        assert_eq!(p.next_marker, Some(2));
+    }
+
+    #[test]
+    fn upload_id_and_complete_body() {
+        assert_eq!(
+            parse_upload_id("<InitiateMultipartUploadResult><Bucket>b</Bucket><Key>k</Key><UploadId>u+1/=</UploadId></InitiateMultipartUploadResult>").as_deref(),
+            Some("u+1/=")
+        );
+        let b = complete_body([(1, "\"e1\"", "c2hh")]);
+        assert!(b.contains("<ETag>&quot;e1&quot;</ETag>"), "{b}");
+        assert!(b.contains("<ChecksumSHA256>c2hh</ChecksumSHA256>"));
+    }
+}

@@ -1,0 +1,501 @@
+//! Delivery of one journaled object to S3: single PUT below the threshold, multipart above, with
+//! every step committed to the journal before the next one depends on it, and the stored object
+//! verified (HEAD: size and SHA-256) before it counts as delivered.
+//!
+//! Memory is bounded by one semaphore of bytes shared by all objects: a part (or a single-PUT
+//! body) is read only after its bytes are reserved, so at most `parts_in_flight x part_size`
+//! bytes of file data are held at once, whatever the number or size of files.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use sha2::{Digest, Sha256};
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinSet;
+
+use super::Outcome;
+use crate::config::{MAX_PARTS, MAX_PART_SIZE};
+use crate::journal::{Fingerprint, Journal, JournalError, ObjectRow, PartRow, State};
+use crate::retry::Class;
+use crate::s3::{b64, S3Client, S3Error};
+
+/// Permits of the memory budget are KiB, so any part size fits a u32 permit count.
+const PERMIT: u64 = 1024;
+/// Read size of the hashing pass.
+const HASH_CHUNK: usize = 1 << 20;
+
+#[derive(Debug, Clone, Copy)]
+pub struct UploadParams {
+    pub part_size: u64,
+    pub multipart_threshold: u64,
+}
+
+pub struct S3Sink {
+    client: Arc<S3Client>,
+    journal: Journal,
+    params: UploadParams,
+    budget: Arc<Semaphore>,
+    budget_kib: u32,
+}
+
+/// Why an object could not proceed; mapped to an `Outcome` at the end.
+#[derive(Debug, thiserror::Error)]
+enum Stop {
+    #[error(transparent)]
+    S3(#[from] S3Error),
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    #[error("source file {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("source file {0} is gone")]
+    Vanished(PathBuf),
+    #[error("source file {0} changed during the upload; it will be sent again once it settles")]
+    Changed(PathBuf),
+    #[error("verification failed for s3://{bucket}/{key}: {detail}")]
+    Verify {
+        bucket: String,
+        key: String,
+        detail: String,
+    },
+    #[error("source file {0} is a symlink that now points outside the source root")]
+    Escaped(PathBuf),
+    #[error("interrupted by shutdown")]
+    Interrupted,
+}
+
+impl S3Sink {
+    pub fn new(
+        client: Arc<S3Client>,
+        journal: Journal,
+        params: UploadParams,
+        parts_in_flight: usize,
+    ) -> S3Sink {
+        let budget_bytes = (parts_in_flight as u64 * params.part_size).max(params.multipart_threshold);
+        let budget_kib = (budget_bytes / PERMIT).min(u32::MAX as u64) as u32;
+        S3Sink {
+            client,
+            journal,
+            params,
+            budget: Arc::new(Semaphore::new(budget_kib as usize)),
+            budget_kib,
+        }
+    }
+
+    pub fn client(&self) -> &Arc<S3Client> {
+        &self.client
+    }
+
+    /// Delivers one object (state pending, uploading or completing) and verifies it.
+    pub async fn deliver(&self, row: &ObjectRow, root: &Path, stop: watch::Receiver<bool>) -> Outcome {
+        let path = root.join(&row.rel_path);
+        let result = match row.state {
+            State::Pending => self.fresh(row, root, &path, stop).await,
+            State::Uploading | State::Completing => self.resume(row, root, &path, stop).await,
+            other => {
+                return Outcome::Rejected(format!("object {} in state {other} cannot be uploaded", row.key))
+            }
+        };
+        match result {
+            Ok(()) => Outcome::Delivered,
+            Err(e) => self.outcome(row, e).await,
+        }
+    }
+
+    async fn outcome(&self, row: &ObjectRow, e: Stop) -> Outcome {
+        match e {
+            Stop::Interrupted => Outcome::Interrupted,
+            Stop::Vanished(_) => {
+                // Whatever the server holds of a started upload is useless now.
+                if let Some(id) = &row.upload_id {
+                    let _ = self.client.abort_multipart(&row.key, id).await;
+                }
+                Outcome::Vanished(e.to_string())
+            }
+            Stop::Changed(_) => Outcome::Changed(e.to_string()),
+            Stop::Escaped(_) => Outcome::Rejected(e.to_string()),
+            Stop::Io { .. } => Outcome::Retry(e.to_string()),
+            Stop::Journal(j) => Outcome::Fatal(j),
+            Stop::Verify { .. } => Outcome::Retry(e.to_string()),
+            Stop::S3(s3) => match s3.class() {
+                Class::Transient => Outcome::Retry(s3.to_string()),
+                Class::Destination => Outcome::Destination(s3),
+                Class::Object => Outcome::Rejected(s3.to_string()),
+            },
+        }
+    }
+
+    /// Opens the source file, refusing a symlink that leads out of the root, and checks that it
+    /// is still the version the journal knows.
+    fn open_pinned(root: &Path, path: &Path, expect: Fingerprint) -> Result<Arc<File>, Stop> {
+        let io = |source| Stop::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let real = match std::fs::canonicalize(path) {
+            Ok(p) => p,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(Stop::Vanished(path.to_path_buf())),
+            Err(e) => return Err(io(e)),
+        };
+        let real_root = std::fs::canonicalize(root).map_err(io)?;
+        if !real.starts_with(&real_root) {
+            return Err(Stop::Escaped(path.to_path_buf()));
+        }
+        let file = match File::open(&real) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(Stop::Vanished(path.to_path_buf())),
+            Err(e) => return Err(io(e)),
+        };
+        let fp = Fingerprint::of(&file.metadata().map_err(io)?);
+        if fp != expect {
+            return Err(Stop::Changed(path.to_path_buf()));
+        }
+        Ok(Arc::new(file))
+    }
+
+    fn check_pinned(file: &File, path: &Path, expect: Fingerprint) -> Result<(), Stop> {
+        let meta = file.metadata().map_err(|source| Stop::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        if Fingerprint::of(&meta) != expect {
+            return Err(Stop::Changed(path.to_path_buf()));
+        }
+        Ok(())
+    }
+
+    async fn blocking<T: Send + 'static>(
+        f: impl FnOnce() -> Result<T, Stop> + Send + 'static,
+    ) -> Result<T, Stop> {
+        tokio::task::spawn_blocking(f)
+            .await
+            .map_err(|_| Stop::Journal(JournalError::Panicked))?
+    }
+
+    async fn reserve(&self, bytes: u64) -> tokio::sync::OwnedSemaphorePermit {
+        let kib = (bytes.div_ceil(PERMIT) as u32).clamp(1, self.budget_kib.max(1));
+        self.budget
+            .clone()
+            .acquire_many_owned(kib)
+            .await
+            .expect("the budget semaphore is never closed")
+    }
+
+    async fn fresh(&self, row: &ObjectRow, root: &Path, path: &Path, stop: watch::Receiver<bool>) -> Result<(), Stop> {
+        let fp = row.fingerprint;
+        let (root2, path2) = (root.to_path_buf(), path.to_path_buf());
+        let file = Self::blocking(move || Self::open_pinned(&root2, &path2, fp)).await?;
+        if fp.size < self.params.multipart_threshold {
+            return self.single_put(row, file, path).await;
+        }
+        // Pass one: the whole-object hash, fixed in the journal before any byte is sent.
+        let (f2, p2) = (file.clone(), path.to_path_buf());
+        let sha = Self::blocking(move || {
+            let mut h = Sha256::new();
+            let mut buf = vec![0u8; HASH_CHUNK];
+            let mut off = 0u64;
+            while off < fp.size {
+                let n = (fp.size - off).min(HASH_CHUNK as u64) as usize;
+                f2.read_exact_at(&mut buf[..n], off).map_err(|source| Stop::Io { path: p2.clone(), source })?;
+                h.update(&buf[..n]);
+                off += n as u64;
+            }
+            Self::check_pinned(&f2, &p2, fp)?;
+            Ok(<[u8; 32]>::from(h.finalize()))
+        })
+        .await?;
+        if !self.journal.set_hashed(row.id, fp, sha).await? {
+            return Err(Stop::Changed(path.to_path_buf()));
+        }
+        let part_size = part_size_for(fp.size, self.params.part_size);
+        let upload_id = self.client.create_multipart(&row.key, &sha).await?;
+        self.journal.begin_multipart(row.id, upload_id.clone(), part_size).await?;
+        tracing::debug!(key = %row.key, %upload_id, part_size, "multipart upload started");
+        self.upload_parts(row, file, path, &upload_id, part_size, &sha, Vec::new(), stop)
+            .await
+    }
+
+    async fn single_put(&self, row: &ObjectRow, file: Arc<File>, path: &Path) -> Result<(), Stop> {
+        let fp = row.fingerprint;
+        let _permit = self.reserve(fp.size).await;
+        let p2 = path.to_path_buf();
+        let (body, sha) = Self::blocking(move || {
+            let mut buf = vec![0u8; fp.size as usize];
+            file.read_exact_at(&mut buf, 0).map_err(|source| Stop::Io { path: p2.clone(), source })?;
+            Self::check_pinned(&file, &p2, fp)?;
+            let sha = <[u8; 32]>::from(Sha256::digest(&buf));
+            Ok((Bytes::from(buf), sha))
+        })
+        .await?;
+        if !self.journal.set_hashed(row.id, fp, sha).await? {
+            return Err(Stop::Changed(path.to_path_buf()));
+        }
+        self.client.put_object(&row.key, body, &sha).await?;
+        self.verify(&row.key, fp.size, &sha, None).await
+    }
+
+    /// Continues an upload found in the journal after a restart or a retry.
+    async fn resume(&self, row: &ObjectRow, root: &Path, path: &Path, stop: watch::Receiver<bool>) -> Result<(), Stop> {
+        let (Some(upload_id), Some(sha), Some(part_size)) = (&row.upload_id, row.sha256, row.part_size) else {
+            self.journal.reset(row.id, None, "incomplete journal row; starting over".into()).await?;
+            return Box::pin(self.fresh(&self.reset_row(row), root, path, stop)).await;
+        };
+        let fp = row.fingerprint;
+        let (root2, path2) = (root.to_path_buf(), path.to_path_buf());
+        let file = match Self::blocking(move || Self::open_pinned(&root2, &path2, fp)).await {
+            Ok(f) => f,
+            Err(Stop::Changed(p)) => {
+                self.client.abort_multipart(&row.key, upload_id).await?;
+                return Err(Stop::Changed(p));
+            }
+            Err(e) => return Err(e),
+        };
+        let server = match self.client.list_parts(&row.key, upload_id).await {
+            Ok(parts) => parts,
+            Err(e) if e.code() == Some("NoSuchUpload") => {
+                // Either the completion went through before the crash, or the upload is gone.
+                if self.verify(&row.key, fp.size, &sha, None).await.is_ok() {
+                    tracing::info!(key = %row.key, "upload had completed before the restart; verified");
+                    return Ok(());
+                }
+                tracing::warn!(key = %row.key, "multipart upload no longer exists on the server; starting this object over");
+                self.journal.reset(row.id, None, "upload vanished from the server".into()).await?;
+                return Box::pin(self.fresh(&self.reset_row(row), root, path, stop)).await;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let journaled = self.journal.parts(row.id).await?;
+        let mut keep = Vec::new();
+        let mut drop = Vec::new();
+        for p in journaled {
+            let on_server = server
+                .iter()
+                .any(|s| s.number == p.number && s.size == p.size && s.etag == p.etag);
+            if on_server {
+                keep.push(p);
+            } else {
+                drop.push(p.number);
+            }
+        }
+        if !drop.is_empty() {
+            tracing::warn!(key = %row.key, parts = ?drop, "parts recorded in the journal are missing on the server; sending them again");
+            self.journal.drop_parts(row.id, drop).await?;
+        }
+        tracing::info!(key = %row.key, parts_done = keep.len(), "resuming multipart upload");
+        self.upload_parts(row, file, path, upload_id, part_size, &sha, keep, stop)
+            .await
+    }
+
+    fn reset_row(&self, row: &ObjectRow) -> ObjectRow {
+        ObjectRow {
+            state: State::Pending,
+            sha256: None,
+            upload_id: None,
+            part_size: None,
+            ..row.clone()
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn upload_parts(
+        &self,
+        row: &ObjectRow,
+        file: Arc<File>,
+        path: &Path,
+        upload_id: &str,
+        part_size: u64,
+        sha: &[u8; 32],
+        done: Vec<PartRow>,
+        stop: watch::Receiver<bool>,
+    ) -> Result<(), Stop> {
+        let size = row.fingerprint.size;
+        let count = size.div_ceil(part_size).max(1) as u32;
+        let mut parts: Vec<Option<PartRow>> = vec![None; count as usize];
+        for p in done {
+            if (1..=count).contains(&p.number) {
+                let i = (p.number - 1) as usize;
+                parts[i] = Some(p);
+            }
+        }
+        let missing: Vec<u32> = (1..=count).filter(|n| parts[(*n - 1) as usize].is_none()).collect();
+        let mut tasks: JoinSet<Result<PartRow, Stop>> = JoinSet::new();
+        let mut first_err: Option<Stop> = None;
+        let mut next = missing.into_iter();
+        loop {
+            // Start parts while budget allows; the permit is taken before the read.
+            let launch = first_err.is_none() && !*stop.borrow();
+            if launch {
+                if let Some(n) = next.next() {
+                    let off = (n as u64 - 1) * part_size;
+                    let len = (size - off).min(part_size);
+                    let permit = tokio::select! {
+                        p = self.reserve(len) => p,
+                        Some(res) = tasks.join_next() => {
+                            // A finished part while waiting for budget: handle it, then retry this one.
+                            self.collect(res, &mut parts, &mut first_err);
+                            let p = self.reserve(len).await;
+                            p
+                        }
+                    };
+                    let (client, journal) = (self.client.clone(), self.journal.clone());
+                    let (file, path, key, upload_id) = (file.clone(), path.to_path_buf(), row.key.clone(), upload_id.to_string());
+                    let (fp, id) = (row.fingerprint, row.id);
+                    tasks.spawn(async move {
+                        let _permit = permit;
+                        let p2 = path.clone();
+                        let (body, part_sha) = Self::blocking(move || {
+                            Self::check_pinned(&file, &p2, fp)?;
+                            let mut buf = vec![0u8; len as usize];
+                            file.read_exact_at(&mut buf, off).map_err(|source| Stop::Io { path: p2.clone(), source })?;
+                            let sha = <[u8; 32]>::from(Sha256::digest(&buf));
+                            Ok((Bytes::from(buf), sha))
+                        })
+                        .await?;
+                        let etag = client.upload_part(&key, &upload_id, n, body, &part_sha).await?;
+                        let part = PartRow { number: n, size: len, sha256_b64: b64(&part_sha), etag };
+                        journal.record_part(id, part.clone()).await?;
+                        Ok(part)
+                    });
+                    continue;
+                }
+            }
+            match tasks.join_next().await {
+                Some(res) => self.collect(res, &mut parts, &mut first_err),
+                None => break,
+            }
+        }
+        if let Some(e) = first_err {
+            return Err(e);
+        }
+        if parts.iter().any(Option::is_none) {
+            return Err(Stop::Interrupted);
+        }
+        let parts: Vec<PartRow> = parts.into_iter().flatten().collect();
+        let (f2, p2, fp) = (file.clone(), path.to_path_buf(), row.fingerprint);
+        if let Err(e) = Self::blocking(move || Self::check_pinned(&f2, &p2, fp)).await {
+            self.client.abort_multipart(&row.key, upload_id).await?;
+            return Err(e);
+        }
+        self.journal.set_state(row.id, State::Completing).await?;
+        let list: Vec<(u32, String, String)> = parts
+            .iter()
+            .map(|p| (p.number, p.etag.clone(), p.sha256_b64.clone()))
+            .collect();
+        match self.client.complete_multipart(&row.key, upload_id, &list).await {
+            Ok(()) => {}
+            // A retried completion whose first attempt went through answers NoSuchUpload.
+            Err(e) if e.code() == Some("NoSuchUpload") => {}
+            Err(e) => return Err(e.into()),
+        }
+        self.verify(&row.key, size, sha, Some(&parts)).await
+    }
+
+    fn collect(
+        &self,
+        res: Result<Result<PartRow, Stop>, tokio::task::JoinError>,
+        parts: &mut [Option<PartRow>],
+        first_err: &mut Option<Stop>,
+    ) {
+        match res {
+            Ok(Ok(p)) => {
+                let i = (p.number - 1) as usize;
+                parts[i] = Some(p);
+            }
+            Ok(Err(e)) => {
+                if first_err.is_none() {
+                    *first_err = Some(e);
+                }
+            }
+            Err(_) => {
+                if first_err.is_none() {
+                    *first_err = Some(Stop::Journal(JournalError::Panicked));
+                }
+            }
+        }
+    }
+
+    /// HEAD the object: the size must match, the SHA-256 in its metadata must be ours, and a
+    /// checksum the server reports must be the one for our bytes.
+    async fn verify(&self, key: &str, size: u64, sha: &[u8; 32], parts: Option<&[PartRow]>) -> Result<(), Stop> {
+        let fail = |detail: String| Stop::Verify {
+            bucket: self.client.bucket().to_string(),
+            key: key.to_string(),
+            detail,
+        };
+        let head = self
+            .client
+            .head_object(key)
+            .await?
+            .ok_or_else(|| fail("the object is not there after the upload".into()))?;
+        if head.size != size {
+            return Err(fail(format!("size {} on the server, {size} here", head.size)));
+        }
+        let ours = hex::encode(sha);
+        match &head.meta_sha256 {
+            Some(m) if m.eq_ignore_ascii_case(&ours) => {}
+            Some(m) => return Err(fail(format!("x-amz-meta-sha256 is {m}, expected {ours}"))),
+            None => return Err(fail("the server did not keep x-amz-meta-sha256".into())),
+        }
+        if let Some(cs) = &head.checksum_sha256 {
+            let full = b64(sha);
+            let composite = parts.map(composite_checksum);
+            let ok = *cs == full || composite.as_deref() == Some(cs.as_str());
+            if !ok {
+                return Err(fail(format!("x-amz-checksum-sha256 is {cs}, expected {full} or {composite:?}")));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The part size for a file: the configured one, raised if needed to stay within 10,000 parts.
+pub fn part_size_for(size: u64, configured: u64) -> u64 {
+    let min_needed = size.div_ceil(MAX_PARTS);
+    let mib = 1024 * 1024;
+    configured.max(min_needed.div_ceil(mib) * mib).min(MAX_PART_SIZE)
+}
+
+/// S3's checksum of a multipart object: SHA-256 over the parts' SHA-256s, then "-N".
+pub fn composite_checksum(parts: &[PartRow]) -> String {
+    use base64::Engine as _;
+    let mut h = Sha256::new();
+    for p in parts {
+        if let Ok(raw) = base64::engine::general_purpose::STANDARD.decode(&p.sha256_b64) {
+            h.update(raw);
+        }
+    }
+    format!("{}-{}", b64(&h.finalize()), parts.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn part_size_grows_only_past_ten_thousand_parts() {
+        let mib = 1 << 20;
+        assert_eq!(part_size_for(100 * mib, 8 * mib), 8 * mib);
+        // 100 GiB / 10,000 = 10.24 MiB -> 11 MiB
+        assert_eq!(part_size_for(100 << 30, 8 * mib), 11 * mib);
+        assert!((5u64 << 40).div_ceil(part_size_for(5 << 40, 8 * mib)) <= MAX_PARTS);
+    }
+
+    #[test]
+    fn composite_checksum_matches_s3_definition() {
+        let p1 = Sha256::digest(b"a");
+        let p2 = Sha256::digest(b"b");
+        let parts = vec![
+            PartRow { number: 1, size: 1, sha256_b64: b64(&p1), etag: String::new() },
+            PartRow { number: 2, size: 1, sha256_b64: b64(&p2), etag: String::new() },
+        ];
+        let mut h = Sha256::new();
+        h.update(p1);
+        h.update(p2);
+        assert_eq!(composite_checksum(&parts), format!("{}-2", b64(&h.finalize())));
+    }
+}
