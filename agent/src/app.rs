@@ -74,7 +74,11 @@ struct Scheduler {
     refused_code: Option<String>,
 }
 
-pub async fn run(config: Config, opts: RunOptions, mut shutdown: watch::Receiver<bool>) -> Result<Summary, AppError> {
+pub async fn run(
+    config: Config,
+    opts: RunOptions,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<Summary, AppError> {
     let journal = Journal::open(&config.agent.journal)?;
     let creds = credentials::resolve(&config.destination)?;
     tracing::info!(
@@ -85,23 +89,44 @@ pub async fn run(config: Config, opts: RunOptions, mut shutdown: watch::Receiver
         "destination"
     );
     let a = &config.agent;
-    let client = S3Client::new(&config.destination, creds, a.max_retries, a.request_timeout, a.concurrency * 2)?;
+    let client = S3Client::new(
+        &config.destination,
+        creds,
+        a.max_retries,
+        a.request_timeout,
+        a.concurrency * 2,
+    )?;
     let params = UploadParams {
         part_size: a.part_size,
         multipart_threshold: a.multipart_threshold,
     };
-    let sink = Arc::new(S3Sink::new(client, journal.clone(), params, a.parts_in_flight));
+    let sink = Arc::new(S3Sink::new(
+        client,
+        journal.clone(),
+        params,
+        a.parts_in_flight,
+    ));
     journal
-        .set_agent_state("started", humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string())
+        .set_agent_state(
+            "started",
+            humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+        )
         .await?;
-    journal.set_agent_state("pid", std::process::id().to_string()).await?;
+    journal
+        .set_agent_state("pid", std::process::id().to_string())
+        .await?;
 
     let wake = Arc::new(Notify::new());
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut sources: JoinSet<Result<SourceReport, JournalError>> = JoinSet::new();
     let mut summary = Summary::default();
     for s in &config.sources {
-        let mut src = FsSource::new(s.clone(), config.destination.prefix.clone(), journal.clone(), wake.clone());
+        let mut src = FsSource::new(
+            s.clone(),
+            config.destination.prefix.clone(),
+            journal.clone(),
+            wake.clone(),
+        );
         if opts.once {
             let r = src.scan_once().await?;
             tracing::info!(source = %s.name, files = r.seen, queued = r.offered, unsettled = r.unsettled, refused = r.refused, "scanned");
@@ -115,7 +140,11 @@ pub async fn run(config: Config, opts: RunOptions, mut shutdown: watch::Receiver
     let mut sched = Scheduler {
         journal: journal.clone(),
         sink,
-        sources: config.sources.iter().map(|s| (s.name.clone(), s.clone())).collect(),
+        sources: config
+            .sources
+            .iter()
+            .map(|s| (s.name.clone(), s.clone()))
+            .collect(),
         once: opts.once,
         summary,
         paused_until: None,
@@ -136,11 +165,22 @@ pub async fn run(config: Config, opts: RunOptions, mut shutdown: watch::Receiver
         let may_dispatch = !draining && sched.destination_open();
         if may_dispatch && inflight.len() < concurrency {
             // While probing a paused destination, one object at a time.
-            let free = if sched.probe_round > 0 { 1usize.saturating_sub(inflight.len()) } else { concurrency - inflight.len() };
+            let free = if sched.probe_round > 0 {
+                1usize.saturating_sub(inflight.len())
+            } else {
+                concurrency - inflight.len()
+            };
             let rows = if free == 0 {
                 Vec::new()
             } else {
-                journal.runnable(free, if opts.once { cursor } else { 0 }, !opts.once, inflight_ids.clone()).await?
+                journal
+                    .runnable(
+                        free,
+                        if opts.once { cursor } else { 0 },
+                        !opts.once,
+                        inflight_ids.clone(),
+                    )
+                    .await?
             };
             exhausted = rows.len() < free;
             for row in rows {
@@ -154,7 +194,10 @@ pub async fn run(config: Config, opts: RunOptions, mut shutdown: watch::Receiver
                     async move {
                         let started = Instant::now();
                         let outcome = match (&root, row.state) {
-                            (None, _) => Outcome::Retry(format!("source {:?} is no longer in the config", row.source)),
+                            (None, _) => Outcome::Retry(format!(
+                                "source {:?} is no longer in the config",
+                                row.source
+                            )),
                             (Some(_), State::Delivered) => Outcome::Delivered,
                             (Some(root), _) => sink.deliver(&row, root, stop).await,
                         };
@@ -175,8 +218,13 @@ pub async fn run(config: Config, opts: RunOptions, mut shutdown: watch::Receiver
         let poll = if opts.once {
             Duration::from_secs(3600)
         } else {
-            let next = journal.next_wakeup_ms().await?.map(|ms| Duration::from_millis(ms as u64));
-            let until_probe = sched.paused_until.map(|t| t.saturating_duration_since(Instant::now()));
+            let next = journal
+                .next_wakeup_ms()
+                .await?
+                .map(|ms| Duration::from_millis(ms as u64));
+            let until_probe = sched
+                .paused_until
+                .map(|t| t.saturating_duration_since(Instant::now()));
             [Some(Duration::from_secs(30)), next, until_probe]
                 .into_iter()
                 .flatten()
@@ -256,8 +304,12 @@ impl Scheduler {
     /// network error neither: the first real request decides those.
     async fn preflight(&mut self) -> Result<(), JournalError> {
         match self.sink.client().head_bucket().await {
-            Ok(()) => self.journal.set_agent_state("destination", "ok".into()).await,
-            Err(e) if e.class() == Class::Destination && !matches!(e, S3Error::Service { status: 403, .. }) => {
+            Ok(()) => {
+                self.journal
+                    .set_agent_state("destination", "ok".into())
+                    .await
+            }
+            Err(e) if e.class() == Class::Destination && e.status() != Some(403) => {
                 self.refuse(&e).await
             }
             Err(e) => {
@@ -274,7 +326,12 @@ impl Scheduler {
         self.paused_until.is_none_or(|t| Instant::now() >= t)
     }
 
-    async fn settle_outcome(&mut self, row: ObjectRow, outcome: Outcome, took: Duration) -> Result<(), JournalError> {
+    async fn settle_outcome(
+        &mut self,
+        row: ObjectRow,
+        outcome: Outcome,
+        took: Duration,
+    ) -> Result<(), JournalError> {
         let j = &self.journal;
         match outcome {
             Outcome::Delivered => {
@@ -298,11 +355,16 @@ impl Scheduler {
                     tracing::info!(key = %row.key, size = row.fingerprint.size, secs = took.as_secs_f64(), mb_per_s = format!("{mbps:.1}"), "delivered and verified");
                 }
                 if action != AfterUpload::Keep {
-                    let root = self.sources.get(&row.source).map(|s| s.path.clone()).unwrap_or_default();
+                    let root = self
+                        .sources
+                        .get(&row.source)
+                        .map(|s| s.path.clone())
+                        .unwrap_or_default();
                     let (rel, fp, act) = (row.rel_path.clone(), row.fingerprint, action.clone());
-                    let res = tokio::task::spawn_blocking(move || after_upload(&root, &rel, &act, fp))
-                        .await
-                        .map_err(|_| JournalError::Panicked)?;
+                    let res =
+                        tokio::task::spawn_blocking(move || after_upload(&root, &rel, &act, fp))
+                            .await
+                            .map_err(|_| JournalError::Panicked)?;
                     match res {
                         Ok(r) => {
                             if r == AfterResult::LeftChanged {
@@ -313,7 +375,8 @@ impl Scheduler {
                             j.set_state(row.id, State::Done).await?;
                         }
                         Err(e) => {
-                            let msg = format!("after_upload failed for {}: {e}", row.rel_path.display());
+                            let msg =
+                                format!("after_upload failed for {}: {e}", row.rel_path.display());
                             tracing::warn!(error = %e, "after_upload failed; will try again");
                             j.retry_later(row.id, 60_000, true, msg).await?;
                         }
@@ -329,7 +392,8 @@ impl Scheduler {
                 } else {
                     tracing::warn!(error = %msg, attempt = n, retry_in = %humantime::format_duration(Duration::from_secs(delay.as_secs())), "transfer failed; will retry");
                 }
-                j.retry_later(row.id, delay.as_millis() as i64, true, msg).await?;
+                j.retry_later(row.id, delay.as_millis() as i64, true, msg)
+                    .await?;
             }
             Outcome::Destination(err) => {
                 j.retry_later(row.id, 0, false, err.to_string()).await?;
@@ -348,9 +412,13 @@ impl Scheduler {
             Outcome::Changed(msg) => {
                 tracing::info!(reason = %msg, "source changed under the upload; waiting for it to settle");
                 self.summary.changed += 1;
-                let settle = self.sources.get(&row.source).map_or(Duration::from_secs(30), |s| s.settle);
+                let settle = self
+                    .sources
+                    .get(&row.source)
+                    .map_or(Duration::from_secs(30), |s| s.settle);
                 j.reset(row.id, None, msg.clone()).await?;
-                j.retry_later(row.id, settle.as_millis() as i64, false, msg).await?;
+                j.retry_later(row.id, settle.as_millis() as i64, false, msg)
+                    .await?;
             }
             Outcome::Interrupted => {
                 tracing::info!("interrupted; resumes from the journal on the next start");

@@ -7,7 +7,11 @@ use clap::{Parser, Subcommand};
 pub const DEFAULT_CONFIG: &str = "/etc/ha-edge/ha-edge.toml";
 
 #[derive(Debug, Parser)]
-#[command(name = "ha-edge", version, about = "Moves settled files from local and NFS directories to S3, crash-safe and verified")]
+#[command(
+    name = "ha-edge",
+    version,
+    about = "Moves settled files from local and NFS directories to S3, crash-safe and verified"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

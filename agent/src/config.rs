@@ -276,10 +276,7 @@ fn parse_raw(text: &str) -> Result<RawConfig, ConfigProblem> {
 }
 
 fn toml_problem(text: &str, key: &str, e: &toml::de::Error) -> ConfigProblem {
-    let (line, column) = e
-        .span()
-        .map(|s| line_col(text, s.start))
-        .unwrap_or((1, 1));
+    let (line, column) = e.span().map(|s| line_col(text, s.start)).unwrap_or((1, 1));
     ConfigProblem {
         line,
         column,
@@ -320,7 +317,11 @@ impl Validator<'_> {
                 self.agent(a.into_inner(), span)
             }
             None => {
-                self.problem(0..0, "agent", "missing [agent] table (it needs at least `journal`)");
+                self.problem(
+                    0..0,
+                    "agent",
+                    "missing [agent] table (it needs at least `journal`)",
+                );
                 None
             }
         };
@@ -392,7 +393,11 @@ impl Validator<'_> {
                 }
             }
             None => {
-                self.problem(span.clone(), "agent.journal", "missing (the SQLite journal file, e.g. \"/var/lib/ha-edge/journal.db\")");
+                self.problem(
+                    span.clone(),
+                    "agent.journal",
+                    "missing (the SQLite journal file, e.g. \"/var/lib/ha-edge/journal.db\")",
+                );
                 None
             }
         };
@@ -479,8 +484,7 @@ impl Validator<'_> {
             Some(n) => {
                 let ok = !n.get_ref().is_empty()
                     && n.get_ref().len() <= 64
-                    && n
-                        .get_ref()
+                    && n.get_ref()
                         .chars()
                         .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.');
                 if !ok {
@@ -496,7 +500,11 @@ impl Validator<'_> {
                 Some(n.into_inner())
             }
             None => {
-                self.problem(span.clone(), &at("name"), "missing (a short unique name for this source)");
+                self.problem(
+                    span.clone(),
+                    &at("name"),
+                    "missing (a short unique name for this source)",
+                );
                 None
             }
         };
@@ -523,18 +531,30 @@ impl Validator<'_> {
                     match std::fs::metadata(&pb) {
                         Ok(m) if m.is_dir() => Some(pb),
                         Ok(_) => {
-                            self.problem(p.span(), &at("path"), format!("{} is not a directory", pb.display()));
+                            self.problem(
+                                p.span(),
+                                &at("path"),
+                                format!("{} is not a directory", pb.display()),
+                            );
                             None
                         }
                         Err(e) => {
-                            self.problem(p.span(), &at("path"), format!("cannot use {}: {e}", pb.display()));
+                            self.problem(
+                                p.span(),
+                                &at("path"),
+                                format!("cannot use {}: {e}", pb.display()),
+                            );
                             None
                         }
                     }
                 }
             }
             None => {
-                self.problem(span.clone(), &at("path"), "missing (the directory to watch)");
+                self.problem(
+                    span.clone(),
+                    &at("path"),
+                    "missing (the directory to watch)",
+                );
                 None
             }
         };
@@ -543,7 +563,12 @@ impl Validator<'_> {
             Some(globs) => self.globs(globs, &at("exclude")),
             None => GlobSet::empty(),
         };
-        let settle = self.duration(s.settle, &at("settle"), Duration::ZERO, Duration::from_secs(30));
+        let settle = self.duration(
+            s.settle,
+            &at("settle"),
+            Duration::ZERO,
+            Duration::from_secs(30),
+        );
         let rescan_interval = self.duration(
             s.rescan_interval,
             &at("rescan_interval"),
@@ -562,7 +587,11 @@ impl Validator<'_> {
                     {
                         let dest = PathBuf::from(t["move_to"].as_str().unwrap_or_default());
                         if !dest.is_absolute() {
-                            self.problem(sp, &at("after_upload.move_to"), "must be an absolute path");
+                            self.problem(
+                                sp,
+                                &at("after_upload.move_to"),
+                                "must be an absolute path",
+                            );
                         } else if let Some(src) = &path {
                             if dest.starts_with(src) {
                                 self.problem(
@@ -602,7 +631,11 @@ impl Validator<'_> {
         for (i, a) in sources.iter().enumerate() {
             for b in &sources[i + 1..] {
                 if a.name == b.name {
-                    self.problem(0..0, "source.name", format!("two sources are named {:?}", a.name));
+                    self.problem(
+                        0..0,
+                        "source.name",
+                        format!("two sources are named {:?}", a.name),
+                    );
                 }
                 if a.path.starts_with(&b.path) || b.path.starts_with(&a.path) {
                     self.problem(
@@ -627,9 +660,16 @@ impl Validator<'_> {
             Some(k) => self.problem(
                 k.span(),
                 "destination.type",
-                format!("unknown destination type {:?} (supported: \"s3\")", k.get_ref()),
+                format!(
+                    "unknown destination type {:?} (supported: \"s3\")",
+                    k.get_ref()
+                ),
             ),
-            None => self.problem(span.clone(), "destination.type", "missing (use type = \"s3\")"),
+            None => self.problem(
+                span.clone(),
+                "destination.type",
+                "missing (use type = \"s3\")",
+            ),
         }
         let endpoint = match d.endpoint {
             Some(e) => match reqwest::Url::parse(e.get_ref()) {
@@ -644,29 +684,54 @@ impl Validator<'_> {
                     Some(u)
                 }
                 Ok(_) => {
-                    self.problem(e.span(), "destination.endpoint", "must be an http:// or https:// URL");
+                    self.problem(
+                        e.span(),
+                        "destination.endpoint",
+                        "must be an http:// or https:// URL",
+                    );
                     None
                 }
                 Err(err) => {
-                    self.problem(e.span(), "destination.endpoint", format!("not a URL: {err}"));
+                    self.problem(
+                        e.span(),
+                        "destination.endpoint",
+                        format!("not a URL: {err}"),
+                    );
                     None
                 }
             },
             None => {
-                self.problem(span.clone(), "destination.endpoint", "missing (e.g. \"https://s3.eu-central-1.amazonaws.com\")");
+                self.problem(
+                    span.clone(),
+                    "destination.endpoint",
+                    "missing (e.g. \"https://s3.eu-central-1.amazonaws.com\")",
+                );
                 None
             }
         };
         let region = match d.region {
-            Some(r) if !r.get_ref().is_empty() && r.get_ref().chars().all(|c| c.is_ascii_alphanumeric() || c == '-') => {
+            Some(r)
+                if !r.get_ref().is_empty()
+                    && r.get_ref()
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '-') =>
+            {
                 Some(r.into_inner())
             }
             Some(r) => {
-                self.problem(r.span(), "destination.region", format!("not a region name: {:?}", r.get_ref()));
+                self.problem(
+                    r.span(),
+                    "destination.region",
+                    format!("not a region name: {:?}", r.get_ref()),
+                );
                 None
             }
             None => {
-                self.problem(span.clone(), "destination.region", "missing (e.g. \"eu-central-1\")");
+                self.problem(
+                    span.clone(),
+                    "destination.region",
+                    "missing (e.g. \"eu-central-1\")",
+                );
                 None
             }
         };
@@ -686,10 +751,18 @@ impl Validator<'_> {
             None => String::new(),
             Some(p) => {
                 if p.get_ref().starts_with('/') {
-                    self.problem(p.span(), "destination.prefix", "must not start with '/' (keys are relative to the bucket)");
+                    self.problem(
+                        p.span(),
+                        "destination.prefix",
+                        "must not start with '/' (keys are relative to the bucket)",
+                    );
                 }
                 if p.get_ref().split('/').any(|c| c == ".." || c == ".") {
-                    self.problem(p.span(), "destination.prefix", "must not contain '.' or '..' segments");
+                    self.problem(
+                        p.span(),
+                        "destination.prefix",
+                        "must not contain '.' or '..' segments",
+                    );
                 }
                 if p.get_ref().len() > 512 {
                     self.problem(p.span(), "destination.prefix", "is longer than 512 bytes");
@@ -716,20 +789,32 @@ impl Validator<'_> {
         };
         if let Some(k) = &d.kms_key_id {
             if !matches!(sse, Some(Sse::Kms { .. })) {
-                self.problem(k.span(), "destination.kms_key_id", "only applies with sse = \"aws:kms\"");
+                self.problem(
+                    k.span(),
+                    "destination.kms_key_id",
+                    "only applies with sse = \"aws:kms\"",
+                );
             }
         }
         let credentials_file = d.credentials_file.map(|c| {
             let p = PathBuf::from(c.get_ref());
             if !p.is_absolute() {
-                self.problem(c.span(), "destination.credentials_file", "must be an absolute path");
+                self.problem(
+                    c.span(),
+                    "destination.credentials_file",
+                    "must be an absolute path",
+                );
             }
             p
         });
         let ca_file = d.ca_file.map(|c| {
             let p = PathBuf::from(c.get_ref());
             if let Err(e) = std::fs::metadata(&p) {
-                self.problem(c.span(), "destination.ca_file", format!("cannot read {}: {e}", p.display()));
+                self.problem(
+                    c.span(),
+                    "destination.ca_file",
+                    format!("cannot read {}: {e}", p.display()),
+                );
             }
             p
         });
@@ -758,18 +843,36 @@ impl Validator<'_> {
         Some(dest)
     }
 
-    fn int_in(&mut self, v: Option<Spanned<i64>>, key: &str, min: i64, max: i64, default: i64) -> i64 {
+    fn int_in(
+        &mut self,
+        v: Option<Spanned<i64>>,
+        key: &str,
+        min: i64,
+        max: i64,
+        default: i64,
+    ) -> i64 {
         match v {
             None => default,
             Some(v) if (min..=max).contains(v.get_ref()) => *v.get_ref(),
             Some(v) => {
-                self.problem(v.span(), key, format!("must be between {min} and {max}, got {}", v.get_ref()));
+                self.problem(
+                    v.span(),
+                    key,
+                    format!("must be between {min} and {max}, got {}", v.get_ref()),
+                );
                 default
             }
         }
     }
 
-    fn size(&mut self, v: Option<Spanned<toml::Value>>, key: &str, min: u64, max: u64, default: u64) -> u64 {
+    fn size(
+        &mut self,
+        v: Option<Spanned<toml::Value>>,
+        key: &str,
+        min: u64,
+        max: u64,
+        default: u64,
+    ) -> u64 {
         let Some(v) = v else { return default };
         let span = v.span();
         match parse_size(v.get_ref()) {
@@ -780,9 +883,9 @@ impl Validator<'_> {
                     key,
                     format!(
                         "must be between {} and {}, got {}",
-                        bytesize::ByteSize(min).display().iec(),
-                        bytesize::ByteSize(max).display().iec(),
-                        bytesize::ByteSize(n).display().iec()
+                        fmt_size(min),
+                        fmt_size(max),
+                        fmt_size(n)
                     ),
                 );
                 default
@@ -794,13 +897,23 @@ impl Validator<'_> {
         }
     }
 
-    fn duration(&mut self, v: Option<Spanned<toml::Value>>, key: &str, min: Duration, default: Duration) -> Duration {
+    fn duration(
+        &mut self,
+        v: Option<Spanned<toml::Value>>,
+        key: &str,
+        min: Duration,
+        default: Duration,
+    ) -> Duration {
         let Some(v) = v else { return default };
         let span = v.span();
         match parse_duration(v.get_ref()) {
             Ok(d) if d >= min => d,
             Ok(_) => {
-                self.problem(span, key, format!("must be at least {}", humantime::format_duration(min)));
+                self.problem(
+                    span,
+                    key,
+                    format!("must be at least {}", humantime::format_duration(min)),
+                );
                 default
             }
             Err(why) => {
@@ -817,7 +930,11 @@ impl Validator<'_> {
                 Ok(glob) => {
                     b.add(glob);
                 }
-                Err(e) => self.problem(g.span(), key, format!("bad glob {:?}: {}", g.get_ref(), e.kind())),
+                Err(e) => self.problem(
+                    g.span(),
+                    key,
+                    format!("bad glob {:?}: {}", g.get_ref(), e.kind()),
+                ),
             }
         }
         b.build().unwrap_or_else(|_| GlobSet::empty())
@@ -828,6 +945,17 @@ impl AgentConfig {
     fn journal_inside_any(&self, sources: &[SourceConfig]) -> bool {
         sources.iter().any(|s| self.journal.starts_with(&s.path))
     }
+}
+
+/// "5 MiB" for whole units, bytesize's rounding otherwise.
+pub fn fmt_size(n: u64) -> String {
+    const UNITS: [(u64, &str); 3] = [(1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")];
+    for (unit, name) in UNITS {
+        if n >= unit && n.is_multiple_of(unit) {
+            return format!("{} {name}", n / unit);
+        }
+    }
+    bytesize::ByteSize(n).display().iec().to_string()
 }
 
 /// Parses "8MiB", "16 MB", "1GiB" or a plain integer number of bytes.
@@ -866,9 +994,26 @@ pub fn check_bucket_name(b: &str) -> Result<(), String> {
     let first = b.chars().next().unwrap_or('-');
     let last = b.chars().last().unwrap_or('-');
     if !first.is_ascii_alphanumeric() || !last.is_ascii_alphanumeric() {
-        return Err(format!("bucket names start and end with a letter or digit, got {b:?}"));
+        return Err(format!(
+            "bucket names start and end with a letter or digit, got {b:?}"
+        ));
     }
     Ok(())
+}
+
+/// Just `agent.journal`, for `status`, which must work even when other parts of the config
+/// (a source directory, say) are currently broken.
+pub fn journal_path(file: &Path) -> Result<PathBuf, String> {
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| format!("{}: cannot read: {e}", file.display()))?;
+    let table: toml::Table =
+        toml::from_str(&text).map_err(|e| format!("{}: {}", file.display(), e.message()))?;
+    table
+        .get("agent")
+        .and_then(|a| a.get("journal"))
+        .and_then(|j| j.as_str())
+        .map(PathBuf::from)
+        .ok_or_else(|| format!("{}: agent.journal is not set", file.display()))
 }
 
 #[cfg(test)]
@@ -901,7 +1046,9 @@ path_style = true
     }
 
     fn problems(text: &str) -> Vec<ConfigProblem> {
-        Config::parse(Path::new("t.toml"), text).unwrap_err().problems
+        Config::parse(Path::new("t.toml"), text)
+            .unwrap_err()
+            .problems
     }
 
     #[test]
@@ -966,13 +1113,20 @@ path_style = true
         // [[source]] after [destination] is valid TOML; the second source overlaps the first.
         let p = problems(&text);
         assert!(p.iter().any(|p| p.key == "agent.journal"), "{p:?}");
-        assert!(p.iter().any(|p| p.key == "source.path" && p.message.contains("overlap")), "{p:?}");
+        assert!(
+            p.iter()
+                .any(|p| p.key == "source.path" && p.message.contains("overlap")),
+            "{p:?}"
+        );
     }
 
     #[test]
     fn sizes_and_durations() {
         assert_eq!(parse_size(&toml::Value::String("8MiB".into())), Ok(8 << 20));
-        assert_eq!(parse_size(&toml::Value::String("5 MiB".into())), Ok(5 << 20));
+        assert_eq!(
+            parse_size(&toml::Value::String("5 MiB".into())),
+            Ok(5 << 20)
+        );
         assert_eq!(parse_size(&toml::Value::Integer(1024)), Ok(1024));
         assert!(parse_size(&toml::Value::String("lots".into())).is_err());
         assert_eq!(
@@ -995,17 +1149,4 @@ path_style = true
         assert_eq!(line_col("a\nbc\n", 0), (1, 1));
         assert_eq!(line_col("a\nbc\n", 3), (2, 2));
     }
-}
-
-/// Just `agent.journal`, for `status`, which must work even when other parts of the config
-/// (a source directory, say) are currently broken.
-pub fn journal_path(file: &Path) -> Result<PathBuf, String> {
-    let text = std::fs::read_to_string(file).map_err(|e| format!("{}: cannot read: {e}", file.display()))?;
-    let table: toml::Table = toml::from_str(&text).map_err(|e| format!("{}: {}", file.display(), e.message()))?;
-    table
-        .get("agent")
-        .and_then(|a| a.get("journal"))
-        .and_then(|j| j.as_str())
-        .map(PathBuf::from)
-        .ok_or_else(|| format!("{}: agent.journal is not set", file.display()))
 }

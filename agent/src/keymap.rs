@@ -72,21 +72,42 @@ mod tests {
             object_key("fhir/", Path::new("2026/Patient.ndjson")).unwrap(),
             "fhir/2026/Patient.ndjson"
         );
-        assert_eq!(object_key("", Path::new("a b+c%d.ndjson")).unwrap(), "a b+c%d.ndjson");
-        assert_eq!(object_key("p/", Path::new("ümlaut/日本.dcm")).unwrap(), "p/ümlaut/日本.dcm");
+        assert_eq!(
+            object_key("", Path::new("a b+c%d.ndjson")).unwrap(),
+            "a b+c%d.ndjson"
+        );
+        assert_eq!(
+            object_key("p/", Path::new("ümlaut/日本.dcm")).unwrap(),
+            "p/ümlaut/日本.dcm"
+        );
     }
 
     #[test]
     fn hostile_paths_are_refused() {
-        assert_eq!(object_key("", Path::new("../etc/passwd")), Err(KeyError::DotSegment));
-        assert_eq!(object_key("", Path::new("a/../../b")), Err(KeyError::DotSegment));
-        assert_eq!(object_key("", Path::new("/etc/passwd")), Err(KeyError::Absolute));
-        assert_eq!(object_key("", Path::new("a\nb")), Err(KeyError::ControlChar));
+        assert_eq!(
+            object_key("", Path::new("../etc/passwd")),
+            Err(KeyError::DotSegment)
+        );
+        assert_eq!(
+            object_key("", Path::new("a/../../b")),
+            Err(KeyError::DotSegment)
+        );
+        assert_eq!(
+            object_key("", Path::new("/etc/passwd")),
+            Err(KeyError::Absolute)
+        );
+        assert_eq!(
+            object_key("", Path::new("a\nb")),
+            Err(KeyError::ControlChar)
+        );
         assert_eq!(object_key("", Path::new("")), Err(KeyError::Empty));
         let bad = Path::new(OsStr::from_bytes(b"caf\xe9.txt"));
         assert_eq!(object_key("", bad), Err(KeyError::NotUtf8));
         let long = "x".repeat(1025);
-        assert_eq!(object_key("", Path::new(&long)), Err(KeyError::TooLong(1025)));
+        assert_eq!(
+            object_key("", Path::new(&long)),
+            Err(KeyError::TooLong(1025))
+        );
     }
 
     #[test]

@@ -57,7 +57,8 @@ fn validate(file: &Path) -> ExitCode {
         return fail(EXIT_CONFIG, format!("{}: destination: {e}", file.display()));
     }
     if config.agent.journal.exists() {
-        let checked = journal::Journal::open_readonly(&config.agent.journal).and_then(|j| j.check_integrity());
+        let checked = journal::Journal::open_readonly(&config.agent.journal)
+            .and_then(|j| j.check_integrity());
         if let Err(e) = checked {
             return fail(EXIT_JOURNAL, e);
         }
@@ -111,7 +112,10 @@ fn run(file: &Path, once: bool) -> ExitCode {
         Err(code) => return code,
     };
     init_logging(config.agent.log_format, &config.agent.log_level);
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => return fail(EXIT_INCOMPLETE, format!("cannot start the runtime: {e}")),
     };

@@ -11,7 +11,11 @@ pub fn render_text(s: &Status) -> String {
         let _ = writeln!(out, "destination: {d}");
     }
     if let Some(t) = s.agent.get("started") {
-        let _ = writeln!(out, "last start: {t} (pid {})", s.agent.get("pid").map_or("?", |p| p.as_str()));
+        let _ = writeln!(
+            out,
+            "last start: {t} (pid {})",
+            s.agent.get("pid").map_or("?", |p| p.as_str())
+        );
     }
     let _ = writeln!(out, "objects:");
     for (state, n) in &s.objects {
@@ -46,7 +50,16 @@ pub fn render_text(s: &Status) -> String {
     } else {
         let _ = writeln!(out, "last errors (newest first):");
         for e in &s.last_errors {
-            let _ = writeln!(out, "  {} {}{}", e.at, e.key.as_deref().map(|k| format!("{k}: ")).unwrap_or_default(), e.message);
+            let _ = writeln!(
+                out,
+                "  {} {}{}",
+                e.at,
+                e.key
+                    .as_deref()
+                    .map(|k| format!("{k}: "))
+                    .unwrap_or_default(),
+                e.message
+            );
         }
     }
     out

@@ -37,7 +37,6 @@ impl State {
             State::Vanished => "vanished",
         }
     }
-
 }
 
 impl fmt::Display for State {
@@ -143,10 +142,19 @@ mod tests {
         for st in State::ALL {
             assert_eq!(offer_action(Some((st, A)), A), OfferAction::Nothing, "{st}");
         }
-        assert_eq!(offer_action(Some((State::Pending, A)), B), OfferAction::Refresh);
-        assert_eq!(offer_action(Some((State::Uploading, A)), B), OfferAction::Nothing);
+        assert_eq!(
+            offer_action(Some((State::Pending, A)), B),
+            OfferAction::Refresh
+        );
+        assert_eq!(
+            offer_action(Some((State::Uploading, A)), B),
+            OfferAction::Nothing
+        );
         assert_eq!(offer_action(Some((State::Done, A)), B), OfferAction::Insert);
-        assert_eq!(offer_action(Some((State::Rejected, A)), B), OfferAction::Insert);
+        assert_eq!(
+            offer_action(Some((State::Rejected, A)), B),
+            OfferAction::Insert
+        );
     }
 
     #[test]

@@ -186,7 +186,8 @@ impl Journal {
     }
 
     fn migrate(&self) -> Result<(), JournalError> {
-        let version: i64 = self.with(|c| c.pragma_query_value(None, "user_version", |r| r.get(0)))?;
+        let version: i64 =
+            self.with(|c| c.pragma_query_value(None, "user_version", |r| r.get(0)))?;
         if version > schema::CURRENT {
             return Err(JournalError::TooNew {
                 path: self.path.to_path_buf(),
@@ -274,7 +275,13 @@ impl Journal {
                         }
                         OfferAction::Refresh => {
                             let id = row.map(|(id, _, _)| id).unwrap_or_default();
-                            refresh.execute(params![id, fp.size as i64, fp.mtime_ns, fp.inode as i64, now])?;
+                            refresh.execute(params![
+                                id,
+                                fp.size as i64,
+                                fp.mtime_ns,
+                                fp.inode as i64,
+                                now
+                            ])?;
                             stats.refreshed += 1;
                         }
                         OfferAction::Nothing => {}
@@ -308,7 +315,10 @@ impl Journal {
                  ORDER BY id LIMIT ?3",
             )?;
             let rows = stmt
-                .query_map(params![not_before, after_id, (limit + skip.len()) as i64], row_to_object)?
+                .query_map(
+                    params![not_before, after_id, (limit + skip.len()) as i64],
+                    row_to_object,
+                )?
                 .filter(|r| r.as_ref().map_or(true, |o| !skip.contains(&o.id)))
                 .take(limit)
                 .collect::<rusqlite::Result<Vec<_>>>()?;
@@ -372,7 +382,13 @@ impl Journal {
             c.execute(
                 "INSERT OR REPLACE INTO parts (object_id, part_number, size, sha256_b64, etag)
                  VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![id, part.number, part.size as i64, part.sha256_b64, part.etag],
+                params![
+                    id,
+                    part.number,
+                    part.size as i64,
+                    part.sha256_b64,
+                    part.etag
+                ],
             )
             .map(drop)
         })
@@ -520,10 +536,15 @@ impl Journal {
 
     /// Records an error that is not tied to one object (e.g. destination refused).
     pub async fn note_error(&self, message: String) -> Result<(), JournalError> {
-        self.call(move |c| insert_error(c, now_ms(), None, &message)).await
+        self.call(move |c| insert_error(c, now_ms(), None, &message))
+            .await
     }
 
-    pub async fn set_agent_state(&self, name: &'static str, value: String) -> Result<(), JournalError> {
+    pub async fn set_agent_state(
+        &self,
+        name: &'static str,
+        value: String,
+    ) -> Result<(), JournalError> {
         self.call(move |c| {
             c.execute(
                 "INSERT INTO agent_state (name, value) VALUES (?1, ?2)
@@ -565,7 +586,9 @@ impl Journal {
             )?;
             let mut agent = BTreeMap::new();
             let mut stmt = c.prepare("SELECT name, value FROM agent_state ORDER BY name")?;
-            for row in stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))? {
+            for row in
+                stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?
+            {
                 let (k, v) = row?;
                 agent.insert(k, v);
             }
@@ -655,9 +678,15 @@ mod tests {
     async fn offer_is_idempotent_and_versions_changes() {
         let dir = tempfile::tempdir().unwrap();
         let j = Journal::open(&dir.path().join("j.db")).unwrap();
-        let s = j.offer("s".into(), vec![cand("a", 1), cand("b", 2)]).await.unwrap();
+        let s = j
+            .offer("s".into(), vec![cand("a", 1), cand("b", 2)])
+            .await
+            .unwrap();
         assert_eq!(s.inserted, 2);
-        let s = j.offer("s".into(), vec![cand("a", 1), cand("b", 2)]).await.unwrap();
+        let s = j
+            .offer("s".into(), vec![cand("a", 1), cand("b", 2)])
+            .await
+            .unwrap();
         assert_eq!(s, OfferStats::default());
         // A pending file that changes is refreshed in place...
         let s = j.offer("s".into(), vec![cand("a", 5)]).await.unwrap();
@@ -682,13 +711,25 @@ mod tests {
             let j = Journal::open(&path).unwrap();
             j.offer("s".into(), vec![cand("a", 1)]).await.unwrap();
             let id = j.runnable(1, 0, true, vec![]).await.unwrap()[0].id;
-            let stale = Fingerprint { size: 9, mtime_ns: 1, inode: 1 };
+            let stale = Fingerprint {
+                size: 9,
+                mtime_ns: 1,
+                inode: 1,
+            };
             assert!(!j.set_hashed(id, stale, [1; 32]).await.unwrap());
-            assert!(j.set_hashed(id, cand("a", 1).fingerprint, [1; 32]).await.unwrap());
+            assert!(j
+                .set_hashed(id, cand("a", 1).fingerprint, [1; 32])
+                .await
+                .unwrap());
             j.begin_multipart(id, "up-1".into(), 5 << 20).await.unwrap();
             j.record_part(
                 id,
-                PartRow { number: 1, size: 5 << 20, sha256_b64: "x".into(), etag: "\"e\"".into() },
+                PartRow {
+                    number: 1,
+                    size: 5 << 20,
+                    sha256_b64: "x".into(),
+                    etag: "\"e\"".into(),
+                },
             )
             .await
             .unwrap();
@@ -709,13 +750,29 @@ mod tests {
     async fn backoff_and_cursor_filter_runnable() {
         let dir = tempfile::tempdir().unwrap();
         let j = Journal::open(&dir.path().join("j.db")).unwrap();
-        j.offer("s".into(), vec![cand("a", 1), cand("b", 1)]).await.unwrap();
+        j.offer("s".into(), vec![cand("a", 1), cand("b", 1)])
+            .await
+            .unwrap();
         let rows = j.runnable(10, 0, true, vec![]).await.unwrap();
-        j.retry_later(rows[0].id, 60_000, true, "later".into()).await.unwrap();
+        j.retry_later(rows[0].id, 60_000, true, "later".into())
+            .await
+            .unwrap();
         assert_eq!(j.runnable(10, 0, true, vec![]).await.unwrap().len(), 1);
         assert_eq!(j.runnable(10, 0, false, vec![]).await.unwrap().len(), 2);
-        assert_eq!(j.runnable(10, rows[0].id, false, vec![]).await.unwrap().len(), 1);
-        assert_eq!(j.runnable(10, 0, false, vec![rows[1].id]).await.unwrap().len(), 1);
+        assert_eq!(
+            j.runnable(10, rows[0].id, false, vec![])
+                .await
+                .unwrap()
+                .len(),
+            1
+        );
+        assert_eq!(
+            j.runnable(10, 0, false, vec![rows[1].id])
+                .await
+                .unwrap()
+                .len(),
+            1
+        );
         assert!(j.next_wakeup_ms().await.unwrap().is_some());
         assert_eq!(j.status().unwrap().last_errors[0].message, "later");
     }

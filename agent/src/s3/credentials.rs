@@ -27,7 +27,10 @@ impl fmt::Debug for Credentials {
         f.debug_struct("Credentials")
             .field("access_key_id", &self.access_key_id)
             .field("secret_access_key", &"<redacted>")
-            .field("session_token", &self.session_token.as_ref().map(|_| "<redacted>"))
+            .field(
+                "session_token",
+                &self.session_token.as_ref().map(|_| "<redacted>"),
+            )
             .field("origin", &self.origin)
             .finish()
     }
@@ -97,17 +100,26 @@ pub fn resolve_with(
         return from_shared_file(&file, &profile);
     }
     let non_empty = |k: &str| env(k).filter(|v| !v.is_empty());
-    match (non_empty("AWS_ACCESS_KEY_ID"), non_empty("AWS_SECRET_ACCESS_KEY")) {
+    match (
+        non_empty("AWS_ACCESS_KEY_ID"),
+        non_empty("AWS_SECRET_ACCESS_KEY"),
+    ) {
         (Some(ak), Some(sk)) => {
             let mut c = Credentials::new(&ak, &sk, non_empty("AWS_SESSION_TOKEN").as_deref());
             c.origin = "environment".into();
             return Ok(c);
         }
         (Some(_), None) => {
-            return Err(CredentialsError::HalfSet("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"))
+            return Err(CredentialsError::HalfSet(
+                "AWS_ACCESS_KEY_ID",
+                "AWS_SECRET_ACCESS_KEY",
+            ))
         }
         (None, Some(_)) => {
-            return Err(CredentialsError::HalfSet("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID"))
+            return Err(CredentialsError::HalfSet(
+                "AWS_SECRET_ACCESS_KEY",
+                "AWS_ACCESS_KEY_ID",
+            ))
         }
         (None, None) => {}
     }
@@ -179,7 +191,8 @@ fn ini_section(text: &str, section: &str) -> Vec<(String, String)> {
         }
         if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
             let name = name.trim();
-            inside = name == section || name.strip_prefix("profile ").map(str::trim) == Some(section);
+            inside =
+                name == section || name.strip_prefix("profile ").map(str::trim) == Some(section);
             continue;
         }
         if inside {
@@ -211,18 +224,26 @@ mod tests {
     }
 
     fn env_of(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
-        let m: HashMap<String, String> =
-            pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let m: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         move |k: &str| m.get(k).cloned()
     }
 
     #[test]
     fn environment_first() {
-        let c = resolve_with(&dest(), &env_of(&[("AWS_ACCESS_KEY_ID", "AK"), ("AWS_SECRET_ACCESS_KEY", "SK")]))
-            .unwrap();
+        let c = resolve_with(
+            &dest(),
+            &env_of(&[("AWS_ACCESS_KEY_ID", "AK"), ("AWS_SECRET_ACCESS_KEY", "SK")]),
+        )
+        .unwrap();
         assert_eq!(c.access_key_id(), "AK");
         assert_eq!(c.origin, "environment");
-        assert!(!format!("{c:?}").contains("SK\""), "secret must not be in Debug output");
+        assert!(
+            !format!("{c:?}").contains("SK\""),
+            "secret must not be in Debug output"
+        );
     }
 
     #[test]
@@ -258,11 +279,21 @@ mod tests {
         let mut d = dest();
         d.credentials_file = Some(f.clone());
         d.profile = Some("edge".into());
-        let c = resolve_with(&d, &env_of(&[("AWS_ACCESS_KEY_ID", "ignored"), ("AWS_SECRET_ACCESS_KEY", "x")])).unwrap();
+        let c = resolve_with(
+            &d,
+            &env_of(&[
+                ("AWS_ACCESS_KEY_ID", "ignored"),
+                ("AWS_SECRET_ACCESS_KEY", "x"),
+            ]),
+        )
+        .unwrap();
         assert_eq!(c.access_key_id(), "E");
         assert_eq!(c.session_token.as_deref(), Some("T"));
         d.profile = Some("nope".into());
-        assert!(matches!(resolve_with(&d, &env_of(&[])), Err(CredentialsError::NoProfile { .. })));
+        assert!(matches!(
+            resolve_with(&d, &env_of(&[])),
+            Err(CredentialsError::NoProfile { .. })
+        ));
         let f = f.to_str().unwrap().to_string();
         let c = resolve_with(&dest(), &env_of(&[("AWS_SHARED_CREDENTIALS_FILE", &f)])).unwrap();
         assert_eq!(c.access_key_id(), "D");
@@ -270,6 +301,9 @@ mod tests {
 
     #[test]
     fn nothing_found() {
-        assert!(matches!(resolve_with(&dest(), &env_of(&[])), Err(CredentialsError::NotFound)));
+        assert!(matches!(
+            resolve_with(&dest(), &env_of(&[])),
+            Err(CredentialsError::NotFound)
+        ));
     }
 }

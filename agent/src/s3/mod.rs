@@ -34,18 +34,23 @@ const QUERY_SET: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'.')
     .remove(b'~');
 
+/// An error answer from the server.
+#[derive(Debug, thiserror::Error)]
+#[error("{op} s3://{bucket}/{key}: HTTP {status} {code}: {message}")]
+pub struct ServiceError {
+    pub op: &'static str,
+    pub bucket: String,
+    pub key: String,
+    pub status: u16,
+    pub code: String,
+    pub message: String,
+    pub retry_after: Option<Duration>,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum S3Error {
-    #[error("{op} s3://{bucket}/{key}: HTTP {status} {code}: {message}")]
-    Service {
-        op: &'static str,
-        bucket: String,
-        key: String,
-        status: u16,
-        code: String,
-        message: String,
-        retry_after: Option<Duration>,
-    },
+    #[error(transparent)]
+    Service(Box<ServiceError>),
     #[error("{op} s3://{bucket}/{key}: {detail}")]
     Transport {
         op: &'static str,
@@ -67,9 +72,9 @@ pub enum S3Error {
 impl S3Error {
     pub fn class(&self) -> Class {
         match self {
-            S3Error::Service { status, code, .. } => classify(Failure::Status {
-                status: *status,
-                code,
+            S3Error::Service(e) => classify(Failure::Status {
+                status: e.status,
+                code: &e.code,
             }),
             S3Error::Transport { .. } | S3Error::Protocol { .. } => classify(Failure::Transport),
             S3Error::Setup(_) => Class::Destination,
@@ -78,17 +83,24 @@ impl S3Error {
 
     pub fn code(&self) -> Option<&str> {
         match self {
-            S3Error::Service { code, .. } => Some(code),
+            S3Error::Service(e) => Some(&e.code),
+            _ => None,
+        }
+    }
+
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            S3Error::Service(e) => Some(e.status),
             _ => None,
         }
     }
 
     /// A sentence for the operator on destination-level errors: what is wrong and what to check.
     pub fn advice(&self) -> Option<&'static str> {
-        let S3Error::Service { status, code, .. } = self else {
+        let S3Error::Service(e) = self else {
             return None;
         };
-        Some(match (status, code.as_str()) {
+        Some(match (e.status, e.code.as_str()) {
             (403, "SignatureDoesNotMatch") => "the secret key does not match the access key ID: check the credentials",
             (403, "InvalidAccessKeyId") => "the server does not know this access key ID: check the credentials",
             (403, "ExpiredToken" | "InvalidToken") => "the session token is expired or invalid: renew the credentials",
@@ -169,9 +181,21 @@ impl S3Client {
         let ep = &self.dest.endpoint;
         let key_enc = utf8_percent_encode(key, KEY_SET).to_string();
         let mut s = if self.dest.path_style {
-            format!("{}://{}/{}/{}", ep.scheme(), authority(ep), self.dest.bucket, key_enc)
+            format!(
+                "{}://{}/{}/{}",
+                ep.scheme(),
+                authority(ep),
+                self.dest.bucket,
+                key_enc
+            )
         } else {
-            format!("{}://{}.{}/{}", ep.scheme(), self.dest.bucket, authority(ep), key_enc)
+            format!(
+                "{}://{}.{}/{}",
+                ep.scheme(),
+                self.dest.bucket,
+                authority(ep),
+                key_enc
+            )
         };
         for (i, (k, v)) in query.iter().enumerate() {
             s.push(if i == 0 { '?' } else { '&' });
@@ -198,7 +222,12 @@ impl S3Client {
     }
 
     /// Single PUT of a whole object whose SHA-256 is `sha256`.
-    pub async fn put_object(&self, key: &str, body: Bytes, sha256: &[u8; 32]) -> Result<(), S3Error> {
+    pub async fn put_object(
+        &self,
+        key: &str,
+        body: Bytes,
+        sha256: &[u8; 32],
+    ) -> Result<(), S3Error> {
         let mut headers = vec![
             ("x-amz-checksum-sha256", b64(sha256)),
             ("x-amz-meta-sha256", hex::encode(sha256)),
@@ -232,7 +261,8 @@ impl S3Client {
         };
         let resp = self.execute("CreateMultipartUpload", key, req).await?;
         let body = String::from_utf8_lossy(&resp.body);
-        xml::parse_upload_id(&body).ok_or_else(|| self.protocol("CreateMultipartUpload", key, "no UploadId"))
+        xml::parse_upload_id(&body)
+            .ok_or_else(|| self.protocol("CreateMultipartUpload", key, "no UploadId"))
     }
 
     /// Sends one part; returns its ETag.
@@ -311,7 +341,7 @@ impl S3Client {
         let resp = self.execute("CompleteMultipartUpload", key, req).await?;
         // S3 may answer 200 and still fail, with an <Error> document in the body.
         if let Some(e) = xml::parse_error(&String::from_utf8_lossy(&resp.body)) {
-            return Err(S3Error::Service {
+            return Err(S3Error::Service(Box::new(ServiceError {
                 op: "CompleteMultipartUpload",
                 bucket: self.dest.bucket.clone(),
                 key: key.to_string(),
@@ -319,7 +349,7 @@ impl S3Client {
                 code: e.code,
                 message: e.message,
                 retry_after: None,
-            });
+            })));
         }
         Ok(())
     }
@@ -358,15 +388,10 @@ impl S3Client {
         };
         match self.execute("HeadBucket", "", req).await {
             Ok(_) => Ok(()),
-            Err(S3Error::Service { op, bucket, key, status: 404, message, retry_after, .. }) => Err(S3Error::Service {
-                op,
-                bucket,
-                key,
-                status: 404,
-                code: "NoSuchBucket".into(),
-                message,
-                retry_after,
-            }),
+            Err(S3Error::Service(mut e)) if e.status == 404 => {
+                e.code = "NoSuchBucket".into();
+                Err(S3Error::Service(e))
+            }
             Err(e) => Err(e),
         }
     }
@@ -382,7 +407,9 @@ impl S3Client {
         };
         let resp = match self.execute("HeadObject", key, req).await {
             Ok(r) => r,
-            Err(S3Error::Service { status: 404, code, .. }) if code != "NoSuchBucket" => return Ok(None),
+            Err(e) if e.status() == Some(404) && e.code() != Some("NoSuchBucket") => {
+                return Ok(None)
+            }
             Err(e) => return Err(e),
         };
         let header = |n: &str| {
@@ -411,7 +438,12 @@ impl S3Client {
     }
 
     /// Signs and sends `req`, retrying transient failures with jittered backoff.
-    async fn execute(&self, op: &'static str, key: &str, req: Request) -> Result<Response, S3Error> {
+    async fn execute(
+        &self,
+        op: &'static str,
+        key: &str,
+        req: Request,
+    ) -> Result<Response, S3Error> {
         let mut delay = Backoff::REQUEST.base;
         let mut attempt = 0;
         loop {
@@ -424,15 +456,22 @@ impl S3Client {
             }
             attempt += 1;
             delay = Backoff::REQUEST.next(delay, fastrand::f64());
-            if let S3Error::Service { retry_after: Some(ra), .. } = &err {
-                delay = delay.max(*ra).min(Duration::from_secs(120));
+            if let S3Error::Service(e) = &err {
+                if let Some(ra) = e.retry_after {
+                    delay = delay.max(ra).min(Duration::from_secs(120));
+                }
             }
             tracing::debug!(op, key, attempt, delay_ms = delay.as_millis() as u64, error = %err, "retrying request");
             tokio::time::sleep(delay).await;
         }
     }
 
-    async fn send_once(&self, op: &'static str, key: &str, req: &Request) -> Result<Response, S3Error> {
+    async fn send_once(
+        &self,
+        op: &'static str,
+        key: &str,
+        req: &Request,
+    ) -> Result<Response, S3Error> {
         let transport = |detail: String| S3Error::Transport {
             op,
             bucket: self.dest.bucket.clone(),
@@ -487,7 +526,7 @@ impl S3Client {
             .and_then(|v| v.to_str().ok())
             .and_then(|s| s.trim().parse::<u64>().ok())
             .map(Duration::from_secs);
-        Err(S3Error::Service {
+        Err(S3Error::Service(Box::new(ServiceError {
             op,
             bucket: self.dest.bucket.clone(),
             key: key.to_string(),
@@ -495,7 +534,7 @@ impl S3Client {
             code,
             message,
             retry_after,
-        })
+        })))
     }
 }
 
@@ -561,7 +600,13 @@ mod tests {
 
     fn client(path_style: bool) -> Arc<S3Client> {
         let dest = S3Destination {
-            endpoint: if path_style { "http://127.0.0.1:9000" } else { "http://s3.local:9000" }.parse().unwrap(),
+            endpoint: if path_style {
+                "http://127.0.0.1:9000"
+            } else {
+                "http://s3.local:9000"
+            }
+            .parse()
+            .unwrap(),
             region: "eu-central-1".into(),
             bucket: "bkt".into(),
             prefix: String::new(),
@@ -571,7 +616,14 @@ mod tests {
             credentials_file: None,
             ca_file: None,
         };
-        S3Client::new(&dest, Credentials::new("a", "b", None), 0, Duration::from_secs(1), 1).unwrap()
+        S3Client::new(
+            &dest,
+            Credentials::new("a", "b", None),
+            0,
+            Duration::from_secs(1),
+            1,
+        )
+        .unwrap()
     }
 
     #[test]
@@ -582,16 +634,23 @@ mod tests {
             "http://127.0.0.1:9000/bkt/fhir/a%20b%2Bc%25.ndjson"
         );
         assert_eq!(
-            c.url("k", &[("partNumber", "3"), ("uploadId", "a+b/c=")]).as_str(),
+            c.url("k", &[("partNumber", "3"), ("uploadId", "a+b/c=")])
+                .as_str(),
             "http://127.0.0.1:9000/bkt/k?partNumber=3&uploadId=a%2Bb%2Fc%3D"
         );
-        assert_eq!(c.url("k", &[("uploads", "")]).as_str(), "http://127.0.0.1:9000/bkt/k?uploads");
-        assert_eq!(client(false).url("k", &[]).as_str(), "http://bkt.s3.local:9000/k");
+        assert_eq!(
+            c.url("k", &[("uploads", "")]).as_str(),
+            "http://127.0.0.1:9000/bkt/k?uploads"
+        );
+        assert_eq!(
+            client(false).url("k", &[]).as_str(),
+            "http://bkt.s3.local:9000/k"
+        );
     }
 
     #[test]
     fn destination_errors_carry_advice() {
-        let e = S3Error::Service {
+        let e = S3Error::Service(Box::new(ServiceError {
             op: "PutObject",
             bucket: "b".into(),
             key: "k".into(),
@@ -599,7 +658,7 @@ mod tests {
             code: "SignatureDoesNotMatch".into(),
             message: String::new(),
             retry_after: None,
-        };
+        }));
         assert_eq!(e.class(), Class::Destination);
         assert!(e.advice().unwrap().contains("secret key"));
     }

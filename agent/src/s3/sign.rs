@@ -4,8 +4,8 @@
 use std::time::SystemTime;
 
 use aws_sigv4::http_request::{
-    sign, PayloadChecksumKind, PercentEncodingMode, SignableBody, SignableRequest,
-    SigningSettings, UriPathNormalizationMode,
+    sign, PayloadChecksumKind, PercentEncodingMode, SignableBody, SignableRequest, SigningSettings,
+    UriPathNormalizationMode,
 };
 use aws_sigv4::sign::v4;
 
@@ -79,7 +79,10 @@ mod tests {
             "us-east-1",
             "GET",
             "https://examplebucket.s3.amazonaws.com/test.txt",
-            &[("host", "examplebucket.s3.amazonaws.com"), ("range", "bytes=0-9")],
+            &[
+                ("host", "examplebucket.s3.amazonaws.com"),
+                ("range", "bytes=0-9"),
+            ],
             EMPTY_SHA256,
             t,
         )
@@ -91,17 +94,35 @@ mod tests {
              SignedHeaders=host;range;x-amz-content-sha256;x-amz-date, \
              Signature=f0e8bdb87c964420e857bd35b5d6ed310bd44f0170aba48dd91039c6036bdb41"
         );
-        assert!(h.iter().any(|(k, v)| k == "x-amz-date" && v == "20130524T000000Z"));
+        assert!(h
+            .iter()
+            .any(|(k, v)| k == "x-amz-date" && v == "20130524T000000Z"));
     }
 
     #[test]
     fn key_with_spaces_is_signed_as_encoded_once() {
         let creds = Credentials::new("AK", "SK", None);
         let t = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
-        let a = signing_headers(&creds, "eu-central-1", "PUT", "http://h/b/a%20b", &[], EMPTY_SHA256, t)
-            .unwrap();
-        let b = signing_headers(&creds, "eu-central-1", "PUT", "http://h/b/a%2520b", &[], EMPTY_SHA256, t)
-            .unwrap();
+        let a = signing_headers(
+            &creds,
+            "eu-central-1",
+            "PUT",
+            "http://h/b/a%20b",
+            &[],
+            EMPTY_SHA256,
+            t,
+        )
+        .unwrap();
+        let b = signing_headers(
+            &creds,
+            "eu-central-1",
+            "PUT",
+            "http://h/b/a%2520b",
+            &[],
+            EMPTY_SHA256,
+            t,
+        )
+        .unwrap();
         assert_ne!(a, b, "double encoding would make these equal");
         let auth = &a.iter().find(|(k, _)| k == "authorization").unwrap().1;
         assert!(auth.contains("/eu-central-1/s3/aws4_request"), "{auth}");

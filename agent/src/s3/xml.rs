@@ -83,7 +83,8 @@ fn escape(s: &str) -> String {
 
 /// The CompleteMultipartUpload body: (part number, ETag, base64 SHA-256) in part order.
 pub fn complete_body<'a>(parts: impl IntoIterator<Item = (u32, &'a str, &'a str)>) -> String {
-    let mut s = String::from("<CompleteMultipartUpload xmlns=\"http://s3.amazonaws.com/doc/2006-03-01/\">");
+    let mut s =
+        String::from("<CompleteMultipartUpload xmlns=\"http://s3.amazonaws.com/doc/2006-03-01/\">");
     for (n, etag, sha) in parts {
         s.push_str(&format!(
             "<Part><PartNumber>{n}</PartNumber><ETag>{}</ETag><ChecksumSHA256>{}</ChecksumSHA256></Part>",

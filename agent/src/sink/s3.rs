@@ -76,7 +76,8 @@ impl S3Sink {
         params: UploadParams,
         parts_in_flight: usize,
     ) -> S3Sink {
-        let budget_bytes = (parts_in_flight as u64 * params.part_size).max(params.multipart_threshold);
+        let budget_bytes =
+            (parts_in_flight as u64 * params.part_size).max(params.multipart_threshold);
         let budget_kib = (budget_bytes / PERMIT).min(u32::MAX as u64) as u32;
         S3Sink {
             client,
@@ -92,14 +93,40 @@ impl S3Sink {
     }
 
     /// Delivers one object (state pending, uploading or completing) and verifies it.
-    pub async fn deliver(&self, row: &ObjectRow, root: &Path, stop: watch::Receiver<bool>) -> Outcome {
+    pub async fn deliver(
+        &self,
+        row: &ObjectRow,
+        root: &Path,
+        stop: watch::Receiver<bool>,
+    ) -> Outcome {
         let path = root.join(&row.rel_path);
         let result = match row.state {
-            State::Pending => self.fresh(row, root, &path, stop).await,
-            State::Uploading | State::Completing => self.resume(row, root, &path, stop).await,
-            other => {
-                return Outcome::Rejected(format!("object {} in state {other} cannot be uploaded", row.key))
+            State::Pending => self.fresh(row, root, &path, stop.clone()).await,
+            State::Uploading | State::Completing => {
+                self.resume(row, root, &path, stop.clone()).await
             }
+            other => {
+                return Outcome::Rejected(format!(
+                    "object {} in state {other} cannot be uploaded",
+                    row.key
+                ))
+            }
+        };
+        // The upload vanished mid-way (aborted by a lifecycle rule, or a server that lost it):
+        // start this object over, once per attempt.
+        let result = match result {
+            Err(Stop::S3(e)) if e.code() == Some("NoSuchUpload") => {
+                tracing::warn!(key = %row.key, "multipart upload no longer exists on the server; starting this object over");
+                match self
+                    .journal
+                    .reset(row.id, None, "upload vanished from the server".into())
+                    .await
+                {
+                    Ok(()) => self.fresh(&self.reset_row(row), root, &path, stop).await,
+                    Err(j) => Err(j.into()),
+                }
+            }
+            other => other,
         };
         match result {
             Ok(()) => Outcome::Delivered,
@@ -139,7 +166,9 @@ impl S3Sink {
         };
         let real = match std::fs::canonicalize(path) {
             Ok(p) => p,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(Stop::Vanished(path.to_path_buf())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Stop::Vanished(path.to_path_buf()))
+            }
             Err(e) => return Err(io(e)),
         };
         let real_root = std::fs::canonicalize(root).map_err(io)?;
@@ -148,7 +177,9 @@ impl S3Sink {
         }
         let file = match File::open(&real) {
             Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(Stop::Vanished(path.to_path_buf())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Stop::Vanished(path.to_path_buf()))
+            }
             Err(e) => return Err(io(e)),
         };
         let fp = Fingerprint::of(&file.metadata().map_err(io)?);
@@ -186,7 +217,13 @@ impl S3Sink {
             .expect("the budget semaphore is never closed")
     }
 
-    async fn fresh(&self, row: &ObjectRow, root: &Path, path: &Path, stop: watch::Receiver<bool>) -> Result<(), Stop> {
+    async fn fresh(
+        &self,
+        row: &ObjectRow,
+        root: &Path,
+        path: &Path,
+        stop: watch::Receiver<bool>,
+    ) -> Result<(), Stop> {
         let fp = row.fingerprint;
         let (root2, path2) = (root.to_path_buf(), path.to_path_buf());
         let file = Self::blocking(move || Self::open_pinned(&root2, &path2, fp)).await?;
@@ -201,7 +238,11 @@ impl S3Sink {
             let mut off = 0u64;
             while off < fp.size {
                 let n = (fp.size - off).min(HASH_CHUNK as u64) as usize;
-                f2.read_exact_at(&mut buf[..n], off).map_err(|source| Stop::Io { path: p2.clone(), source })?;
+                f2.read_exact_at(&mut buf[..n], off)
+                    .map_err(|source| Stop::Io {
+                        path: p2.clone(),
+                        source,
+                    })?;
                 h.update(&buf[..n]);
                 off += n as u64;
             }
@@ -214,10 +255,21 @@ impl S3Sink {
         }
         let part_size = part_size_for(fp.size, self.params.part_size);
         let upload_id = self.client.create_multipart(&row.key, &sha).await?;
-        self.journal.begin_multipart(row.id, upload_id.clone(), part_size).await?;
+        self.journal
+            .begin_multipart(row.id, upload_id.clone(), part_size)
+            .await?;
         tracing::debug!(key = %row.key, %upload_id, part_size, "multipart upload started");
-        self.upload_parts(row, file, path, &upload_id, part_size, &sha, Vec::new(), stop)
-            .await
+        self.upload_parts(
+            row,
+            file,
+            path,
+            &upload_id,
+            part_size,
+            &sha,
+            Vec::new(),
+            stop,
+        )
+        .await
     }
 
     async fn single_put(&self, row: &ObjectRow, file: Arc<File>, path: &Path) -> Result<(), Stop> {
@@ -226,7 +278,10 @@ impl S3Sink {
         let p2 = path.to_path_buf();
         let (body, sha) = Self::blocking(move || {
             let mut buf = vec![0u8; fp.size as usize];
-            file.read_exact_at(&mut buf, 0).map_err(|source| Stop::Io { path: p2.clone(), source })?;
+            file.read_exact_at(&mut buf, 0).map_err(|source| Stop::Io {
+                path: p2.clone(),
+                source,
+            })?;
             Self::check_pinned(&file, &p2, fp)?;
             let sha = <[u8; 32]>::from(Sha256::digest(&buf));
             Ok((Bytes::from(buf), sha))
@@ -240,9 +295,19 @@ impl S3Sink {
     }
 
     /// Continues an upload found in the journal after a restart or a retry.
-    async fn resume(&self, row: &ObjectRow, root: &Path, path: &Path, stop: watch::Receiver<bool>) -> Result<(), Stop> {
-        let (Some(upload_id), Some(sha), Some(part_size)) = (&row.upload_id, row.sha256, row.part_size) else {
-            self.journal.reset(row.id, None, "incomplete journal row; starting over".into()).await?;
+    async fn resume(
+        &self,
+        row: &ObjectRow,
+        root: &Path,
+        path: &Path,
+        stop: watch::Receiver<bool>,
+    ) -> Result<(), Stop> {
+        let (Some(upload_id), Some(sha), Some(part_size)) =
+            (&row.upload_id, row.sha256, row.part_size)
+        else {
+            self.journal
+                .reset(row.id, None, "incomplete journal row; starting over".into())
+                .await?;
             return Box::pin(self.fresh(&self.reset_row(row), root, path, stop)).await;
         };
         let fp = row.fingerprint;
@@ -264,7 +329,9 @@ impl S3Sink {
                     return Ok(());
                 }
                 tracing::warn!(key = %row.key, "multipart upload no longer exists on the server; starting this object over");
-                self.journal.reset(row.id, None, "upload vanished from the server".into()).await?;
+                self.journal
+                    .reset(row.id, None, "upload vanished from the server".into())
+                    .await?;
                 return Box::pin(self.fresh(&self.reset_row(row), root, path, stop)).await;
             }
             Err(e) => return Err(e.into()),
@@ -281,6 +348,16 @@ impl S3Sink {
             } else {
                 drop.push(p.number);
             }
+        }
+        if keep.is_empty() && !drop.is_empty() {
+            // The server holds none of the parts we recorded: the upload is gone or useless
+            // (some servers list a lost upload as empty instead of answering NoSuchUpload).
+            tracing::warn!(key = %row.key, "multipart upload holds none of the recorded parts; starting this object over");
+            let _ = self.client.abort_multipart(&row.key, upload_id).await;
+            self.journal
+                .reset(row.id, None, "upload lost its parts on the server".into())
+                .await?;
+            return Box::pin(self.fresh(&self.reset_row(row), root, path, stop)).await;
         }
         if !drop.is_empty() {
             tracing::warn!(key = %row.key, parts = ?drop, "parts recorded in the journal are missing on the server; sending them again");
@@ -322,7 +399,9 @@ impl S3Sink {
                 parts[i] = Some(p);
             }
         }
-        let missing: Vec<u32> = (1..=count).filter(|n| parts[(*n - 1) as usize].is_none()).collect();
+        let missing: Vec<u32> = (1..=count)
+            .filter(|n| parts[(*n - 1) as usize].is_none())
+            .collect();
         let mut tasks: JoinSet<Result<PartRow, Stop>> = JoinSet::new();
         let mut first_err: Option<Stop> = None;
         let mut next = missing.into_iter();
@@ -343,7 +422,12 @@ impl S3Sink {
                         }
                     };
                     let (client, journal) = (self.client.clone(), self.journal.clone());
-                    let (file, path, key, upload_id) = (file.clone(), path.to_path_buf(), row.key.clone(), upload_id.to_string());
+                    let (file, path, key, upload_id) = (
+                        file.clone(),
+                        path.to_path_buf(),
+                        row.key.clone(),
+                        upload_id.to_string(),
+                    );
                     let (fp, id) = (row.fingerprint, row.id);
                     tasks.spawn(async move {
                         let _permit = permit;
@@ -351,13 +435,24 @@ impl S3Sink {
                         let (body, part_sha) = Self::blocking(move || {
                             Self::check_pinned(&file, &p2, fp)?;
                             let mut buf = vec![0u8; len as usize];
-                            file.read_exact_at(&mut buf, off).map_err(|source| Stop::Io { path: p2.clone(), source })?;
+                            file.read_exact_at(&mut buf, off)
+                                .map_err(|source| Stop::Io {
+                                    path: p2.clone(),
+                                    source,
+                                })?;
                             let sha = <[u8; 32]>::from(Sha256::digest(&buf));
                             Ok((Bytes::from(buf), sha))
                         })
                         .await?;
-                        let etag = client.upload_part(&key, &upload_id, n, body, &part_sha).await?;
-                        let part = PartRow { number: n, size: len, sha256_b64: b64(&part_sha), etag };
+                        let etag = client
+                            .upload_part(&key, &upload_id, n, body, &part_sha)
+                            .await?;
+                        let part = PartRow {
+                            number: n,
+                            size: len,
+                            sha256_b64: b64(&part_sha),
+                            etag,
+                        };
                         journal.record_part(id, part.clone()).await?;
                         Ok(part)
                     });
@@ -386,7 +481,11 @@ impl S3Sink {
             .iter()
             .map(|p| (p.number, p.etag.clone(), p.sha256_b64.clone()))
             .collect();
-        match self.client.complete_multipart(&row.key, upload_id, &list).await {
+        match self
+            .client
+            .complete_multipart(&row.key, upload_id, &list)
+            .await
+        {
             Ok(()) => {}
             // A retried completion whose first attempt went through answers NoSuchUpload.
             Err(e) if e.code() == Some("NoSuchUpload") => {}
@@ -421,7 +520,13 @@ impl S3Sink {
 
     /// HEAD the object: the size must match, the SHA-256 in its metadata must be ours, and a
     /// checksum the server reports must be the one for our bytes.
-    async fn verify(&self, key: &str, size: u64, sha: &[u8; 32], parts: Option<&[PartRow]>) -> Result<(), Stop> {
+    async fn verify(
+        &self,
+        key: &str,
+        size: u64,
+        sha: &[u8; 32],
+        parts: Option<&[PartRow]>,
+    ) -> Result<(), Stop> {
         let fail = |detail: String| Stop::Verify {
             bucket: self.client.bucket().to_string(),
             key: key.to_string(),
@@ -433,7 +538,10 @@ impl S3Sink {
             .await?
             .ok_or_else(|| fail("the object is not there after the upload".into()))?;
         if head.size != size {
-            return Err(fail(format!("size {} on the server, {size} here", head.size)));
+            return Err(fail(format!(
+                "size {} on the server, {size} here",
+                head.size
+            )));
         }
         let ours = hex::encode(sha);
         match &head.meta_sha256 {
@@ -446,7 +554,9 @@ impl S3Sink {
             let composite = parts.map(composite_checksum);
             let ok = *cs == full || composite.as_deref() == Some(cs.as_str());
             if !ok {
-                return Err(fail(format!("x-amz-checksum-sha256 is {cs}, expected {full} or {composite:?}")));
+                return Err(fail(format!(
+                    "x-amz-checksum-sha256 is {cs}, expected {full} or {composite:?}"
+                )));
             }
         }
         Ok(())
@@ -457,7 +567,9 @@ impl S3Sink {
 pub fn part_size_for(size: u64, configured: u64) -> u64 {
     let min_needed = size.div_ceil(MAX_PARTS);
     let mib = 1024 * 1024;
-    configured.max(min_needed.div_ceil(mib) * mib).min(MAX_PART_SIZE)
+    configured
+        .max(min_needed.div_ceil(mib) * mib)
+        .min(MAX_PART_SIZE)
 }
 
 /// S3's checksum of a multipart object: SHA-256 over the parts' SHA-256s, then "-N".
@@ -490,12 +602,25 @@ mod tests {
         let p1 = Sha256::digest(b"a");
         let p2 = Sha256::digest(b"b");
         let parts = vec![
-            PartRow { number: 1, size: 1, sha256_b64: b64(&p1), etag: String::new() },
-            PartRow { number: 2, size: 1, sha256_b64: b64(&p2), etag: String::new() },
+            PartRow {
+                number: 1,
+                size: 1,
+                sha256_b64: b64(&p1),
+                etag: String::new(),
+            },
+            PartRow {
+                number: 2,
+                size: 1,
+                sha256_b64: b64(&p2),
+                etag: String::new(),
+            },
         ];
         let mut h = Sha256::new();
         h.update(p1);
         h.update(p2);
-        assert_eq!(composite_checksum(&parts), format!("{}-2", b64(&h.finalize())));
+        assert_eq!(
+            composite_checksum(&parts),
+            format!("{}-2", b64(&h.finalize()))
+        );
     }
 }

@@ -68,7 +68,13 @@ pub fn settle(
 }
 
 /// When a tracked file should be looked at again.
-fn due(t: &Tracked, mtime: SystemTime, now: SystemTime, now_mono: Instant, settle: Duration) -> Instant {
+fn due(
+    t: &Tracked,
+    mtime: SystemTime,
+    now: SystemTime,
+    now_mono: Instant,
+    settle: Duration,
+) -> Instant {
     let by_clock = t.since + settle;
     let by_mtime = match now.duration_since(mtime) {
         Ok(age) => now_mono + settle.saturating_sub(age),
@@ -101,13 +107,19 @@ pub fn scan(cfg: &SourceConfig, root_real: &Path, start: &Path) -> ScanResult {
             Ok(e) => e,
             Err(e) => {
                 if e.io_error().map(|io| io.kind()) != Some(std::io::ErrorKind::NotFound) {
-                    let rel = e.path().and_then(|p| p.strip_prefix(root).ok()).unwrap_or(Path::new(""));
-                    out.refused.push((rel.to_path_buf(), format!("cannot read: {e}")));
+                    let rel = e
+                        .path()
+                        .and_then(|p| p.strip_prefix(root).ok())
+                        .unwrap_or(Path::new(""));
+                    out.refused
+                        .push((rel.to_path_buf(), format!("cannot read: {e}")));
                 }
                 continue;
             }
         };
-        let Ok(rel) = entry.path().strip_prefix(root) else { continue };
+        let Ok(rel) = entry.path().strip_prefix(root) else {
+            continue;
+        };
         if rel.as_os_str().is_empty() {
             continue;
         }
@@ -124,16 +136,23 @@ pub fn scan(cfg: &SourceConfig, root_real: &Path, start: &Path) -> ScanResult {
                     Ok(m) if m.is_file() => m,
                     Ok(_) => continue, // a link to a directory inside the root: its files are found there
                     Err(e) => {
-                        out.refused.push((rel.to_path_buf(), format!("cannot read symlink target: {e}")));
+                        out.refused.push((
+                            rel.to_path_buf(),
+                            format!("cannot read symlink target: {e}"),
+                        ));
                         continue;
                     }
                 },
                 Ok(_) => {
-                    out.refused.push((rel.to_path_buf(), "symlink points outside the source root".into()));
+                    out.refused.push((
+                        rel.to_path_buf(),
+                        "symlink points outside the source root".into(),
+                    ));
                     continue;
                 }
                 Err(e) => {
-                    out.refused.push((rel.to_path_buf(), format!("broken or looping symlink: {e}")));
+                    out.refused
+                        .push((rel.to_path_buf(), format!("broken or looping symlink: {e}")));
                     continue;
                 }
             }
@@ -143,7 +162,10 @@ pub fn scan(cfg: &SourceConfig, root_real: &Path, start: &Path) -> ScanResult {
                 Err(_) => continue, // vanished between readdir and stat
             }
         } else {
-            out.refused.push((rel.to_path_buf(), "not a regular file (FIFO, socket or device)".into()));
+            out.refused.push((
+                rel.to_path_buf(),
+                "not a regular file (FIFO, socket or device)".into(),
+            ));
             continue;
         };
         let mtime = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
@@ -196,14 +218,21 @@ impl FsSource {
     }
 
     /// Runs until `stop` turns true.
-    pub async fn run(mut self, mut stop: watch::Receiver<bool>) -> Result<SourceReport, JournalError> {
+    pub async fn run(
+        mut self,
+        mut stop: watch::Receiver<bool>,
+    ) -> Result<SourceReport, JournalError> {
         let (tx, mut rx) = mpsc::channel::<PathBuf>(4096);
         let overflow = Arc::new(AtomicBool::new(false));
         let watcher = self.watch(tx, overflow.clone());
         let name = self.cfg.name.clone();
         match &watcher {
-            Some(_) => tracing::info!(source = %name, path = %self.cfg.path.display(), rescan = %humantime::format_duration(self.cfg.rescan_interval), "watching with inotify events and periodic rescans"),
-            None => tracing::warn!(source = %name, path = %self.cfg.path.display(), rescan = %humantime::format_duration(self.cfg.rescan_interval), "inotify unavailable; discovering by periodic rescans only"),
+            Some(_) => {
+                tracing::info!(source = %name, path = %self.cfg.path.display(), rescan = %humantime::format_duration(self.cfg.rescan_interval), "watching with inotify events and periodic rescans")
+            }
+            None => {
+                tracing::warn!(source = %name, path = %self.cfg.path.display(), rescan = %humantime::format_duration(self.cfg.rescan_interval), "inotify unavailable; discovering by periodic rescans only")
+            }
         }
         let mut total = self.scan_once().await?;
         let mut next_rescan = Instant::now() + self.cfg.rescan_interval;
@@ -254,7 +283,11 @@ impl FsSource {
         Ok(total)
     }
 
-    fn watch(&self, tx: mpsc::Sender<PathBuf>, overflow: Arc<AtomicBool>) -> Option<notify::RecommendedWatcher> {
+    fn watch(
+        &self,
+        tx: mpsc::Sender<PathBuf>,
+        overflow: Arc<AtomicBool>,
+    ) -> Option<notify::RecommendedWatcher> {
         use notify::{EventKind, RecursiveMode, Watcher};
         let handler = move |res: notify::Result<notify::Event>| match res {
             Ok(ev) => {
@@ -279,7 +312,11 @@ impl FsSource {
 
     /// Scans `start`, applies the settle rule and offers settled files to the journal.
     async fn pass(&mut self, start: &Path, full: bool) -> Result<SourceReport, JournalError> {
-        let (cfg, root_real, start_owned) = (self.cfg.clone(), self.root_real.clone(), start.to_path_buf());
+        let (cfg, root_real, start_owned) = (
+            self.cfg.clone(),
+            self.root_real.clone(),
+            start.to_path_buf(),
+        );
         let result = tokio::task::spawn_blocking(move || scan(&cfg, &root_real, &start_owned))
             .await
             .map_err(|_| JournalError::Panicked)?;
@@ -370,7 +407,12 @@ pub enum AfterResult {
 }
 
 /// Applies `after_upload` to a delivered file, only if it is still the version delivered.
-pub fn after_upload(root: &Path, rel: &Path, action: &AfterUpload, fp: Fingerprint) -> std::io::Result<AfterResult> {
+pub fn after_upload(
+    root: &Path,
+    rel: &Path,
+    action: &AfterUpload,
+    fp: Fingerprint,
+) -> std::io::Result<AfterResult> {
     let path = root.join(rel);
     if matches!(action, AfterUpload::Keep) {
         return Ok(AfterResult::Kept);
@@ -415,13 +457,24 @@ pub fn after_upload(root: &Path, rel: &Path, action: &AfterUpload, fp: Fingerpri
 mod tests {
     use super::*;
 
-    const FP: Fingerprint = Fingerprint { size: 1, mtime_ns: 1, inode: 1 };
+    const FP: Fingerprint = Fingerprint {
+        size: 1,
+        mtime_ns: 1,
+        inode: 1,
+    };
     const S: Duration = Duration::from_secs(30);
 
     #[test]
     fn old_mtime_is_settled_at_first_sight() {
         let now = SystemTime::now();
-        let (ready, _) = settle(None, FP, now - Duration::from_secs(31), now, Instant::now(), S);
+        let (ready, _) = settle(
+            None,
+            FP,
+            now - Duration::from_secs(31),
+            now,
+            Instant::now(),
+            S,
+        );
         assert!(ready);
     }
 
@@ -431,15 +484,36 @@ mod tests {
         let t0 = Instant::now();
         let (ready, t) = settle(None, FP, now, now, t0, S);
         assert!(!ready);
-        let (ready, t) = settle(Some(&t), FP, now, now + Duration::from_secs(10), t0 + Duration::from_secs(10), S);
+        let (ready, t) = settle(
+            Some(&t),
+            FP,
+            now,
+            now + Duration::from_secs(10),
+            t0 + Duration::from_secs(10),
+            S,
+        );
         assert!(!ready);
         assert_eq!(t.since, t0);
         // A change restarts the clock.
         let grown = Fingerprint { size: 2, ..FP };
-        let (ready, t2) = settle(Some(&t), grown, now, now + Duration::from_secs(29), t0 + Duration::from_secs(29), S);
+        let (ready, t2) = settle(
+            Some(&t),
+            grown,
+            now,
+            now + Duration::from_secs(29),
+            t0 + Duration::from_secs(29),
+            S,
+        );
         assert!(!ready);
         assert_eq!(t2.since, t0 + Duration::from_secs(29));
-        let (ready, _) = settle(Some(&t2), grown, now, now + Duration::from_secs(60), t0 + Duration::from_secs(60), S);
+        let (ready, _) = settle(
+            Some(&t2),
+            grown,
+            now,
+            now + Duration::from_secs(60),
+            t0 + Duration::from_secs(60),
+            S,
+        );
         assert!(ready);
     }
 
