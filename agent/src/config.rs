@@ -1121,6 +1121,17 @@ path_style = true
     }
 
     #[test]
+    fn documented_example_is_valid() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = include_str!("../../examples/ha-edge.toml")
+            .replace("/srv/exports/fhir", &dir.path().display().to_string());
+        let c = Config::parse(Path::new("examples/ha-edge.toml"), &text).unwrap();
+        assert_eq!(c.destination.sse, Some(Sse::Aes256));
+        assert_eq!(c.sources[0].after_upload, AfterUpload::Keep);
+        assert_eq!(c.agent.multipart_threshold, 16 << 20);
+    }
+
+    #[test]
     fn sizes_and_durations() {
         assert_eq!(parse_size(&toml::Value::String("8MiB".into())), Ok(8 << 20));
         assert_eq!(

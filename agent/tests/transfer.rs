@@ -107,6 +107,16 @@ fn settle_waits_for_a_file_still_being_written() {
         sha256(&s3.object("settle", "fhir/growing.ndjson").unwrap()),
         sha256(&written)
     );
+    // `status` reads the journal while the daemon holds it.
+    let cfg = setup.config_path().display().to_string();
+    let out = output_within(
+        setup.command(bin(), &["status", "-c", &cfg, "--json"]),
+        Duration::from_secs(30),
+    );
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["objects"]["done"], 1, "{v}");
+    assert_eq!(v["agent"]["pid"], daemon.id().to_string(), "{v}");
     sigterm(&daemon);
     let st = wait_within(&mut daemon, Duration::from_secs(20));
     assert!(st.success(), "SIGTERM must exit 0, got {st:?}");

@@ -327,16 +327,19 @@ impl Journal {
         .await
     }
 
-    /// Milliseconds until the earliest backed-off object becomes runnable, if any.
+    /// Milliseconds until the earliest backed-off object becomes runnable, if any. Objects
+    /// runnable already are not counted: they are dispatched as soon as a slot frees.
     pub async fn next_wakeup_ms(&self) -> Result<Option<i64>, JournalError> {
         self.call(|c| {
+            let now = now_ms();
             c.query_row(
                 "SELECT MIN(next_attempt_ms) FROM objects
-                 WHERE state IN ('pending', 'uploading', 'completing', 'delivered')",
-                [],
+                 WHERE state IN ('pending', 'uploading', 'completing', 'delivered')
+                   AND next_attempt_ms > ?1",
+                [now],
                 |r| r.get::<_, Option<i64>>(0),
             )
-            .map(|m| m.map(|t| (t - now_ms()).max(0)))
+            .map(|m| m.map(|t| (t - now).max(0)))
         })
         .await
     }
