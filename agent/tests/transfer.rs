@@ -374,3 +374,38 @@ fn status_reports_the_journal_as_text_and_json() {
     assert!(text.contains("done        2"), "{text}");
     assert!(text.contains("last errors: none"), "{text}");
 }
+
+#[test]
+fn daemon_events_never_follow_symlinks_or_enter_excluded_directories() {
+    let s3 = S3Server::start();
+    s3.create_bucket("events");
+    let setup = Setup::new("events");
+    let outside = setup.dir.path().join("outside");
+    write_settled(&outside.join("secret.ndjson"), b"must stay on premises");
+    setup.write_config(
+        &s3.endpoint(),
+        "",
+        "exclude = [\"**/.*\"]\nsettle = \"0s\"\nrescan_interval = \"1s\"",
+    );
+    let mut daemon = setup.spawn_daemon(bin());
+    std::thread::sleep(Duration::from_millis(500));
+    // Created while the daemon watches: each produces inotify events for paths below the root.
+    std::os::unix::fs::symlink(&outside, setup.src().join("linked-dir")).unwrap();
+    std::fs::create_dir(setup.src().join(".cache")).unwrap();
+    std::thread::sleep(Duration::from_millis(500)); // the watch on .cache is in place
+    write_settled(
+        &setup.src().join(".cache/inner.ndjson"),
+        b"excluded by its directory",
+    );
+    write_settled(&setup.src().join("real.ndjson"), b"ok");
+    assert!(wait_until(Duration::from_secs(15), || s3
+        .object("events", "fhir/real.ndjson")
+        .is_some()));
+    // Give events and two rescans time to do anything wrong.
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(s3.keys("events"), vec!["fhir/real.ndjson"]);
+    // Not even offered: nothing behind the link or in the excluded directory reached the journal.
+    assert_eq!(setup.journal_counts(), vec![("done".to_string(), 1)]);
+    sigterm(&daemon);
+    assert!(wait_within(&mut daemon, Duration::from_secs(20)).success());
+}

@@ -146,6 +146,13 @@ impl S3Sink {
             }
             Stop::Changed(_) => Outcome::Changed(e.to_string()),
             Stop::Escaped(_) => Outcome::Rejected(e.to_string()),
+            // No permission will not fix itself by retrying; other I/O errors (EIO, ESTALE on
+            // NFS) may.
+            Stop::Io { ref source, .. }
+                if source.kind() == std::io::ErrorKind::PermissionDenied =>
+            {
+                Outcome::Rejected(e.to_string())
+            }
             Stop::Io { .. } => Outcome::Retry(e.to_string()),
             Stop::Journal(j) => Outcome::Fatal(j),
             Stop::Verify { .. } => Outcome::Retry(e.to_string()),

@@ -94,8 +94,31 @@ pub struct ScanResult {
 pub fn scan(cfg: &SourceConfig, root_real: &Path, start: &Path) -> ScanResult {
     let mut out = ScanResult::default();
     let root = &cfg.path;
+    // A pass below the root (after an event) must not enter what a full scan would skip: a
+    // directory that is excluded, or reached through a symlink.
+    if start != root {
+        let Ok(rel) = start.strip_prefix(root) else {
+            return out;
+        };
+        let mut dir = root.clone();
+        let comps: Vec<_> = rel.components().collect();
+        for (i, c) in comps.iter().enumerate() {
+            dir.push(c);
+            let is_last = i + 1 == comps.len();
+            let meta = match std::fs::symlink_metadata(&dir) {
+                Ok(m) => m,
+                Err(_) => return out,
+            };
+            if !is_last
+                && (meta.file_type().is_symlink() || cfg.exclude.is_match(rel_of(root, &dir)))
+            {
+                return out;
+            }
+        }
+    }
     let walker = walkdir::WalkDir::new(start)
         .follow_links(false)
+        .follow_root_links(start == root)
         .into_iter()
         .filter_entry(|e| {
             // Skip excluded directories without entering them.
@@ -176,6 +199,10 @@ pub fn scan(cfg: &SourceConfig, root_real: &Path, start: &Path) -> ScanResult {
         });
     }
     out
+}
+
+fn rel_of<'a>(root: &Path, p: &'a Path) -> &'a Path {
+    p.strip_prefix(root).unwrap_or(p)
 }
 
 /// Counts of one discovery pass, for `--once` summaries and logs.
