@@ -1,8 +1,18 @@
 #!/usr/bin/env bash
 # The test suite: unit tests plus end-to-end tests of the real ha-edge binary against a real
-# S3-compatible server (s3s-fs) on 127.0.0.1, installed here if missing.
+# S3-compatible server (s3s-fs) on 127.0.0.1, installed here if missing. Extra arguments go to
+# `cargo test` (e.g. a test name filter).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-s3s-fs.sh
 export HA_EDGE_S3S_FS="${HA_EDGE_S3S_FS:-${S3S_FS_ROOT:-/opt/s3s-fs}/bin/s3s-fs}"
-exec cargo test --workspace --locked "$@"
+log="$(mktemp)"
+trap 'rm -f "$log"' EXIT
+set +e
+cargo test --workspace --locked "$@" 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+set -e
+# One closing line for the whole run (cargo prints one per test binary).
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+     END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
+exit "$status"

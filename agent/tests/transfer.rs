@@ -409,3 +409,37 @@ fn daemon_events_never_follow_symlinks_or_enter_excluded_directories() {
     sigterm(&daemon);
     assert!(wait_within(&mut daemon, Duration::from_secs(20)).success());
 }
+
+#[test]
+fn network_cut_is_retried_with_backoff_and_bounded() {
+    use std::sync::atomic::Ordering;
+    let s3 = S3Server::start();
+    s3.create_bucket("cut");
+    let proxy = Proxy::start(s3.port);
+    let setup = Setup::new("cut");
+    write_settled(&setup.src().join("a.ndjson"), &data(5, 50_000));
+    setup.write_config(&proxy.endpoint(), "max_retries = 8", "");
+    proxy.down.store(true, Ordering::Relaxed);
+    let cfg = setup.config_path().display().to_string();
+    let child = setup
+        .command(bin(), &["run", "-c", &cfg, "--once"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1000));
+    let refused_while_down = proxy.refused.load(Ordering::Relaxed);
+    proxy.down.store(false, Ordering::Relaxed);
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert_eq!(s3.object("cut", "fhir/a.ndjson").unwrap(), data(5, 50_000));
+    // Backoff, not a hammer: a handful of attempts in that second, bounded by max_retries.
+    assert!(
+        refused_while_down >= 1,
+        "the agent never tried during the outage"
+    );
+    assert!(
+        refused_while_down <= 9,
+        "{refused_while_down} attempts in 1 s"
+    );
+}

@@ -178,6 +178,8 @@ pub struct Proxy {
     pub requests: Arc<Mutex<Vec<SeenRequest>>>,
     pub delay_ms: Arc<AtomicU64>,
     pub down: Arc<AtomicBool>,
+    /// Connections accepted and closed at once because the proxy was down.
+    pub refused: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
 }
 
@@ -189,11 +191,13 @@ impl Proxy {
         let delay_ms = Arc::new(AtomicU64::new(0));
         let down = Arc::new(AtomicBool::new(false));
         let stop = Arc::new(AtomicBool::new(false));
-        let (rq, dl, dn, st) = (
+        let refused = Arc::new(AtomicU64::new(0));
+        let (rq, dl, dn, st, rf) = (
             requests.clone(),
             delay_ms.clone(),
             down.clone(),
             stop.clone(),
+            refused.clone(),
         );
         listener.set_nonblocking(true).expect("nonblocking");
         thread::spawn(move || {
@@ -202,6 +206,7 @@ impl Proxy {
                     Ok((client, _)) => {
                         let _ = client.set_nonblocking(false);
                         if dn.load(Ordering::Relaxed) {
+                            rf.fetch_add(1, Ordering::Relaxed);
                             let _ = client.shutdown(Shutdown::Both);
                             continue;
                         }
@@ -225,6 +230,7 @@ impl Proxy {
             requests,
             delay_ms,
             down,
+            refused,
             stop,
         }
     }
