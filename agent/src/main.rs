@@ -31,6 +31,7 @@ const EXIT_DESTINATION: u8 = 3;
 const EXIT_JOURNAL: u8 = 4;
 
 fn main() -> ExitCode {
+    tune_allocator();
     let cli = Cli::parse();
     match cli.command {
         Command::Validate { config } => validate(&config),
@@ -38,6 +39,23 @@ fn main() -> ExitCode {
         Command::Run { config, once } => run(&config, once),
     }
 }
+
+/// glibc raises its mmap threshold after the first large buffer is freed; from then on freed
+/// part buffers stay in per-thread arenas, and peak RSS reached about 2.5 times the part budget
+/// (82 MiB for a 32 MiB budget on a 1 GiB upload). A fixed threshold keeps part-sized buffers
+/// in their own mappings, returned to the system when a part is done (42 MiB on the same run).
+/// musl's allocator does this already.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[allow(unsafe_code)]
+fn tune_allocator() {
+    // SAFETY: mallopt only changes allocator parameters; it runs before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn tune_allocator() {}
 
 fn fail(code: u8, msg: impl std::fmt::Display) -> ExitCode {
     eprintln!("ha-edge: {msg}");
