@@ -117,14 +117,8 @@ impl S3Sink {
         let result = match result {
             Err(Stop::S3(e)) if e.code() == Some("NoSuchUpload") => {
                 tracing::warn!(key = %row.key, "multipart upload no longer exists on the server; starting this object over");
-                match self
-                    .journal
-                    .reset(row.id, None, "upload vanished from the server".into())
+                self.start_over(row, root, &path, stop, "upload vanished from the server")
                     .await
-                {
-                    Ok(()) => self.fresh(&self.reset_row(row), root, &path, stop).await,
-                    Err(j) => Err(j.into()),
-                }
             }
             other => other,
         };
@@ -312,10 +306,15 @@ impl S3Sink {
         let (Some(upload_id), Some(sha), Some(part_size)) =
             (&row.upload_id, row.sha256, row.part_size)
         else {
-            self.journal
-                .reset(row.id, None, "incomplete journal row; starting over".into())
-                .await?;
-            return Box::pin(self.fresh(&self.reset_row(row), root, path, stop)).await;
+            return self
+                .start_over(
+                    row,
+                    root,
+                    path,
+                    stop,
+                    "incomplete journal row; starting over",
+                )
+                .await;
         };
         let fp = row.fingerprint;
         let (root2, path2) = (root.to_path_buf(), path.to_path_buf());
@@ -336,10 +335,9 @@ impl S3Sink {
                     return Ok(());
                 }
                 tracing::warn!(key = %row.key, "multipart upload no longer exists on the server; starting this object over");
-                self.journal
-                    .reset(row.id, None, "upload vanished from the server".into())
-                    .await?;
-                return Box::pin(self.fresh(&self.reset_row(row), root, path, stop)).await;
+                return self
+                    .start_over(row, root, path, stop, "upload vanished from the server")
+                    .await;
             }
             Err(e) => return Err(e.into()),
         };
@@ -361,10 +359,9 @@ impl S3Sink {
             // (some servers list a lost upload as empty instead of answering NoSuchUpload).
             tracing::warn!(key = %row.key, "multipart upload holds none of the recorded parts; starting this object over");
             let _ = self.client.abort_multipart(&row.key, upload_id).await;
-            self.journal
-                .reset(row.id, None, "upload lost its parts on the server".into())
-                .await?;
-            return Box::pin(self.fresh(&self.reset_row(row), root, path, stop)).await;
+            return self
+                .start_over(row, root, path, stop, "upload lost its parts on the server")
+                .await;
         }
         if !drop.is_empty() {
             tracing::warn!(key = %row.key, parts = ?drop, "parts recorded in the journal are missing on the server; sending them again");
@@ -375,14 +372,24 @@ impl S3Sink {
             .await
     }
 
-    fn reset_row(&self, row: &ObjectRow) -> ObjectRow {
-        ObjectRow {
+    /// Forgets the object's upload in the journal and sends it again from the start.
+    async fn start_over(
+        &self,
+        row: &ObjectRow,
+        root: &Path,
+        path: &Path,
+        stop: watch::Receiver<bool>,
+        why: &str,
+    ) -> Result<(), Stop> {
+        self.journal.reset(row.id, None, why.to_string()).await?;
+        let fresh_row = ObjectRow {
             state: State::Pending,
             sha256: None,
             upload_id: None,
             part_size: None,
             ..row.clone()
-        }
+        };
+        Box::pin(self.fresh(&fresh_row, root, path, stop)).await
     }
 
     #[allow(clippy::too_many_arguments)]
