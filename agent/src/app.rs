@@ -10,7 +10,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{watch, Notify};
+use std::path::Path;
+
+use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
@@ -18,9 +20,11 @@ use crate::config::{AfterUpload, Config, SourceConfig};
 use crate::journal::{Journal, JournalError, ObjectRow, State};
 use crate::retry::{Backoff, Class};
 use crate::s3::{credentials, S3Client, S3Error};
+use crate::shutdown::Request;
 use crate::sink::s3::{S3Sink, UploadParams};
 use crate::sink::Outcome;
 use crate::source::fs::{after_upload, AfterResult, FsSource, SourceReport};
+use crate::systemd;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -72,6 +76,54 @@ struct Scheduler {
     paused_until: Option<Instant>,
     probe_round: u32,
     refused_code: Option<String>,
+}
+
+/// Runs until stopped, restarting with a new config on SIGHUP when that config is valid.
+pub async fn serve(
+    file: &Path,
+    mut config: Config,
+    opts: RunOptions,
+    mut requests: mpsc::UnboundedReceiver<Request>,
+) -> Result<Summary, AppError> {
+    loop {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let mut next_config = None;
+        let running = run(config.clone(), opts, stop_rx);
+        tokio::pin!(running);
+        let result = loop {
+            tokio::select! {
+                res = &mut running => break res,
+                Some(req) = requests.recv() => match req {
+                    Request::Stop => {
+                        systemd::stopping();
+                        next_config = None;
+                        let _ = stop_tx.send(true);
+                    }
+                    Request::Reload if opts.once => {
+                        tracing::info!("SIGHUP ignored in --once mode");
+                    }
+                    Request::Reload => match Config::load(file) {
+                        Ok(new) => {
+                            tracing::info!(config = %file.display(), "config re-read and valid: restarting with it after parts in flight finish");
+                            systemd::reloading();
+                            next_config = Some(new);
+                            let _ = stop_tx.send(true);
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "reload refused: the config file is not valid; keeping the running config");
+                        }
+                    },
+                },
+            }
+        };
+        match next_config.take() {
+            Some(new) => {
+                result?;
+                config = new;
+            }
+            None => return result,
+        }
+    }
 }
 
 pub async fn run(
@@ -152,6 +204,9 @@ pub async fn run(
         refused_code: None,
     };
     sched.preflight().await?;
+    systemd::ready();
+    systemd::status("running");
+    let mut watchdog = systemd::watchdog_interval().map(tokio::time::interval);
     let concurrency = config.agent.concurrency;
     let (obj_stop_tx, obj_stop_rx) = watch::channel(false);
     let mut inflight: JoinSet<(ObjectRow, Outcome, Duration)> = JoinSet::new();
@@ -242,6 +297,17 @@ pub async fn run(
                 if let Ok(Err(e)) = res {
                     return Err(e.into());
                 }
+            }
+            _ = async { watchdog.as_mut().expect("guarded").tick().await }, if watchdog.is_some() => {
+                // Fed from the scheduler loop itself: if the loop stalls, systemd restarts us.
+                systemd::watchdog();
+                let s = &sched.summary;
+                systemd::status(&format!(
+                    "{} delivered since start, {} in flight, destination {}",
+                    s.delivered,
+                    inflight.len(),
+                    if sched.refused_code.is_some() { "refusing" } else { "ok" }
+                ));
             }
             _ = wake.notified(), if !draining => {}
             _ = tokio::time::sleep(poll), if !draining => {}

@@ -15,6 +15,7 @@ mod shutdown;
 mod sink;
 mod source;
 mod status;
+mod systemd;
 
 use std::io::IsTerminal;
 use std::path::Path;
@@ -138,9 +139,9 @@ fn run(file: &Path, once: bool) -> ExitCode {
         Err(e) => return fail(EXIT_INCOMPLETE, format!("cannot start the runtime: {e}")),
     };
     let result = rt.block_on(async {
-        let shutdown = shutdown::install().map_err(|e| (EXIT_INCOMPLETE, format!("cannot install signal handlers: {e}")))?;
+        let requests = shutdown::install().map_err(|e| (EXIT_INCOMPLETE, format!("cannot install signal handlers: {e}")))?;
         tracing::info!(version = env!("CARGO_PKG_VERSION"), config = %file.display(), once, "ha-edge starting");
-        app::run(config, app::RunOptions { once }, shutdown).await.map_err(|e| {
+        app::serve(file, config, app::RunOptions { once }, requests).await.map_err(|e| {
             let code = match e {
                 app::AppError::Journal(_) => EXIT_JOURNAL,
                 app::AppError::Credentials(_) | app::AppError::Setup(_) => EXIT_CONFIG,

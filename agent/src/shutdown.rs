@@ -1,28 +1,45 @@
-//! Signals become one shutdown path: the first SIGTERM or SIGINT asks for a graceful stop (stop
-//! discovery, let parts in flight finish within `shutdown_grace`, exit 0); a second one exits at
-//! once. Either way the journal already holds everything needed to resume.
+//! Signals become requests. SIGTERM or SIGINT asks for a graceful stop (stop discovery, let parts
+//! in flight finish within `shutdown_grace`, exit 0); a second one exits at once. SIGHUP asks to
+//! re-read the config. Either way the journal already holds everything needed to resume.
 
 use tokio::signal::unix::{signal, SignalKind};
-use tokio::sync::watch;
+use tokio::sync::mpsc;
 
-/// Returns a receiver that turns true on the first SIGTERM/SIGINT.
-pub fn install() -> std::io::Result<watch::Receiver<bool>> {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Request {
+    Stop,
+    Reload,
+}
+
+pub fn install() -> std::io::Result<mpsc::UnboundedReceiver<Request>> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    let (tx, rx) = watch::channel(false);
+    let mut hup = signal(SignalKind::hangup())?;
+    let (tx, rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
+        let mut stops = 0;
+        loop {
+            let req = tokio::select! {
+                _ = term.recv() => Request::Stop,
+                _ = int.recv() => Request::Stop,
+                _ = hup.recv() => Request::Reload,
+            };
+            if req == Request::Stop {
+                stops += 1;
+                if stops > 1 {
+                    tracing::warn!(
+                        "second stop signal: exiting now; the journal resumes unfinished work"
+                    );
+                    std::process::exit(130);
+                }
+                tracing::info!(
+                    "stop signal received: stopping gracefully (send it again to stop at once)"
+                );
+            }
+            if tx.send(req).is_err() {
+                return;
+            }
         }
-        tracing::info!("signal received: stopping gracefully (send it again to stop at once)");
-        let _ = tx.send(true);
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-        }
-        tracing::warn!("second signal: exiting now; the journal resumes unfinished work");
-        std::process::exit(130);
     });
     Ok(rx)
 }

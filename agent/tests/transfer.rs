@@ -443,3 +443,56 @@ fn network_cut_is_retried_with_backoff_and_bounded() {
         "{refused_while_down} attempts in 1 s"
     );
 }
+
+#[test]
+fn sighup_applies_a_valid_config_and_keeps_the_old_one_otherwise() {
+    let s3 = S3Server::start();
+    s3.create_bucket("reload");
+    let setup = Setup::new("reload");
+    let cfg = setup.write_config(
+        &s3.endpoint(),
+        "",
+        "settle = \"0s\"\nrescan_interval = \"1s\"",
+    );
+    let good = std::fs::read_to_string(&cfg).unwrap();
+    let mut daemon = setup.spawn_daemon(bin());
+    let arrives = |key: &str| {
+        wait_until(Duration::from_secs(15), || {
+            s3.object("reload", key).is_some()
+        })
+    };
+
+    write_settled(&setup.src().join("a.ndjson"), b"a");
+    assert!(arrives("fhir/a.ndjson"));
+
+    // An invalid config is refused; the running one stays in force.
+    std::fs::write(
+        &cfg,
+        good.replace("[agent]", "[agent]\npart_size = \"1MiB\""),
+    )
+    .unwrap();
+    send_signal(&daemon, "HUP");
+    std::thread::sleep(Duration::from_millis(300));
+    write_settled(&setup.src().join("b.ndjson"), b"b");
+    assert!(arrives("fhir/b.ndjson"), "the old config must keep running");
+
+    // A valid one takes effect.
+    std::fs::write(&cfg, good.replace("prefix = \"fhir/\"", "prefix = \"v2/\"")).unwrap();
+    send_signal(&daemon, "HUP");
+    std::thread::sleep(Duration::from_millis(300));
+    write_settled(&setup.src().join("c.ndjson"), b"c");
+    assert!(arrives("v2/c.ndjson"), "the new config was not applied");
+
+    sigterm(&daemon);
+    assert!(wait_within(&mut daemon, Duration::from_secs(20)).success());
+    let log = setup.daemon_log();
+    assert!(
+        log.contains("reload refused: the config file is not valid"),
+        "{log}"
+    );
+    assert!(log.contains("agent.part_size"), "{log}");
+    assert_eq!(
+        s3.keys("reload"),
+        vec!["fhir/a.ndjson", "fhir/b.ndjson", "v2/c.ndjson"]
+    );
+}

@@ -462,13 +462,23 @@ path_style = true
         output_within(cmd, Duration::from_secs(120))
     }
 
+    /// Starts `ha-edge run` in the background; its log goes to `daemon_log()`.
     pub fn spawn_daemon(&self, bin: &Path) -> Child {
         let cfg = self.config_path();
+        let log = std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("daemon.log"))
+            .expect("daemon log");
         self.command(bin, &["run", "-c", cfg.to_str().expect("utf-8 path")])
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
+            .stderr(log)
             .spawn()
             .expect("spawn ha-edge")
+    }
+
+    pub fn daemon_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
     }
 
     /// (state, count) pairs from the journal, read directly with SQLite.
@@ -521,11 +531,16 @@ pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
 
 /// Sends SIGTERM to a child process (SIGKILL is `Child::kill`).
 pub fn sigterm(child: &Child) {
+    send_signal(child, "TERM");
+}
+
+/// Sends a signal by name ("TERM", "HUP", ...).
+pub fn send_signal(child: &Child, name: &str) {
     let ok = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+        .args([&format!("-{name}"), &child.id().to_string()])
         .status()
         .is_ok_and(|s| s.success());
-    assert!(ok, "kill -TERM failed");
+    assert!(ok, "kill -{name} failed");
 }
 
 pub fn stderr_of(out: &Output) -> String {

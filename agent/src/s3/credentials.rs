@@ -4,7 +4,9 @@
 //! nothing else. Otherwise the first of these that is present wins:
 //! 1. `AWS_ACCESS_KEY_ID` + `AWS_SECRET_ACCESS_KEY` (+ `AWS_SESSION_TOKEN`) in the environment;
 //! 2. files `aws_access_key_id`, `aws_secret_access_key` (+ `aws_session_token`) in
-//!    `$CREDENTIALS_DIRECTORY` (systemd `LoadCredential=`);
+//!    `$CREDENTIALS_DIRECTORY` (systemd `LoadCredential=`). The packaged unit loads the whole
+//!    directory `/etc/ha-edge/credentials` under the ID `ha-edge`, which systemd names
+//!    `ha-edge_aws_access_key_id` and so on; both spellings are accepted;
 //! 3. the AWS shared credentials file (`$AWS_SHARED_CREDENTIALS_FILE` or `~/.aws/credentials`),
 //!    profile `$AWS_PROFILE` or `default`.
 
@@ -125,14 +127,20 @@ pub fn resolve_with(
     }
     if let Some(dir) = non_empty("CREDENTIALS_DIRECTORY") {
         let dir = PathBuf::from(dir);
-        if dir.join("aws_access_key_id").exists() || dir.join("aws_secret_access_key").exists() {
-            let ak = read_secret(&dir.join("aws_access_key_id"))?;
-            let sk = read_secret(&dir.join("aws_secret_access_key"))?;
-            let token_path = dir.join("aws_session_token");
-            let token = if token_path.exists() {
-                Some(read_secret(&token_path)?)
-            } else {
-                None
+        // A credential file under its own name, or as loaded from a directory by the unit.
+        let find = |name: &str| {
+            [name.to_string(), format!("ha-edge_{name}")]
+                .into_iter()
+                .map(|n| dir.join(n))
+                .find(|p| p.exists())
+        };
+        let (ak, sk) = (find("aws_access_key_id"), find("aws_secret_access_key"));
+        if ak.is_some() || sk.is_some() {
+            let ak = read_secret(&ak.unwrap_or_else(|| dir.join("aws_access_key_id")))?;
+            let sk = read_secret(&sk.unwrap_or_else(|| dir.join("aws_secret_access_key")))?;
+            let token = match find("aws_session_token") {
+                Some(p) => Some(read_secret(&p)?),
+                None => None,
             };
             let mut c = Credentials::new(&ak, &sk, token.as_deref());
             c.origin = format!("systemd credentials in {}", dir.display());
@@ -265,6 +273,15 @@ mod tests {
         std::fs::remove_file(dir.path().join("aws_secret_access_key")).unwrap();
         let e = resolve_with(&dest(), &env_of(&[("CREDENTIALS_DIRECTORY", &d)])).unwrap_err();
         assert!(e.to_string().contains("aws_secret_access_key"), "{e}");
+        // As the packaged unit loads them: LoadCredential=ha-edge:/etc/ha-edge/credentials
+        std::fs::remove_file(dir.path().join("aws_access_key_id")).unwrap();
+        std::fs::write(dir.path().join("ha-edge_aws_access_key_id"), "AK3").unwrap();
+        std::fs::write(dir.path().join("ha-edge_aws_secret_access_key"), "SK3").unwrap();
+        let c = resolve_with(&dest(), &env_of(&[("CREDENTIALS_DIRECTORY", &d)])).unwrap();
+        assert_eq!(
+            (c.access_key_id(), c.secret_access_key.as_str()),
+            ("AK3", "SK3")
+        );
     }
 
     #[test]

@@ -1,0 +1,42 @@
+//! systemd integration: readiness, reload and stop notifications, the watchdog, and a one-line
+//! status for `systemctl status`. Every call is a no-op when the agent was not started by
+//! systemd (no `$NOTIFY_SOCKET`), so the same binary runs anywhere.
+
+use std::time::Duration;
+
+use sd_notify::NotifyState;
+
+fn send(state: &[NotifyState<'_>]) {
+    if std::env::var_os("NOTIFY_SOCKET").is_none() {
+        return;
+    }
+    if let Err(e) = sd_notify::notify(state) {
+        tracing::debug!(error = %e, "sd_notify failed");
+    }
+}
+
+pub fn ready() {
+    send(&[NotifyState::Ready]);
+}
+
+pub fn reloading() {
+    send(&[NotifyState::Reloading]);
+}
+
+pub fn stopping() {
+    send(&[NotifyState::Stopping]);
+}
+
+pub fn status(text: &str) {
+    send(&[NotifyState::Status(text)]);
+}
+
+/// Tells systemd the scheduler loop is alive.
+pub fn watchdog() {
+    send(&[NotifyState::Watchdog]);
+}
+
+/// How often to feed the watchdog (half its timeout), if systemd asked for one.
+pub fn watchdog_interval() -> Option<Duration> {
+    sd_notify::watchdog_enabled().map(|d| d / 2)
+}
