@@ -10,8 +10,8 @@ version="$(sed -n 's/^version = "\(.*\)"$/\1/p' Cargo.toml | head -n 1)"
 bin="$(realpath "${2:-dist/ha-edge-$version-$t}")"
 case "$t" in
   x86_64-*) run=() ;;
-  aarch64-*) command -v qemu-aarch64 >/dev/null || apt-get install -y -qq qemu-user; run=(qemu-aarch64) ;;
-  armv7-*) command -v qemu-arm >/dev/null || apt-get install -y -qq qemu-user; run=(qemu-arm) ;;
+  aarch64-*) command -v qemu-aarch64 >/dev/null || { apt-get update -qq && apt-get install -y -qq qemu-user; }; run=(qemu-aarch64) ;;
+  armv7-*) command -v qemu-arm >/dev/null || { apt-get update -qq && apt-get install -y -qq qemu-user; }; run=(qemu-arm) ;;
 esac
 
 desc="$(file -b "$bin")"
@@ -36,6 +36,9 @@ AWS_ACCESS_KEY_ID=smoke AWS_SECRET_ACCESS_KEY=smoke "${run[@]}" "$bin" validate 
 sed -i 's|^endpoint = .*|endpoint = "http://127.0.0.1:9"|; s|^max_retries = .*|max_retries = 0|; s|^path_style = .*|path_style = true|' "$work/ha-edge.toml"
 AWS_ACCESS_KEY_ID=smoke AWS_SECRET_ACCESS_KEY=smoke "${run[@]}" "$bin" run -c "$work/ha-edge.toml" --once 2>"$work/run.log" \
   || { cat "$work/run.log"; exit 1; }
-"${run[@]}" "$bin" status -c "$work/ha-edge.toml" --json | grep -q '"pending": 0'
+"${run[@]}" "$bin" status -c "$work/ha-edge.toml" --json >"$work/status.json"
+grep -q '"pending": 0' "$work/status.json" || { cat "$work/status.json"; exit 1; }
+# A reader that stops early must not crash the command.
+"${run[@]}" "$bin" status -c "$work/ha-edge.toml" | head -n 1 >/dev/null
 AWS_ACCESS_KEY_ID=smoke AWS_SECRET_ACCESS_KEY=smoke "${run[@]}" "$bin" validate -c "$work/ha-edge.toml" >/dev/null   # also checks the journal integrity
 echo "$t: smoke test passed"

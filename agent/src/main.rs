@@ -58,6 +58,16 @@ fn tune_allocator() {
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn tune_allocator() {}
 
+/// Writes to stdout; a closed pipe (`ha-edge status | head -1`) ends the output quietly instead
+/// of panicking as `println!` would.
+fn out(text: &str) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    let _ = stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush());
+}
+
 fn fail(code: u8, msg: impl std::fmt::Display) -> ExitCode {
     eprintln!("ha-edge: {msg}");
     ExitCode::from(code)
@@ -83,15 +93,15 @@ fn validate(file: &Path) -> ExitCode {
         }
     }
     let d = &config.destination;
-    println!(
-        "{}: ok ({} source{} -> s3://{}/{} at {})",
+    out(&format!(
+        "{}: ok ({} source{} -> s3://{}/{} at {})\n",
         file.display(),
         config.sources.len(),
         if config.sources.len() == 1 { "" } else { "s" },
         d.bucket,
         d.prefix,
         d.endpoint
-    );
+    ));
     ExitCode::SUCCESS
 }
 
@@ -105,9 +115,12 @@ fn status(file: &Path, json: bool) -> ExitCode {
         Err(e) => return fail(EXIT_JOURNAL, e),
     };
     if json {
-        println!("{}", serde_json::to_string_pretty(&st).unwrap_or_default());
+        out(&format!(
+            "{}\n",
+            serde_json::to_string_pretty(&st).unwrap_or_default()
+        ));
     } else {
-        print!("{}", status::render_text(&st));
+        out(&status::render_text(&st));
     }
     ExitCode::SUCCESS
 }

@@ -373,6 +373,22 @@ fn status_reports_the_journal_as_text_and_json() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("done        2"), "{text}");
     assert!(text.contains("last errors: none"), "{text}");
+    // A reader that has gone away (`| head -1`) must not make it crash: stdout is a pipe whose
+    // read end is already closed, so every write fails with EPIPE.
+    for args in [
+        vec!["status", "-c", &cfg],
+        vec!["status", "-c", &cfg, "--json"],
+    ] {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let mut cmd = setup.command(bin(), &args);
+        let st = cmd
+            .stdout(writer)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert!(st.success(), "{args:?}: {st:?}");
+    }
 }
 
 #[test]
