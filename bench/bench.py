@@ -1,0 +1,238 @@
+#!/usr/bin/env python3
+"""Side-by-side upload benchmark: ha-edge vs rclone vs the AWS CLI on one S3 server.
+
+Starts one s3s-fs on 127.0.0.1, generates the workloads once, then runs every tool on every
+workload for several rounds, rotating the order of the tools each round so that none always
+runs first (cold) or last. Each run uploads into a fresh bucket, is timed with /usr/bin/time
+(wall time, peak RSS, CPU), and is verified: the bucket must then hold exactly the workload's
+files with their sizes. Medians go to stdout as a Markdown table and to results.json.
+
+Run it through bench/run.sh, which installs the tools first.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+MIB = 1024 * 1024
+AK, SK = "bench-access-key", "bench-secret-key"
+# Comparable settings: 4 files at a time, 4 parts of 8 MiB in flight, multipart from 16 MiB.
+TRANSFERS, PART_MIB, CUTOFF_MIB = 4, 8, 16
+
+WORKLOADS = {
+    "big": ("one 1 GiB file", [("one.bin", 1024 * MIB)]),
+    "small": ("5,000 files of 20 KiB", [(f"d{i // 500}/f{i}.ndjson", 20 * 1024) for i in range(5000)]),
+    "medium": ("200 files of 8 MiB", [(f"m{i}.bin", 8 * MIB) for i in range(200)]),
+}
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_workload(root: Path, files):
+    marker = root / ".complete"
+    if marker.exists():
+        return
+    shutil.rmtree(root, ignore_errors=True)
+    old = time.time() - 3600
+    with open("/dev/urandom", "rb") as rnd:
+        for rel, size in files:
+            p = root / rel
+            p.parent.mkdir(parents=True, exist_ok=True)
+            with open(p, "wb") as f:
+                left = size
+                while left:
+                    chunk = rnd.read(min(left, 4 * MIB))
+                    f.write(chunk)
+                    left -= len(chunk)
+            os.utime(p, (old, old))
+    marker.write_text("ok")
+
+
+def bucket_files(bucket_dir: Path):
+    out = {}
+    for dirpath, _, names in os.walk(bucket_dir):
+        for n in names:
+            p = Path(dirpath) / n
+            out[str(p.relative_to(bucket_dir))] = p.stat().st_size
+    return out
+
+
+def timed(cmd, env, log):
+    """Runs cmd under /usr/bin/time; returns (wall s, peak RSS KiB, user s, sys s, exit code)."""
+    tfile = log.with_suffix(".time")
+    full = ["/usr/bin/time", "-f", "%e %M %U %S", "-o", str(tfile)] + cmd
+    with open(log, "wb") as lf:
+        rc = subprocess.call(full, env=env, stdout=lf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    wall, rss, user, sys_ = tfile.read_text().strip().splitlines()[-1].split()
+    return float(wall), int(rss), float(user), float(sys_), rc
+
+
+class Tools:
+    def __init__(self, work: Path, endpoint: str, ha_edge: str):
+        self.work, self.endpoint, self.ha_edge = work, endpoint, ha_edge
+        self.base_env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+        rc = work / "rclone.conf"
+        rc.write_text(
+            "[bench]\ntype = s3\nprovider = Other\n"
+            f"endpoint = {endpoint}\nforce_path_style = true\nregion = us-east-1\n"
+            f"access_key_id = {AK}\nsecret_access_key = {SK}\n"
+        )
+        awscfg = work / "aws.config"
+        awscfg.write_text(
+            "[default]\nregion = us-east-1\ns3 =\n"
+            f"  max_concurrent_requests = {TRANSFERS}\n"
+            f"  multipart_chunksize = {PART_MIB}MB\n"
+            f"  multipart_threshold = {CUTOFF_MIB}MB\n"
+            "  addressing_style = path\n"
+        )
+
+    def command(self, tool, src: Path, bucket: str, run_dir: Path):
+        env = dict(self.base_env)
+        if tool == "ha-edge":
+            cfg = run_dir / "ha-edge.toml"
+            cfg.write_text(
+                f'[agent]\njournal = "{run_dir}/journal.db"\nconcurrency = {TRANSFERS}\n'
+                f'parts_in_flight = {TRANSFERS}\npart_size = "{PART_MIB}MiB"\n'
+                f'multipart_threshold = "{CUTOFF_MIB}MiB"\nlog_level = "warn"\n\n'
+                f'[[source]]\nname = "bench"\ntype = "fs"\npath = "{src}"\n\n'
+                f'[destination]\ntype = "s3"\nendpoint = "{self.endpoint}"\nregion = "us-east-1"\n'
+                f'bucket = "{bucket}"\npath_style = true\n'
+            )
+            env.update(AWS_ACCESS_KEY_ID=AK, AWS_SECRET_ACCESS_KEY=SK)
+            return [self.ha_edge, "run", "-c", str(cfg), "--once"], env
+        if tool == "rclone":
+            env["RCLONE_CONFIG"] = str(self.work / "rclone.conf")
+            return [
+                "rclone", "copy", str(src), f"bench:{bucket}",
+                "--transfers", str(TRANSFERS), "--checkers", "8",
+                "--s3-upload-concurrency", str(TRANSFERS),
+                "--s3-chunk-size", f"{PART_MIB}M", "--s3-upload-cutoff", f"{CUTOFF_MIB}M",
+                "--exclude", ".complete",
+            ], env
+        if tool == "aws":
+            env.update(AWS_ACCESS_KEY_ID=AK, AWS_SECRET_ACCESS_KEY=SK,
+                       AWS_CONFIG_FILE=str(self.work / "aws.config"))
+            return [
+                "/usr/bin/aws", "s3", "cp", str(src), f"s3://{bucket}/", "--recursive",
+                "--endpoint-url", self.endpoint, "--only-show-errors", "--exclude", ".complete",
+            ], env
+        raise ValueError(tool)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ha-edge", required=True, help="the ha-edge binary to measure")
+    ap.add_argument("--s3s-fs", required=True)
+    ap.add_argument("--work", default="/var/tmp/ha-edge-bench", help="scratch dir (needs ~4 GiB)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--workloads", default="big,small,medium")
+    ap.add_argument("--tools", default="ha-edge,rclone,aws")
+    args = ap.parse_args()
+
+    work = Path(args.work)
+    (work / "runs").mkdir(parents=True, exist_ok=True)
+    s3dir = work / "s3"
+    shutil.rmtree(s3dir, ignore_errors=True)
+    s3dir.mkdir()
+    workloads = args.workloads.split(",")
+    tools = args.tools.split(",")
+    for w in workloads:
+        print(f"preparing workload {w}: {WORKLOADS[w][0]}", file=sys.stderr)
+        make_workload(work / "data" / w, WORKLOADS[w][1])
+
+    port = free_port()
+    server = subprocess.Popen(
+        [args.s3s_fs, "--host", "127.0.0.1", "--port", str(port), "--access-key", AK, "--secret-key", SK, str(s3dir)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        for _ in range(200):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        t = Tools(work, f"http://127.0.0.1:{port}", args.ha_edge)
+        results = {w: {tool: [] for tool in tools} for w in workloads}
+        for r in range(args.rounds):
+            order = tools[r % len(tools):] + tools[: r % len(tools)]
+            for w in workloads:
+                src = work / "data" / w
+                expected = {rel: size for rel, size in WORKLOADS[w][1]}
+                for tool in order:
+                    bucket = f"{tool.replace('-', '')}-{w}-{r}"
+                    run_dir = work / "runs" / bucket
+                    shutil.rmtree(run_dir, ignore_errors=True)
+                    run_dir.mkdir(parents=True)
+                    (s3dir / bucket).mkdir()
+                    subprocess.call(["sync"])
+                    cmd, env = t.command(tool, src, bucket, run_dir)
+                    wall, rss, user, sys_, rc = timed(cmd, env, run_dir / "log.txt")
+                    got = bucket_files(s3dir / bucket)
+                    ok = rc == 0 and got == expected
+                    print(f"round {r + 1} {w:6} {tool:7} {wall:7.2f}s rss {rss / 1024:6.1f} MiB "
+                          f"cpu {user + sys_:6.2f}s {'ok' if ok else 'FAILED rc=%d files=%d' % (rc, len(got))}",
+                          file=sys.stderr)
+                    if not ok:
+                        print((run_dir / "log.txt").read_text()[-3000:], file=sys.stderr)
+                        sys.exit(1)
+                    results[w][tool].append({"wall": wall, "rss_kib": rss, "cpu": user + sys_})
+                    shutil.rmtree(s3dir / bucket)
+    finally:
+        server.terminate()
+        server.wait()
+
+    summary = report(results, workloads, tools, args)
+    (work / "results.json").write_text(json.dumps({"runs": results, "summary": summary}, indent=2))
+
+
+def report(results, workloads, tools, args):
+    sizes = {"ha-edge": os.path.getsize(args.ha_edge)}
+    rclone = shutil.which("rclone")
+    if rclone:
+        sizes["rclone"] = os.path.getsize(rclone)
+    summary = {}
+    print(f"\nMedians of {args.rounds} rounds; s3s-fs on 127.0.0.1; {TRANSFERS} transfers, "
+          f"{TRANSFERS} parts of {PART_MIB} MiB in flight, multipart from {CUTOFF_MIB} MiB.\n")
+    print("| workload | tool | wall s | MB/s | files/s | peak RSS MiB | CPU s | CPU s/GB |")
+    print("|---|---|---|---|---|---|---|---|")
+    for w in workloads:
+        files = WORKLOADS[w][1]
+        total = sum(s for _, s in files)
+        summary[w] = {}
+        for tool in tools:
+            runs = results[w][tool]
+            wall = statistics.median(x["wall"] for x in runs)
+            rss = statistics.median(x["rss_kib"] for x in runs) / 1024
+            cpu = statistics.median(x["cpu"] for x in runs)
+            row = {
+                "wall_s": wall, "mb_per_s": total / wall / 1e6, "files_per_s": len(files) / wall,
+                "peak_rss_mib": rss, "cpu_s": cpu, "cpu_s_per_gb": cpu / (total / 1e9),
+            }
+            summary[w][tool] = row
+            print(f"| {WORKLOADS[w][0]} | {tool} | {wall:.2f} | {row['mb_per_s']:.1f} | "
+                  f"{row['files_per_s']:.0f} | {rss:.1f} | {cpu:.2f} | {row['cpu_s_per_gb']:.2f} |")
+    if "ha-edge" in tools and "rclone" in tools:
+        print("\n| workload | throughput ha-edge/rclone | peak RSS ha-edge/rclone | CPU ha-edge/rclone |")
+        print("|---|---|---|---|")
+        for w in workloads:
+            h, r = summary[w]["ha-edge"], summary[w]["rclone"]
+            print(f"| {WORKLOADS[w][0]} | {r['wall_s'] / h['wall_s']:.2f} | "
+                  f"{h['peak_rss_mib'] / r['peak_rss_mib']:.2f} | {h['cpu_s'] / r['cpu_s']:.2f} |")
+    print("\nbinary sizes: " + ", ".join(f"{k} {v / MIB:.1f} MiB" for k, v in sizes.items()))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
