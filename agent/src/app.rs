@@ -253,7 +253,9 @@ pub async fn run(
                                 "source {:?} is no longer in the config",
                                 row.source
                             )),
-                            (Some(_), State::Delivered) => Outcome::Delivered,
+                            (Some(_), State::Delivered) => {
+                                Outcome::Delivered(row.sha256.unwrap_or_default())
+                            }
                             (Some(root), _) => sink.deliver(&row, root, stop).await,
                         };
                         (row, outcome, started.elapsed())
@@ -400,7 +402,7 @@ impl Scheduler {
     ) -> Result<(), JournalError> {
         let j = &self.journal;
         match outcome {
-            Outcome::Delivered => {
+            Outcome::Delivered(sha256) => {
                 if self.probe_round > 0 || self.refused_code.is_some() {
                     tracing::info!(bucket = %self.sink.client().bucket(), "destination accepts requests again");
                     self.probe_round = 0;
@@ -414,7 +416,24 @@ impl Scheduler {
                     .map_or(AfterUpload::Keep, |s| s.after_upload.clone());
                 let first_time = row.state != State::Delivered;
                 if first_time {
-                    j.delivered(row.id, action == AfterUpload::Keep).await?;
+                    let fp = row.fingerprint;
+                    if !j
+                        .delivered(row.id, fp, sha256, action == AfterUpload::Keep)
+                        .await?
+                    {
+                        // A rescan recorded a newer version while this one was being sent: the
+                        // bucket holds the older one for now; the newer one goes next.
+                        let msg = "source changed while it was being sent".to_string();
+                        tracing::info!(reason = %msg, "waiting for the new version to settle");
+                        self.summary.changed += 1;
+                        let settle = self
+                            .sources
+                            .get(&row.source)
+                            .map_or(Duration::from_secs(30), |s| s.settle);
+                        j.retry_later(row.id, settle.as_millis() as i64, false, msg)
+                            .await?;
+                        return Ok(());
+                    }
                     self.summary.delivered += 1;
                     self.summary.bytes += row.fingerprint.size;
                     let mbps = row.fingerprint.size as f64 / took.as_secs_f64().max(1e-6) / 1e6;

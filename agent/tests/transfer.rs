@@ -107,16 +107,21 @@ fn settle_waits_for_a_file_still_being_written() {
         sha256(&s3.object("settle", "fhir/growing.ndjson").unwrap()),
         sha256(&written)
     );
-    // `status` reads the journal while the daemon holds it.
+    // `status` reads the journal while the daemon holds it. The object shows in the bucket a
+    // moment before the agent commits its delivery, so poll.
     let cfg = setup.config_path().display().to_string();
-    let out = output_within(
-        setup.command(bin(), &["status", "-c", &cfg, "--json"]),
-        Duration::from_secs(30),
-    );
-    assert!(out.status.success(), "{}", stderr_of(&out));
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(v["objects"]["done"], 1, "{v}");
-    assert_eq!(v["agent"]["pid"], daemon.id().to_string(), "{v}");
+    let mut last = serde_json::Value::Null;
+    let recorded = wait_until(Duration::from_secs(10), || {
+        let out = output_within(
+            setup.command(bin(), &["status", "-c", &cfg, "--json"]),
+            Duration::from_secs(30),
+        );
+        assert!(out.status.success(), "{}", stderr_of(&out));
+        last = serde_json::from_slice(&out.stdout).unwrap();
+        last["objects"]["done"] == 1
+    });
+    assert!(recorded, "{last}");
+    assert_eq!(last["agent"]["pid"], daemon.id().to_string(), "{last}");
     sigterm(&daemon);
     let st = wait_within(&mut daemon, Duration::from_secs(20));
     assert!(st.success(), "SIGTERM must exit 0, got {st:?}");

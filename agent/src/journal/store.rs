@@ -38,6 +38,8 @@ pub enum JournalError {
     },
     #[error("no journal at {0} (ha-edge has not run with this config yet)")]
     Missing(PathBuf),
+    #[error("journal {path}: cannot commit: {detail}")]
+    Commit { path: PathBuf, detail: String },
     #[error("the journal thread panicked")]
     Panicked,
 }
@@ -91,9 +93,25 @@ pub struct Status {
     pub last_errors: Vec<StatusError>,
 }
 
+/// Work for the writer thread. It runs inside its own savepoint (`Some(conn)`), or is told that
+/// it cannot run (`None`, e.g. BEGIN failed); it returns whether it succeeded and what to do once
+/// the enclosing transaction has committed or failed.
+type Job = Box<dyn FnOnce(Option<&Connection>) -> (bool, Completion) + Send>;
+type Completion = Box<dyn FnOnce(Result<(), String>) + Send>;
+
+/// Requests taken into one transaction at most.
+const MAX_GROUP: usize = 512;
+
+enum Backend {
+    /// The daemon's journal: one thread owns the connection and group-commits requests.
+    Writer(std::sync::mpsc::Sender<Job>),
+    /// `status` and `validate`: a read-only connection used in place.
+    ReadOnly(Mutex<Connection>),
+}
+
 #[derive(Clone)]
 pub struct Journal {
-    conn: Arc<Mutex<Connection>>,
+    backend: Arc<Backend>,
     path: Arc<PathBuf>,
 }
 
@@ -109,31 +127,38 @@ fn path_bytes(p: &Path) -> &[u8] {
 }
 
 impl Journal {
-    /// Opens (creating if needed) the journal and brings its schema up to date.
+    /// Opens (creating if needed) the journal, brings its schema up to date, and starts the
+    /// writer thread.
     pub fn open(path: &Path) -> Result<Journal, JournalError> {
+        let open_err = |e: std::io::Error| JournalError::Open {
+            path: path.to_path_buf(),
+            source: rusqlite::Error::ToSqlConversionFailure(Box::new(e)),
+        };
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| JournalError::Open {
-                path: path.to_path_buf(),
-                source: rusqlite::Error::ToSqlConversionFailure(Box::new(e)),
-            })?;
+            std::fs::create_dir_all(dir).map_err(open_err)?;
         }
-        let conn = Connection::open(path).map_err(|e| JournalError::Open {
+        let mut conn = Connection::open(path).map_err(|e| JournalError::Open {
             path: path.to_path_buf(),
             source: e,
         })?;
-        let j = Journal {
-            conn: Arc::new(Mutex::new(conn)),
-            path: Arc::new(path.to_path_buf()),
-        };
-        j.with(|c| {
+        let setup = |c: &mut Connection| -> rusqlite::Result<()> {
             c.busy_timeout(std::time::Duration::from_secs(10))?;
             c.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get::<_, String>(0))?;
             c.pragma_update(None, "synchronous", "FULL")?;
             c.pragma_update(None, "foreign_keys", "ON")?;
             Ok(())
-        })?;
-        j.migrate()?;
-        Ok(j)
+        };
+        setup(&mut conn).map_err(|e| JournalError::from_sqlite(path, e))?;
+        migrate(&mut conn, path)?;
+        let (tx, rx) = std::sync::mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("journal".into())
+            .spawn(move || writer(conn, rx))
+            .map_err(open_err)?;
+        Ok(Journal {
+            backend: Arc::new(Backend::Writer(tx)),
+            path: Arc::new(path.to_path_buf()),
+        })
     }
 
     /// Opens an existing journal read-only (for `status`; works while the daemon runs).
@@ -150,7 +175,7 @@ impl Journal {
             source: e,
         })?;
         let j = Journal {
-            conn: Arc::new(Mutex::new(conn)),
+            backend: Arc::new(Backend::ReadOnly(Mutex::new(conn))),
             path: Arc::new(path.to_path_buf()),
         };
         j.with(|c| c.busy_timeout(std::time::Duration::from_secs(5)))?;
@@ -165,45 +190,80 @@ impl Journal {
         Ok(j)
     }
 
-    /// Runs `f` on the connection in the calling thread.
-    fn with<R>(
+    /// Runs `f` and blocks until its transaction has committed.
+    fn with<R: Send + 'static>(
         &self,
-        f: impl FnOnce(&mut Connection) -> rusqlite::Result<R>,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<R> + Send + 'static,
     ) -> Result<R, JournalError> {
-        let mut guard = self.conn.lock().map_err(|_| JournalError::Panicked)?;
-        f(&mut guard).map_err(|e| JournalError::from_sqlite(&self.path, e))
+        match &*self.backend {
+            Backend::ReadOnly(conn) => {
+                let guard = conn.lock().map_err(|_| JournalError::Panicked)?;
+                f(&guard).map_err(|e| JournalError::from_sqlite(&self.path, e))
+            }
+            Backend::Writer(_) => {
+                let (tx, rx) = std::sync::mpsc::channel();
+                self.submit(f, move |r| {
+                    let _ = tx.send(r);
+                })?;
+                rx.recv().map_err(|_| JournalError::Panicked)?
+            }
+        }
     }
 
-    /// Runs `f` on the connection on tokio's blocking pool.
+    /// Runs `f`; resolves once its transaction has committed.
     async fn call<R: Send + 'static>(
         &self,
-        f: impl FnOnce(&mut Connection) -> rusqlite::Result<R> + Send + 'static,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<R> + Send + 'static,
     ) -> Result<R, JournalError> {
-        let this = self.clone();
-        tokio::task::spawn_blocking(move || this.with(f))
-            .await
-            .map_err(|_| JournalError::Panicked)?
+        match &*self.backend {
+            Backend::ReadOnly(_) => {
+                let this = self.clone();
+                tokio::task::spawn_blocking(move || this.with(f))
+                    .await
+                    .map_err(|_| JournalError::Panicked)?
+            }
+            Backend::Writer(_) => {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                self.submit(f, move |r| {
+                    let _ = tx.send(r);
+                })?;
+                rx.await.map_err(|_| JournalError::Panicked)?
+            }
+        }
     }
 
-    fn migrate(&self) -> Result<(), JournalError> {
-        let version: i64 =
-            self.with(|c| c.pragma_query_value(None, "user_version", |r| r.get(0)))?;
-        if version > schema::CURRENT {
-            return Err(JournalError::TooNew {
-                path: self.path.to_path_buf(),
-                found: version,
-                known: schema::CURRENT,
+    /// Queues `f` for the writer thread; `reply` gets its result after the commit.
+    fn submit<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<R> + Send + 'static,
+        reply: impl FnOnce(Result<R, JournalError>) + Send + 'static,
+    ) -> Result<(), JournalError> {
+        let Backend::Writer(sender) = &*self.backend else {
+            return Err(JournalError::Panicked);
+        };
+        let path = self.path.clone();
+        let job: Job = Box::new(move |conn: Option<&Connection>| {
+            // None: the job could not run; the commit result carries the reason.
+            let result: Result<R, Option<rusqlite::Error>> = match conn {
+                Some(c) => f(c).map_err(Some),
+                None => Err(None),
+            };
+            let ok = result.is_ok();
+            let done: Completion = Box::new(move |commit: Result<(), String>| {
+                let out = match (result, commit) {
+                    (Ok(v), Ok(())) => Ok(v),
+                    (Err(Some(e)), _) => Err(JournalError::from_sqlite(&path, e)),
+                    (_, Err(detail)) => Err(JournalError::Commit {
+                        path: path.to_path_buf(),
+                        detail,
+                    }),
+                    (Err(None), Ok(())) => Err(JournalError::Panicked),
+                };
+                reply(out);
             });
-        }
-        for (i, sql) in schema::MIGRATIONS.iter().enumerate().skip(version as usize) {
-            self.with(|c| {
-                let tx = c.transaction()?;
-                tx.execute_batch(sql)?;
-                tx.pragma_update(None, "user_version", (i + 1) as i64)?;
-                tx.commit()
-            })?;
-        }
-        Ok(())
+            (ok, done)
+        });
+        sender.send(job).map_err(|_| JournalError::Panicked)
     }
 
     /// A full consistency check (for `validate`).
@@ -226,7 +286,7 @@ impl Journal {
         batch: Vec<Candidate>,
     ) -> Result<OfferStats, JournalError> {
         self.call(move |c| {
-            let tx = c.transaction()?;
+            let tx = c;
             let mut stats = OfferStats::default();
             let now = now_ms();
             {
@@ -288,7 +348,6 @@ impl Journal {
                     }
                 }
             }
-            tx.commit()?;
             Ok(stats)
         })
         .await
@@ -422,14 +481,14 @@ impl Journal {
     /// Forgets parts the server no longer has.
     pub async fn drop_parts(&self, id: i64, numbers: Vec<u32>) -> Result<(), JournalError> {
         self.call(move |c| {
-            let tx = c.transaction()?;
+            let tx = c;
             for n in numbers {
                 tx.execute(
                     "DELETE FROM parts WHERE object_id = ?1 AND part_number = ?2",
                     params![id, n],
                 )?;
             }
-            tx.commit()
+            Ok(())
         })
         .await
     }
@@ -453,7 +512,7 @@ impl Journal {
         why: String,
     ) -> Result<(), JournalError> {
         self.call(move |c| {
-            let tx = c.transaction()?;
+            let tx = c;
             tx.execute("DELETE FROM parts WHERE object_id = ?1", [id])?;
             tx.execute(
                 "UPDATE objects SET state = 'pending', sha256 = NULL, upload_id = NULL,
@@ -467,26 +526,43 @@ impl Journal {
                     params![id, fp.size as i64, fp.mtime_ns, fp.inode as i64],
                 )?;
             }
-            tx.commit()
+            Ok(())
         })
         .await
     }
 
     /// The object is in the bucket and verified. With `finished`, nothing is left to do
-    /// (after_upload = keep); otherwise the after_upload action is still owed.
-    pub async fn delivered(&self, id: i64, finished: bool) -> Result<(), JournalError> {
+    /// (after_upload = keep); otherwise the after_upload action is still owed. Returns false,
+    /// writing nothing, if the row no longer has fingerprint `fp` (a rescan saw a newer version
+    /// of the file while this one was being sent).
+    pub async fn delivered(
+        &self,
+        id: i64,
+        fp: Fingerprint,
+        sha256: [u8; 32],
+        finished: bool,
+    ) -> Result<bool, JournalError> {
         self.call(move |c| {
             let now = now_ms();
             let state = if finished { State::Done } else { State::Delivered };
-            let tx = c.transaction()?;
-            tx.execute(
+            let n = c.execute(
                 "UPDATE objects SET state = ?2, delivered_ms = ?3, updated_ms = ?3, last_error = NULL,
-                        next_attempt_ms = 0
-                 WHERE id = ?1",
-                params![id, state.as_str(), now],
+                        next_attempt_ms = 0, sha256 = ?4
+                 WHERE id = ?1 AND size = ?5 AND mtime_ns = ?6 AND inode = ?7",
+                params![
+                    id,
+                    state.as_str(),
+                    now,
+                    &sha256[..],
+                    fp.size as i64,
+                    fp.mtime_ns,
+                    fp.inode as i64
+                ],
             )?;
-            tx.execute("DELETE FROM parts WHERE object_id = ?1", [id])?;
-            tx.commit()
+            if n == 1 {
+                c.execute("DELETE FROM parts WHERE object_id = ?1", [id])?;
+            }
+            Ok(n == 1)
         })
         .await
     }
@@ -500,14 +576,14 @@ impl Journal {
     ) -> Result<(), JournalError> {
         self.call(move |c| {
             let now = now_ms();
-            let tx = c.transaction()?;
+            let tx = c;
             tx.execute(
                 "UPDATE objects SET state = ?2, last_error = ?3, updated_ms = ?4 WHERE id = ?1",
                 params![id, state.as_str(), message, now],
             )?;
             tx.execute("DELETE FROM parts WHERE object_id = ?1", [id])?;
             insert_error(&tx, now, Some(id), &message)?;
-            tx.commit()
+            Ok(())
         })
         .await
     }
@@ -522,7 +598,7 @@ impl Journal {
     ) -> Result<(), JournalError> {
         self.call(move |c| {
             let now = now_ms();
-            let tx = c.transaction()?;
+            let tx = c;
             tx.execute(
                 "UPDATE objects SET attempts = attempts + ?2, next_attempt_ms = ?3, last_error = ?4,
                         updated_ms = ?5
@@ -532,7 +608,7 @@ impl Journal {
             if count_attempt {
                 insert_error(&tx, now, Some(id), &message)?;
             }
-            tx.commit()
+            Ok(())
         })
         .await
     }
@@ -560,7 +636,8 @@ impl Journal {
     }
 
     pub fn status(&self) -> Result<Status, JournalError> {
-        self.with(|c| {
+        let journal = self.path.to_path_buf();
+        self.with(move |c| {
             let mut objects = BTreeMap::new();
             for st in State::ALL {
                 objects.insert(st.as_str().to_string(), 0u64);
@@ -614,7 +691,7 @@ impl Journal {
                 })?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
             Ok(Status {
-                journal: self.path.to_path_buf(),
+                journal,
                 objects,
                 bytes_pending: bytes_pending as u64,
                 bytes_delivered: bytes_delivered as u64,
@@ -623,6 +700,77 @@ impl Journal {
                 last_errors,
             })
         })
+    }
+}
+
+fn migrate(conn: &mut Connection, path: &Path) -> Result<(), JournalError> {
+    let err = |e| JournalError::from_sqlite(path, e);
+    let version: i64 = conn
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .map_err(err)?;
+    if version > schema::CURRENT {
+        return Err(JournalError::TooNew {
+            path: path.to_path_buf(),
+            found: version,
+            known: schema::CURRENT,
+        });
+    }
+    for (i, sql) in schema::MIGRATIONS.iter().enumerate().skip(version as usize) {
+        let tx = conn.transaction().map_err(err)?;
+        tx.execute_batch(sql).map_err(err)?;
+        tx.pragma_update(None, "user_version", (i + 1) as i64)
+            .map_err(err)?;
+        tx.commit().map_err(err)?;
+    }
+    Ok(())
+}
+
+/// The writer thread: takes every request that is queued, runs each in its own savepoint inside
+/// one transaction, commits once (one fsync for the whole group), and only then answers them.
+/// A request that fails is rolled back alone; a failed commit fails the whole group.
+fn writer(conn: Connection, rx: std::sync::mpsc::Receiver<Job>) {
+    while let Ok(first) = rx.recv() {
+        let mut jobs = vec![first];
+        while jobs.len() < MAX_GROUP {
+            match rx.try_recv() {
+                Ok(j) => jobs.push(j),
+                Err(_) => break,
+            }
+        }
+        if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+            let detail = e.to_string();
+            for job in jobs {
+                let (_, done) = job(None);
+                done(Err(detail.clone()));
+            }
+            continue;
+        }
+        let mut pending = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            if let Err(e) = conn.execute_batch("SAVEPOINT job") {
+                let (_, done) = job(None);
+                pending.push((done, Some(e.to_string())));
+                continue;
+            }
+            let (ok, done) = job(Some(&conn));
+            let end = if ok {
+                conn.execute_batch("RELEASE job")
+            } else {
+                conn.execute_batch("ROLLBACK TO job; RELEASE job")
+            };
+            pending.push((done, end.err().map(|e| e.to_string())));
+        }
+        let commit = conn.execute_batch("COMMIT").map_err(|e| e.to_string());
+        if commit.is_err() {
+            let _ = conn.execute_batch("ROLLBACK");
+        }
+        for (done, own) in pending {
+            done(match (&commit, own) {
+                (Ok(()), None) => Ok(()),
+                (Ok(()), Some(e)) => Err(e),
+                (Err(e), _) => Err(e.clone()),
+            });
+        }
     }
 }
 
@@ -697,7 +845,12 @@ mod tests {
         // ...a delivered one becomes a new version.
         let rows = j.runnable(10, 0, true, vec![]).await.unwrap();
         let b = rows.iter().find(|r| r.key == "b").unwrap().id;
-        j.delivered(b, true).await.unwrap();
+        let fp = rows.iter().find(|r| r.key == "b").unwrap().fingerprint;
+        assert!(!j
+            .delivered(b, cand("b", 99).fingerprint, [7; 32], true)
+            .await
+            .unwrap());
+        assert!(j.delivered(b, fp, [7; 32], true).await.unwrap());
         let s = j.offer("s".into(), vec![cand("b", 3)]).await.unwrap();
         assert_eq!(s.inserted, 1);
         let st = j.status().unwrap();

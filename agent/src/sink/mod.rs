@@ -7,8 +7,8 @@ use crate::journal::JournalError;
 
 #[derive(Debug)]
 pub enum Outcome {
-    /// In the bucket and verified (size and SHA-256).
-    Delivered,
+    /// In the bucket and verified (size and SHA-256); carries that SHA-256.
+    Delivered([u8; 32]),
     /// Transient failure after the request-level retries: try the object again later.
     Retry(String),
     /// The destination refuses everyone (credentials, bucket, region): pause it, tell the operator.

@@ -123,7 +123,7 @@ impl S3Sink {
             other => other,
         };
         match result {
-            Ok(()) => Outcome::Delivered,
+            Ok(sha256) => Outcome::Delivered(sha256),
             Err(e) => self.outcome(row, e).await,
         }
     }
@@ -224,7 +224,7 @@ impl S3Sink {
         root: &Path,
         path: &Path,
         stop: watch::Receiver<bool>,
-    ) -> Result<(), Stop> {
+    ) -> Result<[u8; 32], Stop> {
         let fp = row.fingerprint;
         let (root2, path2) = (root.to_path_buf(), path.to_path_buf());
         let file = Self::blocking(move || Self::open_pinned(&root2, &path2, fp)).await?;
@@ -273,7 +273,12 @@ impl S3Sink {
         .await
     }
 
-    async fn single_put(&self, row: &ObjectRow, file: Arc<File>, path: &Path) -> Result<(), Stop> {
+    async fn single_put(
+        &self,
+        row: &ObjectRow,
+        file: Arc<File>,
+        path: &Path,
+    ) -> Result<[u8; 32], Stop> {
         let fp = row.fingerprint;
         let _permit = self.reserve(fp.size).await;
         let p2 = path.to_path_buf();
@@ -288,11 +293,12 @@ impl S3Sink {
             Ok((Bytes::from(buf), sha))
         })
         .await?;
-        if !self.journal.set_hashed(row.id, fp, sha).await? {
-            return Err(Stop::Changed(path.to_path_buf()));
-        }
+        // Nothing on the server depends on the journal before a single PUT (a crash before
+        // `delivered` is committed just sends the same bytes again), so the hash is recorded
+        // with the delivery, under the fingerprint guard, in one commit.
         self.client.put_object(&row.key, body, &sha).await?;
-        self.verify(&row.key, fp.size, &sha, None).await
+        self.verify(&row.key, fp.size, &sha, None).await?;
+        Ok(sha)
     }
 
     /// Continues an upload found in the journal after a restart or a retry.
@@ -302,7 +308,7 @@ impl S3Sink {
         root: &Path,
         path: &Path,
         stop: watch::Receiver<bool>,
-    ) -> Result<(), Stop> {
+    ) -> Result<[u8; 32], Stop> {
         let (Some(upload_id), Some(sha), Some(part_size)) =
             (&row.upload_id, row.sha256, row.part_size)
         else {
@@ -332,7 +338,7 @@ impl S3Sink {
                 // Either the completion went through before the crash, or the upload is gone.
                 if self.verify(&row.key, fp.size, &sha, None).await.is_ok() {
                     tracing::info!(key = %row.key, "upload had completed before the restart; verified");
-                    return Ok(());
+                    return Ok(sha);
                 }
                 tracing::warn!(key = %row.key, "multipart upload no longer exists on the server; starting this object over");
                 return self
@@ -380,7 +386,7 @@ impl S3Sink {
         path: &Path,
         stop: watch::Receiver<bool>,
         why: &str,
-    ) -> Result<(), Stop> {
+    ) -> Result<[u8; 32], Stop> {
         self.journal.reset(row.id, None, why.to_string()).await?;
         let fresh_row = ObjectRow {
             state: State::Pending,
@@ -403,7 +409,7 @@ impl S3Sink {
         sha: &[u8; 32],
         done: Vec<PartRow>,
         stop: watch::Receiver<bool>,
-    ) -> Result<(), Stop> {
+    ) -> Result<[u8; 32], Stop> {
         let size = row.fingerprint.size;
         let count = size.div_ceil(part_size).max(1) as u32;
         let mut parts: Vec<Option<PartRow>> = vec![None; count as usize];
@@ -505,7 +511,8 @@ impl S3Sink {
             Err(e) if e.code() == Some("NoSuchUpload") => {}
             Err(e) => return Err(e.into()),
         }
-        self.verify(&row.key, size, sha, Some(&parts)).await
+        self.verify(&row.key, size, sha, Some(&parts)).await?;
+        Ok(*sha)
     }
 
     fn collect(
