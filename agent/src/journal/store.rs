@@ -286,20 +286,19 @@ impl Journal {
         batch: Vec<Candidate>,
     ) -> Result<OfferStats, JournalError> {
         self.call(move |c| {
-            let tx = c;
             let mut stats = OfferStats::default();
             let now = now_ms();
             {
-                let mut latest = tx.prepare_cached(
+                let mut latest = c.prepare_cached(
                     "SELECT id, state, size, mtime_ns, inode FROM objects
                      WHERE source = ?1 AND rel_path = ?2 ORDER BY id DESC LIMIT 1",
                 )?;
-                let mut insert = tx.prepare_cached(
+                let mut insert = c.prepare_cached(
                     "INSERT INTO objects (source, rel_path, key, size, mtime_ns, inode, state,
                                           discovered_ms, updated_ms)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'pending', ?7, ?7)",
                 )?;
-                let mut refresh = tx.prepare_cached(
+                let mut refresh = c.prepare_cached(
                     "UPDATE objects SET size = ?2, mtime_ns = ?3, inode = ?4, sha256 = NULL,
                                         updated_ms = ?5
                      WHERE id = ?1 AND state = 'pending'",
@@ -481,9 +480,8 @@ impl Journal {
     /// Forgets parts the server no longer has.
     pub async fn drop_parts(&self, id: i64, numbers: Vec<u32>) -> Result<(), JournalError> {
         self.call(move |c| {
-            let tx = c;
             for n in numbers {
-                tx.execute(
+                c.execute(
                     "DELETE FROM parts WHERE object_id = ?1 AND part_number = ?2",
                     params![id, n],
                 )?;
@@ -512,16 +510,15 @@ impl Journal {
         why: String,
     ) -> Result<(), JournalError> {
         self.call(move |c| {
-            let tx = c;
-            tx.execute("DELETE FROM parts WHERE object_id = ?1", [id])?;
-            tx.execute(
+            c.execute("DELETE FROM parts WHERE object_id = ?1", [id])?;
+            c.execute(
                 "UPDATE objects SET state = 'pending', sha256 = NULL, upload_id = NULL,
                         part_size = NULL, last_error = ?2, updated_ms = ?3
                  WHERE id = ?1",
                 params![id, why, now_ms()],
             )?;
             if let Some(fp) = fp {
-                tx.execute(
+                c.execute(
                     "UPDATE objects SET size = ?2, mtime_ns = ?3, inode = ?4 WHERE id = ?1",
                     params![id, fp.size as i64, fp.mtime_ns, fp.inode as i64],
                 )?;
@@ -576,13 +573,12 @@ impl Journal {
     ) -> Result<(), JournalError> {
         self.call(move |c| {
             let now = now_ms();
-            let tx = c;
-            tx.execute(
+            c.execute(
                 "UPDATE objects SET state = ?2, last_error = ?3, updated_ms = ?4 WHERE id = ?1",
                 params![id, state.as_str(), message, now],
             )?;
-            tx.execute("DELETE FROM parts WHERE object_id = ?1", [id])?;
-            insert_error(&tx, now, Some(id), &message)?;
+            c.execute("DELETE FROM parts WHERE object_id = ?1", [id])?;
+            insert_error(c, now, Some(id), &message)?;
             Ok(())
         })
         .await
@@ -598,15 +594,14 @@ impl Journal {
     ) -> Result<(), JournalError> {
         self.call(move |c| {
             let now = now_ms();
-            let tx = c;
-            tx.execute(
+            c.execute(
                 "UPDATE objects SET attempts = attempts + ?2, next_attempt_ms = ?3, last_error = ?4,
                         updated_ms = ?5
                  WHERE id = ?1",
                 params![id, count_attempt as i64, now + delay_ms, message, now],
             )?;
             if count_attempt {
-                insert_error(&tx, now, Some(id), &message)?;
+                insert_error(c, now, Some(id), &message)?;
             }
             Ok(())
         })
