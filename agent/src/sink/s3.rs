@@ -226,11 +226,11 @@ impl S3Sink {
         stop: watch::Receiver<bool>,
     ) -> Result<[u8; 32], Stop> {
         let fp = row.fingerprint;
+        if fp.size < self.params.multipart_threshold {
+            return self.single_put(row, root, path).await;
+        }
         let (root2, path2) = (root.to_path_buf(), path.to_path_buf());
         let file = Self::blocking(move || Self::open_pinned(&root2, &path2, fp)).await?;
-        if fp.size < self.params.multipart_threshold {
-            return self.single_put(row, file, path).await;
-        }
         // Pass one: the whole-object hash, fixed in the journal before any byte is sent.
         let (f2, p2) = (file.clone(), path.to_path_buf());
         let sha = Self::blocking(move || {
@@ -276,13 +276,15 @@ impl S3Sink {
     async fn single_put(
         &self,
         row: &ObjectRow,
-        file: Arc<File>,
+        root: &Path,
         path: &Path,
     ) -> Result<[u8; 32], Stop> {
         let fp = row.fingerprint;
+        // Memory first, then open, read and hash in one hand-off to the blocking pool.
         let _permit = self.reserve(fp.size).await;
-        let p2 = path.to_path_buf();
+        let (root2, p2) = (root.to_path_buf(), path.to_path_buf());
         let (body, sha) = Self::blocking(move || {
+            let file = Self::open_pinned(&root2, &p2, fp)?;
             let mut buf = vec![0u8; fp.size as usize];
             file.read_exact_at(&mut buf, 0).map_err(|source| Stop::Io {
                 path: p2.clone(),
