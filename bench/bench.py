@@ -105,7 +105,7 @@ class Tools:
                 f'[agent]\njournal = "{run_dir}/journal.db"\nconcurrency = {TRANSFERS}\n'
                 f'parts_in_flight = {TRANSFERS}\npart_size = "{PART_MIB}MiB"\n'
                 f'multipart_threshold = "{CUTOFF_MIB}MiB"\nlog_level = "warn"\n\n'
-                f'[[source]]\nname = "bench"\ntype = "fs"\npath = "{src}"\n\n'
+                f'[[source]]\nname = "bench"\ntype = "fs"\npath = "{src}"\nexclude = ["**/.*"]\n\n'
                 f'[destination]\ntype = "s3"\nendpoint = "{self.endpoint}"\nregion = "us-east-1"\n'
                 f'bucket = "{bucket}"\npath_style = true\n'
             )

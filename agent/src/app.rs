@@ -387,6 +387,20 @@ impl Scheduler {
         }
     }
 
+    /// The source changed under an upload: the object waits one settle period, then is tried
+    /// again (and by then a rescan has recorded the new fingerprint).
+    async fn wait_for_settle(&mut self, row: &ObjectRow, msg: String) -> Result<(), JournalError> {
+        tracing::info!(reason = %msg, "source changed; waiting for it to settle");
+        self.summary.changed += 1;
+        let settle = self
+            .sources
+            .get(&row.source)
+            .map_or(Duration::from_secs(30), |s| s.settle);
+        self.journal
+            .retry_later(row.id, settle.as_millis() as i64, false, msg)
+            .await
+    }
+
     fn destination_open(&self) -> bool {
         if self.once {
             return self.summary.destination_error.is_none();
@@ -424,15 +438,7 @@ impl Scheduler {
                         // A rescan recorded a newer version while this one was being sent: the
                         // bucket holds the older one for now; the newer one goes next.
                         let msg = "source changed while it was being sent".to_string();
-                        tracing::info!(reason = %msg, "waiting for the new version to settle");
-                        self.summary.changed += 1;
-                        let settle = self
-                            .sources
-                            .get(&row.source)
-                            .map_or(Duration::from_secs(30), |s| s.settle);
-                        j.retry_later(row.id, settle.as_millis() as i64, false, msg)
-                            .await?;
-                        return Ok(());
+                        return self.wait_for_settle(&row, msg).await;
                     }
                     self.summary.delivered += 1;
                     self.summary.bytes += row.fingerprint.size;
@@ -495,15 +501,8 @@ impl Scheduler {
                 j.finish_with_error(row.id, State::Vanished, msg).await?;
             }
             Outcome::Changed(msg) => {
-                tracing::info!(reason = %msg, "source changed under the upload; waiting for it to settle");
-                self.summary.changed += 1;
-                let settle = self
-                    .sources
-                    .get(&row.source)
-                    .map_or(Duration::from_secs(30), |s| s.settle);
                 j.reset(row.id, None, msg.clone()).await?;
-                j.retry_later(row.id, settle.as_millis() as i64, false, msg)
-                    .await?;
+                self.wait_for_settle(&row, msg).await?;
             }
             Outcome::Interrupted => {
                 tracing::info!("interrupted; resumes from the journal on the next start");

@@ -13,6 +13,18 @@ use serde::Serialize;
 use super::model::{offer_action, Fingerprint, ObjectRow, OfferAction, PartRow, State};
 use super::schema;
 
+/// Objects with work to do, in id order from a cursor; served by the partial index
+/// `objects_active` (schema 2), so each call reads only the rows it returns.
+const RUNNABLE_SQL: &str = "SELECT id, source, rel_path, key, size, mtime_ns, inode, state, sha256,
+        upload_id, part_size, attempts
+    FROM objects
+    WHERE state IN ('pending', 'uploading', 'completing', 'delivered')
+      AND next_attempt_ms <= ?1 AND id > ?2
+    ORDER BY id LIMIT ?3";
+/// The earliest retry time still ahead (partial index `objects_backoff`).
+const WAKEUP_SQL: &str = "SELECT MIN(next_attempt_ms) FROM objects
+    WHERE state IN ('pending', 'uploading', 'completing', 'delivered') AND next_attempt_ms > ?1";
+
 /// Errors kept in the `errors` table for `status`.
 const ERRORS_KEPT: i64 = 1000;
 
@@ -364,14 +376,7 @@ impl Journal {
     ) -> Result<Vec<ObjectRow>, JournalError> {
         self.call(move |c| {
             let not_before = if respect_backoff { now_ms() } else { i64::MAX };
-            let mut stmt = c.prepare_cached(
-                "SELECT id, source, rel_path, key, size, mtime_ns, inode, state, sha256, upload_id,
-                        part_size, attempts
-                 FROM objects
-                 WHERE state IN ('pending', 'uploading', 'completing', 'delivered')
-                   AND next_attempt_ms <= ?1 AND id > ?2
-                 ORDER BY id LIMIT ?3",
-            )?;
+            let mut stmt = c.prepare_cached(RUNNABLE_SQL)?;
             let rows = stmt
                 .query_map(
                     params![not_before, after_id, (limit + skip.len()) as i64],
@@ -390,14 +395,8 @@ impl Journal {
     pub async fn next_wakeup_ms(&self) -> Result<Option<i64>, JournalError> {
         self.call(|c| {
             let now = now_ms();
-            c.query_row(
-                "SELECT MIN(next_attempt_ms) FROM objects
-                 WHERE state IN ('pending', 'uploading', 'completing', 'delivered')
-                   AND next_attempt_ms > ?1",
-                [now],
-                |r| r.get::<_, Option<i64>>(0),
-            )
-            .map(|m| m.map(|t| (t - now).max(0)))
+            c.query_row(WAKEUP_SQL, [now], |r| r.get::<_, Option<i64>>(0))
+                .map(|m| m.map(|t| (t - now).max(0)))
         })
         .await
     }
@@ -926,6 +925,28 @@ mod tests {
         );
         assert!(j.next_wakeup_ms().await.unwrap().is_some());
         assert_eq!(j.status().unwrap().last_errors[0].message, "later");
+    }
+
+    #[test]
+    fn dispatch_queries_use_the_active_indexes() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(&dir.path().join("j.db")).unwrap();
+        let plan = |sql: &'static str| {
+            j.with(move |c| {
+                let mut st = c.prepare(&format!("EXPLAIN QUERY PLAN {sql}"))?;
+                let nulls = std::iter::repeat_n(rusqlite::types::Null, st.parameter_count());
+                let rows =
+                    st.query_map(rusqlite::params_from_iter(nulls), |r| r.get::<_, String>(3))?;
+                rows.collect::<rusqlite::Result<Vec<_>>>()
+            })
+            .unwrap()
+            .join("; ")
+        };
+        let runnable = plan(RUNNABLE_SQL);
+        assert!(runnable.contains("objects_active"), "{runnable}");
+        assert!(!runnable.contains("TEMP B-TREE"), "{runnable}");
+        let wakeup = plan(WAKEUP_SQL);
+        assert!(wakeup.contains("objects_backoff"), "{wakeup}");
     }
 
     #[test]
