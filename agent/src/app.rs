@@ -61,6 +61,9 @@ impl Summary {
     }
 }
 
+/// Rows fetched from the journal per dispatch query.
+const PREFETCH: usize = 64;
+
 /// Delay before probing a destination that refused us, growing up to 10 minutes.
 const PROBE: Backoff = Backoff {
     base: Duration::from_secs(30),
@@ -76,6 +79,8 @@ struct Scheduler {
     paused_until: Option<Instant>,
     probe_round: u32,
     refused_code: Option<String>,
+    /// The journal already says "destination: ok" (written on changes only, not per object).
+    destination_ok_recorded: bool,
 }
 
 /// Runs until stopped, restarting with a new config on SIGHUP when that config is valid.
@@ -202,6 +207,7 @@ pub async fn run(
         paused_until: None,
         probe_round: 0,
         refused_code: None,
+        destination_ok_recorded: false,
     };
     sched.preflight().await?;
     systemd::ready();
@@ -212,6 +218,9 @@ pub async fn run(
     let mut inflight: JoinSet<(ObjectRow, Outcome, Duration)> = JoinSet::new();
     let mut inflight_ids: Vec<i64> = Vec::new();
     let mut cursor = 0i64;
+    // Rows fetched ahead, so that dispatching an object does not wait for a journal query.
+    let mut queued: std::collections::VecDeque<ObjectRow> = std::collections::VecDeque::new();
+    let mut fetched_all = false;
     let mut draining = false;
     let mut grace_deadline: Option<tokio::time::Instant> = None;
 
@@ -225,21 +234,26 @@ pub async fn run(
             } else {
                 concurrency - inflight.len()
             };
-            let rows = if free == 0 {
-                Vec::new()
-            } else {
-                journal
+            if free > 0 && queued.is_empty() {
+                let want = PREFETCH.max(free);
+                let rows = journal
                     .runnable(
-                        free,
+                        want,
                         if opts.once { cursor } else { 0 },
                         !opts.once,
                         inflight_ids.clone(),
                     )
-                    .await?
-            };
-            exhausted = rows.len() < free;
+                    .await?;
+                fetched_all = rows.len() < want;
+                for row in &rows {
+                    cursor = cursor.max(row.id);
+                }
+                queued.extend(rows);
+            }
+            exhausted = queued.is_empty() && fetched_all;
+            let take = free.min(queued.len());
+            let rows: Vec<ObjectRow> = queued.drain(..take).collect();
             for row in rows {
-                cursor = cursor.max(row.id);
                 inflight_ids.push(row.id);
                 let span = tracing::info_span!("object", id = row.id, key = %row.key);
                 let sink = sched.sink.clone();
@@ -352,6 +366,7 @@ impl Scheduler {
             self.journal.note_error(msg.clone()).await?;
             self.refused_code = Some(code);
         }
+        self.destination_ok_recorded = false;
         let since = humantime::format_rfc3339_seconds(std::time::SystemTime::now());
         self.journal
             .set_agent_state("destination", format!("refusing since {since}: {msg}"))
@@ -373,6 +388,7 @@ impl Scheduler {
     async fn preflight(&mut self) -> Result<(), JournalError> {
         match self.sink.client().head_bucket().await {
             Ok(()) => {
+                self.destination_ok_recorded = true;
                 self.journal
                     .set_agent_state("destination", "ok".into())
                     .await
@@ -423,7 +439,10 @@ impl Scheduler {
                     self.paused_until = None;
                     self.refused_code = None;
                 }
-                j.set_agent_state("destination", "ok".into()).await?;
+                if !self.destination_ok_recorded {
+                    j.set_agent_state("destination", "ok".into()).await?;
+                    self.destination_ok_recorded = true;
+                }
                 let action = self
                     .sources
                     .get(&row.source)
