@@ -350,15 +350,15 @@ impl Validator<'_> {
                 None
             }
         };
-        if let (Some(agent), Some(dest)) = (&agent, &destination) {
-            if agent.journal_inside_any(&sources) {
-                self.problem(
-                    0..0,
-                    "agent.journal",
-                    "the journal must not live inside a watched source directory",
-                );
-            }
-            let _ = dest;
+        if agent
+            .as_ref()
+            .is_some_and(|a| a.journal_inside_any(&sources))
+        {
+            self.problem(
+                0..0,
+                "agent.journal",
+                "the journal must not live inside a watched source directory",
+            );
         }
         Some(Config {
             agent: agent?,

@@ -177,26 +177,23 @@ impl S3Client {
         &self.dest.endpoint
     }
 
-    fn url(&self, key: &str, query: &[(&str, &str)]) -> Url {
+    /// The bucket's base URL, without a trailing slash: `scheme://host/bucket` (path style) or
+    /// `scheme://bucket.host` (virtual-hosted).
+    fn bucket_base(&self) -> String {
         let ep = &self.dest.endpoint;
-        let key_enc = utf8_percent_encode(key, KEY_SET).to_string();
-        let mut s = if self.dest.path_style {
-            format!(
-                "{}://{}/{}/{}",
-                ep.scheme(),
-                authority(ep),
-                self.dest.bucket,
-                key_enc
-            )
+        if self.dest.path_style {
+            format!("{}://{}/{}", ep.scheme(), authority(ep), self.dest.bucket)
         } else {
-            format!(
-                "{}://{}.{}/{}",
-                ep.scheme(),
-                self.dest.bucket,
-                authority(ep),
-                key_enc
-            )
-        };
+            format!("{}://{}.{}", ep.scheme(), self.dest.bucket, authority(ep))
+        }
+    }
+
+    fn url(&self, key: &str, query: &[(&str, &str)]) -> Url {
+        let mut s = format!(
+            "{}/{}",
+            self.bucket_base(),
+            utf8_percent_encode(key, KEY_SET)
+        );
         for (i, (k, v)) in query.iter().enumerate() {
             s.push(if i == 0 { '?' } else { '&' });
             s.push_str(k);
@@ -205,7 +202,7 @@ impl S3Client {
                 s.push_str(&utf8_percent_encode(v, QUERY_SET).to_string());
             }
         }
-        Url::parse(&s).unwrap_or_else(|_| ep.clone())
+        Url::parse(&s).unwrap_or_else(|_| self.dest.endpoint.clone())
     }
 
     fn sse_headers(&self, headers: &mut Vec<(&'static str, String)>) {
@@ -373,11 +370,11 @@ impl S3Client {
     /// Checks that the bucket exists and answers. A 404 becomes `NoSuchBucket` (HEAD answers
     /// carry no error document).
     pub async fn head_bucket(&self) -> Result<(), S3Error> {
-        let ep = &self.dest.endpoint;
+        // Path style addresses the bucket as `/bucket`; virtual-hosted as `/` on its own host.
         let url = if self.dest.path_style {
-            format!("{}://{}/{}", ep.scheme(), authority(ep), self.dest.bucket)
+            self.bucket_base()
         } else {
-            format!("{}://{}.{}/", ep.scheme(), self.dest.bucket, authority(ep))
+            format!("{}/", self.bucket_base())
         };
         let req = Request {
             method: Method::HEAD,
