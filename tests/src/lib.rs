@@ -133,6 +133,43 @@ impl S3Server {
             .unwrap_or(0)
     }
 
+    /// The keys of multipart uploads started and neither completed nor aborted (s3s-fs keeps an
+    /// `.upload-<id>.json` per open upload and the upload's metadata under the key's name).
+    pub fn open_upload_keys(&self) -> Vec<String> {
+        use base64::Engine as _;
+        let names: Vec<String> = std::fs::read_dir(self.data.path())
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut keys = Vec::new();
+        for n in &names {
+            let Some(id) = n
+                .strip_prefix(".upload-")
+                .and_then(|r| r.strip_suffix(".json"))
+            else {
+                continue;
+            };
+            let suffix = format!(".upload-{id}.metadata.json");
+            let key = names
+                .iter()
+                .find_map(|m| m.strip_suffix(&suffix))
+                .and_then(|m| m.split_once(".object-"))
+                .and_then(|(_, k)| {
+                    base64::engine::general_purpose::URL_SAFE_NO_PAD
+                        .decode(k)
+                        .ok()
+                })
+                .map(|k| String::from_utf8_lossy(&k).into_owned())
+                .unwrap_or_else(|| format!("<unknown key of upload {id}>"));
+            keys.push(key);
+        }
+        keys.sort();
+        keys
+    }
+
     /// The user metadata s3s-fs stored for an object.
     pub fn metadata(&self, bucket: &str, key: &str) -> Option<serde_json::Value> {
         use base64::Engine as _;
@@ -156,6 +193,10 @@ pub struct SeenRequest {
     pub method: String,
     pub target: String,
     pub body_len: u64,
+    /// When the proxy saw the request head.
+    pub at: Instant,
+    /// The fault injected into this request, if any.
+    pub fault: Option<Fault>,
 }
 
 impl SeenRequest {
@@ -169,17 +210,97 @@ impl SeenRequest {
             .find_map(|kv| kv.strip_prefix("partNumber="))
             .and_then(|n| n.parse().ok())
     }
+
+    /// The S3 operation, as far as the tests need to tell them apart.
+    pub fn op(&self) -> &'static str {
+        let q = self.target.split_once('?').map_or("", |(_, q)| q);
+        match self.method.as_str() {
+            "PUT" if q.contains("partNumber=") => "UploadPart",
+            "PUT" => "PutObject",
+            "POST" if q.starts_with("uploads") => "CreateMultipartUpload",
+            "POST" => "CompleteMultipartUpload",
+            "GET" if q.contains("uploadId=") => "ListParts",
+            "GET" if q.contains("uploads") => "ListMultipartUploads",
+            "GET" => "Get",
+            "HEAD" if self.target.trim_start_matches('/').contains('/') => "HeadObject",
+            "HEAD" => "HeadBucket",
+            "DELETE" if q.contains("uploadId=") => "AbortMultipartUpload",
+            _ => "Other",
+        }
+    }
 }
 
-/// A TCP proxy in front of the server that parses the client-to-server byte stream into HTTP
-/// requests (so tests can count them), can delay each request, and can cut all connections.
+/// What the proxy does to a request that matches a rule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fault {
+    /// Answer with this HTTP status and S3 error code instead of forwarding (the request body
+    /// is read and dropped); `retry_after` adds a Retry-After header (seconds).
+    Status {
+        status: u16,
+        code: &'static str,
+        retry_after: Option<u32>,
+    },
+    /// Read the request and never answer.
+    BlackHole,
+    /// Read half of the request body, then reset the connection (RST).
+    ResetMidBody,
+    /// Forward the request, then pass back only part of the answer and close.
+    TruncateResponse,
+}
+
+/// Injects `fault` into the next `times` requests of operation `op` (see `SeenRequest::op`)
+/// whose target contains `target_contains`.
+#[derive(Debug, Clone)]
+pub struct Rule {
+    pub op: &'static str,
+    pub target_contains: String,
+    pub fault: Fault,
+    pub times: u32,
+}
+
+impl Rule {
+    pub fn new(op: &'static str, fault: Fault, times: u32) -> Rule {
+        Rule {
+            op,
+            target_contains: String::new(),
+            fault,
+            times,
+        }
+    }
+
+    pub fn on_target(mut self, part: &str) -> Rule {
+        self.target_contains = part.to_string();
+        self
+    }
+}
+
+/// A fault-injecting HTTP/1.1 proxy in front of the server. It handles each connection one
+/// request and one answer at a time (as the agent's client does), so it can count requests,
+/// delay them, answer them itself, black-hole or reset them, truncate answers, refuse
+/// connections (`down`) or accept and never answer any (`black_hole`).
 pub struct Proxy {
     pub port: u16,
     pub requests: Arc<Mutex<Vec<SeenRequest>>>,
     pub delay_ms: Arc<AtomicU64>,
     pub down: Arc<AtomicBool>,
+    pub black_hole: Arc<AtomicBool>,
     /// Connections accepted and closed at once because the proxy was down.
     pub refused: Arc<AtomicU64>,
+    /// Connections accepted while the proxy black-holed everything.
+    pub swallowed: Arc<AtomicU64>,
+    pub rules: Arc<Mutex<Vec<Rule>>>,
+    stop: Arc<AtomicBool>,
+}
+
+#[derive(Clone)]
+struct ProxyShared {
+    upstream: u16,
+    requests: Arc<Mutex<Vec<SeenRequest>>>,
+    delay_ms: Arc<AtomicU64>,
+    down: Arc<AtomicBool>,
+    black_hole: Arc<AtomicBool>,
+    swallowed: Arc<AtomicU64>,
+    rules: Arc<Mutex<Vec<Rule>>>,
     stop: Arc<AtomicBool>,
 }
 
@@ -187,39 +308,31 @@ impl Proxy {
     pub fn start(upstream: u16) -> Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
         let port = listener.local_addr().expect("addr").port();
-        let requests = Arc::new(Mutex::new(Vec::new()));
-        let delay_ms = Arc::new(AtomicU64::new(0));
-        let down = Arc::new(AtomicBool::new(false));
-        let stop = Arc::new(AtomicBool::new(false));
+        let shared = ProxyShared {
+            upstream,
+            requests: Arc::new(Mutex::new(Vec::new())),
+            delay_ms: Arc::new(AtomicU64::new(0)),
+            down: Arc::new(AtomicBool::new(false)),
+            black_hole: Arc::new(AtomicBool::new(false)),
+            swallowed: Arc::new(AtomicU64::new(0)),
+            rules: Arc::new(Mutex::new(Vec::new())),
+            stop: Arc::new(AtomicBool::new(false)),
+        };
         let refused = Arc::new(AtomicU64::new(0));
-        let (rq, dl, dn, st, rf) = (
-            requests.clone(),
-            delay_ms.clone(),
-            down.clone(),
-            stop.clone(),
-            refused.clone(),
-        );
+        let (sh, rf) = (shared.clone(), refused.clone());
         listener.set_nonblocking(true).expect("nonblocking");
         thread::spawn(move || {
-            while !st.load(Ordering::Relaxed) {
+            while !sh.stop.load(Ordering::Relaxed) {
                 match listener.accept() {
                     Ok((client, _)) => {
                         let _ = client.set_nonblocking(false);
-                        if dn.load(Ordering::Relaxed) {
+                        if sh.down.load(Ordering::Relaxed) {
                             rf.fetch_add(1, Ordering::Relaxed);
                             let _ = client.shutdown(Shutdown::Both);
                             continue;
                         }
-                        let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)) else {
-                            continue;
-                        };
-                        let (rq, dl, dn) = (rq.clone(), dl.clone(), dn.clone());
-                        let (c2, s2) = (
-                            client.try_clone().expect("clone"),
-                            server.try_clone().expect("clone"),
-                        );
-                        thread::spawn(move || pipe_plain(s2, c2));
-                        thread::spawn(move || pipe_requests(client, server, rq, dl, dn));
+                        let sh = sh.clone();
+                        thread::spawn(move || serve_connection(client, sh));
                     }
                     Err(_) => thread::sleep(Duration::from_millis(5)),
                 }
@@ -227,11 +340,14 @@ impl Proxy {
         });
         Proxy {
             port,
-            requests,
-            delay_ms,
-            down,
+            requests: shared.requests,
+            delay_ms: shared.delay_ms,
+            down: shared.down,
+            black_hole: shared.black_hole,
             refused,
-            stop,
+            swallowed: shared.swallowed,
+            rules: shared.rules,
+            stop: shared.stop,
         }
     }
 
@@ -250,6 +366,24 @@ impl Proxy {
             .filter_map(SeenRequest::part_number)
             .collect()
     }
+
+    /// Body bytes of all PutObject and UploadPart requests seen (sent or started).
+    pub fn data_bytes_sent(&self) -> u64 {
+        self.seen()
+            .iter()
+            .filter(|r| r.method == "PUT")
+            .map(|r| r.body_len)
+            .sum()
+    }
+
+    pub fn add_rule(&self, rule: Rule) {
+        self.rules.lock().expect("lock").push(rule);
+    }
+
+    /// Requests that got a fault injected.
+    pub fn faults_injected(&self) -> usize {
+        self.seen().iter().filter(|r| r.fault.is_some()).count()
+    }
 }
 
 impl Drop for Proxy {
@@ -258,92 +392,253 @@ impl Drop for Proxy {
     }
 }
 
-fn pipe_plain(mut from: TcpStream, mut to: TcpStream) {
-    let mut buf = vec![0u8; 64 * 1024];
+/// Reads from `s` into `buf` until it holds a full HTTP head; returns the head's length.
+fn read_head(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<usize> {
+    let mut chunk = [0u8; 16 * 1024];
     loop {
-        match from.read(&mut buf) {
-            Ok(0) | Err(_) => break,
+        if let Some(i) = find(buf, b"\r\n\r\n") {
+            return Some(i + 4);
+        }
+        match s.read(&mut chunk) {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+fn header_value<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+    head.split("\r\n")
+        .skip(1)
+        .filter_map(|l| l.split_once(':'))
+        .find(|(k, _)| k.trim().eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.trim())
+}
+
+/// Moves `len` body bytes from `from` (some may already sit in `buf`) to `to` (None: drop them).
+fn relay_body(
+    from: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    mut to: Option<&mut TcpStream>,
+    len: u64,
+) -> bool {
+    let take = (len as usize).min(buf.len());
+    if let Some(t) = to.as_mut() {
+        if t.write_all(&buf[..take]).is_err() {
+            return false;
+        }
+    }
+    buf.drain(..take);
+    let mut left = len - take as u64;
+    let mut chunk = vec![0u8; 64 * 1024];
+    while left > 0 {
+        let want = (left as usize).min(chunk.len());
+        match from.read(&mut chunk[..want]) {
+            Ok(0) | Err(_) => return false,
             Ok(n) => {
-                if to.write_all(&buf[..n]).is_err() {
-                    break;
+                if let Some(t) = to.as_mut() {
+                    if t.write_all(&chunk[..n]).is_err() {
+                        return false;
+                    }
                 }
+                left -= n as u64;
             }
         }
     }
-    let _ = to.shutdown(Shutdown::Write);
+    true
 }
 
-/// Forwards client->server bytes, recording each request head and skipping its body by
-/// Content-Length (ha-edge always sends one).
-fn pipe_requests(
-    mut client: TcpStream,
-    mut server: TcpStream,
-    log: Arc<Mutex<Vec<SeenRequest>>>,
-    delay_ms: Arc<AtomicU64>,
-    down: Arc<AtomicBool>,
-) {
-    let mut buf: Vec<u8> = Vec::new();
-    let mut chunk = vec![0u8; 64 * 1024];
+/// Closes a connection with a TCP reset instead of a FIN.
+#[allow(unsafe_code)]
+fn reset(s: TcpStream) {
+    use std::os::fd::AsRawFd;
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: a valid socket fd and a correctly sized linger struct.
+    unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
+    }
+    drop(s);
+}
+
+/// Holds a connection open without answering until the client gives up or the proxy stops.
+fn hold(mut client: TcpStream, stop: &AtomicBool) {
+    let _ = client.set_read_timeout(Some(Duration::from_millis(100)));
+    let mut sink = [0u8; 16 * 1024];
+    while !stop.load(Ordering::Relaxed) {
+        match client.read(&mut sink) {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut => {}
+            Err(_) => return,
+        }
+    }
+}
+
+fn serve_connection(mut client: TcpStream, sh: ProxyShared) {
+    if sh.black_hole.load(Ordering::Relaxed) {
+        sh.swallowed.fetch_add(1, Ordering::Relaxed);
+        return hold(client, &sh.stop);
+    }
+    let Ok(mut server) = TcpStream::connect(("127.0.0.1", sh.upstream)) else {
+        return;
+    };
+    let mut cbuf: Vec<u8> = Vec::new();
+    let mut sbuf: Vec<u8> = Vec::new();
     loop {
-        // Read until a full head is buffered.
-        let head_end = loop {
-            if let Some(i) = find(&buf, b"\r\n\r\n") {
-                break Some(i + 4);
-            }
-            match client.read(&mut chunk) {
-                Ok(0) | Err(_) => break None,
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            }
+        let Some(head_end) = read_head(&mut client, &mut cbuf) else {
+            break;
         };
-        let Some(head_end) = head_end else { break };
-        let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
-        let mut lines = head.split("\r\n");
-        let mut first = lines.next().unwrap_or_default().split(' ');
+        let head = String::from_utf8_lossy(&cbuf[..head_end]).into_owned();
+        let mut first = head.split("\r\n").next().unwrap_or_default().split(' ');
         let method = first.next().unwrap_or_default().to_string();
         let target = first.next().unwrap_or_default().to_string();
-        let body_len: u64 = lines
-            .filter_map(|l| l.split_once(':'))
-            .find(|(k, _)| k.trim().eq_ignore_ascii_case("content-length"))
-            .and_then(|(_, v)| v.trim().parse().ok())
+        let body_len: u64 = header_value(&head, "content-length")
+            .and_then(|v| v.parse().ok())
             .unwrap_or(0);
-        let delay = delay_ms.load(Ordering::Relaxed);
+        let delay = sh.delay_ms.load(Ordering::Relaxed);
         if delay > 0 {
             thread::sleep(Duration::from_millis(delay));
         }
-        if down.load(Ordering::Relaxed) {
+        if sh.down.load(Ordering::Relaxed) {
             break;
         }
-        log.lock().expect("lock").push(SeenRequest {
+        if sh.black_hole.load(Ordering::Relaxed) {
+            sh.swallowed.fetch_add(1, Ordering::Relaxed);
+            return hold(client, &sh.stop);
+        }
+        let mut seen = SeenRequest {
             method,
             target,
             body_len,
-        });
-        if server.write_all(&buf[..head_end]).is_err() {
-            break;
+            at: Instant::now(),
+            fault: None,
+        };
+        {
+            let mut rules = sh.rules.lock().expect("lock");
+            if let Some(r) = rules.iter_mut().find(|r| {
+                r.times > 0 && r.op == seen.op() && seen.target.contains(&r.target_contains)
+            }) {
+                r.times -= 1;
+                seen.fault = Some(r.fault.clone());
+            }
         }
-        buf.drain(..head_end);
-        let mut left = body_len;
-        let take = (left as usize).min(buf.len());
-        if server.write_all(&buf[..take]).is_err() {
-            break;
-        }
-        buf.drain(..take);
-        left -= take as u64;
-        while left > 0 {
-            let want = (left as usize).min(chunk.len());
-            match client.read(&mut chunk[..want]) {
-                Ok(0) | Err(_) => {
-                    left = 0;
-                    buf.clear();
-                    let _ = server.shutdown(Shutdown::Both);
+        let fault = seen.fault.clone();
+        let is_head = seen.method == "HEAD";
+        sh.requests.lock().expect("lock").push(seen);
+        cbuf.drain(..head_end);
+        match fault {
+            Some(Fault::Status {
+                status,
+                code,
+                retry_after,
+            }) => {
+                if !relay_body(&mut client, &mut cbuf, None, body_len) {
+                    break;
                 }
-                Ok(n) => {
-                    if server.write_all(&chunk[..n]).is_err() {
-                        break;
+                let body = format!(
+                    "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>{code}</Code><Message>injected by the test proxy</Message></Error>"
+                );
+                let mut resp = format!(
+                    "HTTP/1.1 {status} Injected\r\ncontent-type: application/xml\r\ncontent-length: {}\r\n",
+                    if is_head { 0 } else { body.len() }
+                );
+                if let Some(s) = retry_after {
+                    resp.push_str(&format!("retry-after: {s}\r\n"));
+                }
+                resp.push_str("\r\n");
+                if !is_head {
+                    resp.push_str(&body);
+                }
+                if client.write_all(resp.as_bytes()).is_err() {
+                    break;
+                }
+                continue;
+            }
+            Some(Fault::BlackHole) => {
+                return hold(client, &sh.stop);
+            }
+            Some(Fault::ResetMidBody) => {
+                let half = body_len / 2;
+                relay_body(&mut client, &mut cbuf, None, half);
+                reset(client);
+                return;
+            }
+            Some(Fault::TruncateResponse) | None => {}
+        }
+        // Forward the request and its body.
+        if server.write_all(head.as_bytes()).is_err()
+            || !relay_body(&mut client, &mut cbuf, Some(&mut server), body_len)
+        {
+            break;
+        }
+        // Relay the answer.
+        let Some(resp_end) = read_head(&mut server, &mut sbuf) else {
+            break;
+        };
+        let rhead = String::from_utf8_lossy(&sbuf[..resp_end]).into_owned();
+        let status: u16 = rhead
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let chunked = header_value(&rhead, "transfer-encoding")
+            .is_some_and(|v| v.eq_ignore_ascii_case("chunked"));
+        let rlen: u64 = if is_head || status == 204 || status == 304 {
+            0
+        } else {
+            header_value(&rhead, "content-length")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        };
+        if fault == Some(Fault::TruncateResponse) {
+            // Half the head if there is no body, else the head and half the body.
+            let cut = if rlen == 0 && !chunked {
+                resp_end / 2
+            } else {
+                resp_end + ((sbuf.len() - resp_end).min(rlen.max(2) as usize / 2))
+            };
+            let _ = client.write_all(&sbuf[..cut.min(sbuf.len())]);
+            let _ = server.shutdown(Shutdown::Both);
+            let _ = client.shutdown(Shutdown::Both);
+            return;
+        }
+        if client.write_all(&sbuf[..resp_end]).is_err() {
+            break;
+        }
+        sbuf.drain(..resp_end);
+        if chunked {
+            // Relay until the last chunk.
+            loop {
+                let end = if sbuf.starts_with(b"0\r\n\r\n") {
+                    Some(5)
+                } else {
+                    find(&sbuf, b"\r\n0\r\n\r\n").map(|i| i + 7)
+                };
+                if let Some(end) = end {
+                    if client.write_all(&sbuf[..end]).is_err() {
+                        return;
                     }
-                    left -= n as u64;
+                    sbuf.drain(..end);
+                    break;
+                }
+                let mut chunk = [0u8; 16 * 1024];
+                match server.read(&mut chunk) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => sbuf.extend_from_slice(&chunk[..n]),
                 }
             }
+        } else if !relay_body(&mut server, &mut sbuf, Some(&mut client), rlen) {
+            break;
         }
     }
     let _ = server.shutdown(Shutdown::Both);
@@ -378,6 +673,31 @@ pub fn write_settled(path: &Path, bytes: &[u8]) {
         .open(path)
         .expect("open");
     f.set_modified(old).expect("set mtime");
+}
+
+/// A seeded mix of file sizes: mostly small files (0..64 KiB), some of 1-4 MiB (single PUT
+/// below a 5 MiB threshold), and every 20th large enough for 2-4 parts of 5 MiB.
+pub fn mixed_workload(seed: u64, count: usize) -> Vec<(String, Vec<u8>)> {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let mib = 1024 * 1024;
+    (0..count)
+        .map(|i| {
+            let len = if i % 20 == 7 {
+                rng.usize(6 * mib..20 * mib)
+            } else if i % 7 == 3 {
+                rng.usize(mib..4 * mib)
+            } else if i % 50 == 0 {
+                0
+            } else {
+                rng.usize(1..64 * 1024)
+            };
+            let name = format!("batch-{:02}/obj-{i:04}.ndjson", i % 13);
+            (
+                name,
+                data(seed.wrapping_mul(1000).wrapping_add(i as u64), len),
+            )
+        })
+        .collect()
 }
 
 /// A scratch setup for one agent: a source directory, a journal and a config file.
@@ -495,6 +815,22 @@ path_style = true
             .expect("query")
             .collect::<Result<_, _>>()
             .expect("rows")
+    }
+
+    /// Keys of journal rows matching an SQL condition on `objects` (empty if unreadable).
+    pub fn journal_keys(&self, condition: &str) -> Vec<String> {
+        let Ok(c) = rusqlite::Connection::open_with_flags(
+            self.journal(),
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        ) else {
+            return Vec::new();
+        };
+        let Ok(mut s) = c.prepare(&format!("SELECT key FROM objects WHERE {condition}")) else {
+            return Vec::new();
+        };
+        s.query_map([], |r| r.get(0))
+            .map(|rows| rows.filter_map(Result::ok).collect())
+            .unwrap_or_default()
     }
 
     /// Part numbers recorded in the journal for an object key.

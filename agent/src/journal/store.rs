@@ -401,8 +401,11 @@ impl Journal {
         .await
     }
 
-    /// Fixes the whole-object hash and the fingerprint it was computed from. Returns false if the
-    /// row changed meanwhile (a rescan saw a newer version), in which case nothing is written.
+    /// Fixes the whole-object hash and the fingerprint it was computed from, and marks the row
+    /// `uploading` without an upload id: from here on an upload may exist on the server that the
+    /// journal does not know yet (CreateMultipartUpload sent, answer not recorded), and recovery
+    /// looks for it. Returns false if the row changed meanwhile (a rescan saw a newer version),
+    /// in which case nothing is written.
     pub async fn set_hashed(
         &self,
         id: i64,
@@ -411,7 +414,7 @@ impl Journal {
     ) -> Result<bool, JournalError> {
         self.call(move |c| {
             let n = c.execute(
-                "UPDATE objects SET sha256 = ?2, updated_ms = ?6
+                "UPDATE objects SET sha256 = ?2, state = 'uploading', upload_id = NULL, updated_ms = ?6
                  WHERE id = ?1 AND state = 'pending' AND size = ?3 AND mtime_ns = ?4 AND inode = ?5",
                 params![id, &sha256[..], fp.size as i64, fp.mtime_ns, fp.inode as i64, now_ms()],
             )?;

@@ -351,6 +351,32 @@ impl S3Client {
         Ok(())
     }
 
+    /// Open multipart uploads of exactly `key` (first page of ListMultipartUploads, up to 1,000:
+    /// ha-edge starts at most one upload per key at a time).
+    pub async fn list_uploads_for_key(&self, key: &str) -> Result<Vec<String>, S3Error> {
+        let url = format!(
+            "{}/?uploads&prefix={}",
+            self.bucket_base(),
+            utf8_percent_encode(key, QUERY_SET)
+        );
+        let req = Request {
+            method: Method::GET,
+            url: Url::parse(&url)
+                .map_err(|e| self.protocol("ListMultipartUploads", key, &e.to_string()))?,
+            headers: vec![],
+            body: Bytes::new(),
+            payload_sha256_hex: sign::EMPTY_SHA256.to_string(),
+        };
+        let resp = self.execute("ListMultipartUploads", key, req).await?;
+        xml::parse_uploads_for_key(&String::from_utf8_lossy(&resp.body), key).ok_or_else(|| {
+            self.protocol(
+                "ListMultipartUploads",
+                key,
+                "not a ListMultipartUploadsResult",
+            )
+        })
+    }
+
     /// Aborts an upload; an upload that is already gone counts as aborted.
     pub async fn abort_multipart(&self, key: &str, upload_id: &str) -> Result<(), S3Error> {
         let req = Request {

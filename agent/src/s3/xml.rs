@@ -43,6 +43,23 @@ pub fn parse_upload_id(body: &str) -> Option<String> {
     child_text(doc.root_element(), "UploadId").map(str::to_string)
 }
 
+/// Upload ids for exactly `key` in a `ListMultipartUploadsResult` (other keys under the same
+/// prefix are ignored).
+pub fn parse_uploads_for_key(body: &str, key: &str) -> Option<Vec<String>> {
+    let doc = roxmltree::Document::parse(body).ok()?;
+    let root = doc.root_element();
+    if root.tag_name().name() != "ListMultipartUploadsResult" {
+        return None;
+    }
+    Some(
+        root.children()
+            .filter(|c| c.tag_name().name() == "Upload")
+            .filter(|u| child_text(*u, "Key") == Some(key))
+            .filter_map(|u| child_text(u, "UploadId").map(str::to_string))
+            .collect(),
+    )
+}
+
 pub fn parse_list_parts(body: &str) -> Option<PartsPage> {
     let doc = roxmltree::Document::parse(body).ok()?;
     let root = doc.root_element();
@@ -133,5 +150,21 @@ mod tests {
         let b = complete_body([(1, "\"e1\"", "c2hh")]);
         assert!(b.contains("<ETag>&quot;e1&quot;</ETag>"), "{b}");
         assert!(b.contains("<ChecksumSHA256>c2hh</ChecksumSHA256>"));
+    }
+
+    #[test]
+    fn uploads_for_one_key_only() {
+        let body = r#"<?xml version="1.0" encoding="UTF-8"?>
+<ListMultipartUploadsResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/">
+  <Bucket>b</Bucket><Prefix>fhir/a.ndjson</Prefix><IsTruncated>false</IsTruncated>
+  <Upload><Key>fhir/a.ndjson</Key><UploadId>u1</UploadId></Upload>
+  <Upload><Key>fhir/a.ndjson.bak</Key><UploadId>u2</UploadId></Upload>
+  <Upload><Key>fhir/a.ndjson</Key><UploadId>u3</UploadId></Upload>
+</ListMultipartUploadsResult>"#;
+        assert_eq!(
+            parse_uploads_for_key(body, "fhir/a.ndjson"),
+            Some(vec!["u1".to_string(), "u3".to_string()])
+        );
+        assert_eq!(parse_uploads_for_key("<Error/>", "k"), None);
     }
 }

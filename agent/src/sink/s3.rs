@@ -39,6 +39,7 @@ pub struct S3Sink {
     params: UploadParams,
     budget: Arc<Semaphore>,
     budget_kib: u32,
+    warned_no_listing: std::sync::atomic::AtomicBool,
 }
 
 /// Why an object could not proceed; mapped to an `Outcome` at the end.
@@ -85,6 +86,7 @@ impl S3Sink {
             params,
             budget: Arc::new(Semaphore::new(budget_kib as usize)),
             budget_kib,
+            warned_no_listing: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -311,6 +313,14 @@ impl S3Sink {
         path: &Path,
         stop: watch::Receiver<bool>,
     ) -> Result<[u8; 32], Stop> {
+        if row.upload_id.is_none() {
+            // Interrupted between "hashed" and "upload id recorded": CreateMultipartUpload may
+            // have gone through, and that upload would stay open (and billed) forever.
+            self.sweep_unrecorded_uploads(&row.key).await?;
+            return self
+                .start_over(row, root, path, stop, "upload start was interrupted")
+                .await;
+        }
         let (Some(upload_id), Some(sha), Some(part_size)) =
             (&row.upload_id, row.sha256, row.part_size)
         else {
@@ -378,6 +388,31 @@ impl S3Sink {
         tracing::info!(key = %row.key, parts_done = keep.len(), "resuming multipart upload");
         self.upload_parts(row, file, path, upload_id, part_size, &sha, keep, stop)
             .await
+    }
+
+    /// Aborts uploads of `key` that the journal never recorded. A server without
+    /// ListMultipartUploads (501) gets one warning per process: only a lifecycle rule
+    /// (AbortIncompleteMultipartUpload) can clean up there.
+    async fn sweep_unrecorded_uploads(&self, key: &str) -> Result<(), Stop> {
+        match self.client.list_uploads_for_key(key).await {
+            Ok(ids) => {
+                for id in ids {
+                    self.client.abort_multipart(key, &id).await?;
+                    tracing::info!(key, upload_id = %id, "aborted a multipart upload left by an interrupted start");
+                }
+                Ok(())
+            }
+            Err(e) if e.status() == Some(501) || e.code() == Some("NotImplemented") => {
+                if !self
+                    .warned_no_listing
+                    .swap(true, std::sync::atomic::Ordering::Relaxed)
+                {
+                    tracing::warn!(key, "the server cannot list multipart uploads (ListMultipartUploads not implemented): an upload whose start was interrupted by a crash may stay open there; set an AbortIncompleteMultipartUpload lifecycle rule on the bucket");
+                }
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Forgets the object's upload in the journal and sends it again from the start.
