@@ -53,11 +53,16 @@ pub struct Summary {
     pub unsettled: usize,
     pub refused: usize,
     pub destination_error: Option<String>,
+    /// The destination stopped answering (`--once` stops dispatching and exits 1).
+    pub unreachable: Option<String>,
 }
 
 impl Summary {
     pub fn all_delivered(&self) -> bool {
-        self.rejected == 0 && self.failed == 0 && self.destination_error.is_none()
+        self.rejected == 0
+            && self.failed == 0
+            && self.destination_error.is_none()
+            && self.unreachable.is_none()
     }
 }
 
@@ -70,6 +75,22 @@ const PROBE: Backoff = Backoff {
     cap: Duration::from_secs(600),
 };
 
+/// Delay before probing a destination that stopped answering, growing up to 1 minute (the
+/// request-level retries have already waited before an outage is declared).
+const OUTAGE_PROBE: Backoff = Backoff {
+    base: Duration::from_secs(2),
+    cap: Duration::from_secs(60),
+};
+
+/// A source whose keys the destination refuses (403 AccessDenied on its prefix), while other
+/// sources go on.
+struct SourcePause {
+    code: String,
+    message: String,
+    round: u32,
+    until: Instant,
+}
+
 struct Scheduler {
     journal: Journal,
     sink: Arc<S3Sink>,
@@ -79,6 +100,9 @@ struct Scheduler {
     paused_until: Option<Instant>,
     probe_round: u32,
     refused_code: Option<String>,
+    /// Since when the destination has not answered at all (outage), if it has not.
+    unreachable_since: Option<Instant>,
+    source_pauses: HashMap<String, SourcePause>,
     /// The journal already says "destination: ok" (written on changes only, not per object).
     destination_ok_recorded: bool,
 }
@@ -207,6 +231,8 @@ pub async fn run(
         paused_until: None,
         probe_round: 0,
         refused_code: None,
+        unreachable_since: None,
+        source_pauses: HashMap::new(),
         destination_ok_recorded: false,
     };
     sched.preflight().await?;
@@ -254,6 +280,9 @@ pub async fn run(
             let take = free.min(queued.len());
             let rows: Vec<ObjectRow> = queued.drain(..take).collect();
             for row in rows {
+                if sched.defer_if_source_paused(&row).await? {
+                    continue;
+                }
                 inflight_ids.push(row.id);
                 let span = tracing::info_span!("object", id = row.id, key = %row.key);
                 let sink = sched.sink.clone();
@@ -322,7 +351,13 @@ pub async fn run(
                     "{} delivered since start, {} in flight, destination {}",
                     s.delivered,
                     inflight.len(),
-                    if sched.refused_code.is_some() { "refusing" } else { "ok" }
+                    if sched.refused_code.is_some() {
+                        "refusing"
+                    } else if sched.unreachable_since.is_some() {
+                        "unreachable"
+                    } else {
+                        "ok"
+                    }
                 ));
             }
             _ = wake.notified(), if !draining => {}
@@ -417,9 +452,107 @@ impl Scheduler {
             .await
     }
 
+    /// Rows of a source whose keys the destination refuses wait until that source's next probe
+    /// (daemon) or are left for the next run (`--once`). Returns true if the row was deferred.
+    async fn defer_if_source_paused(&mut self, row: &ObjectRow) -> Result<bool, JournalError> {
+        let Some(p) = self.source_pauses.get(&row.source) else {
+            return Ok(false);
+        };
+        if self.once {
+            self.summary.failed += 1;
+            return Ok(true);
+        }
+        let now = Instant::now();
+        if now >= p.until {
+            return Ok(false);
+        }
+        let wait = p.until.duration_since(now).as_millis() as i64;
+        let msg = p.message.clone();
+        self.journal.retry_later(row.id, wait, false, msg).await?;
+        Ok(true)
+    }
+
+    /// The destination refuses this source's keys only: pause that source, tell the operator
+    /// once per cause, publish it for `status`.
+    async fn refuse_source(&mut self, row: &ObjectRow, err: &S3Error) -> Result<(), JournalError> {
+        let msg = match err.advice() {
+            Some(advice) => format!("{err} ({advice})"),
+            None => err.to_string(),
+        };
+        let code = err.code().unwrap_or_default().to_string();
+        let now = Instant::now();
+        let (round, new_cause) = match self.source_pauses.get(&row.source) {
+            Some(p) if p.code == code && now < p.until => (p.round, false),
+            Some(p) if p.code == code => (p.round + 1, false),
+            _ => (1, true),
+        };
+        if new_cause {
+            tracing::error!(source = %row.source, error = %msg, "destination refuses this source's keys; pausing this source (others go on)");
+            self.journal.note_error(msg.clone()).await?;
+            let since = humantime::format_rfc3339_seconds(std::time::SystemTime::now());
+            self.journal
+                .set_agent_state(
+                    format!("source.{}", row.source),
+                    format!("refused since {since}: {msg}"),
+                )
+                .await?;
+        }
+        let delay = PROBE.nth(round, fastrand::f64());
+        self.source_pauses.insert(
+            row.source.clone(),
+            SourcePause {
+                code,
+                message: msg.clone(),
+                round,
+                until: now + delay,
+            },
+        );
+        if self.once {
+            self.summary.destination_error.get_or_insert(msg);
+        } else {
+            let wait = delay.as_millis() as i64;
+            self.journal
+                .retry_later(row.id, wait, false, err.to_string())
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// No answer from the destination: say so once when the outage starts, pause, and probe
+    /// with one object at a growing interval (daemon); stop dispatching (`--once`).
+    async fn outage(&mut self, row: &ObjectRow, msg: String) -> Result<(), JournalError> {
+        if self.unreachable_since.is_none() {
+            tracing::warn!(endpoint = %self.sink.client().endpoint(), error = %msg, "destination unreachable; pausing uploads and probing until it answers");
+            self.journal.note_error(msg.clone()).await?;
+            let since = humantime::format_rfc3339_seconds(std::time::SystemTime::now());
+            self.journal
+                .set_agent_state("destination", format!("unreachable since {since}: {msg}"))
+                .await?;
+            self.destination_ok_recorded = false;
+            self.unreachable_since = Some(Instant::now());
+        } else {
+            tracing::debug!(error = %msg, "destination still unreachable");
+        }
+        if self.once {
+            self.summary.failed += 1;
+            self.summary.unreachable.get_or_insert(msg.clone());
+            return self.journal.retry_later(row.id, 0, false, msg).await;
+        }
+        let now = Instant::now();
+        if self.paused_until.is_none_or(|t| now >= t) {
+            self.probe_round += 1;
+            let delay = OUTAGE_PROBE.nth(self.probe_round, fastrand::f64());
+            self.paused_until = Some(now + delay);
+        }
+        let wait = self
+            .paused_until
+            .map_or(0, |t| t.saturating_duration_since(now).as_millis() as i64);
+        self.journal.retry_later(row.id, wait, false, msg).await
+    }
+
     fn destination_open(&self) -> bool {
         if self.once {
-            return self.summary.destination_error.is_none();
+            return self.summary.destination_error.is_none() && self.summary.unreachable.is_none();
         }
         self.paused_until.is_none_or(|t| Instant::now() >= t)
     }
@@ -433,11 +566,21 @@ impl Scheduler {
         let j = &self.journal;
         match outcome {
             Outcome::Delivered(sha256) => {
+                if let Some(since) = self.unreachable_since.take() {
+                    tracing::info!(endpoint = %self.sink.client().endpoint(), outage_secs = since.elapsed().as_secs(), "destination answers again; resuming uploads");
+                    self.probe_round = 0;
+                    self.paused_until = None;
+                }
                 if self.probe_round > 0 || self.refused_code.is_some() {
                     tracing::info!(bucket = %self.sink.client().bucket(), "destination accepts requests again");
                     self.probe_round = 0;
                     self.paused_until = None;
                     self.refused_code = None;
+                }
+                if self.source_pauses.remove(&row.source).is_some() {
+                    tracing::info!(source = %row.source, "destination accepts this source's keys again");
+                    j.set_agent_state(format!("source.{}", row.source), "ok".into())
+                        .await?;
                 }
                 if !self.destination_ok_recorded {
                     j.set_agent_state("destination", "ok".into()).await?;
@@ -504,6 +647,10 @@ impl Scheduler {
                 }
                 j.retry_later(row.id, delay.as_millis() as i64, true, msg)
                     .await?;
+            }
+            Outcome::Unreachable(msg) => self.outage(&row, msg).await?,
+            Outcome::Destination(err) if err.is_scoped_to_keys() => {
+                self.refuse_source(&row, &err).await?;
             }
             Outcome::Destination(err) => {
                 j.retry_later(row.id, 0, false, err.to_string()).await?;

@@ -10,6 +10,11 @@ pub fn render_text(s: &Status) -> String {
     if let Some(d) = s.agent.get("destination") {
         let _ = writeln!(out, "destination: {d}");
     }
+    for (name, v) in &s.agent {
+        if let Some(source) = name.strip_prefix("source.") {
+            let _ = writeln!(out, "source {source}: {v}");
+        }
+    }
     if let Some(t) = s.agent.get("started") {
         let _ = writeln!(
             out,

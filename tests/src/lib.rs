@@ -494,10 +494,7 @@ fn serve_connection(mut client: TcpStream, sh: ProxyShared) {
     };
     let mut cbuf: Vec<u8> = Vec::new();
     let mut sbuf: Vec<u8> = Vec::new();
-    loop {
-        let Some(head_end) = read_head(&mut client, &mut cbuf) else {
-            break;
-        };
+    while let Some(head_end) = read_head(&mut client, &mut cbuf) {
         let head = String::from_utf8_lossy(&cbuf[..head_end]).into_owned();
         let mut first = head.split("\r\n").next().unwrap_or_default().split(' ');
         let method = first.next().unwrap_or_default().to_string();

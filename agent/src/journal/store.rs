@@ -618,9 +618,10 @@ impl Journal {
 
     pub async fn set_agent_state(
         &self,
-        name: &'static str,
+        name: impl Into<String>,
         value: String,
     ) -> Result<(), JournalError> {
+        let name: String = name.into();
         self.call(move |c| {
             c.execute(
                 "INSERT INTO agent_state (name, value) VALUES (?1, ?2)

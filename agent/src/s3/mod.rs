@@ -81,6 +81,17 @@ impl S3Error {
         }
     }
 
+    /// No HTTP answer came back (connect error, timeout, reset, truncated answer).
+    pub fn is_unanswered(&self) -> bool {
+        matches!(self, S3Error::Transport { .. })
+    }
+
+    /// A refusal that concerns some keys only (a bucket policy denying a prefix), as opposed to
+    /// one that concerns every request (bad credentials, no bucket, wrong region, clock).
+    pub fn is_scoped_to_keys(&self) -> bool {
+        matches!(self, S3Error::Service(e) if e.status == 403 && e.code == "AccessDenied")
+    }
+
     pub fn code(&self) -> Option<&str> {
         match self {
             S3Error::Service(e) => Some(&e.code),

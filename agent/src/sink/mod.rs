@@ -11,7 +11,11 @@ pub enum Outcome {
     Delivered([u8; 32]),
     /// Transient failure after the request-level retries: try the object again later.
     Retry(String),
-    /// The destination refuses everyone (credentials, bucket, region): pause it, tell the operator.
+    /// No answer from the destination at all (connect error, timeout, reset) after the
+    /// request-level retries: the path is down, not this object.
+    Unreachable(String),
+    /// The destination refuses (credentials, bucket, region, or access to this source's prefix):
+    /// pause, tell the operator once.
     Destination(crate::s3::S3Error),
     /// This object can never be delivered as it is.
     Rejected(String),

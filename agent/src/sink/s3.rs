@@ -153,6 +153,7 @@ impl S3Sink {
             Stop::Journal(j) => Outcome::Fatal(j),
             Stop::Verify { .. } => Outcome::Retry(e.to_string()),
             Stop::S3(s3) => match s3.class() {
+                Class::Transient if s3.is_unanswered() => Outcome::Unreachable(s3.to_string()),
                 Class::Transient => Outcome::Retry(s3.to_string()),
                 Class::Destination => Outcome::Destination(s3),
                 Class::Object => Outcome::Rejected(s3.to_string()),
@@ -544,9 +545,18 @@ impl S3Sink {
             .await
         {
             Ok(()) => {}
-            // A retried completion whose first attempt went through answers NoSuchUpload.
-            Err(e) if e.code() == Some("NoSuchUpload") => {}
-            Err(e) => return Err(e.into()),
+            // The first attempt may have gone through with its answer lost: the retry then
+            // fails (NoSuchUpload on S3; some servers answer 403 for an upload id they no
+            // longer know). The stored object decides.
+            Err(e) => {
+                if self.verify(&row.key, size, sha, Some(&parts)).await.is_ok() {
+                    tracing::info!(key = %row.key, error = %e, "completion had gone through before the error; object verified");
+                    return Ok(*sha);
+                }
+                if e.code() != Some("NoSuchUpload") {
+                    return Err(e.into());
+                }
+            }
         }
         self.verify(&row.key, size, sha, Some(&parts)).await?;
         Ok(*sha)
