@@ -105,11 +105,27 @@ pub struct Status {
     pub last_errors: Vec<StatusError>,
 }
 
-/// Work for the writer thread. It runs inside its own savepoint (`Some(conn)`), or is told that
-/// it cannot run (`None`, e.g. BEGIN failed); it returns whether it succeeded and what to do once
-/// the enclosing transaction has committed or failed.
-type Job = Box<dyn FnOnce(Option<&Connection>) -> (bool, Completion) + Send>;
+/// Work for the writer thread: `run` executes inside its own savepoint and may run more than
+/// once (the whole group is run again after the disk was full); `finish` gets the outcome once
+/// the enclosing transaction has committed or failed for good.
+struct Job {
+    run: Box<dyn FnMut(&Connection) -> RunResult + Send>,
+    finish: Completion,
+}
 type Completion = Box<dyn FnOnce(Result<(), String>) + Send>;
+
+/// What one run of a job did.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum RunResult {
+    Ok,
+    Failed,
+    /// The database or its filesystem is full: nothing can be written until space returns.
+    DiskFull,
+}
+
+fn is_disk_full(e: &rusqlite::Error) -> bool {
+    e.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull)
+}
 
 /// Requests taken into one transaction at most.
 const MAX_GROUP: usize = 512;
@@ -205,7 +221,7 @@ impl Journal {
     /// Runs `f` and blocks until its transaction has committed.
     fn with<R: Send + 'static>(
         &self,
-        f: impl FnOnce(&Connection) -> rusqlite::Result<R> + Send + 'static,
+        mut f: impl FnMut(&Connection) -> rusqlite::Result<R> + Send + 'static,
     ) -> Result<R, JournalError> {
         match &*self.backend {
             Backend::ReadOnly(conn) => {
@@ -225,7 +241,7 @@ impl Journal {
     /// Runs `f`; resolves once its transaction has committed.
     async fn call<R: Send + 'static>(
         &self,
-        f: impl FnOnce(&Connection) -> rusqlite::Result<R> + Send + 'static,
+        f: impl FnMut(&Connection) -> rusqlite::Result<R> + Send + 'static,
     ) -> Result<R, JournalError> {
         match &*self.backend {
             Backend::ReadOnly(_) => {
@@ -247,35 +263,44 @@ impl Journal {
     /// Queues `f` for the writer thread; `reply` gets its result after the commit.
     fn submit<R: Send + 'static>(
         &self,
-        f: impl FnOnce(&Connection) -> rusqlite::Result<R> + Send + 'static,
+        mut f: impl FnMut(&Connection) -> rusqlite::Result<R> + Send + 'static,
         reply: impl FnOnce(Result<R, JournalError>) + Send + 'static,
     ) -> Result<(), JournalError> {
         let Backend::Writer(sender) = &*self.backend else {
             return Err(JournalError::Panicked);
         };
         let path = self.path.clone();
-        let job: Job = Box::new(move |conn: Option<&Connection>| {
-            // None: the job could not run; the commit result carries the reason.
-            let result: Result<R, Option<rusqlite::Error>> = match conn {
-                Some(c) => f(c).map_err(Some),
-                None => Err(None),
+        // The latest run's result; None if the job never got to run.
+        let slot: Arc<Mutex<Option<rusqlite::Result<R>>>> = Arc::new(Mutex::new(None));
+        let slot2 = slot.clone();
+        let run = Box::new(move |c: &Connection| {
+            let r = f(c);
+            let res = match &r {
+                Ok(_) => RunResult::Ok,
+                Err(e) if is_disk_full(e) => RunResult::DiskFull,
+                Err(_) => RunResult::Failed,
             };
-            let ok = result.is_ok();
-            let done: Completion = Box::new(move |commit: Result<(), String>| {
-                let out = match (result, commit) {
-                    (Ok(v), Ok(())) => Ok(v),
-                    (Err(Some(e)), _) => Err(JournalError::from_sqlite(&path, e)),
-                    (_, Err(detail)) => Err(JournalError::Commit {
-                        path: path.to_path_buf(),
-                        detail,
-                    }),
-                    (Err(None), Ok(())) => Err(JournalError::Panicked),
-                };
-                reply(out);
-            });
-            (ok, done)
+            if let Ok(mut g) = slot2.lock() {
+                *g = Some(r);
+            }
+            res
         });
-        sender.send(job).map_err(|_| JournalError::Panicked)
+        let finish: Completion = Box::new(move |commit: Result<(), String>| {
+            let result = slot.lock().ok().and_then(|mut g| g.take());
+            let out = match (result, commit) {
+                (Some(Ok(v)), Ok(())) => Ok(v),
+                (Some(Err(e)), _) => Err(JournalError::from_sqlite(&path, e)),
+                (_, Err(detail)) => Err(JournalError::Commit {
+                    path: path.to_path_buf(),
+                    detail,
+                }),
+                (None, Ok(())) => Err(JournalError::Panicked),
+            };
+            reply(out);
+        });
+        sender
+            .send(Job { run, finish })
+            .map_err(|_| JournalError::Panicked)
     }
 
     /// A full consistency check (for `validate`).
@@ -482,7 +507,7 @@ impl Journal {
     /// Forgets parts the server no longer has.
     pub async fn drop_parts(&self, id: i64, numbers: Vec<u32>) -> Result<(), JournalError> {
         self.call(move |c| {
-            for n in numbers {
+            for n in &numbers {
                 c.execute(
                     "DELETE FROM parts WHERE object_id = ?1 AND part_number = ?2",
                     params![id, n],
@@ -689,7 +714,7 @@ impl Journal {
                 })?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
             Ok(Status {
-                journal,
+                journal: journal.clone(),
                 objects,
                 bytes_pending: bytes_pending as u64,
                 bytes_delivered: bytes_delivered as u64,
@@ -727,6 +752,9 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), JournalError> {
 /// one transaction, commits once (one fsync for the whole group), and only then answers them.
 /// A request that fails is rolled back alone; a failed commit fails the whole group.
 fn writer(conn: Connection, rx: std::sync::mpsc::Receiver<Job>) {
+    // Set while the disk is full: since when, and how long to wait before the next try.
+    let mut full_since: Option<std::time::Instant> = None;
+    let mut wait = std::time::Duration::from_millis(500);
     while let Ok(first) = rx.recv() {
         let mut jobs = vec![first];
         while jobs.len() < MAX_GROUP {
@@ -735,41 +763,104 @@ fn writer(conn: Connection, rx: std::sync::mpsc::Receiver<Job>) {
                 Err(_) => break,
             }
         }
-        if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
-            let detail = e.to_string();
-            for job in jobs {
-                let (_, done) = job(None);
-                done(Err(detail.clone()));
+        loop {
+            match run_group(&conn, &mut jobs) {
+                GroupResult::Done(outcomes) => {
+                    if let Some(since) = full_since.take() {
+                        tracing::warn!(
+                            stalled_secs = since.elapsed().as_secs(),
+                            "journal writable again; resuming"
+                        );
+                        wait = std::time::Duration::from_millis(500);
+                    }
+                    for (job, outcome) in jobs.drain(..).zip(outcomes) {
+                        (job.finish)(outcome);
+                    }
+                    break;
+                }
+                GroupResult::DiskFull(detail) => {
+                    // Nothing of this group was written. Everything that needs the journal
+                    // waits here (intake, uploads recording their progress), so no work is
+                    // done that could not be recorded; the group runs again when space returns.
+                    if full_since.is_none() {
+                        tracing::error!(error = %detail, "the journal's filesystem is full: all work paused until space is freed (nothing recorded so far is lost)");
+                        full_since = Some(std::time::Instant::now());
+                    }
+                    // A known stall, not a hang: keep systemd's watchdog fed meanwhile.
+                    crate::systemd::watchdog();
+                    crate::systemd::status("journal filesystem full: paused");
+                    std::thread::sleep(wait);
+                    wait = (wait * 2).min(std::time::Duration::from_secs(10));
+                }
             }
+        }
+    }
+}
+
+enum GroupResult {
+    /// Committed (or failed for good): each job's outcome, in order.
+    Done(Vec<Result<(), String>>),
+    /// Rolled back because the disk is full; run the group again later.
+    DiskFull(String),
+}
+
+/// Runs a group of jobs in one transaction, each in its own savepoint.
+fn run_group(conn: &Connection, jobs: &mut [Job]) -> GroupResult {
+    let full = |e: &rusqlite::Error| is_disk_full(e).then(|| e.to_string());
+    if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+        if let Some(d) = full(&e) {
+            return GroupResult::DiskFull(d);
+        }
+        return GroupResult::Done(vec![Err(e.to_string()); jobs.len()]);
+    }
+    let mut own = Vec::with_capacity(jobs.len());
+    for job in jobs.iter_mut() {
+        if let Err(e) = conn.execute_batch("SAVEPOINT job") {
+            if let Some(d) = full(&e) {
+                let _ = conn.execute_batch("ROLLBACK");
+                return GroupResult::DiskFull(d);
+            }
+            own.push(Some(e.to_string()));
             continue;
         }
-        let mut pending = Vec::with_capacity(jobs.len());
-        for job in jobs {
-            if let Err(e) = conn.execute_batch("SAVEPOINT job") {
-                let (_, done) = job(None);
-                pending.push((done, Some(e.to_string())));
-                continue;
-            }
-            let (ok, done) = job(Some(&conn));
-            let end = if ok {
-                conn.execute_batch("RELEASE job")
-            } else {
-                conn.execute_batch("ROLLBACK TO job; RELEASE job")
-            };
-            pending.push((done, end.err().map(|e| e.to_string())));
-        }
-        let commit = conn.execute_batch("COMMIT").map_err(|e| e.to_string());
-        if commit.is_err() {
+        let res = (job.run)(conn);
+        if res == RunResult::DiskFull {
             let _ = conn.execute_batch("ROLLBACK");
+            return GroupResult::DiskFull("database or disk is full".into());
         }
-        for (done, own) in pending {
-            done(match (&commit, own) {
+        let end = if res == RunResult::Ok {
+            conn.execute_batch("RELEASE job")
+        } else {
+            conn.execute_batch("ROLLBACK TO job; RELEASE job")
+        };
+        match end {
+            Ok(()) => own.push(None),
+            Err(e) => {
+                if let Some(d) = full(&e) {
+                    let _ = conn.execute_batch("ROLLBACK");
+                    return GroupResult::DiskFull(d);
+                }
+                own.push(Some(e.to_string()));
+            }
+        }
+    }
+    let commit = conn.execute_batch("COMMIT");
+    if let Err(e) = &commit {
+        let _ = conn.execute_batch("ROLLBACK");
+        if let Some(d) = full(e) {
+            return GroupResult::DiskFull(d);
+        }
+    }
+    let commit = commit.map_err(|e| e.to_string());
+    GroupResult::Done(
+        own.into_iter()
+            .map(|o| match (&commit, o) {
                 (Ok(()), None) => Ok(()),
                 (Ok(()), Some(e)) => Err(e),
                 (Err(e), _) => Err(e.clone()),
-            });
-        }
-    }
+            })
+            .collect(),
+    )
 }
 
 fn insert_error(c: &Connection, now: i64, id: Option<i64>, message: &str) -> rusqlite::Result<()> {
