@@ -160,8 +160,9 @@ pub async fn run(
     opts: RunOptions,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<Summary, AppError> {
-    let journal = Journal::open(&config.agent.journal)?;
+    // Credentials first: a run that cannot authenticate must not create a journal.
     let creds = credentials::resolve(&config.destination)?;
+    let journal = Journal::open(&config.agent.journal)?;
     tracing::info!(
         endpoint = %config.destination.endpoint,
         bucket = %config.destination.bucket,

@@ -277,12 +277,49 @@ fn parse_raw(text: &str) -> Result<RawConfig, ConfigProblem> {
 
 fn toml_problem(text: &str, key: &str, e: &toml::de::Error) -> ConfigProblem {
     let (line, column) = e.span().map(|s| line_col(text, s.start)).unwrap_or((1, 1));
+    let key = if key.is_empty() {
+        key_on_line(text, line).unwrap_or_default()
+    } else {
+        key.to_string()
+    };
     ConfigProblem {
         line,
         column,
-        key: key.to_string(),
+        key,
         message: e.message().trim().to_string(),
     }
+}
+
+/// For a syntax error, which has no key path: the dotted key that line sets, qualified by the
+/// nearest table header above it (`[[source]]` tables are numbered as in other messages).
+fn key_on_line(text: &str, line: usize) -> Option<String> {
+    let lines: Vec<&str> = text.lines().collect();
+    let name = lines.get(line.checked_sub(1)?)?.split_once('=')?.0.trim();
+    let plain = |c: char| c.is_ascii_alphanumeric() || "_-.".contains(c);
+    if name.is_empty() || !name.chars().all(plain) {
+        return None;
+    }
+    let mut table = String::new();
+    let mut sources = 0;
+    for l in &lines[..line - 1] {
+        let t = l.trim();
+        if let Some(inner) = t.strip_prefix("[[").and_then(|r| r.strip_suffix("]]")) {
+            let inner = inner.trim();
+            table = if inner == "source" {
+                sources += 1;
+                format!("source[{}]", sources - 1)
+            } else {
+                inner.to_string()
+            };
+        } else if let Some(inner) = t.strip_prefix('[').and_then(|r| r.strip_suffix(']')) {
+            table = inner.trim().to_string();
+        }
+    }
+    Some(if table.is_empty() {
+        name.to_string()
+    } else {
+        format!("{table}.{name}")
+    })
 }
 
 /// 1-based line and column of a byte offset.
@@ -311,6 +348,11 @@ impl Validator<'_> {
     }
 
     fn config(&mut self, raw: RawConfig) -> Option<Config> {
+        let journal_span = raw
+            .agent
+            .as_ref()
+            .and_then(|a| a.get_ref().journal.as_ref().map(|j| j.span()))
+            .unwrap_or(0..0);
         let agent = match raw.agent {
             Some(a) => {
                 let span = a.span();
@@ -333,13 +375,19 @@ impl Validator<'_> {
             );
         }
         let mut sources = Vec::new();
+        // (index in the file, span of `name`, span of `path`) of each valid source.
+        let mut places = Vec::new();
         for (i, s) in raw.source.into_iter().enumerate() {
             let span = s.span();
-            if let Some(src) = self.source(i, s.into_inner(), span) {
+            let inner = s.into_inner();
+            let name = inner.name.as_ref().map_or(span.clone(), |n| n.span());
+            let path = inner.path.as_ref().map_or(span.clone(), |p| p.span());
+            if let Some(src) = self.source(i, inner, span) {
                 sources.push(src);
+                places.push((i, name, path));
             }
         }
-        self.check_sources_apart(&sources);
+        self.check_sources_apart(&sources, &places);
         let destination = match raw.destination {
             Some(d) => {
                 let span = d.span();
@@ -355,7 +403,7 @@ impl Validator<'_> {
             .is_some_and(|a| a.journal_inside_any(&sources))
         {
             self.problem(
-                0..0,
+                journal_span,
                 "agent.journal",
                 "the journal must not live inside a watched source directory",
             );
@@ -627,20 +675,26 @@ impl Validator<'_> {
         })
     }
 
-    fn check_sources_apart(&mut self, sources: &[SourceConfig]) {
+    /// Problems are reported at the later of two clashing sources.
+    fn check_sources_apart(
+        &mut self,
+        sources: &[SourceConfig],
+        places: &[(usize, Range<usize>, Range<usize>)],
+    ) {
         for (i, a) in sources.iter().enumerate() {
-            for b in &sources[i + 1..] {
+            for (j, b) in sources.iter().enumerate().skip(i + 1) {
+                let (idx, name_span, path_span) = places[j].clone();
                 if a.name == b.name {
                     self.problem(
-                        0..0,
-                        "source.name",
+                        name_span,
+                        &format!("source[{idx}].name"),
                         format!("two sources are named {:?}", a.name),
                     );
                 }
                 if a.path.starts_with(&b.path) || b.path.starts_with(&a.path) {
                     self.problem(
-                        0..0,
-                        "source.path",
+                        path_span,
+                        &format!("source[{idx}].path"),
                         format!(
                             "sources {:?} ({}) and {:?} ({}) overlap: a file would be sent twice",
                             a.name,
@@ -803,6 +857,12 @@ impl Validator<'_> {
                     c.span(),
                     "destination.credentials_file",
                     "must be an absolute path",
+                );
+            } else if let Err(e) = std::fs::File::open(&p) {
+                self.problem(
+                    c.span(),
+                    "destination.credentials_file",
+                    format!("cannot read {}: {e}", p.display()),
                 );
             }
             p
