@@ -1175,7 +1175,7 @@ path_style = true
         assert!(p.iter().any(|p| p.key == "agent.journal"), "{p:?}");
         assert!(
             p.iter()
-                .any(|p| p.key == "source.path" && p.message.contains("overlap")),
+                .any(|p| p.key == "source[1].path" && p.message.contains("overlap")),
             "{p:?}"
         );
     }
