@@ -30,7 +30,17 @@
 //! # Recovery
 //! Nothing special runs at start-up: `uploading` and `completing` rows are simply runnable. The
 //! uploader reconciles them with the server (ListParts; on NoSuchUpload a HEAD tells whether the
-//! completion went through before the crash) and continues or starts that object over.
+//! completion went through before the crash) and continues or starts that object over. A row
+//! becomes `uploading` when its hash is fixed, *before* CreateMultipartUpload; an `uploading` row
+//! without an upload id therefore means "an upload may exist that we never recorded", and the
+//! uploader looks for that key's uploads (ListMultipartUploads) and aborts them before it starts
+//! over.
+//!
+//! # Disk full
+//! The writer thread runs each group of requests in one transaction. If SQLite reports the disk
+//! full, the transaction is rolled back and the same group runs again after a growing pause
+//! (0.5 s to 10 s), logged once: every caller simply waits, so nothing happens that could not be
+//! recorded, and work resumes by itself when space returns.
 //!
 //! SQLite runs in WAL mode with `synchronous = FULL`: a commit survives power loss, and readers
 //! (`ha-edge status`) never block the writer.
