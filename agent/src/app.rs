@@ -66,6 +66,16 @@ impl Summary {
     }
 }
 
+/// An object task's result.
+struct Finished {
+    row: ObjectRow,
+    outcome: Outcome,
+    took: Duration,
+    /// For a first delivery: the journal commit of `delivered`, made by the task itself (false:
+    /// the row changed meanwhile and nothing was written).
+    committed: Option<Result<bool, JournalError>>,
+}
+
 /// Rows fetched from the journal per dispatch query.
 const PREFETCH: usize = 64;
 
@@ -242,7 +252,7 @@ pub async fn run(
     let mut watchdog = systemd::watchdog_interval().map(tokio::time::interval);
     let concurrency = config.agent.concurrency;
     let (obj_stop_tx, obj_stop_rx) = watch::channel(false);
-    let mut inflight: JoinSet<(ObjectRow, Outcome, Duration)> = JoinSet::new();
+    let mut inflight: JoinSet<Finished> = JoinSet::new();
     let mut inflight_ids: Vec<i64> = Vec::new();
     let mut cursor = 0i64;
     // Rows fetched ahead, so that dispatching an object does not wait for a journal query.
@@ -289,6 +299,11 @@ pub async fn run(
                 let sink = sched.sink.clone();
                 let root = sched.sources.get(&row.source).map(|s| s.path.clone());
                 let stop = obj_stop_rx.clone();
+                let keep = sched
+                    .sources
+                    .get(&row.source)
+                    .is_none_or(|s| s.after_upload == AfterUpload::Keep);
+                let journal = journal.clone();
                 inflight.spawn(
                     async move {
                         let started = Instant::now();
@@ -302,7 +317,21 @@ pub async fn run(
                             }
                             (Some(root), _) => sink.deliver(&row, root, stop).await,
                         };
-                        (row, outcome, started.elapsed())
+                        // A first delivery is committed here, alongside the other objects in
+                        // flight: the journal's group commit can batch them, and the scheduler
+                        // loop never waits for an fsync.
+                        let committed = match &outcome {
+                            Outcome::Delivered(sha) if row.state != State::Delivered => {
+                                Some(journal.delivered(row.id, row.fingerprint, *sha, keep).await)
+                            }
+                            _ => None,
+                        };
+                        Finished {
+                            took: started.elapsed(),
+                            row,
+                            outcome,
+                            committed,
+                        }
                     }
                     .instrument(span),
                 );
@@ -335,9 +364,9 @@ pub async fn run(
         };
         tokio::select! {
             Some(res) = inflight.join_next(), if !inflight.is_empty() => {
-                let Ok((row, outcome, took)) = res else { continue };
-                inflight_ids.retain(|id| *id != row.id);
-                sched.settle_outcome(row, outcome, took).await?;
+                let Ok(done) = res else { continue };
+                inflight_ids.retain(|id| *id != done.row.id);
+                sched.settle_outcome(done).await?;
             }
             Some(res) = sources.join_next(), if !sources.is_empty() => {
                 if let Ok(Err(e)) = res {
@@ -558,12 +587,13 @@ impl Scheduler {
         self.paused_until.is_none_or(|t| Instant::now() >= t)
     }
 
-    async fn settle_outcome(
-        &mut self,
-        row: ObjectRow,
-        outcome: Outcome,
-        took: Duration,
-    ) -> Result<(), JournalError> {
+    async fn settle_outcome(&mut self, done: Finished) -> Result<(), JournalError> {
+        let Finished {
+            row,
+            outcome,
+            took,
+            committed,
+        } = done;
         let j = &self.journal;
         match outcome {
             Outcome::Delivered(sha256) => {
@@ -594,10 +624,14 @@ impl Scheduler {
                 let first_time = row.state != State::Delivered;
                 if first_time {
                     let fp = row.fingerprint;
-                    if !j
-                        .delivered(row.id, fp, sha256, action == AfterUpload::Keep)
-                        .await?
-                    {
+                    let recorded = match committed {
+                        Some(r) => r?,
+                        None => {
+                            j.delivered(row.id, fp, sha256, action == AfterUpload::Keep)
+                                .await?
+                        }
+                    };
+                    if !recorded {
                         // A rescan recorded a newer version while this one was being sent: the
                         // bucket holds the older one for now; the newer one goes next.
                         let msg = "source changed while it was being sent".to_string();

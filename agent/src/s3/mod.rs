@@ -229,13 +229,14 @@ impl S3Client {
         }
     }
 
-    /// Single PUT of a whole object whose SHA-256 is `sha256`.
+    /// Single PUT of a whole object whose SHA-256 is `sha256`. Returns the SHA-256 (base64) the
+    /// server computed over what it stored, if it says.
     pub async fn put_object(
         &self,
         key: &str,
         body: Bytes,
         sha256: &[u8; 32],
-    ) -> Result<(), S3Error> {
+    ) -> Result<Option<String>, S3Error> {
         let mut headers = vec![
             ("x-amz-checksum-sha256", b64(sha256)),
             ("x-amz-meta-sha256", hex::encode(sha256)),
@@ -249,7 +250,12 @@ impl S3Client {
             body,
             payload_sha256_hex: hex::encode(sha256),
         };
-        self.execute("PutObject", key, req).await.map(drop)
+        let resp = self.execute("PutObject", key, req).await?;
+        Ok(resp
+            .headers
+            .get("x-amz-checksum-sha256")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string))
     }
 
     /// Starts a multipart upload; the whole-object SHA-256 goes into the metadata.

@@ -168,17 +168,43 @@ impl S3Sink {
             path: path.to_path_buf(),
             source,
         };
-        let real = match std::fs::canonicalize(path) {
-            Ok(p) => p,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(Stop::Vanished(path.to_path_buf()))
+        // lstat each component below the root (the root itself may be a symlink, e.g. to a
+        // mount): only a path that goes through a symlink needs resolving, and then it must stay
+        // inside the resolved root. Cheaper than canonicalizing every path: one lstat per
+        // component below the root instead of a readlink per component from `/`.
+        let rel = path.strip_prefix(root).unwrap_or(path);
+        let mut cur = root.to_path_buf();
+        let mut through_link = false;
+        for c in rel.components() {
+            cur.push(c);
+            match std::fs::symlink_metadata(&cur) {
+                Ok(m) if m.file_type().is_symlink() => {
+                    through_link = true;
+                    break;
+                }
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    return Err(Stop::Vanished(path.to_path_buf()))
+                }
+                Err(e) => return Err(io(e)),
             }
-            Err(e) => return Err(io(e)),
-        };
-        let real_root = std::fs::canonicalize(root).map_err(io)?;
-        if !real.starts_with(&real_root) {
-            return Err(Stop::Escaped(path.to_path_buf()));
         }
+        let real = if through_link {
+            let real = match std::fs::canonicalize(path) {
+                Ok(p) => p,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    return Err(Stop::Vanished(path.to_path_buf()))
+                }
+                Err(e) => return Err(io(e)),
+            };
+            let real_root = std::fs::canonicalize(root).map_err(io)?;
+            if !real.starts_with(&real_root) {
+                return Err(Stop::Escaped(path.to_path_buf()));
+            }
+            real
+        } else {
+            path.to_path_buf()
+        };
         let file = match File::open(&real) {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -301,7 +327,14 @@ impl S3Sink {
         // Nothing on the server depends on the journal before a single PUT (a crash before
         // `delivered` is committed just sends the same bytes again), so the hash is recorded
         // with the delivery, under the fingerprint guard, in one commit.
-        self.client.put_object(&row.key, body, &sha).await?;
+        let echoed = self.client.put_object(&row.key, body, &sha).await?;
+        if let Some(cs) = echoed.filter(|cs| *cs != b64(&sha)) {
+            return Err(Stop::Verify {
+                bucket: self.client.bucket().to_string(),
+                key: row.key.clone(),
+                detail: format!("the server computed SHA-256 {cs} for what it stored"),
+            });
+        }
         self.verify(&row.key, fp.size, &sha, None).await?;
         Ok(sha)
     }
