@@ -212,6 +212,9 @@ pub async fn run(
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut sources: JoinSet<Result<SourceReport, JournalError>> = JoinSet::new();
     let mut summary = Summary::default();
+    // `--once` keeps its sources to look again for manifests held back until their files are in.
+    let mut once_sources: Vec<FsSource> = Vec::new();
+    let mut held = 0usize;
     for s in &config.sources {
         let mut src = FsSource::new(
             s.clone(),
@@ -224,6 +227,8 @@ pub async fn run(
             tracing::info!(source = %s.name, files = r.seen, queued = r.offered, unsettled = r.unsettled, refused = r.refused, "scanned");
             summary.unsettled += r.unsettled;
             summary.refused += r.refused;
+            held += r.held;
+            once_sources.push(src);
         } else {
             sources.spawn(src.run(stop_rx.clone()));
         }
@@ -260,6 +265,7 @@ pub async fn run(
     let mut fetched_all = false;
     let mut draining = false;
     let mut grace_deadline: Option<tokio::time::Instant> = None;
+    let mut delivered_at_scan = 0u64;
 
     loop {
         let mut exhausted = false;
@@ -342,6 +348,23 @@ pub async fn run(
                 break;
             }
             if opts.once && (exhausted || !may_dispatch) {
+                // Manifests held back for files delivered in this run: look once more.
+                if may_dispatch && held > 0 && sched.summary.delivered > delivered_at_scan {
+                    delivered_at_scan = sched.summary.delivered;
+                    let (mut offered, mut unsettled) = (0, 0);
+                    held = 0;
+                    for src in &mut once_sources {
+                        let r = src.scan_once().await?;
+                        offered += r.offered;
+                        unsettled += r.unsettled;
+                        held += r.held;
+                    }
+                    sched.summary.unsettled = unsettled;
+                    if offered > 0 {
+                        fetched_all = false;
+                        continue;
+                    }
+                }
                 break;
             }
         }

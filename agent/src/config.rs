@@ -113,6 +113,10 @@ struct RawSource {
     /// Full rescan period; events between rescans are a latency hint only.
     rescan_interval: Option<Spanned<toml::Value>>,
     after_upload: Option<Spanned<toml::Value>>,
+    watch: Option<Spanned<String>>,
+    poll_interval: Option<Spanned<toml::Value>>,
+    on_change: Option<Spanned<String>>,
+    complete_when: Option<Spanned<toml::Value>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -172,6 +176,64 @@ pub enum AfterUpload {
     MoveTo(PathBuf),
 }
 
+/// How a directory source notices new files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WatchMode {
+    /// Poll on network and FUSE filesystems (inotify never sees other clients' writes), events
+    /// elsewhere.
+    Auto,
+    /// inotify events as a latency hint, plus a full rescan every `rescan_interval`.
+    Events,
+    /// A full scan every `poll_interval`, no events.
+    Poll,
+}
+
+/// What happens when a delivered file changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnChange {
+    /// Upload the new version (the same key: the bucket's versioning keeps the old one).
+    Upload,
+    /// Leave it: a delivered path is never sent again.
+    Ignore,
+}
+
+/// When a file counts as complete.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Completion {
+    /// Size and mtime unchanged for `settle`.
+    Settle,
+    /// A marker file next to it, named from a template with `{name}` (e.g. `{name}.done`).
+    FileMarker { prefix: String, suffix: String },
+    /// A marker file in its directory (e.g. `_SUCCESS`) completes every file there.
+    DirMarker(String),
+}
+
+impl Completion {
+    /// The marker that completes `file_name`, if markers are used.
+    pub fn marker_for(&self, file_name: &str) -> Option<String> {
+        match self {
+            Completion::Settle => None,
+            Completion::FileMarker { prefix, suffix } => {
+                Some(format!("{prefix}{file_name}{suffix}"))
+            }
+            Completion::DirMarker(m) => Some(m.clone()),
+        }
+    }
+
+    /// Whether `file_name` is itself a marker (markers are signals, never uploaded).
+    pub fn is_marker(&self, file_name: &str) -> bool {
+        match self {
+            Completion::Settle => false,
+            Completion::FileMarker { prefix, suffix } => {
+                file_name.len() > prefix.len() + suffix.len()
+                    && file_name.starts_with(prefix.as_str())
+                    && file_name.ends_with(suffix.as_str())
+            }
+            Completion::DirMarker(m) => file_name == m,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct SourceConfig {
     pub name: String,
@@ -181,6 +243,10 @@ pub struct SourceConfig {
     pub settle: Duration,
     pub rescan_interval: Duration,
     pub after_upload: AfterUpload,
+    pub watch: WatchMode,
+    pub poll_interval: Duration,
+    pub on_change: OnChange,
+    pub complete_when: Completion,
 }
 
 impl SourceConfig {
@@ -664,6 +730,83 @@ impl Validator<'_> {
                 }
             }
         };
+        let watch = match s.watch {
+            None => WatchMode::Auto,
+            Some(w) => match w.get_ref().as_str() {
+                "auto" => WatchMode::Auto,
+                "events" => WatchMode::Events,
+                "poll" => WatchMode::Poll,
+                other => {
+                    self.problem(
+                        w.span(),
+                        &at("watch"),
+                        format!("must be \"auto\", \"events\" or \"poll\", got {other:?}"),
+                    );
+                    WatchMode::Auto
+                }
+            },
+        };
+        let poll_interval = self.duration(
+            s.poll_interval,
+            &at("poll_interval"),
+            Duration::from_secs(1),
+            Duration::from_secs(30),
+        );
+        let on_change = match s.on_change {
+            None => OnChange::Upload,
+            Some(v) => match v.get_ref().as_str() {
+                "upload" => OnChange::Upload,
+                "ignore" => OnChange::Ignore,
+                other => {
+                    self.problem(
+                        v.span(),
+                        &at("on_change"),
+                        format!("must be \"upload\" or \"ignore\", got {other:?}"),
+                    );
+                    OnChange::Upload
+                }
+            },
+        };
+        let complete_when = match s.complete_when {
+            None => Completion::Settle,
+            Some(v) => {
+                let sp = v.span();
+                let marker = match v.into_inner() {
+                    toml::Value::String(s) if s == "settle" => None,
+                    toml::Value::Table(t)
+                        if t.len() == 1 && t.get("marker").is_some_and(|v| v.is_str()) =>
+                    {
+                        Some(t["marker"].as_str().unwrap_or_default().to_string())
+                    }
+                    other => {
+                        self.problem(
+                            sp.clone(),
+                            &at("complete_when"),
+                            format!("must be \"settle\" or {{ marker = \"{{name}}.done\" }} (or a directory marker such as \"_SUCCESS\"), got {other}"),
+                        );
+                        None
+                    }
+                };
+                match marker {
+                    None => Completion::Settle,
+                    Some(m) if m.is_empty() || m.contains('/') || m == "{name}" => {
+                        self.problem(
+                            sp,
+                            &at("complete_when.marker"),
+                            "must be a file name (no '/'), and not just {name}",
+                        );
+                        Completion::Settle
+                    }
+                    Some(m) => match m.split_once("{name}") {
+                        Some((prefix, suffix)) => Completion::FileMarker {
+                            prefix: prefix.to_string(),
+                            suffix: suffix.to_string(),
+                        },
+                        None => Completion::DirMarker(m),
+                    },
+                }
+            }
+        };
         Some(SourceConfig {
             name: name?,
             path: path?,
@@ -672,6 +815,10 @@ impl Validator<'_> {
             settle,
             rescan_interval,
             after_upload,
+            watch,
+            poll_interval,
+            on_change,
+            complete_when,
         })
     }
 

@@ -227,6 +227,30 @@ fn corpus() -> Vec<Case> {
             "source[0].after_upload",
         ),
         case(
+            "unknown watch mode",
+            vec![Set(13, "watch = \"inotify\"")],
+            Some(13),
+            "source[0].watch",
+        ),
+        case(
+            "poll_interval too short",
+            vec![Set(13, "poll_interval = \"100ms\"")],
+            Some(13),
+            "source[0].poll_interval",
+        ),
+        case(
+            "unknown on_change",
+            vec![Set(13, "on_change = \"replace\"")],
+            Some(13),
+            "source[0].on_change",
+        ),
+        case(
+            "marker with a slash",
+            vec![Set(13, "complete_when = { marker = \"../{name}.done\" }")],
+            Some(13),
+            "source[0].complete_when.marker",
+        ),
+        case(
             "unknown sse",
             vec![Append("sse = \"rot13\"")],
             Some(21),

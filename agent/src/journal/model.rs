@@ -108,13 +108,19 @@ pub enum OfferAction {
     Nothing,
 }
 
-/// The rule for a settled file given the newest journal row for the same path.
-pub fn offer_action(latest: Option<(State, Fingerprint)>, seen: Fingerprint) -> OfferAction {
+/// The rule for a settled file given the newest journal row for the same path. With
+/// `reupload_changed` false (`on_change = "ignore"`), a delivered path is never sent again.
+pub fn offer_action(
+    latest: Option<(State, Fingerprint)>,
+    seen: Fingerprint,
+    reupload_changed: bool,
+) -> OfferAction {
     match latest {
         None => OfferAction::Insert,
         Some((_, fp)) if fp == seen => OfferAction::Nothing,
         Some((State::Pending, _)) => OfferAction::Refresh,
         Some((State::Uploading | State::Completing, _)) => OfferAction::Nothing,
+        Some((State::Delivered | State::Done, _)) if !reupload_changed => OfferAction::Nothing,
         Some((State::Delivered | State::Done | State::Rejected | State::Vanished, _)) => {
             OfferAction::Insert
         }
@@ -138,21 +144,37 @@ mod tests {
 
     #[test]
     fn offer_rules() {
-        assert_eq!(offer_action(None, A), OfferAction::Insert);
+        assert_eq!(offer_action(None, A, true), OfferAction::Insert);
         for st in State::ALL {
-            assert_eq!(offer_action(Some((st, A)), A), OfferAction::Nothing, "{st}");
+            assert_eq!(
+                offer_action(Some((st, A)), A, true),
+                OfferAction::Nothing,
+                "{st}"
+            );
         }
         assert_eq!(
-            offer_action(Some((State::Pending, A)), B),
+            offer_action(Some((State::Pending, A)), B, true),
             OfferAction::Refresh
         );
         assert_eq!(
-            offer_action(Some((State::Uploading, A)), B),
+            offer_action(Some((State::Uploading, A)), B, true),
             OfferAction::Nothing
         );
-        assert_eq!(offer_action(Some((State::Done, A)), B), OfferAction::Insert);
         assert_eq!(
-            offer_action(Some((State::Rejected, A)), B),
+            offer_action(Some((State::Done, A)), B, true),
+            OfferAction::Insert
+        );
+        assert_eq!(
+            offer_action(Some((State::Rejected, A)), B, true),
+            OfferAction::Insert
+        );
+        // on_change = "ignore": delivered paths stay delivered; a rejected one may be retried.
+        assert_eq!(
+            offer_action(Some((State::Done, A)), B, false),
+            OfferAction::Nothing
+        );
+        assert_eq!(
+            offer_action(Some((State::Rejected, A)), B, false),
             OfferAction::Insert
         );
     }

@@ -321,6 +321,7 @@ impl Journal {
         &self,
         source: String,
         batch: Vec<Candidate>,
+        reupload_changed: bool,
     ) -> Result<OfferStats, JournalError> {
         self.call(move |c| {
             let mut stats = OfferStats::default();
@@ -356,7 +357,7 @@ impl Journal {
                         })
                         .optional()?;
                     let fp = cand.fingerprint;
-                    match offer_action(row.map(|(_, s, f)| (s, f)), fp) {
+                    match offer_action(row.map(|(_, s, f)| (s, f)), fp, reupload_changed) {
                         OfferAction::Insert => {
                             insert.execute(params![
                                 source,
@@ -385,6 +386,29 @@ impl Journal {
                 }
             }
             Ok(stats)
+        })
+        .await
+    }
+
+    /// For each relative path of `source`: whether its newest journal row is delivered (or done).
+    pub async fn delivered_among(
+        &self,
+        source: String,
+        rels: Vec<PathBuf>,
+    ) -> Result<Vec<bool>, JournalError> {
+        self.call(move |c| {
+            let mut q = c.prepare_cached(
+                "SELECT state FROM objects WHERE source = ?1 AND rel_path = ?2
+                 ORDER BY id DESC LIMIT 1",
+            )?;
+            rels.iter()
+                .map(|r| {
+                    let st: Option<String> = q
+                        .query_row(params![source, path_bytes(r)], |row| row.get(0))
+                        .optional()?;
+                    Ok(matches!(st.as_deref(), Some("delivered" | "done")))
+                })
+                .collect()
         })
         .await
     }
@@ -919,17 +943,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let j = Journal::open(&dir.path().join("j.db")).unwrap();
         let s = j
-            .offer("s".into(), vec![cand("a", 1), cand("b", 2)])
+            .offer("s".into(), vec![cand("a", 1), cand("b", 2)], true)
             .await
             .unwrap();
         assert_eq!(s.inserted, 2);
         let s = j
-            .offer("s".into(), vec![cand("a", 1), cand("b", 2)])
+            .offer("s".into(), vec![cand("a", 1), cand("b", 2)], true)
             .await
             .unwrap();
         assert_eq!(s, OfferStats::default());
         // A pending file that changes is refreshed in place...
-        let s = j.offer("s".into(), vec![cand("a", 5)]).await.unwrap();
+        let s = j.offer("s".into(), vec![cand("a", 5)], true).await.unwrap();
         assert_eq!(s.refreshed, 1);
         // ...a delivered one becomes a new version.
         let rows = j.runnable(10, 0, true, vec![]).await.unwrap();
@@ -940,7 +964,7 @@ mod tests {
             .await
             .unwrap());
         assert!(j.delivered(b, fp, [7; 32], true).await.unwrap());
-        let s = j.offer("s".into(), vec![cand("b", 3)]).await.unwrap();
+        let s = j.offer("s".into(), vec![cand("b", 3)], true).await.unwrap();
         assert_eq!(s.inserted, 1);
         let st = j.status().unwrap();
         assert_eq!(st.objects["pending"], 2);
@@ -954,7 +978,7 @@ mod tests {
         let path = dir.path().join("j.db");
         {
             let j = Journal::open(&path).unwrap();
-            j.offer("s".into(), vec![cand("a", 1)]).await.unwrap();
+            j.offer("s".into(), vec![cand("a", 1)], true).await.unwrap();
             let id = j.runnable(1, 0, true, vec![]).await.unwrap()[0].id;
             let stale = Fingerprint {
                 size: 9,
@@ -995,7 +1019,7 @@ mod tests {
     async fn backoff_and_cursor_filter_runnable() {
         let dir = tempfile::tempdir().unwrap();
         let j = Journal::open(&dir.path().join("j.db")).unwrap();
-        j.offer("s".into(), vec![cand("a", 1), cand("b", 1)])
+        j.offer("s".into(), vec![cand("a", 1), cand("b", 1)], true)
             .await
             .unwrap();
         let rows = j.runnable(10, 0, true, vec![]).await.unwrap();

@@ -556,6 +556,10 @@ impl S3Sink {
             }
         }
         if let Some(e) = first_err {
+            if matches!(e, Stop::Changed(_)) {
+                // The parts sent so far are of the old version: the upload must never complete.
+                self.client.abort_multipart(&row.key, upload_id).await?;
+            }
             return Err(e);
         }
         if parts.iter().any(Option::is_none) {

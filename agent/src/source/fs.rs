@@ -20,7 +20,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::{mpsc, watch, Notify};
 
-use crate::config::{AfterUpload, SourceConfig};
+use crate::config::{AfterUpload, Completion, OnChange, SourceConfig, WatchMode};
 use crate::journal::{Candidate, Fingerprint, Journal, JournalError};
 use crate::keymap;
 
@@ -210,8 +210,106 @@ fn rel_of<'a>(root: &Path, p: &'a Path) -> &'a Path {
 pub struct SourceReport {
     pub seen: usize,
     pub offered: usize,
+    /// Not complete yet: still settling, waiting for a marker, or a manifest held back.
     pub unsettled: usize,
     pub refused: usize,
+    /// FHIR manifests held back until the files they list are delivered.
+    pub held: usize,
+}
+
+/// The file name of a FHIR Bulk Data manifest.
+const MANIFEST: &str = "manifest.json";
+
+/// What a `manifest.json` is, for ordering.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Manifest {
+    /// Not a FHIR Bulk Data manifest: an ordinary file.
+    NotBulkData,
+    /// A Bulk Data manifest listing these file names (in its directory).
+    Lists(Vec<String>),
+}
+
+/// Reads a Bulk Data export manifest (`transactionTime`, `output[]` with `url`): the file names
+/// it lists are the last segments of the output URLs.
+pub fn parse_manifest(bytes: &[u8]) -> Manifest {
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(bytes) else {
+        return Manifest::NotBulkData;
+    };
+    let (Some(_), Some(output)) = (
+        v.get("transactionTime").and_then(|t| t.as_str()),
+        v.get("output").and_then(|o| o.as_array()),
+    ) else {
+        return Manifest::NotBulkData;
+    };
+    let mut names = Vec::new();
+    for entry in output {
+        let Some(url) = entry.get("url").and_then(|u| u.as_str()) else {
+            return Manifest::NotBulkData;
+        };
+        let path = url.split(['?', '#']).next().unwrap_or(url);
+        if let Some(name) = path.rsplit('/').next().filter(|n| !n.is_empty()) {
+            names.push(name.to_string());
+        }
+    }
+    Manifest::Lists(names)
+}
+
+/// Filesystem types where inotify cannot see every change (other clients' writes), by statfs
+/// magic number.
+pub fn network_fs_name(magic: u32) -> Option<&'static str> {
+    Some(match magic {
+        0x6969 => "nfs",
+        0xFF53_4D42 => "cifs",
+        0xFE53_4D42 => "smb2",
+        0x517B => "smb",
+        0x6573_5546 => "fuse",
+        0x00C3_6400 => "ceph",
+        0x0102_1997 => "9p",
+        0x5346_414F => "afs",
+        0x4750_4653 => "gpfs",
+        0x0BD0_0BD0 => "lustre",
+        0x0116_1970 => "gfs2",
+        _ => return None,
+    })
+}
+
+/// The statfs magic number of the filesystem holding `path`.
+#[allow(unsafe_code)]
+fn fs_magic(path: &Path) -> Option<u32> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    // SAFETY: an all-zero statfs is a valid value of this plain C struct.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a NUL-terminated path and `st` a valid, writable statfs.
+    let rc = unsafe { libc::statfs(c.as_ptr(), &mut st) };
+    (rc == 0).then_some(st.f_type as u32)
+}
+
+/// The discovery mode for a source, and why (for the log).
+pub fn decide_watch(mode: WatchMode, magic: Option<u32>) -> (WatchMode, String) {
+    match mode {
+        WatchMode::Poll => (WatchMode::Poll, "configured".into()),
+        WatchMode::Events => (WatchMode::Events, "configured".into()),
+        WatchMode::Auto => match magic {
+            Some(m) => match network_fs_name(m) {
+                Some(name) => (
+                    WatchMode::Poll,
+                    format!("{name} filesystem: inotify does not see writes by other clients"),
+                ),
+                None => (WatchMode::Events, format!("local filesystem (type {m:#x})")),
+            },
+            None => (
+                WatchMode::Poll,
+                "filesystem type unknown (statfs failed)".into(),
+            ),
+        },
+    }
+}
+
+/// Whether a manifest may be offered now.
+enum Gate {
+    Release,
+    Hold,
 }
 
 pub struct FsSource {
@@ -222,6 +320,10 @@ pub struct FsSource {
     wake: Arc<Notify>,
     tracked: HashMap<PathBuf, (Tracked, Instant)>,
     warned: HashSet<PathBuf>,
+    /// Files waiting for their completion marker, as of the last full pass.
+    awaiting_marker: HashSet<PathBuf>,
+    /// Manifests held back, as of the last pass that looked at them.
+    held: HashSet<PathBuf>,
 }
 
 impl FsSource {
@@ -235,7 +337,16 @@ impl FsSource {
             wake,
             tracked: HashMap::new(),
             warned: HashSet::new(),
+            awaiting_marker: HashSet::new(),
+            held: HashSet::new(),
         }
+    }
+
+    /// Whether a path (absolute, inside the root) is a completion marker.
+    fn is_marker(&self, p: &Path) -> bool {
+        p.file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| self.cfg.complete_when.is_marker(n))
     }
 
     /// One full scan; returns what it found. Used by `--once` and at daemon start.
@@ -251,18 +362,28 @@ impl FsSource {
     ) -> Result<SourceReport, JournalError> {
         let (tx, mut rx) = mpsc::channel::<PathBuf>(4096);
         let overflow = Arc::new(AtomicBool::new(false));
-        let watcher = self.watch(tx, overflow.clone());
         let name = self.cfg.name.clone();
-        match &watcher {
-            Some(_) => {
-                tracing::info!(source = %name, path = %self.cfg.path.display(), rescan = %humantime::format_duration(self.cfg.rescan_interval), "watching with inotify events and periodic rescans")
+        let (mode, why) = decide_watch(self.cfg.watch, fs_magic(&self.cfg.path));
+        let watcher = match mode {
+            WatchMode::Events => self.watch(tx, overflow.clone()),
+            _ => None,
+        };
+        let interval = match (mode, &watcher) {
+            (WatchMode::Events, Some(_)) => {
+                tracing::info!(source = %name, path = %self.cfg.path.display(), reason = %why, rescan = %humantime::format_duration(self.cfg.rescan_interval), "watching with inotify events and periodic rescans");
+                self.cfg.rescan_interval
             }
-            None => {
-                tracing::warn!(source = %name, path = %self.cfg.path.display(), rescan = %humantime::format_duration(self.cfg.rescan_interval), "inotify unavailable; discovering by periodic rescans only")
+            (WatchMode::Events, None) => {
+                tracing::warn!(source = %name, path = %self.cfg.path.display(), poll = %humantime::format_duration(self.cfg.poll_interval), "inotify unavailable; polling instead");
+                self.cfg.poll_interval
             }
-        }
+            _ => {
+                tracing::info!(source = %name, path = %self.cfg.path.display(), reason = %why, poll = %humantime::format_duration(self.cfg.poll_interval), "polling (full scans, no events)");
+                self.cfg.poll_interval
+            }
+        };
         let mut total = self.scan_once().await?;
-        let mut next_rescan = Instant::now() + self.cfg.rescan_interval;
+        let mut next_rescan = Instant::now() + interval;
         let mut pending: HashSet<PathBuf> = HashSet::new();
         loop {
             let next_due = self.tracked.values().map(|(_, d)| *d).min();
@@ -274,7 +395,7 @@ impl FsSource {
                     if now >= next_rescan || overflow.swap(false, Ordering::Relaxed) {
                         let r = self.scan_once().await?;
                         total.offered += r.offered;
-                        next_rescan = now + self.cfg.rescan_interval;
+                        next_rescan = now + interval;
                     } else {
                         let due: Vec<PathBuf> = self.tracked.iter()
                             .filter(|(_, (_, d))| *d <= now)
@@ -295,9 +416,17 @@ impl FsSource {
                     if overflow.swap(false, Ordering::Relaxed) {
                         pending.clear();
                         total.offered += self.scan_once().await?.offered;
-                        next_rescan = Instant::now() + self.cfg.rescan_interval;
+                        next_rescan = Instant::now() + interval;
                     } else {
+                        let mut paths: HashSet<PathBuf> = HashSet::new();
                         for p in std::mem::take(&mut pending) {
+                            // A marker completes files next to it: look at its directory.
+                            match p.parent() {
+                                Some(dir) if self.is_marker(&p) => paths.insert(dir.to_path_buf()),
+                                _ => paths.insert(p),
+                            };
+                        }
+                        for p in paths {
                             if p.starts_with(&self.cfg.path) {
                                 total.offered += self.pass(&p, false).await?.offered;
                             }
@@ -360,8 +489,13 @@ impl FsSource {
         let now = SystemTime::now();
         let now_mono = Instant::now();
         let mut seen_now: HashSet<PathBuf> = HashSet::new();
+        let mut awaiting_now: HashSet<PathBuf> = HashSet::new();
         let mut batch = Vec::new();
         for s in result.files {
+            let file_name = s.rel.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            if self.cfg.complete_when.is_marker(file_name) {
+                continue; // markers are signals, never uploaded
+            }
             let key = match keymap::object_key(&self.prefix, &s.rel) {
                 Ok(k) => k,
                 Err(why) => {
@@ -375,8 +509,42 @@ impl FsSource {
             if full {
                 seen_now.insert(s.rel.clone());
             }
+            if let Some(marker) = self.cfg.complete_when.marker_for(file_name) {
+                let marker_path = self
+                    .cfg
+                    .path
+                    .join(s.rel.parent().unwrap_or(Path::new("")))
+                    .join(marker);
+                if std::fs::symlink_metadata(&marker_path).is_err() {
+                    awaiting_now.insert(s.rel.clone());
+                    self.awaiting_marker.insert(s.rel.clone());
+                    continue;
+                }
+                self.awaiting_marker.remove(&s.rel);
+            }
             let prev = self.tracked.get(&s.rel).map(|(t, _)| t);
-            let (ready, t) = settle(prev, s.fp, s.mtime, now, now_mono, self.cfg.settle);
+            let (mut ready, t) = settle(prev, s.fp, s.mtime, now, now_mono, self.cfg.settle);
+            if self.cfg.complete_when != Completion::Settle {
+                ready = true; // the marker says so
+            }
+            if ready && file_name == MANIFEST {
+                match self.manifest_gate(&s.rel).await? {
+                    Gate::Release => {
+                        self.held.remove(&s.rel);
+                    }
+                    Gate::Hold => {
+                        // Looked at again shortly: deliveries of the listed files release it.
+                        self.held.insert(s.rel.clone());
+                        let t = Tracked {
+                            fp: s.fp,
+                            since: now_mono,
+                        };
+                        self.tracked
+                            .insert(s.rel, (t, now_mono + Duration::from_secs(1)));
+                        continue;
+                    }
+                }
+            }
             if ready {
                 self.tracked.remove(&s.rel);
                 batch.push(Candidate {
@@ -398,6 +566,8 @@ impl FsSource {
         if full {
             // Forget tracked files that disappeared.
             self.tracked.retain(|p, _| seen_now.contains(p));
+            self.held.retain(|p| seen_now.contains(p));
+            self.awaiting_marker = awaiting_now;
         } else if start != self.cfg.path {
             // A single-path pass for a file that is gone.
             if let Ok(rel) = start.strip_prefix(&self.cfg.path) {
@@ -406,12 +576,55 @@ impl FsSource {
                 }
             }
         }
-        report.unsettled = self.tracked.len();
+        report.unsettled = self.tracked.len() + self.awaiting_marker.len();
+        report.held = self.held.len();
         Ok(report)
     }
 
+    /// Whether a FHIR Bulk Data manifest may go now: only once every file it lists is
+    /// delivered, so that a consumer waiting for the manifest never sees a partial export.
+    /// Listed files that are not in the directory are reported (once per manifest version).
+    async fn manifest_gate(&mut self, rel: &Path) -> Result<Gate, JournalError> {
+        let abs = self.cfg.path.join(rel);
+        let Ok(bytes) = tokio::fs::read(&abs).await else {
+            return Ok(Gate::Release); // gone or unreadable: the uploader reports it
+        };
+        let Manifest::Lists(names) = parse_manifest(&bytes) else {
+            return Ok(Gate::Release);
+        };
+        let dir = rel.parent().unwrap_or(Path::new("")).to_path_buf();
+        let listed: Vec<PathBuf> = names.iter().map(|n| dir.join(n)).collect();
+        let missing: Vec<&String> = names
+            .iter()
+            .zip(&listed)
+            .filter(|(_, p)| std::fs::symlink_metadata(self.cfg.path.join(p)).is_err())
+            .map(|(n, _)| n)
+            .collect();
+        if !missing.is_empty() {
+            if self.warned.insert(rel.to_path_buf()) {
+                tracing::warn!(source = %self.cfg.name, manifest = %rel.display(), missing = ?missing, "FHIR manifest lists files that are not in its directory; holding the manifest back until they arrive");
+            }
+            return Ok(Gate::Hold);
+        }
+        let delivered = self
+            .journal
+            .delivered_among(self.cfg.name.clone(), listed)
+            .await?;
+        if delivered.iter().all(|d| *d) {
+            tracing::info!(source = %self.cfg.name, manifest = %rel.display(), files = names.len(), "every file of the FHIR export is delivered; sending its manifest");
+            Ok(Gate::Release)
+        } else {
+            tracing::debug!(source = %self.cfg.name, manifest = %rel.display(), waiting = delivered.iter().filter(|d| !**d).count(), "FHIR manifest waits for its files");
+            Ok(Gate::Hold)
+        }
+    }
+
     async fn offer(&self, batch: Vec<Candidate>) -> Result<usize, JournalError> {
-        let stats = self.journal.offer(self.cfg.name.clone(), batch).await?;
+        let reupload = self.cfg.on_change == OnChange::Upload;
+        let stats = self
+            .journal
+            .offer(self.cfg.name.clone(), batch, reupload)
+            .await?;
         let n = stats.inserted + stats.refreshed;
         if n > 0 {
             tracing::debug!(source = %self.cfg.name, new = stats.inserted, changed = stats.refreshed, "queued settled files");
@@ -559,5 +772,79 @@ mod tests {
     fn zero_settle_takes_everything() {
         let now = SystemTime::now();
         assert!(settle(None, FP, now, now, Instant::now(), Duration::ZERO).0);
+    }
+
+    #[test]
+    fn bulk_data_manifest_lists_output_file_names() {
+        let m = br#"{"transactionTime": "2026-11-26T10:00:00Z", "request": "x",
+            "requiresAccessToken": true,
+            "output": [
+              {"type": "Patient", "url": "https://fhir.example/exports/123/Patient.ndjson"},
+              {"type": "Observation", "url": "https://fhir.example/x/Observation-1.ndjson?sig=abc"}
+            ], "error": []}"#;
+        assert_eq!(
+            parse_manifest(m),
+            Manifest::Lists(vec!["Patient.ndjson".into(), "Observation-1.ndjson".into()])
+        );
+        // Other JSON called manifest.json is an ordinary file.
+        assert_eq!(parse_manifest(br#"{"output": []}"#), Manifest::NotBulkData);
+        assert_eq!(parse_manifest(b"not json"), Manifest::NotBulkData);
+        assert_eq!(
+            parse_manifest(br#"{"transactionTime": "t", "output": [{"type": "Patient"}]}"#),
+            Manifest::NotBulkData
+        );
+    }
+
+    #[test]
+    fn auto_mode_polls_on_network_filesystems() {
+        assert_eq!(
+            decide_watch(WatchMode::Auto, Some(0x6969)).0,
+            WatchMode::Poll
+        );
+        assert_eq!(
+            decide_watch(WatchMode::Auto, Some(0xFE53_4D42)).0,
+            WatchMode::Poll
+        );
+        assert_eq!(
+            decide_watch(WatchMode::Auto, Some(0x6573_5546)).0,
+            WatchMode::Poll
+        );
+        assert!(decide_watch(WatchMode::Auto, Some(0x6969))
+            .1
+            .contains("nfs"));
+        assert_eq!(
+            decide_watch(WatchMode::Auto, Some(0xEF53)).0,
+            WatchMode::Events
+        );
+        assert_eq!(decide_watch(WatchMode::Auto, None).0, WatchMode::Poll);
+        assert_eq!(
+            decide_watch(WatchMode::Poll, Some(0xEF53)).0,
+            WatchMode::Poll
+        );
+        assert_eq!(
+            decide_watch(WatchMode::Events, Some(0x6969)).0,
+            WatchMode::Events
+        );
+        // This machine's temp dir is local: a real statfs call works.
+        assert!(fs_magic(&std::env::temp_dir()).is_some());
+    }
+
+    #[test]
+    fn markers_name_their_files_and_are_recognised() {
+        let per_file = Completion::FileMarker {
+            prefix: String::new(),
+            suffix: ".done".into(),
+        };
+        assert_eq!(
+            per_file.marker_for("a.ndjson").as_deref(),
+            Some("a.ndjson.done")
+        );
+        assert!(per_file.is_marker("a.ndjson.done"));
+        assert!(!per_file.is_marker("a.ndjson"));
+        assert!(!per_file.is_marker(".done"));
+        let dir = Completion::DirMarker("_SUCCESS".into());
+        assert_eq!(dir.marker_for("x").as_deref(), Some("_SUCCESS"));
+        assert!(dir.is_marker("_SUCCESS"));
+        assert!(!Completion::Settle.is_marker("_SUCCESS"));
     }
 }
