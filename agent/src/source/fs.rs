@@ -26,6 +26,8 @@ use crate::keymap;
 
 /// Candidates per journal transaction.
 const OFFER_BATCH: usize = 1000;
+/// Files handed over by the directory walk at a time.
+const SCAN_CHUNK: usize = 1000;
 /// Quiet time after an event before the touched paths are looked at.
 const DEBOUNCE: Duration = Duration::from_millis(200);
 /// More distinct event paths than this in one burst: do a full rescan instead.
@@ -90,15 +92,22 @@ pub struct ScanResult {
     pub refused: Vec<(PathBuf, String)>,
 }
 
-/// Walks `start` (the root, a subdirectory or one file inside `root`).
-pub fn scan(cfg: &SourceConfig, root_real: &Path, start: &Path) -> ScanResult {
-    let mut out = ScanResult::default();
+/// Walks `start` (the root, a subdirectory or one file inside the root), handing over what it
+/// finds in chunks of at most `chunk` files, so that memory stays flat however large the tree.
+/// `emit` returns false to stop the walk.
+pub fn scan_into(
+    cfg: &SourceConfig,
+    root_real: &Path,
+    start: &Path,
+    chunk: usize,
+    emit: &mut dyn FnMut(ScanResult) -> bool,
+) {
     let root = &cfg.path;
     // A pass below the root (after an event) must not enter what a full scan would skip: a
     // directory that is excluded, or reached through a symlink.
     if start != root {
         let Ok(rel) = start.strip_prefix(root) else {
-            return out;
+            return;
         };
         let mut dir = root.clone();
         let comps: Vec<_> = rel.components().collect();
@@ -107,15 +116,16 @@ pub fn scan(cfg: &SourceConfig, root_real: &Path, start: &Path) -> ScanResult {
             let is_last = i + 1 == comps.len();
             let meta = match std::fs::symlink_metadata(&dir) {
                 Ok(m) => m,
-                Err(_) => return out,
+                Err(_) => return,
             };
             if !is_last
                 && (meta.file_type().is_symlink() || cfg.exclude.is_match(rel_of(root, &dir)))
             {
-                return out;
+                return;
             }
         }
     }
+    let mut out = ScanResult::default();
     let walker = walkdir::WalkDir::new(start)
         .follow_links(false)
         .follow_root_links(start == root)
@@ -197,8 +207,11 @@ pub fn scan(cfg: &SourceConfig, root_real: &Path, start: &Path) -> ScanResult {
             fp: Fingerprint::of(&meta),
             mtime,
         });
+        if out.files.len() >= chunk && !emit(std::mem::take(&mut out)) {
+            return;
+        }
     }
-    out
+    emit(out);
 }
 
 fn rel_of<'a>(root: &Path, p: &'a Path) -> &'a Path {
@@ -473,93 +486,110 @@ impl FsSource {
             self.root_real.clone(),
             start.to_path_buf(),
         );
-        let result = tokio::task::spawn_blocking(move || scan(&cfg, &root_real, &start_owned))
-            .await
-            .map_err(|_| JournalError::Panicked)?;
-        let mut report = SourceReport {
-            seen: result.files.len(),
-            ..Default::default()
-        };
-        for (rel, why) in result.refused {
-            report.refused += 1;
-            if self.warned.insert(rel.clone()) {
-                tracing::warn!(source = %self.cfg.name, path = %rel.display(), reason = %why, "refused: will not upload");
-            }
-        }
+        // The walk runs on a blocking thread and hands over chunks: memory stays flat however
+        // large the tree.
+        let (tx, mut rx) = mpsc::channel::<ScanResult>(2);
+        let walk = tokio::task::spawn_blocking(move || {
+            scan_into(&cfg, &root_real, &start_owned, SCAN_CHUNK, &mut |chunk| {
+                tx.blocking_send(chunk).is_ok()
+            })
+        });
+        let mut report = SourceReport::default();
         let now = SystemTime::now();
         let now_mono = Instant::now();
+        // Only paths this source remembers something about (tracked, held, awaiting a marker).
         let mut seen_now: HashSet<PathBuf> = HashSet::new();
         let mut awaiting_now: HashSet<PathBuf> = HashSet::new();
         let mut batch = Vec::new();
-        for s in result.files {
-            let file_name = s.rel.file_name().and_then(|n| n.to_str()).unwrap_or("");
-            if self.cfg.complete_when.is_marker(file_name) {
-                continue; // markers are signals, never uploaded
-            }
-            let key = match keymap::object_key(&self.prefix, &s.rel) {
-                Ok(k) => k,
-                Err(why) => {
-                    report.refused += 1;
-                    if self.warned.insert(s.rel.clone()) {
-                        tracing::warn!(source = %self.cfg.name, path = ?s.rel, reason = %why, "refused: name cannot be an object key");
-                    }
-                    continue;
+        while let Some(chunk) = rx.recv().await {
+            report.seen += chunk.files.len();
+            for (rel, why) in chunk.refused {
+                report.refused += 1;
+                if self.warned.insert(rel.clone()) {
+                    tracing::warn!(source = %self.cfg.name, path = %rel.display(), reason = %why, "refused: will not upload");
                 }
-            };
-            if full {
-                seen_now.insert(s.rel.clone());
             }
-            if let Some(marker) = self.cfg.complete_when.marker_for(file_name) {
-                let marker_path = self
-                    .cfg
-                    .path
-                    .join(s.rel.parent().unwrap_or(Path::new("")))
-                    .join(marker);
-                if std::fs::symlink_metadata(&marker_path).is_err() {
-                    awaiting_now.insert(s.rel.clone());
-                    self.awaiting_marker.insert(s.rel.clone());
-                    continue;
+            for s in chunk.files {
+                let file_name = s.rel.file_name().and_then(|n| n.to_str()).unwrap_or("");
+                if self.cfg.complete_when.is_marker(file_name) {
+                    continue; // markers are signals, never uploaded
                 }
-                self.awaiting_marker.remove(&s.rel);
-            }
-            let prev = self.tracked.get(&s.rel).map(|(t, _)| t);
-            let (mut ready, t) = settle(prev, s.fp, s.mtime, now, now_mono, self.cfg.settle);
-            if self.cfg.complete_when != Completion::Settle {
-                ready = true; // the marker says so
-            }
-            if ready && file_name == MANIFEST {
-                match self.manifest_gate(&s.rel).await? {
-                    Gate::Release => {
-                        self.held.remove(&s.rel);
-                    }
-                    Gate::Hold => {
-                        // Looked at again shortly: deliveries of the listed files release it.
-                        self.held.insert(s.rel.clone());
-                        let t = Tracked {
-                            fp: s.fp,
-                            since: now_mono,
-                        };
-                        self.tracked
-                            .insert(s.rel, (t, now_mono + Duration::from_secs(1)));
+                let key = match keymap::object_key(&self.prefix, &s.rel) {
+                    Ok(k) => k,
+                    Err(why) => {
+                        report.refused += 1;
+                        if self.warned.insert(s.rel.clone()) {
+                            tracing::warn!(source = %self.cfg.name, path = ?s.rel, reason = %why, "refused: name cannot be an object key");
+                        }
                         continue;
                     }
+                };
+                if full
+                    && (self.tracked.contains_key(&s.rel)
+                        || self.held.contains(&s.rel)
+                        || self.awaiting_marker.contains(&s.rel))
+                {
+                    seen_now.insert(s.rel.clone());
                 }
-            }
-            if ready {
-                self.tracked.remove(&s.rel);
-                batch.push(Candidate {
-                    rel_path: s.rel,
-                    key,
-                    fingerprint: s.fp,
-                });
-                if batch.len() >= OFFER_BATCH {
-                    report.offered += self.offer(std::mem::take(&mut batch)).await?;
+                if let Some(marker) = self.cfg.complete_when.marker_for(file_name) {
+                    let marker_path = self
+                        .cfg
+                        .path
+                        .join(s.rel.parent().unwrap_or(Path::new("")))
+                        .join(marker);
+                    if std::fs::symlink_metadata(&marker_path).is_err() {
+                        awaiting_now.insert(s.rel.clone());
+                        self.awaiting_marker.insert(s.rel.clone());
+                        continue;
+                    }
+                    self.awaiting_marker.remove(&s.rel);
                 }
-            } else {
-                let d = due(&t, s.mtime, now, now_mono, self.cfg.settle);
-                self.tracked.insert(s.rel, (t, d));
+                let prev = self.tracked.get(&s.rel).map(|(t, _)| t);
+                let (mut ready, t) = settle(prev, s.fp, s.mtime, now, now_mono, self.cfg.settle);
+                if self.cfg.complete_when != Completion::Settle {
+                    ready = true; // the marker says so
+                }
+                if ready && file_name == MANIFEST {
+                    match self.manifest_gate(&s.rel).await? {
+                        Gate::Release => {
+                            self.held.remove(&s.rel);
+                        }
+                        Gate::Hold => {
+                            // Looked at again shortly: deliveries of the listed files release it.
+                            self.held.insert(s.rel.clone());
+                            if full {
+                                seen_now.insert(s.rel.clone());
+                            }
+                            let t = Tracked {
+                                fp: s.fp,
+                                since: now_mono,
+                            };
+                            self.tracked
+                                .insert(s.rel, (t, now_mono + Duration::from_secs(1)));
+                            continue;
+                        }
+                    }
+                }
+                if ready {
+                    self.tracked.remove(&s.rel);
+                    batch.push(Candidate {
+                        rel_path: s.rel,
+                        key,
+                        fingerprint: s.fp,
+                    });
+                    if batch.len() >= OFFER_BATCH {
+                        report.offered += self.offer(std::mem::take(&mut batch)).await?;
+                    }
+                } else {
+                    let d = due(&t, s.mtime, now, now_mono, self.cfg.settle);
+                    if full {
+                        seen_now.insert(s.rel.clone());
+                    }
+                    self.tracked.insert(s.rel, (t, d));
+                }
             }
         }
+        walk.await.map_err(|_| JournalError::Panicked)?;
         if !batch.is_empty() {
             report.offered += self.offer(batch).await?;
         }
