@@ -5,6 +5,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-s3s-fs.sh
+# The discovery tests mount a FUSE mirror (bindfs) where writes bypass inotify, as on NFS.
+if ! command -v bindfs >/dev/null; then
+  apt-get update -qq && apt-get install -y -qq bindfs
+fi
 export HA_EDGE_S3S_FS="${HA_EDGE_S3S_FS:-${S3S_FS_ROOT:-/opt/s3s-fs}/bin/s3s-fs}"
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT

@@ -268,3 +268,76 @@ fn on_change_ignore_never_sends_a_delivered_path_again() {
         b"second version"
     );
 }
+
+/// A FUSE mount (bindfs) of a backing directory: files written to the backing directory do not
+/// go through the mount, so inotify on the mount never hears of them, as with files written by
+/// another NFS client. Unmounted on drop.
+struct FuseMirror(std::path::PathBuf);
+
+impl FuseMirror {
+    fn mount(backing: &Path, at: &Path) -> FuseMirror {
+        std::fs::create_dir_all(backing).unwrap();
+        let ok = std::process::Command::new("bindfs")
+            .arg(backing)
+            .arg(at)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(
+            ok,
+            "bindfs (FUSE) is needed: scripts/test.sh installs it (apt-get install bindfs)"
+        );
+        FuseMirror(at.to_path_buf())
+    }
+}
+
+impl Drop for FuseMirror {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("fusermount")
+            .arg("-u")
+            .arg(&self.0)
+            .status();
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn auto_mode_polls_a_fuse_mount_where_writes_bypass_inotify() {
+    for mode in ["events", "auto"] {
+        let s3 = S3Server::start();
+        s3.create_bucket("fuse");
+        let setup = Setup::new("fuse");
+        let backing = setup.dir.path().join("backing");
+        let _mount = FuseMirror::mount(&backing, &setup.src());
+        setup.write_config(
+            &s3.endpoint(),
+            "",
+            &format!(
+                "watch = \"{mode}\"\npoll_interval = \"1s\"\nrescan_interval = \"1h\"\nsettle = \"0s\""
+            ),
+        );
+        let mut daemon = setup.spawn_daemon(bin());
+        assert!(wait_until(Duration::from_secs(10), || setup
+            .daemon_log()
+            .contains("source=exports")));
+        std::thread::sleep(Duration::from_millis(500));
+        // Written by "another client": straight into the backing directory.
+        write_settled(
+            &backing.join("other-client.ndjson"),
+            b"written behind the mount",
+        );
+        let found = wait_until(Duration::from_secs(4), || {
+            s3.object("fuse", "fhir/other-client.ndjson").is_some()
+        });
+        sigterm(&daemon);
+        assert!(wait_within(&mut daemon, Duration::from_secs(20)).success());
+        let log = setup.daemon_log();
+        match mode {
+            // The failure auto mode exists for: events alone never see the file.
+            "events" => assert!(!found, "inotify saw a write behind a FUSE mount?\n{log}"),
+            _ => {
+                assert!(log.contains("fuse filesystem"), "{log}");
+                assert!(found, "polling must find it within one interval:\n{log}");
+            }
+        }
+    }
+}
