@@ -38,6 +38,12 @@ fn damaged_journal_stops_run_and_validate_with_advice_and_touches_nothing() {
     let out = run_cmd(&setup, "run");
     assert!(out.status.success(), "{}", stderr_of(&out));
     let journal = setup.journal();
+    // Everything into the main file (the run may leave its last commits in the WAL), so that
+    // damaging that file damages the data.
+    rusqlite::Connection::open(&journal)
+        .unwrap()
+        .execute_batch("PRAGMA wal_checkpoint(TRUNCATE)")
+        .unwrap();
     let good = std::fs::read(&journal).unwrap();
     assert!(
         good.len() > 8192,
