@@ -444,10 +444,7 @@ impl Scheduler {
     /// The destination refuses everyone: tell the operator once per distinct cause, publish it
     /// for `status`, and pause (daemon) or stop dispatching (`--once`).
     async fn refuse(&mut self, err: &S3Error) -> Result<(), JournalError> {
-        let msg = match err.advice() {
-            Some(advice) => format!("{err} ({advice})"),
-            None => err.to_string(),
-        };
+        let msg = err.for_operator();
         let code = err.code().unwrap_or_default().to_string();
         if self.refused_code.as_deref() != Some(code.as_str()) {
             tracing::error!(endpoint = %self.sink.client().endpoint(), bucket = %self.sink.client().bucket(), error = %msg, "destination refuses uploads; pausing this destination");
@@ -528,10 +525,7 @@ impl Scheduler {
     /// The destination refuses this source's keys only: pause that source, tell the operator
     /// once per cause, publish it for `status`.
     async fn refuse_source(&mut self, row: &ObjectRow, err: &S3Error) -> Result<(), JournalError> {
-        let msg = match err.advice() {
-            Some(advice) => format!("{err} ({advice})"),
-            None => err.to_string(),
-        };
+        let msg = err.for_operator();
         let code = err.code().unwrap_or_default().to_string();
         let now = Instant::now();
         let (round, new_cause) = match self.source_pauses.get(&row.source) {

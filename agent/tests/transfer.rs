@@ -441,13 +441,7 @@ fn network_cut_is_retried_with_backoff_and_bounded() {
     write_settled(&setup.src().join("a.ndjson"), &data(5, 50_000));
     setup.write_config(&proxy.endpoint(), "max_retries = 8", "");
     proxy.down.store(true, Ordering::Relaxed);
-    let cfg = setup.config_path().display().to_string();
-    let child = setup
-        .command(bin(), &["run", "-c", &cfg, "--once"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = setup.spawn_once(bin());
     std::thread::sleep(Duration::from_millis(1000));
     let refused_while_down = proxy.refused.load(Ordering::Relaxed);
     proxy.down.store(false, Ordering::Relaxed);

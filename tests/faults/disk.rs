@@ -226,13 +226,7 @@ fn source_file_deleted_after_discovery_is_reported_and_skipped() {
         );
     }
     setup.write_config(&proxy.endpoint(), "concurrency = 1", "");
-    let cfg = setup.config_path().display().to_string();
-    let child = setup
-        .command(bin(), &["run", "-c", &cfg, "--once"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = setup.spawn_once(bin());
     // Discovered (in the journal), not yet sent: take it away.
     assert!(wait_until(Duration::from_secs(20), || setup
         .journal_keys("1")

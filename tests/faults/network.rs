@@ -261,18 +261,11 @@ name = "embl"
 type = "fs"
 path = "{b}"
 
-[destination]
-type = "s3"
-endpoint = "{endpoint}"
-region = "eu-central-1"
-bucket = "policy"
-prefix = "fhir/"
-path_style = true
-"#,
+{destination}"#,
         journal = setup.journal().display(),
         a = a.display(),
         b = b.display(),
-        endpoint = proxy.endpoint(),
+        destination = setup.destination_toml(&proxy.endpoint()),
     );
     std::fs::write(setup.config_path(), config).unwrap();
     // The bucket policy denies the dkfz prefix.

@@ -739,20 +739,35 @@ type = "fs"
 path = "{src}"
 {source_extra}
 
-[destination]
-type = "s3"
-endpoint = "{endpoint}"
-region = "eu-central-1"
-bucket = "{bucket}"
-prefix = "fhir/"
-path_style = true
-"#,
+{destination}"#,
             journal = self.journal().display(),
             src = self.src().display(),
-            bucket = self.bucket,
+            destination = self.destination_toml(endpoint),
         );
         std::fs::write(self.config_path(), text).expect("write config");
         self.config_path()
+    }
+
+    /// The `[destination]` table for this setup's bucket at `endpoint` (prefix `fhir/`).
+    pub fn destination_toml(&self, endpoint: &str) -> String {
+        format!(
+            "[destination]\ntype = \"s3\"\nendpoint = \"{endpoint}\"\nregion = \"eu-central-1\"\n\
+             bucket = \"{}\"\nprefix = \"fhir/\"\npath_style = true\n",
+            self.bucket
+        )
+    }
+
+    /// `ha-edge run --once` started in the background, its output piped.
+    pub fn spawn_once(&self, bin: &Path) -> Child {
+        let cfg = self.config_path();
+        self.command(
+            bin,
+            &["run", "-c", cfg.to_str().expect("utf-8 path"), "--once"],
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn ha-edge")
     }
 
     /// A command for the ha-edge binary with test credentials in the environment.

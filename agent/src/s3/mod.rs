@@ -106,6 +106,14 @@ impl S3Error {
         }
     }
 
+    /// The error with its advice, as reported to the operator.
+    pub fn for_operator(&self) -> String {
+        match self.advice() {
+            Some(advice) => format!("{self} ({advice})"),
+            None => self.to_string(),
+        }
+    }
+
     /// A sentence for the operator on destination-level errors: what is wrong and what to check.
     pub fn advice(&self) -> Option<&'static str> {
         let S3Error::Service(e) = self else {

@@ -39,6 +39,8 @@ pub struct Seen {
     pub rel: PathBuf,
     pub fp: Fingerprint,
     pub mtime: SystemTime,
+    /// False while the completion marker this file needs is missing (always true without one).
+    pub marked: bool,
 }
 
 /// A file seen but not settled yet.
@@ -201,11 +203,22 @@ pub fn scan_into(
             ));
             continue;
         };
+        // Markers are signals, never uploaded; the files they complete are looked up here, on
+        // the walk's blocking thread.
+        let name = rel.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if cfg.complete_when.is_marker(name) {
+            continue;
+        }
+        let marked = cfg.complete_when.marker_for(name).is_none_or(|m| {
+            let dir = entry.path().parent().unwrap_or(root);
+            std::fs::symlink_metadata(dir.join(m)).is_ok()
+        });
         let mtime = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
         out.files.push(Seen {
             rel: rel.to_path_buf(),
             fp: Fingerprint::of(&meta),
             mtime,
+            marked,
         });
         if out.files.len() >= chunk && !emit(std::mem::take(&mut out)) {
             return;
@@ -511,9 +524,6 @@ impl FsSource {
             }
             for s in chunk.files {
                 let file_name = s.rel.file_name().and_then(|n| n.to_str()).unwrap_or("");
-                if self.cfg.complete_when.is_marker(file_name) {
-                    continue; // markers are signals, never uploaded
-                }
                 let key = match keymap::object_key(&self.prefix, &s.rel) {
                     Ok(k) => k,
                     Err(why) => {
@@ -531,19 +541,12 @@ impl FsSource {
                 {
                     seen_now.insert(s.rel.clone());
                 }
-                if let Some(marker) = self.cfg.complete_when.marker_for(file_name) {
-                    let marker_path = self
-                        .cfg
-                        .path
-                        .join(s.rel.parent().unwrap_or(Path::new("")))
-                        .join(marker);
-                    if std::fs::symlink_metadata(&marker_path).is_err() {
-                        awaiting_now.insert(s.rel.clone());
-                        self.awaiting_marker.insert(s.rel.clone());
-                        continue;
-                    }
-                    self.awaiting_marker.remove(&s.rel);
+                if !s.marked {
+                    awaiting_now.insert(s.rel.clone());
+                    self.awaiting_marker.insert(s.rel.clone());
+                    continue;
                 }
+                self.awaiting_marker.remove(&s.rel);
                 let prev = self.tracked.get(&s.rel).map(|(t, _)| t);
                 let (mut ready, t) = settle(prev, s.fp, s.mtime, now, now_mono, self.cfg.settle);
                 if self.cfg.complete_when != Completion::Settle {
@@ -624,12 +627,15 @@ impl FsSource {
         };
         let dir = rel.parent().unwrap_or(Path::new("")).to_path_buf();
         let listed: Vec<PathBuf> = names.iter().map(|n| dir.join(n)).collect();
-        let missing: Vec<&String> = names
-            .iter()
-            .zip(&listed)
-            .filter(|(_, p)| std::fs::symlink_metadata(self.cfg.path.join(p)).is_err())
-            .map(|(n, _)| n)
-            .collect();
+        let mut missing = Vec::new();
+        for (name, p) in names.iter().zip(&listed) {
+            if tokio::fs::symlink_metadata(self.cfg.path.join(p))
+                .await
+                .is_err()
+            {
+                missing.push(name);
+            }
+        }
         if !missing.is_empty() {
             if self.warned.insert(rel.to_path_buf()) {
                 tracing::warn!(source = %self.cfg.name, manifest = %rel.display(), missing = ?missing, "FHIR manifest lists files that are not in its directory; holding the manifest back until they arrive");
