@@ -16,13 +16,14 @@ use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
-use crate::config::{AfterUpload, Config, SourceConfig};
+use crate::config::{AfterUpload, Config, SourceConfig, SourceKind};
 use crate::journal::{Journal, JournalError, ObjectRow, State};
 use crate::retry::{Backoff, Class};
 use crate::s3::{credentials, S3Client, S3Error};
 use crate::shutdown::Request;
-use crate::sink::s3::{S3Sink, UploadParams};
+use crate::sink::s3::{Origin, S3Sink, UploadParams};
 use crate::sink::Outcome;
+use crate::source::bucket::{self, BucketAfter, BucketSource};
 use crate::source::fs::{after_upload, AfterResult, FsSource, SourceReport};
 use crate::systemd;
 
@@ -32,6 +33,11 @@ pub enum AppError {
     Journal(#[from] JournalError),
     #[error("S3 credentials: {0}")]
     Credentials(#[from] credentials::CredentialsError),
+    #[error("source {source_name:?}: {error}")]
+    SourceCredentials {
+        source_name: String,
+        error: credentials::CredentialsError,
+    },
     #[error(transparent)]
     Setup(#[from] S3Error),
 }
@@ -55,12 +61,15 @@ pub struct Summary {
     pub destination_error: Option<String>,
     /// The destination stopped answering (`--once` stops dispatching and exits 1).
     pub unreachable: Option<String>,
+    /// Bucket listings that failed.
+    pub source_errors: usize,
 }
 
 impl Summary {
     pub fn all_delivered(&self) -> bool {
         self.rejected == 0
             && self.failed == 0
+            && self.source_errors == 0
             && self.destination_error.is_none()
             && self.unreachable.is_none()
     }
@@ -105,6 +114,8 @@ struct Scheduler {
     journal: Journal,
     sink: Arc<S3Sink>,
     sources: HashMap<String, SourceConfig>,
+    /// Where each source's bytes come from.
+    origins: HashMap<String, Origin>,
     once: bool,
     summary: Summary,
     paused_until: Option<Instant>,
@@ -172,6 +183,34 @@ pub async fn run(
 ) -> Result<Summary, AppError> {
     // Credentials first: a run that cannot authenticate must not create a journal.
     let creds = credentials::resolve(&config.destination)?;
+    let a = &config.agent;
+    let mut origins: HashMap<String, Origin> = HashMap::new();
+    for s in &config.sources {
+        let origin = match &s.kind {
+            SourceKind::Dir => Origin::Dir(s.path.clone()),
+            SourceKind::Bucket(conn) => {
+                let creds = credentials::resolve_source(conn).map_err(|error| {
+                    AppError::SourceCredentials {
+                        source_name: s.name.clone(),
+                        error,
+                    }
+                })?;
+                tracing::info!(source = %s.name, endpoint = %conn.endpoint, bucket = %conn.bucket, prefix = %conn.prefix, access_key_id = %creds.access_key_id(), credentials = %creds.origin, "bucket source");
+                let client = S3Client::new(
+                    conn,
+                    creds,
+                    a.max_retries,
+                    a.request_timeout,
+                    a.concurrency * 2,
+                )?;
+                Origin::Bucket {
+                    client,
+                    prefix: conn.prefix.clone(),
+                }
+            }
+        };
+        origins.insert(s.name.clone(), origin);
+    }
     let journal = Journal::open(&config.agent.journal)?;
     tracing::info!(
         endpoint = %config.destination.endpoint,
@@ -180,7 +219,6 @@ pub async fn run(
         credentials = %creds.origin,
         "destination"
     );
-    let a = &config.agent;
     let client = S3Client::new(
         &config.destination,
         creds,
@@ -216,6 +254,24 @@ pub async fn run(
     let mut once_sources: Vec<FsSource> = Vec::new();
     let mut held = 0usize;
     for s in &config.sources {
+        if let Some(Origin::Bucket { client, .. }) = origins.get(&s.name) {
+            let mut src = BucketSource::new(
+                s.clone(),
+                client.clone(),
+                config.destination.prefix.clone(),
+                journal.clone(),
+                wake.clone(),
+            );
+            if opts.once {
+                let r = src.scan_once().await?;
+                tracing::info!(source = %s.name, objects = r.seen, queued = r.offered, refused = r.refused, listing_failed = r.failed > 0, "listed");
+                summary.refused += r.refused;
+                summary.source_errors += r.failed;
+            } else {
+                sources.spawn(src.run(stop_rx.clone()));
+            }
+            continue;
+        }
         let mut src = FsSource::new(
             s.clone(),
             config.destination.prefix.clone(),
@@ -242,6 +298,7 @@ pub async fn run(
             .iter()
             .map(|s| (s.name.clone(), s.clone()))
             .collect(),
+        origins,
         once: opts.once,
         summary,
         paused_until: None,
@@ -303,7 +360,7 @@ pub async fn run(
                 inflight_ids.push(row.id);
                 let span = tracing::info_span!("object", id = row.id, key = %row.key);
                 let sink = sched.sink.clone();
-                let root = sched.sources.get(&row.source).map(|s| s.path.clone());
+                let origin = sched.origins.get(&row.source).cloned();
                 let stop = obj_stop_rx.clone();
                 let keep = sched
                     .sources
@@ -313,7 +370,7 @@ pub async fn run(
                 inflight.spawn(
                     async move {
                         let started = Instant::now();
-                        let outcome = match (&root, row.state) {
+                        let outcome = match (&origin, row.state) {
                             (None, _) => Outcome::Retry(format!(
                                 "source {:?} is no longer in the config",
                                 row.source
@@ -321,7 +378,7 @@ pub async fn run(
                             (Some(_), State::Delivered) => {
                                 Outcome::Delivered(row.sha256.unwrap_or_default())
                             }
-                            (Some(root), _) => sink.deliver(&row, root, stop).await,
+                            (Some(origin), _) => sink.deliver(&row, origin, stop).await,
                         };
                         // A first delivery is committed here, alongside the other objects in
                         // flight: the journal's group commit can batch them, and the scheduler
@@ -493,10 +550,17 @@ impl Scheduler {
     async fn wait_for_settle(&mut self, row: &ObjectRow, msg: String) -> Result<(), JournalError> {
         tracing::info!(reason = %msg, "source changed; waiting for it to settle");
         self.summary.changed += 1;
+        // A bucket object is looked at again after the next listing has seen its new version.
         let settle = self
             .sources
             .get(&row.source)
-            .map_or(Duration::from_secs(30), |s| s.settle);
+            .map_or(Duration::from_secs(30), |s| {
+                if s.is_dir() {
+                    s.settle
+                } else {
+                    s.poll_interval
+                }
+            });
         self.journal
             .retry_later(row.id, settle.as_millis() as i64, false, msg)
             .await
@@ -604,6 +668,72 @@ impl Scheduler {
         self.paused_until.is_none_or(|t| Instant::now() >= t)
     }
 
+    /// Deletes or moves a delivered source (file or bucket object), only if it is still the
+    /// version delivered; the row is done afterwards, or retried in a minute on failure.
+    async fn after_upload(
+        &mut self,
+        row: &ObjectRow,
+        action: &AfterUpload,
+    ) -> Result<(), JournalError> {
+        let j = &self.journal;
+        let res: Result<String, String> = match self.origins.get(&row.source) {
+            Some(Origin::Bucket { client, prefix }) => {
+                let key = Origin::source_key(prefix, &row.rel_path);
+                match bucket::after_upload(
+                    client,
+                    &key,
+                    &row.rel_path,
+                    action,
+                    row.fingerprint,
+                    row.etag.as_deref(),
+                )
+                .await
+                {
+                    Ok(BucketAfter::LeftChanged) => {
+                        tracing::warn!(key = %key, "source object changed after delivery: left in place; the new version will be sent");
+                        Ok("left changed".into())
+                    }
+                    Ok(r) => Ok(format!("{r:?}")),
+                    Err(e) => Err(e.to_string()),
+                }
+            }
+            Some(Origin::Dir(root)) => {
+                let (root, rel, fp, act) = (
+                    root.clone(),
+                    row.rel_path.clone(),
+                    row.fingerprint,
+                    action.clone(),
+                );
+                let res = tokio::task::spawn_blocking(move || after_upload(&root, &rel, &act, fp))
+                    .await
+                    .map_err(|_| JournalError::Panicked)?;
+                match res {
+                    Ok(AfterResult::LeftChanged) => {
+                        tracing::warn!(path = %row.rel_path.display(), "source changed after delivery: left in place; the new version will be sent");
+                        Ok("left changed".into())
+                    }
+                    Ok(r) => Ok(format!("{r:?}")),
+                    Err(e) => Err(e.to_string()),
+                }
+            }
+            None => Err(format!(
+                "source {:?} is no longer in the config",
+                row.source
+            )),
+        };
+        match res {
+            Ok(r) => {
+                tracing::debug!(result = %r, "after_upload done");
+                j.set_state(row.id, State::Done).await
+            }
+            Err(e) => {
+                let msg = format!("after_upload failed for {}: {e}", row.rel_path.display());
+                tracing::warn!(error = %e, "after_upload failed; will try again");
+                j.retry_later(row.id, 60_000, true, msg).await
+            }
+        }
+    }
+
     async fn settle_outcome(&mut self, done: Finished) -> Result<(), JournalError> {
         let Finished {
             row,
@@ -660,32 +790,7 @@ impl Scheduler {
                     tracing::info!(key = %row.key, size = row.fingerprint.size, secs = took.as_secs_f64(), mb_per_s = format!("{mbps:.1}"), "delivered and verified");
                 }
                 if action != AfterUpload::Keep {
-                    let root = self
-                        .sources
-                        .get(&row.source)
-                        .map(|s| s.path.clone())
-                        .unwrap_or_default();
-                    let (rel, fp, act) = (row.rel_path.clone(), row.fingerprint, action.clone());
-                    let res =
-                        tokio::task::spawn_blocking(move || after_upload(&root, &rel, &act, fp))
-                            .await
-                            .map_err(|_| JournalError::Panicked)?;
-                    match res {
-                        Ok(r) => {
-                            if r == AfterResult::LeftChanged {
-                                tracing::warn!(path = %row.rel_path.display(), "source changed after delivery: left in place; the new version will be sent");
-                            } else {
-                                tracing::debug!(result = ?r, "after_upload done");
-                            }
-                            j.set_state(row.id, State::Done).await?;
-                        }
-                        Err(e) => {
-                            let msg =
-                                format!("after_upload failed for {}: {e}", row.rel_path.display());
-                            tracing::warn!(error = %e, "after_upload failed; will try again");
-                            j.retry_later(row.id, 60_000, true, msg).await?;
-                        }
-                    }
+                    self.after_upload(&row, &action).await?;
                 }
             }
             Outcome::Retry(msg) => {

@@ -117,6 +117,16 @@ struct RawSource {
     poll_interval: Option<Spanned<toml::Value>>,
     on_change: Option<Spanned<String>>,
     complete_when: Option<Spanned<toml::Value>>,
+    // type = "s3": the bucket (e.g. the institution's MinIO). Endpoint, bucket and keys fall back
+    // to ONPREM_S3_ENDPOINT, ONPREM_S3_BUCKET, ONPREM_S3_ACCESS_KEY / ONPREM_S3_SECRET_KEY.
+    endpoint: Option<Spanned<String>>,
+    region: Option<Spanned<String>>,
+    bucket: Option<Spanned<String>>,
+    prefix: Option<Spanned<String>>,
+    path_style: Option<Spanned<bool>>,
+    profile: Option<Spanned<String>>,
+    credentials_file: Option<Spanned<String>>,
+    ca_file: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -173,7 +183,20 @@ pub enum LogFormat {
 pub enum AfterUpload {
     Keep,
     Delete,
+    /// Directory sources: move the file under this directory.
     MoveTo(PathBuf),
+    /// Bucket sources: copy the object under this key prefix, then delete it.
+    MoveToPrefix(String),
+}
+
+/// What a source reads from.
+#[derive(Debug, Clone)]
+pub enum SourceKind {
+    /// A directory tree (`type = "fs"`) rooted at `SourceConfig::path`.
+    Dir,
+    /// A bucket on an S3-compatible server (`type = "s3"`); its `prefix` is the part of the
+    /// bucket this source covers, and keys below it map like relative paths.
+    Bucket(Box<S3Destination>),
 }
 
 /// How a directory source notices new files.
@@ -237,6 +260,8 @@ impl Completion {
 #[derive(Debug, Clone)]
 pub struct SourceConfig {
     pub name: String,
+    pub kind: SourceKind,
+    /// The root of a directory source (empty for a bucket source).
     pub path: PathBuf,
     pub include: Option<GlobSet>,
     pub exclude: GlobSet,
@@ -250,6 +275,10 @@ pub struct SourceConfig {
 }
 
 impl SourceConfig {
+    pub fn is_dir(&self) -> bool {
+        matches!(self.kind, SourceKind::Dir)
+    }
+
     /// Whether a path relative to the source root passes include/exclude.
     pub fn selects(&self, rel: &Path) -> bool {
         if self.exclude.is_match(rel) {
@@ -268,6 +297,7 @@ pub enum Sse {
     Kms { key_id: Option<String> },
 }
 
+/// How to reach a bucket: the destination's, or a bucket source's.
 #[derive(Debug, Clone)]
 pub struct S3Destination {
     pub endpoint: reqwest::Url,
@@ -296,10 +326,20 @@ impl Config {
         Config::parse(file, &text)
     }
 
-    /// Validates config text; `file` is used for messages only.
+    /// Validates config text; `file` is used for messages only. Bucket sources may take their
+    /// endpoint and bucket from the process environment (ONPREM_S3_*).
     pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
+        Config::parse_with_env(file, text, &|k| std::env::var(k).ok())
+    }
+
+    pub fn parse_with_env(
+        file: &Path,
+        text: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
         let mut v = Validator {
             text,
+            env,
             problems: Vec::new(),
         };
         let raw: RawConfig = match parse_raw(text) {
@@ -399,6 +439,7 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
 
 struct Validator<'a> {
     text: &'a str,
+    env: &'a dyn Fn(&str) -> Option<String>,
     problems: Vec<ConfigProblem>,
 }
 
@@ -447,7 +488,11 @@ impl Validator<'_> {
             let span = s.span();
             let inner = s.into_inner();
             let name = inner.name.as_ref().map_or(span.clone(), |n| n.span());
-            let path = inner.path.as_ref().map_or(span.clone(), |p| p.span());
+            let path = inner
+                .path
+                .as_ref()
+                .or(inner.prefix.as_ref())
+                .map_or(span.clone(), |p| p.span());
             if let Some(src) = self.source(i, inner, span) {
                 sources.push(src);
                 places.push((i, name, path));
@@ -592,9 +637,9 @@ impl Validator<'_> {
         })
     }
 
-    fn source(&mut self, i: usize, s: RawSource, span: Range<usize>) -> Option<SourceConfig> {
+    fn source(&mut self, i: usize, mut s: RawSource, span: Range<usize>) -> Option<SourceConfig> {
         let at = |k: &str| format!("source[{i}].{k}");
-        let name = match s.name {
+        let name = match s.name.take() {
             Some(n) => {
                 let ok = !n.get_ref().is_empty()
                     && n.get_ref().len() <= 64
@@ -622,16 +667,123 @@ impl Validator<'_> {
                 None
             }
         };
-        match s.kind {
-            Some(k) if k.get_ref() == "fs" => {}
-            Some(k) => self.problem(
-                k.span(),
-                &at("type"),
-                format!("unknown source type {:?} (supported: \"fs\")", k.get_ref()),
-            ),
-            None => self.problem(span.clone(), &at("type"), "missing (use type = \"fs\")"),
+        let is_bucket = match &s.kind {
+            Some(k) if k.get_ref() == "fs" => false,
+            Some(k) if k.get_ref() == "s3" => true,
+            Some(k) => {
+                self.problem(
+                    k.span(),
+                    &at("type"),
+                    format!(
+                        "unknown source type {:?} (supported: \"fs\", \"s3\")",
+                        k.get_ref()
+                    ),
+                );
+                false
+            }
+            None => {
+                self.problem(
+                    span.clone(),
+                    &at("type"),
+                    "missing (use type = \"fs\" or \"s3\")",
+                );
+                false
+            }
+        };
+        // Keys that belong to the other kind of source.
+        type Misplaced<'k> = Vec<(&'k str, Option<Range<usize>>)>;
+        let (other_kind, misplaced): (&str, Misplaced<'_>) = if is_bucket {
+            (
+                "fs",
+                vec![
+                    ("path", s.path.as_ref().map(Spanned::span)),
+                    ("settle", s.settle.as_ref().map(Spanned::span)),
+                    ("watch", s.watch.as_ref().map(Spanned::span)),
+                    (
+                        "rescan_interval",
+                        s.rescan_interval.as_ref().map(Spanned::span),
+                    ),
+                    ("complete_when", s.complete_when.as_ref().map(Spanned::span)),
+                ],
+            )
+        } else {
+            (
+                "s3",
+                vec![
+                    ("endpoint", s.endpoint.as_ref().map(Spanned::span)),
+                    ("region", s.region.as_ref().map(Spanned::span)),
+                    ("bucket", s.bucket.as_ref().map(Spanned::span)),
+                    ("prefix", s.prefix.as_ref().map(Spanned::span)),
+                    ("path_style", s.path_style.as_ref().map(Spanned::span)),
+                    ("profile", s.profile.as_ref().map(Spanned::span)),
+                    (
+                        "credentials_file",
+                        s.credentials_file.as_ref().map(Spanned::span),
+                    ),
+                    ("ca_file", s.ca_file.as_ref().map(Spanned::span)),
+                ],
+            )
+        };
+        for (key, sp) in misplaced {
+            if let Some(sp) = sp {
+                let why = if key == "complete_when" || key == "settle" {
+                    " (a bucket object appears whole when its upload completes)"
+                } else {
+                    ""
+                };
+                self.problem(
+                    sp,
+                    &at(key),
+                    format!("only applies to type = \"{other_kind}\" sources{why}"),
+                );
+            }
         }
-        let path = match s.path {
+        let bucket = if is_bucket {
+            self.bucket_source(i, &mut s, span.clone())
+        } else {
+            None
+        };
+        let path = if is_bucket {
+            Some(PathBuf::new())
+        } else {
+            self.source_path(i, s.path.take(), span.clone())
+        };
+        let include = s
+            .include
+            .take()
+            .map(|globs| self.globs(globs, &at("include")));
+        let exclude = match s.exclude.take() {
+            Some(globs) => self.globs(globs, &at("exclude")),
+            None => GlobSet::empty(),
+        };
+        let settle = self.duration(
+            s.settle.take(),
+            &at("settle"),
+            Duration::ZERO,
+            Duration::from_secs(30),
+        );
+        let after_upload = self.after_upload(i, s.after_upload.take(), path.as_deref(), is_bucket);
+        self.source_rest(
+            i,
+            s,
+            name,
+            path,
+            bucket,
+            include,
+            exclude,
+            settle,
+            after_upload,
+        )
+    }
+
+    fn source_path(
+        &mut self,
+        i: usize,
+        p: Option<Spanned<String>>,
+        span: Range<usize>,
+    ) -> Option<PathBuf> {
+        let at = |k: &str| format!("source[{i}].{k}");
+        match p {
             Some(p) => {
                 let pb = PathBuf::from(p.get_ref());
                 if !pb.is_absolute() {
@@ -664,72 +816,32 @@ impl Validator<'_> {
                 }
             }
             None => {
-                self.problem(
-                    span.clone(),
-                    &at("path"),
-                    "missing (the directory to watch)",
-                );
+                self.problem(span, &at("path"), "missing (the directory to watch)");
                 None
             }
-        };
-        let include = s.include.map(|globs| self.globs(globs, &at("include")));
-        let exclude = match s.exclude {
-            Some(globs) => self.globs(globs, &at("exclude")),
-            None => GlobSet::empty(),
-        };
-        let settle = self.duration(
-            s.settle,
-            &at("settle"),
-            Duration::ZERO,
-            Duration::from_secs(30),
-        );
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn source_rest(
+        &mut self,
+        i: usize,
+        s: RawSource,
+        name: Option<String>,
+        path: Option<PathBuf>,
+        bucket: Option<S3Destination>,
+        include: Option<GlobSet>,
+        exclude: GlobSet,
+        settle: Duration,
+        after_upload: AfterUpload,
+    ) -> Option<SourceConfig> {
+        let at = |k: &str| format!("source[{i}].{k}");
         let rescan_interval = self.duration(
             s.rescan_interval,
             &at("rescan_interval"),
             Duration::from_secs(1),
             Duration::from_secs(60),
         );
-        let after_upload = match s.after_upload {
-            None => AfterUpload::Keep,
-            Some(v) => {
-                let sp = v.span();
-                match v.into_inner() {
-                    toml::Value::String(s) if s == "keep" => AfterUpload::Keep,
-                    toml::Value::String(s) if s == "delete" => AfterUpload::Delete,
-                    toml::Value::Table(t)
-                        if t.len() == 1 && t.get("move_to").is_some_and(|v| v.is_str()) =>
-                    {
-                        let dest = PathBuf::from(t["move_to"].as_str().unwrap_or_default());
-                        if !dest.is_absolute() {
-                            self.problem(
-                                sp,
-                                &at("after_upload.move_to"),
-                                "must be an absolute path",
-                            );
-                        } else if let Some(src) = &path {
-                            if dest.starts_with(src) {
-                                self.problem(
-                                    sp,
-                                    &at("after_upload.move_to"),
-                                    "must be outside the source path (moved files would be found again)",
-                                );
-                            }
-                        }
-                        AfterUpload::MoveTo(dest)
-                    }
-                    other => {
-                        self.problem(
-                            sp,
-                            &at("after_upload"),
-                            format!(
-                                "must be \"keep\", \"delete\" or {{ move_to = \"/abs/dir\" }}, got {other}"
-                            ),
-                        );
-                        AfterUpload::Keep
-                    }
-                }
-            }
-        };
         let watch = match s.watch {
             None => WatchMode::Auto,
             Some(w) => match w.get_ref().as_str() {
@@ -807,8 +919,14 @@ impl Validator<'_> {
                 }
             }
         };
+        let kind = match bucket {
+            Some(conn) => SourceKind::Bucket(Box::new(conn)),
+            None if path.as_deref().is_some_and(|p| p.as_os_str().is_empty()) => return None,
+            None => SourceKind::Dir,
+        };
         Some(SourceConfig {
             name: name?,
+            kind,
             path: path?,
             include,
             exclude,
@@ -820,6 +938,219 @@ impl Validator<'_> {
             on_change,
             complete_when,
         })
+    }
+
+    fn after_upload(
+        &mut self,
+        i: usize,
+        v: Option<Spanned<toml::Value>>,
+        path: Option<&Path>,
+        is_bucket: bool,
+    ) -> AfterUpload {
+        let at = |k: &str| format!("source[{i}].{k}");
+        let Some(v) = v else {
+            return AfterUpload::Keep;
+        };
+        let sp = v.span();
+        let one = |t: &toml::Table, k: &str| t.len() == 1 && t.get(k).is_some_and(|v| v.is_str());
+        match v.into_inner() {
+            toml::Value::String(s) if s == "keep" => AfterUpload::Keep,
+            toml::Value::String(s) if s == "delete" => AfterUpload::Delete,
+            toml::Value::Table(t) if !is_bucket && one(&t, "move_to") => {
+                let dest = PathBuf::from(t["move_to"].as_str().unwrap_or_default());
+                if !dest.is_absolute() {
+                    self.problem(sp, &at("after_upload.move_to"), "must be an absolute path");
+                } else if let Some(src) = path {
+                    if dest.starts_with(src) {
+                        self.problem(
+                            sp,
+                            &at("after_upload.move_to"),
+                            "must be outside the source path (moved files would be found again)",
+                        );
+                    }
+                }
+                AfterUpload::MoveTo(dest)
+            }
+            toml::Value::Table(t) if is_bucket && one(&t, "move_to_prefix") => {
+                let p = t["move_to_prefix"].as_str().unwrap_or_default().to_string();
+                if p.is_empty() || p.starts_with('/') || p.split('/').any(|c| c == ".." || c == ".")
+                {
+                    self.problem(
+                        sp,
+                        &at("after_upload.move_to_prefix"),
+                        "must be a key prefix such as \"processed/\" (not empty, no leading '/', no '.' or '..' segments)",
+                    );
+                }
+                AfterUpload::MoveToPrefix(p)
+            }
+            other => {
+                let moved = if is_bucket {
+                    "{ move_to_prefix = \"processed/\" }"
+                } else {
+                    "{ move_to = \"/abs/dir\" }"
+                };
+                self.problem(
+                    sp,
+                    &at("after_upload"),
+                    format!("must be \"keep\", \"delete\" or {moved}, got {other}"),
+                );
+                AfterUpload::Keep
+            }
+        }
+    }
+
+    /// The bucket of a `type = "s3"` source. Endpoint and bucket fall back to ONPREM_S3_ENDPOINT
+    /// and ONPREM_S3_BUCKET; the region defaults to us-east-1 (MinIO's) and path-style
+    /// addressing is on by default (on-premise servers rarely have wildcard DNS).
+    fn bucket_source(
+        &mut self,
+        i: usize,
+        s: &mut RawSource,
+        span: Range<usize>,
+    ) -> Option<S3Destination> {
+        let at = |k: &str| format!("source[{i}].{k}");
+        let from_env =
+            |v: Option<Spanned<String>>, var: &str, env: &dyn Fn(&str) -> Option<String>| {
+                v.or_else(|| {
+                    env(var)
+                        .filter(|x| !x.is_empty())
+                        .map(|x| Spanned::new(span.clone(), x))
+                })
+            };
+        let endpoint = match from_env(s.endpoint.take(), "ONPREM_S3_ENDPOINT", self.env) {
+            Some(e) => self.endpoint_url(e, &at("endpoint")),
+            None => {
+                self.problem(
+                    span.clone(),
+                    &at("endpoint"),
+                    "missing (set endpoint here or ONPREM_S3_ENDPOINT in the environment)",
+                );
+                None
+            }
+        };
+        let bucket = match from_env(s.bucket.take(), "ONPREM_S3_BUCKET", self.env) {
+            Some(b) => {
+                if let Err(why) = check_bucket_name(b.get_ref()) {
+                    self.problem(b.span(), &at("bucket"), why);
+                }
+                Some(b.into_inner())
+            }
+            None => {
+                self.problem(
+                    span.clone(),
+                    &at("bucket"),
+                    "missing (set bucket here or ONPREM_S3_BUCKET in the environment)",
+                );
+                None
+            }
+        };
+        let region = match s.region.take() {
+            Some(r) => self.region(r, &at("region")),
+            None => Some("us-east-1".to_string()),
+        };
+        let prefix = match s.prefix.take() {
+            Some(p) => self.key_prefix(p, &at("prefix")),
+            None => String::new(),
+        };
+        let credentials_file = s
+            .credentials_file
+            .take()
+            .map(|c| self.readable_file(c, &at("credentials_file"), true));
+        let ca_file = s
+            .ca_file
+            .take()
+            .map(|c| self.readable_file(c, &at("ca_file"), false));
+        let conn = S3Destination {
+            endpoint: endpoint?,
+            region: region?,
+            bucket: bucket?,
+            prefix,
+            sse: None,
+            path_style: s.path_style.take().is_none_or(Spanned::into_inner),
+            profile: s.profile.take().map(Spanned::into_inner),
+            credentials_file,
+            ca_file,
+        };
+        let ip_host = matches!(
+            conn.endpoint.host(),
+            Some(url::Host::Ipv4(_) | url::Host::Ipv6(_))
+        );
+        if ip_host && !conn.path_style {
+            self.problem(
+                span,
+                &at("path_style"),
+                "must be true when the endpoint is an IP address (virtual-hosted buckets need a DNS name)",
+            );
+        }
+        Some(conn)
+    }
+
+    fn endpoint_url(&mut self, e: Spanned<String>, key: &str) -> Option<reqwest::Url> {
+        match reqwest::Url::parse(e.get_ref()) {
+            Ok(u) if (u.scheme() == "http" || u.scheme() == "https") && u.host().is_some() => {
+                if u.path() != "/" || u.query().is_some() {
+                    self.problem(
+                        e.span(),
+                        key,
+                        "must be scheme://host[:port] without a path (the bucket goes in `bucket`)",
+                    );
+                }
+                Some(u)
+            }
+            Ok(_) => {
+                self.problem(e.span(), key, "must be an http:// or https:// URL");
+                None
+            }
+            Err(err) => {
+                self.problem(e.span(), key, format!("not a URL: {err}"));
+                None
+            }
+        }
+    }
+
+    fn region(&mut self, r: Spanned<String>, key: &str) -> Option<String> {
+        let ok = !r.get_ref().is_empty()
+            && r.get_ref()
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-');
+        if ok {
+            Some(r.into_inner())
+        } else {
+            self.problem(
+                r.span(),
+                key,
+                format!("not a region name: {:?}", r.get_ref()),
+            );
+            None
+        }
+    }
+
+    fn key_prefix(&mut self, p: Spanned<String>, key: &str) -> String {
+        if p.get_ref().starts_with('/') {
+            self.problem(
+                p.span(),
+                key,
+                "must not start with '/' (keys are relative to the bucket)",
+            );
+        }
+        if p.get_ref().split('/').any(|c| c == ".." || c == ".") {
+            self.problem(p.span(), key, "must not contain '.' or '..' segments");
+        }
+        if p.get_ref().len() > 512 {
+            self.problem(p.span(), key, "is longer than 512 bytes");
+        }
+        p.into_inner()
+    }
+
+    /// An absolute (if `absolute`) path to a file this process can read.
+    fn readable_file(&mut self, c: Spanned<String>, key: &str, absolute: bool) -> PathBuf {
+        let p = PathBuf::from(c.get_ref());
+        if absolute && !p.is_absolute() {
+            self.problem(c.span(), key, "must be an absolute path");
+        } else if let Err(e) = std::fs::File::open(&p) {
+            self.problem(c.span(), key, format!("cannot read {}: {e}", p.display()));
+        }
+        p
     }
 
     /// Problems are reported at the later of two clashing sources.
@@ -838,19 +1169,35 @@ impl Validator<'_> {
                         format!("two sources are named {:?}", a.name),
                     );
                 }
-                if a.path.starts_with(&b.path) || b.path.starts_with(&a.path) {
-                    self.problem(
-                        path_span,
-                        &format!("source[{idx}].path"),
-                        format!(
-                            "sources {:?} ({}) and {:?} ({}) overlap: a file would be sent twice",
-                            a.name,
-                            a.path.display(),
-                            b.name,
-                            b.path.display()
-                        ),
-                    );
-                }
+                let (key, what_a, what_b) = match (&a.kind, &b.kind) {
+                    (SourceKind::Dir, SourceKind::Dir)
+                        if a.path.starts_with(&b.path) || b.path.starts_with(&a.path) =>
+                    {
+                        (
+                            "path",
+                            a.path.display().to_string(),
+                            b.path.display().to_string(),
+                        )
+                    }
+                    (SourceKind::Bucket(x), SourceKind::Bucket(y))
+                        if x.endpoint == y.endpoint
+                            && x.bucket == y.bucket
+                            && (x.prefix.starts_with(&y.prefix)
+                                || y.prefix.starts_with(&x.prefix)) =>
+                    {
+                        let show = |c: &S3Destination| format!("s3://{}/{}", c.bucket, c.prefix);
+                        ("prefix", show(x), show(y))
+                    }
+                    _ => continue,
+                };
+                self.problem(
+                    path_span,
+                    &format!("source[{idx}].{key}"),
+                    format!(
+                        "sources {:?} ({what_a}) and {:?} ({what_b}) overlap: a file would be sent twice",
+                        a.name, b.name,
+                    ),
+                );
             }
         }
     }
@@ -873,34 +1220,7 @@ impl Validator<'_> {
             ),
         }
         let endpoint = match d.endpoint {
-            Some(e) => match reqwest::Url::parse(e.get_ref()) {
-                Ok(u) if (u.scheme() == "http" || u.scheme() == "https") && u.host().is_some() => {
-                    if u.path() != "/" || u.query().is_some() {
-                        self.problem(
-                            e.span(),
-                            "destination.endpoint",
-                            "must be scheme://host[:port] without a path (the bucket goes in `bucket`)",
-                        );
-                    }
-                    Some(u)
-                }
-                Ok(_) => {
-                    self.problem(
-                        e.span(),
-                        "destination.endpoint",
-                        "must be an http:// or https:// URL",
-                    );
-                    None
-                }
-                Err(err) => {
-                    self.problem(
-                        e.span(),
-                        "destination.endpoint",
-                        format!("not a URL: {err}"),
-                    );
-                    None
-                }
-            },
+            Some(e) => self.endpoint_url(e, "destination.endpoint"),
             None => {
                 self.problem(
                     span.clone(),
@@ -911,22 +1231,7 @@ impl Validator<'_> {
             }
         };
         let region = match d.region {
-            Some(r)
-                if !r.get_ref().is_empty()
-                    && r.get_ref()
-                        .chars()
-                        .all(|c| c.is_ascii_alphanumeric() || c == '-') =>
-            {
-                Some(r.into_inner())
-            }
-            Some(r) => {
-                self.problem(
-                    r.span(),
-                    "destination.region",
-                    format!("not a region name: {:?}", r.get_ref()),
-                );
-                None
-            }
+            Some(r) => self.region(r, "destination.region"),
             None => {
                 self.problem(
                     span.clone(),
@@ -950,26 +1255,7 @@ impl Validator<'_> {
         };
         let prefix = match d.prefix {
             None => String::new(),
-            Some(p) => {
-                if p.get_ref().starts_with('/') {
-                    self.problem(
-                        p.span(),
-                        "destination.prefix",
-                        "must not start with '/' (keys are relative to the bucket)",
-                    );
-                }
-                if p.get_ref().split('/').any(|c| c == ".." || c == ".") {
-                    self.problem(
-                        p.span(),
-                        "destination.prefix",
-                        "must not contain '.' or '..' segments",
-                    );
-                }
-                if p.get_ref().len() > 512 {
-                    self.problem(p.span(), "destination.prefix", "is longer than 512 bytes");
-                }
-                p.into_inner()
-            }
+            Some(p) => self.key_prefix(p, "destination.prefix"),
         };
         let sse = match d.sse {
             None => None,
@@ -997,34 +1283,12 @@ impl Validator<'_> {
                 );
             }
         }
-        let credentials_file = d.credentials_file.map(|c| {
-            let p = PathBuf::from(c.get_ref());
-            if !p.is_absolute() {
-                self.problem(
-                    c.span(),
-                    "destination.credentials_file",
-                    "must be an absolute path",
-                );
-            } else if let Err(e) = std::fs::File::open(&p) {
-                self.problem(
-                    c.span(),
-                    "destination.credentials_file",
-                    format!("cannot read {}: {e}", p.display()),
-                );
-            }
-            p
-        });
-        let ca_file = d.ca_file.map(|c| {
-            let p = PathBuf::from(c.get_ref());
-            if let Err(e) = std::fs::metadata(&p) {
-                self.problem(
-                    c.span(),
-                    "destination.ca_file",
-                    format!("cannot read {}: {e}", p.display()),
-                );
-            }
-            p
-        });
+        let credentials_file = d
+            .credentials_file
+            .map(|c| self.readable_file(c, "destination.credentials_file", true));
+        let ca_file = d
+            .ca_file
+            .map(|c| self.readable_file(c, "destination.ca_file", false));
         let dest = S3Destination {
             endpoint: endpoint?,
             region: region?,
@@ -1150,7 +1414,9 @@ impl Validator<'_> {
 
 impl AgentConfig {
     fn journal_inside_any(&self, sources: &[SourceConfig]) -> bool {
-        sources.iter().any(|s| self.journal.starts_with(&s.path))
+        sources
+            .iter()
+            .any(|s| s.is_dir() && self.journal.starts_with(&s.path))
     }
 }
 
@@ -1256,6 +1522,108 @@ path_style = true
         Config::parse(Path::new("t.toml"), text)
             .unwrap_err()
             .problems
+    }
+
+    const BUCKET_ONLY: &str = r#"
+[agent]
+journal = "/var/lib/ha-edge/journal.db"
+
+[[source]]
+name = "minio"
+type = "s3"
+prefix = "exports/"
+after_upload = { move_to_prefix = "processed/" }
+
+[destination]
+type = "s3"
+endpoint = "https://s3.eu-central-1.amazonaws.com"
+region = "eu-central-1"
+bucket = "fhir-bucket"
+"#;
+
+    #[test]
+    fn bucket_source_takes_endpoint_and_bucket_from_the_environment() {
+        let env = |k: &str| match k {
+            "ONPREM_S3_ENDPOINT" => Some("http://10.0.0.5:9000".to_string()),
+            "ONPREM_S3_BUCKET" => Some("exports-bucket".to_string()),
+            _ => None,
+        };
+        let c = Config::parse_with_env(Path::new("t.toml"), BUCKET_ONLY, &env).unwrap();
+        let SourceKind::Bucket(conn) = &c.sources[0].kind else {
+            panic!("not a bucket source")
+        };
+        assert_eq!(conn.endpoint.as_str(), "http://10.0.0.5:9000/");
+        assert_eq!(conn.bucket, "exports-bucket");
+        assert_eq!(conn.region, "us-east-1");
+        assert_eq!(conn.prefix, "exports/");
+        assert!(conn.path_style);
+        assert_eq!(
+            c.sources[0].after_upload,
+            AfterUpload::MoveToPrefix("processed/".into())
+        );
+        // The config wins over the environment.
+        let text = BUCKET_ONLY.replace(
+            "prefix = \"exports/\"",
+            "prefix = \"exports/\"\nbucket = \"from-config\"",
+        );
+        let c = Config::parse_with_env(Path::new("t.toml"), &text, &env).unwrap();
+        let SourceKind::Bucket(conn) = &c.sources[0].kind else {
+            panic!("not a bucket source")
+        };
+        assert_eq!(conn.bucket, "from-config");
+        // Neither: both named, at the source's line.
+        let err = Config::parse_with_env(Path::new("t.toml"), BUCKET_ONLY, &|_| None).unwrap_err();
+        let keys: Vec<&str> = err.problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(keys, ["source[0].endpoint", "source[0].bucket"]);
+        assert!(err.problems[0].message.contains("ONPREM_S3_ENDPOINT"));
+        assert_eq!(err.problems[0].line, 5);
+    }
+
+    #[test]
+    fn keys_of_the_other_source_type_are_refused() {
+        let env = |k: &str| match k {
+            "ONPREM_S3_ENDPOINT" => Some("http://minio.local:9000".to_string()),
+            "ONPREM_S3_BUCKET" => Some("bkt".to_string()),
+            _ => None,
+        };
+        let text = BUCKET_ONLY.replace(
+            "prefix = \"exports/\"",
+            "prefix = \"exports/\"\nsettle = \"5s\"\npath = \"/srv\"",
+        );
+        let err = Config::parse_with_env(Path::new("t.toml"), &text, &env).unwrap_err();
+        let keys: Vec<&str> = err.problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(keys, ["source[0].settle", "source[0].path"]);
+        assert!(err.problems[0].message.contains("type = \"fs\""));
+        // move_to is for files, move_to_prefix for objects.
+        let text = BUCKET_ONLY.replace("move_to_prefix", "move_to");
+        let err = Config::parse_with_env(Path::new("t.toml"), &text, &env).unwrap_err();
+        assert_eq!(err.problems[0].key, "source[0].after_upload");
+        assert!(err.problems[0].message.contains("move_to_prefix"));
+        let text = BUCKET_ONLY.replace("\"processed/\"", "\"/abs/\"");
+        let err = Config::parse_with_env(Path::new("t.toml"), &text, &env).unwrap_err();
+        assert_eq!(err.problems[0].key, "source[0].after_upload.move_to_prefix");
+
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("in")).unwrap();
+        let text = good(dir.path()).replace("settle = \"2s\"", "settle = \"2s\"\nbucket = \"x\"");
+        assert_eq!(problems(&text)[0].key, "source[0].bucket");
+    }
+
+    #[test]
+    fn overlapping_bucket_prefixes_are_refused() {
+        let env = |k: &str| match k {
+            "ONPREM_S3_ENDPOINT" => Some("http://minio.local:9000".to_string()),
+            "ONPREM_S3_BUCKET" => Some("bkt".to_string()),
+            _ => None,
+        };
+        let second = "\n[[source]]\nname = \"all\"\ntype = \"s3\"\nprefix = \"\"\n";
+        let text = BUCKET_ONLY.replace("\n[destination]", &format!("{second}\n[destination]"));
+        let err = Config::parse_with_env(Path::new("t.toml"), &text, &env).unwrap_err();
+        assert_eq!(err.problems[0].key, "source[1].prefix");
+        assert!(err.problems[0].message.contains("overlap"));
+        let other = second.replace("prefix = \"\"", "prefix = \"other/\"");
+        let text = BUCKET_ONLY.replace("\n[destination]", &format!("{other}\n[destination]"));
+        assert!(Config::parse_with_env(Path::new("t.toml"), &text, &env).is_ok());
     }
 
     #[test]

@@ -27,6 +27,30 @@ pub enum KeyError {
     TooLong(usize),
     #[error("the path is empty")]
     Empty,
+    #[error("the key has an empty segment ('//', or a leading or trailing '/')")]
+    EmptySegment,
+}
+
+/// The destination key for a bucket source's object, from the part of its key below the source
+/// prefix. Keys are split on '/' exactly as written: an empty, `.` or `..` segment is refused
+/// rather than normalised, so two source keys can never land on one destination key.
+pub fn bucket_key(prefix: &str, rest: &str) -> Result<String, KeyError> {
+    if rest.is_empty() {
+        return Err(KeyError::Empty);
+    }
+    for seg in rest.split('/') {
+        match seg {
+            "" => return Err(KeyError::EmptySegment),
+            "." | ".." => return Err(KeyError::DotSegment),
+            s if s.chars().any(char::is_control) => return Err(KeyError::ControlChar),
+            _ => {}
+        }
+    }
+    let key = format!("{prefix}{rest}");
+    if key.len() > MAX_KEY_LEN {
+        return Err(KeyError::TooLong(key.len()));
+    }
+    Ok(key)
 }
 
 /// The object key for `rel` (relative to the source root) under `prefix`.
@@ -106,6 +130,26 @@ mod tests {
         let long = "x".repeat(1025);
         assert_eq!(
             object_key("", Path::new(&long)),
+            Err(KeyError::TooLong(1025))
+        );
+    }
+
+    #[test]
+    fn bucket_keys_map_exactly_or_not_at_all() {
+        assert_eq!(
+            bucket_key("onprem/", "2026/Patient.ndjson").unwrap(),
+            "onprem/2026/Patient.ndjson"
+        );
+        assert_eq!(bucket_key("", "a b+%.dcm").unwrap(), "a b+%.dcm");
+        // Path-style normalisation would merge these with "a/b": refused instead.
+        assert_eq!(bucket_key("", "a//b"), Err(KeyError::EmptySegment));
+        assert_eq!(bucket_key("", "a/./b"), Err(KeyError::DotSegment));
+        assert_eq!(bucket_key("", "/a"), Err(KeyError::EmptySegment));
+        assert_eq!(bucket_key("", "../x"), Err(KeyError::DotSegment));
+        assert_eq!(bucket_key("", "a\rb"), Err(KeyError::ControlChar));
+        assert_eq!(bucket_key("", ""), Err(KeyError::Empty));
+        assert_eq!(
+            bucket_key("p/", &"x".repeat(1023)),
             Err(KeyError::TooLong(1025))
         );
     }

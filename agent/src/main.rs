@@ -85,6 +85,16 @@ fn validate(file: &Path) -> ExitCode {
     if let Err(e) = s3::credentials::resolve(&config.destination) {
         return fail(EXIT_CONFIG, format!("{}: destination: {e}", file.display()));
     }
+    for s in &config.sources {
+        if let config::SourceKind::Bucket(conn) = &s.kind {
+            if let Err(e) = s3::credentials::resolve_source(conn) {
+                return fail(
+                    EXIT_CONFIG,
+                    format!("{}: source {:?}: {e}", file.display(), s.name),
+                );
+            }
+        }
+    }
     if config.agent.journal.exists() {
         let checked = journal::Journal::open_readonly(&config.agent.journal)
             .and_then(|j| j.check_integrity());
@@ -157,7 +167,9 @@ fn run(file: &Path, once: bool) -> ExitCode {
         app::serve(file, config, app::RunOptions { once }, requests).await.map_err(|e| {
             let code = match e {
                 app::AppError::Journal(_) => EXIT_JOURNAL,
-                app::AppError::Credentials(_) | app::AppError::Setup(_) => EXIT_CONFIG,
+                app::AppError::Credentials(_)
+                | app::AppError::SourceCredentials { .. }
+                | app::AppError::Setup(_) => EXIT_CONFIG,
             };
             (code, e.to_string())
         })
@@ -172,7 +184,7 @@ fn run(file: &Path, once: bool) -> ExitCode {
         return ExitCode::SUCCESS;
     }
     eprintln!(
-        "ha-edge: {} delivered ({} bytes), {} rejected, {} failed (resume on the next run), {} vanished, {} changed during upload, {} not yet settled, {} refused",
+        "ha-edge: {} delivered ({} bytes), {} rejected, {} failed (resume on the next run), {} vanished, {} changed during upload, {} not yet settled, {} refused{}",
         summary.delivered,
         summary.bytes,
         summary.rejected,
@@ -180,7 +192,12 @@ fn run(file: &Path, once: bool) -> ExitCode {
         summary.vanished,
         summary.changed,
         summary.unsettled,
-        summary.refused
+        summary.refused,
+        if summary.source_errors > 0 {
+            format!(", {} source listings failed", summary.source_errors)
+        } else {
+            String::new()
+        }
     );
     if let Some(e) = &summary.destination_error {
         return fail(EXIT_DESTINATION, format!("destination refused: {e}"));

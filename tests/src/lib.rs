@@ -92,6 +92,16 @@ impl S3Server {
         std::fs::create_dir_all(self.data.path().join(name)).expect("create bucket dir");
     }
 
+    /// Stores an object the way a PUT would make it visible: whole at once (written beside,
+    /// then renamed into place).
+    pub fn put(&self, bucket: &str, key: &str, bytes: &[u8]) {
+        let dest = self.data.path().join(bucket).join(key);
+        std::fs::create_dir_all(dest.parent().expect("parent")).expect("mkdir");
+        let tmp = self.data.path().join(format!(".put-{}", fastrand_name()));
+        std::fs::write(&tmp, bytes).expect("write object");
+        std::fs::rename(&tmp, &dest).expect("rename object");
+    }
+
     /// The stored bytes of an object (s3s-fs keeps objects as plain files).
     pub fn object(&self, bucket: &str, key: &str) -> Option<Vec<u8>> {
         std::fs::read(self.data.path().join(bucket).join(key)).ok()
@@ -185,6 +195,16 @@ impl Drop for S3Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+fn fastrand_name() -> String {
+    use std::sync::atomic::AtomicUsize;
+    static N: AtomicUsize = AtomicUsize::new(0);
+    format!(
+        "{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// One HTTP request the proxy saw going to the server.
@@ -748,6 +768,37 @@ path = "{src}"
         self.config_path()
     }
 
+    /// Writes a config with one bucket source (`src_endpoint`, bucket `src_bucket`, prefix
+    /// `exports/`) instead of the directory.
+    pub fn write_bucket_config(
+        &self,
+        endpoint: &str,
+        src_endpoint: &str,
+        src_bucket: &str,
+        agent_extra: &str,
+        source_extra: &str,
+    ) -> PathBuf {
+        let text = format!(
+            r#"[agent]
+journal = "{journal}"
+{agent_extra}
+
+[[source]]
+name = "minio"
+type = "s3"
+endpoint = "{src_endpoint}"
+bucket = "{src_bucket}"
+prefix = "exports/"
+{source_extra}
+
+{destination}"#,
+            journal = self.journal().display(),
+            destination = self.destination_toml(endpoint),
+        );
+        std::fs::write(self.config_path(), text).expect("write config");
+        self.config_path()
+    }
+
     /// The `[destination]` table for this setup's bucket at `endpoint` (prefix `fhir/`).
     pub fn destination_toml(&self, endpoint: &str) -> String {
         format!(
@@ -776,6 +827,11 @@ path = "{src}"
         c.args(args)
             .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
             .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+            // Bucket sources (the on-premise MinIO role is played by another s3s-fs).
+            .env("ONPREM_S3_ACCESS_KEY", ACCESS_KEY)
+            .env("ONPREM_S3_SECRET_KEY", SECRET_KEY)
+            .env_remove("ONPREM_S3_ENDPOINT")
+            .env_remove("ONPREM_S3_BUCKET")
             .env_remove("AWS_SESSION_TOKEN")
             .env_remove("AWS_PROFILE")
             .env_remove("CREDENTIALS_DIRECTORY")

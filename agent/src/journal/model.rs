@@ -86,6 +86,8 @@ pub struct ObjectRow {
     pub upload_id: Option<String>,
     pub part_size: Option<u64>,
     pub attempts: u32,
+    /// Bucket sources: the source object's ETag (as listed, or pinned by the transfer).
+    pub etag: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -56,6 +56,12 @@ CREATE INDEX objects_active ON objects (id)
 CREATE INDEX objects_backoff ON objects (next_attempt_ms)
     WHERE state IN ('pending', 'uploading', 'completing', 'delivered');
 "#,
+    // 3: bucket sources. The ETag the source object was listed with (change detection beside
+    // size and LastModified), or, if the listing had none, the one a transfer pinned itself to
+    // (If-Match on every ranged read). NULL for directory sources.
+    r#"
+ALTER TABLE objects ADD COLUMN etag TEXT;
+"#,
 ];
 
 pub const CURRENT: i64 = MIGRATIONS.len() as i64;

@@ -16,7 +16,7 @@ use super::schema;
 /// Objects with work to do, in id order from a cursor; served by the partial index
 /// `objects_active` (schema 2), so each call reads only the rows it returns.
 const RUNNABLE_SQL: &str = "SELECT id, source, rel_path, key, size, mtime_ns, inode, state, sha256,
-        upload_id, part_size, attempts
+        upload_id, part_size, attempts, etag
     FROM objects
     WHERE state IN ('pending', 'uploading', 'completing', 'delivered')
       AND next_attempt_ms <= ?1 AND id > ?2
@@ -78,6 +78,8 @@ pub struct Candidate {
     pub rel_path: PathBuf,
     pub key: String,
     pub fingerprint: Fingerprint,
+    /// A bucket object's ETag as listed (None for files).
+    pub etag: Option<String>,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -333,12 +335,12 @@ impl Journal {
                 )?;
                 let mut insert = c.prepare_cached(
                     "INSERT INTO objects (source, rel_path, key, size, mtime_ns, inode, state,
-                                          discovered_ms, updated_ms)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'pending', ?7, ?7)",
+                                          discovered_ms, updated_ms, etag)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'pending', ?7, ?7, ?8)",
                 )?;
                 let mut refresh = c.prepare_cached(
                     "UPDATE objects SET size = ?2, mtime_ns = ?3, inode = ?4, sha256 = NULL,
-                                        updated_ms = ?5
+                                        updated_ms = ?5, etag = ?6
                      WHERE id = ?1 AND state = 'pending'",
                 )?;
                 for cand in &batch {
@@ -366,7 +368,8 @@ impl Journal {
                                 fp.size as i64,
                                 fp.mtime_ns,
                                 fp.inode as i64,
-                                now
+                                now,
+                                cand.etag
                             ])?;
                             stats.inserted += 1;
                         }
@@ -377,7 +380,8 @@ impl Journal {
                                 fp.size as i64,
                                 fp.mtime_ns,
                                 fp.inode as i64,
-                                now
+                                now,
+                                cand.etag
                             ])?;
                             stats.refreshed += 1;
                         }
@@ -454,18 +458,21 @@ impl Journal {
     /// `uploading` without an upload id: from here on an upload may exist on the server that the
     /// journal does not know yet (CreateMultipartUpload sent, answer not recorded), and recovery
     /// looks for it. Returns false if the row changed meanwhile (a rescan saw a newer version),
-    /// in which case nothing is written.
+    /// in which case nothing is written. A bucket object's `etag` is the version every later
+    /// read of this upload is pinned to.
     pub async fn set_hashed(
         &self,
         id: i64,
         fp: Fingerprint,
         sha256: [u8; 32],
+        etag: Option<String>,
     ) -> Result<bool, JournalError> {
         self.call(move |c| {
             let n = c.execute(
-                "UPDATE objects SET sha256 = ?2, state = 'uploading', upload_id = NULL, updated_ms = ?6
+                "UPDATE objects SET sha256 = ?2, state = 'uploading', upload_id = NULL, updated_ms = ?6,
+                        etag = COALESCE(?7, etag)
                  WHERE id = ?1 AND state = 'pending' AND size = ?3 AND mtime_ns = ?4 AND inode = ?5",
-                params![id, &sha256[..], fp.size as i64, fp.mtime_ns, fp.inode as i64, now_ms()],
+                params![id, &sha256[..], fp.size as i64, fp.mtime_ns, fp.inode as i64, now_ms(), etag],
             )?;
             Ok(n == 1)
         })
@@ -554,6 +561,8 @@ impl Journal {
     }
 
     /// Starts an object over: pending, no hash, no upload, no parts; optionally a new fingerprint.
+    /// An ETag the transfer pinned itself to is forgotten (one the listing gave, shown by a
+    /// non-zero ETag hash in the fingerprint, stays).
     pub async fn reset(
         &self,
         id: i64,
@@ -564,7 +573,8 @@ impl Journal {
             c.execute("DELETE FROM parts WHERE object_id = ?1", [id])?;
             c.execute(
                 "UPDATE objects SET state = 'pending', sha256 = NULL, upload_id = NULL,
-                        part_size = NULL, last_error = ?2, updated_ms = ?3
+                        part_size = NULL, last_error = ?2, updated_ms = ?3,
+                        etag = CASE WHEN inode = 0 THEN NULL ELSE etag END
                  WHERE id = ?1",
                 params![id, why, now_ms()],
             )?;
@@ -919,6 +929,7 @@ fn row_to_object(r: &rusqlite::Row<'_>) -> rusqlite::Result<ObjectRow> {
         upload_id: r.get(9)?,
         part_size: r.get::<_, Option<i64>>(10)?.map(|n| n as u64),
         attempts: r.get(11)?,
+        etag: r.get(12)?,
     })
 }
 
@@ -935,7 +946,58 @@ mod tests {
                 mtime_ns: 1,
                 inode: 1,
             },
+            etag: None,
         }
+    }
+
+    #[tokio::test]
+    async fn bucket_etags_are_listed_pinned_and_forgotten_on_reset() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(&dir.path().join("j.db")).unwrap();
+        // Listed with an ETag (non-zero ETag hash in the inode slot): kept across a reset.
+        let listed = Candidate {
+            etag: Some("\"abc\"".into()),
+            ..cand("listed", 1)
+        };
+        // Listed without one (inode slot 0): the transfer pins one, a reset forgets it.
+        let mut unlisted = cand("unlisted", 2);
+        unlisted.fingerprint.inode = 0;
+        j.offer("b".into(), vec![listed, unlisted.clone()], true)
+            .await
+            .unwrap();
+        let rows = j.runnable(10, 0, true, vec![]).await.unwrap();
+        let (l, u) = (&rows[0], &rows[1]);
+        assert_eq!(l.etag.as_deref(), Some("\"abc\""));
+        assert_eq!(u.etag, None);
+        assert!(j
+            .set_hashed(u.id, u.fingerprint, [2; 32], Some("\"pin\"".into()))
+            .await
+            .unwrap());
+        assert!(j
+            .set_hashed(l.id, l.fingerprint, [1; 32], None)
+            .await
+            .unwrap());
+        let rows = j.runnable(10, 0, true, vec![]).await.unwrap();
+        assert_eq!(rows[0].etag.as_deref(), Some("\"abc\""));
+        assert_eq!(rows[1].etag.as_deref(), Some("\"pin\""));
+        j.reset(l.id, None, "x".into()).await.unwrap();
+        j.reset(u.id, None, "x".into()).await.unwrap();
+        let rows = j.runnable(10, 0, true, vec![]).await.unwrap();
+        assert_eq!(rows[0].etag.as_deref(), Some("\"abc\""));
+        assert_eq!(rows[1].etag, None);
+        // A new listing with another ETag refreshes the pending row's ETag.
+        let changed = Candidate {
+            etag: Some("\"def\"".into()),
+            fingerprint: Fingerprint {
+                inode: 7,
+                ..rows[0].fingerprint
+            },
+            ..cand("listed", 1)
+        };
+        let s = j.offer("b".into(), vec![changed], true).await.unwrap();
+        assert_eq!(s.refreshed, 1);
+        let rows = j.runnable(10, 0, true, vec![]).await.unwrap();
+        assert_eq!(rows[0].etag.as_deref(), Some("\"def\""));
     }
 
     #[tokio::test]
@@ -985,9 +1047,9 @@ mod tests {
                 mtime_ns: 1,
                 inode: 1,
             };
-            assert!(!j.set_hashed(id, stale, [1; 32]).await.unwrap());
+            assert!(!j.set_hashed(id, stale, [1; 32], None).await.unwrap());
             assert!(j
-                .set_hashed(id, cand("a", 1).fingerprint, [1; 32])
+                .set_hashed(id, cand("a", 1).fingerprint, [1; 32], None)
                 .await
                 .unwrap());
             j.begin_multipart(id, "up-1".into(), 5 << 20).await.unwrap();

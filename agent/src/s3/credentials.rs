@@ -78,6 +78,75 @@ pub enum CredentialsError {
     NoProfile { profile: String, file: PathBuf },
     #[error("no S3 credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, provide aws_access_key_id and aws_secret_access_key via systemd LoadCredential=, or use an AWS shared credentials file")]
     NotFound,
+    #[error("no keys for the source bucket: set ONPREM_S3_ACCESS_KEY and ONPREM_S3_SECRET_KEY, provide onprem_s3_access_key and onprem_s3_secret_key via systemd LoadCredential=, or name a profile / credentials_file in the source")]
+    SourceNotFound,
+}
+
+/// Resolves the keys of a bucket source (the on-premise MinIO) from the process environment:
+/// the shared credentials file if the source names `profile` or `credentials_file`; otherwise
+/// `ONPREM_S3_ACCESS_KEY` + `ONPREM_S3_SECRET_KEY`; otherwise files `onprem_s3_access_key` and
+/// `onprem_s3_secret_key` (or `ha-edge_`-prefixed) in `$CREDENTIALS_DIRECTORY`. The AWS_*
+/// variables are the destination's and are never used for a source.
+pub fn resolve_source(conn: &S3Destination) -> Result<Credentials, CredentialsError> {
+    resolve_source_with(conn, &|k| std::env::var(k).ok())
+}
+
+pub fn resolve_source_with(
+    conn: &S3Destination,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Credentials, CredentialsError> {
+    if conn.profile.is_some() || conn.credentials_file.is_some() {
+        let profile = conn.profile.clone().unwrap_or_else(|| "default".into());
+        let file = conn
+            .credentials_file
+            .clone()
+            .or_else(|| env("AWS_SHARED_CREDENTIALS_FILE").map(PathBuf::from))
+            .or_else(|| env("HOME").map(|h| PathBuf::from(h).join(".aws/credentials")))
+            .ok_or(CredentialsError::SourceNotFound)?;
+        return from_shared_file(&file, &profile);
+    }
+    let non_empty = |k: &str| env(k).filter(|v| !v.is_empty());
+    match (
+        non_empty("ONPREM_S3_ACCESS_KEY"),
+        non_empty("ONPREM_S3_SECRET_KEY"),
+    ) {
+        (Some(ak), Some(sk)) => {
+            let mut c = Credentials::new(&ak, &sk, None);
+            c.origin = "environment (ONPREM_S3_*)".into();
+            return Ok(c);
+        }
+        (Some(_), None) => {
+            return Err(CredentialsError::HalfSet(
+                "ONPREM_S3_ACCESS_KEY",
+                "ONPREM_S3_SECRET_KEY",
+            ))
+        }
+        (None, Some(_)) => {
+            return Err(CredentialsError::HalfSet(
+                "ONPREM_S3_SECRET_KEY",
+                "ONPREM_S3_ACCESS_KEY",
+            ))
+        }
+        (None, None) => {}
+    }
+    if let Some(dir) = non_empty("CREDENTIALS_DIRECTORY") {
+        let dir = PathBuf::from(dir);
+        let find = |name: &str| {
+            [name.to_string(), format!("ha-edge_{name}")]
+                .into_iter()
+                .map(|n| dir.join(n))
+                .find(|p| p.exists())
+        };
+        let (ak, sk) = (find("onprem_s3_access_key"), find("onprem_s3_secret_key"));
+        if ak.is_some() || sk.is_some() {
+            let ak = read_secret(&ak.unwrap_or_else(|| dir.join("onprem_s3_access_key")))?;
+            let sk = read_secret(&sk.unwrap_or_else(|| dir.join("onprem_s3_secret_key")))?;
+            let mut c = Credentials::new(&ak, &sk, None);
+            c.origin = format!("systemd credentials in {}", dir.display());
+            return Ok(c);
+        }
+    }
+    Err(CredentialsError::SourceNotFound)
 }
 
 /// Resolves credentials for a destination from the process environment.
@@ -229,6 +298,38 @@ mod tests {
             credentials_file: None,
             ca_file: None,
         }
+    }
+
+    #[test]
+    fn source_keys_never_come_from_the_destination_variables() {
+        let d = dest();
+        let aws_only = env_of(&[("AWS_ACCESS_KEY_ID", "A"), ("AWS_SECRET_ACCESS_KEY", "S")]);
+        assert!(matches!(
+            resolve_source_with(&d, &aws_only),
+            Err(CredentialsError::SourceNotFound)
+        ));
+        let onprem = env_of(&[
+            ("AWS_ACCESS_KEY_ID", "A"),
+            ("AWS_SECRET_ACCESS_KEY", "S"),
+            ("ONPREM_S3_ACCESS_KEY", "minio"),
+            ("ONPREM_S3_SECRET_KEY", "minio-secret"),
+        ]);
+        let c = resolve_source_with(&d, &onprem).unwrap();
+        assert_eq!(c.access_key_id(), "minio");
+        let half = env_of(&[("ONPREM_S3_ACCESS_KEY", "minio")]);
+        assert!(matches!(
+            resolve_source_with(&d, &half),
+            Err(CredentialsError::HalfSet("ONPREM_S3_ACCESS_KEY", _))
+        ));
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("ha-edge_onprem_s3_access_key"), "K\n").unwrap();
+        std::fs::write(dir.path().join("ha-edge_onprem_s3_secret_key"), "S\n").unwrap();
+        let d2 = dir.path().to_str().unwrap().to_string();
+        let creds = env_of(&[("CREDENTIALS_DIRECTORY", &d2)]);
+        assert_eq!(
+            resolve_source_with(&d, &creds).unwrap().access_key_id(),
+            "K"
+        );
     }
 
     fn env_of(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {

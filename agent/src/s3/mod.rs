@@ -18,7 +18,7 @@ use sha2::{Digest, Sha256};
 use crate::config::{S3Destination, Sse};
 use crate::retry::{classify, Backoff, Class, Failure};
 pub use credentials::Credentials;
-pub use xml::ServerPart;
+pub use xml::{ListPage, ServerPart};
 
 /// Characters left alone in a key path: RFC 3986 unreserved plus '/'.
 const KEY_SET: &AsciiSet = &NON_ALPHANUMERIC
@@ -138,6 +138,19 @@ pub struct Head {
     pub size: u64,
     pub meta_sha256: Option<String>,
     pub checksum_sha256: Option<String>,
+    pub etag: Option<String>,
+    /// The `Last-Modified` header (an HTTP date).
+    pub last_modified: Option<String>,
+}
+
+/// A byte range read from an object, with what the server says about the object it came from.
+#[derive(Debug, Clone)]
+pub struct Ranged {
+    pub body: Bytes,
+    pub etag: Option<String>,
+    pub last_modified: Option<String>,
+    /// The object's whole size (from Content-Range, or Content-Length for a whole-object read).
+    pub total: Option<u64>,
 }
 
 struct Request {
@@ -473,7 +486,144 @@ impl S3Client {
             size,
             meta_sha256: header("x-amz-meta-sha256"),
             checksum_sha256: header("x-amz-checksum-sha256"),
+            etag: header("etag"),
+            last_modified: header("last-modified"),
         }))
+    }
+
+    /// Reads `len` bytes at `start` (the whole object if `len` is 0 and `start` is 0). With
+    /// `if_match`, a server that honours it answers 412 PreconditionFailed once the object is no
+    /// longer that version; the caller also compares the ETag that comes back.
+    pub async fn get_range(
+        &self,
+        key: &str,
+        start: u64,
+        len: u64,
+        if_match: Option<&str>,
+    ) -> Result<Ranged, S3Error> {
+        let mut headers = Vec::new();
+        if len > 0 {
+            headers.push(("range", format!("bytes={start}-{}", start + len - 1)));
+        }
+        if let Some(tag) = if_match.filter(|t| !t.is_empty()) {
+            headers.push(("if-match", tag.to_string()));
+        }
+        let req = Request {
+            method: Method::GET,
+            url: self.url(key, &[]),
+            headers,
+            body: Bytes::new(),
+            payload_sha256_hex: sign::EMPTY_SHA256.to_string(),
+        };
+        let resp = self.execute("GetObject", key, req).await?;
+        let header = |n: &str| {
+            resp.headers
+                .get(n)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
+        // "bytes 0-99/1234" -> 1234; a server that ignored the range sends the whole object.
+        let total = match header("content-range") {
+            Some(cr) => cr.rsplit('/').next().and_then(|t| t.trim().parse().ok()),
+            None if start == 0 => Some(resp.body.len() as u64),
+            None => None,
+        };
+        if len > 0 && resp.body.len() as u64 != len {
+            return Err(self.protocol(
+                "GetObject",
+                key,
+                &format!(
+                    "asked for {len} bytes at {start}, got {} (range ignored?)",
+                    resp.body.len()
+                ),
+            ));
+        }
+        Ok(Ranged {
+            etag: header("etag"),
+            last_modified: header("last-modified"),
+            total,
+            body: resp.body,
+        })
+    }
+
+    /// One page of ListObjectsV2 under `prefix`.
+    pub async fn list_objects(
+        &self,
+        prefix: &str,
+        token: Option<&str>,
+    ) -> Result<ListPage, S3Error> {
+        let mut url = format!(
+            "{}/?list-type=2&prefix={}",
+            self.bucket_base(),
+            utf8_percent_encode(prefix, QUERY_SET)
+        );
+        if let Some(t) = token {
+            url.push_str("&continuation-token=");
+            url.push_str(&utf8_percent_encode(t, QUERY_SET).to_string());
+        }
+        let req = Request {
+            method: Method::GET,
+            url: Url::parse(&url)
+                .map_err(|e| self.protocol("ListObjectsV2", prefix, &e.to_string()))?,
+            headers: vec![],
+            body: Bytes::new(),
+            payload_sha256_hex: sign::EMPTY_SHA256.to_string(),
+        };
+        let resp = self.execute("ListObjectsV2", prefix, req).await?;
+        xml::parse_list_objects(&String::from_utf8_lossy(&resp.body))
+            .ok_or_else(|| self.protocol("ListObjectsV2", prefix, "not a ListBucketResult"))
+    }
+
+    /// Server-side copy within the bucket, only if the source is still version `if_match`.
+    pub async fn copy_object(&self, from: &str, to: &str, if_match: &str) -> Result<(), S3Error> {
+        let mut headers = vec![(
+            "x-amz-copy-source",
+            format!(
+                "/{}/{}",
+                self.dest.bucket,
+                utf8_percent_encode(from, KEY_SET)
+            ),
+        )];
+        if !if_match.is_empty() {
+            headers.push(("x-amz-copy-source-if-match", if_match.to_string()));
+        }
+        let req = Request {
+            method: Method::PUT,
+            url: self.url(to, &[]),
+            headers,
+            body: Bytes::new(),
+            payload_sha256_hex: sign::EMPTY_SHA256.to_string(),
+        };
+        let resp = self.execute("CopyObject", to, req).await?;
+        // Like completion, a copy may answer 200 with an <Error> document.
+        if let Some(e) = xml::parse_error(&String::from_utf8_lossy(&resp.body)) {
+            return Err(S3Error::Service(Box::new(ServiceError {
+                op: "CopyObject",
+                bucket: self.dest.bucket.clone(),
+                key: to.to_string(),
+                status: if e.code == "InternalError" { 500 } else { 400 },
+                code: e.code,
+                message: e.message,
+                retry_after: None,
+            })));
+        }
+        Ok(())
+    }
+
+    /// Deletes an object; one that is already gone counts as deleted.
+    pub async fn delete_object(&self, key: &str) -> Result<(), S3Error> {
+        let req = Request {
+            method: Method::DELETE,
+            url: self.url(key, &[]),
+            headers: vec![],
+            body: Bytes::new(),
+            payload_sha256_hex: sign::EMPTY_SHA256.to_string(),
+        };
+        match self.execute("DeleteObject", key, req).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.status() == Some(404) && e.code() != Some("NoSuchBucket") => Ok(()),
+            Err(e) => Err(e),
+        }
     }
 
     fn protocol(&self, op: &'static str, key: &str, detail: &str) -> S3Error {

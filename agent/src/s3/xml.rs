@@ -83,6 +83,54 @@ pub fn parse_list_parts(body: &str) -> Option<PartsPage> {
     Some(PartsPage { parts, next_marker })
 }
 
+/// One object in a `ListBucketResult` (ListObjectsV2).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listed {
+    pub key: String,
+    pub size: u64,
+    /// As the server sends it (quoted); some servers leave it out of listings.
+    pub etag: Option<String>,
+    /// RFC 3339, e.g. `2026-11-26T10:00:00.000Z`.
+    pub last_modified: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListPage {
+    pub objects: Vec<Listed>,
+    /// Continuation token for the next page, if the listing is truncated.
+    pub next_token: Option<String>,
+}
+
+pub fn parse_list_objects(body: &str) -> Option<ListPage> {
+    let doc = roxmltree::Document::parse(body).ok()?;
+    let root = doc.root_element();
+    if root.tag_name().name() != "ListBucketResult" {
+        return None;
+    }
+    let mut objects = Vec::new();
+    for o in root
+        .children()
+        .filter(|c| c.tag_name().name() == "Contents")
+    {
+        objects.push(Listed {
+            key: child_text(o, "Key")?.to_string(),
+            size: child_text(o, "Size")?.trim().parse().ok()?,
+            etag: child_text(o, "ETag").map(str::to_string),
+            last_modified: child_text(o, "LastModified").map(|t| t.trim().to_string()),
+        });
+    }
+    let truncated = child_text(root, "IsTruncated").map(str::trim) == Some("true");
+    let next_token = if truncated {
+        child_text(root, "NextContinuationToken").map(str::to_string)
+    } else {
+        None
+    };
+    Some(ListPage {
+        objects,
+        next_token,
+    })
+}
+
 fn escape(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for c in s.chars() {
@@ -116,6 +164,36 @@ pub fn complete_body<'a>(parts: impl IntoIterator<Item = (u32, &'a str, &'a str)
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn list_objects_v2_page() {
+        let body = r#"<?xml version="1.0" encoding="UTF-8"?>
+<ListBucketResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/">
+  <Name>exports</Name><Prefix>fhir/</Prefix><KeyCount>2</KeyCount><MaxKeys>1000</MaxKeys>
+  <IsTruncated>true</IsTruncated>
+  <Contents><Key>fhir/a &amp; b.ndjson</Key><LastModified>2026-11-26T10:00:00.000Z</LastModified>
+    <ETag>&quot;9b2cf535f27731c974343645a3985328&quot;</ETag><Size>42</Size>
+    <StorageClass>STANDARD</StorageClass></Contents>
+  <Contents><Key>fhir/big.dcm</Key><LastModified>2026-11-26T10:00:01Z</LastModified><Size>7</Size></Contents>
+  <NextContinuationToken>1ueGcxLPRx1Tr/XYExHnhbYLgveDs2J/wm36Hy4vbOwM=</NextContinuationToken>
+</ListBucketResult>"#;
+        let page = parse_list_objects(body).unwrap();
+        assert_eq!(page.objects.len(), 2);
+        assert_eq!(page.objects[0].key, "fhir/a & b.ndjson");
+        assert_eq!(page.objects[0].size, 42);
+        assert_eq!(
+            page.objects[0].etag.as_deref(),
+            Some("\"9b2cf535f27731c974343645a3985328\"")
+        );
+        assert_eq!(page.objects[1].etag, None);
+        assert_eq!(
+            page.next_token.as_deref(),
+            Some("1ueGcxLPRx1Tr/XYExHnhbYLgveDs2J/wm36Hy4vbOwM=")
+        );
+        let last = body.replace("<IsTruncated>true", "<IsTruncated>false");
+        assert_eq!(parse_list_objects(&last).unwrap().next_token, None);
+        assert!(parse_list_objects("<Error><Code>x</Code></Error>").is_none());
+    }
 
     #[test]
     fn error_document() {

@@ -5,6 +5,11 @@
 //! Memory is bounded by one semaphore of bytes shared by all objects: a part (or a single-PUT
 //! body) is read only after its bytes are reserved, so at most `parts_in_flight x part_size`
 //! bytes of file data are held at once, whatever the number or size of files.
+//!
+//! The bytes come from a file (directory sources) or from an object on another S3-compatible
+//! server (bucket sources), through one `Pinned` reader: a file is checked against its
+//! fingerprint before every part, an object is read by ranged GETs pinned to its ETag
+//! (If-Match, and the answer's ETag compared), so an upload never mixes two versions.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -21,11 +26,14 @@ use crate::config::{MAX_PARTS, MAX_PART_SIZE};
 use crate::journal::{Fingerprint, Journal, JournalError, ObjectRow, PartRow, State};
 use crate::retry::Class;
 use crate::s3::{b64, S3Client, S3Error};
+use crate::source::bucket::same_version;
 
 /// Permits of the memory budget are KiB, so any part size fits a u32 permit count.
 const PERMIT: u64 = 1024;
-/// Read size of the hashing pass.
+/// Read size of the hashing pass over a file.
 const HASH_CHUNK: usize = 1 << 20;
+/// Range size of the hashing pass over a source object.
+const OBJECT_HASH_RANGE: u64 = 8 << 20;
 
 #[derive(Debug, Clone, Copy)]
 pub struct UploadParams {
@@ -54,10 +62,13 @@ enum Stop {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("source file {0} is gone")]
-    Vanished(PathBuf),
-    #[error("source file {0} changed during the upload; it will be sent again once it settles")]
-    Changed(PathBuf),
+    #[error("source {0} is gone")]
+    Vanished(String),
+    #[error("source {0} changed during the upload; it will be sent again once it settles")]
+    Changed(String),
+    /// The source bucket's server failed or refused a read.
+    #[error("reading the source: {0}")]
+    Source(S3Error),
     #[error("verification failed for s3://{bucket}/{key}: {detail}")]
     Verify {
         bucket: String,
@@ -68,6 +79,191 @@ enum Stop {
     Escaped(PathBuf),
     #[error("interrupted by shutdown")]
     Interrupted,
+}
+
+/// Where an object's bytes come from.
+#[derive(Clone)]
+pub enum Origin {
+    /// A directory source's root.
+    Dir(PathBuf),
+    /// A bucket source: its server and the key prefix the relative paths are under.
+    Bucket {
+        client: Arc<S3Client>,
+        prefix: String,
+    },
+}
+
+impl Origin {
+    /// The source key of a bucket row (`prefix` + relative path).
+    pub fn source_key(prefix: &str, rel: &Path) -> String {
+        format!("{prefix}{}", rel.to_string_lossy())
+    }
+}
+
+/// One version of a source, opened for reading: every read fails with `Changed` once the
+/// source is no longer that version.
+enum Pinned {
+    File {
+        file: File,
+        path: PathBuf,
+        fp: Fingerprint,
+    },
+    Object {
+        client: Arc<S3Client>,
+        key: String,
+        fp: Fingerprint,
+        /// The ETag every read is pinned to (If-Match), if known.
+        etag: Option<String>,
+    },
+}
+
+fn file_path(p: &Path) -> String {
+    p.display().to_string()
+}
+
+impl Pinned {
+    fn what(&self) -> String {
+        match self {
+            Pinned::File { path, .. } => file_path(path),
+            Pinned::Object { client, key, .. } => format!("s3://{}/{key}", client.bucket()),
+        }
+    }
+
+    /// The ETag to record with the hash (bucket objects).
+    fn etag(&self) -> Option<String> {
+        match self {
+            Pinned::File { .. } => None,
+            Pinned::Object { etag, .. } => etag.clone(),
+        }
+    }
+
+    fn source_error(&self, e: S3Error) -> Stop {
+        match (e.status(), e.code()) {
+            (Some(412), _) | (_, Some("PreconditionFailed")) => Stop::Changed(self.what()),
+            (_, Some("NoSuchKey")) | (Some(404), _) if e.code() != Some("NoSuchBucket") => {
+                Stop::Vanished(self.what())
+            }
+            _ => Stop::Source(e),
+        }
+    }
+
+    /// Reads `len` bytes at `off` and their SHA-256, after checking the version.
+    async fn read(self: &Arc<Self>, off: u64, len: u64) -> Result<(Bytes, [u8; 32]), Stop> {
+        let bytes = match &**self {
+            Pinned::File { .. } => {
+                let me = self.clone();
+                return S3Sink::blocking(move || {
+                    let Pinned::File { file, path, fp } = &*me else {
+                        unreachable!("matched above")
+                    };
+                    S3Sink::check_pinned(file, path, *fp)?;
+                    let mut buf = vec![0u8; len as usize];
+                    file.read_exact_at(&mut buf, off)
+                        .map_err(|source| Stop::Io {
+                            path: path.clone(),
+                            source,
+                        })?;
+                    let sha = <[u8; 32]>::from(Sha256::digest(&buf));
+                    Ok((Bytes::from(buf), sha))
+                })
+                .await;
+            }
+            Pinned::Object { .. } => self.fetch(off, len).await?,
+        };
+        S3Sink::blocking(move || {
+            let sha = <[u8; 32]>::from(Sha256::digest(&bytes));
+            Ok((bytes, sha))
+        })
+        .await
+    }
+
+    /// A ranged GET of a pinned object, its answer checked against the pinned version.
+    async fn fetch(&self, off: u64, len: u64) -> Result<Bytes, Stop> {
+        let Pinned::Object {
+            client,
+            key,
+            fp,
+            etag,
+        } = self
+        else {
+            unreachable!("fetch is for objects")
+        };
+        let r = client
+            .get_range(key, off, len, etag.as_deref())
+            .await
+            .map_err(|e| self.source_error(e))?;
+        if !same_version(
+            *fp,
+            etag.as_deref(),
+            r.total,
+            r.last_modified.as_deref(),
+            r.etag.as_deref(),
+        ) {
+            return Err(Stop::Changed(self.what()));
+        }
+        Ok(r.body)
+    }
+
+    /// Whether the source is still the pinned version (every object read is checked already).
+    async fn check(self: &Arc<Self>) -> Result<(), Stop> {
+        match &**self {
+            Pinned::File { .. } => {
+                let me = self.clone();
+                S3Sink::blocking(move || {
+                    let Pinned::File { file, path, fp } = &*me else {
+                        unreachable!("matched above")
+                    };
+                    S3Sink::check_pinned(file, path, *fp)
+                })
+                .await
+            }
+            Pinned::Object { .. } => Ok(()),
+        }
+    }
+
+    /// The SHA-256 of the whole source, read in chunks within the memory budget.
+    async fn hash_all(self: &Arc<Self>, sink: &S3Sink, size: u64) -> Result<[u8; 32], Stop> {
+        if let Pinned::File { .. } = &**self {
+            let me = self.clone();
+            return S3Sink::blocking(move || {
+                let Pinned::File { file, path, fp } = &*me else {
+                    unreachable!("matched above")
+                };
+                let mut h = Sha256::new();
+                let mut buf = vec![0u8; HASH_CHUNK];
+                let mut off = 0u64;
+                while off < size {
+                    let n = (size - off).min(HASH_CHUNK as u64) as usize;
+                    file.read_exact_at(&mut buf[..n], off)
+                        .map_err(|source| Stop::Io {
+                            path: path.clone(),
+                            source,
+                        })?;
+                    h.update(&buf[..n]);
+                    off += n as u64;
+                }
+                S3Sink::check_pinned(file, path, *fp)?;
+                Ok(<[u8; 32]>::from(h.finalize()))
+            })
+            .await;
+        }
+        // An object: sequential ranged GETs, each pinned. The source is read twice (here and
+        // per part) on the institution's side; the tunnel carries each byte once.
+        let mut h = Sha256::new();
+        let mut off = 0u64;
+        while off < size {
+            let n = (size - off).min(OBJECT_HASH_RANGE);
+            let _permit = sink.reserve(n).await;
+            let bytes = self.fetch(off, n).await?;
+            h = S3Sink::blocking(move || {
+                h.update(&bytes);
+                Ok(h)
+            })
+            .await?;
+            off += n;
+        }
+        Ok(<[u8; 32]>::from(h.finalize()))
+    }
 }
 
 impl S3Sink {
@@ -98,15 +294,12 @@ impl S3Sink {
     pub async fn deliver(
         &self,
         row: &ObjectRow,
-        root: &Path,
+        origin: &Origin,
         stop: watch::Receiver<bool>,
     ) -> Outcome {
-        let path = root.join(&row.rel_path);
         let result = match row.state {
-            State::Pending => self.fresh(row, root, &path, stop.clone()).await,
-            State::Uploading | State::Completing => {
-                self.resume(row, root, &path, stop.clone()).await
-            }
+            State::Pending => self.fresh(row, origin, stop.clone()).await,
+            State::Uploading | State::Completing => self.resume(row, origin, stop.clone()).await,
             other => {
                 return Outcome::Rejected(format!(
                     "object {} in state {other} cannot be uploaded",
@@ -119,7 +312,7 @@ impl S3Sink {
         let result = match result {
             Err(Stop::S3(e)) if e.code() == Some("NoSuchUpload") => {
                 tracing::warn!(key = %row.key, "multipart upload no longer exists on the server; starting this object over");
-                self.start_over(row, root, &path, stop, "upload vanished from the server")
+                self.start_over(row, origin, stop, "upload vanished from the server")
                     .await
             }
             other => other,
@@ -152,6 +345,12 @@ impl S3Sink {
             Stop::Io { .. } => Outcome::Retry(e.to_string()),
             Stop::Journal(j) => Outcome::Fatal(j),
             Stop::Verify { .. } => Outcome::Retry(e.to_string()),
+            // The source's server: never a destination outage or refusal. Its listing reports
+            // lasting refusals once; the object waits with a growing backoff.
+            Stop::Source(ref s3) => match s3.class() {
+                Class::Object => Outcome::Rejected(e.to_string()),
+                _ => Outcome::Retry(e.to_string()),
+            },
             Stop::S3(s3) => match s3.class() {
                 Class::Transient if s3.is_unanswered() => Outcome::Unreachable(s3.to_string()),
                 Class::Transient => Outcome::Retry(s3.to_string()),
@@ -161,9 +360,54 @@ impl S3Sink {
         }
     }
 
+    /// Opens the source version the row describes: a file (refusing a symlink that leads out of
+    /// the root) or a bucket object (HEAD, compared with what the listing saw).
+    async fn pin(&self, row: &ObjectRow, origin: &Origin) -> Result<Arc<Pinned>, Stop> {
+        let fp = row.fingerprint;
+        match origin {
+            Origin::Dir(root) => {
+                let (root, path) = (root.clone(), root.join(&row.rel_path));
+                Self::blocking(move || {
+                    let file = Self::open_pinned(&root, &path, fp)?;
+                    Ok(Arc::new(Pinned::File { file, path, fp }))
+                })
+                .await
+            }
+            Origin::Bucket { client, prefix } => {
+                let mut pinned = Pinned::Object {
+                    client: client.clone(),
+                    key: Origin::source_key(prefix, &row.rel_path),
+                    fp,
+                    etag: row.etag.clone(),
+                };
+                let Pinned::Object { key, etag, .. } = &mut pinned else {
+                    unreachable!("built above")
+                };
+                let head = match client.head_object(key).await {
+                    Ok(Some(h)) => h,
+                    Ok(None) => return Err(Stop::Vanished(pinned.what())),
+                    Err(e) => return Err(pinned.source_error(e)),
+                };
+                if !same_version(
+                    fp,
+                    etag.as_deref(),
+                    Some(head.size),
+                    head.last_modified.as_deref(),
+                    head.etag.as_deref(),
+                ) {
+                    return Err(Stop::Changed(pinned.what()));
+                }
+                if etag.is_none() {
+                    *etag = head.etag;
+                }
+                Ok(Arc::new(pinned))
+            }
+        }
+    }
+
     /// Opens the source file, refusing a symlink that leads out of the root, and checks that it
     /// is still the version the journal knows.
-    fn open_pinned(root: &Path, path: &Path, expect: Fingerprint) -> Result<Arc<File>, Stop> {
+    fn open_pinned(root: &Path, path: &Path, expect: Fingerprint) -> Result<File, Stop> {
         let io = |source| Stop::Io {
             path: path.to_path_buf(),
             source,
@@ -184,7 +428,7 @@ impl S3Sink {
                 }
                 Ok(_) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    return Err(Stop::Vanished(path.to_path_buf()))
+                    return Err(Stop::Vanished(file_path(path)))
                 }
                 Err(e) => return Err(io(e)),
             }
@@ -193,7 +437,7 @@ impl S3Sink {
             let real = match std::fs::canonicalize(path) {
                 Ok(p) => p,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    return Err(Stop::Vanished(path.to_path_buf()))
+                    return Err(Stop::Vanished(file_path(path)))
                 }
                 Err(e) => return Err(io(e)),
             };
@@ -208,15 +452,15 @@ impl S3Sink {
         let file = match File::open(&real) {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(Stop::Vanished(path.to_path_buf()))
+                return Err(Stop::Vanished(file_path(path)))
             }
             Err(e) => return Err(io(e)),
         };
         let fp = Fingerprint::of(&file.metadata().map_err(io)?);
         if fp != expect {
-            return Err(Stop::Changed(path.to_path_buf()));
+            return Err(Stop::Changed(file_path(path)));
         }
-        Ok(Arc::new(file))
+        Ok(file)
     }
 
     fn check_pinned(file: &File, path: &Path, expect: Fingerprint) -> Result<(), Stop> {
@@ -225,7 +469,7 @@ impl S3Sink {
             source,
         })?;
         if Fingerprint::of(&meta) != expect {
-            return Err(Stop::Changed(path.to_path_buf()));
+            return Err(Stop::Changed(file_path(path)));
         }
         Ok(())
     }
@@ -250,38 +494,22 @@ impl S3Sink {
     async fn fresh(
         &self,
         row: &ObjectRow,
-        root: &Path,
-        path: &Path,
+        origin: &Origin,
         stop: watch::Receiver<bool>,
     ) -> Result<[u8; 32], Stop> {
         let fp = row.fingerprint;
         if fp.size < self.params.multipart_threshold {
-            return self.single_put(row, root, path).await;
+            return self.single_put(row, origin).await;
         }
-        let (root2, path2) = (root.to_path_buf(), path.to_path_buf());
-        let file = Self::blocking(move || Self::open_pinned(&root2, &path2, fp)).await?;
+        let pinned = self.pin(row, origin).await?;
         // Pass one: the whole-object hash, fixed in the journal before any byte is sent.
-        let (f2, p2) = (file.clone(), path.to_path_buf());
-        let sha = Self::blocking(move || {
-            let mut h = Sha256::new();
-            let mut buf = vec![0u8; HASH_CHUNK];
-            let mut off = 0u64;
-            while off < fp.size {
-                let n = (fp.size - off).min(HASH_CHUNK as u64) as usize;
-                f2.read_exact_at(&mut buf[..n], off)
-                    .map_err(|source| Stop::Io {
-                        path: p2.clone(),
-                        source,
-                    })?;
-                h.update(&buf[..n]);
-                off += n as u64;
-            }
-            Self::check_pinned(&f2, &p2, fp)?;
-            Ok(<[u8; 32]>::from(h.finalize()))
-        })
-        .await?;
-        if !self.journal.set_hashed(row.id, fp, sha).await? {
-            return Err(Stop::Changed(path.to_path_buf()));
+        let sha = pinned.hash_all(self, fp.size).await?;
+        if !self
+            .journal
+            .set_hashed(row.id, fp, sha, pinned.etag())
+            .await?
+        {
+            return Err(Stop::Changed(pinned.what()));
         }
         let part_size = part_size_for(fp.size, self.params.part_size);
         let upload_id = self.client.create_multipart(&row.key, &sha).await?;
@@ -289,41 +517,41 @@ impl S3Sink {
             .begin_multipart(row.id, upload_id.clone(), part_size)
             .await?;
         tracing::debug!(key = %row.key, %upload_id, part_size, "multipart upload started");
-        self.upload_parts(
-            row,
-            file,
-            path,
-            &upload_id,
-            part_size,
-            &sha,
-            Vec::new(),
-            stop,
-        )
-        .await
+        self.upload_parts(row, pinned, &upload_id, part_size, &sha, Vec::new(), stop)
+            .await
     }
 
-    async fn single_put(
-        &self,
-        row: &ObjectRow,
-        root: &Path,
-        path: &Path,
-    ) -> Result<[u8; 32], Stop> {
+    async fn single_put(&self, row: &ObjectRow, origin: &Origin) -> Result<[u8; 32], Stop> {
         let fp = row.fingerprint;
         // Memory first, then open, read and hash in one hand-off to the blocking pool.
         let _permit = self.reserve(fp.size).await;
-        let (root2, p2) = (root.to_path_buf(), path.to_path_buf());
-        let (body, sha) = Self::blocking(move || {
-            let file = Self::open_pinned(&root2, &p2, fp)?;
-            let mut buf = vec![0u8; fp.size as usize];
-            file.read_exact_at(&mut buf, 0).map_err(|source| Stop::Io {
-                path: p2.clone(),
-                source,
-            })?;
-            Self::check_pinned(&file, &p2, fp)?;
-            let sha = <[u8; 32]>::from(Sha256::digest(&buf));
-            Ok((Bytes::from(buf), sha))
-        })
-        .await?;
+        let (body, sha) = match origin {
+            Origin::Dir(root) => {
+                let (root2, p2) = (root.clone(), root.join(&row.rel_path));
+                Self::blocking(move || {
+                    let file = Self::open_pinned(&root2, &p2, fp)?;
+                    let mut buf = vec![0u8; fp.size as usize];
+                    file.read_exact_at(&mut buf, 0).map_err(|source| Stop::Io {
+                        path: p2.clone(),
+                        source,
+                    })?;
+                    Self::check_pinned(&file, &p2, fp)?;
+                    let sha = <[u8; 32]>::from(Sha256::digest(&buf));
+                    Ok((Bytes::from(buf), sha))
+                })
+                .await?
+            }
+            // One GET, its answer compared with the listing: no HEAD needed first.
+            Origin::Bucket { client, prefix } => {
+                let pinned = Arc::new(Pinned::Object {
+                    client: client.clone(),
+                    key: Origin::source_key(prefix, &row.rel_path),
+                    fp,
+                    etag: row.etag.clone(),
+                });
+                pinned.read(0, fp.size).await?
+            }
+        };
         // Nothing on the server depends on the journal before a single PUT (a crash before
         // `delivered` is committed just sends the same bytes again), so the hash is recorded
         // with the delivery, under the fingerprint guard, in one commit.
@@ -343,8 +571,7 @@ impl S3Sink {
     async fn resume(
         &self,
         row: &ObjectRow,
-        root: &Path,
-        path: &Path,
+        origin: &Origin,
         stop: watch::Receiver<bool>,
     ) -> Result<[u8; 32], Stop> {
         if row.upload_id.is_none() {
@@ -352,26 +579,19 @@ impl S3Sink {
             // have gone through, and that upload would stay open (and billed) forever.
             self.sweep_unrecorded_uploads(&row.key).await?;
             return self
-                .start_over(row, root, path, stop, "upload start was interrupted")
+                .start_over(row, origin, stop, "upload start was interrupted")
                 .await;
         }
         let (Some(upload_id), Some(sha), Some(part_size)) =
             (&row.upload_id, row.sha256, row.part_size)
         else {
             return self
-                .start_over(
-                    row,
-                    root,
-                    path,
-                    stop,
-                    "incomplete journal row; starting over",
-                )
+                .start_over(row, origin, stop, "incomplete journal row; starting over")
                 .await;
         };
         let fp = row.fingerprint;
-        let (root2, path2) = (root.to_path_buf(), path.to_path_buf());
-        let file = match Self::blocking(move || Self::open_pinned(&root2, &path2, fp)).await {
-            Ok(f) => f,
+        let pinned = match self.pin(row, origin).await {
+            Ok(p) => p,
             Err(Stop::Changed(p)) => {
                 self.client.abort_multipart(&row.key, upload_id).await?;
                 return Err(Stop::Changed(p));
@@ -388,7 +608,7 @@ impl S3Sink {
                 }
                 tracing::warn!(key = %row.key, "multipart upload no longer exists on the server; starting this object over");
                 return self
-                    .start_over(row, root, path, stop, "upload vanished from the server")
+                    .start_over(row, origin, stop, "upload vanished from the server")
                     .await;
             }
             Err(e) => return Err(e.into()),
@@ -412,7 +632,7 @@ impl S3Sink {
             tracing::warn!(key = %row.key, "multipart upload holds none of the recorded parts; starting this object over");
             let _ = self.client.abort_multipart(&row.key, upload_id).await;
             return self
-                .start_over(row, root, path, stop, "upload lost its parts on the server")
+                .start_over(row, origin, stop, "upload lost its parts on the server")
                 .await;
         }
         if !drop.is_empty() {
@@ -420,7 +640,7 @@ impl S3Sink {
             self.journal.drop_parts(row.id, drop).await?;
         }
         tracing::info!(key = %row.key, parts_done = keep.len(), "resuming multipart upload");
-        self.upload_parts(row, file, path, upload_id, part_size, &sha, keep, stop)
+        self.upload_parts(row, pinned, upload_id, part_size, &sha, keep, stop)
             .await
     }
 
@@ -453,8 +673,7 @@ impl S3Sink {
     async fn start_over(
         &self,
         row: &ObjectRow,
-        root: &Path,
-        path: &Path,
+        origin: &Origin,
         stop: watch::Receiver<bool>,
         why: &str,
     ) -> Result<[u8; 32], Stop> {
@@ -464,17 +683,22 @@ impl S3Sink {
             sha256: None,
             upload_id: None,
             part_size: None,
+            // A pin of this attempt is forgotten by the reset (a listed ETag stays).
+            etag: if row.fingerprint.inode == 0 {
+                None
+            } else {
+                row.etag.clone()
+            },
             ..row.clone()
         };
-        Box::pin(self.fresh(&fresh_row, root, path, stop)).await
+        Box::pin(self.fresh(&fresh_row, origin, stop)).await
     }
 
     #[allow(clippy::too_many_arguments)]
     async fn upload_parts(
         &self,
         row: &ObjectRow,
-        file: Arc<File>,
-        path: &Path,
+        source: Arc<Pinned>,
         upload_id: &str,
         part_size: u64,
         sha: &[u8; 32],
@@ -513,28 +737,12 @@ impl S3Sink {
                         }
                     };
                     let (client, journal) = (self.client.clone(), self.journal.clone());
-                    let (file, path, key, upload_id) = (
-                        file.clone(),
-                        path.to_path_buf(),
-                        row.key.clone(),
-                        upload_id.to_string(),
-                    );
-                    let (fp, id) = (row.fingerprint, row.id);
+                    let (source, key, upload_id) =
+                        (source.clone(), row.key.clone(), upload_id.to_string());
+                    let id = row.id;
                     tasks.spawn(async move {
                         let _permit = permit;
-                        let p2 = path.clone();
-                        let (body, part_sha) = Self::blocking(move || {
-                            Self::check_pinned(&file, &p2, fp)?;
-                            let mut buf = vec![0u8; len as usize];
-                            file.read_exact_at(&mut buf, off)
-                                .map_err(|source| Stop::Io {
-                                    path: p2.clone(),
-                                    source,
-                                })?;
-                            let sha = <[u8; 32]>::from(Sha256::digest(&buf));
-                            Ok((Bytes::from(buf), sha))
-                        })
-                        .await?;
+                        let (body, part_sha) = source.read(off, len).await?;
                         let etag = client
                             .upload_part(&key, &upload_id, n, body, &part_sha)
                             .await?;
@@ -566,8 +774,7 @@ impl S3Sink {
             return Err(Stop::Interrupted);
         }
         let parts: Vec<PartRow> = parts.into_iter().flatten().collect();
-        let (f2, p2, fp) = (file.clone(), path.to_path_buf(), row.fingerprint);
-        if let Err(e) = Self::blocking(move || Self::check_pinned(&f2, &p2, fp)).await {
+        if let Err(e) = source.check().await {
             self.client.abort_multipart(&row.key, upload_id).await?;
             return Err(e);
         }

@@ -241,6 +241,8 @@ pub struct SourceReport {
     pub refused: usize,
     /// FHIR manifests held back until the files they list are delivered.
     pub held: usize,
+    /// Listings that failed (bucket sources).
+    pub failed: usize,
 }
 
 /// The file name of a FHIR Bulk Data manifest.
@@ -579,6 +581,7 @@ impl FsSource {
                         rel_path: s.rel,
                         key,
                         fingerprint: s.fp,
+                        etag: None,
                     });
                     if batch.len() >= OFFER_BATCH {
                         report.offered += self.offer(std::mem::take(&mut batch)).await?;
@@ -702,7 +705,7 @@ pub fn after_upload(
         return Ok(AfterResult::LeftChanged);
     }
     match action {
-        AfterUpload::Keep => Ok(AfterResult::Kept),
+        AfterUpload::Keep | AfterUpload::MoveToPrefix(_) => Ok(AfterResult::Kept),
         AfterUpload::Delete => {
             std::fs::remove_file(&path)?;
             Ok(AfterResult::Deleted)

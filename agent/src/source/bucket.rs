@@ -1,0 +1,369 @@
+//! Discovery in a bucket (`type = "s3"`, typically the institution's MinIO): ListObjectsV2 with
+//! pagination every `poll_interval`, each object offered to the journal with a fingerprint of
+//! (size, LastModified, ETag). The journal decides what is new: a restart lists again and sends
+//! nothing twice; an object whose ETag, size or LastModified changed is a new version.
+//!
+//! Objects appear whole when their PUT or multipart completion finishes, so there is no settle
+//! rule here. Keys are mapped exactly (`keymap::bucket_key`): a key with an empty, `.` or `..`
+//! segment or a control character is refused, never normalised onto another key.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use sha2::{Digest, Sha256};
+use tokio::sync::{watch, Notify};
+
+use super::fs::SourceReport;
+use crate::config::{AfterUpload, OnChange, S3Destination, SourceConfig, SourceKind};
+use crate::journal::{Candidate, Fingerprint, Journal, JournalError};
+use crate::keymap;
+use crate::s3::{S3Client, S3Error};
+
+/// An ETag without quotes or a weak marker, for comparisons.
+pub fn unquote(etag: &str) -> &str {
+    let t = etag.trim();
+    let t = t.strip_prefix("W/").unwrap_or(t);
+    t.trim_matches('"')
+}
+
+/// The ETag folded into the fingerprint's inode slot (never 0: 0 means "no ETag known").
+pub fn etag_hash(etag: &str) -> u64 {
+    let d = Sha256::digest(unquote(etag).as_bytes());
+    u64::from_be_bytes(d[..8].try_into().expect("8 bytes")) | 1
+}
+
+/// Seconds since the epoch of an RFC 3339 time (`2026-11-26T10:00:00.000Z`, as in listings).
+pub fn rfc3339_secs(s: &str) -> Option<i64> {
+    let t = humantime::parse_rfc3339_weak(s.trim()).ok()?;
+    Some(t.duration_since(UNIX_EPOCH).ok()?.as_secs() as i64)
+}
+
+/// Seconds since the epoch of an HTTP date (`Thu, 26 Nov 2026 10:00:00 GMT`, as in
+/// `Last-Modified`).
+pub fn http_date_secs(s: &str) -> Option<i64> {
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let f: Vec<&str> = s.split_whitespace().collect();
+    let [_, day, mon, year, hms, "GMT"] = f.as_slice() else {
+        return None;
+    };
+    let m = MONTHS.iter().position(|x| x == mon)? + 1;
+    let day: u32 = day.parse().ok()?;
+    rfc3339_secs(&format!("{year}-{m:02}-{day:02}T{hms}Z"))
+}
+
+/// A bucket object's fingerprint: size, LastModified in whole seconds (what HEAD can confirm),
+/// and the ETag's hash (0 if the listing had none).
+pub fn fingerprint(size: u64, last_modified_secs: Option<i64>, etag: Option<&str>) -> Fingerprint {
+    Fingerprint {
+        size,
+        mtime_ns: last_modified_secs.map_or(0, |s| s.saturating_mul(1_000_000_000)),
+        inode: etag.map_or(0, etag_hash),
+    }
+}
+
+/// Whether what the server says about an object (HEAD or GET headers) is still the version
+/// the journal holds: same size, same LastModified second, the ETag the journal knows (listed
+/// or pinned). Anything the server leaves out is not held against it.
+pub fn same_version(
+    fp: Fingerprint,
+    known_etag: Option<&str>,
+    size: Option<u64>,
+    last_modified: Option<&str>,
+    etag: Option<&str>,
+) -> bool {
+    let size_ok = size.is_none_or(|s| s == fp.size);
+    let time_ok = fp.mtime_ns == 0
+        || last_modified
+            .and_then(http_date_secs)
+            .is_none_or(|s| s.saturating_mul(1_000_000_000) == fp.mtime_ns);
+    let etag_ok = match (known_etag, etag) {
+        (Some(k), Some(e)) => unquote(k) == unquote(e),
+        _ => fp.inode == 0 || etag.is_none_or(|e| etag_hash(e) == fp.inode),
+    };
+    size_ok && time_ok && etag_ok
+}
+
+/// The settings of a bucket source.
+pub fn conn(cfg: &SourceConfig) -> Option<&S3Destination> {
+    match &cfg.kind {
+        SourceKind::Bucket(c) => Some(c),
+        SourceKind::Dir => None,
+    }
+}
+
+pub struct BucketSource {
+    cfg: SourceConfig,
+    client: Arc<S3Client>,
+    /// The destination's key prefix.
+    dest_prefix: String,
+    journal: Journal,
+    wake: Arc<Notify>,
+    warned: HashSet<String>,
+    /// The listing error being reported (logged once until the listing works again).
+    failing: Option<String>,
+}
+
+impl BucketSource {
+    pub fn new(
+        cfg: SourceConfig,
+        client: Arc<S3Client>,
+        dest_prefix: String,
+        journal: Journal,
+        wake: Arc<Notify>,
+    ) -> BucketSource {
+        BucketSource {
+            cfg,
+            client,
+            dest_prefix,
+            journal,
+            wake,
+            warned: HashSet::new(),
+            failing: None,
+        }
+    }
+
+    fn prefix(&self) -> &str {
+        conn(&self.cfg).map_or("", |c| c.prefix.as_str())
+    }
+
+    /// Runs until `stop` turns true: a full listing every `poll_interval`.
+    pub async fn run(
+        mut self,
+        mut stop: watch::Receiver<bool>,
+    ) -> Result<SourceReport, JournalError> {
+        tracing::info!(source = %self.cfg.name, bucket = %self.client.bucket(), prefix = %self.prefix(), endpoint = %self.client.endpoint(), poll = %humantime::format_duration(self.cfg.poll_interval), "listing the bucket (ListObjectsV2) every poll interval");
+        let mut total = SourceReport::default();
+        loop {
+            let r = self.scan_once().await?;
+            total.offered += r.offered;
+            tokio::select! {
+                _ = stop.changed() => break,
+                _ = tokio::time::sleep(self.cfg.poll_interval) => {}
+            }
+        }
+        Ok(total)
+    }
+
+    /// One full listing; returns what it found. A listing that fails is reported once per
+    /// cause (log, `status`) and counted in `failed`.
+    pub async fn scan_once(&mut self) -> Result<SourceReport, JournalError> {
+        let mut report = SourceReport::default();
+        match self.list_all(&mut report).await {
+            Ok(()) => {
+                if let Some(was) = self.failing.take() {
+                    tracing::info!(source = %self.cfg.name, previous_error = %was, "bucket listing works again");
+                    self.journal
+                        .set_agent_state(format!("source.{}", self.cfg.name), "ok".into())
+                        .await?;
+                }
+            }
+            Err(ListStop::Journal(e)) => return Err(e),
+            Err(ListStop::S3(e)) => {
+                report.failed += 1;
+                let msg = e.for_operator();
+                if self.failing.as_deref() != Some(msg.as_str()) {
+                    tracing::error!(source = %self.cfg.name, error = %msg, "cannot list the source bucket; trying again every poll interval");
+                    self.journal.note_error(msg.clone()).await?;
+                    let since = humantime::format_rfc3339_seconds(SystemTime::now());
+                    self.journal
+                        .set_agent_state(
+                            format!("source.{}", self.cfg.name),
+                            format!("listing fails since {since}: {msg}"),
+                        )
+                        .await?;
+                    self.failing = Some(msg);
+                }
+            }
+        }
+        Ok(report)
+    }
+
+    async fn list_all(&mut self, report: &mut SourceReport) -> Result<(), ListStop> {
+        let prefix = self.prefix().to_string();
+        let moved_to = match &self.cfg.after_upload {
+            AfterUpload::MoveToPrefix(p) => Some(p.clone()),
+            _ => None,
+        };
+        let mut token: Option<String> = None;
+        loop {
+            let page = self.client.list_objects(&prefix, token.as_deref()).await?;
+            let mut batch = Vec::with_capacity(page.objects.len());
+            for o in page.objects {
+                // Folder placeholders, and what this source moved away itself.
+                if o.key.ends_with('/') || moved_to.as_deref().is_some_and(|m| o.key.starts_with(m))
+                {
+                    continue;
+                }
+                let Some(rest) = o.key.strip_prefix(&prefix) else {
+                    continue;
+                };
+                report.seen += 1;
+                if !self.cfg.selects(Path::new(rest)) {
+                    continue;
+                }
+                let key = match keymap::bucket_key(&self.dest_prefix, rest) {
+                    Ok(k) => k,
+                    Err(why) => {
+                        report.refused += 1;
+                        if self.warned.insert(o.key.clone()) {
+                            tracing::warn!(source = %self.cfg.name, key = ?o.key, reason = %why, "refused: key cannot be carried across");
+                        }
+                        continue;
+                    }
+                };
+                let secs = o.last_modified.as_deref().and_then(rfc3339_secs);
+                batch.push(Candidate {
+                    rel_path: PathBuf::from(rest),
+                    key,
+                    fingerprint: fingerprint(o.size, secs, o.etag.as_deref()),
+                    etag: o.etag,
+                });
+            }
+            if !batch.is_empty() {
+                let reupload = self.cfg.on_change == OnChange::Upload;
+                let stats = self
+                    .journal
+                    .offer(self.cfg.name.clone(), batch, reupload)
+                    .await?;
+                report.offered += stats.inserted;
+                if stats.inserted + stats.refreshed > 0 {
+                    tracing::debug!(source = %self.cfg.name, new = stats.inserted, changed = stats.refreshed, "queued objects");
+                    self.wake.notify_one();
+                }
+            }
+            match page.next_token {
+                Some(t) if Some(&t) != token.as_ref() => token = Some(t),
+                _ => break,
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ListStop {
+    #[error(transparent)]
+    S3(#[from] S3Error),
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+}
+
+/// What happened to a bucket object after delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BucketAfter {
+    Deleted,
+    Moved,
+    /// A newer version is there now: left alone (the listing finds it).
+    LeftChanged,
+    Gone,
+}
+
+/// Applies `after_upload` to a delivered object, only if it is still the version delivered
+/// (HEAD first; the copy is also conditional on the ETag).
+pub async fn after_upload(
+    client: &S3Client,
+    key: &str,
+    rest: &Path,
+    action: &AfterUpload,
+    fp: Fingerprint,
+    etag: Option<&str>,
+) -> Result<BucketAfter, S3Error> {
+    let Some(head) = client.head_object(key).await? else {
+        return Ok(BucketAfter::Gone);
+    };
+    if !same_version(
+        fp,
+        etag,
+        Some(head.size),
+        head.last_modified.as_deref(),
+        head.etag.as_deref(),
+    ) {
+        return Ok(BucketAfter::LeftChanged);
+    }
+    let tag = head.etag.unwrap_or_default();
+    match action {
+        AfterUpload::MoveToPrefix(p) => {
+            let to = format!("{p}{}", rest.to_string_lossy());
+            client.copy_object(key, &to, &tag).await?;
+            client.delete_object(key).await?;
+            Ok(BucketAfter::Moved)
+        }
+        _ => {
+            client.delete_object(key).await?;
+            Ok(BucketAfter::Deleted)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dates_from_listings_and_headers_agree() {
+        let a = rfc3339_secs("2026-11-26T10:00:00.000Z").unwrap();
+        let b = http_date_secs("Thu, 26 Nov 2026 10:00:00 GMT").unwrap();
+        assert_eq!(a, b);
+        assert_eq!(rfc3339_secs("2026-11-26T10:00:00Z"), Some(a));
+        assert_eq!(http_date_secs("Thu, 26 Nov 2026 10:00:01 GMT"), Some(a + 1));
+        assert_eq!(http_date_secs("26 Nov 2026"), None);
+        assert_eq!(http_date_secs("Thu, 26 Foo 2026 10:00:00 GMT"), None);
+    }
+
+    #[test]
+    fn etags_compare_without_quotes() {
+        assert_eq!(unquote("\"abc\""), "abc");
+        assert_eq!(unquote("W/\"abc\""), "abc");
+        assert_eq!(etag_hash("\"abc\""), etag_hash("abc"));
+        assert_ne!(etag_hash("abc"), etag_hash("abd"));
+        assert_ne!(etag_hash("x"), 0);
+    }
+
+    #[test]
+    fn version_checks() {
+        let t = rfc3339_secs("2026-11-26T10:00:00Z");
+        let lm = Some("Thu, 26 Nov 2026 10:00:00 GMT");
+        let listed = fingerprint(10, t, Some("\"e1\""));
+        assert!(same_version(
+            listed,
+            Some("\"e1\""),
+            Some(10),
+            lm,
+            Some("\"e1\"")
+        ));
+        // A new ETag, size or time is another version.
+        assert!(!same_version(
+            listed,
+            Some("\"e1\""),
+            Some(10),
+            lm,
+            Some("\"e2\"")
+        ));
+        assert!(!same_version(listed, None, Some(10), lm, Some("\"e2\"")));
+        assert!(!same_version(listed, None, Some(11), lm, Some("\"e1\"")));
+        assert!(!same_version(
+            listed,
+            None,
+            Some(10),
+            Some("Thu, 26 Nov 2026 10:00:01 GMT"),
+            Some("\"e1\"")
+        ));
+        // Listed without an ETag (some servers): size and time decide until a pin exists...
+        let bare = fingerprint(10, t, None);
+        assert!(same_version(bare, None, Some(10), lm, Some("\"any\"")));
+        // ...and then the pin does.
+        assert!(!same_version(
+            bare,
+            Some("\"p\""),
+            Some(10),
+            lm,
+            Some("\"q\"")
+        ));
+        // What the server leaves out is not held against it.
+        assert!(same_version(listed, None, None, None, None));
+    }
+}
