@@ -127,6 +127,8 @@ struct RawSource {
     profile: Option<Spanned<String>>,
     credentials_file: Option<Spanned<String>>,
     ca_file: Option<Spanned<String>>,
+    /// MinIO's ListenBucketNotification stream as a latency hint (the listing stays the truth).
+    notifications: Option<Spanned<bool>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -272,6 +274,8 @@ pub struct SourceConfig {
     pub poll_interval: Duration,
     pub on_change: OnChange,
     pub complete_when: Completion,
+    /// Bucket sources: listen to MinIO's bucket notifications between listings.
+    pub notifications: bool,
 }
 
 impl SourceConfig {
@@ -721,6 +725,7 @@ impl Validator<'_> {
                         s.credentials_file.as_ref().map(Spanned::span),
                     ),
                     ("ca_file", s.ca_file.as_ref().map(Spanned::span)),
+                    ("notifications", s.notifications.as_ref().map(Spanned::span)),
                 ],
             )
         };
@@ -924,8 +929,10 @@ impl Validator<'_> {
             None if path.as_deref().is_some_and(|p| p.as_os_str().is_empty()) => return None,
             None => SourceKind::Dir,
         };
+        let notifications = s.notifications.is_some_and(Spanned::into_inner);
         Some(SourceConfig {
             name: name?,
+            notifications,
             kind,
             path: path?,
             include,

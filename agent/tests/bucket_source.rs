@@ -319,3 +319,68 @@ fn wrong_or_missing_source_keys_are_reported_clearly_and_nothing_is_sent() {
     assert!(err.contains("SignatureDoesNotMatch"), "{err}");
     assert!(p.cloud.keys("cloud").is_empty());
 }
+
+#[test]
+fn bucket_notifications_bring_new_objects_before_the_next_listing_and_survive_a_lost_stream() {
+    // Listings an hour apart: only a notification can bring an object over in time.
+    let p = pair("", "poll_interval = \"1h\"\nnotifications = true");
+    let mut daemon = p.setup.spawn_daemon(bin());
+    assert!(
+        wait_until(Duration::from_secs(20), || p.src_proxy.listen_requests()
+            == 1
+            && p.setup
+                .daemon_log()
+                .contains("listening to bucket notifications")),
+        "{}",
+        p.setup.daemon_log()
+    );
+    let record = |key: &str| {
+        format!(
+            r#"{{"Records":[{{"eventVersion":"2.0","eventSource":"minio:s3","eventName":"s3:ObjectCreated:Put","s3":{{"bucket":{{"name":"onprem"}},"object":{{"key":"{}","size":5}}}}}}]}}"#,
+            key.replace('/', "%2F")
+        )
+    };
+    p.onprem.put("onprem", "exports/first.ndjson", b"first");
+    p.src_proxy.notify(" "); // keep-alive: not an event
+    p.src_proxy.notify(&record("exports/first.ndjson"));
+    assert!(
+        wait_until(Duration::from_secs(5), || p
+            .cloud
+            .object("cloud", "fhir/first.ndjson")
+            .is_some()),
+        "{}",
+        p.setup.daemon_log()
+    );
+
+    // The stream is lost: reported once, opened again, and events work again.
+    p.src_proxy.cut_streams();
+    assert!(
+        wait_until(Duration::from_secs(20), || p.src_proxy.listen_requests()
+            >= 2
+            && p.setup.daemon_log().contains("stream open again")),
+        "{}",
+        p.setup.daemon_log()
+    );
+    p.onprem.put("onprem", "exports/second.ndjson", b"again");
+    p.src_proxy.notify(&record("exports/second.ndjson"));
+    assert!(
+        wait_until(Duration::from_secs(5), || p
+            .cloud
+            .object("cloud", "fhir/second.ndjson")
+            .is_some()),
+        "{}",
+        p.setup.daemon_log()
+    );
+    sigterm(&daemon);
+    assert!(wait_within(&mut daemon, Duration::from_secs(20)).success());
+    let log = p.setup.daemon_log();
+    assert_eq!(log.matches("notification stream lost").count(), 1, "{log}");
+    // One listing at start-up and one per event burst; none from the hourly poll.
+    let listings = p
+        .src_proxy
+        .seen()
+        .iter()
+        .filter(|r| r.target.contains("list-type=2"))
+        .count();
+    assert_eq!(listings, 3, "start + one per notification");
+}

@@ -309,8 +309,12 @@ pub struct Proxy {
     /// Connections accepted while the proxy black-holed everything.
     pub swallowed: Arc<AtomicU64>,
     pub rules: Arc<Mutex<Vec<Rule>>>,
+    streams: Streams,
     stop: Arc<AtomicBool>,
 }
+
+/// Open notification streams: each gets `Some(line)` to send, or `None` to drop the connection.
+type Streams = Arc<Mutex<Vec<std::sync::mpsc::Sender<Option<String>>>>>;
 
 #[derive(Clone)]
 struct ProxyShared {
@@ -321,6 +325,7 @@ struct ProxyShared {
     black_hole: Arc<AtomicBool>,
     swallowed: Arc<AtomicU64>,
     rules: Arc<Mutex<Vec<Rule>>>,
+    streams: Streams,
     stop: Arc<AtomicBool>,
 }
 
@@ -336,6 +341,7 @@ impl Proxy {
             black_hole: Arc::new(AtomicBool::new(false)),
             swallowed: Arc::new(AtomicU64::new(0)),
             rules: Arc::new(Mutex::new(Vec::new())),
+            streams: Arc::new(Mutex::new(Vec::new())),
             stop: Arc::new(AtomicBool::new(false)),
         };
         let refused = Arc::new(AtomicU64::new(0));
@@ -367,8 +373,34 @@ impl Proxy {
             refused,
             swallowed: shared.swallowed,
             rules: shared.rules,
+            streams: shared.streams,
             stop: shared.stop,
         }
+    }
+
+    /// Sends one line (a MinIO notification record) on every open notification stream.
+    /// s3s-fs has no ListenBucketNotification, so the proxy answers that request itself with a
+    /// stream the test feeds.
+    pub fn notify(&self, line: &str) {
+        self.streams
+            .lock()
+            .expect("lock")
+            .retain(|tx| tx.send(Some(line.to_string())).is_ok());
+    }
+
+    /// Drops every open notification stream's connection (a lost stream).
+    pub fn cut_streams(&self) {
+        for tx in self.streams.lock().expect("lock").drain(..) {
+            let _ = tx.send(None);
+        }
+    }
+
+    /// ListenBucketNotification requests seen so far.
+    pub fn listen_requests(&self) -> usize {
+        self.seen()
+            .iter()
+            .filter(|r| r.method == "GET" && r.target.contains("events="))
+            .count()
     }
 
     pub fn endpoint(&self) -> String {
@@ -504,6 +536,33 @@ fn hold(mut client: TcpStream, stop: &AtomicBool) {
     }
 }
 
+/// A ListenBucketNotification stream: chunked JSON lines as the test sends them.
+fn serve_notifications(mut client: TcpStream, sh: &ProxyShared) {
+    let (tx, rx) = std::sync::mpsc::channel::<Option<String>>();
+    sh.streams.lock().expect("lock").push(tx);
+    let head =
+        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n";
+    if client.write_all(head.as_bytes()).is_err() {
+        return;
+    }
+    while !sh.stop.load(Ordering::Relaxed) {
+        match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(Some(line)) => {
+                let data = format!("{line}\n");
+                let chunk = format!("{:x}\r\n{data}\r\n", data.len());
+                if client.write_all(chunk.as_bytes()).is_err() {
+                    return;
+                }
+            }
+            Ok(None) | Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                let _ = client.shutdown(Shutdown::Both);
+                return;
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+        }
+    }
+}
+
 fn serve_connection(mut client: TcpStream, sh: ProxyShared) {
     if sh.black_hole.load(Ordering::Relaxed) {
         sh.swallowed.fetch_add(1, Ordering::Relaxed);
@@ -551,7 +610,11 @@ fn serve_connection(mut client: TcpStream, sh: ProxyShared) {
         }
         let fault = seen.fault.clone();
         let is_head = seen.method == "HEAD";
+        let is_listen = seen.method == "GET" && seen.target.contains("events=");
         sh.requests.lock().expect("lock").push(seen);
+        if is_listen {
+            return serve_notifications(client, &sh);
+        }
         cbuf.drain(..head_end);
         match fault {
             Some(Fault::Status {

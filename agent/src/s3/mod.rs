@@ -664,12 +664,48 @@ impl S3Client {
         }
     }
 
-    async fn send_once(
+    /// MinIO's ListenBucketNotification: a long-lived GET whose body is a stream of JSON lines,
+    /// one per event (object created under `prefix`). Returns the open response; the caller
+    /// reads it as it arrives. Not an AWS S3 operation: other servers refuse it or answer a
+    /// listing and close.
+    pub async fn listen_notifications(&self, prefix: &str) -> Result<reqwest::Response, S3Error> {
+        let url = format!(
+            "{}?events={}&prefix={}",
+            if self.dest.path_style {
+                self.bucket_base()
+            } else {
+                format!("{}/", self.bucket_base())
+            },
+            utf8_percent_encode("s3:ObjectCreated:*", QUERY_SET),
+            utf8_percent_encode(prefix, QUERY_SET)
+        );
+        let req = Request {
+            method: Method::GET,
+            url: Url::parse(&url)
+                .map_err(|e| self.protocol("ListenBucketNotification", prefix, &e.to_string()))?,
+            headers: vec![],
+            body: Bytes::new(),
+            payload_sha256_hex: sign::EMPTY_SHA256.to_string(),
+        };
+        let op = "ListenBucketNotification";
+        let resp = self.send_signed(op, prefix, &req, None).await?;
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let body = resp.bytes().await.unwrap_or_default();
+        Err(self.service_error(op, prefix, status, &headers, &body))
+    }
+
+    /// Signs and sends one request; `timeout` bounds the whole exchange (None: a stream).
+    async fn send_signed(
         &self,
         op: &'static str,
         key: &str,
         req: &Request,
-    ) -> Result<Response, S3Error> {
+        timeout: Option<Duration>,
+    ) -> Result<reqwest::Response, S3Error> {
         let transport = |detail: String| S3Error::Transport {
             op,
             bucket: self.dest.bucket.clone(),
@@ -696,22 +732,28 @@ impl S3Client {
         let mut rb = self
             .http
             .request(req.method.clone(), req.url.clone())
-            .timeout(self.timeout)
             .body(req.body.clone());
+        if let Some(t) = timeout {
+            rb = rb.timeout(t);
+        }
         for (k, v) in &req.headers {
             rb = rb.header(*k, v);
         }
         for (k, v) in signed {
             rb = rb.header(k, v);
         }
-        let resp = rb.send().await.map_err(|e| transport(describe(&e)))?;
-        let status = resp.status();
-        let headers = resp.headers().clone();
-        let body = resp.bytes().await.map_err(|e| transport(describe(&e)))?;
-        if status.is_success() {
-            return Ok(Response { headers, body });
-        }
-        let doc = xml::parse_error(&String::from_utf8_lossy(&body));
+        rb.send().await.map_err(|e| transport(describe(&e)))
+    }
+
+    fn service_error(
+        &self,
+        op: &'static str,
+        key: &str,
+        status: reqwest::StatusCode,
+        headers: &reqwest::header::HeaderMap,
+        body: &[u8],
+    ) -> S3Error {
+        let doc = xml::parse_error(&String::from_utf8_lossy(body));
         let (code, message) = match doc {
             Some(d) => (d.code, d.message),
             None => (
@@ -724,7 +766,7 @@ impl S3Client {
             .and_then(|v| v.to_str().ok())
             .and_then(|s| s.trim().parse::<u64>().ok())
             .map(Duration::from_secs);
-        Err(S3Error::Service(Box::new(ServiceError {
+        S3Error::Service(Box::new(ServiceError {
             op,
             bucket: self.dest.bucket.clone(),
             key: key.to_string(),
@@ -732,7 +774,29 @@ impl S3Client {
             code,
             message,
             retry_after,
-        })))
+        }))
+    }
+
+    async fn send_once(
+        &self,
+        op: &'static str,
+        key: &str,
+        req: &Request,
+    ) -> Result<Response, S3Error> {
+        let transport = |detail: String| S3Error::Transport {
+            op,
+            bucket: self.dest.bucket.clone(),
+            key: key.to_string(),
+            detail,
+        };
+        let resp = self.send_signed(op, key, req, Some(self.timeout)).await?;
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let body = resp.bytes().await.map_err(|e| transport(describe(&e)))?;
+        if status.is_success() {
+            return Ok(Response { headers, body });
+        }
+        Err(self.service_error(op, key, status, &headers, &body))
     }
 }
 

@@ -13,13 +13,93 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use sha2::{Digest, Sha256};
-use tokio::sync::{watch, Notify};
+use tokio::sync::{mpsc, watch, Notify};
 
 use super::fs::SourceReport;
 use crate::config::{AfterUpload, OnChange, S3Destination, SourceConfig, SourceKind};
 use crate::journal::{Candidate, Fingerprint, Journal, JournalError};
 use crate::keymap;
+use crate::retry::Backoff;
 use crate::s3::{S3Client, S3Error};
+
+/// Quiet time after a bucket event before listing, to take a burst in one listing.
+const HINT_DEBOUNCE: std::time::Duration = std::time::Duration::from_millis(200);
+/// A notification stream silent this long is assumed dead and opened again.
+const STREAM_IDLE: std::time::Duration = std::time::Duration::from_secs(300);
+/// Delay before opening a lost notification stream again.
+const RECONNECT: Backoff = Backoff {
+    base: std::time::Duration::from_secs(1),
+    cap: std::time::Duration::from_secs(60),
+};
+
+/// Whether a line of a ListenBucketNotification stream reports an event (MinIO also sends
+/// keep-alive blank lines, and `{"Records":null}`).
+pub fn is_event(line: &[u8]) -> bool {
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(line) else {
+        return false;
+    };
+    v.get("Records")
+        .and_then(|r| r.as_array())
+        .is_some_and(|r| !r.is_empty())
+}
+
+/// Keeps MinIO's ListenBucketNotification stream open, reconnecting with a growing delay when it
+/// is lost, and turns each event into a hint to list now. Loss and recovery are logged once
+/// each; the listing every poll interval goes on regardless.
+async fn listen(
+    client: Arc<S3Client>,
+    source: String,
+    prefix: String,
+    hints: mpsc::Sender<()>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut failures = 0u32;
+    let mut lost = false;
+    loop {
+        let why = match client.listen_notifications(&prefix).await {
+            Ok(mut resp) => {
+                if lost {
+                    tracing::info!(source = %source, "bucket notification stream open again");
+                    lost = false;
+                } else {
+                    tracing::info!(source = %source, "listening to bucket notifications");
+                }
+                failures = 0;
+                let mut buf: Vec<u8> = Vec::new();
+                loop {
+                    let chunk = tokio::select! {
+                        _ = stop.changed() => return,
+                        c = tokio::time::timeout(STREAM_IDLE, resp.chunk()) => c,
+                    };
+                    match chunk {
+                        Ok(Ok(Some(bytes))) => {
+                            buf.extend_from_slice(&bytes);
+                            while let Some(nl) = buf.iter().position(|b| *b == b'\n') {
+                                let line: Vec<u8> = buf.drain(..=nl).collect();
+                                if is_event(&line) {
+                                    let _ = hints.try_send(());
+                                }
+                            }
+                        }
+                        Ok(Ok(None)) => break "the server closed the stream".to_string(),
+                        Ok(Err(e)) => break e.to_string(),
+                        Err(_) => break "no data or keep-alive for 5 minutes".to_string(),
+                    }
+                }
+            }
+            Err(e) => e.for_operator(),
+        };
+        if !lost {
+            tracing::warn!(source = %source, reason = %why, "bucket notification stream lost; reconnecting (listings every poll interval go on)");
+            lost = true;
+        }
+        failures += 1;
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tokio::time::sleep(RECONNECT.nth(failures, fastrand::f64())) => {}
+        }
+    }
+}
 
 /// An ETag without quotes or a weak marker, for comparisons.
 pub fn unquote(etag: &str) -> &str {
@@ -130,12 +210,23 @@ impl BucketSource {
         conn(&self.cfg).map_or("", |c| c.prefix.as_str())
     }
 
-    /// Runs until `stop` turns true: a full listing every `poll_interval`.
+    /// Runs until `stop` turns true: a full listing every `poll_interval`, and with
+    /// `notifications` one sooner after each burst of bucket events.
     pub async fn run(
         mut self,
         mut stop: watch::Receiver<bool>,
     ) -> Result<SourceReport, JournalError> {
-        tracing::info!(source = %self.cfg.name, bucket = %self.client.bucket(), prefix = %self.prefix(), endpoint = %self.client.endpoint(), poll = %humantime::format_duration(self.cfg.poll_interval), "listing the bucket (ListObjectsV2) every poll interval");
+        tracing::info!(source = %self.cfg.name, bucket = %self.client.bucket(), prefix = %self.prefix(), endpoint = %self.client.endpoint(), poll = %humantime::format_duration(self.cfg.poll_interval), notifications = self.cfg.notifications, "listing the bucket (ListObjectsV2) every poll interval");
+        let (hint_tx, mut hints) = mpsc::channel::<()>(1);
+        let listener = self.cfg.notifications.then(|| {
+            tokio::spawn(listen(
+                self.client.clone(),
+                self.cfg.name.clone(),
+                self.prefix().to_string(),
+                hint_tx,
+                stop.clone(),
+            ))
+        });
         let mut total = SourceReport::default();
         loop {
             let r = self.scan_once().await?;
@@ -143,7 +234,15 @@ impl BucketSource {
             tokio::select! {
                 _ = stop.changed() => break,
                 _ = tokio::time::sleep(self.cfg.poll_interval) => {}
+                Some(()) = hints.recv() => {
+                    // Gather the rest of the burst into one listing.
+                    tokio::time::sleep(HINT_DEBOUNCE).await;
+                    while hints.try_recv().is_ok() {}
+                }
             }
+        }
+        if let Some(l) = listener {
+            l.abort();
         }
         Ok(total)
     }
@@ -302,6 +401,15 @@ pub async fn after_upload(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn notification_lines() {
+        let ev = br#"{"Records":[{"eventVersion":"2.0","eventSource":"minio:s3","eventName":"s3:ObjectCreated:Put","s3":{"bucket":{"name":"onprem"},"object":{"key":"exports%2Fa.ndjson","size":3}}}]}"#;
+        assert!(is_event(ev));
+        assert!(!is_event(b" \n"));
+        assert!(!is_event(br#"{"Records":null}"#));
+        assert!(!is_event(b"<ListBucketResult/>"));
+    }
 
     #[test]
     fn dates_from_listings_and_headers_agree() {
