@@ -1,0 +1,170 @@
+//! The messages, and their encoding: a 4-byte big-endian length, then the message in bincode's
+//! standard configuration (varint integers). The length is checked against the limit before
+//! anything is allocated for the body, and bincode itself is limited to the same size, so a
+//! hostile length inside a message (a `Vec` claiming 4 GiB) cannot allocate either.
+
+use bincode::{Decode, Encode};
+
+/// The protocol version this build speaks.
+pub const VERSION: u16 = 1;
+/// The largest frame (length prefix excluded) either side accepts.
+pub const MAX_FRAME: usize = 1 << 20;
+/// The most file bytes one `Data` message carries (leaves room for the header in a frame).
+pub const MAX_DATA: usize = 512 * 1024;
+/// Capability bits exchanged in the handshake (none defined yet; unknown bits are ignored).
+pub const CAPABILITIES: u64 = 0;
+
+/// Why the relay refuses an offer (or a handshake).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Encode, Decode)]
+pub enum Refusal {
+    /// No common protocol version.
+    Version,
+    /// This agent may not write that key (outside its prefix).
+    Unauthorized,
+    /// The key is not acceptable (`..`, absolute, empty segment, control characters).
+    BadKey,
+    /// Limits reached (streams, partial transfers): try again later.
+    Busy,
+    /// The relay cannot store objects now (its store failed): try again later.
+    Unavailable,
+}
+
+impl Refusal {
+    /// Whether the same offer may succeed later without any change on the agent's side.
+    pub fn is_temporary(self) -> bool {
+        matches!(self, Refusal::Busy | Refusal::Unavailable)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub enum Message {
+    /// Agent -> relay, first on the control stream.
+    Hello {
+        version: u16,
+        /// The agent's name for logs; authorization uses the client certificate, not this.
+        agent: String,
+        capabilities: u64,
+    },
+    /// Relay -> agent: the handshake is done.
+    Welcome {
+        version: u16,
+        relay: String,
+        capabilities: u64,
+    },
+    /// Agent -> relay, first on an object stream: this object, whole.
+    Offer {
+        key: String,
+        size: u64,
+        sha256: [u8; 32],
+    },
+    /// Relay -> agent: send from `offset` (bytes before it are safely held by the relay).
+    Accept { offset: u64 },
+    /// Relay -> agent: an object with this key and SHA-256 is already stored.
+    AlreadyHave,
+    /// Relay -> agent: not accepted.
+    Refuse { reason: Refusal, message: String },
+    /// Agent -> relay: bytes of the offered object at `offset`.
+    Data { offset: u64, bytes: Vec<u8> },
+    /// Agent -> relay: every byte is sent.
+    Commit,
+    /// Relay -> agent: size and SHA-256 verified, object stored. The only delivery proof.
+    Stored,
+    /// Relay -> agent: what arrived does not match the offer; the relay dropped it, send again
+    /// from the start.
+    Mismatch { message: String },
+    /// Either way: a protocol violation; the stream ends.
+    Error { message: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    #[error("frame of {0} bytes exceeds the limit of {MAX_FRAME}")]
+    TooLarge(usize),
+    #[error("undecodable frame: {0}")]
+    Decode(String),
+    #[error("{0} bytes after the message inside its frame")]
+    Trailing(usize),
+}
+
+fn config() -> impl bincode::config::Config {
+    bincode::config::standard().with_limit::<MAX_FRAME>()
+}
+
+/// One message as a frame (length prefix + body).
+pub fn encode(msg: &Message) -> Vec<u8> {
+    let mut out = vec![0u8; 4];
+    bincode::encode_into_std_write(msg, &mut out, config())
+        .expect("writing into a Vec cannot fail and messages stay within the limit");
+    let len = (out.len() - 4) as u32;
+    out[..4].copy_from_slice(&len.to_be_bytes());
+    out
+}
+
+/// Reassembles frames from a byte stream, however it is split.
+#[derive(Debug, Default)]
+pub struct Decoder {
+    buf: Vec<u8>,
+}
+
+impl Decoder {
+    pub fn new() -> Decoder {
+        Decoder::default()
+    }
+
+    /// Bytes received and not yet part of a decoded message.
+    pub fn buffered(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Takes received bytes. A frame whose length exceeds the limit is refused before its body
+    /// is buffered: at most one limit's worth of bytes is ever held.
+    pub fn push(&mut self, bytes: &[u8]) -> Result<(), FrameError> {
+        if self.buf.len() >= 4 {
+            let len = frame_len(&self.buf);
+            if len > MAX_FRAME {
+                return Err(FrameError::TooLarge(len));
+            }
+        }
+        self.buf.extend_from_slice(bytes);
+        if self.buf.len() >= 4 {
+            let len = frame_len(&self.buf);
+            if len > MAX_FRAME {
+                return Err(FrameError::TooLarge(len));
+            }
+        }
+        Ok(())
+    }
+
+    /// The next whole message, if one has arrived.
+    pub fn next_message(&mut self) -> Result<Option<Message>, FrameError> {
+        if self.buf.len() < 4 {
+            return Ok(None);
+        }
+        let len = frame_len(&self.buf);
+        if len > MAX_FRAME {
+            return Err(FrameError::TooLarge(len));
+        }
+        if self.buf.len() < 4 + len {
+            return Ok(None);
+        }
+        let (msg, used): (Message, usize) =
+            bincode::decode_from_slice(&self.buf[4..4 + len], config())
+                .map_err(|e| FrameError::Decode(e.to_string()))?;
+        if used != len {
+            return Err(FrameError::Trailing(len - used));
+        }
+        self.buf.drain(..4 + len);
+        Ok(Some(msg))
+    }
+}
+
+fn frame_len(buf: &[u8]) -> usize {
+    u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize
+}
+
+/// Decodes exactly one frame from `bytes` (for tests and fuzzing).
+pub fn decode_one(bytes: &[u8]) -> Result<Option<Message>, FrameError> {
+    let mut d = Decoder::new();
+    d.push(bytes)?;
+    d.next_message()
+}

@@ -1,0 +1,588 @@
+//! Sans-IO state machines for both ends. Each takes received bytes and the current time, and
+//! tells its caller what to send (`poll_transmit`), what happened (events), and when it gives up
+//! waiting (`poll_timeout` / `handle_timeout`). The caller owns the sockets, the files and the
+//! clock; nothing here blocks, spawns or reads a file.
+//!
+//! A connection has one control stream (handshake) and one stream per object:
+//!
+//! ```text
+//! agent                         relay
+//! Hello{version, agent}  --->
+//!                        <---   Welcome{version} | Refuse{Version}
+//! (per object, new stream)
+//! Offer{key, size, sha}  --->
+//!                        <---   Accept{offset} | AlreadyHave | Refuse{reason}
+//! Data{offset, bytes}*   --->   (from the accepted offset, contiguous, up to size)
+//! Commit                 --->
+//!                        <---   Stored | Mismatch
+//! ```
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use crate::message::{encode, Decoder, FrameError, Message, Refusal, CAPABILITIES, VERSION};
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SessionError {
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    #[error("unexpected {got} while {state}")]
+    Unexpected {
+        got: &'static str,
+        state: &'static str,
+    },
+    #[error("data at offset {got}, expected {expected}")]
+    OutOfOrder { got: u64, expected: u64 },
+    #[error("data past the offered size ({size} bytes)")]
+    PastEnd { size: u64 },
+    #[error("commit after {sent} of {size} bytes")]
+    Incomplete { sent: u64, size: u64 },
+    #[error("the relay accepted from offset {offset}, past the size {size}")]
+    BadOffset { offset: u64, size: u64 },
+    #[error("the peer sent an error: {0}")]
+    Peer(String),
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    #[error("protocol version {0} is not supported (this side speaks {VERSION})")]
+    Version(u16),
+}
+
+fn name(m: &Message) -> &'static str {
+    match m {
+        Message::Hello { .. } => "Hello",
+        Message::Welcome { .. } => "Welcome",
+        Message::Offer { .. } => "Offer",
+        Message::Accept { .. } => "Accept",
+        Message::AlreadyHave => "AlreadyHave",
+        Message::Refuse { .. } => "Refuse",
+        Message::Data { .. } => "Data",
+        Message::Commit => "Commit",
+        Message::Stored => "Stored",
+        Message::Mismatch { .. } => "Mismatch",
+        Message::Error { .. } => "Error",
+    }
+}
+
+/// What both ends share: a decoder, an outbox and an idle deadline.
+#[derive(Debug)]
+struct Io {
+    decoder: Decoder,
+    outbox: VecDeque<Vec<u8>>,
+    idle: Duration,
+    deadline: Option<Instant>,
+}
+
+impl Io {
+    fn new(idle: Duration) -> Io {
+        Io {
+            decoder: Decoder::new(),
+            outbox: VecDeque::new(),
+            idle,
+            deadline: None,
+        }
+    }
+
+    fn send(&mut self, m: &Message) {
+        self.outbox.push_back(encode(m));
+    }
+
+    /// Waiting for the peer from now on.
+    fn wait(&mut self, now: Instant) {
+        self.deadline = Some(now + self.idle);
+    }
+
+    fn expired(&self, now: Instant) -> bool {
+        self.deadline.is_some_and(|d| now >= d)
+    }
+}
+
+/// The agent's side of the handshake.
+#[derive(Debug)]
+pub struct ClientHandshake {
+    io: Io,
+    done: bool,
+}
+
+/// The outcome of a handshake.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Handshake {
+    Done { peer: String, capabilities: u64 },
+    Refused { reason: Refusal, message: String },
+}
+
+impl ClientHandshake {
+    pub fn new(agent: &str, now: Instant, idle: Duration) -> ClientHandshake {
+        let mut io = Io::new(idle);
+        io.send(&Message::Hello {
+            version: VERSION,
+            agent: agent.to_string(),
+            capabilities: CAPABILITIES,
+        });
+        io.wait(now);
+        ClientHandshake { io, done: false }
+    }
+
+    pub fn poll_transmit(&mut self) -> Option<Vec<u8>> {
+        self.io.outbox.pop_front()
+    }
+
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        (!self.done).then_some(self.io.deadline).flatten()
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) -> Result<(), SessionError> {
+        if !self.done && self.io.expired(now) {
+            return Err(SessionError::Timeout(self.io.idle));
+        }
+        Ok(())
+    }
+
+    /// Returns the outcome once the relay's answer is in.
+    pub fn handle_input(
+        &mut self,
+        bytes: &[u8],
+        _now: Instant,
+    ) -> Result<Option<Handshake>, SessionError> {
+        self.io.decoder.push(bytes)?;
+        let Some(m) = self.io.decoder.next_message()? else {
+            return Ok(None);
+        };
+        self.done = true;
+        match m {
+            Message::Welcome {
+                version,
+                relay,
+                capabilities,
+            } if version == VERSION => Ok(Some(Handshake::Done {
+                peer: relay,
+                capabilities,
+            })),
+            Message::Welcome { version, .. } => Err(SessionError::Version(version)),
+            Message::Refuse { reason, message } => Ok(Some(Handshake::Refused { reason, message })),
+            Message::Error { message } => Err(SessionError::Peer(message)),
+            other => Err(SessionError::Unexpected {
+                got: name(&other),
+                state: "waiting for Welcome",
+            }),
+        }
+    }
+}
+
+/// The relay's side of the handshake.
+#[derive(Debug)]
+pub struct ServerHandshake {
+    io: Io,
+    relay: String,
+    done: bool,
+}
+
+impl ServerHandshake {
+    pub fn new(relay: &str, now: Instant, idle: Duration) -> ServerHandshake {
+        let mut io = Io::new(idle);
+        io.wait(now);
+        ServerHandshake {
+            io,
+            relay: relay.to_string(),
+            done: false,
+        }
+    }
+
+    pub fn poll_transmit(&mut self) -> Option<Vec<u8>> {
+        self.io.outbox.pop_front()
+    }
+
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        (!self.done).then_some(self.io.deadline).flatten()
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) -> Result<(), SessionError> {
+        if !self.done && self.io.expired(now) {
+            return Err(SessionError::Timeout(self.io.idle));
+        }
+        Ok(())
+    }
+
+    /// Returns the agent's self-declared name once its Hello is in (and queues the answer).
+    pub fn handle_input(
+        &mut self,
+        bytes: &[u8],
+        _now: Instant,
+    ) -> Result<Option<String>, SessionError> {
+        self.io.decoder.push(bytes)?;
+        let Some(m) = self.io.decoder.next_message()? else {
+            return Ok(None);
+        };
+        self.done = true;
+        match m {
+            Message::Hello { version, agent, .. } if version == VERSION => {
+                self.io.send(&Message::Welcome {
+                    version: VERSION,
+                    relay: self.relay.clone(),
+                    capabilities: CAPABILITIES,
+                });
+                Ok(Some(agent))
+            }
+            Message::Hello { version, .. } => {
+                self.io.send(&Message::Refuse {
+                    reason: Refusal::Version,
+                    message: format!("this relay speaks protocol version {VERSION}"),
+                });
+                Err(SessionError::Version(version))
+            }
+            other => {
+                self.io.send(&Message::Error {
+                    message: "expected Hello".into(),
+                });
+                Err(SessionError::Unexpected {
+                    got: name(&other),
+                    state: "waiting for Hello",
+                })
+            }
+        }
+    }
+}
+
+/// What an upload needs from its caller, or how it ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UploadEvent {
+    /// The relay holds the bytes before `offset`: send from there (`send_data`, then `commit`).
+    SendFrom(u64),
+    /// Delivered: the relay already had this object.
+    AlreadyStored,
+    /// Delivered: the relay verified and stored it.
+    Stored,
+    /// The relay will not take it.
+    Refused { reason: Refusal, message: String },
+    /// The relay received something else than offered and dropped it: offer again.
+    Mismatch(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum UpState {
+    AwaitAnswer,
+    Sending { next: u64 },
+    AwaitAck,
+    Finished,
+}
+
+/// The agent's side of one object stream.
+#[derive(Debug)]
+pub struct Upload {
+    io: Io,
+    size: u64,
+    state: UpState,
+}
+
+impl Upload {
+    pub fn new(key: &str, size: u64, sha256: [u8; 32], now: Instant, idle: Duration) -> Upload {
+        let mut io = Io::new(idle);
+        io.send(&Message::Offer {
+            key: key.to_string(),
+            size,
+            sha256,
+        });
+        io.wait(now);
+        Upload {
+            io,
+            size,
+            state: UpState::AwaitAnswer,
+        }
+    }
+
+    pub fn poll_transmit(&mut self) -> Option<Vec<u8>> {
+        self.io.outbox.pop_front()
+    }
+
+    /// When to give up waiting for the relay (None while the caller is sending data).
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        match self.state {
+            UpState::AwaitAnswer | UpState::AwaitAck => self.io.deadline,
+            _ => None,
+        }
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) -> Result<(), SessionError> {
+        if self.poll_timeout().is_some() && self.io.expired(now) {
+            self.state = UpState::Finished;
+            return Err(SessionError::Timeout(self.io.idle));
+        }
+        Ok(())
+    }
+
+    /// Queues `bytes` at `offset`, which must continue where the last data ended.
+    pub fn send_data(&mut self, offset: u64, bytes: Vec<u8>) -> Result<(), SessionError> {
+        let UpState::Sending { next } = self.state else {
+            return Err(SessionError::Unexpected {
+                got: "Data",
+                state: "not sending",
+            });
+        };
+        if offset != next {
+            return Err(SessionError::OutOfOrder {
+                got: offset,
+                expected: next,
+            });
+        }
+        let end = offset + bytes.len() as u64;
+        if end > self.size {
+            return Err(SessionError::PastEnd { size: self.size });
+        }
+        self.io.send(&Message::Data { offset, bytes });
+        self.state = UpState::Sending { next: end };
+        Ok(())
+    }
+
+    /// Queues the commit once every byte is queued; the answer is due within the idle time.
+    pub fn commit(&mut self, now: Instant) -> Result<(), SessionError> {
+        match self.state {
+            UpState::Sending { next } if next == self.size => {
+                self.io.send(&Message::Commit);
+                self.io.wait(now);
+                self.state = UpState::AwaitAck;
+                Ok(())
+            }
+            UpState::Sending { next } => Err(SessionError::Incomplete {
+                sent: next,
+                size: self.size,
+            }),
+            _ => Err(SessionError::Unexpected {
+                got: "Commit",
+                state: "not sending",
+            }),
+        }
+    }
+
+    pub fn handle_input(
+        &mut self,
+        bytes: &[u8],
+        now: Instant,
+    ) -> Result<Option<UploadEvent>, SessionError> {
+        self.io.decoder.push(bytes)?;
+        let Some(m) = self.io.decoder.next_message()? else {
+            return Ok(None);
+        };
+        let ev = match (self.state, m) {
+            (UpState::AwaitAnswer, Message::Accept { offset }) if offset <= self.size => {
+                self.state = UpState::Sending { next: offset };
+                self.io.wait(now);
+                UploadEvent::SendFrom(offset)
+            }
+            (UpState::AwaitAnswer, Message::Accept { offset }) => {
+                self.state = UpState::Finished;
+                return Err(SessionError::BadOffset {
+                    offset,
+                    size: self.size,
+                });
+            }
+            (UpState::AwaitAnswer, Message::AlreadyHave) => {
+                self.state = UpState::Finished;
+                UploadEvent::AlreadyStored
+            }
+            (
+                UpState::AwaitAnswer | UpState::Sending { .. },
+                Message::Refuse { reason, message },
+            ) => {
+                self.state = UpState::Finished;
+                UploadEvent::Refused { reason, message }
+            }
+            (UpState::AwaitAck, Message::Stored) => {
+                self.state = UpState::Finished;
+                UploadEvent::Stored
+            }
+            (UpState::AwaitAck, Message::Mismatch { message }) => {
+                self.state = UpState::Finished;
+                UploadEvent::Mismatch(message)
+            }
+            (_, Message::Error { message }) => {
+                self.state = UpState::Finished;
+                return Err(SessionError::Peer(message));
+            }
+            (state, other) => {
+                self.state = UpState::Finished;
+                return Err(SessionError::Unexpected {
+                    got: name(&other),
+                    state: up_state_name(state),
+                });
+            }
+        };
+        Ok(Some(ev))
+    }
+}
+
+fn up_state_name(s: UpState) -> &'static str {
+    match s {
+        UpState::AwaitAnswer => "waiting for the answer to an offer",
+        UpState::Sending { .. } => "sending data",
+        UpState::AwaitAck => "waiting for the acknowledgement",
+        UpState::Finished => "finished",
+    }
+}
+
+/// What the relay's caller must act on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReceiveEvent {
+    /// Decide: `accept(offset)`, `already_have()` or `refuse(..)`.
+    Offered {
+        key: String,
+        size: u64,
+        sha256: [u8; 32],
+    },
+    /// Bytes at `offset` (contiguous from the accepted offset, within the size): store them.
+    Data { offset: u64, bytes: Vec<u8> },
+    /// Every byte is in: verify and answer `stored()` or `mismatch(..)`.
+    Committed,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RxState {
+    AwaitOffer,
+    Deciding { size: u64 },
+    Receiving { next: u64, size: u64 },
+    Verifying,
+    Finished,
+}
+
+/// The relay's side of one object stream.
+#[derive(Debug)]
+pub struct Receive {
+    io: Io,
+    state: RxState,
+}
+
+impl Receive {
+    pub fn new(now: Instant, idle: Duration) -> Receive {
+        let mut io = Io::new(idle);
+        io.wait(now);
+        Receive {
+            io,
+            state: RxState::AwaitOffer,
+        }
+    }
+
+    pub fn poll_transmit(&mut self) -> Option<Vec<u8>> {
+        self.io.outbox.pop_front()
+    }
+
+    /// When to give up on a silent agent.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        match self.state {
+            RxState::AwaitOffer | RxState::Receiving { .. } => self.io.deadline,
+            _ => None,
+        }
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) -> Result<(), SessionError> {
+        if self.poll_timeout().is_some() && self.io.expired(now) {
+            self.state = RxState::Finished;
+            return Err(SessionError::Timeout(self.io.idle));
+        }
+        Ok(())
+    }
+
+    pub fn accept(&mut self, offset: u64, now: Instant) -> Result<(), SessionError> {
+        let RxState::Deciding { size } = self.state else {
+            return Err(SessionError::Unexpected {
+                got: "Accept",
+                state: "not deciding",
+            });
+        };
+        if offset > size {
+            return Err(SessionError::BadOffset { offset, size });
+        }
+        self.io.send(&Message::Accept { offset });
+        self.io.wait(now);
+        self.state = RxState::Receiving { next: offset, size };
+        Ok(())
+    }
+
+    pub fn already_have(&mut self) {
+        self.io.send(&Message::AlreadyHave);
+        self.state = RxState::Finished;
+    }
+
+    pub fn refuse(&mut self, reason: Refusal, message: String) {
+        self.io.send(&Message::Refuse { reason, message });
+        self.state = RxState::Finished;
+    }
+
+    pub fn stored(&mut self) {
+        self.io.send(&Message::Stored);
+        self.state = RxState::Finished;
+    }
+
+    pub fn mismatch(&mut self, message: String) {
+        self.io.send(&Message::Mismatch { message });
+        self.state = RxState::Finished;
+    }
+
+    /// Decodes what arrived; every complete message becomes at most one event.
+    pub fn handle_input(
+        &mut self,
+        bytes: &[u8],
+        now: Instant,
+    ) -> Result<Vec<ReceiveEvent>, SessionError> {
+        self.io.decoder.push(bytes)?;
+        let mut events = Vec::new();
+        while let Some(m) = self.io.decoder.next_message()? {
+            self.io.wait(now);
+            let ev = match (self.state, m) {
+                (RxState::AwaitOffer, Message::Offer { key, size, sha256 }) => {
+                    self.state = RxState::Deciding { size };
+                    ReceiveEvent::Offered { key, size, sha256 }
+                }
+                (RxState::Receiving { next, size }, Message::Data { offset, bytes }) => {
+                    if offset != next {
+                        return Err(self.fail(SessionError::OutOfOrder {
+                            got: offset,
+                            expected: next,
+                        }));
+                    }
+                    let end = offset + bytes.len() as u64;
+                    if end > size {
+                        return Err(self.fail(SessionError::PastEnd { size }));
+                    }
+                    self.state = RxState::Receiving { next: end, size };
+                    ReceiveEvent::Data { offset, bytes }
+                }
+                (RxState::Receiving { next, size }, Message::Commit) if next == size => {
+                    self.state = RxState::Verifying;
+                    ReceiveEvent::Committed
+                }
+                (RxState::Receiving { next, size }, Message::Commit) => {
+                    return Err(self.fail(SessionError::Incomplete { sent: next, size }));
+                }
+                (_, Message::Error { message }) => {
+                    self.state = RxState::Finished;
+                    return Err(SessionError::Peer(message));
+                }
+                (state, other) => {
+                    return Err(self.fail(SessionError::Unexpected {
+                        got: name(&other),
+                        state: rx_state_name(state),
+                    }));
+                }
+            };
+            events.push(ev);
+        }
+        Ok(events)
+    }
+
+    /// A violation: tell the agent and finish.
+    fn fail(&mut self, e: SessionError) -> SessionError {
+        self.io.send(&Message::Error {
+            message: e.to_string(),
+        });
+        self.state = RxState::Finished;
+        e
+    }
+}
+
+fn rx_state_name(s: RxState) -> &'static str {
+    match s {
+        RxState::AwaitOffer => "waiting for an offer",
+        RxState::Deciding { .. } => "deciding on an offer",
+        RxState::Receiving { .. } => "receiving data",
+        RxState::Verifying => "verifying",
+        RxState::Finished => "finished",
+    }
+}

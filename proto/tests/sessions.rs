@@ -1,0 +1,346 @@
+//! Both ends driven in memory: bytes from one side's `poll_transmit` are fed to the other's
+//! `handle_input`, split at awkward places, with a simulated clock.
+
+use std::time::{Duration, Instant};
+
+use ha_edge_proto::*;
+
+const IDLE: Duration = Duration::from_secs(10);
+
+/// Moves everything `from` has queued into `to`, one byte at a time when `bytewise`.
+fn pump<F, T>(mut from: F, mut to: T, bytewise: bool)
+where
+    F: FnMut() -> Option<Vec<u8>>,
+    T: FnMut(&[u8]),
+{
+    while let Some(frame) = from() {
+        if bytewise {
+            for b in frame.chunks(1) {
+                to(b);
+            }
+        } else {
+            to(&frame);
+        }
+    }
+}
+
+fn sha(n: u8) -> [u8; 32] {
+    [n; 32]
+}
+
+#[test]
+fn handshake_agrees_on_the_version() {
+    let now = Instant::now();
+    let mut c = ClientHandshake::new("dkfz-edge-01", now, IDLE);
+    let mut s = ServerHandshake::new("relay-1", now, IDLE);
+    let mut agent = None;
+    pump(
+        || c.poll_transmit(),
+        |b| {
+            if let Some(a) = s.handle_input(b, now).unwrap() {
+                agent = Some(a);
+            }
+        },
+        true,
+    );
+    assert_eq!(agent.as_deref(), Some("dkfz-edge-01"));
+    let mut out = None;
+    pump(
+        || s.poll_transmit(),
+        |b| {
+            if let Some(h) = c.handle_input(b, now).unwrap() {
+                out = Some(h);
+            }
+        },
+        false,
+    );
+    assert_eq!(
+        out,
+        Some(Handshake::Done {
+            peer: "relay-1".into(),
+            capabilities: CAPABILITIES
+        })
+    );
+    assert_eq!(c.poll_timeout(), None);
+}
+
+#[test]
+fn a_relay_refuses_another_version_and_says_why() {
+    let now = Instant::now();
+    let mut s = ServerHandshake::new("relay-1", now, IDLE);
+    let hello = encode(&Message::Hello {
+        version: VERSION + 1,
+        agent: "future".into(),
+        capabilities: 0,
+    });
+    assert_eq!(
+        s.handle_input(&hello, now),
+        Err(SessionError::Version(VERSION + 1))
+    );
+    let answer = decode_one(&s.poll_transmit().unwrap()).unwrap().unwrap();
+    assert!(matches!(
+        answer,
+        Message::Refuse {
+            reason: Refusal::Version,
+            ..
+        }
+    ));
+}
+
+/// A whole transfer: offer, accept from an offset, data in chunks, commit, stored.
+fn transfer(offset: u64, data: &[u8], bytewise: bool) -> Vec<u8> {
+    let now = Instant::now();
+    let size = data.len() as u64;
+    let mut up = Upload::new("fhir/dkfz/a.ndjson", size, sha(1), now, IDLE);
+    let mut rx = Receive::new(now, IDLE);
+    let mut events = Vec::new();
+    pump(
+        || up.poll_transmit(),
+        |b| events.extend(rx.handle_input(b, now).unwrap()),
+        bytewise,
+    );
+    assert_eq!(
+        events,
+        [ReceiveEvent::Offered {
+            key: "fhir/dkfz/a.ndjson".into(),
+            size,
+            sha256: sha(1)
+        }]
+    );
+    rx.accept(offset, now).unwrap();
+    let mut answer = None;
+    pump(
+        || rx.poll_transmit(),
+        |b| {
+            if let Some(e) = up.handle_input(b, now).unwrap() {
+                answer = Some(e);
+            }
+        },
+        bytewise,
+    );
+    assert_eq!(answer, Some(UploadEvent::SendFrom(offset)));
+    let mut off = offset;
+    for chunk in data[offset as usize..].chunks(7) {
+        up.send_data(off, chunk.to_vec()).unwrap();
+        off += chunk.len() as u64;
+    }
+    up.commit(now).unwrap();
+    assert!(
+        up.poll_timeout().is_some(),
+        "waiting for the ack is bounded"
+    );
+    let mut received = Vec::new();
+    let mut committed = false;
+    pump(
+        || up.poll_transmit(),
+        |b| {
+            for e in rx.handle_input(b, now).unwrap() {
+                match e {
+                    ReceiveEvent::Data { offset: o, bytes } => {
+                        assert_eq!(o, offset + received.len() as u64);
+                        received.extend(bytes);
+                    }
+                    ReceiveEvent::Committed => committed = true,
+                    other => panic!("{other:?}"),
+                }
+            }
+        },
+        bytewise,
+    );
+    assert!(committed);
+    rx.stored();
+    let mut end = None;
+    pump(
+        || rx.poll_transmit(),
+        |b| {
+            if let Some(e) = up.handle_input(b, now).unwrap() {
+                end = Some(e);
+            }
+        },
+        bytewise,
+    );
+    assert_eq!(end, Some(UploadEvent::Stored));
+    assert_eq!(up.poll_timeout(), None);
+    received
+}
+
+#[test]
+fn a_transfer_from_zero_and_a_resumed_one_carry_exactly_the_missing_bytes() {
+    let data: Vec<u8> = (0..100u8).collect();
+    assert_eq!(transfer(0, &data, false), data);
+    assert_eq!(transfer(0, &data, true), data);
+    // Resumed: the relay held 60 bytes; only the rest crosses.
+    assert_eq!(transfer(60, &data, true), data[60..]);
+    // Everything held already: nothing but the commit.
+    assert!(transfer(100, &data, false).is_empty());
+    // An empty object.
+    assert!(transfer(0, &[], false).is_empty());
+}
+
+#[test]
+fn the_relay_can_answer_already_have_refuse_or_mismatch() {
+    let now = Instant::now();
+    for (decide, expect) in [
+        (0, UploadEvent::AlreadyStored),
+        (
+            1,
+            UploadEvent::Refused {
+                reason: Refusal::Unauthorized,
+                message: "fhir/embl/ is not yours".into(),
+            },
+        ),
+    ] {
+        let mut up = Upload::new("fhir/embl/x", 3, sha(2), now, IDLE);
+        let mut rx = Receive::new(now, IDLE);
+        rx.handle_input(&up.poll_transmit().unwrap(), now).unwrap();
+        if decide == 0 {
+            rx.already_have();
+        } else {
+            rx.refuse(Refusal::Unauthorized, "fhir/embl/ is not yours".into());
+        }
+        let ev = up.handle_input(&rx.poll_transmit().unwrap(), now).unwrap();
+        assert_eq!(ev, Some(expect));
+        assert!(
+            up.send_data(0, vec![1, 2, 3]).is_err(),
+            "nothing to send now"
+        );
+    }
+    // Mismatch after commit.
+    let mut up = Upload::new("k", 2, sha(3), now, IDLE);
+    let mut rx = Receive::new(now, IDLE);
+    rx.handle_input(&up.poll_transmit().unwrap(), now).unwrap();
+    rx.accept(0, now).unwrap();
+    up.handle_input(&rx.poll_transmit().unwrap(), now).unwrap();
+    up.send_data(0, vec![9, 9]).unwrap();
+    up.commit(now).unwrap();
+    while let Some(f) = up.poll_transmit() {
+        rx.handle_input(&f, now).unwrap();
+    }
+    rx.mismatch("sha256 differs".into());
+    let ev = up.handle_input(&rx.poll_transmit().unwrap(), now).unwrap();
+    assert_eq!(ev, Some(UploadEvent::Mismatch("sha256 differs".into())));
+}
+
+#[test]
+fn violations_end_the_stream_with_an_error_to_the_peer() {
+    let now = Instant::now();
+    // Data before any offer.
+    let mut rx = Receive::new(now, IDLE);
+    let data = encode(&Message::Data {
+        offset: 0,
+        bytes: vec![1],
+    });
+    assert!(matches!(
+        rx.handle_input(&data, now),
+        Err(SessionError::Unexpected { got: "Data", .. })
+    ));
+    assert!(matches!(
+        decode_one(&rx.poll_transmit().unwrap()).unwrap(),
+        Some(Message::Error { .. })
+    ));
+    // A gap, data past the end, an early commit.
+    for (msgs, expect) in [
+        (
+            vec![Message::Data {
+                offset: 5,
+                bytes: vec![1],
+            }],
+            SessionError::OutOfOrder {
+                got: 5,
+                expected: 0,
+            },
+        ),
+        (
+            vec![Message::Data {
+                offset: 0,
+                bytes: vec![0; 11],
+            }],
+            SessionError::PastEnd { size: 10 },
+        ),
+        (
+            vec![
+                Message::Data {
+                    offset: 0,
+                    bytes: vec![0; 4],
+                },
+                Message::Commit,
+            ],
+            SessionError::Incomplete { sent: 4, size: 10 },
+        ),
+    ] {
+        let mut rx = Receive::new(now, IDLE);
+        let offer = encode(&Message::Offer {
+            key: "k".into(),
+            size: 10,
+            sha256: sha(0),
+        });
+        rx.handle_input(&offer, now).unwrap();
+        rx.accept(0, now).unwrap();
+        let bytes: Vec<u8> = msgs.iter().flat_map(encode).collect();
+        assert_eq!(rx.handle_input(&bytes, now), Err(expect));
+    }
+    // The agent side refuses an offset past the size, and its own out-of-order data.
+    let mut up = Upload::new("k", 10, sha(0), now, IDLE);
+    up.poll_transmit();
+    assert_eq!(
+        up.handle_input(&encode(&Message::Accept { offset: 11 }), now),
+        Err(SessionError::BadOffset {
+            offset: 11,
+            size: 10
+        })
+    );
+    let mut up = Upload::new("k", 10, sha(0), now, IDLE);
+    up.handle_input(&encode(&Message::Accept { offset: 2 }), now)
+        .unwrap();
+    assert!(up.send_data(0, vec![0]).is_err());
+    assert!(
+        up.commit(now).is_err(),
+        "commit before every byte is queued"
+    );
+}
+
+#[test]
+fn silence_times_out_on_both_ends_but_not_while_the_caller_sends() {
+    let t0 = Instant::now();
+    let mut up = Upload::new("k", 10, sha(0), t0, IDLE);
+    assert_eq!(up.poll_timeout(), Some(t0 + IDLE));
+    assert!(up.handle_timeout(t0 + IDLE / 2).is_ok());
+    assert_eq!(
+        up.handle_timeout(t0 + IDLE),
+        Err(SessionError::Timeout(IDLE))
+    );
+    // Sending: the agent's own pace, no deadline; after the commit, one again.
+    let mut up = Upload::new("k", 1, sha(0), t0, IDLE);
+    let t1 = t0 + Duration::from_secs(3);
+    up.handle_input(&encode(&Message::Accept { offset: 0 }), t1)
+        .unwrap();
+    assert_eq!(up.poll_timeout(), None);
+    up.send_data(0, vec![7]).unwrap();
+    let t2 = t1 + Duration::from_secs(60);
+    up.commit(t2).unwrap();
+    assert_eq!(up.poll_timeout(), Some(t2 + IDLE));
+    // The relay gives up on an agent that stops sending mid-object; each message resets it.
+    let mut rx = Receive::new(t0, IDLE);
+    let offer = encode(&Message::Offer {
+        key: "k".into(),
+        size: 10,
+        sha256: sha(0),
+    });
+    rx.handle_input(&offer, t0).unwrap();
+    assert_eq!(rx.poll_timeout(), None, "deciding is the relay's own work");
+    rx.accept(0, t0).unwrap();
+    let t3 = t0 + Duration::from_secs(9);
+    rx.handle_input(
+        &encode(&Message::Data {
+            offset: 0,
+            bytes: vec![1],
+        }),
+        t3,
+    )
+    .unwrap();
+    assert!(rx.handle_timeout(t0 + IDLE).is_ok());
+    assert_eq!(
+        rx.handle_timeout(t3 + IDLE),
+        Err(SessionError::Timeout(IDLE))
+    );
+}
