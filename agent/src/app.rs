@@ -16,13 +16,17 @@ use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
+use crate::config::Destination;
 use crate::config::{AfterUpload, Config, SourceConfig, SourceKind};
 use crate::journal::{Journal, JournalError, ObjectRow, State};
+use crate::relay::client::{LinkError, RelayClient};
 use crate::retry::{Backoff, Class};
 use crate::s3::{credentials, S3Client, S3Error};
 use crate::shutdown::Request;
-use crate::sink::s3::{Origin, S3Sink, UploadParams};
-use crate::sink::Outcome;
+use crate::sink::read::Origin;
+use crate::sink::relay::RelaySink;
+use crate::sink::s3::{S3Sink, UploadParams};
+use crate::sink::{Outcome, Sink};
 use crate::source::bucket::{self, BucketAfter, BucketSource};
 use crate::source::fs::{after_upload, AfterResult, FsSource, SourceReport};
 use crate::systemd;
@@ -40,6 +44,8 @@ pub enum AppError {
     },
     #[error(transparent)]
     Setup(#[from] S3Error),
+    #[error(transparent)]
+    Relay(#[from] LinkError),
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -112,7 +118,7 @@ struct SourcePause {
 
 struct Scheduler {
     journal: Journal,
-    sink: Arc<S3Sink>,
+    sink: Arc<Sink>,
     sources: HashMap<String, SourceConfig>,
     /// Where each source's bytes come from.
     origins: HashMap<String, Origin>,
@@ -126,6 +132,13 @@ struct Scheduler {
     source_pauses: HashMap<String, SourcePause>,
     /// The journal already says "destination: ok" (written on changes only, not per object).
     destination_ok_recorded: bool,
+}
+
+/// This machine's name, for the relay's logs (authorization uses the certificate).
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "ha-edge".into())
 }
 
 /// Runs until stopped, restarting with a new config on SIGHUP when that config is valid.
@@ -182,7 +195,10 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<Summary, AppError> {
     // Credentials first: a run that cannot authenticate must not create a journal.
-    let creds = credentials::resolve(&config.destination)?;
+    let dest_creds = match &config.destination {
+        Destination::S3(d) => Some(credentials::resolve(d)?),
+        Destination::Relay(_) => None,
+    };
     let a = &config.agent;
     let mut origins: HashMap<String, Origin> = HashMap::new();
     for s in &config.sources {
@@ -212,30 +228,48 @@ pub async fn run(
         origins.insert(s.name.clone(), origin);
     }
     let journal = Journal::open(&config.agent.journal)?;
-    tracing::info!(
-        endpoint = %config.destination.endpoint,
-        bucket = %config.destination.bucket,
-        access_key_id = %creds.access_key_id(),
-        credentials = %creds.origin,
-        "destination"
-    );
-    let client = S3Client::new(
-        &config.destination,
-        creds,
-        a.max_retries,
-        a.request_timeout,
-        a.concurrency * 2,
-    )?;
-    let params = UploadParams {
-        part_size: a.part_size,
-        multipart_threshold: a.multipart_threshold,
+    let a = &config.agent;
+    let sink = match (&config.destination, dest_creds) {
+        (Destination::S3(d), Some(creds)) => {
+            tracing::info!(
+                endpoint = %d.endpoint,
+                bucket = %d.bucket,
+                access_key_id = %creds.access_key_id(),
+                credentials = %creds.origin,
+                "destination"
+            );
+            let client = S3Client::new(
+                d,
+                creds,
+                a.max_retries,
+                a.request_timeout,
+                a.concurrency * 2,
+            )?;
+            let params = UploadParams {
+                part_size: a.part_size,
+                multipart_threshold: a.multipart_threshold,
+            };
+            Sink::S3(S3Sink::new(
+                client,
+                journal.clone(),
+                params,
+                a.parts_in_flight,
+            ))
+        }
+        (Destination::Relay(r), _) => {
+            tracing::info!(relay = %r.relay, server_name = %r.server_name, prefix = %r.prefix, "destination: QUIC relay");
+            let agent_name = hostname();
+            let client = RelayClient::new(
+                r,
+                &agent_name,
+                a.request_timeout.min(std::time::Duration::from_secs(60)),
+            )?;
+            let budget = (a.parts_in_flight as u64 * a.part_size).max(a.multipart_threshold);
+            Sink::Relay(RelaySink::new(client, journal.clone(), budget))
+        }
+        (Destination::S3(_), None) => unreachable!("credentials resolved above"),
     };
-    let sink = Arc::new(S3Sink::new(
-        client,
-        journal.clone(),
-        params,
-        a.parts_in_flight,
-    ));
+    let sink = Arc::new(sink);
     journal
         .set_agent_state(
             "started",
@@ -258,7 +292,7 @@ pub async fn run(
             let mut src = BucketSource::new(
                 s.clone(),
                 client.clone(),
-                config.destination.prefix.clone(),
+                config.destination.prefix().to_string(),
                 journal.clone(),
                 wake.clone(),
             );
@@ -274,7 +308,7 @@ pub async fn run(
         }
         let mut src = FsSource::new(
             s.clone(),
-            config.destination.prefix.clone(),
+            config.destination.prefix().to_string(),
             journal.clone(),
             wake.clone(),
         );
@@ -494,6 +528,10 @@ pub async fn run(
             return Err(e.into());
         }
     }
+    if let Sink::Relay(r) = &*sched.sink {
+        // Tell the relay we are gone (streams in flight resume on the next start).
+        let _ = tokio::time::timeout(Duration::from_secs(2), r.client().close()).await;
+    }
     Ok(sched.summary)
 }
 
@@ -504,7 +542,7 @@ impl Scheduler {
         let msg = err.for_operator();
         let code = err.code().unwrap_or_default().to_string();
         if self.refused_code.as_deref() != Some(code.as_str()) {
-            tracing::error!(endpoint = %self.sink.client().endpoint(), bucket = %self.sink.client().bucket(), error = %msg, "destination refuses uploads; pausing this destination");
+            tracing::error!(endpoint = %self.sink.endpoint(), bucket = %self.sink.bucket(), error = %msg, "destination refuses uploads; pausing this destination");
             self.journal.note_error(msg.clone()).await?;
             self.refused_code = Some(code);
         }
@@ -528,7 +566,7 @@ impl Scheduler {
     /// once. A 403 proves nothing here (a least-privilege policy may lack s3:ListBucket), and a
     /// network error neither: the first real request decides those.
     async fn preflight(&mut self) -> Result<(), JournalError> {
-        match self.sink.client().head_bucket().await {
+        match self.sink.preflight().await {
             Ok(()) => {
                 self.destination_ok_recorded = true;
                 self.journal
@@ -633,7 +671,7 @@ impl Scheduler {
     /// with one object at a growing interval (daemon); stop dispatching (`--once`).
     async fn outage(&mut self, row: &ObjectRow, msg: String) -> Result<(), JournalError> {
         if self.unreachable_since.is_none() {
-            tracing::warn!(endpoint = %self.sink.client().endpoint(), error = %msg, "destination unreachable; pausing uploads and probing until it answers");
+            tracing::warn!(endpoint = %self.sink.endpoint(), error = %msg, "destination unreachable; pausing uploads and probing until it answers");
             self.journal.note_error(msg.clone()).await?;
             let since = humantime::format_rfc3339_seconds(std::time::SystemTime::now());
             self.journal
@@ -745,12 +783,12 @@ impl Scheduler {
         match outcome {
             Outcome::Delivered(sha256) => {
                 if let Some(since) = self.unreachable_since.take() {
-                    tracing::info!(endpoint = %self.sink.client().endpoint(), outage_secs = since.elapsed().as_secs(), "destination answers again; resuming uploads");
+                    tracing::info!(endpoint = %self.sink.endpoint(), outage_secs = since.elapsed().as_secs(), "destination answers again; resuming uploads");
                     self.probe_round = 0;
                     self.paused_until = None;
                 }
                 if self.probe_round > 0 || self.refused_code.is_some() {
-                    tracing::info!(bucket = %self.sink.client().bucket(), "destination accepts requests again");
+                    tracing::info!(bucket = %self.sink.bucket(), "destination accepts requests again");
                     self.probe_round = 0;
                     self.paused_until = None;
                     self.refused_code = None;

@@ -1,10 +1,11 @@
-//! Command line: `run`, `validate`, `status`.
+//! Command line: `run`, `validate`, `status`, `relay`.
 
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
 pub const DEFAULT_CONFIG: &str = "/etc/ha-edge/ha-edge.toml";
+pub const DEFAULT_RELAY_CONFIG: &str = "/etc/ha-edge/relay.toml";
 
 #[derive(Debug, Parser)]
 #[command(
@@ -39,5 +40,13 @@ pub enum Command {
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
+    },
+    /// Run the cloud-side QUIC relay: accept agents (mutual TLS), verify, land in S3 or a directory.
+    Relay {
+        #[arg(short, long, default_value = DEFAULT_RELAY_CONFIG)]
+        config: PathBuf,
+        /// Check the relay config and exit.
+        #[arg(long)]
+        check: bool,
     },
 }

@@ -147,8 +147,14 @@ struct RawDestination {
     profile: Option<Spanned<String>>,
     /// AWS shared credentials file (default: $AWS_SHARED_CREDENTIALS_FILE or ~/.aws/credentials).
     credentials_file: Option<Spanned<String>>,
-    /// Extra PEM CA bundle trusted for an on-premise HTTPS endpoint.
+    /// Extra PEM CA bundle trusted for an on-premise HTTPS endpoint; for type = "quic", the CA
+    /// that signed the relay's certificate (the only one trusted).
     ca_file: Option<Spanned<String>>,
+    // type = "quic": a relay inside the cloud VPC that lands objects with its own credentials.
+    relay: Option<Spanned<String>>,
+    server_name: Option<Spanned<String>>,
+    cert_file: Option<Spanned<String>>,
+    key_file: Option<Spanned<String>>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -158,7 +164,42 @@ struct RawDestination {
 pub struct Config {
     pub agent: AgentConfig,
     pub sources: Vec<SourceConfig>,
-    pub destination: S3Destination,
+    pub destination: Destination,
+}
+
+/// Where objects go.
+#[derive(Debug, Clone)]
+pub enum Destination {
+    /// An S3 bucket, reached directly (`type = "s3"`).
+    S3(S3Destination),
+    /// A relay over QUIC (`type = "quic"`), which lands objects with its own credentials.
+    Relay(RelayDestination),
+}
+
+impl Destination {
+    /// The key prefix every object key starts with.
+    pub fn prefix(&self) -> &str {
+        match self {
+            Destination::S3(d) => &d.prefix,
+            Destination::Relay(r) => &r.prefix,
+        }
+    }
+}
+
+/// `[destination] type = "quic"`.
+#[derive(Debug, Clone)]
+pub struct RelayDestination {
+    /// host:port of the relay.
+    pub relay: String,
+    /// The name the relay's certificate must carry.
+    pub server_name: String,
+    /// The CA that signed the relay's certificate.
+    pub ca_file: PathBuf,
+    /// This agent's certificate and key (PEM); default: `relay_cert.pem` / `relay_key.pem` in
+    /// `$CREDENTIALS_DIRECTORY`.
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    pub prefix: String,
 }
 
 #[derive(Debug, Clone)]
@@ -370,6 +411,10 @@ impl Config {
 }
 
 fn parse_raw(text: &str) -> Result<RawConfig, ConfigProblem> {
+    parse_raw_as(text)
+}
+
+fn parse_raw_as<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, ConfigProblem> {
     let de = toml::Deserializer::parse(text).map_err(|e| toml_problem(text, "", &e))?;
     serde_path_to_error::deserialize(de).map_err(|e| {
         // Spanned<T> shows up as a private path segment; drop it.
@@ -1209,23 +1254,152 @@ impl Validator<'_> {
         }
     }
 
-    fn destination(&mut self, d: RawDestination, span: Range<usize>) -> Option<S3Destination> {
-        match &d.kind {
-            Some(k) if k.get_ref() == "s3" => {}
-            Some(k) => self.problem(
-                k.span(),
-                "destination.type",
-                format!(
-                    "unknown destination type {:?} (supported: \"s3\")",
-                    k.get_ref()
+    fn destination(&mut self, d: RawDestination, span: Range<usize>) -> Option<Destination> {
+        let quic = match &d.kind {
+            Some(k) if k.get_ref() == "s3" => false,
+            Some(k) if k.get_ref() == "quic" => true,
+            Some(k) => {
+                self.problem(
+                    k.span(),
+                    "destination.type",
+                    format!(
+                        "unknown destination type {:?} (supported: \"s3\", \"quic\")",
+                        k.get_ref()
+                    ),
+                );
+                false
+            }
+            None => {
+                self.problem(
+                    span.clone(),
+                    "destination.type",
+                    "missing (use type = \"s3\" or \"quic\")",
+                );
+                false
+            }
+        };
+        let misplaced: Vec<(&str, Option<Range<usize>>)> = if quic {
+            vec![
+                ("endpoint", d.endpoint.as_ref().map(Spanned::span)),
+                ("region", d.region.as_ref().map(Spanned::span)),
+                ("bucket", d.bucket.as_ref().map(Spanned::span)),
+                ("sse", d.sse.as_ref().map(Spanned::span)),
+                ("kms_key_id", d.kms_key_id.as_ref().map(Spanned::span)),
+                ("path_style", d.path_style.as_ref().map(Spanned::span)),
+                ("profile", d.profile.as_ref().map(Spanned::span)),
+                (
+                    "credentials_file",
+                    d.credentials_file.as_ref().map(Spanned::span),
                 ),
-            ),
-            None => self.problem(
-                span.clone(),
-                "destination.type",
-                "missing (use type = \"s3\")",
-            ),
+            ]
+        } else {
+            vec![
+                ("relay", d.relay.as_ref().map(Spanned::span)),
+                ("server_name", d.server_name.as_ref().map(Spanned::span)),
+                ("cert_file", d.cert_file.as_ref().map(Spanned::span)),
+                ("key_file", d.key_file.as_ref().map(Spanned::span)),
+            ]
+        };
+        let (other, why) = if quic {
+            (
+                "s3",
+                " (the relay holds the bucket settings and credentials)",
+            )
+        } else {
+            ("quic", "")
+        };
+        for (key, sp) in misplaced {
+            if let Some(sp) = sp {
+                self.problem(
+                    sp,
+                    &format!("destination.{key}"),
+                    format!("only applies to type = \"{other}\"{why}"),
+                );
+            }
         }
+        if quic {
+            self.relay_destination(d, span).map(Destination::Relay)
+        } else {
+            self.s3_destination(d, span).map(Destination::S3)
+        }
+    }
+
+    fn relay_destination(
+        &mut self,
+        d: RawDestination,
+        span: Range<usize>,
+    ) -> Option<RelayDestination> {
+        let relay = match d.relay {
+            Some(r) => match r.get_ref().rsplit_once(':') {
+                Some((host, port))
+                    if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) =>
+                {
+                    Some((
+                        r.get_ref().clone(),
+                        host.trim_matches(['[', ']']).to_string(),
+                    ))
+                }
+                _ => {
+                    self.problem(
+                        r.span(),
+                        "destination.relay",
+                        format!("must be host:port, got {:?}", r.get_ref()),
+                    );
+                    None
+                }
+            },
+            None => {
+                self.problem(
+                    span.clone(),
+                    "destination.relay",
+                    "missing (e.g. \"relay.example.org:4433\")",
+                );
+                None
+            }
+        };
+        let server_name = d
+            .server_name
+            .map(Spanned::into_inner)
+            .or_else(|| relay.as_ref().map(|(_, host)| host.clone()));
+        let ca_file = match d.ca_file {
+            Some(c) => Some(self.readable_file(c, "destination.ca_file", true)),
+            None => {
+                self.problem(
+                    span.clone(),
+                    "destination.ca_file",
+                    "missing (the CA that signed the relay's certificate)",
+                );
+                None
+            }
+        };
+        let cert_file = d
+            .cert_file
+            .map(|c| self.readable_file(c, "destination.cert_file", true));
+        let key_file = d
+            .key_file
+            .map(|c| self.readable_file(c, "destination.key_file", true));
+        if cert_file.is_some() != key_file.is_some() {
+            self.problem(
+                span,
+                "destination.key_file",
+                "cert_file and key_file go together (or neither: both from $CREDENTIALS_DIRECTORY)",
+            );
+        }
+        let prefix = match d.prefix {
+            None => String::new(),
+            Some(p) => self.key_prefix(p, "destination.prefix"),
+        };
+        Some(RelayDestination {
+            relay: relay?.0,
+            server_name: server_name?,
+            ca_file: ca_file?,
+            cert_file,
+            key_file,
+            prefix,
+        })
+    }
+
+    fn s3_destination(&mut self, d: RawDestination, span: Range<usize>) -> Option<S3Destination> {
         let endpoint = match d.endpoint {
             Some(e) => self.endpoint_url(e, "destination.endpoint"),
             None => {
@@ -1424,6 +1598,382 @@ impl AgentConfig {
         sources
             .iter()
             .any(|s| s.is_dir() && self.journal.starts_with(&s.path))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The relay's own file (`ha-edge relay -c relay.toml`), validated the same way.
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRelayFile {
+    relay: Option<Spanned<RawRelay>>,
+    #[serde(default)]
+    agent: Vec<Spanned<RawAgentAuth>>,
+    store: Option<Spanned<RawStore>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRelay {
+    listen: Option<Spanned<String>>,
+    name: Option<Spanned<String>>,
+    cert_file: Option<Spanned<String>>,
+    key_file: Option<Spanned<String>>,
+    client_ca_file: Option<Spanned<String>>,
+    state_dir: Option<Spanned<String>>,
+    max_streams_per_agent: Option<Spanned<i64>>,
+    max_partials: Option<Spanned<i64>>,
+    stream_buffer: Option<Spanned<toml::Value>>,
+    partial_ttl: Option<Spanned<toml::Value>>,
+    idle_timeout: Option<Spanned<toml::Value>>,
+    log_format: Option<Spanned<String>>,
+    log_level: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAgentAuth {
+    identity: Option<Spanned<String>>,
+    prefix: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStore {
+    #[serde(rename = "type")]
+    kind: Option<Spanned<String>>,
+    path: Option<Spanned<String>>,
+    part_size: Option<Spanned<toml::Value>>,
+    endpoint: Option<Spanned<String>>,
+    region: Option<Spanned<String>>,
+    bucket: Option<Spanned<String>>,
+    prefix: Option<Spanned<String>>,
+    sse: Option<Spanned<String>>,
+    kms_key_id: Option<Spanned<String>>,
+    path_style: Option<Spanned<bool>>,
+    profile: Option<Spanned<String>>,
+    credentials_file: Option<Spanned<String>>,
+    ca_file: Option<Spanned<String>>,
+}
+
+/// `ha-edge relay` settings.
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    pub listen: std::net::SocketAddr,
+    pub name: String,
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    /// Agents' certificates must chain to this CA.
+    pub client_ca_file: PathBuf,
+    /// Partial transfers and the directory store's index.
+    pub state_dir: PathBuf,
+    pub max_streams_per_agent: u32,
+    pub max_partials: usize,
+    /// Flow-control window per stream: the bytes one stream may have in flight.
+    pub stream_buffer: u64,
+    pub partial_ttl: Duration,
+    pub idle_timeout: Duration,
+    pub agents: Vec<AgentAuth>,
+    pub store: StoreConfig,
+    pub log_format: LogFormat,
+    pub log_level: String,
+}
+
+/// One agent identity (a DNS name in its certificate) and the key prefix it may write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentAuth {
+    pub identity: String,
+    pub prefix: String,
+}
+
+#[derive(Debug, Clone)]
+pub enum StoreConfig {
+    Dir(PathBuf),
+    S3 {
+        bucket: Box<S3Destination>,
+        part_size: u64,
+    },
+}
+
+impl RelayConfig {
+    pub fn load(file: &Path) -> Result<RelayConfig, ConfigError> {
+        let text = std::fs::read_to_string(file).map_err(|e| ConfigError {
+            file: file.to_path_buf(),
+            problems: vec![ConfigProblem {
+                line: 0,
+                column: 0,
+                key: String::new(),
+                message: format!("cannot read the file: {e}"),
+            }],
+        })?;
+        RelayConfig::parse(file, &text)
+    }
+
+    pub fn parse(file: &Path, text: &str) -> Result<RelayConfig, ConfigError> {
+        let fail = |problems| ConfigError {
+            file: file.to_path_buf(),
+            problems,
+        };
+        let raw: RawRelayFile = parse_raw_as(text).map_err(|p| fail(vec![p]))?;
+        let env = |_: &str| None;
+        let mut v = Validator {
+            text,
+            env: &env,
+            problems: Vec::new(),
+        };
+        let cfg = v.relay_file(raw);
+        match cfg {
+            Some(c) if v.problems.is_empty() => Ok(c),
+            _ => {
+                v.problems.sort_by_key(|p| (p.line, p.column));
+                Err(fail(v.problems))
+            }
+        }
+    }
+}
+
+impl Validator<'_> {
+    fn relay_file(&mut self, raw: RawRelayFile) -> Option<RelayConfig> {
+        let Some(r) = raw.relay else {
+            self.problem(0..0, "relay", "missing [relay] table");
+            return None;
+        };
+        let span = r.span();
+        let r = r.into_inner();
+        let listen = match r.listen {
+            Some(l) => match l.get_ref().parse::<std::net::SocketAddr>() {
+                Ok(a) => Some(a),
+                Err(_) => {
+                    self.problem(
+                        l.span(),
+                        "relay.listen",
+                        format!(
+                            "must be ip:port (e.g. \"0.0.0.0:4433\"), got {:?}",
+                            l.get_ref()
+                        ),
+                    );
+                    None
+                }
+            },
+            None => {
+                self.problem(
+                    span.clone(),
+                    "relay.listen",
+                    "missing (e.g. \"0.0.0.0:4433\")",
+                );
+                None
+            }
+        };
+        let file = |v: Option<Spanned<String>>, key: &str, what: &str, me: &mut Self| match v {
+            Some(c) => Some(me.readable_file(c, key, true)),
+            None => {
+                me.problem(span.clone(), key, format!("missing ({what})"));
+                None
+            }
+        };
+        let cert_file = file(
+            r.cert_file,
+            "relay.cert_file",
+            "the relay's certificate, PEM",
+            self,
+        );
+        let key_file = file(r.key_file, "relay.key_file", "its private key, PEM", self);
+        let client_ca_file = file(
+            r.client_ca_file,
+            "relay.client_ca_file",
+            "the CA that signs agents' certificates",
+            self,
+        );
+        let state_dir = match r.state_dir {
+            Some(d) if Path::new(d.get_ref()).is_absolute() => Some(PathBuf::from(d.into_inner())),
+            Some(d) => {
+                self.problem(d.span(), "relay.state_dir", "must be an absolute path");
+                None
+            }
+            None => Some(PathBuf::from("/var/lib/ha-edge-relay")),
+        };
+        let max_streams = self.int_in(
+            r.max_streams_per_agent,
+            "relay.max_streams_per_agent",
+            1,
+            1024,
+            16,
+        );
+        let max_partials = self.int_in(r.max_partials, "relay.max_partials", 1, 1_000_000, 256);
+        let stream_buffer = self.size(
+            r.stream_buffer,
+            "relay.stream_buffer",
+            64 * 1024,
+            1 << 30,
+            4 << 20,
+        );
+        let partial_ttl = self.duration(
+            r.partial_ttl,
+            "relay.partial_ttl",
+            Duration::from_secs(1),
+            Duration::from_secs(24 * 3600),
+        );
+        let idle_timeout = self.duration(
+            r.idle_timeout,
+            "relay.idle_timeout",
+            Duration::from_secs(1),
+            Duration::from_secs(30),
+        );
+        let log_format = match r.log_format {
+            None => LogFormat::Text,
+            Some(f) if f.get_ref() == "text" => LogFormat::Text,
+            Some(f) if f.get_ref() == "json" => LogFormat::Json,
+            Some(f) => {
+                self.problem(f.span(), "relay.log_format", "must be \"text\" or \"json\"");
+                LogFormat::Text
+            }
+        };
+        let log_level = r
+            .log_level
+            .map_or_else(|| "info".to_string(), Spanned::into_inner);
+        let mut agents = Vec::new();
+        if raw.agent.is_empty() {
+            self.problem(
+                0..0,
+                "agent",
+                "no [[agent]] table: no agent could write anything (add identity and prefix)",
+            );
+        }
+        for (i, a) in raw.agent.into_iter().enumerate() {
+            let sp = a.span();
+            let a = a.into_inner();
+            let identity = match a.identity {
+                Some(id)
+                    if rustls_pki_types::ServerName::try_from(id.get_ref().as_str())
+                        .is_ok_and(|n| matches!(n, rustls_pki_types::ServerName::DnsName(_))) =>
+                {
+                    Some(id.into_inner())
+                }
+                Some(id) => {
+                    self.problem(
+                        id.span(),
+                        &format!("agent[{i}].identity"),
+                        format!("must be a DNS name as in the agent certificate's subjectAltName, got {:?}", id.get_ref()),
+                    );
+                    None
+                }
+                None => {
+                    self.problem(sp.clone(), &format!("agent[{i}].identity"), "missing");
+                    None
+                }
+            };
+            let prefix = match a.prefix {
+                Some(p) => Some(self.key_prefix(p, &format!("agent[{i}].prefix"))),
+                None => {
+                    self.problem(
+                        sp,
+                        &format!("agent[{i}].prefix"),
+                        "missing (the key prefix this agent may write, e.g. \"fhir/dkfz/\")",
+                    );
+                    None
+                }
+            };
+            if let (Some(identity), Some(prefix)) = (identity, prefix) {
+                agents.push(AgentAuth { identity, prefix });
+            }
+        }
+        let store = match raw.store {
+            Some(st) => {
+                let sp = st.span();
+                self.store(st.into_inner(), sp)
+            }
+            None => {
+                self.problem(
+                    0..0,
+                    "store",
+                    "missing [store] table (type = \"dir\" or \"s3\")",
+                );
+                None
+            }
+        };
+        Some(RelayConfig {
+            listen: listen?,
+            name: r
+                .name
+                .map_or_else(|| "ha-edge-relay".to_string(), Spanned::into_inner),
+            cert_file: cert_file?,
+            key_file: key_file?,
+            client_ca_file: client_ca_file?,
+            state_dir: state_dir?,
+            max_streams_per_agent: max_streams as u32,
+            max_partials: max_partials as usize,
+            stream_buffer,
+            partial_ttl,
+            idle_timeout,
+            agents,
+            store: store?,
+            log_format,
+            log_level,
+        })
+    }
+
+    fn store(&mut self, st: RawStore, span: Range<usize>) -> Option<StoreConfig> {
+        let part_size = self.size(
+            st.part_size,
+            "store.part_size",
+            MIN_PART_SIZE,
+            MAX_PART_SIZE,
+            16 << 20,
+        );
+        match st.kind.as_ref().map(|k| k.get_ref().as_str()) {
+            Some("dir") => match st.path {
+                Some(p) if Path::new(p.get_ref()).is_absolute() => {
+                    Some(StoreConfig::Dir(PathBuf::from(p.into_inner())))
+                }
+                Some(p) => {
+                    self.problem(p.span(), "store.path", "must be an absolute path");
+                    None
+                }
+                None => {
+                    self.problem(span, "store.path", "missing (where landed objects go)");
+                    None
+                }
+            },
+            Some("s3") => {
+                if let Some(p) = &st.path {
+                    self.problem(p.span(), "store.path", "only applies to type = \"dir\"");
+                }
+                let before = self.problems.len();
+                let raw = RawDestination {
+                    kind: st.kind,
+                    endpoint: st.endpoint,
+                    region: st.region,
+                    bucket: st.bucket,
+                    prefix: st.prefix,
+                    sse: st.sse,
+                    kms_key_id: st.kms_key_id,
+                    path_style: st.path_style,
+                    profile: st.profile,
+                    credentials_file: st.credentials_file,
+                    ca_file: st.ca_file,
+                    relay: None,
+                    server_name: None,
+                    cert_file: None,
+                    key_file: None,
+                };
+                let d = self.s3_destination(raw, span);
+                for p in &mut self.problems[before..] {
+                    if let Some(rest) = p.key.strip_prefix("destination.") {
+                        p.key = format!("store.{rest}");
+                    }
+                }
+                Some(StoreConfig::S3 {
+                    bucket: Box::new(d?),
+                    part_size,
+                })
+            }
+            _ => {
+                let sp = st.kind.as_ref().map_or(span, Spanned::span);
+                self.problem(sp, "store.type", "must be \"dir\" or \"s3\"");
+                None
+            }
+        }
     }
 }
 
@@ -1643,8 +2193,11 @@ bucket = "fhir-bucket"
         assert_eq!(c.sources[0].settle, Duration::from_secs(2));
         assert!(c.sources[0].selects(Path::new("a/b.ndjson")));
         assert!(!c.sources[0].selects(Path::new("a/b.tmp")));
-        assert_eq!(c.destination.prefix, "fhir/");
-        assert!(c.destination.path_style);
+        let Destination::S3(d) = &c.destination else {
+            panic!("an S3 destination")
+        };
+        assert_eq!(d.prefix, "fhir/");
+        assert!(d.path_style);
     }
 
     #[test]
@@ -1708,7 +2261,10 @@ bucket = "fhir-bucket"
         let text = include_str!("../../examples/ha-edge.toml")
             .replace("/srv/exports/fhir", &dir.path().display().to_string());
         let c = Config::parse(Path::new("examples/ha-edge.toml"), &text).unwrap();
-        assert_eq!(c.destination.sse, Some(Sse::Aes256));
+        let Destination::S3(d) = &c.destination else {
+            panic!("an S3 destination")
+        };
+        assert_eq!(d.sse, Some(Sse::Aes256));
         assert_eq!(c.sources[0].after_upload, AfterUpload::Keep);
         assert_eq!(c.agent.multipart_threshold, 16 << 20);
     }

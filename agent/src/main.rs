@@ -9,6 +9,7 @@ mod cli;
 mod config;
 mod journal;
 mod keymap;
+mod relay;
 mod retry;
 mod s3;
 mod shutdown;
@@ -38,6 +39,56 @@ fn main() -> ExitCode {
         Command::Validate { config } => validate(&config),
         Command::Status { config, json } => status(&config, json),
         Command::Run { config, once } => run(&config, once),
+        Command::Relay { config, check } => relay_main(&config, check),
+    }
+}
+
+fn relay_main(file: &Path, check: bool) -> ExitCode {
+    let cfg = match config::RelayConfig::load(file) {
+        Ok(c) => c,
+        Err(e) => return fail(EXIT_CONFIG, e),
+    };
+    if check {
+        out(&format!(
+            "{}: ok (listen {}, {} agent{})\n",
+            file.display(),
+            cfg.listen,
+            cfg.agents.len(),
+            if cfg.agents.len() == 1 { "" } else { "s" }
+        ));
+        return ExitCode::SUCCESS;
+    }
+    init_logging(cfg.log_format, &cfg.log_level);
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return fail(EXIT_INCOMPLETE, format!("cannot start the runtime: {e}")),
+    };
+    let result = rt.block_on(async {
+        let mut requests =
+            shutdown::install().map_err(|e| format!("cannot install signal handlers: {e}"))?;
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            while let Some(r) = requests.recv().await {
+                if matches!(r, shutdown::Request::Stop) {
+                    let _ = stop_tx.send(true);
+                    break;
+                }
+                tracing::info!(
+                    "SIGHUP: the relay reads its config at start only; restart it to apply changes"
+                );
+            }
+        });
+        relay::server::serve(cfg, stop_rx)
+            .await
+            .map_err(|e| e.to_string())
+    });
+    rt.shutdown_timeout(std::time::Duration::from_secs(1));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(EXIT_CONFIG, e),
     }
 }
 
@@ -82,8 +133,20 @@ fn validate(file: &Path) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    if let Err(e) = s3::credentials::resolve(&config.destination) {
-        return fail(EXIT_CONFIG, format!("{}: destination: {e}", file.display()));
+    match &config.destination {
+        config::Destination::S3(d) => {
+            if let Err(e) = s3::credentials::resolve(d) {
+                return fail(EXIT_CONFIG, format!("{}: destination: {e}", file.display()));
+            }
+        }
+        config::Destination::Relay(r) => {
+            if let Err(e) = relay::client::cert_and_key(r).and_then(|(c, k)| {
+                relay::tls::client_config(&r.ca_file, &c, &k, std::time::Duration::from_secs(30))
+                    .map_err(Into::into)
+            }) {
+                return fail(EXIT_CONFIG, format!("{}: destination: {e}", file.display()));
+            }
+        }
     }
     for s in &config.sources {
         if let config::SourceKind::Bucket(conn) = &s.kind {
@@ -102,15 +165,15 @@ fn validate(file: &Path) -> ExitCode {
             return fail(EXIT_JOURNAL, e);
         }
     }
-    let d = &config.destination;
+    let to = match &config.destination {
+        config::Destination::S3(d) => format!("s3://{}/{} at {}", d.bucket, d.prefix, d.endpoint),
+        config::Destination::Relay(r) => format!("relay {} (prefix {:?})", r.relay, r.prefix),
+    };
     out(&format!(
-        "{}: ok ({} source{} -> s3://{}/{} at {})\n",
+        "{}: ok ({} source{} -> {to})\n",
         file.display(),
         config.sources.len(),
         if config.sources.len() == 1 { "" } else { "s" },
-        d.bucket,
-        d.prefix,
-        d.endpoint
     ));
     ExitCode::SUCCESS
 }
@@ -169,6 +232,7 @@ fn run(file: &Path, once: bool) -> ExitCode {
                 app::AppError::Journal(_) => EXIT_JOURNAL,
                 app::AppError::Credentials(_)
                 | app::AppError::SourceCredentials { .. }
+                | app::AppError::Relay(_)
                 | app::AppError::Setup(_) => EXIT_CONFIG,
             };
             (code, e.to_string())

@@ -811,6 +811,16 @@ impl Setup {
     /// Writes a config for `endpoint`; `agent_extra` and `source_extra` are appended to those
     /// tables (TOML lines).
     pub fn write_config(&self, endpoint: &str, agent_extra: &str, source_extra: &str) -> PathBuf {
+        self.write_config_with(&self.destination_toml(endpoint), agent_extra, source_extra)
+    }
+
+    /// Writes a config with this `[destination]` table.
+    pub fn write_config_with(
+        &self,
+        destination: &str,
+        agent_extra: &str,
+        source_extra: &str,
+    ) -> PathBuf {
         let text = format!(
             r#"[agent]
 journal = "{journal}"
@@ -825,7 +835,6 @@ path = "{src}"
 {destination}"#,
             journal = self.journal().display(),
             src = self.src().display(),
-            destination = self.destination_toml(endpoint),
         );
         std::fs::write(self.config_path(), text).expect("write config");
         self.config_path()
@@ -1050,4 +1059,86 @@ pub fn wait_within(child: &mut Child, limit: Duration) -> std::process::ExitStat
         }
         thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// A UDP forwarder in front of a QUIC relay: `down` drops every datagram both ways (a cut
+/// link); `bytes_up` counts what the agent sent towards the relay.
+pub struct UdpProxy {
+    pub port: u16,
+    pub down: Arc<AtomicBool>,
+    pub bytes_up: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+}
+
+impl UdpProxy {
+    pub fn start(upstream: u16) -> UdpProxy {
+        use std::net::UdpSocket;
+        let front = UdpSocket::bind("127.0.0.1:0").expect("bind udp proxy");
+        front
+            .set_read_timeout(Some(Duration::from_millis(50)))
+            .expect("timeout");
+        let port = front.local_addr().expect("addr").port();
+        let down = Arc::new(AtomicBool::new(false));
+        let bytes_up = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (d, b, st) = (down.clone(), bytes_up.clone(), stop.clone());
+        thread::spawn(move || {
+            let mut peers: std::collections::HashMap<std::net::SocketAddr, Arc<UdpSocket>> =
+                std::collections::HashMap::new();
+            let mut buf = vec![0u8; 65536];
+            while !st.load(Ordering::Relaxed) {
+                let Ok((n, client)) = front.recv_from(&mut buf) else {
+                    continue;
+                };
+                if d.load(Ordering::Relaxed) {
+                    continue;
+                }
+                b.fetch_add(n as u64, Ordering::Relaxed);
+                let sock = peers.entry(client).or_insert_with(|| {
+                    let s = Arc::new(UdpSocket::bind("127.0.0.1:0").expect("bind upstream"));
+                    s.connect(("127.0.0.1", upstream))
+                        .expect("connect upstream");
+                    s.set_read_timeout(Some(Duration::from_millis(50)))
+                        .expect("timeout");
+                    let (back, front2, d2, st2) = (
+                        s.clone(),
+                        front.try_clone().expect("clone socket"),
+                        d.clone(),
+                        st.clone(),
+                    );
+                    thread::spawn(move || {
+                        let mut buf = vec![0u8; 65536];
+                        while !st2.load(Ordering::Relaxed) {
+                            let Ok(n) = back.recv(&mut buf) else { continue };
+                            if !d2.load(Ordering::Relaxed) {
+                                let _ = front2.send_to(&buf[..n], client);
+                            }
+                        }
+                    });
+                    s
+                });
+                let _ = sock.send(&buf[..n]);
+            }
+        });
+        UdpProxy {
+            port,
+            down,
+            bytes_up,
+            stop,
+        }
+    }
+}
+
+impl Drop for UdpProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// A free UDP port on 127.0.0.1 (for a relay to listen on).
+pub fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .map(|a| a.port())
+        .expect("free udp port")
 }

@@ -1,9 +1,73 @@
 //! Delivery: where objects go. Each delivery ends in one `Outcome`, and the scheduler alone turns
 //! outcomes into journal states and retry decisions.
 
+pub mod read;
+pub mod relay;
 pub mod s3;
 
-use crate::journal::JournalError;
+use tokio::sync::watch;
+
+use crate::journal::{JournalError, ObjectRow};
+use crate::relay::client::LinkError;
+use crate::s3::S3Error;
+
+/// The destination: an S3 bucket, or a QUIC relay.
+pub enum Sink {
+    S3(s3::S3Sink),
+    Relay(relay::RelaySink),
+}
+
+impl Sink {
+    pub async fn deliver(
+        &self,
+        row: &ObjectRow,
+        origin: &read::Origin,
+        stop: watch::Receiver<bool>,
+    ) -> Outcome {
+        match self {
+            Sink::S3(s) => s.deliver(row, origin, stop).await,
+            Sink::Relay(r) => r.deliver(row, origin, stop).await,
+        }
+    }
+
+    /// Where objects go, for logs.
+    pub fn endpoint(&self) -> String {
+        match self {
+            Sink::S3(s) => s.client().endpoint().to_string(),
+            Sink::Relay(r) => format!("quic://{}", r.client().relay()),
+        }
+    }
+
+    pub fn bucket(&self) -> String {
+        match self {
+            Sink::S3(s) => s.client().bucket().to_string(),
+            Sink::Relay(_) => "(the relay's)".into(),
+        }
+    }
+
+    /// One cheap request before the first upload (HeadBucket; connect and handshake).
+    pub async fn preflight(&self) -> Result<(), S3Error> {
+        match self {
+            Sink::S3(s) => s.client().head_bucket().await,
+            Sink::Relay(r) => match r.client().connection().await {
+                Ok(_) => Ok(()),
+                Err(LinkError::Refused { relay, detail }) => Err(S3Error::Relay {
+                    relay,
+                    what: "this agent".into(),
+                    code: "RelayRefused",
+                    message: detail,
+                }),
+                Err(LinkError::Setup(m)) => Err(S3Error::Setup(m)),
+                Err(e) => Err(S3Error::Transport {
+                    op: "Connect",
+                    bucket: r.client().relay().to_string(),
+                    key: String::new(),
+                    detail: e.to_string(),
+                }),
+            },
+        }
+    }
+}
 
 #[derive(Debug)]
 pub enum Outcome {

@@ -11,29 +11,20 @@
 //! fingerprint before every part, an object is read by ranged GETs pinned to its ETag
 //! (If-Match, and the answer's ETag compared), so an upload never mixes two versions.
 
-use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 
+use super::read::{blocking, check_pinned, open_pinned, pin, Budget, Origin, Pinned, Stop};
 use super::Outcome;
 use crate::config::{MAX_PARTS, MAX_PART_SIZE};
-use crate::journal::{Fingerprint, Journal, JournalError, ObjectRow, PartRow, State};
+use crate::journal::{Journal, JournalError, ObjectRow, PartRow, State};
 use crate::retry::Class;
-use crate::s3::{b64, S3Client, S3Error};
-use crate::source::bucket::same_version;
-
-/// Permits of the memory budget are KiB, so any part size fits a u32 permit count.
-const PERMIT: u64 = 1024;
-/// Read size of the hashing pass over a file.
-const HASH_CHUNK: usize = 1 << 20;
-/// Range size of the hashing pass over a source object.
-const OBJECT_HASH_RANGE: u64 = 8 << 20;
+use crate::s3::{b64, S3Client};
 
 #[derive(Debug, Clone, Copy)]
 pub struct UploadParams {
@@ -45,225 +36,8 @@ pub struct S3Sink {
     client: Arc<S3Client>,
     journal: Journal,
     params: UploadParams,
-    budget: Arc<Semaphore>,
-    budget_kib: u32,
+    budget: Budget,
     warned_no_listing: std::sync::atomic::AtomicBool,
-}
-
-/// Why an object could not proceed; mapped to an `Outcome` at the end.
-#[derive(Debug, thiserror::Error)]
-enum Stop {
-    #[error(transparent)]
-    S3(#[from] S3Error),
-    #[error(transparent)]
-    Journal(#[from] JournalError),
-    #[error("source file {path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("source {0} is gone")]
-    Vanished(String),
-    #[error("source {0} changed during the upload; it will be sent again once it settles")]
-    Changed(String),
-    /// The source bucket's server failed or refused a read.
-    #[error("reading the source: {0}")]
-    Source(S3Error),
-    #[error("verification failed for s3://{bucket}/{key}: {detail}")]
-    Verify {
-        bucket: String,
-        key: String,
-        detail: String,
-    },
-    #[error("source file {0} is a symlink that now points outside the source root")]
-    Escaped(PathBuf),
-    #[error("interrupted by shutdown")]
-    Interrupted,
-}
-
-/// Where an object's bytes come from.
-#[derive(Clone)]
-pub enum Origin {
-    /// A directory source's root.
-    Dir(PathBuf),
-    /// A bucket source: its server and the key prefix the relative paths are under.
-    Bucket {
-        client: Arc<S3Client>,
-        prefix: String,
-    },
-}
-
-impl Origin {
-    /// The source key of a bucket row (`prefix` + relative path).
-    pub fn source_key(prefix: &str, rel: &Path) -> String {
-        format!("{prefix}{}", rel.to_string_lossy())
-    }
-}
-
-/// One version of a source, opened for reading: every read fails with `Changed` once the
-/// source is no longer that version.
-enum Pinned {
-    File {
-        file: File,
-        path: PathBuf,
-        fp: Fingerprint,
-    },
-    Object {
-        client: Arc<S3Client>,
-        key: String,
-        fp: Fingerprint,
-        /// The ETag every read is pinned to (If-Match), if known.
-        etag: Option<String>,
-    },
-}
-
-fn file_path(p: &Path) -> String {
-    p.display().to_string()
-}
-
-impl Pinned {
-    fn what(&self) -> String {
-        match self {
-            Pinned::File { path, .. } => file_path(path),
-            Pinned::Object { client, key, .. } => format!("s3://{}/{key}", client.bucket()),
-        }
-    }
-
-    /// The ETag to record with the hash (bucket objects).
-    fn etag(&self) -> Option<String> {
-        match self {
-            Pinned::File { .. } => None,
-            Pinned::Object { etag, .. } => etag.clone(),
-        }
-    }
-
-    fn source_error(&self, e: S3Error) -> Stop {
-        match (e.status(), e.code()) {
-            (Some(412), _) | (_, Some("PreconditionFailed")) => Stop::Changed(self.what()),
-            (_, Some("NoSuchKey")) | (Some(404), _) if e.code() != Some("NoSuchBucket") => {
-                Stop::Vanished(self.what())
-            }
-            _ => Stop::Source(e),
-        }
-    }
-
-    /// Reads `len` bytes at `off` and their SHA-256, after checking the version.
-    async fn read(self: &Arc<Self>, off: u64, len: u64) -> Result<(Bytes, [u8; 32]), Stop> {
-        let bytes = match &**self {
-            Pinned::File { .. } => {
-                let me = self.clone();
-                return S3Sink::blocking(move || {
-                    let Pinned::File { file, path, fp } = &*me else {
-                        unreachable!("matched above")
-                    };
-                    S3Sink::check_pinned(file, path, *fp)?;
-                    let mut buf = vec![0u8; len as usize];
-                    file.read_exact_at(&mut buf, off)
-                        .map_err(|source| Stop::Io {
-                            path: path.clone(),
-                            source,
-                        })?;
-                    let sha = <[u8; 32]>::from(Sha256::digest(&buf));
-                    Ok((Bytes::from(buf), sha))
-                })
-                .await;
-            }
-            Pinned::Object { .. } => self.fetch(off, len).await?,
-        };
-        S3Sink::blocking(move || {
-            let sha = <[u8; 32]>::from(Sha256::digest(&bytes));
-            Ok((bytes, sha))
-        })
-        .await
-    }
-
-    /// A ranged GET of a pinned object, its answer checked against the pinned version.
-    async fn fetch(&self, off: u64, len: u64) -> Result<Bytes, Stop> {
-        let Pinned::Object {
-            client,
-            key,
-            fp,
-            etag,
-        } = self
-        else {
-            unreachable!("fetch is for objects")
-        };
-        let r = client
-            .get_range(key, off, len, etag.as_deref())
-            .await
-            .map_err(|e| self.source_error(e))?;
-        if !same_version(
-            *fp,
-            etag.as_deref(),
-            r.total,
-            r.last_modified.as_deref(),
-            r.etag.as_deref(),
-        ) {
-            return Err(Stop::Changed(self.what()));
-        }
-        Ok(r.body)
-    }
-
-    /// Whether the source is still the pinned version (every object read is checked already).
-    async fn check(self: &Arc<Self>) -> Result<(), Stop> {
-        match &**self {
-            Pinned::File { .. } => {
-                let me = self.clone();
-                S3Sink::blocking(move || {
-                    let Pinned::File { file, path, fp } = &*me else {
-                        unreachable!("matched above")
-                    };
-                    S3Sink::check_pinned(file, path, *fp)
-                })
-                .await
-            }
-            Pinned::Object { .. } => Ok(()),
-        }
-    }
-
-    /// The SHA-256 of the whole source, read in chunks within the memory budget.
-    async fn hash_all(self: &Arc<Self>, sink: &S3Sink, size: u64) -> Result<[u8; 32], Stop> {
-        if let Pinned::File { .. } = &**self {
-            let me = self.clone();
-            return S3Sink::blocking(move || {
-                let Pinned::File { file, path, fp } = &*me else {
-                    unreachable!("matched above")
-                };
-                let mut h = Sha256::new();
-                let mut buf = vec![0u8; HASH_CHUNK];
-                let mut off = 0u64;
-                while off < size {
-                    let n = (size - off).min(HASH_CHUNK as u64) as usize;
-                    file.read_exact_at(&mut buf[..n], off)
-                        .map_err(|source| Stop::Io {
-                            path: path.clone(),
-                            source,
-                        })?;
-                    h.update(&buf[..n]);
-                    off += n as u64;
-                }
-                S3Sink::check_pinned(file, path, *fp)?;
-                Ok(<[u8; 32]>::from(h.finalize()))
-            })
-            .await;
-        }
-        // An object: sequential ranged GETs, each pinned. The source is read twice (here and
-        // per part) on the institution's side; the tunnel carries each byte once.
-        let mut h = Sha256::new();
-        let mut off = 0u64;
-        while off < size {
-            let n = (size - off).min(OBJECT_HASH_RANGE);
-            let _permit = sink.reserve(n).await;
-            let bytes = self.fetch(off, n).await?;
-            h = S3Sink::blocking(move || {
-                h.update(&bytes);
-                Ok(h)
-            })
-            .await?;
-            off += n;
-        }
-        Ok(<[u8; 32]>::from(h.finalize()))
-    }
 }
 
 impl S3Sink {
@@ -275,13 +49,11 @@ impl S3Sink {
     ) -> S3Sink {
         let budget_bytes =
             (parts_in_flight as u64 * params.part_size).max(params.multipart_threshold);
-        let budget_kib = (budget_bytes / PERMIT).min(u32::MAX as u64) as u32;
         S3Sink {
             client,
             journal,
             params,
-            budget: Arc::new(Semaphore::new(budget_kib as usize)),
-            budget_kib,
+            budget: Budget::new(budget_bytes),
             warned_no_listing: std::sync::atomic::AtomicBool::new(false),
         }
     }
@@ -360,137 +132,6 @@ impl S3Sink {
         }
     }
 
-    /// Opens the source version the row describes: a file (refusing a symlink that leads out of
-    /// the root) or a bucket object (HEAD, compared with what the listing saw).
-    async fn pin(&self, row: &ObjectRow, origin: &Origin) -> Result<Arc<Pinned>, Stop> {
-        let fp = row.fingerprint;
-        match origin {
-            Origin::Dir(root) => {
-                let (root, path) = (root.clone(), root.join(&row.rel_path));
-                Self::blocking(move || {
-                    let file = Self::open_pinned(&root, &path, fp)?;
-                    Ok(Arc::new(Pinned::File { file, path, fp }))
-                })
-                .await
-            }
-            Origin::Bucket { client, prefix } => {
-                let mut pinned = Pinned::Object {
-                    client: client.clone(),
-                    key: Origin::source_key(prefix, &row.rel_path),
-                    fp,
-                    etag: row.etag.clone(),
-                };
-                let Pinned::Object { key, etag, .. } = &mut pinned else {
-                    unreachable!("built above")
-                };
-                let head = match client.head_object(key).await {
-                    Ok(Some(h)) => h,
-                    Ok(None) => return Err(Stop::Vanished(pinned.what())),
-                    Err(e) => return Err(pinned.source_error(e)),
-                };
-                if !same_version(
-                    fp,
-                    etag.as_deref(),
-                    Some(head.size),
-                    head.last_modified.as_deref(),
-                    head.etag.as_deref(),
-                ) {
-                    return Err(Stop::Changed(pinned.what()));
-                }
-                if etag.is_none() {
-                    *etag = head.etag;
-                }
-                Ok(Arc::new(pinned))
-            }
-        }
-    }
-
-    /// Opens the source file, refusing a symlink that leads out of the root, and checks that it
-    /// is still the version the journal knows.
-    fn open_pinned(root: &Path, path: &Path, expect: Fingerprint) -> Result<File, Stop> {
-        let io = |source| Stop::Io {
-            path: path.to_path_buf(),
-            source,
-        };
-        // lstat each component below the root (the root itself may be a symlink, e.g. to a
-        // mount): only a path that goes through a symlink needs resolving, and then it must stay
-        // inside the resolved root. Cheaper than canonicalizing every path: one lstat per
-        // component below the root instead of a readlink per component from `/`.
-        let rel = path.strip_prefix(root).unwrap_or(path);
-        let mut cur = root.to_path_buf();
-        let mut through_link = false;
-        for c in rel.components() {
-            cur.push(c);
-            match std::fs::symlink_metadata(&cur) {
-                Ok(m) if m.file_type().is_symlink() => {
-                    through_link = true;
-                    break;
-                }
-                Ok(_) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    return Err(Stop::Vanished(file_path(path)))
-                }
-                Err(e) => return Err(io(e)),
-            }
-        }
-        let real = if through_link {
-            let real = match std::fs::canonicalize(path) {
-                Ok(p) => p,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    return Err(Stop::Vanished(file_path(path)))
-                }
-                Err(e) => return Err(io(e)),
-            };
-            let real_root = std::fs::canonicalize(root).map_err(io)?;
-            if !real.starts_with(&real_root) {
-                return Err(Stop::Escaped(path.to_path_buf()));
-            }
-            real
-        } else {
-            path.to_path_buf()
-        };
-        let file = match File::open(&real) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(Stop::Vanished(file_path(path)))
-            }
-            Err(e) => return Err(io(e)),
-        };
-        let fp = Fingerprint::of(&file.metadata().map_err(io)?);
-        if fp != expect {
-            return Err(Stop::Changed(file_path(path)));
-        }
-        Ok(file)
-    }
-
-    fn check_pinned(file: &File, path: &Path, expect: Fingerprint) -> Result<(), Stop> {
-        let meta = file.metadata().map_err(|source| Stop::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        if Fingerprint::of(&meta) != expect {
-            return Err(Stop::Changed(file_path(path)));
-        }
-        Ok(())
-    }
-
-    async fn blocking<T: Send + 'static>(
-        f: impl FnOnce() -> Result<T, Stop> + Send + 'static,
-    ) -> Result<T, Stop> {
-        tokio::task::spawn_blocking(f)
-            .await
-            .map_err(|_| Stop::Journal(JournalError::Panicked))?
-    }
-
-    async fn reserve(&self, bytes: u64) -> tokio::sync::OwnedSemaphorePermit {
-        let kib = (bytes.div_ceil(PERMIT) as u32).clamp(1, self.budget_kib.max(1));
-        self.budget
-            .clone()
-            .acquire_many_owned(kib)
-            .await
-            .expect("the budget semaphore is never closed")
-    }
-
     async fn fresh(
         &self,
         row: &ObjectRow,
@@ -501,9 +142,9 @@ impl S3Sink {
         if fp.size < self.params.multipart_threshold {
             return self.single_put(row, origin).await;
         }
-        let pinned = self.pin(row, origin).await?;
+        let pinned = pin(row, origin).await?;
         // Pass one: the whole-object hash, fixed in the journal before any byte is sent.
-        let sha = pinned.hash_all(self, fp.size).await?;
+        let sha = pinned.hash_all(&self.budget, fp.size).await?;
         if !self
             .journal
             .set_hashed(row.id, fp, sha, pinned.etag())
@@ -524,18 +165,18 @@ impl S3Sink {
     async fn single_put(&self, row: &ObjectRow, origin: &Origin) -> Result<[u8; 32], Stop> {
         let fp = row.fingerprint;
         // Memory first, then open, read and hash in one hand-off to the blocking pool.
-        let _permit = self.reserve(fp.size).await;
+        let _permit = self.budget.reserve(fp.size).await;
         let (body, sha) = match origin {
             Origin::Dir(root) => {
                 let (root2, p2) = (root.clone(), root.join(&row.rel_path));
-                Self::blocking(move || {
-                    let file = Self::open_pinned(&root2, &p2, fp)?;
+                blocking(move || {
+                    let file = open_pinned(&root2, &p2, fp)?;
                     let mut buf = vec![0u8; fp.size as usize];
                     file.read_exact_at(&mut buf, 0).map_err(|source| Stop::Io {
                         path: p2.clone(),
                         source,
                     })?;
-                    Self::check_pinned(&file, &p2, fp)?;
+                    check_pinned(&file, &p2, fp)?;
                     let sha = <[u8; 32]>::from(Sha256::digest(&buf));
                     Ok((Bytes::from(buf), sha))
                 })
@@ -590,7 +231,7 @@ impl S3Sink {
                 .await;
         };
         let fp = row.fingerprint;
-        let pinned = match self.pin(row, origin).await {
+        let pinned = match pin(row, origin).await {
             Ok(p) => p,
             Err(Stop::Changed(p)) => {
                 self.client.abort_multipart(&row.key, upload_id).await?;
@@ -728,11 +369,11 @@ impl S3Sink {
                     let off = (n as u64 - 1) * part_size;
                     let len = (size - off).min(part_size);
                     let permit = tokio::select! {
-                        p = self.reserve(len) => p,
+                        p = self.budget.reserve(len) => p,
                         Some(res) = tasks.join_next() => {
                             // A finished part while waiting for budget: handle it, then retry this one.
                             self.collect(res, &mut parts, &mut first_err);
-                            let p = self.reserve(len).await;
+                            let p = self.budget.reserve(len).await;
                             p
                         }
                     };

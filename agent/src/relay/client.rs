@@ -1,0 +1,244 @@
+//! The agent's end of the QUIC link: one connection to the relay, reused by every object (one
+//! stream each), opened again when it is lost. The handshake runs on the first stream.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ha_edge_proto::{ClientHandshake, Handshake};
+use tokio::sync::Mutex;
+
+use super::tls::{self, TlsError};
+use crate::config::RelayDestination;
+
+/// Application close code the relay uses when a certificate carries no authorized identity.
+pub const CLOSE_UNAUTHORIZED: u32 = 1;
+/// Application close code of an orderly shutdown.
+pub const CLOSE_SHUTDOWN: u32 = 2;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error("relay setup: {0}")]
+    Setup(String),
+    /// No connection, or it was lost: the path is down (or the relay is).
+    #[error("relay {relay}: {detail}")]
+    Unreachable { relay: String, detail: String },
+    /// The relay will not talk to this agent (certificate, identity, version).
+    #[error("relay {relay} refuses this agent: {detail}")]
+    Refused { relay: String, detail: String },
+    #[error("relay {relay}: protocol error: {detail}")]
+    Protocol { relay: String, detail: String },
+}
+
+impl From<TlsError> for LinkError {
+    fn from(e: TlsError) -> LinkError {
+        LinkError::Setup(e.to_string())
+    }
+}
+
+pub struct RelayClient {
+    endpoint: quinn::Endpoint,
+    relay: String,
+    server_name: String,
+    agent: String,
+    idle: Duration,
+    conn: Mutex<Option<quinn::Connection>>,
+}
+
+/// Where the agent's certificate and key come from.
+pub fn cert_and_key(dest: &RelayDestination) -> Result<(PathBuf, PathBuf), LinkError> {
+    if let (Some(c), Some(k)) = (&dest.cert_file, &dest.key_file) {
+        return Ok((c.clone(), k.clone()));
+    }
+    let dir = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from).ok_or_else(|| {
+        LinkError::Setup("no client certificate: set destination.cert_file and key_file, or provide relay_cert.pem and relay_key.pem via systemd LoadCredential=".into())
+    })?;
+    let find = |name: &str| {
+        [name.to_string(), format!("ha-edge_{name}")]
+            .into_iter()
+            .map(|n| dir.join(n))
+            .find(|p| p.exists())
+            .ok_or_else(|| LinkError::Setup(format!("no {name} in {}", dir.display())))
+    };
+    Ok((find("relay_cert.pem")?, find("relay_key.pem")?))
+}
+
+impl RelayClient {
+    pub fn new(
+        dest: &RelayDestination,
+        agent: &str,
+        idle: Duration,
+    ) -> Result<Arc<RelayClient>, LinkError> {
+        let (cert, key) = cert_and_key(dest)?;
+        let cfg = tls::client_config(&dest.ca_file, &cert, &key, idle)?;
+        let bind: std::net::SocketAddr = "[::]:0".parse().expect("literal");
+        let mut endpoint = quinn::Endpoint::client(bind)
+            .or_else(|_| quinn::Endpoint::client("0.0.0.0:0".parse().expect("literal")))
+            .map_err(|e| LinkError::Setup(format!("cannot open a UDP socket: {e}")))?;
+        endpoint.set_default_client_config(cfg);
+        Ok(Arc::new(RelayClient {
+            endpoint,
+            relay: dest.relay.clone(),
+            server_name: dest.server_name.clone(),
+            agent: agent.to_string(),
+            idle,
+            conn: Mutex::new(None),
+        }))
+    }
+
+    pub fn relay(&self) -> &str {
+        &self.relay
+    }
+
+    pub fn idle(&self) -> Duration {
+        self.idle
+    }
+
+    fn unreachable(&self, detail: impl Into<String>) -> LinkError {
+        LinkError::Unreachable {
+            relay: self.relay.clone(),
+            detail: detail.into(),
+        }
+    }
+
+    /// Maps a lost or refused connection to what it means for the agent.
+    pub fn connection_error(&self, e: &quinn::ConnectionError) -> LinkError {
+        use quinn::ConnectionError as C;
+        match e {
+            C::ConnectionClosed(c) => {
+                let code = u64::from(c.error_code);
+                if (0x100..0x200).contains(&code) {
+                    LinkError::Refused {
+                        relay: self.relay.clone(),
+                        detail: format!(
+                            "TLS handshake refused (alert {}): is this agent's certificate signed by the CA the relay trusts, and still valid?",
+                            code - 0x100
+                        ),
+                    }
+                } else {
+                    self.unreachable(e.to_string())
+                }
+            }
+            C::ApplicationClosed(a)
+                if a.error_code == quinn::VarInt::from_u32(CLOSE_UNAUTHORIZED) =>
+            {
+                LinkError::Refused {
+                    relay: self.relay.clone(),
+                    detail: String::from_utf8_lossy(&a.reason).into_owned(),
+                }
+            }
+            C::VersionMismatch => LinkError::Refused {
+                relay: self.relay.clone(),
+                detail: "no common QUIC version".into(),
+            },
+            _ => self.unreachable(e.to_string()),
+        }
+    }
+
+    /// The open connection, or a new one (connect, TLS, handshake).
+    pub async fn connection(&self) -> Result<quinn::Connection, LinkError> {
+        let mut guard = self.conn.lock().await;
+        if let Some(c) = guard.as_ref() {
+            if c.close_reason().is_none() {
+                return Ok(c.clone());
+            }
+        }
+        *guard = None;
+        let addr = tokio::net::lookup_host(&self.relay)
+            .await
+            .map_err(|e| self.unreachable(format!("cannot resolve: {e}")))?
+            .next()
+            .ok_or_else(|| self.unreachable("the name resolves to no address"))?;
+        let connecting = self
+            .endpoint
+            .connect(addr, &self.server_name)
+            .map_err(|e| LinkError::Setup(e.to_string()))?;
+        let conn = tokio::time::timeout(self.idle, connecting)
+            .await
+            .map_err(|_| self.unreachable(format!("no answer within {:?}", self.idle)))?
+            .map_err(|e| self.connection_error(&e))?;
+        self.handshake(&conn).await?;
+        tracing::info!(relay = %self.relay, remote = %conn.remote_address(), "connected to the relay");
+        *guard = Some(conn.clone());
+        Ok(conn)
+    }
+
+    async fn handshake(&self, conn: &quinn::Connection) -> Result<(), LinkError> {
+        let (mut send, mut recv) = conn
+            .open_bi()
+            .await
+            .map_err(|e| self.connection_error(&e))?;
+        let mut hs = ClientHandshake::new(&self.agent, Instant::now(), self.idle);
+        while let Some(frame) = hs.poll_transmit() {
+            send.write_all(&frame)
+                .await
+                .map_err(|e| self.write_error(conn, e))?;
+        }
+        let mut buf = vec![0u8; 4096];
+        loop {
+            let deadline = hs
+                .poll_timeout()
+                .unwrap_or_else(|| Instant::now() + self.idle);
+            let n = tokio::time::timeout_at(deadline.into(), recv.read(&mut buf))
+                .await
+                .map_err(|_| self.unreachable("no handshake answer"))?
+                .map_err(|e| self.read_error(conn, e))?
+                .ok_or_else(|| self.unreachable("the relay closed the handshake stream"))?;
+            let out =
+                hs.handle_input(&buf[..n], Instant::now())
+                    .map_err(|e| LinkError::Protocol {
+                        relay: self.relay.clone(),
+                        detail: e.to_string(),
+                    })?;
+            match out {
+                None => continue,
+                Some(Handshake::Done { peer, .. }) => {
+                    tracing::debug!(relay = %self.relay, peer = %peer, "relay handshake done");
+                    let _ = send.finish();
+                    return Ok(());
+                }
+                Some(Handshake::Refused { reason, message }) => {
+                    return Err(LinkError::Refused {
+                        relay: self.relay.clone(),
+                        detail: format!("{reason:?}: {message}"),
+                    })
+                }
+            }
+        }
+    }
+
+    /// A connection that failed: forget it, so the next object connects again.
+    pub async fn forget(&self, conn: &quinn::Connection) {
+        let mut guard = self.conn.lock().await;
+        if guard
+            .as_ref()
+            .is_some_and(|c| c.stable_id() == conn.stable_id())
+        {
+            *guard = None;
+        }
+    }
+
+    pub fn write_error(&self, conn: &quinn::Connection, e: quinn::WriteError) -> LinkError {
+        match (e, conn.close_reason()) {
+            (_, Some(reason)) => self.connection_error(&reason),
+            (quinn::WriteError::ConnectionLost(c), _) => self.connection_error(&c),
+            (other, None) => self.unreachable(other.to_string()),
+        }
+    }
+
+    pub fn read_error(&self, conn: &quinn::Connection, e: quinn::ReadError) -> LinkError {
+        match (e, conn.close_reason()) {
+            (_, Some(reason)) => self.connection_error(&reason),
+            (quinn::ReadError::ConnectionLost(c), _) => self.connection_error(&c),
+            (other, None) => self.unreachable(other.to_string()),
+        }
+    }
+
+    /// Closes the connection (at shutdown).
+    pub async fn close(&self) {
+        if let Some(c) = self.conn.lock().await.take() {
+            c.close(quinn::VarInt::from_u32(CLOSE_SHUTDOWN), b"agent stopping");
+        }
+        self.endpoint.wait_idle().await;
+    }
+}

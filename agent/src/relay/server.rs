@@ -1,0 +1,372 @@
+//! `ha-edge relay`: the cloud side of the QUIC link. Accepts agents with client certificates
+//! signed by the configured CA, authorizes each identity for one key prefix, receives objects
+//! one stream each (driven by the sans-IO `Receive` machine), verifies size and SHA-256, lands
+//! them in a directory or an S3 bucket, and only then acknowledges.
+//!
+//! Bounds: streams per agent identity (a semaphore across its connections, plus QUIC's stream
+//! limit per connection), bytes in flight per stream (QUIC flow control, `stream_buffer`),
+//! open partial transfers (`max_partials`), and partial transfers idle longer than
+//! `partial_ttl` are deleted.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ha_edge_proto::{Receive, ReceiveEvent, Refusal, ServerHandshake};
+use rustls_pki_types::CertificateDer;
+use tokio::sync::{watch, Semaphore};
+
+use super::client::{CLOSE_SHUTDOWN, CLOSE_UNAUTHORIZED};
+use super::store::{Landed, Landing, Partial, Store, StoreError};
+use super::tls;
+use crate::config::{AgentAuth, RelayConfig, StoreConfig};
+use crate::keymap;
+use crate::s3::{credentials, S3Client};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("store credentials: {0}")]
+    Credentials(#[from] credentials::CredentialsError),
+    #[error("store: {0}")]
+    S3(#[from] crate::s3::S3Error),
+}
+
+struct Shared {
+    store: Store,
+    agents: Vec<AgentAuth>,
+    name: String,
+    idle: Duration,
+    max_streams: u32,
+    /// Streams in use per agent identity, across its connections.
+    streams: Mutex<HashMap<String, Arc<Semaphore>>>,
+}
+
+impl Shared {
+    fn streams_of(&self, identity: &str) -> Arc<Semaphore> {
+        let mut m = self.streams.lock().expect("not poisoned");
+        m.entry(identity.to_string())
+            .or_insert_with(|| Arc::new(Semaphore::new(self.max_streams as usize)))
+            .clone()
+    }
+}
+
+/// Runs the relay until `shutdown` turns true.
+pub async fn serve(
+    cfg: RelayConfig,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), RelayError> {
+    let landing = match &cfg.store {
+        StoreConfig::Dir(p) => Landing::Dir(p.clone()),
+        StoreConfig::S3 { bucket, part_size } => {
+            let creds = credentials::resolve(bucket)?;
+            let client = S3Client::new(bucket, creds, 5, Duration::from_secs(120), 16)?;
+            Landing::S3 {
+                client,
+                prefix: bucket.prefix.clone(),
+                part_size: *part_size,
+            }
+        }
+    };
+    let store = Store::open(landing, &cfg.state_dir, cfg.max_partials)?;
+    let transport = tls::transport(
+        cfg.idle_timeout,
+        cfg.stream_buffer,
+        cfg.max_streams_per_agent,
+    );
+    let server_cfg = tls::server_config(
+        &cfg.cert_file,
+        &cfg.key_file,
+        &cfg.client_ca_file,
+        transport,
+    )?;
+    let endpoint =
+        quinn::Endpoint::server(server_cfg, cfg.listen).map_err(|source| RelayError::Listen {
+            addr: cfg.listen,
+            source,
+        })?;
+    let shared = Arc::new(Shared {
+        store,
+        agents: cfg.agents.clone(),
+        name: cfg.name.clone(),
+        idle: cfg.idle_timeout,
+        max_streams: cfg.max_streams_per_agent,
+        streams: Mutex::new(HashMap::new()),
+    });
+    tracing::info!(listen = %endpoint.local_addr().map(|a| a.to_string()).unwrap_or_default(), store = %shared.store.describe(), agents = shared.agents.len(), "relay listening");
+    crate::systemd::ready();
+    let sweep = (cfg.partial_ttl / 10).clamp(Duration::from_secs(1), Duration::from_secs(60));
+    let mut expiry = tokio::time::interval(sweep);
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => break,
+            _ = expiry.tick() => {
+                let n = shared.store.expire(cfg.partial_ttl);
+                if n > 0 {
+                    tracing::info!(expired = n, ttl = %humantime::format_duration(cfg.partial_ttl), "deleted idle partial transfers");
+                }
+            }
+            incoming = endpoint.accept() => {
+                let Some(incoming) = incoming else { break };
+                let shared = shared.clone();
+                tokio::spawn(async move {
+                    let remote = incoming.remote_address();
+                    match incoming.await {
+                        Ok(conn) => connection(conn, shared).await,
+                        // Unknown CA, expired certificate, no certificate: refused in the handshake.
+                        Err(e) => tracing::warn!(%remote, error = %e, "connection refused in the handshake"),
+                    }
+                });
+            }
+        }
+    }
+    tracing::info!("relay stopping");
+    endpoint.close(quinn::VarInt::from_u32(CLOSE_SHUTDOWN), b"relay stopping");
+    let _ = tokio::time::timeout(Duration::from_secs(5), endpoint.wait_idle()).await;
+    Ok(())
+}
+
+/// The first configured agent whose identity the (chain-verified) certificate carries.
+fn authorize<'a>(conn: &quinn::Connection, agents: &'a [AgentAuth]) -> Option<&'a AgentAuth> {
+    let certs = conn
+        .peer_identity()?
+        .downcast::<Vec<CertificateDer<'static>>>()
+        .ok()?;
+    let leaf = certs.first()?;
+    agents
+        .iter()
+        .find(|a| tls::carries_identity(leaf, &a.identity))
+}
+
+async fn connection(conn: quinn::Connection, shared: Arc<Shared>) {
+    let remote = conn.remote_address();
+    let Some(agent) = authorize(&conn, &shared.agents).cloned() else {
+        tracing::warn!(%remote, "refused: the certificate carries no identity listed in [[agent]]");
+        conn.close(
+            quinn::VarInt::from_u32(CLOSE_UNAUTHORIZED),
+            b"this certificate carries no identity the relay authorizes",
+        );
+        return;
+    };
+    // The control stream: the handshake.
+    let Ok((mut send, mut recv)) = conn.accept_bi().await else {
+        return;
+    };
+    let mut hs = ServerHandshake::new(&shared.name, Instant::now(), shared.idle);
+    let mut buf = vec![0u8; 4096];
+    let name = loop {
+        let n = match tokio::time::timeout(shared.idle, recv.read(&mut buf)).await {
+            Ok(Ok(Some(n))) => n,
+            _ => return,
+        };
+        let res = hs.handle_input(&buf[..n], Instant::now());
+        while let Some(f) = hs.poll_transmit() {
+            let _ = send.write_all(&f).await;
+        }
+        match res {
+            Ok(Some(name)) => break name,
+            Ok(None) => continue,
+            Err(e) => {
+                tracing::warn!(identity = %agent.identity, %remote, error = %e, "handshake failed");
+                let _ = send.finish();
+                return;
+            }
+        }
+    };
+    let _ = send.finish();
+    tracing::info!(identity = %agent.identity, agent = %name, %remote, prefix = %agent.prefix, "agent connected");
+    let streams = shared.streams_of(&agent.identity);
+    loop {
+        let (send, recv) = match conn.accept_bi().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::info!(identity = %agent.identity, reason = %e, "agent connection ended");
+                return;
+            }
+        };
+        // At most max_streams_per_agent streams of this identity at once, across connections.
+        let Ok(permit) = streams.clone().acquire_owned().await else {
+            return;
+        };
+        let (shared, agent) = (shared.clone(), agent.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            object_stream(send, recv, &agent, &shared).await;
+        });
+    }
+}
+
+/// One object: offer, decision, data into the partial transfer, commit, verification, landing.
+async fn object_stream(
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    agent: &AgentAuth,
+    shared: &Shared,
+) {
+    let mut rx = Receive::new(Instant::now(), shared.idle);
+    let mut partial: Option<Partial> = None;
+    let mut offer: Option<(String, u64, [u8; 32])> = None;
+    let mut received = 0u64;
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut finished = false;
+    loop {
+        while let Some(f) = rx.poll_transmit() {
+            if send.write_all(&f).await.is_err() {
+                return;
+            }
+        }
+        if finished {
+            let _ = send.finish();
+            // Let the answer reach the agent before the stream is dropped.
+            let _ = tokio::time::timeout(shared.idle, send.stopped()).await;
+            return;
+        }
+        let read = match rx.poll_timeout() {
+            Some(deadline) => {
+                match tokio::time::timeout_at(deadline.into(), recv.read(&mut buf)).await {
+                    Ok(r) => r,
+                    Err(_) => {
+                        if let Err(e) = rx.handle_timeout(Instant::now()) {
+                            tracing::info!(identity = %agent.identity, error = %e, "stream idle; the partial transfer stays for a resume");
+                            return;
+                        }
+                        continue;
+                    }
+                }
+            }
+            None => recv.read(&mut buf).await,
+        };
+        let n = match read {
+            Ok(Some(n)) => n,
+            // The agent went away (connection lost, stopped): what arrived stays for a resume.
+            Ok(None) | Err(_) => {
+                if let Some((key, _, _)) = &offer {
+                    tracing::info!(identity = %agent.identity, key = %key, received, "transfer interrupted; the partial transfer is kept for a resume");
+                }
+                return;
+            }
+        };
+        let events = match rx.handle_input(&buf[..n], Instant::now()) {
+            Ok(ev) => ev,
+            Err(e) => {
+                tracing::warn!(identity = %agent.identity, error = %e, "protocol violation; stream closed");
+                finished = true;
+                continue;
+            }
+        };
+        for ev in events {
+            match ev {
+                ReceiveEvent::Offered { key, size, sha256 } => {
+                    finished =
+                        decide(&mut rx, &mut partial, agent, shared, &key, size, &sha256).await;
+                    offer = Some((key, size, sha256));
+                }
+                ReceiveEvent::Data { offset, bytes } => {
+                    let Some(p) = partial.as_mut() else {
+                        rx.refuse(Refusal::Unavailable, "no partial transfer open".into());
+                        finished = true;
+                        break;
+                    };
+                    let len = bytes.len() as u64;
+                    if let Err(e) = p.append(offset, bytes).await {
+                        tracing::error!(error = %e, "cannot write a partial transfer");
+                        rx.refuse(Refusal::Unavailable, format!("the relay cannot write: {e}"));
+                        finished = true;
+                        break;
+                    }
+                    received += len;
+                }
+                ReceiveEvent::Committed => {
+                    let (Some(p), Some((key, size, sha))) = (partial.take(), offer.as_ref()) else {
+                        rx.refuse(Refusal::Unavailable, "no partial transfer open".into());
+                        finished = true;
+                        break;
+                    };
+                    finished = true;
+                    match shared.store.land(p, key, *size, sha).await {
+                        Ok(Landed::Stored) => {
+                            tracing::info!(identity = %agent.identity, key = %key, size, received, "stored and verified");
+                            rx.stored();
+                        }
+                        Ok(Landed::Mismatch(detail)) => {
+                            tracing::warn!(identity = %agent.identity, key = %key, %detail, "received bytes do not match the offer; dropped, the agent sends again");
+                            rx.mismatch(detail);
+                        }
+                        Err(e) => {
+                            tracing::error!(identity = %agent.identity, key = %key, error = %e, "cannot land the object; the agent will try again");
+                            rx.refuse(Refusal::Unavailable, e.to_string());
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Answers an offer; returns whether the stream is finished.
+async fn decide(
+    rx: &mut Receive,
+    partial: &mut Option<Partial>,
+    agent: &AgentAuth,
+    shared: &Shared,
+    key: &str,
+    size: u64,
+    sha: &[u8; 32],
+) -> bool {
+    if let Err(e) = keymap::bucket_key("", key) {
+        tracing::warn!(identity = %agent.identity, key = ?key, reason = %e, "refused: bad key");
+        rx.refuse(Refusal::BadKey, e.to_string());
+        return true;
+    }
+    if !key.starts_with(&agent.prefix) {
+        tracing::warn!(identity = %agent.identity, key = %key, prefix = %agent.prefix, "refused: key outside the agent's prefix");
+        rx.refuse(
+            Refusal::Unauthorized,
+            format!("{} may write under {:?} only", agent.identity, agent.prefix),
+        );
+        return true;
+    }
+    match shared.store.has(key, size, sha).await {
+        Ok(true) => {
+            tracing::info!(identity = %agent.identity, key = %key, "already stored with this SHA-256");
+            rx.already_have();
+            return true;
+        }
+        Ok(false) => {}
+        Err(e) => {
+            tracing::error!(key = %key, error = %e, "store lookup failed");
+            rx.refuse(Refusal::Unavailable, e.to_string());
+            return true;
+        }
+    }
+    match shared.store.open_partial(&agent.identity, key, size, sha) {
+        Ok(p) => {
+            let offset = p.len;
+            if offset > 0 {
+                tracing::info!(identity = %agent.identity, key = %key, offset, size, "resuming a partial transfer");
+            }
+            *partial = Some(p);
+            if rx.accept(offset, Instant::now()).is_err() {
+                return true;
+            }
+            false
+        }
+        Err(e @ (StoreError::Busy(_) | StoreError::InUse)) => {
+            rx.refuse(Refusal::Busy, e.to_string());
+            true
+        }
+        Err(e) => {
+            tracing::error!(key = %key, error = %e, "cannot open a partial transfer");
+            rx.refuse(Refusal::Unavailable, e.to_string());
+            true
+        }
+    }
+}

@@ -1,0 +1,388 @@
+//! Where the relay keeps what it receives: partial transfers on its own disk (so a transfer
+//! resumes after a dropped connection or a relay restart), and the landing place for verified
+//! objects, a directory or an S3 bucket (through the agent's S3 client: SigV4, multipart,
+//! checksums, SSE, verification).
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::io::Read;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use sha2::{Digest, Sha256};
+use tokio::task::JoinSet;
+
+use crate::s3::{b64, S3Client, S3Error};
+
+/// Parts of an object landed in S3 at a time.
+const LAND_PARALLEL: usize = 4;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("relay disk: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("relay store: {0}")]
+    S3(#[from] S3Error),
+    #[error("too many open partial transfers ({0}); try again later")]
+    Busy(usize),
+    #[error("this transfer is already in progress on another stream")]
+    InUse,
+    #[error("the relay's landed object {key} failed verification: {detail}")]
+    Verify { key: String, detail: String },
+}
+
+pub enum Landing {
+    Dir(PathBuf),
+    S3 {
+        client: Arc<S3Client>,
+        prefix: String,
+        part_size: u64,
+    },
+}
+
+pub struct Store {
+    landing: Landing,
+    partial_dir: PathBuf,
+    index_dir: PathBuf,
+    max_partials: usize,
+    in_use: Arc<Mutex<HashSet<PathBuf>>>,
+}
+
+/// A partial transfer being received; at most one stream holds it.
+pub struct Partial {
+    pub path: PathBuf,
+    file: Arc<File>,
+    pub len: u64,
+    in_use: Arc<Mutex<HashSet<PathBuf>>>,
+}
+
+impl Drop for Partial {
+    fn drop(&mut self) {
+        if let Ok(mut set) = self.in_use.lock() {
+            set.remove(&self.path);
+        }
+    }
+}
+
+impl Partial {
+    /// Appends `bytes` (which the session checked to start at the current end).
+    pub async fn append(&mut self, offset: u64, bytes: Vec<u8>) -> Result<(), StoreError> {
+        let file = self.file.clone();
+        let end = offset + bytes.len() as u64;
+        tokio::task::spawn_blocking(move || file.write_all_at(&bytes, offset))
+            .await
+            .map_err(|e| std::io::Error::other(e.to_string()))??;
+        self.len = end;
+        Ok(())
+    }
+}
+
+/// What a commit came to.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Landed {
+    Stored,
+    /// Size or SHA-256 differ from the offer; the partial is dropped.
+    Mismatch(String),
+}
+
+fn hex_sha(parts: &[&[u8]]) -> String {
+    let mut h = Sha256::new();
+    for p in parts {
+        h.update(p);
+        h.update([0]);
+    }
+    hex::encode(h.finalize())
+}
+
+impl Store {
+    pub fn open(
+        landing: Landing,
+        state_dir: &Path,
+        max_partials: usize,
+    ) -> Result<Store, StoreError> {
+        let partial_dir = state_dir.join("partial");
+        let index_dir = state_dir.join("stored");
+        std::fs::create_dir_all(&partial_dir)?;
+        std::fs::create_dir_all(&index_dir)?;
+        if let Landing::Dir(root) = &landing {
+            std::fs::create_dir_all(root)?;
+        }
+        Ok(Store {
+            landing,
+            partial_dir,
+            index_dir,
+            max_partials,
+            in_use: Arc::new(Mutex::new(HashSet::new())),
+        })
+    }
+
+    pub fn describe(&self) -> String {
+        match &self.landing {
+            Landing::Dir(root) => format!("directory {}", root.display()),
+            Landing::S3 { client, prefix, .. } => {
+                format!("s3://{}/{prefix} at {}", client.bucket(), client.endpoint())
+            }
+        }
+    }
+
+    /// Whether `key` is stored with this size and SHA-256.
+    pub async fn has(&self, key: &str, size: u64, sha: &[u8; 32]) -> Result<bool, StoreError> {
+        match &self.landing {
+            Landing::Dir(root) => {
+                let index = self.index_dir.join(hex_sha(&[key.as_bytes()]));
+                let Ok(text) = tokio::fs::read_to_string(&index).await else {
+                    return Ok(false);
+                };
+                let on_disk = tokio::fs::metadata(root.join(key)).await.ok();
+                Ok(text.trim() == format!("{} {size}", hex::encode(sha))
+                    && on_disk.is_some_and(|m| m.len() == size))
+            }
+            Landing::S3 { client, prefix, .. } => {
+                let head = client.head_object(&format!("{prefix}{key}")).await?;
+                Ok(head.is_some_and(|h| {
+                    h.size == size
+                        && h.meta_sha256
+                            .as_deref()
+                            .is_some_and(|m| m.eq_ignore_ascii_case(&hex::encode(sha)))
+                }))
+            }
+        }
+    }
+
+    /// Opens (or creates) the partial transfer of (agent, key, SHA-256); its length is the
+    /// offset the agent resumes from.
+    pub fn open_partial(
+        &self,
+        agent: &str,
+        key: &str,
+        size: u64,
+        sha: &[u8; 32],
+    ) -> Result<Partial, StoreError> {
+        let path = self.partial_dir.join(format!(
+            "{}.part",
+            hex_sha(&[agent.as_bytes(), key.as_bytes(), sha])
+        ));
+        let mut in_use = self.in_use.lock().map_err(|_| StoreError::InUse)?;
+        if in_use.contains(&path) {
+            return Err(StoreError::InUse);
+        }
+        if !path.exists() {
+            let open = std::fs::read_dir(&self.partial_dir)?
+                .filter_map(Result::ok)
+                .filter(|e| e.file_name().to_string_lossy().ends_with(".part"))
+                .count();
+            if open >= self.max_partials {
+                return Err(StoreError::Busy(open));
+            }
+        }
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)?;
+        let mut len = file.metadata()?.len();
+        if len > size {
+            file.set_len(0)?;
+            len = 0;
+        }
+        in_use.insert(path.clone());
+        Ok(Partial {
+            path,
+            file: Arc::new(file),
+            len,
+            in_use: self.in_use.clone(),
+        })
+    }
+
+    /// Verifies a complete partial against the offer and lands it. On a mismatch the partial
+    /// is deleted, so the agent's next offer starts from zero.
+    pub async fn land(
+        &self,
+        partial: Partial,
+        key: &str,
+        size: u64,
+        sha: &[u8; 32],
+    ) -> Result<Landed, StoreError> {
+        let (file, path) = (partial.file.clone(), partial.path.clone());
+        let digest = tokio::task::spawn_blocking(move || -> std::io::Result<(u64, [u8; 32])> {
+            file.sync_all()?;
+            let mut h = Sha256::new();
+            let mut f = File::open(&path)?;
+            let mut buf = vec![0u8; 1 << 20];
+            let mut n_total = 0u64;
+            loop {
+                let n = f.read(&mut buf)?;
+                if n == 0 {
+                    break;
+                }
+                h.update(&buf[..n]);
+                n_total += n as u64;
+            }
+            Ok((n_total, h.finalize().into()))
+        })
+        .await
+        .map_err(|e| std::io::Error::other(e.to_string()))??;
+        if digest != (size, *sha) {
+            let detail = format!(
+                "received {} bytes with SHA-256 {}, offered {size} bytes with {}",
+                digest.0,
+                hex::encode(digest.1),
+                hex::encode(sha)
+            );
+            let _ = std::fs::remove_file(&partial.path);
+            return Ok(Landed::Mismatch(detail));
+        }
+        match &self.landing {
+            Landing::Dir(root) => {
+                let dest = root.join(key);
+                if let Some(parent) = dest.parent() {
+                    tokio::fs::create_dir_all(parent).await?;
+                }
+                match tokio::fs::rename(&partial.path, &dest).await {
+                    Ok(()) => {}
+                    Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
+                        let tmp = dest.with_extension("relay-partial");
+                        tokio::fs::copy(&partial.path, &tmp).await?;
+                        tokio::fs::File::open(&tmp).await?.sync_all().await?;
+                        tokio::fs::rename(&tmp, &dest).await?;
+                        tokio::fs::remove_file(&partial.path).await?;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+                if let Some(parent) = dest.parent() {
+                    tokio::fs::File::open(parent).await?.sync_all().await?;
+                }
+                let index = self.index_dir.join(hex_sha(&[key.as_bytes()]));
+                tokio::fs::write(&index, format!("{} {size}\n", hex::encode(sha))).await?;
+            }
+            Landing::S3 {
+                client,
+                prefix,
+                part_size,
+            } => {
+                let dest_key = format!("{prefix}{key}");
+                upload_file(client, &dest_key, &partial.path, size, sha, *part_size).await?;
+                tokio::fs::remove_file(&partial.path).await?;
+            }
+        }
+        drop(partial);
+        Ok(Landed::Stored)
+    }
+
+    /// Deletes partial transfers untouched for `ttl` (not those in use). Returns how many.
+    pub fn expire(&self, ttl: Duration) -> usize {
+        let now = SystemTime::now();
+        let in_use = self.in_use.lock().map(|s| s.clone()).unwrap_or_default();
+        let Ok(rd) = std::fs::read_dir(&self.partial_dir) else {
+            return 0;
+        };
+        let mut n = 0;
+        for e in rd.filter_map(Result::ok) {
+            let p = e.path();
+            if in_use.contains(&p) {
+                continue;
+            }
+            let old = e
+                .metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| now.duration_since(t).is_ok_and(|age| age >= ttl));
+            if old && std::fs::remove_file(&p).is_ok() {
+                n += 1;
+            }
+        }
+        n
+    }
+}
+
+/// Sends a verified local file to S3 (single PUT or multipart, `LAND_PARALLEL` parts at a
+/// time) and checks the stored object.
+async fn upload_file(
+    client: &Arc<S3Client>,
+    key: &str,
+    path: &Path,
+    size: u64,
+    sha: &[u8; 32],
+    part_size: u64,
+) -> Result<(), StoreError> {
+    let file = Arc::new(File::open(path)?);
+    let read = |off: u64, len: u64| {
+        let file = file.clone();
+        async move {
+            tokio::task::spawn_blocking(move || -> std::io::Result<(Bytes, [u8; 32])> {
+                let mut buf = vec![0u8; len as usize];
+                file.read_exact_at(&mut buf, off)?;
+                let sha: [u8; 32] = Sha256::digest(&buf).into();
+                Ok((Bytes::from(buf), sha))
+            })
+            .await
+            .map_err(|e| std::io::Error::other(e.to_string()))?
+        }
+    };
+    if size <= part_size {
+        let (body, _) = read(0, size).await?;
+        client.put_object(key, body, sha).await?;
+    } else {
+        let upload_id = client.create_multipart(key, sha).await?;
+        let count = size.div_ceil(part_size);
+        let mut parts: Vec<(u32, String, String)> = Vec::with_capacity(count as usize);
+        let mut tasks: JoinSet<Result<(u32, String, String), StoreError>> = JoinSet::new();
+        let mut next = 1u64;
+        let result: Result<(), StoreError> = async {
+            while next <= count || !tasks.is_empty() {
+                while next <= count && tasks.len() < LAND_PARALLEL {
+                    let off = (next - 1) * part_size;
+                    let len = (size - off).min(part_size);
+                    let (body, part_sha) = read(off, len).await?;
+                    let (client, key, id, n) = (
+                        client.clone(),
+                        key.to_string(),
+                        upload_id.clone(),
+                        next as u32,
+                    );
+                    tasks.spawn(async move {
+                        let etag = client.upload_part(&key, &id, n, body, &part_sha).await?;
+                        Ok((n, etag, b64(&part_sha)))
+                    });
+                    next += 1;
+                }
+                if let Some(done) = tasks.join_next().await {
+                    parts.push(done.map_err(|e| std::io::Error::other(e.to_string()))??);
+                }
+            }
+            parts.sort_by_key(|p| p.0);
+            client.complete_multipart(key, &upload_id, &parts).await?;
+            Ok(())
+        }
+        .await;
+        if let Err(e) = result {
+            let _ = client.abort_multipart(key, &upload_id).await;
+            return Err(e);
+        }
+    }
+    let head = client
+        .head_object(key)
+        .await?
+        .ok_or_else(|| StoreError::Verify {
+            key: key.to_string(),
+            detail: "not there after the upload".into(),
+        })?;
+    let ok = head.size == size
+        && head
+            .meta_sha256
+            .as_deref()
+            .is_some_and(|m| m.eq_ignore_ascii_case(&hex::encode(sha)));
+    if !ok {
+        return Err(StoreError::Verify {
+            key: key.to_string(),
+            detail: format!(
+                "size {} and x-amz-meta-sha256 {:?} on the server",
+                head.size, head.meta_sha256
+            ),
+        });
+    }
+    Ok(())
+}

@@ -1,0 +1,141 @@
+//! Certificates and keys for the QUIC link: mutual TLS 1.3, each side trusting only the CA it
+//! is configured with (never the public web roots).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::RootCertStore;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read {path}: {detail}")]
+    Read { path: PathBuf, detail: String },
+    #[error("{path} holds no certificate")]
+    NoCert { path: PathBuf },
+    #[error("TLS setup: {0}")]
+    Setup(String),
+}
+
+pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let read = |detail: String| TlsError::Read {
+        path: path.to_path_buf(),
+        detail,
+    };
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| read(e.to_string()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| read(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(TlsError::NoCert {
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(certs)
+}
+
+pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_file(path).map_err(|e| TlsError::Read {
+        path: path.to_path_buf(),
+        detail: e.to_string(),
+    })
+}
+
+pub fn roots(ca: &Path) -> Result<RootCertStore, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for cert in load_certs(ca)? {
+        roots.add(cert).map_err(|e| TlsError::Read {
+            path: ca.to_path_buf(),
+            detail: format!("unusable CA certificate: {e}"),
+        })?;
+    }
+    Ok(roots)
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Transport limits both sides use: idle timeout, keep-alive, and the flow-control windows that
+/// bound how much one stream (and one connection) may have in flight.
+pub fn transport(idle: Duration, stream_window: u64, streams: u32) -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    let keep_alive = (idle / 3).max(Duration::from_millis(200));
+    let idle = quinn::IdleTimeout::try_from(idle).unwrap_or(quinn::VarInt::from_u32(30_000).into());
+    t.max_idle_timeout(Some(idle));
+    // Well inside the idle timeout, so a quiet but healthy connection (the relay landing a
+    // large object) is never taken for a dead one.
+    t.keep_alive_interval(Some(keep_alive));
+    let window = quinn::VarInt::from_u64(stream_window).unwrap_or(quinn::VarInt::MAX);
+    t.stream_receive_window(window);
+    let conn_window = stream_window.saturating_mul(u64::from(streams.max(1)));
+    t.receive_window(quinn::VarInt::from_u64(conn_window).unwrap_or(quinn::VarInt::MAX));
+    t.send_window(conn_window);
+    t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(streams.saturating_add(1)));
+    t.max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
+    t
+}
+
+/// The agent's side: trusts `ca` only, presents its certificate.
+pub fn client_config(
+    ca: &Path,
+    cert: &Path,
+    key: &Path,
+    idle: Duration,
+) -> Result<quinn::ClientConfig, TlsError> {
+    let setup = |e: String| TlsError::Setup(e);
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| setup(e.to_string()))?
+        .with_root_certificates(roots(ca)?)
+        .with_client_auth_cert(load_certs(cert)?, load_key(key)?)
+        .map_err(|e| setup(format!("client certificate {}: {e}", cert.display())))?;
+    cfg.alpn_protocols = vec![ha_edge_proto::ALPN.to_vec()];
+    let quic =
+        quinn::crypto::rustls::QuicClientConfig::try_from(cfg).map_err(|e| setup(e.to_string()))?;
+    let mut c = quinn::ClientConfig::new(Arc::new(quic));
+    c.transport_config(Arc::new(transport(idle, 8 << 20, 64)));
+    Ok(c)
+}
+
+/// The relay's side: presents its certificate, requires a client certificate signed by
+/// `client_ca` (unknown and expired ones are refused in the handshake).
+pub fn server_config(
+    cert: &Path,
+    key: &Path,
+    client_ca: &Path,
+    transport_cfg: quinn::TransportConfig,
+) -> Result<quinn::ServerConfig, TlsError> {
+    let setup = |e: String| TlsError::Setup(e);
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots(client_ca)?),
+        provider(),
+    )
+    .build()
+    .map_err(|e| setup(e.to_string()))?;
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| setup(e.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(load_certs(cert)?, load_key(key)?)
+        .map_err(|e| setup(format!("server certificate {}: {e}", cert.display())))?;
+    cfg.alpn_protocols = vec![ha_edge_proto::ALPN.to_vec()];
+    let quic =
+        quinn::crypto::rustls::QuicServerConfig::try_from(cfg).map_err(|e| setup(e.to_string()))?;
+    let mut s = quinn::ServerConfig::with_crypto(Arc::new(quic));
+    s.transport_config(Arc::new(transport_cfg));
+    Ok(s)
+}
+
+/// Whether a (chain-verified) client certificate carries `identity` as a DNS name.
+pub fn carries_identity(cert: &CertificateDer<'_>, identity: &str) -> bool {
+    let Ok(ee) = webpki::EndEntityCert::try_from(cert) else {
+        return false;
+    };
+    let Ok(name) = ServerName::try_from(identity) else {
+        return false;
+    };
+    ee.verify_is_valid_for_subject_name(&name).is_ok()
+}

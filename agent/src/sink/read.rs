@@ -1,0 +1,387 @@
+//! Reading the bytes of one source version, for any destination: a file (checked against its
+//! fingerprint before every read) or a bucket object (ranged GETs pinned to its ETag), within
+//! one memory budget shared by every object in flight.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use sha2::{Digest, Sha256};
+use tokio::sync::Semaphore;
+
+use crate::journal::{Fingerprint, JournalError, ObjectRow};
+use crate::s3::{S3Client, S3Error};
+use crate::source::bucket::same_version;
+
+/// Permits of the memory budget are KiB, so any part size fits a u32 permit count.
+const PERMIT: u64 = 1024;
+/// Read size of the hashing pass over a file.
+const HASH_CHUNK: usize = 1 << 20;
+/// Range size of the hashing pass over a source object.
+const OBJECT_HASH_RANGE: u64 = 8 << 20;
+
+/// Bytes of source data held in memory at once, across all objects: a read waits for its
+/// share before it starts.
+pub struct Budget {
+    sem: Arc<Semaphore>,
+    kib: u32,
+}
+
+impl Budget {
+    pub fn new(bytes: u64) -> Budget {
+        let kib = (bytes / PERMIT).clamp(1, u32::MAX as u64) as u32;
+        Budget {
+            sem: Arc::new(Semaphore::new(kib as usize)),
+            kib,
+        }
+    }
+
+    pub async fn reserve(&self, bytes: u64) -> tokio::sync::OwnedSemaphorePermit {
+        let kib = (bytes.div_ceil(PERMIT) as u32).clamp(1, self.kib);
+        self.sem
+            .clone()
+            .acquire_many_owned(kib)
+            .await
+            .expect("the budget semaphore is never closed")
+    }
+}
+
+/// Why an object could not proceed; mapped to an `Outcome` at the end.
+#[derive(Debug, thiserror::Error)]
+pub enum Stop {
+    #[error(transparent)]
+    S3(#[from] S3Error),
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    #[error("source file {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("source {0} is gone")]
+    Vanished(String),
+    #[error("source {0} changed during the upload; it will be sent again once it settles")]
+    Changed(String),
+    /// The source bucket's server failed or refused a read.
+    #[error("reading the source: {0}")]
+    Source(S3Error),
+    #[error("verification failed for s3://{bucket}/{key}: {detail}")]
+    Verify {
+        bucket: String,
+        key: String,
+        detail: String,
+    },
+    #[error("source file {0} is a symlink that now points outside the source root")]
+    Escaped(PathBuf),
+    #[error("interrupted by shutdown")]
+    Interrupted,
+}
+
+/// Where an object's bytes come from.
+#[derive(Clone)]
+pub enum Origin {
+    /// A directory source's root.
+    Dir(PathBuf),
+    /// A bucket source: its server and the key prefix the relative paths are under.
+    Bucket {
+        client: Arc<S3Client>,
+        prefix: String,
+    },
+}
+
+impl Origin {
+    /// The source key of a bucket row (`prefix` + relative path).
+    pub fn source_key(prefix: &str, rel: &Path) -> String {
+        format!("{prefix}{}", rel.to_string_lossy())
+    }
+}
+
+/// One version of a source, opened for reading: every read fails with `Changed` once the
+/// source is no longer that version.
+pub enum Pinned {
+    File {
+        file: File,
+        path: PathBuf,
+        fp: Fingerprint,
+    },
+    Object {
+        client: Arc<S3Client>,
+        key: String,
+        fp: Fingerprint,
+        /// The ETag every read is pinned to (If-Match), if known.
+        etag: Option<String>,
+    },
+}
+
+fn file_path(p: &Path) -> String {
+    p.display().to_string()
+}
+
+impl Pinned {
+    pub fn what(&self) -> String {
+        match self {
+            Pinned::File { path, .. } => file_path(path),
+            Pinned::Object { client, key, .. } => format!("s3://{}/{key}", client.bucket()),
+        }
+    }
+
+    /// The ETag to record with the hash (bucket objects).
+    pub fn etag(&self) -> Option<String> {
+        match self {
+            Pinned::File { .. } => None,
+            Pinned::Object { etag, .. } => etag.clone(),
+        }
+    }
+
+    pub fn source_error(&self, e: S3Error) -> Stop {
+        match (e.status(), e.code()) {
+            (Some(412), _) | (_, Some("PreconditionFailed")) => Stop::Changed(self.what()),
+            (_, Some("NoSuchKey")) | (Some(404), _) if e.code() != Some("NoSuchBucket") => {
+                Stop::Vanished(self.what())
+            }
+            _ => Stop::Source(e),
+        }
+    }
+
+    /// Reads `len` bytes at `off` and their SHA-256, after checking the version.
+    pub async fn read(self: &Arc<Self>, off: u64, len: u64) -> Result<(Bytes, [u8; 32]), Stop> {
+        let bytes = match &**self {
+            Pinned::File { .. } => {
+                let me = self.clone();
+                return blocking(move || {
+                    let Pinned::File { file, path, fp } = &*me else {
+                        unreachable!("matched above")
+                    };
+                    check_pinned(file, path, *fp)?;
+                    let mut buf = vec![0u8; len as usize];
+                    file.read_exact_at(&mut buf, off)
+                        .map_err(|source| Stop::Io {
+                            path: path.clone(),
+                            source,
+                        })?;
+                    let sha = <[u8; 32]>::from(Sha256::digest(&buf));
+                    Ok((Bytes::from(buf), sha))
+                })
+                .await;
+            }
+            Pinned::Object { .. } => self.fetch(off, len).await?,
+        };
+        blocking(move || {
+            let sha = <[u8; 32]>::from(Sha256::digest(&bytes));
+            Ok((bytes, sha))
+        })
+        .await
+    }
+
+    /// A ranged GET of a pinned object, its answer checked against the pinned version.
+    pub async fn fetch(&self, off: u64, len: u64) -> Result<Bytes, Stop> {
+        let Pinned::Object {
+            client,
+            key,
+            fp,
+            etag,
+        } = self
+        else {
+            unreachable!("fetch is for objects")
+        };
+        let r = client
+            .get_range(key, off, len, etag.as_deref())
+            .await
+            .map_err(|e| self.source_error(e))?;
+        if !same_version(
+            *fp,
+            etag.as_deref(),
+            r.total,
+            r.last_modified.as_deref(),
+            r.etag.as_deref(),
+        ) {
+            return Err(Stop::Changed(self.what()));
+        }
+        Ok(r.body)
+    }
+
+    /// Whether the source is still the pinned version (every object read is checked already).
+    pub async fn check(self: &Arc<Self>) -> Result<(), Stop> {
+        match &**self {
+            Pinned::File { .. } => {
+                let me = self.clone();
+                blocking(move || {
+                    let Pinned::File { file, path, fp } = &*me else {
+                        unreachable!("matched above")
+                    };
+                    check_pinned(file, path, *fp)
+                })
+                .await
+            }
+            Pinned::Object { .. } => Ok(()),
+        }
+    }
+
+    /// The SHA-256 of the whole source, read in chunks within the memory budget.
+    pub async fn hash_all(self: &Arc<Self>, budget: &Budget, size: u64) -> Result<[u8; 32], Stop> {
+        if let Pinned::File { .. } = &**self {
+            let me = self.clone();
+            return blocking(move || {
+                let Pinned::File { file, path, fp } = &*me else {
+                    unreachable!("matched above")
+                };
+                let mut h = Sha256::new();
+                let mut buf = vec![0u8; HASH_CHUNK];
+                let mut off = 0u64;
+                while off < size {
+                    let n = (size - off).min(HASH_CHUNK as u64) as usize;
+                    file.read_exact_at(&mut buf[..n], off)
+                        .map_err(|source| Stop::Io {
+                            path: path.clone(),
+                            source,
+                        })?;
+                    h.update(&buf[..n]);
+                    off += n as u64;
+                }
+                check_pinned(file, path, *fp)?;
+                Ok(<[u8; 32]>::from(h.finalize()))
+            })
+            .await;
+        }
+        // An object: sequential ranged GETs, each pinned. The source is read twice (here and
+        // per part) on the institution's side; the tunnel carries each byte once.
+        let mut h = Sha256::new();
+        let mut off = 0u64;
+        while off < size {
+            let n = (size - off).min(OBJECT_HASH_RANGE);
+            let _permit = budget.reserve(n).await;
+            let bytes = self.fetch(off, n).await?;
+            h = blocking(move || {
+                h.update(&bytes);
+                Ok(h)
+            })
+            .await?;
+            off += n;
+        }
+        Ok(<[u8; 32]>::from(h.finalize()))
+    }
+}
+
+/// Opens the source version the row describes: a file (refusing a symlink that leads out of
+/// the root) or a bucket object (HEAD, compared with what the listing saw).
+pub async fn pin(row: &ObjectRow, origin: &Origin) -> Result<Arc<Pinned>, Stop> {
+    let fp = row.fingerprint;
+    match origin {
+        Origin::Dir(root) => {
+            let (root, path) = (root.clone(), root.join(&row.rel_path));
+            blocking(move || {
+                let file = open_pinned(&root, &path, fp)?;
+                Ok(Arc::new(Pinned::File { file, path, fp }))
+            })
+            .await
+        }
+        Origin::Bucket { client, prefix } => {
+            let mut pinned = Pinned::Object {
+                client: client.clone(),
+                key: Origin::source_key(prefix, &row.rel_path),
+                fp,
+                etag: row.etag.clone(),
+            };
+            let Pinned::Object { key, etag, .. } = &mut pinned else {
+                unreachable!("built above")
+            };
+            let head = match client.head_object(key).await {
+                Ok(Some(h)) => h,
+                Ok(None) => return Err(Stop::Vanished(pinned.what())),
+                Err(e) => return Err(pinned.source_error(e)),
+            };
+            if !same_version(
+                fp,
+                etag.as_deref(),
+                Some(head.size),
+                head.last_modified.as_deref(),
+                head.etag.as_deref(),
+            ) {
+                return Err(Stop::Changed(pinned.what()));
+            }
+            if etag.is_none() {
+                *etag = head.etag;
+            }
+            Ok(Arc::new(pinned))
+        }
+    }
+}
+
+/// Opens the source file, refusing a symlink that leads out of the root, and checks that it
+/// is still the version the journal knows.
+pub fn open_pinned(root: &Path, path: &Path, expect: Fingerprint) -> Result<File, Stop> {
+    let io = |source| Stop::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    // lstat each component below the root (the root itself may be a symlink, e.g. to a
+    // mount): only a path that goes through a symlink needs resolving, and then it must stay
+    // inside the resolved root. Cheaper than canonicalizing every path: one lstat per
+    // component below the root instead of a readlink per component from `/`.
+    let rel = path.strip_prefix(root).unwrap_or(path);
+    let mut cur = root.to_path_buf();
+    let mut through_link = false;
+    for c in rel.components() {
+        cur.push(c);
+        match std::fs::symlink_metadata(&cur) {
+            Ok(m) if m.file_type().is_symlink() => {
+                through_link = true;
+                break;
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Stop::Vanished(file_path(path)))
+            }
+            Err(e) => return Err(io(e)),
+        }
+    }
+    let real = if through_link {
+        let real = match std::fs::canonicalize(path) {
+            Ok(p) => p,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Stop::Vanished(file_path(path)))
+            }
+            Err(e) => return Err(io(e)),
+        };
+        let real_root = std::fs::canonicalize(root).map_err(io)?;
+        if !real.starts_with(&real_root) {
+            return Err(Stop::Escaped(path.to_path_buf()));
+        }
+        real
+    } else {
+        path.to_path_buf()
+    };
+    let file = match File::open(&real) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(Stop::Vanished(file_path(path)))
+        }
+        Err(e) => return Err(io(e)),
+    };
+    let fp = Fingerprint::of(&file.metadata().map_err(io)?);
+    if fp != expect {
+        return Err(Stop::Changed(file_path(path)));
+    }
+    Ok(file)
+}
+
+pub fn check_pinned(file: &File, path: &Path, expect: Fingerprint) -> Result<(), Stop> {
+    let meta = file.metadata().map_err(|source| Stop::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    if Fingerprint::of(&meta) != expect {
+        return Err(Stop::Changed(file_path(path)));
+    }
+    Ok(())
+}
+
+pub async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, Stop> + Send + 'static,
+) -> Result<T, Stop> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|_| Stop::Journal(JournalError::Panicked))?
+}

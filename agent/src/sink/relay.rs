@@ -1,0 +1,288 @@
+//! Delivery of one journaled object to a QUIC relay (`[destination] type = "quic"`): one stream
+//! per object on a shared connection, driven by the sans-IO `Upload` machine of `ha-edge-proto`.
+//!
+//! Journal states are the S3 path's: the whole-object SHA-256 is fixed (`uploading`) before the
+//! offer, and the object is delivered only on the relay's `Stored` (it verified size and
+//! SHA-256 and stored the object) or `AlreadyHave`. A transfer interrupted by a lost connection,
+//! a relay restart or our own restart offers the object again and sends from the offset the
+//! relay confirms it holds.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use ha_edge_proto::{Refusal, SessionError, Upload, UploadEvent, MAX_DATA};
+use tokio::sync::watch;
+
+use super::read::{pin, Budget, Origin, Pinned, Stop};
+use super::Outcome;
+use crate::journal::{Journal, ObjectRow, State};
+use crate::relay::client::{LinkError, RelayClient};
+use crate::s3::S3Error;
+
+pub struct RelaySink {
+    client: Arc<RelayClient>,
+    journal: Journal,
+    budget: Budget,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum RStop {
+    #[error(transparent)]
+    Read(#[from] Stop),
+    #[error(transparent)]
+    Link(#[from] LinkError),
+    #[error("relay protocol: {0}")]
+    Session(#[from] SessionError),
+    #[error("the relay refuses {key}: {reason:?}: {message}")]
+    Refused {
+        key: String,
+        reason: Refusal,
+        message: String,
+    },
+    #[error(
+        "the relay received something else than offered for {key} ({message}); sending it again"
+    )]
+    Mismatch { key: String, message: String },
+}
+
+/// What the relay answered, or that the stream ended without an answer.
+type Answer = Result<UploadEvent, RStop>;
+
+impl RelaySink {
+    pub fn new(client: Arc<RelayClient>, journal: Journal, budget_bytes: u64) -> RelaySink {
+        RelaySink {
+            client,
+            journal,
+            budget: Budget::new(budget_bytes),
+        }
+    }
+
+    pub fn client(&self) -> &Arc<RelayClient> {
+        &self.client
+    }
+
+    pub async fn deliver(
+        &self,
+        row: &ObjectRow,
+        origin: &Origin,
+        stop: watch::Receiver<bool>,
+    ) -> Outcome {
+        match self.send(row, origin, stop).await {
+            Ok(sha) => Outcome::Delivered(sha),
+            Err(e) => self.outcome(e),
+        }
+    }
+
+    fn outcome(&self, e: RStop) -> Outcome {
+        match e {
+            RStop::Read(Stop::Interrupted) => Outcome::Interrupted,
+            RStop::Read(Stop::Vanished(_)) => Outcome::Vanished(e.to_string()),
+            RStop::Read(Stop::Changed(_)) => Outcome::Changed(e.to_string()),
+            RStop::Read(Stop::Escaped(_)) => Outcome::Rejected(e.to_string()),
+            RStop::Read(Stop::Io { ref source, .. })
+                if source.kind() == std::io::ErrorKind::PermissionDenied =>
+            {
+                Outcome::Rejected(e.to_string())
+            }
+            RStop::Read(Stop::Journal(j)) => Outcome::Fatal(j),
+            RStop::Read(_) => Outcome::Retry(e.to_string()),
+            RStop::Link(LinkError::Unreachable { .. }) => Outcome::Unreachable(e.to_string()),
+            RStop::Link(LinkError::Refused { relay, detail }) => {
+                Outcome::Destination(S3Error::Relay {
+                    relay,
+                    what: "this agent".into(),
+                    code: "RelayRefused",
+                    message: detail,
+                })
+            }
+            RStop::Link(LinkError::Setup(ref m)) => Outcome::Destination(S3Error::Setup(m.clone())),
+            RStop::Link(LinkError::Protocol { .. }) | RStop::Session(_) => {
+                Outcome::Retry(e.to_string())
+            }
+            RStop::Refused {
+                key,
+                reason,
+                message,
+            } => match reason {
+                Refusal::Unauthorized => Outcome::Destination(S3Error::Relay {
+                    relay: self.client.relay().to_string(),
+                    what: key,
+                    code: "AccessDenied",
+                    message,
+                }),
+                Refusal::Version => Outcome::Destination(S3Error::Relay {
+                    relay: self.client.relay().to_string(),
+                    what: key,
+                    code: "RelayRefused",
+                    message,
+                }),
+                Refusal::BadKey => {
+                    Outcome::Rejected(format!("the relay refuses the key {key}: {message}"))
+                }
+                Refusal::Busy | Refusal::Unavailable => {
+                    Outcome::Retry(format!("the relay cannot take {key} now: {message}"))
+                }
+            },
+            RStop::Mismatch { .. } => Outcome::Retry(e.to_string()),
+        }
+    }
+
+    async fn send(
+        &self,
+        row: &ObjectRow,
+        origin: &Origin,
+        stop: watch::Receiver<bool>,
+    ) -> Result<[u8; 32], RStop> {
+        let fp = row.fingerprint;
+        let size = fp.size;
+        let pinned = pin(row, origin).await?;
+        // The hash is fixed before the first offer, and kept for every later attempt: the relay
+        // keys its partial transfer on (key, SHA-256).
+        let sha = match (row.state, row.sha256) {
+            (State::Uploading | State::Completing, Some(sha)) => sha,
+            _ => {
+                let sha = pinned.hash_all(&self.budget, size).await?;
+                if !self
+                    .journal
+                    .set_hashed(row.id, fp, sha, pinned.etag())
+                    .await
+                    .map_err(Stop::Journal)?
+                {
+                    return Err(Stop::Changed(pinned.what()).into());
+                }
+                sha
+            }
+        };
+        let conn = self.client.connection().await?;
+        match self.offer(&conn, row, &pinned, sha, stop).await {
+            Err(RStop::Link(e @ LinkError::Unreachable { .. })) => {
+                self.client.forget(&conn).await;
+                Err(RStop::Link(e))
+            }
+            other => other,
+        }
+    }
+
+    async fn offer(
+        &self,
+        conn: &quinn::Connection,
+        row: &ObjectRow,
+        pinned: &Arc<Pinned>,
+        sha: [u8; 32],
+        stop: watch::Receiver<bool>,
+    ) -> Result<[u8; 32], RStop> {
+        let size = row.fingerprint.size;
+        let idle = self.client.idle();
+        let (mut send, mut recv) = conn
+            .open_bi()
+            .await
+            .map_err(|e| self.client.connection_error(&e))?;
+        let mut up = Upload::new(&row.key, size, sha, Instant::now(), idle);
+        self.flush(conn, &mut up, &mut send).await?;
+        let mut buf = vec![0u8; 16 * 1024];
+        match self.answer(conn, &mut up, &mut recv, &mut buf).await? {
+            UploadEvent::SendFrom(offset) => {
+                if offset > 0 {
+                    tracing::info!(key = %row.key, offset, size, "the relay holds the first bytes already; sending the rest");
+                }
+                let mut off = offset;
+                while off < size {
+                    if *stop.borrow() {
+                        // The relay keeps what it has; the next start resumes from there.
+                        return Err(Stop::Interrupted.into());
+                    }
+                    let len = (size - off).min(MAX_DATA as u64);
+                    let _permit = self.budget.reserve(len).await;
+                    let (bytes, _) = pinned.read(off, len).await?;
+                    up.send_data(off, bytes.to_vec())?;
+                    self.flush(conn, &mut up, &mut send).await?;
+                    off += len;
+                }
+                pinned.check().await?;
+                up.commit(Instant::now())?;
+                self.flush(conn, &mut up, &mut send).await?;
+                let _ = send.finish();
+                match self.answer(conn, &mut up, &mut recv, &mut buf).await? {
+                    UploadEvent::Stored => {
+                        tracing::debug!(key = %row.key, sent = size - offset, "stored by the relay");
+                        Ok(sha)
+                    }
+                    other => self.ended(row, other),
+                }
+            }
+            UploadEvent::AlreadyStored => {
+                tracing::info!(key = %row.key, "the relay already stores this object (same SHA-256)");
+                Ok(sha)
+            }
+            other => self.ended(row, other),
+        }
+    }
+
+    fn ended(&self, row: &ObjectRow, ev: UploadEvent) -> Result<[u8; 32], RStop> {
+        Err(match ev {
+            UploadEvent::Refused { reason, message } => RStop::Refused {
+                key: row.key.clone(),
+                reason,
+                message,
+            },
+            UploadEvent::Mismatch(message) => RStop::Mismatch {
+                key: row.key.clone(),
+                message,
+            },
+            other => RStop::Session(SessionError::Unexpected {
+                got: match other {
+                    UploadEvent::SendFrom(_) => "Accept",
+                    UploadEvent::AlreadyStored => "AlreadyHave",
+                    _ => "Stored",
+                },
+                state: "this point of the transfer",
+            }),
+        })
+    }
+
+    async fn flush(
+        &self,
+        conn: &quinn::Connection,
+        up: &mut Upload,
+        send: &mut quinn::SendStream,
+    ) -> Result<(), RStop> {
+        while let Some(frame) = up.poll_transmit() {
+            send.write_all(&frame)
+                .await
+                .map_err(|e| self.client.write_error(conn, e))?;
+        }
+        Ok(())
+    }
+
+    /// Reads until the machine reports the relay's answer (or its deadline passes).
+    async fn answer(
+        &self,
+        conn: &quinn::Connection,
+        up: &mut Upload,
+        recv: &mut quinn::RecvStream,
+        buf: &mut [u8],
+    ) -> Answer {
+        loop {
+            let deadline = up
+                .poll_timeout()
+                .unwrap_or_else(|| Instant::now() + self.client.idle());
+            let read = tokio::time::timeout_at(deadline.into(), recv.read(buf)).await;
+            let n = match read {
+                Err(_) => {
+                    up.handle_timeout(Instant::now())?;
+                    continue;
+                }
+                Ok(r) => r.map_err(|e| self.client.read_error(conn, e))?,
+            };
+            let Some(n) = n else {
+                return Err(RStop::Link(LinkError::Unreachable {
+                    relay: self.client.relay().to_string(),
+                    detail: "the relay ended the stream without an answer".into(),
+                }));
+            };
+            if let Some(ev) = up.handle_input(&buf[..n], Instant::now())? {
+                return Ok(ev);
+            }
+        }
+    }
+}

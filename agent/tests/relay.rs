@@ -1,0 +1,480 @@
+//! The QUIC relay path: real quinn endpoints on 127.0.0.1 (the `ha-edge relay` process and the
+//! agent), certificates generated here with rcgen, the relay landing in a directory or in the
+//! real S3 test server.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use ha_edge_tests::*;
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+
+const BIN: &str = env!("CARGO_BIN_EXE_ha-edge");
+const MIB: usize = 1024 * 1024;
+const RELAY_NAME: &str = "relay.test";
+const DKFZ: &str = "dkfz-edge-01.agents.test";
+
+fn bin() -> &'static Path {
+    Path::new(BIN)
+}
+
+/// A CA that signs certificates into `dir`.
+struct Ca {
+    dir: PathBuf,
+    name: String,
+    params: CertificateParams,
+    key: KeyPair,
+}
+
+impl Ca {
+    fn new(dir: &Path, name: &str) -> Ca {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, name);
+        let key = KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        std::fs::write(dir.join(format!("{name}.pem")), cert.pem()).unwrap();
+        Ca {
+            dir: dir.to_path_buf(),
+            name: name.to_string(),
+            params,
+            key,
+        }
+    }
+
+    fn pem(&self) -> PathBuf {
+        self.dir.join(format!("{}.pem", self.name))
+    }
+
+    /// A leaf certificate for `dns`; `expired` puts its validity in the past.
+    fn issue(&self, file: &str, dns: &str, expired: bool) -> (PathBuf, PathBuf) {
+        let mut params = CertificateParams::new(vec![dns.to_string()]).unwrap();
+        params.distinguished_name.push(DnType::CommonName, dns);
+        if expired {
+            params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+            params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+        }
+        let key = KeyPair::generate().unwrap();
+        let issuer = Issuer::from_params(&self.params, &self.key);
+        let cert = params.signed_by(&key, &issuer).unwrap();
+        let (c, k) = (
+            self.dir.join(format!("{file}.pem")),
+            self.dir.join(format!("{file}.key")),
+        );
+        std::fs::write(&c, cert.pem()).unwrap();
+        std::fs::write(&k, key.serialize_pem()).unwrap();
+        (c, k)
+    }
+}
+
+/// A running `ha-edge relay`.
+struct Relay {
+    child: Child,
+    dir: PathBuf,
+}
+
+impl Relay {
+    fn config(dir: &Path, port: u16, ca: &Ca, store: &str, agents: &str) -> PathBuf {
+        let (cert, key) = ca.issue("relay", RELAY_NAME, false);
+        let text = format!(
+            r#"[relay]
+listen = "127.0.0.1:{port}"
+name = "test-relay"
+cert_file = "{cert}"
+key_file = "{key}"
+client_ca_file = "{ca}"
+state_dir = "{state}"
+idle_timeout = "3s"
+partial_ttl = "1h"
+
+{agents}
+
+[store]
+{store}
+"#,
+            cert = cert.display(),
+            key = key.display(),
+            ca = ca.pem().display(),
+            state = dir.join("relay-state").display(),
+        );
+        let path = dir.join("relay.toml");
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    fn start(dir: &Path) -> Relay {
+        let log = std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(dir.join("relay.log"))
+            .unwrap();
+        let child = Command::new(bin())
+            .args(["relay", "-c"])
+            .arg(dir.join("relay.toml"))
+            .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+            .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+            .env("RUST_LOG", "ha_edge=debug,info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let r = Relay {
+            child,
+            dir: dir.to_path_buf(),
+        };
+        let listening = |r: &Relay| r.log().matches("relay listening").count();
+        let before = listening(&r).saturating_sub(1);
+        assert!(
+            wait_until(Duration::from_secs(20), || listening(&r) > before),
+            "{}",
+            r.log()
+        );
+        r
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("relay.log")).unwrap_or_default()
+    }
+
+    /// Bytes the relay holds in partial transfers.
+    fn partial_bytes(&self) -> u64 {
+        std::fs::read_dir(self.dir.join("relay-state/partial"))
+            .map(|rd| {
+                rd.flatten()
+                    .filter_map(|e| e.metadata().ok())
+                    .map(|m| m.len())
+                    .sum()
+            })
+            .unwrap_or(0)
+    }
+
+    fn partial_files(&self) -> Vec<PathBuf> {
+        std::fs::read_dir(self.dir.join("relay-state/partial"))
+            .map(|rd| rd.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct World {
+    setup: Setup,
+    ca: Ca,
+    relay_port: u16,
+    landed: PathBuf,
+}
+
+const DKFZ_AGENT: &str =
+    "[[agent]]\nidentity = \"dkfz-edge-01.agents.test\"\nprefix = \"fhir/dkfz/\"";
+
+/// A relay landing in a directory, and an agent set up for it (its certificate `agent`).
+fn world(store: Option<&str>) -> World {
+    let setup = Setup::new("unused");
+    let dir = setup.dir.path().to_path_buf();
+    let ca = Ca::new(&dir, "ca");
+    let relay_port = free_udp_port();
+    let landed = dir.join("landed");
+    let store = store
+        .map(str::to_string)
+        .unwrap_or_else(|| format!("type = \"dir\"\npath = \"{}\"", landed.display()));
+    Relay::config(&dir, relay_port, &ca, &store, DKFZ_AGENT);
+    World {
+        setup,
+        ca,
+        relay_port,
+        landed,
+    }
+}
+
+impl World {
+    /// The agent's config: destination the relay (or a proxy at `port`), with this certificate.
+    fn agent_config(&self, port: u16, cert: &str, prefix: &str, agent_extra: &str) {
+        let (c, k) = self.ca.issue(cert, DKFZ, false);
+        self.agent_config_with(port, &c, &k, &self.ca.pem(), prefix, agent_extra);
+    }
+
+    fn agent_config_with(
+        &self,
+        port: u16,
+        cert: &Path,
+        key: &Path,
+        ca: &Path,
+        prefix: &str,
+        agent_extra: &str,
+    ) {
+        let dest = format!(
+            "[destination]\ntype = \"quic\"\nrelay = \"127.0.0.1:{port}\"\nserver_name = \"{RELAY_NAME}\"\n\
+             ca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\nprefix = \"{prefix}\"\n",
+            ca.display(),
+            cert.display(),
+            key.display()
+        );
+        self.setup
+            .write_config_with(&dest, agent_extra, "settle = \"0s\"");
+    }
+
+    fn relay(&self) -> Relay {
+        Relay::start(self.setup.dir.path())
+    }
+}
+
+#[test]
+fn many_files_and_a_large_one_land_in_s3_through_the_relay_verified_and_only_once() {
+    let s3 = S3Server::start();
+    s3.create_bucket("cloud");
+    let store = format!(
+        "type = \"s3\"\nendpoint = \"{}\"\nregion = \"eu-central-1\"\nbucket = \"cloud\"\npath_style = true\npart_size = \"5MiB\"",
+        s3.endpoint()
+    );
+    let w = world(Some(&store));
+    let relay = w.relay();
+    w.agent_config(w.relay_port, "agent", "fhir/dkfz/", "");
+    let mut files = mixed_workload(5, 40);
+    files.push(("imaging/ct-series.dcm".into(), data(9, 24 * MIB)));
+    for (name, bytes) in &files {
+        write_settled(&w.setup.src().join(name), bytes);
+    }
+    let out = w.setup.run_once(bin());
+    assert!(out.status.success(), "{}\n{}", stderr_of(&out), relay.log());
+    for (name, bytes) in &files {
+        let key = format!("fhir/dkfz/{name}");
+        let got = s3.object("cloud", &key).unwrap_or_default();
+        assert_eq!(sha256(&got), sha256(bytes), "{key}");
+        let meta = s3.metadata("cloud", &key).unwrap();
+        assert!(meta.to_string().contains(&sha256(bytes)), "{key}: {meta}");
+    }
+    assert_eq!(s3.keys("cloud").len(), files.len());
+    assert_eq!(s3.open_uploads(), 0);
+    assert_eq!(
+        relay.log().matches("stored and verified").count(),
+        files.len()
+    );
+    // A fresh journal (say, a replaced edge box): the relay already has every object.
+    std::fs::remove_dir_all(w.setup.journal().parent().unwrap()).unwrap();
+    let out = w.setup.run_once(bin());
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert_eq!(
+        stderr_of(&out)
+            .matches("the relay already stores this object")
+            .count(),
+        files.len()
+    );
+    assert_eq!(
+        relay.log().matches("stored and verified").count(),
+        files.len(),
+        "nothing stored twice"
+    );
+}
+
+#[test]
+fn a_dropped_connection_resumes_from_the_offset_the_relay_confirms() {
+    let w = world(None);
+    let relay = w.relay();
+    let link = UdpProxy::start(w.relay_port);
+    // request_timeout bounds the QUIC idle timeout: a cut link is noticed within 3 s.
+    w.agent_config(link.port, "agent", "fhir/dkfz/", "request_timeout = \"3s\"");
+    let big = data(21, 64 * MIB);
+    write_settled(&w.setup.src().join("big.dcm"), &big);
+    let mut daemon = w.setup.spawn_daemon(bin());
+    assert!(
+        wait_until(Duration::from_secs(60), || relay.partial_bytes()
+            >= 16 * MIB as u64),
+        "{}\n{}",
+        w.setup.daemon_log(),
+        relay.log()
+    );
+    link.down.store(true, Ordering::Relaxed);
+    std::thread::sleep(Duration::from_secs(6));
+    let held = relay.partial_bytes();
+    link.down.store(false, Ordering::Relaxed);
+    let landed = w.landed.join("fhir/dkfz/big.dcm");
+    assert!(
+        wait_until(Duration::from_secs(90), || landed.exists()),
+        "{}\n{}",
+        w.setup.daemon_log(),
+        relay.log()
+    );
+    sigterm(&daemon);
+    assert!(wait_within(&mut daemon, Duration::from_secs(20)).success());
+    assert_eq!(sha256(&std::fs::read(&landed).unwrap()), sha256(&big));
+    let log = w.setup.daemon_log();
+    assert!(
+        log.contains("the relay holds the first bytes already"),
+        "{log}"
+    );
+    assert!(relay.log().contains("resuming a partial transfer"));
+    // Bytes sent towards the relay: the file once, plus QUIC overhead and what was in flight
+    // when the link went down; far from the 2x of a restart from zero.
+    let sent = link.bytes_up.load(Ordering::Relaxed);
+    let resent = sent.saturating_sub(big.len() as u64);
+    eprintln!(
+        "held at the cut: {held} bytes; sent in all: {sent} bytes for {} (overhead and re-sent: {resent})",
+        big.len()
+    );
+    assert!(held >= 16 * MIB as u64);
+    assert!(
+        sent < big.len() as u64 * 11 / 10,
+        "{sent} bytes sent for a {} byte file",
+        big.len()
+    );
+    assert!(relay.partial_files().is_empty());
+}
+
+#[test]
+fn a_relay_restarted_mid_transfer_resumes_where_its_disk_says() {
+    let w = world(None);
+    let mut relay = w.relay();
+    w.agent_config(
+        w.relay_port,
+        "agent",
+        "fhir/dkfz/",
+        "request_timeout = \"3s\"",
+    );
+    let big = data(22, 48 * MIB);
+    write_settled(&w.setup.src().join("series.dcm"), &big);
+    let mut daemon = w.setup.spawn_daemon(bin());
+    assert!(
+        wait_until(Duration::from_secs(60), || relay.partial_bytes()
+            >= 12 * MIB as u64),
+        "{}",
+        relay.log()
+    );
+    let _ = relay.child.kill(); // SIGKILL
+    let _ = relay.child.wait();
+    let held = relay.partial_bytes();
+    std::thread::sleep(Duration::from_secs(1));
+    let relay = w.relay();
+    let landed = w.landed.join("fhir/dkfz/series.dcm");
+    assert!(
+        wait_until(Duration::from_secs(90), || landed.exists()),
+        "{}\n{}",
+        w.setup.daemon_log(),
+        relay.log()
+    );
+    sigterm(&daemon);
+    assert!(wait_within(&mut daemon, Duration::from_secs(20)).success());
+    assert_eq!(sha256(&std::fs::read(&landed).unwrap()), sha256(&big));
+    let log = relay.log();
+    let resumed = log
+        .lines()
+        .rfind(|l| l.contains("resuming a partial transfer"))
+        .unwrap_or_else(|| panic!("{log}"));
+    let offset: u64 = resumed
+        .split("offset=")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap();
+    assert_eq!(offset, held, "resumed from what the relay's disk held");
+}
+
+#[test]
+fn corrupted_bytes_at_the_relay_are_detected_and_the_object_sent_again() {
+    let w = world(None);
+    let relay = w.relay();
+    let link = UdpProxy::start(w.relay_port);
+    w.agent_config(link.port, "agent", "fhir/dkfz/", "request_timeout = \"3s\"");
+    let big = data(23, 32 * MIB);
+    write_settled(&w.setup.src().join("scan.dcm"), &big);
+    let mut daemon = w.setup.spawn_daemon(bin());
+    assert!(
+        wait_until(Duration::from_secs(60), || relay.partial_bytes()
+            >= 2 * MIB as u64),
+        "{}",
+        relay.log()
+    );
+    // Flip one byte the relay already holds (a bad disk, a bad copy).
+    let part = relay.partial_files().pop().unwrap();
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .read(true)
+            .open(&part)
+            .unwrap();
+        let mut b = [0u8; 1];
+        f.read_exact_at(&mut b, 1000).unwrap();
+        f.write_all_at(&[b[0] ^ 0xff], 1000).unwrap();
+    }
+    let landed = w.landed.join("fhir/dkfz/scan.dcm");
+    assert!(
+        wait_until(Duration::from_secs(120), || landed.exists()),
+        "{}\n{}",
+        w.setup.daemon_log(),
+        relay.log()
+    );
+    sigterm(&daemon);
+    assert!(wait_within(&mut daemon, Duration::from_secs(20)).success());
+    assert_eq!(sha256(&std::fs::read(&landed).unwrap()), sha256(&big));
+    assert!(
+        relay.log().contains("do not match the offer"),
+        "{}",
+        relay.log()
+    );
+    assert!(
+        w.setup
+            .daemon_log()
+            .contains("received something else than offered"),
+        "{}",
+        w.setup.daemon_log()
+    );
+    // Sent twice: the corrupted attempt is thrown away whole.
+    assert!(link.bytes_up.load(Ordering::Relaxed) > 2 * big.len() as u64 - MIB as u64);
+}
+
+#[test]
+fn certificates_from_another_ca_or_expired_are_refused_at_the_handshake() {
+    let w = world(None);
+    let relay = w.relay();
+    write_settled(&w.setup.src().join("a.ndjson"), b"{}\n");
+    let other = Ca::new(w.setup.dir.path(), "other-ca");
+    let (c, k) = other.issue("stranger", DKFZ, false);
+    let (ce, ke) = w.ca.issue("expired", DKFZ, true);
+    for (cert, key, what) in [(&c, &k, "another CA"), (&ce, &ke, "expired")] {
+        w.agent_config_with(w.relay_port, cert, key, &w.ca.pem(), "fhir/dkfz/", "");
+        let out = w.setup.run_once(bin());
+        let err = stderr_of(&out);
+        assert_eq!(out.status.code(), Some(3), "{what}: {err}");
+        assert!(err.contains("refuses this agent"), "{what}: {err}");
+        assert!(err.contains("TLS handshake refused"), "{what}: {err}");
+    }
+    assert!(!w.landed.join("fhir/dkfz/a.ndjson").exists());
+    assert!(
+        relay
+            .log()
+            .matches("connection refused in the handshake")
+            .count()
+            >= 2,
+        "{}",
+        relay.log()
+    );
+    // A certificate from the right CA whose name is not in [[agent]]: refused by identity.
+    let (ci, ki) = w.ca.issue("unknown", "unknown.agents.test", false);
+    w.agent_config_with(w.relay_port, &ci, &ki, &w.ca.pem(), "fhir/dkfz/", "");
+    let out = w.setup.run_once(bin());
+    assert_eq!(out.status.code(), Some(3), "{}", stderr_of(&out));
+    assert!(stderr_of(&out).contains("carries no identity"));
+}
+
+#[test]
+fn an_agent_cannot_write_outside_its_prefix() {
+    let w = world(None);
+    let relay = w.relay();
+    write_settled(&w.setup.src().join("x.ndjson"), b"{}\n");
+    // Authorized for fhir/dkfz/, configured to write fhir/embl/.
+    w.agent_config(w.relay_port, "agent", "fhir/embl/", "");
+    let out = w.setup.run_once(bin());
+    let err = stderr_of(&out);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(err.contains("may write under"), "{err}");
+    assert!(!w.landed.join("fhir/embl/x.ndjson").exists());
+    assert!(relay.log().contains("key outside the agent's prefix"));
+    assert!(relay.partial_files().is_empty(), "nothing was accepted");
+}
