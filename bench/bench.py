@@ -127,7 +127,58 @@ class Tools:
                 "/usr/bin/aws", "s3", "cp", str(src), f"s3://{bucket}/", "--recursive",
                 "--endpoint-url", self.endpoint, "--only-show-errors", "--exclude", ".complete",
             ], env
+        if tool == "ha-edge-quic":
+            # The same agent, through the QUIC relay, which lands in the same server: the wall
+            # time ends when the relay has verified and stored every object in S3.
+            cfg = run_dir / "ha-edge.toml"
+            pki = self.work / "pki"
+            cfg.write_text(
+                f'[agent]\njournal = "{run_dir}/journal.db"\nconcurrency = {TRANSFERS}\n'
+                f'parts_in_flight = {TRANSFERS}\npart_size = "{PART_MIB}MiB"\n'
+                f'multipart_threshold = "{CUTOFF_MIB}MiB"\nlog_level = "warn"\n\n'
+                f'[[source]]\nname = "bench"\ntype = "fs"\npath = "{src}"\nexclude = ["**/.*"]\n\n'
+                f'[destination]\ntype = "quic"\nrelay = "127.0.0.1:{self.relay_port}"\n'
+                f'server_name = "relay.bench"\nca_file = "{pki}/ca.pem"\n'
+                f'cert_file = "{pki}/agent.pem"\nkey_file = "{pki}/agent.key"\nprefix = "{bucket}/"\n'
+            )
+            return [self.ha_edge, "run", "-c", str(cfg), "--once"], env
         raise ValueError(tool)
+
+    def start_relay(self, s3dir: Path):
+        """Certificates (openssl), a relay landing in bucket "quic" of the same server."""
+        pki = self.work / "pki"
+        shutil.rmtree(pki, ignore_errors=True)
+        pki.mkdir(parents=True)
+        def ossl(*a):
+            subprocess.check_call(["openssl", *a], cwd=pki, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        ossl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+             "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=bench CA",
+             "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign")
+        for name, dns in (("relay", "relay.bench"), ("agent", "agent.bench")):
+            ossl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                 "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={dns}")
+            (pki / f"{name}.ext").write_text(f"subjectAltName=DNS:{dns}\n")
+            ossl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+                 "-CAcreateserial", "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext")
+        (s3dir / "quic").mkdir(exist_ok=True)
+        self.relay_port = free_port()
+        state = self.work / "relay-state"
+        shutil.rmtree(state, ignore_errors=True)
+        cfg = self.work / "relay.toml"
+        cfg.write_text(
+            f'[relay]\nlisten = "127.0.0.1:{self.relay_port}"\ncert_file = "{pki}/relay.pem"\n'
+            f'key_file = "{pki}/relay.key"\nclient_ca_file = "{pki}/ca.pem"\nstate_dir = "{state}"\n'
+            f'log_level = "warn"\n\n[[agent]]\nidentity = "agent.bench"\nprefix = ""\n\n'
+            f'[store]\ntype = "s3"\nendpoint = "{self.endpoint}"\nregion = "us-east-1"\n'
+            f'bucket = "quic"\npath_style = true\npart_size = "{PART_MIB}MiB"\n'
+        )
+        env = dict(self.base_env, AWS_ACCESS_KEY_ID=AK, AWS_SECRET_ACCESS_KEY=SK)
+        self.relay_log = open(self.work / "relay.log", "w")
+        self.relay = subprocess.Popen([self.ha_edge, "relay", "-c", str(cfg)], env=env,
+                                      stdout=subprocess.DEVNULL, stderr=self.relay_log)
+        time.sleep(1.0)
+        if self.relay.poll() is not None:
+            raise SystemExit("the relay did not start: " + (self.work / "relay.log").read_text())
 
 
 def main():
@@ -168,6 +219,7 @@ def main():
         [args.s3s_fs, "--host", "127.0.0.1", "--port", str(port), "--access-key", AK, "--secret-key", SK, str(s3dir)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
+    t = None
     try:
         for _ in range(200):
             try:
@@ -176,6 +228,8 @@ def main():
             except OSError:
                 time.sleep(0.05)
         t = Tools(work, f"http://127.0.0.1:{port}", args.ha_edge)
+        if "ha-edge-quic" in tools:
+            t.start_relay(s3dir)
         results = {w: {tool: [] for tool in tools} for w in workloads}
         for r in range(args.rounds):
             order = tools[r % len(tools):] + tools[: r % len(tools)]
@@ -187,13 +241,16 @@ def main():
                     run_dir = work / "runs" / bucket
                     shutil.rmtree(run_dir, ignore_errors=True)
                     run_dir.mkdir(parents=True)
-                    (s3dir / bucket).mkdir()
+                    landed = s3dir / "quic" / bucket if tool == "ha-edge-quic" else s3dir / bucket
+                    landed.mkdir()
                     subprocess.call(["sync"])
                     cmd, env = t.command(tool, src, bucket, run_dir)
                     srv_before = proc_cpu(server.pid)
+                    relay_before = proc_cpu(t.relay.pid) if tool == "ha-edge-quic" else 0.0
                     wall, rss, user, sys_, rc = timed(cmd, env, run_dir / "log.txt")
                     srv_cpu = proc_cpu(server.pid) - srv_before
-                    got = bucket_files(s3dir / bucket)
+                    relay_cpu = proc_cpu(t.relay.pid) - relay_before if tool == "ha-edge-quic" else 0.0
+                    got = bucket_files(landed)
                     ok = rc == 0 and got == expected
                     print(f"round {r + 1} {w:6} {tool:7} {wall:7.2f}s rss {rss / 1024:6.1f} MiB "
                           f"cpu {user + sys_:6.2f}s server cpu {srv_cpu:6.2f}s "
@@ -203,9 +260,12 @@ def main():
                         print((run_dir / "log.txt").read_text()[-3000:], file=sys.stderr)
                         sys.exit(1)
                     results[w][tool].append({"wall": wall, "rss_kib": rss, "cpu": user + sys_,
-                                             "server_cpu": srv_cpu})
-                    shutil.rmtree(s3dir / bucket)
+                                             "server_cpu": srv_cpu, "relay_cpu": relay_cpu})
+                    shutil.rmtree(landed)
     finally:
+        if t is not None and getattr(t, "relay", None) is not None:
+            t.relay.terminate()
+            t.relay.wait()
         server.terminate()
         server.wait()
         if storage == "tmpfs":
@@ -251,6 +311,11 @@ def report(results, workloads, tools, args):
             print(f"| {WORKLOADS[w][0]} | {tool} | {wall:.2f} | {row['mb_per_s']:.1f} | "
                   f"{row['files_per_s']:.0f} | {rss:.1f} | {cpu:.2f} | {row['cpu_s_per_gb']:.2f} | "
                   f"{srv:.2f} |")
+    if "ha-edge-quic" in tools:
+        print("\nha-edge-quic: agent -> QUIC relay on 127.0.0.1 -> the same S3 server; the relay's "
+              "CPU (median) was " + ", ".join(
+                  f"{WORKLOADS[w][0]}: {statistics.median(x['relay_cpu'] for x in results[w]['ha-edge-quic']):.2f} s"
+                  for w in workloads))
     if "ha-edge" in tools and "rclone" in tools:
         print("\n| workload | throughput ha-edge/rclone | peak RSS ha-edge/rclone | CPU ha-edge/rclone |")
         print("|---|---|---|---|")

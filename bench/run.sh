@@ -3,7 +3,7 @@
 # alternating tools over several rounds; medians and ratios are printed as Markdown tables.
 #
 #   bench/run.sh [--rounds N] [--workloads big,small,medium] [--tools ha-edge,rclone,aws]
-#                [--server-storage tmpfs|disk]
+#                [--server-storage tmpfs|disk]   (tools also: ha-edge-quic, via the QUIC relay)
 #
 # Installs what it needs: s3s-fs (cargo), rclone and awscli (apt), and builds the static
 # release binary of ha-edge that the packages ship. Scratch space: /var/tmp/ha-edge-bench

@@ -2184,6 +2184,88 @@ bucket = "fhir-bucket"
     }
 
     #[test]
+    fn relay_example_is_valid_and_mistakes_name_their_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/relay.toml"),
+        )
+        .unwrap();
+        let mut text = text.replace(
+            "/var/lib/ha-edge-relay",
+            &dir.path().join("state").display().to_string(),
+        );
+        for f in ["server.pem", "server.key", "agents-ca.pem"] {
+            let p = dir.path().join(f);
+            std::fs::write(&p, "x").unwrap();
+            text = text.replace(&format!("/etc/ha-edge/relay/{f}"), &p.display().to_string());
+        }
+        let c = RelayConfig::parse(Path::new("relay.toml"), &text).unwrap();
+        assert_eq!(c.agents.len(), 2);
+        assert_eq!(c.agents[1].prefix, "fhir/embl/");
+        assert!(
+            matches!(&c.store, StoreConfig::S3 { bucket, part_size } if bucket.bucket == "healthalliance-fhir" && *part_size == 16 << 20)
+        );
+        assert_eq!(c.stream_buffer, 4 << 20);
+
+        let bad = text
+            .replace("listen = \"0.0.0.0:4433\"", "listen = \"anywhere\"")
+            .replace("prefix = \"fhir/embl/\"", "prefix = \"../x/\"")
+            .replace(
+                "identity = \"embl-edge-01.agents.example.org\"",
+                "identity = \"not a name\"",
+            )
+            .replace("region = \"eu-central-1\"", "region = \"eu central\"");
+        let err = RelayConfig::parse(Path::new("relay.toml"), &bad).unwrap_err();
+        let keys: Vec<&str> = err.problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "relay.listen",
+                "agent[1].identity",
+                "agent[1].prefix",
+                "store.region"
+            ]
+        );
+        assert!(err.to_string().contains("relay.toml:"));
+        // No [store], no [[agent]].
+        let err = RelayConfig::parse(Path::new("r.toml"), "[relay]\nlisten = \"127.0.0.1:1\"\n")
+            .unwrap_err();
+        let keys: Vec<&str> = err.problems.iter().map(|p| p.key.as_str()).collect();
+        assert!(
+            keys.contains(&"store") && keys.contains(&"agent") && keys.contains(&"relay.cert_file"),
+            "{keys:?}"
+        );
+    }
+
+    #[test]
+    fn quic_destination_needs_its_ca_and_refuses_s3_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("in")).unwrap();
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, "x").unwrap();
+        let quic = format!(
+            "[destination]\ntype = \"quic\"\nrelay = \"relay.example.org:4433\"\nca_file = \"{}\"\nprefix = \"fhir/dkfz/\"\n",
+            ca.display()
+        );
+        let base = good(dir.path());
+        let at = base.find("[destination]").unwrap();
+        let text = format!("{}{quic}", &base[..at]);
+        let c = Config::parse(Path::new("t.toml"), &text).unwrap();
+        let Destination::Relay(r) = &c.destination else {
+            panic!("a relay destination")
+        };
+        assert_eq!(r.server_name, "relay.example.org");
+        assert_eq!(c.destination.prefix(), "fhir/dkfz/");
+        let text = format!(
+            "{}{}bucket = \"b-c-d\"\n",
+            &base[..at],
+            quic.replace("relay.example.org:4433", "no-port")
+        );
+        let keys: Vec<String> = problems(&text).into_iter().map(|p| p.key).collect();
+        assert_eq!(keys, ["destination.relay", "destination.bucket"]);
+    }
+
+    #[test]
     fn good_config_validates_with_defaults() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join("in")).unwrap();

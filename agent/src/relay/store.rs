@@ -386,3 +386,67 @@ async fn upload_file(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sha(b: &[u8]) -> [u8; 32] {
+        Sha256::digest(b).into()
+    }
+
+    #[tokio::test]
+    async fn partials_resume_land_verified_and_expire_when_idle() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("landed");
+        let store = Store::open(Landing::Dir(root.clone()), &dir.path().join("state"), 2).unwrap();
+        let data = b"0123456789".to_vec();
+        let digest = sha(&data);
+        // First session: 4 bytes arrive, then the stream is gone.
+        let mut p = store.open_partial("a", "fhir/a/x", 10, &digest).unwrap();
+        assert_eq!(p.len, 0);
+        p.append(0, data[..4].to_vec()).await.unwrap();
+        // The same transfer cannot be opened twice at once.
+        assert!(matches!(
+            store.open_partial("a", "fhir/a/x", 10, &digest),
+            Err(StoreError::InUse)
+        ));
+        drop(p);
+        // Second session resumes at 4.
+        let mut p = store.open_partial("a", "fhir/a/x", 10, &digest).unwrap();
+        assert_eq!(p.len, 4);
+        p.append(4, data[4..].to_vec()).await.unwrap();
+        assert!(!store.has("fhir/a/x", 10, &digest).await.unwrap());
+        assert_eq!(
+            store.land(p, "fhir/a/x", 10, &digest).await.unwrap(),
+            Landed::Stored
+        );
+        assert_eq!(std::fs::read(root.join("fhir/a/x")).unwrap(), data);
+        assert!(store.has("fhir/a/x", 10, &digest).await.unwrap());
+        assert!(!store.has("fhir/a/x", 10, &sha(b"other")).await.unwrap());
+
+        // A partial whose bytes differ from the offer is dropped at commit.
+        let mut p = store
+            .open_partial("a", "fhir/a/y", 3, &sha(b"abc"))
+            .unwrap();
+        p.append(0, b"abd".to_vec()).await.unwrap();
+        let path = p.path.clone();
+        assert!(matches!(
+            store.land(p, "fhir/a/y", 3, &sha(b"abc")).await.unwrap(),
+            Landed::Mismatch(_)
+        ));
+        assert!(!path.exists());
+
+        // Limits: two open partials at most; idle ones expire, one in use does not.
+        let held = store.open_partial("a", "k1", 5, &sha(b"1")).unwrap();
+        let other = store.open_partial("a", "k2", 5, &sha(b"2")).unwrap();
+        drop(other);
+        assert!(matches!(
+            store.open_partial("a", "k3", 5, &sha(b"3")),
+            Err(StoreError::Busy(2))
+        ));
+        assert_eq!(store.expire(Duration::ZERO), 1, "k2 is idle, k1 is in use");
+        assert!(held.path.exists());
+        assert!(store.open_partial("a", "k3", 5, &sha(b"3")).is_ok());
+    }
+}
