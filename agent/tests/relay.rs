@@ -375,13 +375,12 @@ fn a_relay_restarted_mid_transfer_resumes_where_its_disk_says() {
     assert_eq!(offset, held, "resumed from what the relay's disk held");
 }
 
-#[test]
-fn corrupted_bytes_at_the_relay_are_detected_and_the_object_sent_again() {
-    let w = world(None);
-    let relay = w.relay();
+/// Flips one byte the relay already holds (a bad disk, a bad copy) in the middle of a transfer;
+/// `landed` reads the object where the relay lands it.
+fn corrupt_mid_transfer(w: &World, relay: &Relay, landed: &dyn Fn() -> Option<Vec<u8>>) {
     let link = UdpProxy::start(w.relay_port);
     w.agent_config(link.port, "agent", "fhir/dkfz/", "request_timeout = \"3s\"");
-    let big = data(23, 32 * MIB);
+    let big = data(23, 24 * MIB);
     write_settled(&w.setup.src().join("scan.dcm"), &big);
     let mut daemon = w.setup.spawn_daemon(bin());
     assert!(
@@ -390,7 +389,6 @@ fn corrupted_bytes_at_the_relay_are_detected_and_the_object_sent_again() {
         "{}",
         relay.log()
     );
-    // Flip one byte the relay already holds (a bad disk, a bad copy).
     let part = relay.partial_files().pop().unwrap();
     {
         use std::os::unix::fs::FileExt;
@@ -403,16 +401,19 @@ fn corrupted_bytes_at_the_relay_are_detected_and_the_object_sent_again() {
         f.read_exact_at(&mut b, 1000).unwrap();
         f.write_all_at(&[b[0] ^ 0xff], 1000).unwrap();
     }
-    let landed = w.landed.join("fhir/dkfz/scan.dcm");
     assert!(
-        wait_until(Duration::from_secs(120), || landed.exists()),
+        wait_until(Duration::from_secs(120), || landed().is_some()),
         "{}\n{}",
         w.setup.daemon_log(),
         relay.log()
     );
     sigterm(&daemon);
     assert!(wait_within(&mut daemon, Duration::from_secs(20)).success());
-    assert_eq!(sha256(&std::fs::read(&landed).unwrap()), sha256(&big));
+    assert_eq!(
+        sha256(&landed().unwrap()),
+        sha256(&big),
+        "only the good version lands"
+    );
     assert!(
         relay.log().contains("do not match the offer"),
         "{}",
@@ -427,6 +428,29 @@ fn corrupted_bytes_at_the_relay_are_detected_and_the_object_sent_again() {
     );
     // Sent twice: the corrupted attempt is thrown away whole.
     assert!(link.bytes_up.load(Ordering::Relaxed) > 2 * big.len() as u64 - MIB as u64);
+}
+
+#[test]
+fn corrupted_bytes_at_the_relay_are_detected_and_the_object_sent_again() {
+    let w = world(None);
+    let relay = w.relay();
+    let path = w.landed.join("fhir/dkfz/scan.dcm");
+    corrupt_mid_transfer(&w, &relay, &|| std::fs::read(&path).ok());
+}
+
+#[test]
+fn corrupted_bytes_never_reach_s3_the_landing_upload_is_aborted() {
+    let s3 = S3Server::start();
+    s3.create_bucket("cloud");
+    let store = format!(
+        "type = \"s3\"\nendpoint = \"{}\"\nregion = \"eu-central-1\"\nbucket = \"cloud\"\npath_style = true\npart_size = \"5MiB\"",
+        s3.endpoint()
+    );
+    let w = world(Some(&store));
+    let relay = w.relay();
+    corrupt_mid_transfer(&w, &relay, &|| s3.object("cloud", "fhir/dkfz/scan.dcm"));
+    assert_eq!(s3.open_uploads(), 0, "the corrupted landing was aborted");
+    assert_eq!(s3.keys("cloud"), ["fhir/dkfz/scan.dcm"]);
 }
 
 #[test]

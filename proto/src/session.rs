@@ -271,6 +271,7 @@ pub struct Upload {
     io: Io,
     size: u64,
     state: UpState,
+    ack_wait: Duration,
 }
 
 impl Upload {
@@ -286,6 +287,7 @@ impl Upload {
             io,
             size,
             state: UpState::AwaitAnswer,
+            ack_wait: idle,
         }
     }
 
@@ -303,8 +305,12 @@ impl Upload {
 
     pub fn handle_timeout(&mut self, now: Instant) -> Result<(), SessionError> {
         if self.poll_timeout().is_some() && self.io.expired(now) {
+            let waited = match self.state {
+                UpState::AwaitAck => self.ack_wait,
+                _ => self.io.idle,
+            };
             self.state = UpState::Finished;
-            return Err(SessionError::Timeout(self.io.idle));
+            return Err(SessionError::Timeout(waited));
         }
         Ok(())
     }
@@ -332,12 +338,14 @@ impl Upload {
         Ok(())
     }
 
-    /// Queues the commit once every byte is queued; the answer is due within the idle time.
-    pub fn commit(&mut self, now: Instant) -> Result<(), SessionError> {
+    /// Queues the commit once every byte is queued. The answer is due within `ack_wait`: the
+    /// relay verifies and lands the object first, which takes time in proportion to its size.
+    pub fn commit(&mut self, now: Instant, ack_wait: Duration) -> Result<(), SessionError> {
         match self.state {
             UpState::Sending { next } if next == self.size => {
                 self.io.send(&Message::Commit);
-                self.io.wait(now);
+                self.io.deadline = Some(now + ack_wait);
+                self.ack_wait = ack_wait;
                 self.state = UpState::AwaitAck;
                 Ok(())
             }

@@ -124,7 +124,7 @@ fn transfer(offset: u64, data: &[u8], bytewise: bool) -> Vec<u8> {
         up.send_data(off, chunk.to_vec()).unwrap();
         off += chunk.len() as u64;
     }
-    up.commit(now).unwrap();
+    up.commit(now, IDLE).unwrap();
     assert!(
         up.poll_timeout().is_some(),
         "waiting for the ack is bounded"
@@ -212,7 +212,7 @@ fn the_relay_can_answer_already_have_refuse_or_mismatch() {
     rx.accept(0, now).unwrap();
     up.handle_input(&rx.poll_transmit().unwrap(), now).unwrap();
     up.send_data(0, vec![9, 9]).unwrap();
-    up.commit(now).unwrap();
+    up.commit(now, IDLE).unwrap();
     while let Some(f) = up.poll_transmit() {
         rx.handle_input(&f, now).unwrap();
     }
@@ -294,7 +294,7 @@ fn violations_end_the_stream_with_an_error_to_the_peer() {
         .unwrap();
     assert!(up.send_data(0, vec![0]).is_err());
     assert!(
-        up.commit(now).is_err(),
+        up.commit(now, IDLE).is_err(),
         "commit before every byte is queued"
     );
 }
@@ -317,8 +317,15 @@ fn silence_times_out_on_both_ends_but_not_while_the_caller_sends() {
     assert_eq!(up.poll_timeout(), None);
     up.send_data(0, vec![7]).unwrap();
     let t2 = t1 + Duration::from_secs(60);
-    up.commit(t2).unwrap();
-    assert_eq!(up.poll_timeout(), Some(t2 + IDLE));
+    // The acknowledgement may take longer than the idle time (the relay lands the object).
+    let ack_wait = IDLE * 6;
+    up.commit(t2, ack_wait).unwrap();
+    assert_eq!(up.poll_timeout(), Some(t2 + ack_wait));
+    assert!(up.handle_timeout(t2 + IDLE * 2).is_ok());
+    assert_eq!(
+        up.handle_timeout(t2 + ack_wait),
+        Err(SessionError::Timeout(ack_wait))
+    );
     // The relay gives up on an agent that stops sending mid-object; each message resets it.
     let mut rx = Receive::new(t0, IDLE);
     let offer = encode(&Message::Offer {

@@ -207,6 +207,39 @@ impl Store {
         size: u64,
         sha: &[u8; 32],
     ) -> Result<Landed, StoreError> {
+        // What is verified is what is on the relay's disk, read back: the bytes that will land.
+        // For S3 that read is the upload's own (one pass, checked before completion).
+        let mismatch = |got_len: u64, got: [u8; 32]| {
+            format!(
+                "received {got_len} bytes with SHA-256 {}, offered {size} bytes with {}",
+                hex::encode(got),
+                hex::encode(sha)
+            )
+        };
+        if let Landing::S3 {
+            client,
+            prefix,
+            part_size,
+        } = &self.landing
+        {
+            let file = partial.file.clone();
+            tokio::task::spawn_blocking(move || file.sync_all())
+                .await
+                .map_err(|e| std::io::Error::other(e.to_string()))??;
+            let dest_key = format!("{prefix}{key}");
+            return match upload_file(client, &dest_key, &partial.path, size, sha, *part_size)
+                .await?
+            {
+                Some((len, got)) => {
+                    let _ = std::fs::remove_file(&partial.path);
+                    Ok(Landed::Mismatch(mismatch(len, got)))
+                }
+                None => {
+                    tokio::fs::remove_file(&partial.path).await?;
+                    Ok(Landed::Stored)
+                }
+            };
+        }
         let (file, path) = (partial.file.clone(), partial.path.clone());
         let digest = tokio::task::spawn_blocking(move || -> std::io::Result<(u64, [u8; 32])> {
             file.sync_all()?;
@@ -227,12 +260,7 @@ impl Store {
         .await
         .map_err(|e| std::io::Error::other(e.to_string()))??;
         if digest != (size, *sha) {
-            let detail = format!(
-                "received {} bytes with SHA-256 {}, offered {size} bytes with {}",
-                digest.0,
-                hex::encode(digest.1),
-                hex::encode(sha)
-            );
+            let detail = mismatch(digest.0, digest.1);
             let _ = std::fs::remove_file(&partial.path);
             return Ok(Landed::Mismatch(detail));
         }
@@ -259,15 +287,7 @@ impl Store {
                 let index = self.index_dir.join(hex_sha(&[key.as_bytes()]));
                 tokio::fs::write(&index, format!("{} {size}\n", hex::encode(sha))).await?;
             }
-            Landing::S3 {
-                client,
-                prefix,
-                part_size,
-            } => {
-                let dest_key = format!("{prefix}{key}");
-                upload_file(client, &dest_key, &partial.path, size, sha, *part_size).await?;
-                tokio::fs::remove_file(&partial.path).await?;
-            }
+            Landing::S3 { .. } => unreachable!("landed above"),
         }
         drop(partial);
         Ok(Landed::Stored)
@@ -298,8 +318,10 @@ impl Store {
     }
 }
 
-/// Sends a verified local file to S3 (single PUT or multipart, `LAND_PARALLEL` parts at a
-/// time) and checks the stored object.
+/// Sends a local file to S3 (single PUT or multipart, `LAND_PARALLEL` parts at a time), hashing
+/// the bytes as they are read: if they are not the offered size and SHA-256, nothing is stored
+/// (no PUT, or the multipart upload aborted) and what was read is returned. Then checks the
+/// stored object.
 async fn upload_file(
     client: &Arc<S3Client>,
     key: &str,
@@ -307,7 +329,12 @@ async fn upload_file(
     size: u64,
     sha: &[u8; 32],
     part_size: u64,
-) -> Result<(), StoreError> {
+) -> Result<Option<(u64, [u8; 32])>, StoreError> {
+    let on_disk = std::fs::metadata(path)?.len();
+    if on_disk != size {
+        return Ok(Some((on_disk, [0; 32])));
+    }
+    let mut whole = Sha256::new();
     let file = Arc::new(File::open(path)?);
     let read = |off: u64, len: u64| {
         let file = file.clone();
@@ -323,7 +350,10 @@ async fn upload_file(
         }
     };
     if size <= part_size {
-        let (body, _) = read(0, size).await?;
+        let (body, got) = read(0, size).await?;
+        if got != *sha {
+            return Ok(Some((size, got)));
+        }
         client.put_object(key, body, sha).await?;
     } else {
         let upload_id = client.create_multipart(key, sha).await?;
@@ -331,12 +361,13 @@ async fn upload_file(
         let mut parts: Vec<(u32, String, String)> = Vec::with_capacity(count as usize);
         let mut tasks: JoinSet<Result<(u32, String, String), StoreError>> = JoinSet::new();
         let mut next = 1u64;
-        let result: Result<(), StoreError> = async {
+        let result: Result<Option<(u64, [u8; 32])>, StoreError> = async {
             while next <= count || !tasks.is_empty() {
                 while next <= count && tasks.len() < LAND_PARALLEL {
                     let off = (next - 1) * part_size;
                     let len = (size - off).min(part_size);
                     let (body, part_sha) = read(off, len).await?;
+                    whole.update(&body);
                     let (client, key, id, n) = (
                         client.clone(),
                         key.to_string(),
@@ -354,13 +385,24 @@ async fn upload_file(
                 }
             }
             parts.sort_by_key(|p| p.0);
+            let got: [u8; 32] = std::mem::take(&mut whole).finalize().into();
+            if got != *sha {
+                return Ok(Some((size, got)));
+            }
             client.complete_multipart(key, &upload_id, &parts).await?;
-            Ok(())
+            Ok(None)
         }
         .await;
-        if let Err(e) = result {
-            let _ = client.abort_multipart(key, &upload_id).await;
-            return Err(e);
+        match result {
+            Ok(None) => {}
+            Ok(Some(bad)) => {
+                let _ = client.abort_multipart(key, &upload_id).await;
+                return Ok(Some(bad));
+            }
+            Err(e) => {
+                let _ = client.abort_multipart(key, &upload_id).await;
+                return Err(e);
+            }
         }
     }
     let head = client
@@ -384,7 +426,7 @@ async fn upload_file(
             ),
         });
     }
-    Ok(())
+    Ok(None)
 }
 
 #[cfg(test)]

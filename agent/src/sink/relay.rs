@@ -199,7 +199,11 @@ impl RelaySink {
                     off += len;
                 }
                 pinned.check().await?;
-                up.commit(Instant::now())?;
+                // The relay reads the object back, verifies it and lands it before answering:
+                // allow for that at a slow 4 MB/s on top of the idle time (a dead link is still
+                // noticed at once: QUIC's keep-alives and idle timeout end the connection).
+                let landing = std::time::Duration::from_secs(size / 4_000_000);
+                up.commit(Instant::now(), idle + landing)?;
                 self.flush(conn, &mut up, &mut send).await?;
                 let _ = send.finish();
                 match self.answer(conn, &mut up, &mut recv, &mut buf).await? {
