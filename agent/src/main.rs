@@ -7,6 +7,7 @@
 mod app;
 mod cli;
 mod config;
+mod hash;
 mod journal;
 mod keymap;
 mod relay;

@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use crate::hash::Sha256;
 use bytes::Bytes;
-use sha2::{Digest, Sha256};
 use tokio::task::JoinSet;
 
 use crate::s3::{b64, S3Client, S3Error};
@@ -255,7 +255,7 @@ impl Store {
                 h.update(&buf[..n]);
                 n_total += n as u64;
             }
-            Ok((n_total, h.finalize().into()))
+            Ok((n_total, h.finalize()))
         })
         .await
         .map_err(|e| std::io::Error::other(e.to_string()))??;
@@ -342,7 +342,7 @@ async fn upload_file(
             tokio::task::spawn_blocking(move || -> std::io::Result<(Bytes, [u8; 32])> {
                 let mut buf = vec![0u8; len as usize];
                 file.read_exact_at(&mut buf, off)?;
-                let sha: [u8; 32] = Sha256::digest(&buf).into();
+                let sha: [u8; 32] = Sha256::digest(&buf);
                 Ok((Bytes::from(buf), sha))
             })
             .await
@@ -385,7 +385,7 @@ async fn upload_file(
                 }
             }
             parts.sort_by_key(|p| p.0);
-            let got: [u8; 32] = std::mem::take(&mut whole).finalize().into();
+            let got: [u8; 32] = std::mem::take(&mut whole).finalize();
             if got != *sha {
                 return Ok(Some((size, got)));
             }
@@ -434,7 +434,7 @@ mod tests {
     use super::*;
 
     fn sha(b: &[u8]) -> [u8; 32] {
-        Sha256::digest(b).into()
+        Sha256::digest(b)
     }
 
     #[tokio::test]

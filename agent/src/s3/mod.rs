@@ -9,11 +9,11 @@ mod xml;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use crate::hash::Sha256;
 use base64::Engine as _;
 use bytes::Bytes;
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use reqwest::{Method, Url};
-use sha2::{Digest, Sha256};
 
 use crate::config::{S3Destination, Sse};
 use crate::retry::{classify, Backoff, Class, Failure};

@@ -7,8 +7,8 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use crate::hash::Sha256;
 use bytes::Bytes;
-use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
 
 use crate::journal::{Fingerprint, JournalError, ObjectRow};
@@ -161,7 +161,7 @@ impl Pinned {
                             path: path.clone(),
                             source,
                         })?;
-                    let sha = <[u8; 32]>::from(Sha256::digest(&buf));
+                    let sha = Sha256::digest(&buf);
                     Ok((Bytes::from(buf), sha))
                 })
                 .await;
@@ -169,7 +169,7 @@ impl Pinned {
             Pinned::Object { .. } => self.fetch(off, len).await?,
         };
         blocking(move || {
-            let sha = <[u8; 32]>::from(Sha256::digest(&bytes));
+            let sha = Sha256::digest(&bytes);
             Ok((bytes, sha))
         })
         .await
@@ -241,7 +241,7 @@ impl Pinned {
                     off += n as u64;
                 }
                 check_pinned(file, path, *fp)?;
-                Ok(<[u8; 32]>::from(h.finalize()))
+                Ok(h.finalize())
             })
             .await;
         }
@@ -260,7 +260,7 @@ impl Pinned {
             .await?;
             off += n;
         }
-        Ok(<[u8; 32]>::from(h.finalize()))
+        Ok(h.finalize())
     }
 }
 

@@ -14,8 +14,8 @@
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
+use crate::hash::Sha256;
 use bytes::Bytes;
-use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
@@ -177,7 +177,7 @@ impl S3Sink {
                         source,
                     })?;
                     check_pinned(&file, &p2, fp)?;
-                    let sha = <[u8; 32]>::from(Sha256::digest(&buf));
+                    let sha = Sha256::digest(&buf);
                     Ok((Bytes::from(buf), sha))
                 })
                 .await?

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use sha2::{Digest, Sha256};
+use crate::hash::Sha256;
 use tokio::sync::{mpsc, watch, Notify};
 
 use super::fs::SourceReport;
