@@ -502,3 +502,108 @@ fn an_agent_cannot_write_outside_its_prefix() {
     assert!(relay.log().contains("key outside the agent's prefix"));
     assert!(relay.partial_files().is_empty(), "nothing was accepted");
 }
+
+/// A bare protocol client (quinn + ha-edge-proto, no agent): offers keys the agent itself would
+/// never produce.
+async fn offer_raw(w: &World, keys: &[&str]) -> Vec<ha_edge_proto::UploadEvent> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    use std::sync::Arc;
+    use std::time::Instant;
+
+    let (cert, key) = w.ca.issue("raw", DKFZ, false);
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(w.ca.pem()).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let certs: Vec<_> = CertificateDer::pem_file_iter(&cert)
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(certs, PrivateKeyDer::from_pem_file(&key).unwrap())
+        .unwrap();
+    cfg.alpn_protocols = vec![ha_edge_proto::ALPN.to_vec()];
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(cfg).unwrap();
+    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(quic)));
+    let addr = format!("127.0.0.1:{}", w.relay_port).parse().unwrap();
+    let conn = ep.connect(addr, RELAY_NAME).unwrap().await.unwrap();
+    let idle = Duration::from_secs(5);
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let mut hs = ha_edge_proto::ClientHandshake::new("raw", Instant::now(), idle);
+    while let Some(f) = hs.poll_transmit() {
+        send.write_all(&f).await.unwrap();
+    }
+    let mut buf = vec![0u8; 4096];
+    loop {
+        let n = recv.read(&mut buf).await.unwrap().unwrap();
+        if hs
+            .handle_input(&buf[..n], Instant::now())
+            .unwrap()
+            .is_some()
+        {
+            break;
+        }
+    }
+    let mut out = Vec::new();
+    for k in keys {
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        let mut up = ha_edge_proto::Upload::new(k, 1, [7; 32], Instant::now(), idle);
+        while let Some(f) = up.poll_transmit() {
+            send.write_all(&f).await.unwrap();
+        }
+        loop {
+            let n = recv.read(&mut buf).await.unwrap().unwrap();
+            if let Some(ev) = up.handle_input(&buf[..n], Instant::now()).unwrap() {
+                out.push(ev);
+                break;
+            }
+        }
+    }
+    conn.close(0u32.into(), b"done");
+    out
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_relay_refuses_dot_dot_absolute_and_foreign_keys_from_any_client() {
+    use ha_edge_proto::{Refusal, UploadEvent};
+    let w = world(None);
+    let relay = w.relay();
+    let answers = offer_raw(
+        &w,
+        &[
+            "fhir/dkfz/../embl/x.ndjson",
+            "/fhir/dkfz/x.ndjson",
+            "fhir/dkfz//x.ndjson",
+            "fhir/embl/x.ndjson",
+            "fhir/dkfz/ok.ndjson",
+        ],
+    )
+    .await;
+    let reasons: Vec<Option<Refusal>> = answers
+        .iter()
+        .map(|a| match a {
+            UploadEvent::Refused { reason, .. } => Some(*reason),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        reasons,
+        [
+            Some(Refusal::BadKey),
+            Some(Refusal::BadKey),
+            Some(Refusal::BadKey),
+            Some(Refusal::Unauthorized),
+            None
+        ],
+        "{answers:?}\n{}",
+        relay.log()
+    );
+    assert_eq!(answers[4], UploadEvent::SendFrom(0));
+    assert!(!w.landed.join("fhir/embl").exists());
+}
