@@ -1843,6 +1843,7 @@ impl Validator<'_> {
         for (i, a) in raw.agent.into_iter().enumerate() {
             let sp = a.span();
             let a = a.into_inner();
+            let id_span = a.identity.as_ref().map_or(sp.clone(), Spanned::span);
             let identity = match a.identity {
                 Some(id)
                     if rustls_pki_types::ServerName::try_from(id.get_ref().as_str())
@@ -1875,6 +1876,13 @@ impl Validator<'_> {
                 }
             };
             if let (Some(identity), Some(prefix)) = (identity, prefix) {
+                if agents.iter().any(|a: &AgentAuth| a.identity == identity) {
+                    self.problem(
+                        id_span,
+                        &format!("agent[{i}].identity"),
+                        format!("{identity:?} is listed twice (one prefix per identity)"),
+                    );
+                }
                 agents.push(AgentAuth { identity, prefix });
             }
         }
@@ -2227,6 +2235,11 @@ bucket = "fhir-bucket"
             ]
         );
         assert!(err.to_string().contains("relay.toml:"));
+        // One prefix per identity.
+        let twice = text.replace("embl-edge-01", "dkfz-edge-01");
+        let err = RelayConfig::parse(Path::new("relay.toml"), &twice).unwrap_err();
+        assert_eq!(err.problems[0].key, "agent[1].identity");
+        assert!(err.problems[0].message.contains("listed twice"));
         // No [store], no [[agent]].
         let err = RelayConfig::parse(Path::new("r.toml"), "[relay]\nlisten = \"127.0.0.1:1\"\n")
             .unwrap_err();
