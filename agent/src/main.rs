@@ -60,12 +60,9 @@ fn relay_main(file: &Path, check: bool) -> ExitCode {
         return ExitCode::SUCCESS;
     }
     init_logging(cfg.log_format, &cfg.log_level);
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let rt = match runtime() {
         Ok(rt) => rt,
-        Err(e) => return fail(EXIT_INCOMPLETE, format!("cannot start the runtime: {e}")),
+        Err(code) => return code,
     };
     let result = rt.block_on(async {
         let mut requests =
@@ -123,6 +120,13 @@ fn out(text: &str) {
 fn fail(code: u8, msg: impl std::fmt::Display) -> ExitCode {
     eprintln!("ha-edge: {msg}");
     ExitCode::from(code)
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| fail(EXIT_INCOMPLETE, format!("cannot start the runtime: {e}")))
 }
 
 fn load(file: &Path) -> Result<Config, ExitCode> {
@@ -218,12 +222,9 @@ fn run(file: &Path, once: bool) -> ExitCode {
         Err(code) => return code,
     };
     init_logging(config.agent.log_format, &config.agent.log_level);
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let rt = match runtime() {
         Ok(rt) => rt,
-        Err(e) => return fail(EXIT_INCOMPLETE, format!("cannot start the runtime: {e}")),
+        Err(code) => return code,
     };
     let result = rt.block_on(async {
         let requests = shutdown::install().map_err(|e| (EXIT_INCOMPLETE, format!("cannot install signal handlers: {e}")))?;

@@ -35,6 +35,22 @@ struct Pair {
     setup: Setup,
 }
 
+impl Pair {
+    /// Puts a proxy answering `delay_ms` late in front of the destination (so a kill or a
+    /// change lands between parts) and points the config at it.
+    fn slow_destination(&self, delay_ms: u64) -> Proxy {
+        let proxy = Proxy::start(self.cloud.port);
+        proxy.delay_ms.store(delay_ms, Ordering::Relaxed);
+        let cfg = std::fs::read_to_string(self.setup.config_path()).unwrap();
+        std::fs::write(
+            self.setup.config_path(),
+            cfg.replace(&self.cloud.endpoint(), &proxy.endpoint()),
+        )
+        .unwrap();
+        proxy
+    }
+}
+
 fn pair(agent_extra: &str, source_extra: &str) -> Pair {
     let onprem = S3Server::start();
     onprem.create_bucket("onprem");
@@ -133,14 +149,7 @@ fn kill_mid_transfer_resumes_and_rereads_only_the_missing_ranges() {
         "poll_interval = \"1h\"",
     );
     // The destination answers slowly, so the kill lands between parts.
-    let dest_proxy = Proxy::start(p.cloud.port);
-    dest_proxy.delay_ms.store(300, Ordering::Relaxed);
-    let cfg = std::fs::read_to_string(p.setup.config_path()).unwrap();
-    std::fs::write(
-        p.setup.config_path(),
-        cfg.replace(&p.cloud.endpoint(), &dest_proxy.endpoint()),
-    )
-    .unwrap();
+    let dest_proxy = p.slow_destination(300);
     let big = data(7, 40 * MIB); // 8 parts of 5 MiB
     p.onprem.put("onprem", "exports/study/series.dcm", &big);
     let key = "fhir/study/series.dcm";
@@ -179,14 +188,7 @@ fn a_source_object_replaced_mid_transfer_is_aborted_and_sent_whole_in_its_new_ve
         &format!("{SMALL_PARTS}\nparts_in_flight = 1"),
         "poll_interval = \"1s\"",
     );
-    let dest_proxy = Proxy::start(p.cloud.port);
-    dest_proxy.delay_ms.store(400, Ordering::Relaxed);
-    let cfg = std::fs::read_to_string(p.setup.config_path()).unwrap();
-    std::fs::write(
-        p.setup.config_path(),
-        cfg.replace(&p.cloud.endpoint(), &dest_proxy.endpoint()),
-    )
-    .unwrap();
+    let dest_proxy = p.slow_destination(400);
     let key = "fhir/scan.dcm";
     let old = data(11, 30 * MIB);
     let new = data(12, 25 * MIB);
@@ -221,11 +223,7 @@ fn a_source_object_replaced_mid_transfer_is_aborted_and_sent_whole_in_its_new_ve
         "the old version's upload is aborted"
     );
     // Only whole versions were ever completed: the old one never was.
-    let completes = dest_proxy
-        .seen()
-        .iter()
-        .filter(|r| r.op() == "CompleteMultipartUpload")
-        .count();
+    let completes = dest_proxy.count("CompleteMultipartUpload");
     assert_eq!(completes, 1);
 }
 

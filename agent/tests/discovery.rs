@@ -241,11 +241,7 @@ fn a_file_changed_during_its_upload_never_mixes_versions() {
     assert_eq!(s3.open_uploads(), 0, "the mixed upload must be aborted");
     // Every object ever completed was one consistent version: the proxy saw exactly one
     // CompleteMultipartUpload (for v2), none for the half-sent v1.
-    let completes = proxy
-        .seen()
-        .iter()
-        .filter(|r| r.op() == "CompleteMultipartUpload")
-        .count();
+    let completes = proxy.count("CompleteMultipartUpload");
     assert_eq!(completes, 1);
 }
 

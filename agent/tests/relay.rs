@@ -174,6 +174,14 @@ struct World {
 const DKFZ_AGENT: &str =
     "[[agent]]\nidentity = \"dkfz-edge-01.agents.test\"\nprefix = \"fhir/dkfz/\"";
 
+/// A `[store]` landing in bucket "cloud" of `s3` (5 MiB parts).
+fn s3_store(s3: &S3Server) -> String {
+    format!(
+        "type = \"s3\"\nendpoint = \"{}\"\nregion = \"eu-central-1\"\nbucket = \"cloud\"\npath_style = true\npart_size = \"5MiB\"",
+        s3.endpoint()
+    )
+}
+
 /// A relay landing in a directory, and an agent set up for it (its certificate `agent`).
 fn world(store: Option<&str>) -> World {
     let setup = Setup::new("unused");
@@ -223,17 +231,27 @@ impl World {
     fn relay(&self) -> Relay {
         Relay::start(self.setup.dir.path())
     }
+
+    /// Writes `name`, starts the agent daemon, and returns once the relay holds `held` bytes
+    /// of it (the transfer is under way).
+    fn send_until_held(&self, relay: &Relay, name: &str, bytes: &[u8], held: u64) -> Child {
+        write_settled(&self.setup.src().join(name), bytes);
+        let daemon = self.setup.spawn_daemon(bin());
+        assert!(
+            wait_until(Duration::from_secs(60), || relay.partial_bytes() >= held),
+            "{}\n{}",
+            self.setup.daemon_log(),
+            relay.log()
+        );
+        daemon
+    }
 }
 
 #[test]
 fn many_files_and_a_large_one_land_in_s3_through_the_relay_verified_and_only_once() {
     let s3 = S3Server::start();
     s3.create_bucket("cloud");
-    let store = format!(
-        "type = \"s3\"\nendpoint = \"{}\"\nregion = \"eu-central-1\"\nbucket = \"cloud\"\npath_style = true\npart_size = \"5MiB\"",
-        s3.endpoint()
-    );
-    let w = world(Some(&store));
+    let w = world(Some(&s3_store(&s3)));
     let relay = w.relay();
     w.agent_config(w.relay_port, "agent", "fhir/dkfz/", "");
     let mut files = mixed_workload(5, 40);
@@ -281,15 +299,7 @@ fn a_dropped_connection_resumes_from_the_offset_the_relay_confirms() {
     // request_timeout bounds the QUIC idle timeout: a cut link is noticed within 3 s.
     w.agent_config(link.port, "agent", "fhir/dkfz/", "request_timeout = \"3s\"");
     let big = data(21, 64 * MIB);
-    write_settled(&w.setup.src().join("big.dcm"), &big);
-    let mut daemon = w.setup.spawn_daemon(bin());
-    assert!(
-        wait_until(Duration::from_secs(60), || relay.partial_bytes()
-            >= 16 * MIB as u64),
-        "{}\n{}",
-        w.setup.daemon_log(),
-        relay.log()
-    );
+    let mut daemon = w.send_until_held(&relay, "big.dcm", &big, 16 * MIB as u64);
     link.down.store(true, Ordering::Relaxed);
     std::thread::sleep(Duration::from_secs(6));
     let held = relay.partial_bytes();
@@ -338,14 +348,7 @@ fn a_relay_restarted_mid_transfer_resumes_where_its_disk_says() {
         "request_timeout = \"3s\"",
     );
     let big = data(22, 48 * MIB);
-    write_settled(&w.setup.src().join("series.dcm"), &big);
-    let mut daemon = w.setup.spawn_daemon(bin());
-    assert!(
-        wait_until(Duration::from_secs(60), || relay.partial_bytes()
-            >= 12 * MIB as u64),
-        "{}",
-        relay.log()
-    );
+    let mut daemon = w.send_until_held(&relay, "series.dcm", &big, 12 * MIB as u64);
     let _ = relay.child.kill(); // SIGKILL
     let _ = relay.child.wait();
     let held = relay.partial_bytes();
@@ -381,14 +384,7 @@ fn corrupt_mid_transfer(w: &World, relay: &Relay, landed: &dyn Fn() -> Option<Ve
     let link = UdpProxy::start(w.relay_port);
     w.agent_config(link.port, "agent", "fhir/dkfz/", "request_timeout = \"3s\"");
     let big = data(23, 24 * MIB);
-    write_settled(&w.setup.src().join("scan.dcm"), &big);
-    let mut daemon = w.setup.spawn_daemon(bin());
-    assert!(
-        wait_until(Duration::from_secs(60), || relay.partial_bytes()
-            >= 2 * MIB as u64),
-        "{}",
-        relay.log()
-    );
+    let mut daemon = w.send_until_held(relay, "scan.dcm", &big, 2 * MIB as u64);
     let part = relay.partial_files().pop().unwrap();
     {
         use std::os::unix::fs::FileExt;
@@ -442,11 +438,7 @@ fn corrupted_bytes_at_the_relay_are_detected_and_the_object_sent_again() {
 fn corrupted_bytes_never_reach_s3_the_landing_upload_is_aborted() {
     let s3 = S3Server::start();
     s3.create_bucket("cloud");
-    let store = format!(
-        "type = \"s3\"\nendpoint = \"{}\"\nregion = \"eu-central-1\"\nbucket = \"cloud\"\npath_style = true\npart_size = \"5MiB\"",
-        s3.endpoint()
-    );
-    let w = world(Some(&store));
+    let w = world(Some(&s3_store(&s3)));
     let relay = w.relay();
     corrupt_mid_transfer(&w, &relay, &|| s3.object("cloud", "fhir/dkfz/scan.dcm"));
     assert_eq!(s3.open_uploads(), 0, "the corrupted landing was aborted");

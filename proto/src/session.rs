@@ -94,6 +94,28 @@ impl Io {
     fn expired(&self, now: Instant) -> bool {
         self.deadline.is_some_and(|d| now >= d)
     }
+
+    fn transmit(&mut self) -> Option<Vec<u8>> {
+        self.outbox.pop_front()
+    }
+
+    /// Takes received bytes; the next whole message, if one is in.
+    fn receive(&mut self, bytes: &[u8]) -> Result<Option<Message>, SessionError> {
+        self.decoder.push(bytes)?;
+        Ok(self.decoder.next_message()?)
+    }
+
+    /// A handshake waits for one message, then has no deadline.
+    fn handshake_timeout(&self, done: bool) -> Option<Instant> {
+        (!done).then_some(self.deadline).flatten()
+    }
+
+    fn check_handshake_timeout(&self, done: bool, now: Instant) -> Result<(), SessionError> {
+        if !done && self.expired(now) {
+            return Err(SessionError::Timeout(self.idle));
+        }
+        Ok(())
+    }
 }
 
 /// The agent's side of the handshake.
@@ -123,18 +145,15 @@ impl ClientHandshake {
     }
 
     pub fn poll_transmit(&mut self) -> Option<Vec<u8>> {
-        self.io.outbox.pop_front()
+        self.io.transmit()
     }
 
     pub fn poll_timeout(&self) -> Option<Instant> {
-        (!self.done).then_some(self.io.deadline).flatten()
+        self.io.handshake_timeout(self.done)
     }
 
     pub fn handle_timeout(&mut self, now: Instant) -> Result<(), SessionError> {
-        if !self.done && self.io.expired(now) {
-            return Err(SessionError::Timeout(self.io.idle));
-        }
-        Ok(())
+        self.io.check_handshake_timeout(self.done, now)
     }
 
     /// Returns the outcome once the relay's answer is in.
@@ -143,8 +162,7 @@ impl ClientHandshake {
         bytes: &[u8],
         _now: Instant,
     ) -> Result<Option<Handshake>, SessionError> {
-        self.io.decoder.push(bytes)?;
-        let Some(m) = self.io.decoder.next_message()? else {
+        let Some(m) = self.io.receive(bytes)? else {
             return Ok(None);
         };
         self.done = true;
@@ -188,18 +206,15 @@ impl ServerHandshake {
     }
 
     pub fn poll_transmit(&mut self) -> Option<Vec<u8>> {
-        self.io.outbox.pop_front()
+        self.io.transmit()
     }
 
     pub fn poll_timeout(&self) -> Option<Instant> {
-        (!self.done).then_some(self.io.deadline).flatten()
+        self.io.handshake_timeout(self.done)
     }
 
     pub fn handle_timeout(&mut self, now: Instant) -> Result<(), SessionError> {
-        if !self.done && self.io.expired(now) {
-            return Err(SessionError::Timeout(self.io.idle));
-        }
-        Ok(())
+        self.io.check_handshake_timeout(self.done, now)
     }
 
     /// Returns the agent's self-declared name once its Hello is in (and queues the answer).
@@ -208,8 +223,7 @@ impl ServerHandshake {
         bytes: &[u8],
         _now: Instant,
     ) -> Result<Option<String>, SessionError> {
-        self.io.decoder.push(bytes)?;
-        let Some(m) = self.io.decoder.next_message()? else {
+        let Some(m) = self.io.receive(bytes)? else {
             return Ok(None);
         };
         self.done = true;
@@ -292,7 +306,7 @@ impl Upload {
     }
 
     pub fn poll_transmit(&mut self) -> Option<Vec<u8>> {
-        self.io.outbox.pop_front()
+        self.io.transmit()
     }
 
     /// When to give up waiting for the relay (None while the caller is sending data).
@@ -365,8 +379,7 @@ impl Upload {
         bytes: &[u8],
         now: Instant,
     ) -> Result<Option<UploadEvent>, SessionError> {
-        self.io.decoder.push(bytes)?;
-        let Some(m) = self.io.decoder.next_message()? else {
+        let Some(m) = self.io.receive(bytes)? else {
             return Ok(None);
         };
         let ev = match (self.state, m) {
@@ -468,7 +481,7 @@ impl Receive {
     }
 
     pub fn poll_transmit(&mut self) -> Option<Vec<u8>> {
-        self.io.outbox.pop_front()
+        self.io.transmit()
     }
 
     /// When to give up on a silent agent.

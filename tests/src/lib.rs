@@ -395,6 +395,11 @@ impl Proxy {
         }
     }
 
+    /// Requests of operation `op` (see `SeenRequest::op`) seen so far.
+    pub fn count(&self, op: &str) -> usize {
+        self.seen().iter().filter(|r| r.op() == op).count()
+    }
+
     /// ListenBucketNotification requests seen so far.
     pub fn listen_requests(&self) -> usize {
         self.seen()
@@ -821,23 +826,11 @@ impl Setup {
         agent_extra: &str,
         source_extra: &str,
     ) -> PathBuf {
-        let text = format!(
-            r#"[agent]
-journal = "{journal}"
-{agent_extra}
-
-[[source]]
-name = "exports"
-type = "fs"
-path = "{src}"
-{source_extra}
-
-{destination}"#,
-            journal = self.journal().display(),
-            src = self.src().display(),
+        let source = format!(
+            "name = \"exports\"\ntype = \"fs\"\npath = \"{}\"\n{source_extra}",
+            self.src().display()
         );
-        std::fs::write(self.config_path(), text).expect("write config");
-        self.config_path()
+        self.write_config_text(agent_extra, &source, destination)
     }
 
     /// Writes a config with one bucket source (`src_endpoint`, bucket `src_bucket`, prefix
@@ -850,22 +843,18 @@ path = "{src}"
         agent_extra: &str,
         source_extra: &str,
     ) -> PathBuf {
+        let source = format!(
+            "name = \"minio\"\ntype = \"s3\"\nendpoint = \"{src_endpoint}\"\n\
+             bucket = \"{src_bucket}\"\nprefix = \"exports/\"\n{source_extra}"
+        );
+        self.write_config_text(agent_extra, &source, &self.destination_toml(endpoint))
+    }
+
+    /// The config file: `[agent]` with the journal, one `[[source]]`, the destination.
+    fn write_config_text(&self, agent_extra: &str, source: &str, destination: &str) -> PathBuf {
         let text = format!(
-            r#"[agent]
-journal = "{journal}"
-{agent_extra}
-
-[[source]]
-name = "minio"
-type = "s3"
-endpoint = "{src_endpoint}"
-bucket = "{src_bucket}"
-prefix = "exports/"
-{source_extra}
-
-{destination}"#,
-            journal = self.journal().display(),
-            destination = self.destination_toml(endpoint),
+            "[agent]\njournal = \"{}\"\n{agent_extra}\n\n[[source]]\n{source}\n\n{destination}",
+            self.journal().display()
         );
         std::fs::write(self.config_path(), text).expect("write config");
         self.config_path()

@@ -54,10 +54,7 @@ pub fn cert_and_key(dest: &RelayDestination) -> Result<(PathBuf, PathBuf), LinkE
         LinkError::Setup("no client certificate: set destination.cert_file and key_file, or provide relay_cert.pem and relay_key.pem via systemd LoadCredential=".into())
     })?;
     let find = |name: &str| {
-        [name.to_string(), format!("ha-edge_{name}")]
-            .into_iter()
-            .map(|n| dir.join(n))
-            .find(|p| p.exists())
+        crate::s3::credentials::credential_file(&dir, name)
             .ok_or_else(|| LinkError::Setup(format!("no {name} in {}", dir.display())))
     };
     Ok((find("relay_cert.pem")?, find("relay_key.pem")?))

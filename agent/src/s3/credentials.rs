@@ -82,6 +82,54 @@ pub enum CredentialsError {
     SourceNotFound,
 }
 
+/// The names one credential chain looks under: the destination's (AWS_*) or a bucket source's
+/// (ONPREM_S3_*). Both chains have the same order; only the names and the last fallback differ.
+struct Chain {
+    env_key: &'static str,
+    env_secret: &'static str,
+    env_token: Option<&'static str>,
+    env_origin: &'static str,
+    file_key: &'static str,
+    file_secret: &'static str,
+    file_token: Option<&'static str>,
+    /// Fall back to `~/.aws/credentials` (profile `$AWS_PROFILE`) when nothing else is set.
+    default_shared_file: bool,
+    not_found: fn() -> CredentialsError,
+}
+
+const DESTINATION: Chain = Chain {
+    env_key: "AWS_ACCESS_KEY_ID",
+    env_secret: "AWS_SECRET_ACCESS_KEY",
+    env_token: Some("AWS_SESSION_TOKEN"),
+    env_origin: "environment",
+    file_key: "aws_access_key_id",
+    file_secret: "aws_secret_access_key",
+    file_token: Some("aws_session_token"),
+    default_shared_file: true,
+    not_found: || CredentialsError::NotFound,
+};
+
+const SOURCE: Chain = Chain {
+    env_key: "ONPREM_S3_ACCESS_KEY",
+    env_secret: "ONPREM_S3_SECRET_KEY",
+    env_token: None,
+    env_origin: "environment (ONPREM_S3_*)",
+    file_key: "onprem_s3_access_key",
+    file_secret: "onprem_s3_secret_key",
+    file_token: None,
+    default_shared_file: false,
+    not_found: || CredentialsError::SourceNotFound,
+};
+
+/// A credential file in `dir` under its own name, or as systemd names it when the unit loads
+/// the whole credentials directory under the ID `ha-edge` (`ha-edge_<name>`).
+pub fn credential_file(dir: &Path, name: &str) -> Option<PathBuf> {
+    [name.to_string(), format!("ha-edge_{name}")]
+        .into_iter()
+        .map(|n| dir.join(n))
+        .find(|p| p.exists())
+}
+
 /// Resolves the keys of a bucket source (the on-premise MinIO) from the process environment:
 /// the shared credentials file if the source names `profile` or `credentials_file`; otherwise
 /// `ONPREM_S3_ACCESS_KEY` + `ONPREM_S3_SECRET_KEY`; otherwise files `onprem_s3_access_key` and
@@ -95,58 +143,7 @@ pub fn resolve_source_with(
     conn: &S3Destination,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Credentials, CredentialsError> {
-    if conn.profile.is_some() || conn.credentials_file.is_some() {
-        let profile = conn.profile.clone().unwrap_or_else(|| "default".into());
-        let file = conn
-            .credentials_file
-            .clone()
-            .or_else(|| env("AWS_SHARED_CREDENTIALS_FILE").map(PathBuf::from))
-            .or_else(|| env("HOME").map(|h| PathBuf::from(h).join(".aws/credentials")))
-            .ok_or(CredentialsError::SourceNotFound)?;
-        return from_shared_file(&file, &profile);
-    }
-    let non_empty = |k: &str| env(k).filter(|v| !v.is_empty());
-    match (
-        non_empty("ONPREM_S3_ACCESS_KEY"),
-        non_empty("ONPREM_S3_SECRET_KEY"),
-    ) {
-        (Some(ak), Some(sk)) => {
-            let mut c = Credentials::new(&ak, &sk, None);
-            c.origin = "environment (ONPREM_S3_*)".into();
-            return Ok(c);
-        }
-        (Some(_), None) => {
-            return Err(CredentialsError::HalfSet(
-                "ONPREM_S3_ACCESS_KEY",
-                "ONPREM_S3_SECRET_KEY",
-            ))
-        }
-        (None, Some(_)) => {
-            return Err(CredentialsError::HalfSet(
-                "ONPREM_S3_SECRET_KEY",
-                "ONPREM_S3_ACCESS_KEY",
-            ))
-        }
-        (None, None) => {}
-    }
-    if let Some(dir) = non_empty("CREDENTIALS_DIRECTORY") {
-        let dir = PathBuf::from(dir);
-        let find = |name: &str| {
-            [name.to_string(), format!("ha-edge_{name}")]
-                .into_iter()
-                .map(|n| dir.join(n))
-                .find(|p| p.exists())
-        };
-        let (ak, sk) = (find("onprem_s3_access_key"), find("onprem_s3_secret_key"));
-        if ak.is_some() || sk.is_some() {
-            let ak = read_secret(&ak.unwrap_or_else(|| dir.join("onprem_s3_access_key")))?;
-            let sk = read_secret(&sk.unwrap_or_else(|| dir.join("onprem_s3_secret_key")))?;
-            let mut c = Credentials::new(&ak, &sk, None);
-            c.origin = format!("systemd credentials in {}", dir.display());
-            return Ok(c);
-        }
-    }
-    Err(CredentialsError::SourceNotFound)
+    resolve_chain(conn, env, &SOURCE)
 }
 
 /// Resolves credentials for a destination from the process environment.
@@ -159,6 +156,14 @@ pub fn resolve_with(
     dest: &S3Destination,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Credentials, CredentialsError> {
+    resolve_chain(dest, env, &DESTINATION)
+}
+
+fn resolve_chain(
+    dest: &S3Destination,
+    env: &dyn Fn(&str) -> Option<String>,
+    chain: &Chain,
+) -> Result<Credentials, CredentialsError> {
     let shared_file = || {
         dest.credentials_file
             .clone()
@@ -167,47 +172,31 @@ pub fn resolve_with(
     };
     if dest.profile.is_some() || dest.credentials_file.is_some() {
         let profile = dest.profile.clone().unwrap_or_else(|| "default".into());
-        let file = shared_file().ok_or(CredentialsError::NotFound)?;
+        let file = shared_file().ok_or_else(chain.not_found)?;
         return from_shared_file(&file, &profile);
     }
     let non_empty = |k: &str| env(k).filter(|v| !v.is_empty());
-    match (
-        non_empty("AWS_ACCESS_KEY_ID"),
-        non_empty("AWS_SECRET_ACCESS_KEY"),
-    ) {
+    match (non_empty(chain.env_key), non_empty(chain.env_secret)) {
         (Some(ak), Some(sk)) => {
-            let mut c = Credentials::new(&ak, &sk, non_empty("AWS_SESSION_TOKEN").as_deref());
-            c.origin = "environment".into();
+            let token = chain.env_token.and_then(non_empty);
+            let mut c = Credentials::new(&ak, &sk, token.as_deref());
+            c.origin = chain.env_origin.into();
             return Ok(c);
         }
-        (Some(_), None) => {
-            return Err(CredentialsError::HalfSet(
-                "AWS_ACCESS_KEY_ID",
-                "AWS_SECRET_ACCESS_KEY",
-            ))
-        }
-        (None, Some(_)) => {
-            return Err(CredentialsError::HalfSet(
-                "AWS_SECRET_ACCESS_KEY",
-                "AWS_ACCESS_KEY_ID",
-            ))
-        }
+        (Some(_), None) => return Err(CredentialsError::HalfSet(chain.env_key, chain.env_secret)),
+        (None, Some(_)) => return Err(CredentialsError::HalfSet(chain.env_secret, chain.env_key)),
         (None, None) => {}
     }
     if let Some(dir) = non_empty("CREDENTIALS_DIRECTORY") {
         let dir = PathBuf::from(dir);
-        // A credential file under its own name, or as loaded from a directory by the unit.
-        let find = |name: &str| {
-            [name.to_string(), format!("ha-edge_{name}")]
-                .into_iter()
-                .map(|n| dir.join(n))
-                .find(|p| p.exists())
-        };
-        let (ak, sk) = (find("aws_access_key_id"), find("aws_secret_access_key"));
+        let (ak, sk) = (
+            credential_file(&dir, chain.file_key),
+            credential_file(&dir, chain.file_secret),
+        );
         if ak.is_some() || sk.is_some() {
-            let ak = read_secret(&ak.unwrap_or_else(|| dir.join("aws_access_key_id")))?;
-            let sk = read_secret(&sk.unwrap_or_else(|| dir.join("aws_secret_access_key")))?;
-            let token = match find("aws_session_token") {
+            let ak = read_secret(&ak.unwrap_or_else(|| dir.join(chain.file_key)))?;
+            let sk = read_secret(&sk.unwrap_or_else(|| dir.join(chain.file_secret)))?;
+            let token = match chain.file_token.and_then(|t| credential_file(&dir, t)) {
                 Some(p) => Some(read_secret(&p)?),
                 None => None,
             };
@@ -216,13 +205,15 @@ pub fn resolve_with(
             return Ok(c);
         }
     }
-    if let Some(file) = shared_file() {
-        if file.exists() {
-            let profile = non_empty("AWS_PROFILE").unwrap_or_else(|| "default".into());
-            return from_shared_file(&file, &profile);
+    if chain.default_shared_file {
+        if let Some(file) = shared_file() {
+            if file.exists() {
+                let profile = non_empty("AWS_PROFILE").unwrap_or_else(|| "default".into());
+                return from_shared_file(&file, &profile);
+            }
         }
     }
-    Err(CredentialsError::NotFound)
+    Err((chain.not_found)())
 }
 
 fn read_secret(path: &Path) -> Result<String, CredentialsError> {

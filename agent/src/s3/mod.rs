@@ -395,19 +395,7 @@ impl S3Client {
             payload_sha256_hex: sha,
         };
         let resp = self.execute("CompleteMultipartUpload", key, req).await?;
-        // S3 may answer 200 and still fail, with an <Error> document in the body.
-        if let Some(e) = xml::parse_error(&String::from_utf8_lossy(&resp.body)) {
-            return Err(S3Error::Service(Box::new(ServiceError {
-                op: "CompleteMultipartUpload",
-                bucket: self.dest.bucket.clone(),
-                key: key.to_string(),
-                status: if e.code == "InternalError" { 500 } else { 400 },
-                code: e.code,
-                message: e.message,
-                retry_after: None,
-            })));
-        }
-        Ok(())
+        self.error_in_ok("CompleteMultipartUpload", key, &resp.body)
     }
 
     /// Open multipart uploads of exactly `key` (first page of ListMultipartUploads, up to 1,000:
@@ -616,19 +604,7 @@ impl S3Client {
             payload_sha256_hex: sign::EMPTY_SHA256.to_string(),
         };
         let resp = self.execute("CopyObject", to, req).await?;
-        // Like completion, a copy may answer 200 with an <Error> document.
-        if let Some(e) = xml::parse_error(&String::from_utf8_lossy(&resp.body)) {
-            return Err(S3Error::Service(Box::new(ServiceError {
-                op: "CopyObject",
-                bucket: self.dest.bucket.clone(),
-                key: to.to_string(),
-                status: if e.code == "InternalError" { 500 } else { 400 },
-                code: e.code,
-                message: e.message,
-                retry_after: None,
-            })));
-        }
-        Ok(())
+        self.error_in_ok("CopyObject", to, &resp.body)
     }
 
     /// Deletes an object; one that is already gone counts as deleted.
@@ -644,6 +620,23 @@ impl S3Client {
             Ok(_) => Ok(()),
             Err(e) if e.status() == Some(404) && e.code() != Some("NoSuchBucket") => Ok(()),
             Err(e) => Err(e),
+        }
+    }
+
+    /// Some operations (completion, copy) may answer 200 and still fail, with an `<Error>`
+    /// document in the body.
+    fn error_in_ok(&self, op: &'static str, key: &str, body: &[u8]) -> Result<(), S3Error> {
+        match xml::parse_error(&String::from_utf8_lossy(body)) {
+            Some(e) => Err(S3Error::Service(Box::new(ServiceError {
+                op,
+                bucket: self.dest.bucket.clone(),
+                key: key.to_string(),
+                status: if e.code == "InternalError" { 500 } else { 400 },
+                code: e.code,
+                message: e.message,
+                retry_after: None,
+            }))),
+            None => Ok(()),
         }
     }
 

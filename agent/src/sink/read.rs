@@ -11,7 +11,9 @@ use crate::hash::Sha256;
 use bytes::Bytes;
 use tokio::sync::Semaphore;
 
+use super::Outcome;
 use crate::journal::{Fingerprint, JournalError, ObjectRow};
+use crate::retry::Class;
 use crate::s3::{S3Client, S3Error};
 use crate::source::bucket::same_version;
 
@@ -77,6 +79,41 @@ pub enum Stop {
     Escaped(PathBuf),
     #[error("interrupted by shutdown")]
     Interrupted,
+}
+
+impl Stop {
+    /// What the scheduler does with an object that stopped for this reason (shared by both
+    /// destinations; the relay maps its own link errors before this).
+    pub fn into_outcome(self) -> Outcome {
+        match self {
+            Stop::Interrupted => Outcome::Interrupted,
+            Stop::Vanished(_) => Outcome::Vanished(self.to_string()),
+            Stop::Changed(_) => Outcome::Changed(self.to_string()),
+            Stop::Escaped(_) => Outcome::Rejected(self.to_string()),
+            // No permission will not fix itself by retrying; other I/O errors (EIO, ESTALE on
+            // NFS) may.
+            Stop::Io { ref source, .. }
+                if source.kind() == std::io::ErrorKind::PermissionDenied =>
+            {
+                Outcome::Rejected(self.to_string())
+            }
+            Stop::Io { .. } => Outcome::Retry(self.to_string()),
+            Stop::Journal(j) => Outcome::Fatal(j),
+            Stop::Verify { .. } => Outcome::Retry(self.to_string()),
+            // The source's server: never a destination outage or refusal. Its listing reports
+            // lasting refusals once; the object waits with a growing backoff.
+            Stop::Source(ref s3) => match s3.class() {
+                Class::Object => Outcome::Rejected(self.to_string()),
+                _ => Outcome::Retry(self.to_string()),
+            },
+            Stop::S3(s3) => match s3.class() {
+                Class::Transient if s3.is_unanswered() => Outcome::Unreachable(s3.to_string()),
+                Class::Transient => Outcome::Retry(s3.to_string()),
+                Class::Destination => Outcome::Destination(s3),
+                Class::Object => Outcome::Rejected(s3.to_string()),
+            },
+        }
+    }
 }
 
 /// Where an object's bytes come from.

@@ -75,17 +75,7 @@ impl RelaySink {
 
     fn outcome(&self, e: RStop) -> Outcome {
         match e {
-            RStop::Read(Stop::Interrupted) => Outcome::Interrupted,
-            RStop::Read(Stop::Vanished(_)) => Outcome::Vanished(e.to_string()),
-            RStop::Read(Stop::Changed(_)) => Outcome::Changed(e.to_string()),
-            RStop::Read(Stop::Escaped(_)) => Outcome::Rejected(e.to_string()),
-            RStop::Read(Stop::Io { ref source, .. })
-                if source.kind() == std::io::ErrorKind::PermissionDenied =>
-            {
-                Outcome::Rejected(e.to_string())
-            }
-            RStop::Read(Stop::Journal(j)) => Outcome::Fatal(j),
-            RStop::Read(_) => Outcome::Retry(e.to_string()),
+            RStop::Read(stop) => stop.into_outcome(),
             RStop::Link(LinkError::Unreachable { .. }) => Outcome::Unreachable(e.to_string()),
             RStop::Link(LinkError::Refused { relay, detail }) => {
                 Outcome::Destination(S3Error::Relay {

@@ -23,7 +23,6 @@ use super::read::{blocking, check_pinned, open_pinned, pin, Budget, Origin, Pinn
 use super::Outcome;
 use crate::config::{MAX_PARTS, MAX_PART_SIZE};
 use crate::journal::{Journal, JournalError, ObjectRow, PartRow, State};
-use crate::retry::Class;
 use crate::s3::{b64, S3Client};
 
 #[derive(Debug, Clone, Copy)]
@@ -96,40 +95,11 @@ impl S3Sink {
     }
 
     async fn outcome(&self, row: &ObjectRow, e: Stop) -> Outcome {
-        match e {
-            Stop::Interrupted => Outcome::Interrupted,
-            Stop::Vanished(_) => {
-                // Whatever the server holds of a started upload is useless now.
-                if let Some(id) = &row.upload_id {
-                    let _ = self.client.abort_multipart(&row.key, id).await;
-                }
-                Outcome::Vanished(e.to_string())
-            }
-            Stop::Changed(_) => Outcome::Changed(e.to_string()),
-            Stop::Escaped(_) => Outcome::Rejected(e.to_string()),
-            // No permission will not fix itself by retrying; other I/O errors (EIO, ESTALE on
-            // NFS) may.
-            Stop::Io { ref source, .. }
-                if source.kind() == std::io::ErrorKind::PermissionDenied =>
-            {
-                Outcome::Rejected(e.to_string())
-            }
-            Stop::Io { .. } => Outcome::Retry(e.to_string()),
-            Stop::Journal(j) => Outcome::Fatal(j),
-            Stop::Verify { .. } => Outcome::Retry(e.to_string()),
-            // The source's server: never a destination outage or refusal. Its listing reports
-            // lasting refusals once; the object waits with a growing backoff.
-            Stop::Source(ref s3) => match s3.class() {
-                Class::Object => Outcome::Rejected(e.to_string()),
-                _ => Outcome::Retry(e.to_string()),
-            },
-            Stop::S3(s3) => match s3.class() {
-                Class::Transient if s3.is_unanswered() => Outcome::Unreachable(s3.to_string()),
-                Class::Transient => Outcome::Retry(s3.to_string()),
-                Class::Destination => Outcome::Destination(s3),
-                Class::Object => Outcome::Rejected(s3.to_string()),
-            },
+        if let (Stop::Vanished(_), Some(id)) = (&e, &row.upload_id) {
+            // Whatever the server holds of a started upload is useless now.
+            let _ = self.client.abort_multipart(&row.key, id).await;
         }
+        e.into_outcome()
     }
 
     async fn fresh(
