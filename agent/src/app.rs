@@ -25,7 +25,7 @@ use crate::s3::{credentials, S3Client, S3Error};
 use crate::shutdown::Request;
 use crate::sink::read::Origin;
 use crate::sink::relay::RelaySink;
-use crate::sink::s3::{S3Sink, UploadParams};
+use crate::sink::s3::{Confirm, S3Sink, UploadParams};
 use crate::sink::{Outcome, Sink};
 use crate::source::bucket::{self, BucketAfter, BucketSource};
 use crate::source::fs::{after_upload, AfterResult, FsSource, SourceReport};
@@ -347,6 +347,11 @@ pub async fn run(
     systemd::status("running");
     let mut watchdog = systemd::watchdog_interval().map(tokio::time::interval);
     let concurrency = config.agent.concurrency;
+    // `concurrency` objects transfer at a time; an object whose upload is verified gives its
+    // slot to the next one while its delivery waits for the journal's commit (fsync), so the
+    // commit is off the transfer path. At most `concurrency` such commits wait at once.
+    let transfers = Arc::new(tokio::sync::Semaphore::new(concurrency));
+    let max_tasks = concurrency * 2;
     let (obj_stop_tx, obj_stop_rx) = watch::channel(false);
     let mut inflight: JoinSet<Finished> = JoinSet::new();
     let mut inflight_ids: Vec<i64> = Vec::new();
@@ -361,12 +366,14 @@ pub async fn run(
     loop {
         let mut exhausted = false;
         let may_dispatch = !draining && sched.destination_open();
-        if may_dispatch && inflight.len() < concurrency {
+        if may_dispatch && transfers.available_permits() > 0 && inflight.len() < max_tasks {
             // While probing a paused destination, one object at a time.
             let free = if sched.probe_round > 0 {
                 1usize.saturating_sub(inflight.len())
             } else {
-                concurrency - inflight.len()
+                transfers
+                    .available_permits()
+                    .min(max_tasks - inflight.len())
             };
             if free > 0 && queued.is_empty() {
                 let want = PREFETCH.max(free);
@@ -401,6 +408,11 @@ pub async fn run(
                     .get(&row.source)
                     .is_none_or(|s| s.after_upload == AfterUpload::Keep);
                 let journal = journal.clone();
+                let slot = transfers
+                    .clone()
+                    .try_acquire_owned()
+                    .expect("no more objects dispatched than free transfer slots");
+                let wake = wake.clone();
                 inflight.spawn(
                     async move {
                         let started = Instant::now();
@@ -412,13 +424,25 @@ pub async fn run(
                             (Some(_), State::Delivered) => {
                                 Outcome::Delivered(row.sha256.unwrap_or_default())
                             }
-                            (Some(origin), _) => sink.deliver(&row, origin, stop).await,
+                            (Some(origin), _) => {
+                                // Read back before the source is deleted or moved.
+                                let confirm = if keep {
+                                    Confirm::Answer
+                                } else {
+                                    Confirm::ReadBack
+                                };
+                                sink.deliver(&row, origin, confirm, stop).await
+                            }
                         };
                         // A first delivery is committed here, alongside the other objects in
-                        // flight: the journal's group commit can batch them, and the scheduler
-                        // loop never waits for an fsync.
+                        // flight: the journal's group commit can batch them, the scheduler
+                        // loop never waits for an fsync, and the transfer slot is free for the
+                        // next object meanwhile. Nothing acts on this object (after_upload)
+                        // before the commit: that happens once this task is joined.
                         let committed = match &outcome {
                             Outcome::Delivered(sha) if row.state != State::Delivered => {
+                                drop(slot);
+                                wake.notify_one();
                                 Some(journal.delivered(row.id, row.fingerprint, *sha, keep).await)
                             }
                             _ => None,

@@ -180,6 +180,90 @@ fn after_upload_delete_and_move_only_after_verification() {
     );
 }
 
+/// A single PUT counts as verified by the SHA-256 the server computed over what it stored (sent
+/// back in its answer); HEAD reads it back when the answer has none, or when the source is
+/// deleted next. A wrong checksum in the answer is a failed delivery, and nothing is touched.
+#[test]
+fn single_puts_are_confirmed_by_the_servers_checksum_or_read_back() {
+    let s3 = S3Server::start();
+    s3.create_bucket("confirm");
+    let proxy = Proxy::start(s3.port);
+    let setup = Setup::new("confirm");
+    let files: Vec<(String, Vec<u8>)> = (0..6)
+        .map(|i| (format!("p{i}.ndjson"), data(700 + i, 3000 + i as usize)))
+        .collect();
+    for (n, b) in &files {
+        write_settled(&setup.src().join(n), b);
+    }
+    setup.write_config(&proxy.endpoint(), "max_retries = 0", "");
+    // p1's answer claims another SHA-256; p2's answer carries none.
+    proxy.add_rule(
+        Rule::new(
+            "PutObject",
+            Fault::RewriteHeader {
+                name: "x-amz-checksum-sha256",
+                value: Some("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="),
+            },
+            1,
+        )
+        .on_target("/p1.ndjson"),
+    );
+    proxy.add_rule(
+        Rule::new(
+            "PutObject",
+            Fault::RewriteHeader {
+                name: "x-amz-checksum-sha256",
+                value: None,
+            },
+            1,
+        )
+        .on_target("/p2.ndjson"),
+    );
+    let out = setup.run_once(bin());
+    let err = stderr_of(&out);
+    assert_eq!(out.status.code(), Some(1), "p1 is not delivered: {err}");
+    assert!(
+        err.contains("verification failed for s3://confirm/fhir/p1.ndjson")
+            && err.contains("the server computed SHA-256 AAAA"),
+        "{err}"
+    );
+    let heads: Vec<String> = proxy
+        .seen()
+        .iter()
+        .filter(|r| r.op() == "HeadObject")
+        .map(|r| r.target.clone())
+        .collect();
+    assert_eq!(heads, vec!["/confirm/fhir/p2.ndjson".to_string()]);
+    let mut counts = setup.journal_counts();
+    counts.sort();
+    assert_eq!(
+        counts,
+        vec![("done".to_string(), 5), ("pending".to_string(), 1)]
+    );
+
+    // The next run sends p1 again (its answer is right now) and nothing else.
+    let before = proxy.count("PutObject");
+    let out = setup.run_once(bin());
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert_eq!(proxy.count("PutObject") - before, 1);
+    for (n, b) in &files {
+        let stored = s3.object("confirm", &format!("fhir/{n}")).expect(n);
+        assert_eq!(sha256(&stored), sha256(b), "{n}");
+    }
+
+    // Sources deleted after the upload: every object is read back first.
+    let setup = Setup::new("confirm");
+    for (n, b) in &files[..3] {
+        write_settled(&setup.src().join("del").join(n), b);
+    }
+    setup.write_config(&proxy.endpoint(), "", "after_upload = \"delete\"");
+    let before = proxy.count("HeadObject");
+    let out = setup.run_once(bin());
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert_eq!(proxy.count("HeadObject") - before, 3);
+    assert!(!setup.src().join("del/p0.ndjson").exists());
+}
+
 #[test]
 fn wrong_secret_key_fails_fast_with_a_clear_error() {
     let s3 = S3Server::start();

@@ -266,6 +266,12 @@ pub enum Fault {
     ResetMidBody,
     /// Forward the request, then pass back only part of the answer and close.
     TruncateResponse,
+    /// Forward the request; in the answer, replace the header `name` with `value`, or remove
+    /// it if `value` is None.
+    RewriteHeader {
+        name: &'static str,
+        value: Option<&'static str>,
+    },
 }
 
 /// Injects `fault` into the next `times` requests of operation `op` (see `SeenRequest::op`)
@@ -658,7 +664,7 @@ fn serve_connection(mut client: TcpStream, sh: ProxyShared) {
                 reset(client);
                 return;
             }
-            Some(Fault::TruncateResponse) | None => {}
+            Some(Fault::TruncateResponse | Fault::RewriteHeader { .. }) | None => {}
         }
         // Forward the request and its body.
         if server.write_all(head.as_bytes()).is_err()
@@ -697,7 +703,13 @@ fn serve_connection(mut client: TcpStream, sh: ProxyShared) {
             let _ = client.shutdown(Shutdown::Both);
             return;
         }
-        if client.write_all(&sbuf[..resp_end]).is_err() {
+        let written = match &fault {
+            Some(Fault::RewriteHeader { name, value }) => {
+                client.write_all(rewrite_header(&rhead, name, *value).as_bytes())
+            }
+            _ => client.write_all(&sbuf[..resp_end]),
+        };
+        if written.is_err() {
             break;
         }
         sbuf.drain(..resp_end);
@@ -728,6 +740,23 @@ fn serve_connection(mut client: TcpStream, sh: ProxyShared) {
     }
     let _ = server.shutdown(Shutdown::Both);
     let _ = client.shutdown(Shutdown::Both);
+}
+
+/// An HTTP answer head (ending in an empty line) with header `name` replaced or removed.
+fn rewrite_header(head: &str, name: &str, value: Option<&str>) -> String {
+    let mut lines: Vec<String> = head
+        .trim_end_matches("\r\n")
+        .split("\r\n")
+        .filter(|l| {
+            !l.split_once(':')
+                .is_some_and(|(n, _)| n.trim().eq_ignore_ascii_case(name))
+        })
+        .map(str::to_string)
+        .collect();
+    if let Some(v) = value {
+        lines.push(format!("{name}: {v}"));
+    }
+    lines.join("\r\n") + "\r\n\r\n"
 }
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {

@@ -176,6 +176,10 @@ impl Journal {
             c.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get::<_, String>(0))?;
             c.pragma_update(None, "synchronous", "FULL")?;
             c.pragma_update(None, "foreign_keys", "ON")?;
+            // Every job runs in its own savepoint, whose statement journal SQLite keeps in
+            // memory in 64 KiB chunks unless temp storage is in memory (then 1 KiB chunks):
+            // with musl's allocator that was an mmap/munmap pair per journal write.
+            c.pragma_update(None, "temp_store", "MEMORY")?;
             Ok(())
         };
         setup(&mut conn).map_err(|e| JournalError::from_sqlite(path, e))?;

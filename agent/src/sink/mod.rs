@@ -22,10 +22,12 @@ impl Sink {
         &self,
         row: &ObjectRow,
         origin: &read::Origin,
+        confirm: s3::Confirm,
         stop: watch::Receiver<bool>,
     ) -> Outcome {
         match self {
-            Sink::S3(s) => s.deliver(row, origin, stop).await,
+            // The relay confirms by hashing what it stored (Stored) in every case.
+            Sink::S3(s) => s.deliver(row, origin, confirm, stop).await,
             Sink::Relay(r) => r.deliver(row, origin, stop).await,
         }
     }

@@ -1,6 +1,8 @@
 //! Delivery of one journaled object to S3: single PUT below the threshold, multipart above, with
 //! every step committed to the journal before the next one depends on it, and the stored object
-//! verified (HEAD: size and SHA-256) before it counts as delivered.
+//! verified before it counts as delivered: a single PUT by the SHA-256 the server computed over
+//! what it stored (sent back in its answer), read back with HEAD (size, SHA-256) when the answer
+//! has none or the source is deleted or moved next; a multipart upload always with HEAD.
 //!
 //! Memory is bounded by one semaphore of bytes shared by all objects: a part (or a single-PUT
 //! body) is read only after its bytes are reserved, so at most `parts_in_flight x part_size`
@@ -66,11 +68,14 @@ impl S3Sink {
         &self,
         row: &ObjectRow,
         origin: &Origin,
+        confirm: Confirm,
         stop: watch::Receiver<bool>,
     ) -> Outcome {
         let result = match row.state {
-            State::Pending => self.fresh(row, origin, stop.clone()).await,
-            State::Uploading | State::Completing => self.resume(row, origin, stop.clone()).await,
+            State::Pending => self.fresh(row, origin, confirm, stop.clone()).await,
+            State::Uploading | State::Completing => {
+                self.resume(row, origin, confirm, stop.clone()).await
+            }
             other => {
                 return Outcome::Rejected(format!(
                     "object {} in state {other} cannot be uploaded",
@@ -83,8 +88,14 @@ impl S3Sink {
         let result = match result {
             Err(Stop::S3(e)) if e.code() == Some("NoSuchUpload") => {
                 tracing::warn!(key = %row.key, "multipart upload no longer exists on the server; starting this object over");
-                self.start_over(row, origin, stop, "upload vanished from the server")
-                    .await
+                self.start_over(
+                    row,
+                    origin,
+                    confirm,
+                    stop,
+                    "upload vanished from the server",
+                )
+                .await
             }
             other => other,
         };
@@ -106,11 +117,12 @@ impl S3Sink {
         &self,
         row: &ObjectRow,
         origin: &Origin,
+        confirm: Confirm,
         stop: watch::Receiver<bool>,
     ) -> Result<[u8; 32], Stop> {
         let fp = row.fingerprint;
         if fp.size < self.params.multipart_threshold {
-            return self.single_put(row, origin).await;
+            return self.single_put(row, origin, confirm).await;
         }
         let pinned = pin(row, origin).await?;
         // Pass one: the whole-object hash, fixed in the journal before any byte is sent.
@@ -132,7 +144,12 @@ impl S3Sink {
             .await
     }
 
-    async fn single_put(&self, row: &ObjectRow, origin: &Origin) -> Result<[u8; 32], Stop> {
+    async fn single_put(
+        &self,
+        row: &ObjectRow,
+        origin: &Origin,
+        confirm: Confirm,
+    ) -> Result<[u8; 32], Stop> {
         let fp = row.fingerprint;
         // Memory first, then open, read and hash in one hand-off to the blocking pool.
         let _permit = self.budget.reserve(fp.size).await;
@@ -167,14 +184,18 @@ impl S3Sink {
         // `delivered` is committed just sends the same bytes again), so the hash is recorded
         // with the delivery, under the fingerprint guard, in one commit.
         let echoed = self.client.put_object(&row.key, body, &sha).await?;
-        if let Some(cs) = echoed.filter(|cs| *cs != b64(&sha)) {
-            return Err(Stop::Verify {
-                bucket: self.client.bucket().to_string(),
-                key: row.key.clone(),
-                detail: format!("the server computed SHA-256 {cs} for what it stored"),
-            });
+        match echoed {
+            Some(cs) if cs != b64(&sha) => {
+                return Err(Stop::Verify {
+                    bucket: self.client.bucket().to_string(),
+                    key: row.key.clone(),
+                    detail: format!("the server computed SHA-256 {cs} for what it stored"),
+                })
+            }
+            // The server hashed what it stored and it is our SHA-256 (so also our size).
+            Some(_) if confirm == Confirm::Answer => {}
+            _ => self.verify(&row.key, fp.size, &sha, None).await?,
         }
-        self.verify(&row.key, fp.size, &sha, None).await?;
         Ok(sha)
     }
 
@@ -183,6 +204,7 @@ impl S3Sink {
         &self,
         row: &ObjectRow,
         origin: &Origin,
+        confirm: Confirm,
         stop: watch::Receiver<bool>,
     ) -> Result<[u8; 32], Stop> {
         if row.upload_id.is_none() {
@@ -190,14 +212,20 @@ impl S3Sink {
             // have gone through, and that upload would stay open (and billed) forever.
             self.sweep_unrecorded_uploads(&row.key).await?;
             return self
-                .start_over(row, origin, stop, "upload start was interrupted")
+                .start_over(row, origin, confirm, stop, "upload start was interrupted")
                 .await;
         }
         let (Some(upload_id), Some(sha), Some(part_size)) =
             (&row.upload_id, row.sha256, row.part_size)
         else {
             return self
-                .start_over(row, origin, stop, "incomplete journal row; starting over")
+                .start_over(
+                    row,
+                    origin,
+                    confirm,
+                    stop,
+                    "incomplete journal row; starting over",
+                )
                 .await;
         };
         let fp = row.fingerprint;
@@ -219,7 +247,13 @@ impl S3Sink {
                 }
                 tracing::warn!(key = %row.key, "multipart upload no longer exists on the server; starting this object over");
                 return self
-                    .start_over(row, origin, stop, "upload vanished from the server")
+                    .start_over(
+                        row,
+                        origin,
+                        confirm,
+                        stop,
+                        "upload vanished from the server",
+                    )
                     .await;
             }
             Err(e) => return Err(e.into()),
@@ -243,7 +277,13 @@ impl S3Sink {
             tracing::warn!(key = %row.key, "multipart upload holds none of the recorded parts; starting this object over");
             let _ = self.client.abort_multipart(&row.key, upload_id).await;
             return self
-                .start_over(row, origin, stop, "upload lost its parts on the server")
+                .start_over(
+                    row,
+                    origin,
+                    confirm,
+                    stop,
+                    "upload lost its parts on the server",
+                )
                 .await;
         }
         if !drop.is_empty() {
@@ -285,6 +325,7 @@ impl S3Sink {
         &self,
         row: &ObjectRow,
         origin: &Origin,
+        confirm: Confirm,
         stop: watch::Receiver<bool>,
         why: &str,
     ) -> Result<[u8; 32], Stop> {
@@ -302,7 +343,7 @@ impl S3Sink {
             },
             ..row.clone()
         };
-        Box::pin(self.fresh(&fresh_row, origin, stop)).await
+        Box::pin(self.fresh(&fresh_row, origin, confirm, stop)).await
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -484,6 +525,17 @@ impl S3Sink {
         }
         Ok(())
     }
+}
+
+/// How a single PUT is confirmed before the object counts as delivered (a multipart upload is
+/// always read back with HEAD).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Confirm {
+    /// By the SHA-256 the server computed over what it stored, which S3 sends back in its answer
+    /// (`x-amz-checksum-sha256`); read back with HEAD only if the answer has none.
+    Answer,
+    /// Read back with HEAD as well: the source is deleted or moved next.
+    ReadBack,
 }
 
 /// The part size for a file: the configured one, raised if needed to stay within 10,000 parts.
