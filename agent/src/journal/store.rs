@@ -107,9 +107,10 @@ pub struct Status {
     pub last_errors: Vec<StatusError>,
 }
 
-/// Work for the writer thread: `run` executes inside its own savepoint and may run more than
-/// once (the whole group is run again after the disk was full); `finish` gets the outcome once
-/// the enclosing transaction has committed or failed for good.
+/// Work for the writer thread: `run` executes inside the group's transaction and may run more
+/// than once (the whole group is run again after the disk was full or when another job of the
+/// group failed); `finish` gets the outcome once the enclosing transaction has committed or
+/// failed for good.
 struct Job {
     run: Box<dyn FnMut(&Connection) -> RunResult + Send>,
     finish: Completion,
@@ -176,9 +177,9 @@ impl Journal {
             c.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get::<_, String>(0))?;
             c.pragma_update(None, "synchronous", "FULL")?;
             c.pragma_update(None, "foreign_keys", "ON")?;
-            // Every job runs in its own savepoint, whose statement journal SQLite keeps in
-            // memory in 64 KiB chunks unless temp storage is in memory (then 1 KiB chunks):
-            // with musl's allocator that was an mmap/munmap pair per journal write.
+            // Savepoints (see `run_isolated`) and sorts use temporary storage; in memory, a
+            // statement journal grows in 1 KiB chunks, not 64 KiB ones (with musl's allocator
+            // each of those was an mmap/munmap pair).
             c.pragma_update(None, "temp_store", "MEMORY")?;
             Ok(())
         };
@@ -786,7 +787,7 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), JournalError> {
     Ok(())
 }
 
-/// The writer thread: takes every request that is queued, runs each in its own savepoint inside
+/// The writer thread: takes every request that is queued, runs them (see `run_group`) inside
 /// one transaction, commits once (one fsync for the whole group), and only then answers them.
 /// A request that fails is rolled back alone; a failed commit fails the whole group.
 fn writer(conn: Connection, rx: std::sync::mpsc::Receiver<Job>) {
@@ -842,14 +843,49 @@ enum GroupResult {
     DiskFull(String),
 }
 
-/// Runs a group of jobs in one transaction, each in its own savepoint.
+/// Runs a group of jobs in one transaction. First every job runs straight in it (no savepoint,
+/// so SQLite writes no statement journal); if one fails, all is rolled back and the group runs
+/// again with each job in its own savepoint, so that the failing job alone is lost.
 fn run_group(conn: &Connection, jobs: &mut [Job]) -> GroupResult {
-    let full = |e: &rusqlite::Error| is_disk_full(e).then(|| e.to_string());
-    if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
-        if let Some(d) = full(&e) {
-            return GroupResult::DiskFull(d);
+    if let Err(r) = begin(conn, jobs.len()) {
+        return r;
+    }
+    for job in jobs.iter_mut() {
+        match (job.run)(conn) {
+            RunResult::Ok => {}
+            RunResult::DiskFull => {
+                let _ = conn.execute_batch("ROLLBACK");
+                return GroupResult::DiskFull("database or disk is full".into());
+            }
+            RunResult::Failed if jobs.len() == 1 => {
+                // Its own error is in its result; nothing else was in the transaction.
+                let _ = conn.execute_batch("ROLLBACK");
+                return GroupResult::Done(vec![Ok(())]);
+            }
+            RunResult::Failed => {
+                let _ = conn.execute_batch("ROLLBACK");
+                return run_isolated(conn, jobs);
+            }
         }
-        return GroupResult::Done(vec![Err(e.to_string()); jobs.len()]);
+    }
+    commit(conn, vec![None; jobs.len()])
+}
+
+fn begin(conn: &Connection, jobs: usize) -> Result<(), GroupResult> {
+    conn.execute_batch("BEGIN IMMEDIATE").map_err(|e| {
+        if is_disk_full(&e) {
+            GroupResult::DiskFull(e.to_string())
+        } else {
+            GroupResult::Done(vec![Err(e.to_string()); jobs])
+        }
+    })
+}
+
+/// Runs a group of jobs in one transaction, each in its own savepoint.
+fn run_isolated(conn: &Connection, jobs: &mut [Job]) -> GroupResult {
+    let full = |e: &rusqlite::Error| is_disk_full(e).then(|| e.to_string());
+    if let Err(r) = begin(conn, jobs.len()) {
+        return r;
     }
     let mut own = Vec::with_capacity(jobs.len());
     for job in jobs.iter_mut() {
@@ -882,11 +918,17 @@ fn run_group(conn: &Connection, jobs: &mut [Job]) -> GroupResult {
             }
         }
     }
+    commit(conn, own)
+}
+
+/// Commits the open transaction; each job's outcome is its own error (if its savepoint could not
+/// be handled) or the commit's.
+fn commit(conn: &Connection, own: Vec<Option<String>>) -> GroupResult {
     let commit = conn.execute_batch("COMMIT");
     if let Err(e) = &commit {
         let _ = conn.execute_batch("ROLLBACK");
-        if let Some(d) = full(e) {
-            return GroupResult::DiskFull(d);
+        if is_disk_full(e) {
+            return GroupResult::DiskFull(e.to_string());
         }
     }
     let commit = commit.map_err(|e| e.to_string());
@@ -940,6 +982,49 @@ fn row_to_object(r: &rusqlite::Row<'_>) -> rusqlite::Result<ObjectRow> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Jobs queued together share one transaction; one that fails is lost alone, and the others
+    /// are committed (the group is run again with a savepoint per job).
+    #[test]
+    fn a_failing_job_is_rolled_back_alone_in_its_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(&dir.path().join("j.db")).unwrap();
+        // Hold the writer so that the next three jobs are queued as one group.
+        let (held_tx, held_rx) = std::sync::mpsc::channel();
+        j.submit(
+            move |_| {
+                std::thread::sleep(std::time::Duration::from_millis(300));
+                Ok(())
+            },
+            move |r| held_tx.send(r.is_ok()).unwrap(),
+        )
+        .unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        for (n, sql) in [
+            (1, "INSERT INTO errors (at_ms, message) VALUES (1, 'first')"),
+            (2, "INSERT INTO no_such_table VALUES (1)"),
+            (3, "INSERT INTO errors (at_ms, message) VALUES (3, 'third')"),
+        ] {
+            let tx = tx.clone();
+            j.submit(
+                move |c| c.execute(sql, []),
+                move |r| tx.send((n, r.is_ok())).unwrap(),
+            )
+            .unwrap();
+        }
+        assert!(held_rx.recv().unwrap());
+        let mut got: Vec<(i32, bool)> = (0..3).map(|_| rx.recv().unwrap()).collect();
+        got.sort();
+        assert_eq!(got, vec![(1, true), (2, false), (3, true)]);
+        let kept: Vec<String> = j
+            .with(|c| {
+                let mut st = c.prepare("SELECT message FROM errors ORDER BY at_ms")?;
+                let rows = st.query_map([], |r| r.get(0))?;
+                rows.collect()
+            })
+            .unwrap();
+        assert_eq!(kept, vec!["first".to_string(), "third".to_string()]);
+    }
 
     fn cand(p: &str, size: u64) -> Candidate {
         Candidate {
