@@ -3,7 +3,8 @@
 # alternating tools over several rounds; medians and ratios are printed as Markdown tables.
 #
 #   bench/run.sh [--rounds N] [--workloads big,small,medium] [--tools ha-edge,rclone,aws]
-#                [--server-storage tmpfs|disk]   (tools also: ha-edge-quic, via the QUIC relay)
+#                [--server-storage tmpfs|disk]   (tools also: ha-edge-quic, via the QUIC relay;
+#                rclone-nohead, rclone with --s3-no-head)
 #
 # Installs what it needs: s3s-fs (cargo), rclone and awscli (apt), and builds the static
 # release binary of ha-edge that the packages ship. Scratch space: /var/tmp/ha-edge-bench

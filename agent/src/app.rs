@@ -93,6 +93,8 @@ struct Finished {
 
 /// Rows fetched from the journal per dispatch query.
 const PREFETCH: usize = 64;
+/// Delivered objects whose commit may be pending while others transfer.
+const COMMIT_BACKLOG: usize = 64;
 
 /// Delay before probing a destination that refused us, growing up to 10 minutes.
 const PROBE: Backoff = Backoff {
@@ -349,9 +351,10 @@ pub async fn run(
     let concurrency = config.agent.concurrency;
     // `concurrency` objects transfer at a time; an object whose upload is verified gives its
     // slot to the next one while its delivery waits for the journal's commit (fsync), so the
-    // commit is off the transfer path. At most `concurrency` such commits wait at once.
+    // commit is off the transfer path even when the disk is slow. Such a task holds only its
+    // journal row; at most COMMIT_BACKLOG of them wait at once.
     let transfers = Arc::new(tokio::sync::Semaphore::new(concurrency));
-    let max_tasks = concurrency * 2;
+    let max_tasks = concurrency + COMMIT_BACKLOG;
     let (obj_stop_tx, obj_stop_rx) = watch::channel(false);
     let mut inflight: JoinSet<Finished> = JoinSet::new();
     let mut inflight_ids: Vec<i64> = Vec::new();
