@@ -22,6 +22,9 @@ dpkg -i "$deb"
 [ "$(mode /var/lib/ha-edge)" = "750 ha-edge:ha-edge" ] || fail "state dir: $(mode /var/lib/ha-edge)"
 getent passwd ha-edge | grep -q ':/var/lib/ha-edge:/usr/sbin/nologin$' || fail "user: $(getent passwd ha-edge)"
 test -f /usr/lib/systemd/system/ha-edge.service || fail "unit missing"
+test -f /usr/lib/systemd/system/ha-edge-relay.service || fail "relay unit missing"
+test -f /usr/share/doc/ha-edge/examples/relay.toml || fail "relay example missing"
+test ! -e /etc/ha-edge/relay.toml || fail "the package must not install a relay config"
 test -f /usr/lib/sysusers.d/ha-edge.conf || fail "sysusers missing"
 dpkg-query -W -f='${Conffiles}\n' ha-edge | grep -q '/etc/ha-edge/ha-edge.toml' || fail "config is not a conffile"
 /usr/bin/ha-edge --version
@@ -34,6 +37,8 @@ AWS_ACCESS_KEY_ID=check AWS_SECRET_ACCESS_KEY=check /usr/bin/ha-edge validate -c
 echo "== systemd unit"
 systemd-analyze verify /usr/lib/systemd/system/ha-edge.service
 systemd-analyze security --offline=yes /usr/lib/systemd/system/ha-edge.service 2>/dev/null | tail -n 1 || true
+systemd-analyze verify /usr/lib/systemd/system/ha-edge-relay.service
+systemd-analyze security --offline=yes /usr/lib/systemd/system/ha-edge-relay.service 2>/dev/null | tail -n 1 || true
 
 echo "== upgrade keeps the operator's config"
 echo "# edited by the operator" >>/etc/ha-edge/ha-edge.toml
@@ -47,6 +52,7 @@ test ! -e /usr/bin/ha-edge || fail "binary left after remove"
 test -e /var/lib/ha-edge/journal.db || fail "remove must keep the journal"
 dpkg -P ha-edge >/dev/null
 for p in /usr/bin/ha-edge /etc/ha-edge /var/lib/ha-edge /usr/lib/systemd/system/ha-edge.service \
+         /usr/lib/systemd/system/ha-edge-relay.service \
          /usr/lib/sysusers.d/ha-edge.conf /usr/lib/tmpfiles.d/ha-edge.conf /usr/share/doc/ha-edge; do
   test ! -e "$p" || fail "$p left after purge"
 done
@@ -59,7 +65,8 @@ rpm -qip "$rpm"
 files="$(rpm -qlp "$rpm")"
 echo "$files"
 for f in /usr/bin/ha-edge /etc/ha-edge/ha-edge.toml /etc/ha-edge/credentials /var/lib/ha-edge \
-         /usr/lib/systemd/system/ha-edge.service; do
+         /usr/lib/systemd/system/ha-edge.service /usr/lib/systemd/system/ha-edge-relay.service \
+         /usr/share/doc/ha-edge/examples/relay.toml; do
   grep -qx "$f" <<<"$files" || fail "$f missing from the rpm"
 done
 rpm -qcp "$rpm" | grep -qx /etc/ha-edge/ha-edge.toml || fail "config is not %config in the rpm"

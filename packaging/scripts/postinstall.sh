@@ -17,9 +17,12 @@ chown root:root /etc/ha-edge/credentials
 chmod 0700 /etc/ha-edge/credentials
 if [ -d /run/systemd/system ]; then
   systemctl daemon-reload >/dev/null 2>&1 || true
-  # An upgrade restarts a running agent; it resumes from its journal.
-  if systemctl is-active --quiet ha-edge.service; then
-    systemctl try-restart ha-edge.service || true
-  fi
+  # An upgrade restarts a running agent (it resumes from its journal) or relay (agents resume
+  # their transfers from what its disk holds).
+  for unit in ha-edge.service ha-edge-relay.service; do
+    if systemctl is-active --quiet "$unit"; then
+      systemctl try-restart "$unit" || true
+    fi
+  done
 fi
 exit 0

@@ -3,7 +3,7 @@
 # a plain remove keeps them so that a re-install resumes from the journal.
 set -e
 if [ "$1" = "purge" ]; then
-  rm -rf /var/lib/ha-edge /etc/ha-edge/credentials
+  rm -rf /var/lib/ha-edge /var/lib/ha-edge-relay /etc/ha-edge/credentials
   rmdir /etc/ha-edge 2>/dev/null || true
   if getent passwd ha-edge >/dev/null; then
     userdel ha-edge >/dev/null 2>&1 || true
