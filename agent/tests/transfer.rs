@@ -189,36 +189,22 @@ fn single_puts_are_confirmed_by_the_servers_checksum_or_read_back() {
     s3.create_bucket("confirm");
     let proxy = Proxy::start(s3.port);
     let setup = Setup::new("confirm");
-    let files: Vec<(String, Vec<u8>)> = (0..6)
-        .map(|i| (format!("p{i}.ndjson"), data(700 + i, 3000 + i as usize)))
-        .collect();
-    for (n, b) in &files {
-        write_settled(&setup.src().join(n), b);
-    }
+    let files = setup.write_files("p", 6, 700, 3000);
     setup.write_config(&proxy.endpoint(), "max_retries = 0", "");
     // p1's answer claims another SHA-256; p2's answer carries none.
-    proxy.add_rule(
-        Rule::new(
-            "PutObject",
-            Fault::RewriteHeader {
-                name: "x-amz-checksum-sha256",
-                value: Some("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="),
-            },
-            1,
-        )
-        .on_target("/p1.ndjson"),
-    );
-    proxy.add_rule(
-        Rule::new(
-            "PutObject",
-            Fault::RewriteHeader {
-                name: "x-amz-checksum-sha256",
-                value: None,
-            },
-            1,
-        )
-        .on_target("/p2.ndjson"),
-    );
+    for (target, value) in [
+        (
+            "/p1.ndjson",
+            Some("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="),
+        ),
+        ("/p2.ndjson", None),
+    ] {
+        let fault = Fault::RewriteHeader {
+            name: "x-amz-checksum-sha256",
+            value,
+        };
+        proxy.add_rule(Rule::new("PutObject", fault, 1).on_target(target));
+    }
     let out = setup.run_once(bin());
     let err = stderr_of(&out);
     assert_eq!(out.status.code(), Some(1), "p1 is not delivered: {err}");

@@ -167,12 +167,7 @@ fn full_journal_filesystem_pauses_everything_and_resumes_when_space_returns() {
         == vec![("done".to_string(), 1)]));
 
     let filler = fill(&state);
-    let files: Vec<(String, Vec<u8>)> = (0..20)
-        .map(|i| (format!("while-full-{i}.ndjson"), data(710 + i, 8000)))
-        .collect();
-    for (n, b) in &files {
-        write_settled(&setup.src().join(n), b);
-    }
+    let files = setup.write_files("while-full-", 20, 710, 8000);
     assert!(
         wait_until(Duration::from_secs(20), || setup
             .daemon_log()

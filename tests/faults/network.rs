@@ -44,12 +44,7 @@ fn outage_is_logged_once_shown_in_status_probed_gently_and_survived() {
     // The tunnel goes down; exports keep arriving.
     proxy.down.store(true, Ordering::Relaxed);
     let outage_start = Instant::now();
-    let files: Vec<(String, Vec<u8>)> = (0..12)
-        .map(|i| (format!("during-{i}.ndjson"), data(100 + i, 20_000)))
-        .collect();
-    for (n, b) in &files {
-        write_settled(&setup.src().join(n), b);
-    }
+    let files = setup.write_files("during-", 12, 100, 20_000);
     assert!(
         wait_until(Duration::from_secs(20), || status_text(&setup)
             .contains("destination: unreachable since")),
@@ -105,12 +100,7 @@ fn black_hole_and_latency_are_survived_without_duplicates() {
     s3.create_bucket("hole");
     let proxy = Proxy::start(s3.port);
     let setup = Setup::new("hole");
-    let files: Vec<(String, Vec<u8>)> = (0..8)
-        .map(|i| (format!("f{i}.ndjson"), data(200 + i, 30_000)))
-        .collect();
-    for (n, b) in &files {
-        write_settled(&setup.src().join(n), b);
-    }
+    let files = setup.write_files("f", 8, 200, 30_000);
     setup.write_config(
         &proxy.endpoint(),
         "max_retries = 12\nrequest_timeout = \"1s\"\nconcurrency = 2",

@@ -834,6 +834,24 @@ impl Setup {
         self.dir.path().join("in")
     }
 
+    /// Writes `count` settled files `<stem><i>.ndjson` of `size` bytes (contents from seed
+    /// `seed + i`) into the source directory; returns their names and contents.
+    pub fn write_files(
+        &self,
+        stem: &str,
+        count: u64,
+        seed: u64,
+        size: usize,
+    ) -> Vec<(String, Vec<u8>)> {
+        let files: Vec<(String, Vec<u8>)> = (0..count)
+            .map(|i| (format!("{stem}{i}.ndjson"), data(seed + i, size)))
+            .collect();
+        for (n, b) in &files {
+            write_settled(&self.src().join(n), b);
+        }
+        files
+    }
+
     pub fn journal(&self) -> PathBuf {
         self.dir.path().join("state/journal.db")
     }

@@ -857,11 +857,6 @@ fn run_group(conn: &Connection, jobs: &mut [Job]) -> GroupResult {
                 let _ = conn.execute_batch("ROLLBACK");
                 return GroupResult::DiskFull("database or disk is full".into());
             }
-            RunResult::Failed if jobs.len() == 1 => {
-                // Its own error is in its result; nothing else was in the transaction.
-                let _ = conn.execute_batch("ROLLBACK");
-                return GroupResult::Done(vec![Ok(())]);
-            }
             RunResult::Failed => {
                 let _ = conn.execute_batch("ROLLBACK");
                 return run_isolated(conn, jobs);
