@@ -351,8 +351,10 @@ pub async fn run(
     let concurrency = config.agent.concurrency;
     // `concurrency` objects transfer at a time; an object whose upload is verified gives its
     // slot to the next one while its delivery waits for the journal's commit (fsync), so the
-    // commit is off the transfer path even when the disk is slow. Such a task holds only its
-    // journal row; at most COMMIT_BACKLOG of them wait at once.
+    // commit is off the transfer path even when the disk is slow. Such a task holds its journal
+    // row and its bytes' share of the memory budget (a crash would send them again, so data
+    // sent but not recorded stays within `parts_in_flight x part_size`); at most COMMIT_BACKLOG
+    // of them wait at once.
     let transfers = Arc::new(tokio::sync::Semaphore::new(concurrency));
     let max_tasks = concurrency + COMMIT_BACKLOG;
     let (obj_stop_tx, obj_stop_rx) = watch::channel(false);
@@ -419,13 +421,14 @@ pub async fn run(
                 inflight.spawn(
                     async move {
                         let started = Instant::now();
-                        let outcome = match (&origin, row.state) {
-                            (None, _) => Outcome::Retry(format!(
-                                "source {:?} is no longer in the config",
-                                row.source
-                            )),
+                        let (outcome, unrecorded) = match (&origin, row.state) {
+                            (None, _) => {
+                                let why =
+                                    format!("source {:?} is no longer in the config", row.source);
+                                (Outcome::Retry(why), None)
+                            }
                             (Some(_), State::Delivered) => {
-                                Outcome::Delivered(row.sha256.unwrap_or_default())
+                                (Outcome::Delivered(row.sha256.unwrap_or_default()), None)
                             }
                             (Some(origin), _) => {
                                 // Read back before the source is deleted or moved.
@@ -440,13 +443,18 @@ pub async fn run(
                         // A first delivery is committed here, alongside the other objects in
                         // flight: the journal's group commit can batch them, the scheduler
                         // loop never waits for an fsync, and the transfer slot is free for the
-                        // next object meanwhile. Nothing acts on this object (after_upload)
-                        // before the commit: that happens once this task is joined.
+                        // next object meanwhile. What a crash would send again stays counted in
+                        // the memory budget until the commit (`unrecorded`). Nothing acts on
+                        // this object (after_upload) before the commit: that happens once this
+                        // task is joined.
                         let committed = match &outcome {
                             Outcome::Delivered(sha) if row.state != State::Delivered => {
                                 drop(slot);
                                 wake.notify_one();
-                                Some(journal.delivered(row.id, row.fingerprint, *sha, keep).await)
+                                let done =
+                                    journal.delivered(row.id, row.fingerprint, *sha, keep).await;
+                                drop(unrecorded);
+                                Some(done)
                             }
                             _ => None,
                         };

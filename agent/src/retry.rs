@@ -49,6 +49,8 @@ pub fn classify(f: Failure<'_>) -> Class {
         (400, "AuthorizationHeaderMalformed" | "IllegalLocationConstraintException") => {
             Class::Destination
         }
+        // The server lacks the operation: asking again cannot help.
+        (501, _) => Class::Destination,
         (s, _) if s >= 500 => Class::Transient,
         _ => Class::Object,
     }
@@ -110,6 +112,7 @@ mod tests {
         assert_eq!(st(404, "NoSuchBucket"), Class::Destination);
         assert_eq!(st(301, "PermanentRedirect"), Class::Destination);
         assert_eq!(st(400, "AuthorizationHeaderMalformed"), Class::Destination);
+        assert_eq!(st(501, "NotImplemented"), Class::Destination);
         assert_eq!(st(400, "EntityTooLarge"), Class::Object);
         assert_eq!(st(404, "NoSuchKey"), Class::Object);
         assert_eq!(st(400, "InvalidArgument"), Class::Object);

@@ -121,6 +121,61 @@ fn sigterm_finishes_parts_in_flight_and_restart_resends_nothing() {
 }
 
 #[test]
+fn kill_9_after_completion_verifies_the_object_instead_of_sending_it_again() {
+    let (s3, proxy, setup, bytes) = slow_setup("completed", 2);
+    // The server completes the upload; the agent never hears back and is killed waiting.
+    proxy.add_rule(Rule::new(
+        "CompleteMultipartUpload",
+        Fault::ForwardThenHold,
+        1,
+    ));
+    let mut agent = setup.spawn_daemon(bin());
+    let completed = wait_until(Duration::from_secs(60), || {
+        s3.object("completed", KEY).is_some()
+    });
+    assert!(completed, "the upload never completed");
+    agent.kill().unwrap();
+    agent.wait().unwrap();
+    assert_eq!(setup.journal_counts(), vec![("completing".to_string(), 1)]);
+    let seen_before = proxy.seen().len();
+
+    // s3s-fs reports no checksum for a multipart object; AWS reports the composite one.
+    let composite: &'static str = Box::leak(composite_sha256(&bytes, 5 * MIB).into_boxed_str());
+    proxy.add_rule(Rule::new(
+        "HeadObject",
+        Fault::RewriteHeader {
+            name: "x-amz-checksum-sha256",
+            value: Some(composite),
+        },
+        1,
+    ));
+    proxy.delay_ms.store(0, Ordering::Relaxed);
+    let out = setup.run_once(bin());
+    let err = stderr_of(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("upload had completed before the restart; verified"),
+        "{err}"
+    );
+    let after: Vec<&'static str> = proxy.seen()[seen_before..]
+        .iter()
+        .map(SeenRequest::op)
+        .collect();
+    assert!(
+        !after
+            .iter()
+            .any(|op| op.starts_with("Put") || *op == "UploadPart"),
+        "a completed upload was sent again: {after:?}"
+    );
+    assert_eq!(
+        sha256(&s3.object("completed", KEY).unwrap()),
+        sha256(&bytes)
+    );
+    assert_eq!(setup.journal_counts(), vec![("done".to_string(), 1)]);
+    assert_eq!(s3.open_uploads(), 0);
+}
+
+#[test]
 fn upload_gone_from_server_starts_that_object_over_cleanly() {
     let (s3, proxy, setup, bytes) = slow_setup("vanish", 1);
     let mut agent = setup.spawn_daemon(bin());

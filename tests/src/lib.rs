@@ -231,6 +231,15 @@ impl SeenRequest {
             .and_then(|n| n.parse().ok())
     }
 
+    /// A query parameter of the request target, as sent (not decoded).
+    pub fn query_param(&self, name: &str) -> Option<&str> {
+        let q = self.target.split_once('?')?.1;
+        q.split('&').find_map(|kv| {
+            kv.strip_prefix(name)
+                .and_then(|rest| rest.strip_prefix('='))
+        })
+    }
+
     /// The S3 operation, as far as the tests need to tell them apart.
     pub fn op(&self) -> &'static str {
         let q = self.target.split_once('?').map_or("", |(_, q)| q);
@@ -266,6 +275,9 @@ pub enum Fault {
     ResetMidBody,
     /// Forward the request, then pass back only part of the answer and close.
     TruncateResponse,
+    /// Forward the request and never pass the answer back: the server did the work, the client
+    /// waits.
+    ForwardThenHold,
     /// Forward the request; in the answer, replace the header `name` with `value`, or remove
     /// it if `value` is None.
     RewriteHeader {
@@ -664,7 +676,10 @@ fn serve_connection(mut client: TcpStream, sh: ProxyShared) {
                 reset(client);
                 return;
             }
-            Some(Fault::TruncateResponse | Fault::RewriteHeader { .. }) | None => {}
+            Some(
+                Fault::TruncateResponse | Fault::RewriteHeader { .. } | Fault::ForwardThenHold,
+            )
+            | None => {}
         }
         // Forward the request and its body.
         if server.write_all(head.as_bytes()).is_err()
@@ -691,6 +706,9 @@ fn serve_connection(mut client: TcpStream, sh: ProxyShared) {
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(0)
         };
+        if fault == Some(Fault::ForwardThenHold) {
+            return hold(client, &sh.stop);
+        }
         if fault == Some(Fault::TruncateResponse) {
             // Half the head if there is no body, else the head and half the body.
             let cut = if rlen == 0 && !chunked {
@@ -765,6 +783,18 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 
 pub fn sha256(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
+}
+
+/// S3's checksum of an object uploaded in parts of `part` bytes with SHA-256 checksums, as
+/// AWS reports it (base64 of the SHA-256 of the parts' digests, "-" and the part count).
+pub fn composite_sha256(bytes: &[u8], part: usize) -> String {
+    use base64::Engine as _;
+    let mut h = Sha256::new();
+    for chunk in bytes.chunks(part) {
+        h.update(Sha256::digest(chunk));
+    }
+    let digest = base64::engine::general_purpose::STANDARD.encode(h.finalize());
+    format!("{digest}-{}", bytes.len().div_ceil(part))
 }
 
 /// Deterministic pseudo-random bytes.
@@ -995,13 +1025,18 @@ impl Setup {
 
     /// Keys of journal rows matching an SQL condition on `objects` (empty if unreadable).
     pub fn journal_keys(&self, condition: &str) -> Vec<String> {
+        self.journal_column(&format!("SELECT key FROM objects WHERE {condition}"))
+    }
+
+    /// The one text column of an SQL query on the journal (empty if unreadable).
+    pub fn journal_column(&self, sql: &str) -> Vec<String> {
         let Ok(c) = rusqlite::Connection::open_with_flags(
             self.journal(),
             rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
         ) else {
             return Vec::new();
         };
-        let Ok(mut s) = c.prepare(&format!("SELECT key FROM objects WHERE {condition}")) else {
+        let Ok(mut s) = c.prepare(sql) else {
             return Vec::new();
         };
         s.query_map([], |r| r.get(0))

@@ -24,11 +24,12 @@ impl Sink {
         origin: &read::Origin,
         confirm: s3::Confirm,
         stop: watch::Receiver<bool>,
-    ) -> Outcome {
+    ) -> (Outcome, Unrecorded) {
         match self {
-            // The relay confirms by hashing what it stored (Stored) in every case.
             Sink::S3(s) => s.deliver(row, origin, confirm, stop).await,
-            Sink::Relay(r) => r.deliver(row, origin, stop).await,
+            // The relay confirms by hashing what it stored (Stored) in every case, and holds
+            // nothing back: a crash before the commit asks the relay, which has the object.
+            Sink::Relay(r) => (r.deliver(row, origin, stop).await, None),
         }
     }
 
@@ -70,6 +71,12 @@ impl Sink {
         }
     }
 }
+
+/// What a delivery keeps from the memory budget until the scheduler has committed it: the share
+/// of a whole object that is sent but not yet recorded as delivered. A crash now sends those
+/// bytes again, so they count against the same bound as bytes in flight (`parts_in_flight x
+/// part_size`), and a slow journal disk holds back new reads instead of piling up re-sends.
+pub type Unrecorded = Option<tokio::sync::OwnedSemaphorePermit>;
 
 #[derive(Debug)]
 pub enum Outcome {

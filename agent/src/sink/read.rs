@@ -24,8 +24,8 @@ const HASH_CHUNK: usize = 1 << 20;
 /// Range size of the hashing pass over a source object.
 const OBJECT_HASH_RANGE: u64 = 8 << 20;
 
-/// Bytes of source data held in memory at once, across all objects: a read waits for its
-/// share before it starts.
+/// Bytes of source data held in memory at once, across all objects, together with bytes sent
+/// but not yet recorded in the journal: a read waits for its share before it starts.
 pub struct Budget {
     sem: Arc<Semaphore>,
     kib: u32,

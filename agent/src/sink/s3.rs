@@ -22,7 +22,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use super::read::{blocking, check_pinned, open_pinned, pin, Budget, Origin, Pinned, Stop};
-use super::Outcome;
+use super::{Outcome, Unrecorded};
 use crate::config::{MAX_PARTS, MAX_PART_SIZE};
 use crate::journal::{Journal, JournalError, ObjectRow, PartRow, State};
 use crate::s3::{b64, S3Client};
@@ -70,17 +70,15 @@ impl S3Sink {
         origin: &Origin,
         confirm: Confirm,
         stop: watch::Receiver<bool>,
-    ) -> Outcome {
+    ) -> (Outcome, Unrecorded) {
         let result = match row.state {
             State::Pending => self.fresh(row, origin, confirm, stop.clone()).await,
             State::Uploading | State::Completing => {
                 self.resume(row, origin, confirm, stop.clone()).await
             }
             other => {
-                return Outcome::Rejected(format!(
-                    "object {} in state {other} cannot be uploaded",
-                    row.key
-                ))
+                let why = format!("object {} in state {other} cannot be uploaded", row.key);
+                return (Outcome::Rejected(why), None);
             }
         };
         // The upload vanished mid-way (aborted by a lifecycle rule, or a server that lost it):
@@ -100,8 +98,8 @@ impl S3Sink {
             other => other,
         };
         match result {
-            Ok(sha256) => Outcome::Delivered(sha256),
-            Err(e) => self.outcome(row, e).await,
+            Ok(sent) => (Outcome::Delivered(sent.sha), sent.unrecorded),
+            Err(e) => (self.outcome(row, e).await, None),
         }
     }
 
@@ -119,7 +117,7 @@ impl S3Sink {
         origin: &Origin,
         confirm: Confirm,
         stop: watch::Receiver<bool>,
-    ) -> Result<[u8; 32], Stop> {
+    ) -> Result<Sent, Stop> {
         let fp = row.fingerprint;
         if fp.size < self.params.multipart_threshold {
             return self.single_put(row, origin, confirm).await;
@@ -142,6 +140,7 @@ impl S3Sink {
         tracing::debug!(key = %row.key, %upload_id, part_size, "multipart upload started");
         self.upload_parts(row, pinned, &upload_id, part_size, &sha, Vec::new(), stop)
             .await
+            .map(Sent::from)
     }
 
     async fn single_put(
@@ -149,10 +148,10 @@ impl S3Sink {
         row: &ObjectRow,
         origin: &Origin,
         confirm: Confirm,
-    ) -> Result<[u8; 32], Stop> {
+    ) -> Result<Sent, Stop> {
         let fp = row.fingerprint;
         // Memory first, then open, read and hash in one hand-off to the blocking pool.
-        let _permit = self.budget.reserve(fp.size).await;
+        let permit = self.budget.reserve(fp.size).await;
         let (body, sha) = match origin {
             Origin::Dir(root) => {
                 let (root2, p2) = (root.clone(), root.join(&row.rel_path));
@@ -196,7 +195,11 @@ impl S3Sink {
             Some(_) if confirm == Confirm::Answer => {}
             _ => self.verify(&row.key, fp.size, &sha, None).await?,
         }
-        Ok(sha)
+        // Until `delivered` is committed, a crash sends these bytes again: they stay counted.
+        Ok(Sent {
+            sha,
+            unrecorded: Some(permit),
+        })
     }
 
     /// Continues an upload found in the journal after a restart or a retry.
@@ -206,7 +209,7 @@ impl S3Sink {
         origin: &Origin,
         confirm: Confirm,
         stop: watch::Receiver<bool>,
-    ) -> Result<[u8; 32], Stop> {
+    ) -> Result<Sent, Stop> {
         if row.upload_id.is_none() {
             // Interrupted between "hashed" and "upload id recorded": CreateMultipartUpload may
             // have gone through, and that upload would stay open (and billed) forever.
@@ -237,62 +240,55 @@ impl S3Sink {
             }
             Err(e) => return Err(e),
         };
+        let journaled = self.journal.parts(row.id).await?;
         let server = match self.client.list_parts(&row.key, upload_id).await {
-            Ok(parts) => parts,
-            Err(e) if e.code() == Some("NoSuchUpload") => {
-                // Either the completion went through before the crash, or the upload is gone.
-                if self.verify(&row.key, fp.size, &sha, None).await.is_ok() {
-                    tracing::info!(key = %row.key, "upload had completed before the restart; verified");
-                    return Ok(sha);
-                }
-                tracing::warn!(key = %row.key, "multipart upload no longer exists on the server; starting this object over");
-                return self
-                    .start_over(
-                        row,
-                        origin,
-                        confirm,
-                        stop,
-                        "upload vanished from the server",
-                    )
-                    .await;
-            }
+            Ok(parts) => Some(parts),
+            Err(e) if e.code() == Some("NoSuchUpload") => None,
             Err(e) => return Err(e.into()),
         };
-        let journaled = self.journal.parts(row.id).await?;
-        let mut keep = Vec::new();
-        let mut drop = Vec::new();
-        for p in journaled {
-            let on_server = server
+        let (keep, drop): (Vec<PartRow>, Vec<PartRow>) = journaled.iter().cloned().partition(|p| {
+            server
                 .iter()
-                .any(|s| s.number == p.number && s.size == p.size && s.etag == p.etag);
-            if on_server {
-                keep.push(p);
-            } else {
-                drop.push(p.number);
+                .flatten()
+                .any(|s| s.number == p.number && s.size == p.size && s.etag == p.etag)
+        });
+        // The upload is gone (NoSuchUpload, or listed without any part we recorded, as some
+        // servers do for an upload they completed or lost).
+        if server.is_none() || (keep.is_empty() && !drop.is_empty()) {
+            // Completion is requested only after `completing` is committed: then it may have
+            // gone through before the restart, and the stored object decides.
+            if row.state == State::Completing
+                && self
+                    .verify(&row.key, fp.size, &sha, Some(&journaled))
+                    .await
+                    .is_ok()
+            {
+                tracing::info!(key = %row.key, "upload had completed before the restart; verified");
+                return Ok(sha.into());
             }
-        }
-        if keep.is_empty() && !drop.is_empty() {
-            // The server holds none of the parts we recorded: the upload is gone or useless
-            // (some servers list a lost upload as empty instead of answering NoSuchUpload).
-            tracing::warn!(key = %row.key, "multipart upload holds none of the recorded parts; starting this object over");
-            let _ = self.client.abort_multipart(&row.key, upload_id).await;
+            tracing::warn!(key = %row.key, "multipart upload no longer exists on the server; starting this object over");
+            if server.is_some() {
+                let _ = self.client.abort_multipart(&row.key, upload_id).await;
+            }
             return self
                 .start_over(
                     row,
                     origin,
                     confirm,
                     stop,
-                    "upload lost its parts on the server",
+                    "upload vanished from the server",
                 )
                 .await;
         }
         if !drop.is_empty() {
+            let drop: Vec<u32> = drop.iter().map(|p| p.number).collect();
             tracing::warn!(key = %row.key, parts = ?drop, "parts recorded in the journal are missing on the server; sending them again");
             self.journal.drop_parts(row.id, drop).await?;
         }
         tracing::info!(key = %row.key, parts_done = keep.len(), "resuming multipart upload");
         self.upload_parts(row, pinned, upload_id, part_size, &sha, keep, stop)
             .await
+            .map(Sent::from)
     }
 
     /// Aborts uploads of `key` that the journal never recorded. A server without
@@ -328,7 +324,7 @@ impl S3Sink {
         confirm: Confirm,
         stop: watch::Receiver<bool>,
         why: &str,
-    ) -> Result<[u8; 32], Stop> {
+    ) -> Result<Sent, Stop> {
         self.journal.reset(row.id, None, why.to_string()).await?;
         let fresh_row = ObjectRow {
             state: State::Pending,
@@ -524,6 +520,22 @@ impl S3Sink {
             }
         }
         Ok(())
+    }
+}
+
+/// A delivered object: its SHA-256, and for a single PUT its share of the budget.
+struct Sent {
+    sha: [u8; 32],
+    unrecorded: Unrecorded,
+}
+
+impl From<[u8; 32]> for Sent {
+    /// A multipart upload: every part was recorded before its budget share was given back.
+    fn from(sha: [u8; 32]) -> Sent {
+        Sent {
+            sha,
+            unrecorded: None,
+        }
     }
 }
 
