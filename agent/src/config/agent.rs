@@ -1,0 +1,331 @@
+//! The agent's file (`/etc/ha-edge/ha-edge.toml`): its `[agent]` table, and the whole file put
+//! together.
+
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::destination::RawDestination;
+use super::source::RawSource;
+use super::*;
+
+// ---------------------------------------------------------------------------------------------
+// Phase one: the file as written.
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    agent: Option<Spanned<RawAgent>>,
+    #[serde(default)]
+    source: Vec<Spanned<RawSource>>,
+    destination: Option<Spanned<RawDestination>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAgent {
+    /// SQLite journal file; must be an absolute path on local disk.
+    journal: Option<Spanned<String>>,
+    /// Objects transferred at the same time.
+    concurrency: Option<Spanned<i64>>,
+    /// Multipart parts (and single-PUT bodies) held in memory at once, across all objects.
+    parts_in_flight: Option<Spanned<i64>>,
+    /// Size of one multipart part.
+    part_size: Option<Spanned<toml::Value>>,
+    /// Files at or above this size are sent as multipart uploads.
+    multipart_threshold: Option<Spanned<toml::Value>>,
+    /// Attempts per HTTP request before the object is put back with a backoff.
+    max_retries: Option<Spanned<i64>>,
+    /// Upper bound for one HTTP request.
+    request_timeout: Option<Spanned<toml::Value>>,
+    /// How long in-flight parts may take to finish after SIGTERM.
+    shutdown_grace: Option<Spanned<toml::Value>>,
+    /// "text" or "json".
+    log_format: Option<Spanned<String>>,
+    /// Default log filter, e.g. "info" or "ha_edge=debug"; RUST_LOG overrides it.
+    log_level: Option<Spanned<String>>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Phase two: validated, typed values.
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub agent: AgentConfig,
+    pub sources: Vec<SourceConfig>,
+    pub destination: Destination,
+}
+
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub journal: PathBuf,
+    pub concurrency: usize,
+    pub parts_in_flight: usize,
+    pub part_size: u64,
+    pub multipart_threshold: u64,
+    pub max_retries: u32,
+    pub request_timeout: Duration,
+    pub shutdown_grace: Duration,
+    pub log_format: LogFormat,
+    pub log_level: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl Config {
+    /// Reads and validates `file`, reporting every problem at once.
+    pub fn load(file: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(file).map_err(|e| ConfigError {
+            file: file.to_path_buf(),
+            problems: vec![ConfigProblem {
+                line: 0,
+                column: 0,
+                key: String::new(),
+                message: format!("cannot read the file: {e}"),
+            }],
+        })?;
+        Config::parse(file, &text)
+    }
+
+    /// Validates config text; `file` is used for messages only. Bucket sources may take their
+    /// endpoint and bucket from the process environment (ONPREM_S3_*).
+    pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
+        Config::parse_with_env(file, text, &|k| std::env::var(k).ok())
+    }
+
+    pub fn parse_with_env(
+        file: &Path,
+        text: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let mut v = Validator {
+            text,
+            env,
+            problems: Vec::new(),
+        };
+        let raw: RawConfig = match parse_raw(text) {
+            Ok(raw) => raw,
+            Err(problem) => {
+                return Err(ConfigError {
+                    file: file.to_path_buf(),
+                    problems: vec![problem],
+                })
+            }
+        };
+        let config = v.config(raw);
+        match config {
+            Some(c) if v.problems.is_empty() => Ok(c),
+            _ => {
+                v.problems.sort_by_key(|p| (p.line, p.column));
+                Err(ConfigError {
+                    file: file.to_path_buf(),
+                    problems: v.problems,
+                })
+            }
+        }
+    }
+}
+
+fn parse_raw(text: &str) -> Result<RawConfig, ConfigProblem> {
+    parse_raw_as(text)
+}
+
+impl AgentConfig {
+    fn journal_inside_any(&self, sources: &[SourceConfig]) -> bool {
+        sources
+            .iter()
+            .any(|s| s.is_dir() && self.journal.starts_with(&s.path))
+    }
+}
+
+impl Validator<'_> {
+    fn config(&mut self, raw: RawConfig) -> Option<Config> {
+        let journal_span = raw
+            .agent
+            .as_ref()
+            .and_then(|a| a.get_ref().journal.as_ref().map(|j| j.span()))
+            .unwrap_or(0..0);
+        let agent = match raw.agent {
+            Some(a) => {
+                let span = a.span();
+                self.agent(a.into_inner(), span)
+            }
+            None => {
+                self.problem(
+                    0..0,
+                    "agent",
+                    "missing [agent] table (it needs at least `journal`)",
+                );
+                None
+            }
+        };
+        if raw.source.is_empty() {
+            self.problem(
+                0..0,
+                "source",
+                "no [[source]] table: nothing to watch (add at least one)",
+            );
+        }
+        let mut sources = Vec::new();
+        // (index in the file, span of `name`, span of `path`) of each valid source.
+        let mut places = Vec::new();
+        for (i, s) in raw.source.into_iter().enumerate() {
+            let span = s.span();
+            let inner = s.into_inner();
+            let name = inner.name.as_ref().map_or(span.clone(), |n| n.span());
+            let path = inner
+                .path
+                .as_ref()
+                .or(inner.prefix.as_ref())
+                .map_or(span.clone(), |p| p.span());
+            if let Some(src) = self.source(i, inner, span) {
+                sources.push(src);
+                places.push((i, name, path));
+            }
+        }
+        self.check_sources_apart(&sources, &places);
+        let destination = match raw.destination {
+            Some(d) => {
+                let span = d.span();
+                self.destination(d.into_inner(), span)
+            }
+            None => {
+                self.problem(0..0, "destination", "missing [destination] table");
+                None
+            }
+        };
+        if agent
+            .as_ref()
+            .is_some_and(|a| a.journal_inside_any(&sources))
+        {
+            self.problem(
+                journal_span,
+                "agent.journal",
+                "the journal must not live inside a watched source directory",
+            );
+        }
+        Some(Config {
+            agent: agent?,
+            sources,
+            destination: destination?,
+        })
+    }
+
+    fn agent(&mut self, a: RawAgent, span: Range<usize>) -> Option<AgentConfig> {
+        let journal = match a.journal {
+            Some(j) => {
+                let p = PathBuf::from(j.get_ref());
+                if !p.is_absolute() {
+                    self.problem(
+                        j.span(),
+                        "agent.journal",
+                        format!(
+                            "must be an absolute path, got {:?} (e.g. \"/var/lib/ha-edge/journal.db\")",
+                            j.get_ref()
+                        ),
+                    );
+                    None
+                } else if j.get_ref().ends_with('/') {
+                    self.problem(
+                        j.span(),
+                        "agent.journal",
+                        "must name a file, not a directory",
+                    );
+                    None
+                } else {
+                    Some(p)
+                }
+            }
+            None => {
+                self.problem(
+                    span.clone(),
+                    "agent.journal",
+                    "missing (the SQLite journal file, e.g. \"/var/lib/ha-edge/journal.db\")",
+                );
+                None
+            }
+        };
+        let concurrency = self.int_in(a.concurrency, "agent.concurrency", 1, 256, 4);
+        let parts_in_flight = self.int_in(a.parts_in_flight, "agent.parts_in_flight", 1, 256, 4);
+        let part_size = self.size(
+            a.part_size,
+            "agent.part_size",
+            MIN_PART_SIZE,
+            MAX_PART_SIZE,
+            8 * 1024 * 1024,
+        );
+        let multipart_threshold = self.size(
+            a.multipart_threshold,
+            "agent.multipart_threshold",
+            MIN_PART_SIZE,
+            MAX_PART_SIZE,
+            16 * 1024 * 1024,
+        );
+        let max_retries = self.int_in(a.max_retries, "agent.max_retries", 0, 100, 6);
+        let request_timeout = self.duration(
+            a.request_timeout,
+            "agent.request_timeout",
+            Duration::from_secs(1),
+            Duration::from_secs(300),
+        );
+        let shutdown_grace = self.duration(
+            a.shutdown_grace,
+            "agent.shutdown_grace",
+            Duration::ZERO,
+            Duration::from_secs(30),
+        );
+        let log_format = match a.log_format {
+            None => LogFormat::Text,
+            Some(f) => match f.get_ref().as_str() {
+                "text" => LogFormat::Text,
+                "json" => LogFormat::Json,
+                other => {
+                    self.problem(
+                        f.span(),
+                        "agent.log_format",
+                        format!("must be \"text\" or \"json\", got {other:?}"),
+                    );
+                    LogFormat::Text
+                }
+            },
+        };
+        let log_level = match a.log_level {
+            None => "info".to_string(),
+            Some(l) => {
+                if tracing_subscriber::EnvFilter::builder()
+                    .parse(l.get_ref())
+                    .is_err()
+                {
+                    self.problem(
+                        l.span(),
+                        "agent.log_level",
+                        format!(
+                            "not a log filter: {:?} (try \"info\" or \"ha_edge=debug\")",
+                            l.get_ref()
+                        ),
+                    );
+                }
+                l.into_inner()
+            }
+        };
+        Some(AgentConfig {
+            journal: journal?,
+            concurrency: concurrency as usize,
+            parts_in_flight: parts_in_flight as usize,
+            part_size,
+            multipart_threshold,
+            max_retries: max_retries as u32,
+            request_timeout,
+            shutdown_grace,
+            log_format,
+            log_level,
+        })
+    }
+}

@@ -1,0 +1,341 @@
+//! The `[destination]` table: an S3 bucket, or a QUIC relay (also the relay's own S3 store).
+
+use std::ops::Range;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::*;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawDestination {
+    #[serde(rename = "type")]
+    pub(super) kind: Option<Spanned<String>>,
+    pub(super) endpoint: Option<Spanned<String>>,
+    pub(super) region: Option<Spanned<String>>,
+    pub(super) bucket: Option<Spanned<String>>,
+    pub(super) prefix: Option<Spanned<String>>,
+    pub(super) sse: Option<Spanned<String>>,
+    pub(super) kms_key_id: Option<Spanned<String>>,
+    pub(super) path_style: Option<Spanned<bool>>,
+    /// Profile in the AWS shared credentials file.
+    pub(super) profile: Option<Spanned<String>>,
+    /// AWS shared credentials file (default: $AWS_SHARED_CREDENTIALS_FILE or ~/.aws/credentials).
+    pub(super) credentials_file: Option<Spanned<String>>,
+    /// Extra PEM CA bundle trusted for an on-premise HTTPS endpoint; for type = "quic", the CA
+    /// that signed the relay's certificate (the only one trusted).
+    pub(super) ca_file: Option<Spanned<String>>,
+    // type = "quic": a relay inside the cloud VPC that lands objects with its own credentials.
+    pub(super) relay: Option<Spanned<String>>,
+    pub(super) server_name: Option<Spanned<String>>,
+    pub(super) cert_file: Option<Spanned<String>>,
+    pub(super) key_file: Option<Spanned<String>>,
+}
+
+/// Where objects go.
+#[derive(Debug, Clone)]
+pub enum Destination {
+    /// An S3 bucket, reached directly (`type = "s3"`).
+    S3(S3Destination),
+    /// A relay over QUIC (`type = "quic"`), which lands objects with its own credentials.
+    Relay(RelayDestination),
+}
+
+impl Destination {
+    /// The key prefix every object key starts with.
+    pub fn prefix(&self) -> &str {
+        match self {
+            Destination::S3(d) => &d.prefix,
+            Destination::Relay(r) => &r.prefix,
+        }
+    }
+}
+
+/// `[destination] type = "quic"`.
+#[derive(Debug, Clone)]
+pub struct RelayDestination {
+    /// host:port of the relay.
+    pub relay: String,
+    /// The name the relay's certificate must carry.
+    pub server_name: String,
+    /// The CA that signed the relay's certificate.
+    pub ca_file: PathBuf,
+    /// This agent's certificate and key (PEM); default: `relay_cert.pem` / `relay_key.pem` in
+    /// `$CREDENTIALS_DIRECTORY`.
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    pub prefix: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Sse {
+    Aes256,
+    Kms { key_id: Option<String> },
+}
+
+/// How to reach a bucket: the destination's, or a bucket source's.
+#[derive(Debug, Clone)]
+pub struct S3Destination {
+    pub endpoint: reqwest::Url,
+    pub region: String,
+    pub bucket: String,
+    pub prefix: String,
+    pub sse: Option<Sse>,
+    pub path_style: bool,
+    pub profile: Option<String>,
+    pub credentials_file: Option<PathBuf>,
+    pub ca_file: Option<PathBuf>,
+}
+
+impl Validator<'_> {
+    pub(super) fn destination(
+        &mut self,
+        d: RawDestination,
+        span: Range<usize>,
+    ) -> Option<Destination> {
+        let quic = match &d.kind {
+            Some(k) if k.get_ref() == "s3" => false,
+            Some(k) if k.get_ref() == "quic" => true,
+            Some(k) => {
+                self.problem(
+                    k.span(),
+                    "destination.type",
+                    format!(
+                        "unknown destination type {:?} (supported: \"s3\", \"quic\")",
+                        k.get_ref()
+                    ),
+                );
+                false
+            }
+            None => {
+                self.problem(
+                    span.clone(),
+                    "destination.type",
+                    "missing (use type = \"s3\" or \"quic\")",
+                );
+                false
+            }
+        };
+        let misplaced: Vec<(&str, Option<Range<usize>>)> = if quic {
+            vec![
+                ("endpoint", d.endpoint.as_ref().map(Spanned::span)),
+                ("region", d.region.as_ref().map(Spanned::span)),
+                ("bucket", d.bucket.as_ref().map(Spanned::span)),
+                ("sse", d.sse.as_ref().map(Spanned::span)),
+                ("kms_key_id", d.kms_key_id.as_ref().map(Spanned::span)),
+                ("path_style", d.path_style.as_ref().map(Spanned::span)),
+                ("profile", d.profile.as_ref().map(Spanned::span)),
+                (
+                    "credentials_file",
+                    d.credentials_file.as_ref().map(Spanned::span),
+                ),
+            ]
+        } else {
+            vec![
+                ("relay", d.relay.as_ref().map(Spanned::span)),
+                ("server_name", d.server_name.as_ref().map(Spanned::span)),
+                ("cert_file", d.cert_file.as_ref().map(Spanned::span)),
+                ("key_file", d.key_file.as_ref().map(Spanned::span)),
+            ]
+        };
+        let (other, why) = if quic {
+            (
+                "s3",
+                " (the relay holds the bucket settings and credentials)",
+            )
+        } else {
+            ("quic", "")
+        };
+        for (key, sp) in misplaced {
+            if let Some(sp) = sp {
+                self.problem(
+                    sp,
+                    &format!("destination.{key}"),
+                    format!("only applies to type = \"{other}\"{why}"),
+                );
+            }
+        }
+        if quic {
+            self.relay_destination(d, span).map(Destination::Relay)
+        } else {
+            self.s3_destination(d, span).map(Destination::S3)
+        }
+    }
+
+    fn relay_destination(
+        &mut self,
+        d: RawDestination,
+        span: Range<usize>,
+    ) -> Option<RelayDestination> {
+        let relay = match d.relay {
+            Some(r) => match r.get_ref().rsplit_once(':') {
+                Some((host, port))
+                    if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) =>
+                {
+                    Some((
+                        r.get_ref().clone(),
+                        host.trim_matches(['[', ']']).to_string(),
+                    ))
+                }
+                _ => {
+                    self.problem(
+                        r.span(),
+                        "destination.relay",
+                        format!("must be host:port, got {:?}", r.get_ref()),
+                    );
+                    None
+                }
+            },
+            None => {
+                self.problem(
+                    span.clone(),
+                    "destination.relay",
+                    "missing (e.g. \"relay.example.org:4433\")",
+                );
+                None
+            }
+        };
+        let server_name = d
+            .server_name
+            .map(Spanned::into_inner)
+            .or_else(|| relay.as_ref().map(|(_, host)| host.clone()));
+        let ca_file = match d.ca_file {
+            Some(c) => Some(self.readable_file(c, "destination.ca_file", true)),
+            None => {
+                self.problem(
+                    span.clone(),
+                    "destination.ca_file",
+                    "missing (the CA that signed the relay's certificate)",
+                );
+                None
+            }
+        };
+        let cert_file = d
+            .cert_file
+            .map(|c| self.readable_file(c, "destination.cert_file", true));
+        let key_file = d
+            .key_file
+            .map(|c| self.readable_file(c, "destination.key_file", true));
+        if cert_file.is_some() != key_file.is_some() {
+            self.problem(
+                span,
+                "destination.key_file",
+                "cert_file and key_file go together (or neither: both from $CREDENTIALS_DIRECTORY)",
+            );
+        }
+        let prefix = match d.prefix {
+            None => String::new(),
+            Some(p) => self.key_prefix(p, "destination.prefix"),
+        };
+        Some(RelayDestination {
+            relay: relay?.0,
+            server_name: server_name?,
+            ca_file: ca_file?,
+            cert_file,
+            key_file,
+            prefix,
+        })
+    }
+
+    pub(super) fn s3_destination(
+        &mut self,
+        d: RawDestination,
+        span: Range<usize>,
+    ) -> Option<S3Destination> {
+        let endpoint = match d.endpoint {
+            Some(e) => self.endpoint_url(e, "destination.endpoint"),
+            None => {
+                self.problem(
+                    span.clone(),
+                    "destination.endpoint",
+                    "missing (e.g. \"https://s3.eu-central-1.amazonaws.com\")",
+                );
+                None
+            }
+        };
+        let region = match d.region {
+            Some(r) => self.region(r, "destination.region"),
+            None => {
+                self.problem(
+                    span.clone(),
+                    "destination.region",
+                    "missing (e.g. \"eu-central-1\")",
+                );
+                None
+            }
+        };
+        let bucket = match d.bucket {
+            Some(b) => {
+                if let Err(why) = check_bucket_name(b.get_ref()) {
+                    self.problem(b.span(), "destination.bucket", why);
+                }
+                Some(b.into_inner())
+            }
+            None => {
+                self.problem(span.clone(), "destination.bucket", "missing");
+                None
+            }
+        };
+        let prefix = match d.prefix {
+            None => String::new(),
+            Some(p) => self.key_prefix(p, "destination.prefix"),
+        };
+        let sse = match d.sse {
+            None => None,
+            Some(s) => match s.get_ref().as_str() {
+                "AES256" => Some(Sse::Aes256),
+                "aws:kms" => Some(Sse::Kms {
+                    key_id: d.kms_key_id.as_ref().map(|k| k.get_ref().clone()),
+                }),
+                other => {
+                    self.problem(
+                        s.span(),
+                        "destination.sse",
+                        format!("must be \"AES256\" or \"aws:kms\", got {other:?}"),
+                    );
+                    None
+                }
+            },
+        };
+        if let Some(k) = &d.kms_key_id {
+            if !matches!(sse, Some(Sse::Kms { .. })) {
+                self.problem(
+                    k.span(),
+                    "destination.kms_key_id",
+                    "only applies with sse = \"aws:kms\"",
+                );
+            }
+        }
+        let credentials_file = d
+            .credentials_file
+            .map(|c| self.readable_file(c, "destination.credentials_file", true));
+        let ca_file = d
+            .ca_file
+            .map(|c| self.readable_file(c, "destination.ca_file", false));
+        let dest = S3Destination {
+            endpoint: endpoint?,
+            region: region?,
+            bucket: bucket?,
+            prefix,
+            sse,
+            path_style: d.path_style.map(Spanned::into_inner).unwrap_or(false),
+            profile: d.profile.map(Spanned::into_inner),
+            credentials_file,
+            ca_file,
+        };
+        let ip_host = matches!(
+            dest.endpoint.host(),
+            Some(url::Host::Ipv4(_) | url::Host::Ipv6(_))
+        );
+        if ip_host && !dest.path_style {
+            self.problem(
+                span,
+                "destination.path_style",
+                "must be true when the endpoint is an IP address (virtual-hosted buckets need a DNS name)",
+            );
+        }
+        Some(dest)
+    }
+}

@@ -1,0 +1,337 @@
+use super::*;
+
+fn good(dir: &Path) -> String {
+    format!(
+        r#"
+[agent]
+journal = "{d}/journal.db"
+
+[[source]]
+name = "fhir"
+type = "fs"
+path = "{d}/in"
+include = ["**/*.ndjson"]
+settle = "2s"
+
+[destination]
+type = "s3"
+endpoint = "http://127.0.0.1:9000"
+region = "eu-central-1"
+bucket = "fhir-bucket"
+prefix = "fhir/"
+path_style = true
+"#,
+        d = dir.display()
+    )
+}
+
+fn problems(text: &str) -> Vec<ConfigProblem> {
+    Config::parse(Path::new("t.toml"), text)
+        .unwrap_err()
+        .problems
+}
+
+const BUCKET_ONLY: &str = r#"
+[agent]
+journal = "/var/lib/ha-edge/journal.db"
+
+[[source]]
+name = "minio"
+type = "s3"
+prefix = "exports/"
+after_upload = { move_to_prefix = "processed/" }
+
+[destination]
+type = "s3"
+endpoint = "https://s3.eu-central-1.amazonaws.com"
+region = "eu-central-1"
+bucket = "fhir-bucket"
+"#;
+
+#[test]
+fn bucket_source_takes_endpoint_and_bucket_from_the_environment() {
+    let env = |k: &str| match k {
+        "ONPREM_S3_ENDPOINT" => Some("http://10.0.0.5:9000".to_string()),
+        "ONPREM_S3_BUCKET" => Some("exports-bucket".to_string()),
+        _ => None,
+    };
+    let c = Config::parse_with_env(Path::new("t.toml"), BUCKET_ONLY, &env).unwrap();
+    let SourceKind::Bucket(conn) = &c.sources[0].kind else {
+        panic!("not a bucket source")
+    };
+    assert_eq!(conn.endpoint.as_str(), "http://10.0.0.5:9000/");
+    assert_eq!(conn.bucket, "exports-bucket");
+    assert_eq!(conn.region, "us-east-1");
+    assert_eq!(conn.prefix, "exports/");
+    assert!(conn.path_style);
+    assert_eq!(
+        c.sources[0].after_upload,
+        AfterUpload::MoveToPrefix("processed/".into())
+    );
+    // The config wins over the environment.
+    let text = BUCKET_ONLY.replace(
+        "prefix = \"exports/\"",
+        "prefix = \"exports/\"\nbucket = \"from-config\"",
+    );
+    let c = Config::parse_with_env(Path::new("t.toml"), &text, &env).unwrap();
+    let SourceKind::Bucket(conn) = &c.sources[0].kind else {
+        panic!("not a bucket source")
+    };
+    assert_eq!(conn.bucket, "from-config");
+    // Neither: both named, at the source's line.
+    let err = Config::parse_with_env(Path::new("t.toml"), BUCKET_ONLY, &|_| None).unwrap_err();
+    let keys: Vec<&str> = err.problems.iter().map(|p| p.key.as_str()).collect();
+    assert_eq!(keys, ["source[0].endpoint", "source[0].bucket"]);
+    assert!(err.problems[0].message.contains("ONPREM_S3_ENDPOINT"));
+    assert_eq!(err.problems[0].line, 5);
+}
+
+#[test]
+fn keys_of_the_other_source_type_are_refused() {
+    let env = |k: &str| match k {
+        "ONPREM_S3_ENDPOINT" => Some("http://minio.local:9000".to_string()),
+        "ONPREM_S3_BUCKET" => Some("bkt".to_string()),
+        _ => None,
+    };
+    let text = BUCKET_ONLY.replace(
+        "prefix = \"exports/\"",
+        "prefix = \"exports/\"\nsettle = \"5s\"\npath = \"/srv\"",
+    );
+    let err = Config::parse_with_env(Path::new("t.toml"), &text, &env).unwrap_err();
+    let keys: Vec<&str> = err.problems.iter().map(|p| p.key.as_str()).collect();
+    assert_eq!(keys, ["source[0].settle", "source[0].path"]);
+    assert!(err.problems[0].message.contains("type = \"fs\""));
+    // move_to is for files, move_to_prefix for objects.
+    let text = BUCKET_ONLY.replace("move_to_prefix", "move_to");
+    let err = Config::parse_with_env(Path::new("t.toml"), &text, &env).unwrap_err();
+    assert_eq!(err.problems[0].key, "source[0].after_upload");
+    assert!(err.problems[0].message.contains("move_to_prefix"));
+    let text = BUCKET_ONLY.replace("\"processed/\"", "\"/abs/\"");
+    let err = Config::parse_with_env(Path::new("t.toml"), &text, &env).unwrap_err();
+    assert_eq!(err.problems[0].key, "source[0].after_upload.move_to_prefix");
+
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("in")).unwrap();
+    let text = good(dir.path()).replace("settle = \"2s\"", "settle = \"2s\"\nbucket = \"x\"");
+    assert_eq!(problems(&text)[0].key, "source[0].bucket");
+}
+
+#[test]
+fn overlapping_bucket_prefixes_are_refused() {
+    let env = |k: &str| match k {
+        "ONPREM_S3_ENDPOINT" => Some("http://minio.local:9000".to_string()),
+        "ONPREM_S3_BUCKET" => Some("bkt".to_string()),
+        _ => None,
+    };
+    let second = "\n[[source]]\nname = \"all\"\ntype = \"s3\"\nprefix = \"\"\n";
+    let text = BUCKET_ONLY.replace("\n[destination]", &format!("{second}\n[destination]"));
+    let err = Config::parse_with_env(Path::new("t.toml"), &text, &env).unwrap_err();
+    assert_eq!(err.problems[0].key, "source[1].prefix");
+    assert!(err.problems[0].message.contains("overlap"));
+    let other = second.replace("prefix = \"\"", "prefix = \"other/\"");
+    let text = BUCKET_ONLY.replace("\n[destination]", &format!("{other}\n[destination]"));
+    assert!(Config::parse_with_env(Path::new("t.toml"), &text, &env).is_ok());
+}
+
+#[test]
+fn relay_example_is_valid_and_mistakes_name_their_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/relay.toml"),
+    )
+    .unwrap();
+    let mut text = text.replace(
+        "/var/lib/ha-edge-relay",
+        &dir.path().join("state").display().to_string(),
+    );
+    for f in ["server.pem", "server.key", "agents-ca.pem"] {
+        let p = dir.path().join(f);
+        std::fs::write(&p, "x").unwrap();
+        text = text.replace(&format!("/etc/ha-edge/relay/{f}"), &p.display().to_string());
+    }
+    let c = RelayConfig::parse(Path::new("relay.toml"), &text).unwrap();
+    assert_eq!(c.agents.len(), 2);
+    assert_eq!(c.agents[1].prefix, "fhir/embl/");
+    assert!(
+        matches!(&c.store, StoreConfig::S3 { bucket, part_size } if bucket.bucket == "healthalliance-fhir" && *part_size == 16 << 20)
+    );
+    assert_eq!(c.stream_buffer, 4 << 20);
+
+    let bad = text
+        .replace("listen = \"0.0.0.0:4433\"", "listen = \"anywhere\"")
+        .replace("prefix = \"fhir/embl/\"", "prefix = \"../x/\"")
+        .replace(
+            "identity = \"embl-edge-01.agents.example.org\"",
+            "identity = \"not a name\"",
+        )
+        .replace("region = \"eu-central-1\"", "region = \"eu central\"");
+    let err = RelayConfig::parse(Path::new("relay.toml"), &bad).unwrap_err();
+    let keys: Vec<&str> = err.problems.iter().map(|p| p.key.as_str()).collect();
+    assert_eq!(
+        keys,
+        [
+            "relay.listen",
+            "agent[1].identity",
+            "agent[1].prefix",
+            "store.region"
+        ]
+    );
+    assert!(err.to_string().contains("relay.toml:"));
+    // One prefix per identity.
+    let twice = text.replace("embl-edge-01", "dkfz-edge-01");
+    let err = RelayConfig::parse(Path::new("relay.toml"), &twice).unwrap_err();
+    assert_eq!(err.problems[0].key, "agent[1].identity");
+    assert!(err.problems[0].message.contains("listed twice"));
+    // No [store], no [[agent]].
+    let err =
+        RelayConfig::parse(Path::new("r.toml"), "[relay]\nlisten = \"127.0.0.1:1\"\n").unwrap_err();
+    let keys: Vec<&str> = err.problems.iter().map(|p| p.key.as_str()).collect();
+    assert!(
+        keys.contains(&"store") && keys.contains(&"agent") && keys.contains(&"relay.cert_file"),
+        "{keys:?}"
+    );
+}
+
+#[test]
+fn quic_destination_needs_its_ca_and_refuses_s3_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("in")).unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, "x").unwrap();
+    let quic = format!(
+        "[destination]\ntype = \"quic\"\nrelay = \"relay.example.org:4433\"\nca_file = \"{}\"\nprefix = \"fhir/dkfz/\"\n",
+        ca.display()
+    );
+    let base = good(dir.path());
+    let at = base.find("[destination]").unwrap();
+    let text = format!("{}{quic}", &base[..at]);
+    let c = Config::parse(Path::new("t.toml"), &text).unwrap();
+    let Destination::Relay(r) = &c.destination else {
+        panic!("a relay destination")
+    };
+    assert_eq!(r.server_name, "relay.example.org");
+    assert_eq!(c.destination.prefix(), "fhir/dkfz/");
+    let text = format!(
+        "{}{}bucket = \"b-c-d\"\n",
+        &base[..at],
+        quic.replace("relay.example.org:4433", "no-port")
+    );
+    let keys: Vec<String> = problems(&text).into_iter().map(|p| p.key).collect();
+    assert_eq!(keys, ["destination.relay", "destination.bucket"]);
+}
+
+#[test]
+fn good_config_validates_with_defaults() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("in")).unwrap();
+    let c = Config::parse(Path::new("t.toml"), &good(dir.path())).unwrap();
+    assert_eq!(c.agent.part_size, 8 << 20);
+    assert_eq!(c.agent.concurrency, 4);
+    assert_eq!(c.sources[0].settle, Duration::from_secs(2));
+    assert!(c.sources[0].selects(Path::new("a/b.ndjson")));
+    assert!(!c.sources[0].selects(Path::new("a/b.tmp")));
+    let Destination::S3(d) = &c.destination else {
+        panic!("an S3 destination")
+    };
+    assert_eq!(d.prefix, "fhir/");
+    assert!(d.path_style);
+}
+
+#[test]
+fn unknown_key_names_line_and_key() {
+    let p = problems("[agent]\njournal = \"/j.db\"\nconcurency = 3\n");
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert_eq!(p[0].line, 3);
+    assert_eq!(p[0].key, "agent.concurency");
+    assert!(p[0].message.contains("unknown field"), "{}", p[0].message);
+}
+
+#[test]
+fn wrong_type_names_dotted_key() {
+    let p = problems("[agent]\njournal = 5\n");
+    assert_eq!(p[0].line, 2);
+    assert_eq!(p[0].key, "agent.journal");
+}
+
+#[test]
+fn every_problem_is_reported_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("in")).unwrap();
+    let text = good(dir.path())
+        .replace("journal.db\"", "journal.db\"\npart_size = \"1MiB\"")
+        .replace("settle = \"2s\"", "settle = \"soon\"")
+        .replace("fhir-bucket", "Bad_Bucket");
+    let p = problems(&text);
+    let keys: Vec<_> = p.iter().map(|p| p.key.as_str()).collect();
+    assert_eq!(
+        keys,
+        ["agent.part_size", "source[0].settle", "destination.bucket"],
+        "{p:?}"
+    );
+    assert_eq!(p[0].line, 4);
+}
+
+#[test]
+fn relative_paths_and_overlaps_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("in/sub")).unwrap();
+    let text = good(dir.path()).replace(
+        &format!("journal = \"{}/journal.db\"", dir.path().display()),
+        "journal = \"journal.db\"",
+    ) + &format!(
+        "\n[[source]]\nname = \"sub\"\ntype = \"fs\"\npath = \"{}/in/sub\"\n",
+        dir.path().display()
+    );
+    // [[source]] after [destination] is valid TOML; the second source overlaps the first.
+    let p = problems(&text);
+    assert!(p.iter().any(|p| p.key == "agent.journal"), "{p:?}");
+    assert!(
+        p.iter()
+            .any(|p| p.key == "source[1].path" && p.message.contains("overlap")),
+        "{p:?}"
+    );
+}
+
+#[test]
+fn documented_example_is_valid() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = include_str!("../../../examples/ha-edge.toml")
+        .replace("/srv/exports/fhir", &dir.path().display().to_string());
+    let c = Config::parse(Path::new("examples/ha-edge.toml"), &text).unwrap();
+    let Destination::S3(d) = &c.destination else {
+        panic!("an S3 destination")
+    };
+    assert_eq!(d.sse, Some(Sse::Aes256));
+    assert_eq!(c.sources[0].after_upload, AfterUpload::Keep);
+    assert_eq!(c.agent.multipart_threshold, 16 << 20);
+}
+
+#[test]
+fn sizes_and_durations() {
+    assert_eq!(parse_size(&toml::Value::String("8MiB".into())), Ok(8 << 20));
+    assert_eq!(
+        parse_size(&toml::Value::String("5 MiB".into())),
+        Ok(5 << 20)
+    );
+    assert_eq!(parse_size(&toml::Value::Integer(1024)), Ok(1024));
+    assert!(parse_size(&toml::Value::String("lots".into())).is_err());
+    assert_eq!(
+        parse_duration(&toml::Value::String("1m 30s".into())),
+        Ok(Duration::from_secs(90))
+    );
+    assert!(parse_duration(&toml::Value::Boolean(true)).is_err());
+}
+
+#[test]
+fn bucket_names() {
+    assert!(check_bucket_name("healthalliance-fhir").is_ok());
+    assert!(check_bucket_name("ab").is_err());
+    assert!(check_bucket_name("-abc").is_err());
+    assert!(check_bucket_name("ABC").is_err());
+}
+
+#[test]
+fn line_col_is_one_based() {
+    assert_eq!(line_col("a\nbc\n", 0), (1, 1));
+    assert_eq!(line_col("a\nbc\n", 3), (2, 2));
+}
