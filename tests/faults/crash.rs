@@ -160,7 +160,7 @@ fn resends(seen: &[SeenRequest], bucket: &str, kills: &[AtKill]) -> Resends {
     for (i, q) in seen.iter().enumerate() {
         let run = kills.iter().take_while(|k| k.seen <= i).count();
         let earlier = &kills[..run];
-        let path = q.target.split('?').next().unwrap_or("");
+        let path = q.path();
         let key = path.strip_prefix(&prefix).unwrap_or(path).to_string();
         let (data, recorded, tally) = match q.op() {
             "PutObject" => {
@@ -374,10 +374,7 @@ fn sigterm_at_random_moments_resends_nothing() {
         .proxy
         .seen()
         .iter()
-        .filter_map(|q| {
-            q.part_number()
-                .map(|n| (q.target.split('?').next().unwrap_or("").to_string(), n))
-        })
+        .filter_map(|q| q.part_number().map(|n| (q.path().to_string(), n)))
         .collect();
     let n = parts.len();
     parts.sort();

@@ -225,10 +225,12 @@ impl SeenRequest {
         if self.method != "PUT" {
             return None;
         }
-        let q = self.target.split_once('?')?.1;
-        q.split('&')
-            .find_map(|kv| kv.strip_prefix("partNumber="))
-            .and_then(|n| n.parse().ok())
+        self.query_param("partNumber")?.parse().ok()
+    }
+
+    /// The request target without its query: "/bucket/key".
+    pub fn path(&self) -> &str {
+        self.target.split('?').next().unwrap_or("")
     }
 
     /// A query parameter of the request target, as sent (not decoded).

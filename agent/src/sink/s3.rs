@@ -246,12 +246,18 @@ impl S3Sink {
             Err(e) if e.code() == Some("NoSuchUpload") => None,
             Err(e) => return Err(e.into()),
         };
-        let (keep, drop): (Vec<PartRow>, Vec<PartRow>) = journaled.iter().cloned().partition(|p| {
+        let on_server = |p: &PartRow| {
             server
                 .iter()
                 .flatten()
                 .any(|s| s.number == p.number && s.size == p.size && s.etag == p.etag)
-        });
+        };
+        let keep: Vec<PartRow> = journaled.iter().filter(|p| on_server(p)).cloned().collect();
+        let drop: Vec<u32> = journaled
+            .iter()
+            .filter(|p| !on_server(p))
+            .map(|p| p.number)
+            .collect();
         // The upload is gone (NoSuchUpload, or listed without any part we recorded, as some
         // servers do for an upload they completed or lost).
         if server.is_none() || (keep.is_empty() && !drop.is_empty()) {
@@ -281,7 +287,6 @@ impl S3Sink {
                 .await;
         }
         if !drop.is_empty() {
-            let drop: Vec<u32> = drop.iter().map(|p| p.number).collect();
             tracing::warn!(key = %row.key, parts = ?drop, "parts recorded in the journal are missing on the server; sending them again");
             self.journal.drop_parts(row.id, drop).await?;
         }
