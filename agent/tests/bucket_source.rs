@@ -166,6 +166,10 @@ fn kill_mid_transfer_resumes_and_rereads_only_the_missing_ranges() {
     let recorded = p.setup.journal_parts(key).len();
     assert!(recorded < 8, "killed too late: {recorded} parts");
     dest_proxy.delay_ms.store(0, Ordering::Relaxed);
+    assert!(
+        p.src_proxy.wait_idle(Duration::from_secs(10)),
+        "source proxy never let go"
+    );
 
     let reads_before = object_reads(&p.src_proxy).len();
     let out = p.setup.run_once(bin());

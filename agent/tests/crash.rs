@@ -42,8 +42,15 @@ fn kill_9_mid_multipart_resumes_without_resending_recorded_parts() {
         setup.journal_parts(KEY).len() >= 2
     });
     assert!(reached, "the upload never got going");
+    // The next part is now in the proxy's 250 ms delay: the kill lands with a part in flight.
+    std::thread::sleep(Duration::from_millis(100));
     agent.kill().unwrap(); // SIGKILL
     agent.wait().unwrap();
+    // The part in flight at the kill may still sit in the proxy's delay: count it as sent before.
+    assert!(
+        proxy.wait_idle(Duration::from_secs(10)),
+        "proxy never let go of the dead agent"
+    );
     let recorded = setup.journal_parts(KEY);
     let sent_before = proxy.parts_sent().len();
     assert!(recorded.len() >= 2 && recorded.len() < 6, "{recorded:?}");
@@ -136,6 +143,10 @@ fn kill_9_after_completion_verifies_the_object_instead_of_sending_it_again() {
     assert!(completed, "the upload never completed");
     agent.kill().unwrap();
     agent.wait().unwrap();
+    assert!(
+        proxy.wait_idle(Duration::from_secs(10)),
+        "proxy never let go of the dead agent"
+    );
     assert_eq!(setup.journal_counts(), vec![("completing".to_string(), 1)]);
     let seen_before = proxy.seen().len();
 

@@ -104,8 +104,10 @@ impl Rig {
     /// What the journal holds as sent, now that the agent is dead.
     fn at_kill(&self) -> AtKill {
         // The proxy records a request after its delay: let it record the dead agent's last.
-        let delay = self.proxy.delay_ms.load(Ordering::Relaxed);
-        std::thread::sleep(Duration::from_millis(2 * delay + 50));
+        assert!(
+            self.proxy.wait_idle(Duration::from_secs(10)),
+            "proxy never let go of the dead agent"
+        );
         let set = |sql: &str| -> BTreeSet<String> {
             self.setup.journal_column(sql).into_iter().collect()
         };

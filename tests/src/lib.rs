@@ -329,6 +329,8 @@ pub struct Proxy {
     /// Connections accepted while the proxy black-holed everything.
     pub swallowed: Arc<AtomicU64>,
     pub rules: Arc<Mutex<Vec<Rule>>>,
+    /// Client connections the proxy is serving right now.
+    open: Arc<AtomicU64>,
     streams: Streams,
     stop: Arc<AtomicBool>,
 }
@@ -345,6 +347,7 @@ struct ProxyShared {
     black_hole: Arc<AtomicBool>,
     swallowed: Arc<AtomicU64>,
     rules: Arc<Mutex<Vec<Rule>>>,
+    open: Arc<AtomicU64>,
     streams: Streams,
     stop: Arc<AtomicBool>,
 }
@@ -361,6 +364,7 @@ impl Proxy {
             black_hole: Arc::new(AtomicBool::new(false)),
             swallowed: Arc::new(AtomicU64::new(0)),
             rules: Arc::new(Mutex::new(Vec::new())),
+            open: Arc::new(AtomicU64::new(0)),
             streams: Arc::new(Mutex::new(Vec::new())),
             stop: Arc::new(AtomicBool::new(false)),
         };
@@ -378,7 +382,12 @@ impl Proxy {
                             continue;
                         }
                         let sh = sh.clone();
-                        thread::spawn(move || serve_connection(client, sh));
+                        sh.open.fetch_add(1, Ordering::SeqCst);
+                        thread::spawn(move || {
+                            let open = sh.open.clone();
+                            serve_connection(client, sh);
+                            open.fetch_sub(1, Ordering::SeqCst);
+                        });
                     }
                     Err(_) => thread::sleep(Duration::from_millis(5)),
                 }
@@ -393,6 +402,7 @@ impl Proxy {
             refused,
             swallowed: shared.swallowed,
             rules: shared.rules,
+            open: shared.open,
             streams: shared.streams,
             stop: shared.stop,
         }
@@ -413,6 +423,20 @@ impl Proxy {
         for tx in self.streams.lock().expect("lock").drain(..) {
             let _ = tx.send(None);
         }
+    }
+
+    /// Waits until the proxy serves no connection (at most `within`); true if it got there.
+    /// After an agent is killed, its requests may still sit in the proxy's delay and be
+    /// recorded late: wait for this before taking "what was sent before the kill".
+    pub fn wait_idle(&self, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        while self.open.load(Ordering::SeqCst) > 0 {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+        true
     }
 
     /// Requests of operation `op` (see `SeenRequest::op`) seen so far.
