@@ -428,15 +428,22 @@ impl Proxy {
     /// Waits until the proxy serves no connection (at most `within`); true if it got there.
     /// After an agent is killed, its requests may still sit in the proxy's delay and be
     /// recorded late: wait for this before taking "what was sent before the kill".
+    /// Idle means idle for 50 ms on end: a connection still in the listen backlog is accepted
+    /// within 5 ms.
     pub fn wait_idle(&self, within: Duration) -> bool {
         let deadline = Instant::now() + within;
-        while self.open.load(Ordering::SeqCst) > 0 {
+        let mut idle_since = Instant::now();
+        loop {
+            if self.open.load(Ordering::SeqCst) > 0 {
+                idle_since = Instant::now();
+            } else if idle_since.elapsed() >= Duration::from_millis(50) {
+                return true;
+            }
             if Instant::now() >= deadline {
                 return false;
             }
             thread::sleep(Duration::from_millis(10));
         }
-        true
     }
 
     /// Requests of operation `op` (see `SeenRequest::op`) seen so far.
