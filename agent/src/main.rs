@@ -60,7 +60,7 @@ fn relay_main(file: &Path, check: bool) -> ExitCode {
         return ExitCode::SUCCESS;
     }
     init_logging(cfg.log_format, &cfg.log_level);
-    let rt = match relay_runtime() {
+    let rt = match runtime(tokio::runtime::Builder::new_multi_thread()) {
         Ok(rt) => rt,
         Err(code) => return code,
     };
@@ -122,22 +122,16 @@ fn fail(code: u8, msg: impl std::fmt::Display) -> ExitCode {
     ExitCode::from(code)
 }
 
-/// The agent's runtime: one thread schedules objects and drives every connection. The work that
-/// takes CPU or may block (opening, reading and hashing files, directory walks) goes to tokio's
-/// blocking pool, and the journal has its own writer thread, so one thread is enough for the
-/// rest. For many small files it is also cheaper: with a worker per core, every object crossed
-/// between workers (17 futex calls and 12 context switches per file for 5,000 x 20 KiB); on
-/// one thread it took 17 % less CPU and 6 % less wall time, and large files went as fast.
-fn agent_runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| fail(EXIT_INCOMPLETE, format!("cannot start the runtime: {e}")))
-}
-
-/// The relay's runtime: it serves many agents at once, one worker per core.
-fn relay_runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
-    tokio::runtime::Builder::new_multi_thread()
+/// The agent runs on one thread (`new_current_thread`): it schedules objects and drives every
+/// connection. The work that takes CPU or may block (opening, reading and hashing files,
+/// directory walks) goes to tokio's blocking pool, and the journal has its own writer thread, so
+/// one thread is enough for the rest. For many small files it is also cheaper: with a worker per
+/// core, every object crossed between workers (17 futex calls and 12 context switches per file
+/// for 5,000 x 20 KiB); on one thread it took 17 % less CPU and 6 % less wall time, and large
+/// files went as fast. The relay serves many agents at once: one worker per core
+/// (`new_multi_thread`).
+fn runtime(mut builder: tokio::runtime::Builder) -> Result<tokio::runtime::Runtime, ExitCode> {
+    builder
         .enable_all()
         .build()
         .map_err(|e| fail(EXIT_INCOMPLETE, format!("cannot start the runtime: {e}")))
@@ -236,7 +230,7 @@ fn run(file: &Path, once: bool) -> ExitCode {
         Err(code) => return code,
     };
     init_logging(config.agent.log_format, &config.agent.log_level);
-    let rt = match agent_runtime() {
+    let rt = match runtime(tokio::runtime::Builder::new_current_thread()) {
         Ok(rt) => rt,
         Err(code) => return code,
     };

@@ -227,6 +227,57 @@ fn server_faults_are_retried_within_bounds_and_delivered() {
 }
 
 #[test]
+fn completion_refused_as_unknown_checks_the_object_once_and_resumes_next_run() {
+    let s3 = S3Server::start();
+    s3.create_bucket("complete");
+    let proxy = Proxy::start(s3.port);
+    let setup = Setup::new("complete");
+    let bytes = data(77, 12 * MIB);
+    write_settled(&setup.src().join("big.ndjson"), &bytes);
+    setup.write_config(
+        &proxy.endpoint(),
+        "part_size = \"5MiB\"\nmultipart_threshold = \"5MiB\"",
+        "",
+    );
+    // The proxy answers CompleteMultipartUpload itself with NoSuchUpload: the upload stays open
+    // on the server and no object exists, so the agent must not count it as delivered.
+    proxy.add_rule(Rule::new(
+        "CompleteMultipartUpload",
+        Fault::Status {
+            status: 404,
+            code: "NoSuchUpload",
+            retry_after: None,
+        },
+        1,
+    ));
+    let out = setup.run_once(bin());
+    let err = stderr_of(&out);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("not there after the upload"), "{err}");
+    assert!(s3.object("complete", "fhir/big.ndjson").is_none());
+    // One HEAD decides whether the completion went through; nothing asks twice.
+    let ops: Vec<&str> = proxy.seen().iter().map(SeenRequest::op).collect();
+    let after_complete = ops
+        .iter()
+        .skip_while(|op| **op != "CompleteMultipartUpload")
+        .filter(|op| **op == "HeadObject")
+        .count();
+    assert_eq!(after_complete, 1, "{ops:?}");
+    assert_eq!(proxy.parts_sent().len(), 3);
+
+    // The next run finds the upload and its three parts, and only completes it.
+    let out = setup.run_once(bin());
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert_eq!(
+        sha256(&s3.object("complete", "fhir/big.ndjson").unwrap()),
+        sha256(&bytes)
+    );
+    assert_eq!(proxy.parts_sent().len(), 3, "no part is sent again");
+    assert_eq!(s3.open_uploads(), 0);
+    assert_eq!(setup.journal_counts(), vec![("done".to_string(), 1)]);
+}
+
+#[test]
 fn access_denied_on_one_source_is_reported_once_and_other_sources_go_on() {
     let s3 = S3Server::start();
     s3.create_bucket("policy");

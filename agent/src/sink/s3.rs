@@ -252,12 +252,14 @@ impl S3Sink {
                 .flatten()
                 .any(|s| s.number == p.number && s.size == p.size && s.etag == p.etag)
         };
-        let keep: Vec<PartRow> = journaled.iter().filter(|p| on_server(p)).cloned().collect();
-        let drop: Vec<u32> = journaled
-            .iter()
-            .filter(|p| !on_server(p))
-            .map(|p| p.number)
-            .collect();
+        let (mut keep, mut drop) = (Vec::new(), Vec::new());
+        for p in &journaled {
+            if on_server(p) {
+                keep.push(p.clone());
+            } else {
+                drop.push(p.number);
+            }
+        }
         // The upload is gone (NoSuchUpload, or listed without any part we recorded, as some
         // servers do for an upload they completed or lost).
         if server.is_none() || (keep.is_empty() && !drop.is_empty()) {
@@ -446,13 +448,16 @@ impl S3Sink {
             // fails (NoSuchUpload on S3; some servers answer 403 for an upload id they no
             // longer know). The stored object decides.
             Err(e) => {
-                if self.verify(&row.key, size, sha, Some(&parts)).await.is_ok() {
-                    tracing::info!(key = %row.key, error = %e, "completion had gone through before the error; object verified");
-                    return Ok(*sha);
-                }
-                if e.code() != Some("NoSuchUpload") {
-                    return Err(e.into());
-                }
+                return match self.verify(&row.key, size, sha, Some(&parts)).await {
+                    Ok(()) => {
+                        tracing::info!(key = %row.key, error = %e, "completion had gone through before the error; object verified");
+                        Ok(*sha)
+                    }
+                    // The upload is gone and the stored object is not ours: say what is wrong
+                    // with the object.
+                    Err(not_ours) if e.code() == Some("NoSuchUpload") => Err(not_ours),
+                    Err(_) => Err(e.into()),
+                };
             }
         }
         self.verify(&row.key, size, sha, Some(&parts)).await?;
