@@ -59,6 +59,8 @@ pub struct Summary {
     pub delivered: u64,
     pub bytes: u64,
     pub rejected: u64,
+    /// Objects left alone because another writer's object is at their key.
+    pub conflicts: u64,
     pub vanished: u64,
     pub failed: u64,
     pub changed: u64,
@@ -74,6 +76,9 @@ pub struct Summary {
 impl Summary {
     pub fn all_delivered(&self) -> bool {
         self.rejected == 0
+            && self.conflicts == 0
+            && self.refused == 0
+            && self.changed == 0
             && self.failed == 0
             && self.source_errors == 0
             && self.destination_error.is_none()
@@ -272,6 +277,13 @@ pub async fn run(
         (Destination::S3(_), None) => unreachable!("credentials resolved above"),
     };
     let sink = Arc::new(sink);
+    let requeued = journal.requeue_conflicts().await?;
+    if requeued > 0 {
+        tracing::info!(
+            objects = requeued,
+            "looking again at objects held by a conflict"
+        );
+    }
     journal
         .set_agent_state(
             "started",
@@ -294,7 +306,7 @@ pub async fn run(
             let mut src = BucketSource::new(
                 s.clone(),
                 client.clone(),
-                config.destination.prefix().to_string(),
+                format!("{}{}", config.destination.prefix(), s.key_prefix),
                 journal.clone(),
                 wake.clone(),
             );
@@ -310,7 +322,7 @@ pub async fn run(
         }
         let mut src = FsSource::new(
             s.clone(),
-            config.destination.prefix().to_string(),
+            format!("{}{}", config.destination.prefix(), s.key_prefix),
             journal.clone(),
             wake.clone(),
         );
@@ -428,7 +440,11 @@ pub async fn run(
                                 (Outcome::Retry(why), None)
                             }
                             (Some(_), State::Delivered) => {
-                                (Outcome::Delivered(row.sha256.unwrap_or_default()), None)
+                                let landed = crate::journal::Landed::default();
+                                (
+                                    Outcome::Delivered(row.sha256.unwrap_or_default(), landed),
+                                    None,
+                                )
                             }
                             (Some(origin), _) => {
                                 // Read back before the source is deleted or moved.
@@ -448,11 +464,12 @@ pub async fn run(
                         // this object (after_upload) before the commit: that happens once this
                         // task is joined.
                         let committed = match &outcome {
-                            Outcome::Delivered(sha) if row.state != State::Delivered => {
+                            Outcome::Delivered(sha, landed) if row.state != State::Delivered => {
                                 drop(slot);
                                 wake.notify_one();
-                                let done =
-                                    journal.delivered(row.id, row.fingerprint, *sha, keep).await;
+                                let done = journal
+                                    .delivered(row.id, row.fingerprint, *sha, landed.clone(), keep)
+                                    .await;
                                 drop(unrecorded);
                                 Some(done)
                             }
@@ -603,6 +620,9 @@ impl Scheduler {
     async fn preflight(&mut self) -> Result<(), JournalError> {
         match self.sink.preflight().await {
             Ok(()) => {
+                if let Sink::S3(s3) = &*self.sink {
+                    s3.probe_conditional().await;
+                }
                 self.destination_ok_recorded = true;
                 self.journal
                     .set_agent_state("destination", "ok".into())
@@ -816,7 +836,7 @@ impl Scheduler {
         } = done;
         let j = &self.journal;
         match outcome {
-            Outcome::Delivered(sha256) => {
+            Outcome::Delivered(sha256, landed) => {
                 if let Some(since) = self.unreachable_since.take() {
                     tracing::info!(endpoint = %self.sink.endpoint(), outage_secs = since.elapsed().as_secs(), "destination answers again; resuming uploads");
                     self.probe_round = 0;
@@ -847,7 +867,7 @@ impl Scheduler {
                     let recorded = match committed {
                         Some(r) => r?,
                         None => {
-                            j.delivered(row.id, fp, sha256, action == AfterUpload::Keep)
+                            j.delivered(row.id, fp, sha256, landed, action == AfterUpload::Keep)
                                 .await?
                         }
                     };
@@ -890,6 +910,13 @@ impl Scheduler {
                 tracing::error!(error = %msg, "rejected: this object will not be uploaded");
                 self.summary.rejected += 1;
                 j.finish_with_error(row.id, State::Rejected, msg).await?;
+            }
+            Outcome::Conflict(msg) => {
+                // Reported once, as an error: the object stays until the operator decides,
+                // and its source is never deleted or moved.
+                tracing::error!(error = %msg, "conflict: another writer's object is at this key; not overwritten, source kept");
+                self.summary.conflicts += 1;
+                j.finish_with_error(row.id, State::Conflict, msg).await?;
             }
             Outcome::Vanished(msg) => {
                 tracing::warn!(error = %msg, "source file disappeared before upload; skipped");

@@ -28,18 +28,29 @@ pub enum Command {
         #[arg(long)]
         once: bool,
     },
-    /// Check the config (and the journal, if it exists); print every problem.
+    /// Check the config (and the journal, if it exists), then ask the destination and bucket
+    /// sources with the real credentials (or the relay, its handshake); print every problem.
+    /// Exit 0 ok, 2 config, 3 a server refuses or does not answer, 4 journal.
     Validate {
         #[arg(short, long, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
+        /// Check the config only, without asking any server (systemd's ExecStartPre: a tunnel
+        /// that is down must not stop the agent from starting).
+        #[arg(long)]
+        offline: bool,
     },
-    /// Show what the journal holds: counts per state, bytes pending, last errors.
+    /// Show what the journal holds: health, counts per state, bytes pending, what is held back,
+    /// last errors. Exit 0 healthy, 1 degraded, 3 destination refusing or unreachable, 4 no
+    /// usable journal.
     Status {
         #[arg(short, long, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
+        /// Pending work older than this makes the health "degraded" (exit 1).
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        stale_after: std::time::Duration,
     },
     /// Run the cloud-side QUIC relay: accept agents (mutual TLS), verify, land in S3 or a directory.
     Relay {

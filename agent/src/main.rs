@@ -37,8 +37,12 @@ fn main() -> ExitCode {
     tune_allocator();
     let cli = Cli::parse();
     match cli.command {
-        Command::Validate { config } => validate(&config),
-        Command::Status { config, json } => status(&config, json),
+        Command::Validate { config, offline } => validate(&config, offline),
+        Command::Status {
+            config,
+            json,
+            stale_after,
+        } => status(&config, json, stale_after),
         Command::Run { config, once } => run(&config, once),
         Command::Relay { config, check } => relay_main(&config, check),
     }
@@ -117,9 +121,33 @@ fn out(text: &str) {
         .and_then(|()| stdout.flush());
 }
 
+/// Writes a line to stderr; a closed or broken stderr (a log pipe whose reader went away, a
+/// journald restarting) is ignored: losing a message must never kill the agent, as
+/// `eprintln!` would (it panics, and panic = "abort" ends the process).
+fn err_line(text: &str) {
+    use std::io::Write;
+    let mut stderr = std::io::stderr().lock();
+    let _ = writeln!(stderr, "{text}");
+}
+
 fn fail(code: u8, msg: impl std::fmt::Display) -> ExitCode {
-    eprintln!("ha-edge: {msg}");
+    err_line(&format!("ha-edge: {msg}"));
     ExitCode::from(code)
+}
+
+/// The log sink: stderr, where a failed write is dropped (see `err_line`).
+struct LogWriter;
+
+impl std::io::Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let _ = std::io::stderr().write_all(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let _ = std::io::stderr().flush();
+        Ok(())
+    }
 }
 
 /// The agent runs on one thread (`new_current_thread`): it schedules objects and drives every
@@ -141,7 +169,7 @@ fn load(file: &Path) -> Result<Config, ExitCode> {
     Config::load(file).map_err(|e| fail(EXIT_CONFIG, e))
 }
 
-fn validate(file: &Path) -> ExitCode {
+fn validate(file: &Path, offline: bool) -> ExitCode {
     let config = match load(file) {
         Ok(c) => c,
         Err(code) => return code,
@@ -178,20 +206,102 @@ fn validate(file: &Path) -> ExitCode {
             return fail(EXIT_JOURNAL, e);
         }
     }
+    if !offline {
+        let rt = match runtime(tokio::runtime::Builder::new_current_thread()) {
+            Ok(rt) => rt,
+            Err(code) => return code,
+        };
+        let problems = rt.block_on(check_online(&config));
+        rt.shutdown_timeout(std::time::Duration::from_secs(1));
+        if !problems.is_empty() {
+            for p in &problems {
+                err_line(&format!("ha-edge: {}: {p}", file.display()));
+            }
+            return ExitCode::from(EXIT_DESTINATION);
+        }
+    }
     let to = match &config.destination {
         config::Destination::S3(d) => format!("s3://{}/{} at {}", d.bucket, d.prefix, d.endpoint),
         config::Destination::Relay(r) => format!("relay {} (prefix {:?})", r.relay, r.prefix),
     };
     out(&format!(
-        "{}: ok ({} source{} -> {to})\n",
+        "{}: ok ({} source{} -> {to}){}\n",
         file.display(),
         config.sources.len(),
         if config.sources.len() == 1 { "" } else { "s" },
+        if offline {
+            "; not checked online (--offline)"
+        } else {
+            "; credentials, buckets and endpoints answer"
+        }
     ));
     ExitCode::SUCCESS
 }
 
-fn status(file: &Path, json: bool) -> ExitCode {
+/// What `validate` asks the servers, with the real credentials: the destination bucket
+/// (ListObjectsV2, one key: unlike HeadBucket its error answer names the cause), each bucket
+/// source the same way, or the relay's handshake. Every failure, with the advice `run` gives.
+async fn check_online(config: &Config) -> Vec<String> {
+    use std::time::Duration;
+    let timeout = config.agent.request_timeout.min(Duration::from_secs(15));
+    let mut problems = Vec::new();
+    let list = |client: std::sync::Arc<s3::S3Client>, prefix: String| async move {
+        client.list_objects(&prefix, None).await.map(drop)
+    };
+    match &config.destination {
+        config::Destination::S3(d) => {
+            let checked = match s3::credentials::resolve(d) {
+                Ok(creds) => match s3::S3Client::new(d, creds, 1, timeout, 1) {
+                    Ok(c) => list(c, d.prefix.clone()).await,
+                    Err(e) => Err(e),
+                },
+                Err(e) => {
+                    problems.push(format!("destination: {e}"));
+                    Ok(())
+                }
+            };
+            match checked {
+                Ok(()) => {}
+                // A least-privilege policy may allow PutObject without ListBucket.
+                Err(e) if e.code() == Some("AccessDenied") => {
+                    tracing::debug!(error = %e, "listing refused; uploads may still be allowed");
+                }
+                Err(e) => problems.push(format!("destination: {}", e.for_operator())),
+            }
+        }
+        config::Destination::Relay(r) => {
+            match relay::client::RelayClient::new(r, "validate", timeout) {
+                Ok(client) => {
+                    if let Err(e) = client.connection().await {
+                        problems.push(format!("destination: relay {}: {e}", r.relay));
+                    }
+                }
+                Err(e) => problems.push(format!("destination: {e}")),
+            }
+        }
+    }
+    for s in &config.sources {
+        let config::SourceKind::Bucket(conn) = &s.kind else {
+            continue;
+        };
+        let checked = match s3::credentials::resolve_source(conn) {
+            Ok(creds) => match s3::S3Client::new(conn, creds, 1, timeout, 1) {
+                Ok(c) => list(c, conn.prefix.clone()).await,
+                Err(e) => Err(e),
+            },
+            Err(e) => {
+                problems.push(format!("source {:?}: {e}", s.name));
+                continue;
+            }
+        };
+        if let Err(e) = checked {
+            problems.push(format!("source {:?}: {}", s.name, e.for_operator()));
+        }
+    }
+    problems
+}
+
+fn status(file: &Path, json: bool, stale_after: std::time::Duration) -> ExitCode {
     let path = match config::journal_path(file) {
         Ok(p) => p,
         Err(e) => return fail(EXIT_CONFIG, e),
@@ -200,15 +310,16 @@ fn status(file: &Path, json: bool) -> ExitCode {
         Ok(s) => s,
         Err(e) => return fail(EXIT_JOURNAL, e),
     };
+    let report = status::assess(st, stale_after);
     if json {
         out(&format!(
             "{}\n",
-            serde_json::to_string_pretty(&st).unwrap_or_default()
+            serde_json::to_string_pretty(&report).unwrap_or_default()
         ));
     } else {
-        out(&status::render_text(&st));
+        out(&status::render_report(&report));
     }
-    ExitCode::SUCCESS
+    ExitCode::from(report.health.exit_code())
 }
 
 fn init_logging(format: LogFormat, level: &str) {
@@ -216,7 +327,9 @@ fn init_logging(format: LogFormat, level: &str) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(|| LogWriter)
+        // Its own report of a failed write would go to stderr with eprintln!, and panic.
+        .log_internal_errors(false)
         .with_target(false);
     match format {
         LogFormat::Json => builder.json().init(),
@@ -257,11 +370,12 @@ fn run(file: &Path, once: bool) -> ExitCode {
         tracing::info!(delivered = summary.delivered, "stopped");
         return ExitCode::SUCCESS;
     }
-    eprintln!(
-        "ha-edge: {} delivered ({} bytes), {} rejected, {} failed (resume on the next run), {} vanished, {} changed during upload, {} not yet settled, {} refused{}",
+    err_line(&format!(
+        "ha-edge: {} delivered ({} bytes), {} rejected, {} conflicts, {} failed (resume on the next run), {} vanished, {} changed during upload, {} not yet settled, {} refused{}",
         summary.delivered,
         summary.bytes,
         summary.rejected,
+        summary.conflicts,
         summary.failed,
         summary.vanished,
         summary.changed,
@@ -272,7 +386,7 @@ fn run(file: &Path, once: bool) -> ExitCode {
         } else {
             String::new()
         }
-    );
+    ));
     if let Some(e) = &summary.destination_error {
         return fail(EXIT_DESTINATION, format!("destination refused: {e}"));
     }

@@ -2,7 +2,123 @@
 
 use std::fmt::Write as _;
 
+use serde::Serialize;
+
 use crate::journal::Status;
+
+/// How the agent is doing, for a monitoring check (`status` exit codes 0, 1 and 3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Health {
+    /// Nothing held, nothing stale, the destination accepting.
+    Healthy,
+    /// Work is held (refused, rejected, conflicts), a source's keys are refused, or pending
+    /// work is older than the threshold.
+    Degraded,
+    /// The destination refuses us (credentials, bucket, region).
+    Refusing,
+    /// The destination does not answer.
+    Unreachable,
+}
+
+impl Health {
+    pub fn exit_code(self) -> u8 {
+        match self {
+            Health::Healthy => 0,
+            Health::Degraded => 1,
+            Health::Refusing | Health::Unreachable => 3,
+        }
+    }
+}
+
+/// `status --json`: the journal's facts, and what they mean.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub health: Health,
+    /// One sentence per reason the health is not `healthy`.
+    pub health_detail: Vec<String>,
+    #[serde(flatten)]
+    pub status: Status,
+}
+
+/// Judges the journal's facts: the worst reason wins.
+pub fn assess(status: Status, stale_after: std::time::Duration) -> Report {
+    let mut health = Health::Healthy;
+    let mut detail = Vec::new();
+    let mut worse = |h: Health, why: String, health: &mut Health| {
+        let rank = |h: Health| match h {
+            Health::Healthy => 0,
+            Health::Degraded => 1,
+            Health::Unreachable => 2,
+            Health::Refusing => 3,
+        };
+        if rank(h) > rank(*health) {
+            *health = h;
+        }
+        detail.push(why);
+    };
+    if let Some(d) = status.agent.get("destination") {
+        if d.starts_with("refusing") {
+            worse(Health::Refusing, format!("destination {d}"), &mut health);
+        } else if d.starts_with("unreachable") {
+            worse(Health::Unreachable, format!("destination {d}"), &mut health);
+        }
+    }
+    for (name, v) in &status.agent {
+        if let Some(source) = name.strip_prefix("source.") {
+            if v.starts_with("refused") {
+                worse(
+                    Health::Degraded,
+                    format!("source {source} {v}"),
+                    &mut health,
+                );
+            }
+        }
+    }
+    if status.held.count > 0 {
+        worse(
+            Health::Degraded,
+            format!(
+                "{} file(s) held back (refused, rejected or in conflict): see held",
+                status.held.count
+            ),
+            &mut health,
+        );
+    }
+    if let Some(age) = status.oldest_pending_age_secs {
+        if age > stale_after.as_secs() {
+            worse(
+                Health::Degraded,
+                format!(
+                    "the oldest pending object has waited {} (more than {})",
+                    humantime::format_duration(std::time::Duration::from_secs(age)),
+                    humantime::format_duration(stale_after)
+                ),
+                &mut health,
+            );
+        }
+    }
+    Report {
+        health,
+        health_detail: detail,
+        status,
+    }
+}
+
+pub fn render_report(r: &Report) -> String {
+    let mut out = format!(
+        "health: {}\n",
+        serde_json::to_value(r.health)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default()
+    );
+    for d in &r.health_detail {
+        let _ = writeln!(out, "  {d}");
+    }
+    out.push_str(&render_text(&r.status));
+    out
+}
 
 pub fn render_text(s: &Status) -> String {
     let mut out = String::new();
@@ -48,6 +164,18 @@ pub fn render_text(s: &Status) -> String {
         }
         None => {
             let _ = writeln!(out, "oldest pending: none");
+        }
+    }
+    if s.held.count == 0 {
+        let _ = writeln!(out, "held: none");
+    } else {
+        let _ = writeln!(out, "held: {} (newest first):", s.held.count);
+        for h in &s.held.last {
+            let _ = writeln!(
+                out,
+                "  {} {} {}/{}: {}",
+                h.at, h.state, h.source, h.path, h.reason
+            );
         }
     }
     if s.last_errors.is_empty() {

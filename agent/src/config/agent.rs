@@ -112,10 +112,10 @@ impl Config {
         };
         let raw: RawConfig = match parse_raw(text) {
             Ok(raw) => raw,
-            Err(problem) => {
+            Err(problems) => {
                 return Err(ConfigError {
                     file: file.to_path_buf(),
-                    problems: vec![problem],
+                    problems,
                 })
             }
         };
@@ -133,15 +133,57 @@ impl Config {
     }
 }
 
-fn parse_raw(text: &str) -> Result<RawConfig, ConfigProblem> {
+fn parse_raw(text: &str) -> Result<RawConfig, Vec<ConfigProblem>> {
     parse_raw_as(text)
 }
 
 impl AgentConfig {
+    /// Whether the journal lies inside a directory source, compared on resolved paths (`..`
+    /// and symlinks, in the journal's path or the source's, resolved first).
     fn journal_inside_any(&self, sources: &[SourceConfig]) -> bool {
+        let journal = resolve_lenient(&self.journal);
         sources
             .iter()
-            .any(|s| s.is_dir() && self.journal.starts_with(&s.path))
+            .any(|s| s.is_dir() && journal.starts_with(resolve_lenient(&s.path)))
+    }
+}
+
+/// The path with symlinks and `..` resolved as far as it exists, and the rest (not yet
+/// created) appended lexically, with `.` and `..` applied.
+pub fn resolve_lenient(path: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut existing = path.to_path_buf();
+    let mut rest: Vec<std::ffi::OsString> = Vec::new();
+    loop {
+        if let Ok(real) = std::fs::canonicalize(&existing) {
+            let mut out = real;
+            for c in rest.iter().rev() {
+                match Path::new(c).components().next() {
+                    Some(Component::ParentDir) => {
+                        out.pop();
+                    }
+                    Some(Component::CurDir) | None => {}
+                    Some(_) => out.push(c),
+                }
+            }
+            return out;
+        }
+        match (existing.file_name(), existing.parent()) {
+            (Some(name), Some(parent)) => {
+                rest.push(name.to_os_string());
+                existing = parent.to_path_buf();
+            }
+            _ => {
+                // `..` as the last component, or the root: resolve it lexically.
+                match existing.components().next_back() {
+                    Some(Component::ParentDir) => {
+                        rest.push("..".into());
+                        existing.pop();
+                    }
+                    _ => return path.to_path_buf(),
+                }
+            }
+        }
     }
 }
 
@@ -201,6 +243,11 @@ impl Validator<'_> {
                 None
             }
         };
+        self.check_key_spaces_apart(
+            &sources,
+            &places,
+            destination.as_ref().map_or("", Destination::prefix),
+        );
         if agent
             .as_ref()
             .is_some_and(|a| a.journal_inside_any(&sources))
@@ -299,17 +346,11 @@ impl Validator<'_> {
         let log_level = match a.log_level {
             None => "info".to_string(),
             Some(l) => {
-                if tracing_subscriber::EnvFilter::builder()
-                    .parse(l.get_ref())
-                    .is_err()
-                {
+                if let Err(why) = check_log_filter(l.get_ref()) {
                     self.problem(
                         l.span(),
                         "agent.log_level",
-                        format!(
-                            "not a log filter: {:?} (try \"info\" or \"ha_edge=debug\")",
-                            l.get_ref()
-                        ),
+                        format!("not a log filter: {:?}: {why}", l.get_ref()),
                     );
                 }
                 l.into_inner()

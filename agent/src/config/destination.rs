@@ -32,6 +32,8 @@ pub(super) struct RawDestination {
     pub(super) server_name: Option<Spanned<String>>,
     pub(super) cert_file: Option<Spanned<String>>,
     pub(super) key_file: Option<Spanned<String>>,
+    /// "own" (default): replace only objects this agent wrote; "always": any.
+    pub(super) overwrite: Option<Spanned<String>>,
 }
 
 /// Where objects go.
@@ -69,6 +71,17 @@ pub struct RelayDestination {
     pub prefix: String,
 }
 
+/// Which objects at a destination key the agent may replace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Overwrite {
+    /// Only what it wrote itself: a first delivery is create-only (`If-None-Match: *`), a new
+    /// version replaces the object only if it is still the one recorded (`If-Match: <ETag>`).
+    /// Anything else there is a conflict, left alone, and the source is kept.
+    Own,
+    /// Any object at the key (the bucket's versioning, if on, keeps the old one).
+    Always,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Sse {
     Aes256,
@@ -87,6 +100,8 @@ pub struct S3Destination {
     pub profile: Option<String>,
     pub credentials_file: Option<PathBuf>,
     pub ca_file: Option<PathBuf>,
+    /// Destinations only (bucket sources are read, never written but for `move_to_prefix`).
+    pub overwrite: Overwrite,
 }
 
 impl Validator<'_> {
@@ -140,6 +155,15 @@ impl Validator<'_> {
                 ("key_file", d.key_file.as_ref().map(Spanned::span)),
             ]
         };
+        if quic {
+            if let Some(o) = &d.overwrite {
+                self.problem(
+                    o.span(),
+                    "destination.overwrite",
+                    "only applies to type = \"s3\" (the relay decides how it lands objects)",
+                );
+            }
+        }
         let (other, why) = if quic {
             (
                 "s3",
@@ -314,7 +338,23 @@ impl Validator<'_> {
         let ca_file = d
             .ca_file
             .map(|c| self.readable_file(c, "destination.ca_file", false));
+        let overwrite = match &d.overwrite {
+            None => Overwrite::Own,
+            Some(o) => match o.get_ref().as_str() {
+                "own" => Overwrite::Own,
+                "always" => Overwrite::Always,
+                other => {
+                    self.problem(
+                        o.span(),
+                        "destination.overwrite",
+                        format!("must be \"own\" or \"always\", got {other:?}"),
+                    );
+                    Overwrite::Own
+                }
+            },
+        };
         let dest = S3Destination {
+            overwrite,
             endpoint: endpoint?,
             region: region?,
             bucket: bucket?,

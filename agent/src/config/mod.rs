@@ -27,8 +27,8 @@ mod source;
 #[cfg(test)]
 mod tests;
 
-pub use agent::{Config, LogFormat};
-pub use destination::{Destination, RelayDestination, S3Destination, Sse};
+pub use agent::{resolve_lenient, Config, LogFormat};
+pub use destination::{Destination, Overwrite, RelayDestination, S3Destination, Sse};
 pub use relay::{AgentAuth, RelayConfig, StoreConfig};
 pub use source::{AfterUpload, Completion, OnChange, SourceConfig, SourceKind, WatchMode};
 
@@ -78,20 +78,78 @@ impl fmt::Display for ConfigError {
     }
 }
 
-fn parse_raw_as<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, ConfigProblem> {
-    let de = toml::Deserializer::parse(text).map_err(|e| toml_problem(text, "", &e))?;
-    serde_path_to_error::deserialize(de).map_err(|e| {
-        // Spanned<T> shows up as a private path segment; drop it.
-        let key = e
-            .path()
-            .to_string()
-            .split('.')
-            .filter(|s| !s.starts_with("$__serde_spanned"))
-            .collect::<Vec<_>>()
-            .join(".");
-        let key = if key.is_empty() { String::new() } else { key };
-        toml_problem(text, &key, e.inner())
-    })
+/// Deserializes the file into `T`, reporting every key that is unknown or of the wrong type,
+/// not just the first: each offending key is reported, taken out, and the rest is read again
+/// (at most once per key in the file). A syntax error stops at once: nothing after it can be
+/// trusted.
+fn parse_raw_as<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, Vec<ConfigProblem>> {
+    use toml::de::DeTable;
+    let mut table = DeTable::parse(text).map_err(|e| vec![toml_problem(text, "", &e)])?;
+    let mut problems = Vec::new();
+    loop {
+        let de = toml::de::Deserializer::from(table.clone());
+        match serde_path_to_error::deserialize::<_, T>(de) {
+            Ok(v) if problems.is_empty() => return Ok(v),
+            Ok(_) => return Err(problems),
+            Err(e) => {
+                // Spanned<T> shows up as a private path segment; drop it.
+                let segments: Vec<serde_path_to_error::Segment> = e
+                    .path()
+                    .iter()
+                    .filter(|s| !matches!(s, serde_path_to_error::Segment::Map { key } if key.starts_with("$__serde_spanned")))
+                    .cloned()
+                    .collect();
+                let key = e
+                    .path()
+                    .to_string()
+                    .split('.')
+                    .filter(|s| !s.starts_with("$__serde_spanned"))
+                    .collect::<Vec<_>>()
+                    .join(".");
+                let key = if key.is_empty() { String::new() } else { key };
+                problems.push(toml_problem(text, &key, e.inner()));
+                if !remove_at(table.get_mut(), &segments) || problems.len() > 200 {
+                    return Err(problems);
+                }
+            }
+        }
+    }
+}
+
+/// Removes the value at `path` from a parsed file; false if there is none (then nothing more
+/// can be learnt by reading again).
+fn remove_at(table: &mut toml::de::DeTable<'_>, path: &[serde_path_to_error::Segment]) -> bool {
+    use serde_path_to_error::Segment;
+    let Some((first, rest)) = path.split_first() else {
+        return false;
+    };
+    let Segment::Map { key } = first else {
+        return false;
+    };
+    if rest.is_empty() {
+        return table.remove(key.as_str()).is_some();
+    }
+    let Some((_, value)) = table.iter_mut().find(|(k, _)| k.get_ref() == key) else {
+        return false;
+    };
+    remove_in_value(value.get_mut(), rest)
+}
+
+fn remove_in_value(
+    value: &mut toml::de::DeValue<'_>,
+    path: &[serde_path_to_error::Segment],
+) -> bool {
+    use serde_path_to_error::Segment;
+    use toml::de::DeValue;
+    match (value, path.first()) {
+        // Arrays of tables: step into the element.
+        (DeValue::Array(items), Some(Segment::Seq { index })) => match items.get_mut(*index) {
+            Some(item) => remove_in_value(item.get_mut(), &path[1..]),
+            None => false,
+        },
+        (DeValue::Table(t), Some(_)) => remove_at(t, path),
+        _ => false,
+    }
 }
 
 fn toml_problem(text: &str, key: &str, e: &toml::de::Error) -> ConfigProblem {
@@ -331,6 +389,30 @@ impl Validator<'_> {
         }
         b.build().unwrap_or_else(|_| GlobSet::empty())
     }
+}
+
+/// Whether a log filter is one an operator meant: every directive is a level (`info`) or
+/// `target=level`, with level one of trace, debug, info, warn, error, off. tracing's own parser
+/// takes any bare word as a target name, so `warning` would silence every log line.
+pub fn check_log_filter(filter: &str) -> Result<(), String> {
+    const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+    let is_level = |l: &str| LEVELS.iter().any(|v| v.eq_ignore_ascii_case(l.trim()));
+    if filter.trim().is_empty() {
+        return Err("is empty".into());
+    }
+    for d in filter.split(',') {
+        let level = d.rsplit_once('=').map_or(d, |(_, l)| l);
+        if !is_level(level) {
+            return Err(format!(
+                "{:?} is not a log level (use one of trace, debug, info, warn, error, off, or target=level such as \"ha_edge=debug\")",
+                d.trim()
+            ));
+        }
+    }
+    tracing_subscriber::EnvFilter::builder()
+        .parse(filter)
+        .map(drop)
+        .map_err(|e| e.to_string())
 }
 
 /// "5 MiB" for whole units, bytesize's rounding otherwise.

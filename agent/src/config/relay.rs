@@ -121,7 +121,7 @@ impl RelayConfig {
             file: file.to_path_buf(),
             problems,
         };
-        let raw: RawRelayFile = parse_raw_as(text).map_err(|p| fail(vec![p]))?;
+        let raw: RawRelayFile = parse_raw_as(text).map_err(fail)?;
         let env = |_: &str| None;
         let mut v = Validator {
             text,
@@ -370,6 +370,7 @@ impl Validator<'_> {
                     server_name: None,
                     cert_file: None,
                     key_file: None,
+                    overwrite: None,
                 };
                 let d = self.s3_destination(raw, span);
                 for p in &mut self.problems[before..] {

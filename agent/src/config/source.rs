@@ -40,6 +40,9 @@ pub(super) struct RawSource {
     ca_file: Option<Spanned<String>>,
     /// MinIO's ListenBucketNotification stream as a latency hint (the listing stays the truth).
     notifications: Option<Spanned<bool>>,
+    /// Put this source's keys under `destination.prefix` + this (`{source}` is the source's
+    /// name), so sources with the same relative names never share a key.
+    pub(super) key_prefix: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -137,6 +140,11 @@ pub struct SourceConfig {
     pub complete_when: Completion,
     /// Bucket sources: listen to MinIO's bucket notifications between listings.
     pub notifications: bool,
+    /// This source's part of the destination key space, after `destination.prefix` (`{source}`
+    /// already replaced by the name). Empty by default.
+    pub key_prefix: String,
+    /// Where `key_prefix` was written, for problems found once the whole file is read.
+    pub(super) key_prefix_span: Option<Range<usize>>,
 }
 
 impl SourceConfig {
@@ -451,7 +459,18 @@ impl Validator<'_> {
             None => SourceKind::Dir,
         };
         let notifications = s.notifications.is_some_and(Spanned::into_inner);
+        let key_prefix_span = s.key_prefix.as_ref().map(Spanned::span);
+        let key_prefix = match (s.key_prefix, &name) {
+            (Some(p), Some(n)) => {
+                let span = p.span();
+                let expanded = p.get_ref().replace("{source}", n);
+                self.key_prefix(Spanned::new(span, expanded), &at("key_prefix"))
+            }
+            _ => String::new(),
+        };
         Some(SourceConfig {
+            key_prefix,
+            key_prefix_span,
             name: name?,
             notifications,
             kind,
@@ -589,6 +608,7 @@ impl Validator<'_> {
             .take()
             .map(|c| self.readable_file(c, &at("ca_file"), false));
         let conn = S3Destination {
+            overwrite: Overwrite::Own,
             endpoint: endpoint?,
             region: region?,
             bucket: bucket?,
@@ -656,6 +676,38 @@ impl Validator<'_> {
                     format!(
                         "sources {:?} ({what_a}) and {:?} ({what_b}) overlap: a file would be sent twice",
                         a.name, b.name,
+                    ),
+                );
+            }
+        }
+    }
+
+    /// Two sources must never be able to produce the same destination key: then one source's
+    /// file would replace the other's object (and, with after_upload, both sources would be
+    /// deleted while only one copy exists). Their key spaces are `key_prefix` + relative path,
+    /// so they are apart only if neither key prefix is a prefix of the other.
+    pub(super) fn check_key_spaces_apart(
+        &mut self,
+        sources: &[SourceConfig],
+        places: &[(usize, Range<usize>, Range<usize>)],
+        destination_prefix: &str,
+    ) {
+        for (i, a) in sources.iter().enumerate() {
+            for (j, b) in sources.iter().enumerate().skip(i + 1) {
+                let (pa, pb) = (&a.key_prefix, &b.key_prefix);
+                if !(pa.starts_with(pb.as_str()) || pb.starts_with(pa.as_str())) {
+                    continue;
+                }
+                let (idx, name_span, _) = places[j].clone();
+                let span = b.key_prefix_span.clone().unwrap_or(name_span);
+                self.problem(
+                    span,
+                    &format!("source[{idx}].key_prefix"),
+                    format!(
+                        "sources {:?} and {:?} both send to keys under {:?}: two files with the same relative path would be one object, and one would overwrite the other. Give each source its own key space, e.g. key_prefix = \"{{source}}/\" in every [[source]], or distinct key_prefix values that are not prefixes of each other",
+                        a.name,
+                        b.name,
+                        format!("{destination_prefix}{}", if pa.len() < pb.len() { pa } else { pb }),
                     ),
                 );
             }

@@ -126,11 +126,27 @@ fn overlapping_bucket_prefixes_are_refused() {
     let second = "\n[[source]]\nname = \"all\"\ntype = \"s3\"\nprefix = \"\"\n";
     let text = BUCKET_ONLY.replace("\n[destination]", &format!("{second}\n[destination]"));
     let err = Config::parse_with_env(Path::new("t.toml"), &text, &env).unwrap_err();
-    assert_eq!(err.problems[0].key, "source[1].prefix");
-    assert!(err.problems[0].message.contains("overlap"));
+    assert!(
+        err.problems
+            .iter()
+            .any(|p| p.key == "source[1].prefix" && p.message.contains("overlap")),
+        "{err}"
+    );
+    // Apart in the source bucket, and in the destination (each its own key prefix).
     let other = second.replace("prefix = \"\"", "prefix = \"other/\"");
-    let text = BUCKET_ONLY.replace("\n[destination]", &format!("{other}\n[destination]"));
-    assert!(Config::parse_with_env(Path::new("t.toml"), &text, &env).is_ok());
+    let text = BUCKET_ONLY
+        .replace("\n[destination]", &format!("{other}\n[destination]"))
+        .replace(
+            "name = \"minio\"\n",
+            "name = \"minio\"\nkey_prefix = \"{source}/\"\n",
+        )
+        .replace(
+            "name = \"all\"\n",
+            "name = \"all\"\nkey_prefix = \"{source}/\"\n",
+        );
+    if let Err(e) = Config::parse_with_env(Path::new("t.toml"), &text, &env) {
+        panic!("{e}\n{text}");
+    }
 }
 
 #[test]
@@ -334,4 +350,43 @@ fn bucket_names() {
 fn line_col_is_one_based() {
     assert_eq!(line_col("a\nbc\n", 0), (1, 1));
     assert_eq!(line_col("a\nbc\n", 3), (2, 2));
+}
+
+/// Finding 14: an unknown key and a type error no longer hide the other problems; every one is
+/// reported with its line and key.
+#[test]
+fn f14_every_problem_is_reported_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("in")).unwrap();
+    let text = good(dir.path())
+        .replace(
+            "[agent]\n",
+            "[agent]\nconcurrency = \"four\"\nbogus_key = 1\n",
+        )
+        .replace("settle = \"2s\"", "settle = \"2s\"\nsettl = \"3s\"");
+    let p = problems(&text);
+    let keys: Vec<&str> = p.iter().map(|p| p.key.as_str()).collect();
+    assert!(keys.contains(&"agent.concurrency"), "{p:?}");
+    assert!(keys.iter().any(|k| k.contains("bogus_key")), "{p:?}");
+    assert!(keys.iter().any(|k| k.contains("settl")), "{p:?}");
+    assert!(p.iter().all(|p| p.line > 0), "{p:?}");
+}
+
+/// Finding 14: a log level that is not one (`warning`) would silence every log line.
+#[test]
+fn f14_a_log_level_that_is_not_one_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("in")).unwrap();
+    for bad in ["warning", "ha_edge=loud", "infoo,ha_edge=debug"] {
+        let text =
+            good(dir.path()).replace("[agent]\n", &format!("[agent]\nlog_level = \"{bad}\"\n"));
+        let p = problems(&text);
+        assert_eq!(p.len(), 1, "{bad}: {p:?}");
+        assert_eq!(p[0].key, "agent.log_level", "{bad}");
+    }
+    for ok in ["warn", "info", "ha_edge=debug,info", "off"] {
+        let text =
+            good(dir.path()).replace("[agent]\n", &format!("[agent]\nlog_level = \"{ok}\"\n"));
+        assert!(Config::parse(Path::new("t.toml"), &text).is_ok(), "{ok}");
+    }
 }

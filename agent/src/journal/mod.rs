@@ -49,5 +49,5 @@ mod model;
 mod schema;
 mod store;
 
-pub use model::{Fingerprint, ObjectRow, PartRow, State};
-pub use store::{Candidate, Journal, JournalError, Status};
+pub use model::{Fingerprint, Landed, ObjectRow, PartRow, State};
+pub use store::{Candidate, Hashed, Journal, JournalError, Status};

@@ -13,10 +13,12 @@ pub enum State {
     Done,
     Rejected,
     Vanished,
+    /// Another writer's object is at the key (`overwrite = "own"`): left alone, source kept.
+    Conflict,
 }
 
 impl State {
-    pub const ALL: [State; 7] = [
+    pub const ALL: [State; 8] = [
         State::Pending,
         State::Uploading,
         State::Completing,
@@ -24,6 +26,7 @@ impl State {
         State::Done,
         State::Rejected,
         State::Vanished,
+        State::Conflict,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -35,6 +38,7 @@ impl State {
             State::Done => "done",
             State::Rejected => "rejected",
             State::Vanished => "vanished",
+            State::Conflict => "conflict",
         }
     }
 }
@@ -88,6 +92,20 @@ pub struct ObjectRow {
     pub attempts: u32,
     /// Bucket sources: the source object's ETag (as listed, or pinned by the transfer).
     pub etag: Option<String>,
+    /// The destination ETag recorded by the newest earlier delivery of this key: a new version
+    /// may replace that object only (`If-Match`); None means the key should be free.
+    pub prior_etag: Option<String>,
+    /// Directory sources: the file's ctime when its hash was fixed (multipart uploads).
+    pub ctime_ns: Option<i64>,
+    /// The SHA-256 of each part, fixed with the whole-object hash (multipart uploads).
+    pub part_hashes: Option<Vec<[u8; 32]>>,
+}
+
+/// What the destination answered for a delivery.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Landed {
+    pub etag: Option<String>,
+    pub version: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -123,9 +141,10 @@ pub fn offer_action(
         Some((State::Pending, _)) => OfferAction::Refresh,
         Some((State::Uploading | State::Completing, _)) => OfferAction::Nothing,
         Some((State::Delivered | State::Done, _)) if !reupload_changed => OfferAction::Nothing,
-        Some((State::Delivered | State::Done | State::Rejected | State::Vanished, _)) => {
-            OfferAction::Insert
-        }
+        Some((
+            State::Delivered | State::Done | State::Rejected | State::Vanished | State::Conflict,
+            _,
+        )) => OfferAction::Insert,
     }
 }
 

@@ -62,6 +62,25 @@ CREATE INDEX objects_backoff ON objects (next_attempt_ms)
     r#"
 ALTER TABLE objects ADD COLUMN etag TEXT;
 "#,
+    // 4: hardening. What the destination answered for each delivery (its ETag, and VersionId
+    // where the bucket is versioned): a new version replaces only that object (If-Match). The
+    // source file's ctime and the SHA-256 of every part, fixed with the whole-object hash: each
+    // part sent must be those bytes. Paths refused at discovery (kept for `status`), and an
+    // index to find the previous delivery of a key.
+    r#"
+ALTER TABLE objects ADD COLUMN dest_etag TEXT;
+ALTER TABLE objects ADD COLUMN dest_version TEXT;
+ALTER TABLE objects ADD COLUMN ctime_ns INTEGER;
+ALTER TABLE objects ADD COLUMN part_hashes BLOB;
+CREATE INDEX objects_by_key ON objects (key, id) WHERE dest_etag IS NOT NULL;
+CREATE TABLE refused (
+    source   TEXT    NOT NULL,
+    rel_path BLOB    NOT NULL,
+    reason   TEXT    NOT NULL,
+    at_ms    INTEGER NOT NULL,
+    PRIMARY KEY (source, rel_path)
+) WITHOUT ROWID;
+"#,
 ];
 
 pub const CURRENT: i64 = MIGRATIONS.len() as i64;

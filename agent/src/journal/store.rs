@@ -10,13 +10,16 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use serde::Serialize;
 
-use super::model::{offer_action, Fingerprint, ObjectRow, OfferAction, PartRow, State};
+use super::model::{offer_action, Fingerprint, Landed, ObjectRow, OfferAction, PartRow, State};
 use super::schema;
 
 /// Objects with work to do, in id order from a cursor; served by the partial index
 /// `objects_active` (schema 2), so each call reads only the rows it returns.
 const RUNNABLE_SQL: &str = "SELECT id, source, rel_path, key, size, mtime_ns, inode, state, sha256,
-        upload_id, part_size, attempts, etag
+        upload_id, part_size, attempts, etag,
+        (SELECT p.dest_etag FROM objects p WHERE p.key = objects.key AND p.id < objects.id
+            AND p.dest_etag IS NOT NULL ORDER BY p.id DESC LIMIT 1),
+        ctime_ns, part_hashes
     FROM objects
     WHERE state IN ('pending', 'uploading', 'completing', 'delivered')
       AND next_attempt_ms <= ?1 AND id > ?2
@@ -72,6 +75,28 @@ impl JournalError {
     }
 }
 
+/// The hash pass over one source version: what every later byte sent must match.
+#[derive(Debug, Clone)]
+pub struct Hashed {
+    pub sha256: [u8; 32],
+    /// The SHA-256 of each part, in order.
+    pub parts: Vec<[u8; 32]>,
+    /// A file's ctime when it was hashed (None for bucket objects).
+    pub ctime_ns: Option<i64>,
+}
+
+#[cfg(test)]
+impl Hashed {
+    /// A hash of the whole source only (no parts, no ctime).
+    pub fn whole(sha256: [u8; 32]) -> Hashed {
+        Hashed {
+            sha256,
+            parts: Vec::new(),
+            ctime_ns: None,
+        }
+    }
+}
+
 /// A settled file offered by a source.
 #[derive(Debug, Clone)]
 pub struct Candidate {
@@ -95,6 +120,27 @@ pub struct StatusError {
     pub message: String,
 }
 
+/// A file or object that will not be sent as it is: refused at discovery (name, type, the
+/// journal itself), rejected, or in conflict with another writer's object.
+#[derive(Debug, Serialize)]
+pub struct HeldItem {
+    pub at: String,
+    pub source: String,
+    pub path: String,
+    /// The destination key, if it got one.
+    pub key: Option<String>,
+    /// "refused", "rejected" or "conflict".
+    pub state: String,
+    pub reason: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Held {
+    pub count: u64,
+    /// The newest, at most 20.
+    pub last: Vec<HeldItem>,
+}
+
 /// What `ha-edge status` shows.
 #[derive(Debug, Serialize)]
 pub struct Status {
@@ -104,8 +150,20 @@ pub struct Status {
     pub bytes_delivered: u64,
     pub oldest_pending_age_secs: Option<u64>,
     pub agent: BTreeMap<String, String>,
+    pub held: Held,
     pub last_errors: Vec<StatusError>,
 }
+
+/// Paths held back: the newest journal row of a path in `rejected` or `conflict`, and paths
+/// refused at discovery.
+const HELD_SQL: &str = "
+    SELECT o.updated_ms, o.source, o.rel_path, o.key, o.state, COALESCE(o.last_error, '')
+      FROM objects o
+     WHERE o.state IN ('rejected', 'conflict')
+       AND o.id = (SELECT MAX(n.id) FROM objects n
+                    WHERE n.source = o.source AND n.rel_path = o.rel_path)
+    UNION ALL
+    SELECT at_ms, source, rel_path, NULL, 'refused', reason FROM refused";
 
 /// Work for the writer thread: `run` executes inside the group's transaction and may run more
 /// than once (the whole group is run again after the disk was full or when another job of the
@@ -165,8 +223,23 @@ impl Journal {
             path: path.to_path_buf(),
             source: rusqlite::Error::ToSqlConversionFailure(Box::new(e)),
         };
+        // The journal holds patient file paths: private whatever the umask. SQLite creates the
+        // -wal and -shm files with the database file's mode, so creating that one 0600 (and
+        // correcting an older one) covers all three.
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(open_err)?;
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(open_err)?;
+        }
+        private_file(path).map_err(open_err)?;
+        for suffix in ["-wal", "-shm"] {
+            let side = PathBuf::from(format!("{}{suffix}", path.display()));
+            if side.exists() {
+                set_private(&side).map_err(open_err)?;
+            }
         }
         let mut conn = Connection::open(path).map_err(|e| JournalError::Open {
             path: path.to_path_buf(),
@@ -185,10 +258,12 @@ impl Journal {
         };
         setup(&mut conn).map_err(|e| JournalError::from_sqlite(path, e))?;
         migrate(&mut conn, path)?;
+        let identity = FileIdentity::of(path).map_err(open_err)?;
         let (tx, rx) = std::sync::mpsc::channel::<Job>();
+        let watched = path.to_path_buf();
         std::thread::Builder::new()
             .name("journal".into())
-            .spawn(move || writer(conn, rx))
+            .spawn(move || writer(conn, rx, watched, identity))
             .map_err(open_err)?;
         Ok(Journal {
             backend: Arc::new(Backend::Writer(tx)),
@@ -310,6 +385,11 @@ impl Journal {
             .map_err(|_| JournalError::Panicked)
     }
 
+    /// The journal file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// A full consistency check (for `validate`).
     pub fn check_integrity(&self) -> Result<(), JournalError> {
         let result: String = self.with(|c| c.query_row("PRAGMA quick_check", [], |r| r.get(0)))?;
@@ -343,6 +423,8 @@ impl Journal {
                                           discovered_ms, updated_ms, etag)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'pending', ?7, ?7, ?8)",
                 )?;
+                let mut unrefuse =
+                    c.prepare_cached("DELETE FROM refused WHERE source = ?1 AND rel_path = ?2")?;
                 let mut refresh = c.prepare_cached(
                     "UPDATE objects SET size = ?2, mtime_ns = ?3, inode = ?4, sha256 = NULL,
                                         updated_ms = ?5, etag = ?6
@@ -364,6 +446,7 @@ impl Journal {
                         })
                         .optional()?;
                     let fp = cand.fingerprint;
+                    unrefuse.execute(params![source, path_bytes(&cand.rel_path)])?;
                     match offer_action(row.map(|(_, s, f)| (s, f)), fp, reupload_changed) {
                         OfferAction::Insert => {
                             insert.execute(params![
@@ -469,15 +552,16 @@ impl Journal {
         &self,
         id: i64,
         fp: Fingerprint,
-        sha256: [u8; 32],
+        hashed: Hashed,
         etag: Option<String>,
     ) -> Result<bool, JournalError> {
         self.call(move |c| {
+            let parts: Vec<u8> = hashed.parts.concat();
             let n = c.execute(
                 "UPDATE objects SET sha256 = ?2, state = 'uploading', upload_id = NULL, updated_ms = ?6,
-                        etag = COALESCE(?7, etag)
+                        etag = COALESCE(?7, etag), ctime_ns = ?8, part_hashes = ?9
                  WHERE id = ?1 AND state = 'pending' AND size = ?3 AND mtime_ns = ?4 AND inode = ?5",
-                params![id, &sha256[..], fp.size as i64, fp.mtime_ns, fp.inode as i64, now_ms(), etag],
+                params![id, &hashed.sha256[..], fp.size as i64, fp.mtime_ns, fp.inode as i64, now_ms(), etag, hashed.ctime_ns, parts],
             )?;
             Ok(n == 1)
         })
@@ -497,6 +581,34 @@ impl Journal {
                 params![id, upload_id, part_size as i64, now_ms()],
             )
             .map(drop)
+        })
+        .await
+    }
+
+    /// Conflicts are looked at again once per start: the operator may have moved the other
+    /// object away (or set overwrite = "always"). Returns how many go back to pending.
+    pub async fn requeue_conflicts(&self) -> Result<usize, JournalError> {
+        self.call(|c| {
+            c.execute(
+                "UPDATE objects SET state = 'pending', next_attempt_ms = 0, sha256 = NULL,
+                        upload_id = NULL, part_size = NULL, ctime_ns = NULL, part_hashes = NULL
+                 WHERE state = 'conflict'
+                   AND id = (SELECT MAX(n.id) FROM objects n
+                              WHERE n.source = objects.source AND n.rel_path = objects.rel_path)",
+                [],
+            )
+        })
+        .await
+    }
+
+    /// The multipart upload recorded for an object, if any.
+    pub async fn upload_id(&self, id: i64) -> Result<Option<String>, JournalError> {
+        self.call(move |c| {
+            c.query_row("SELECT upload_id FROM objects WHERE id = ?1", [id], |r| {
+                r.get::<_, Option<String>>(0)
+            })
+            .optional()
+            .map(Option::flatten)
         })
         .await
     }
@@ -578,7 +690,8 @@ impl Journal {
             c.execute("DELETE FROM parts WHERE object_id = ?1", [id])?;
             c.execute(
                 "UPDATE objects SET state = 'pending', sha256 = NULL, upload_id = NULL,
-                        part_size = NULL, last_error = ?2, updated_ms = ?3,
+                        part_size = NULL, last_error = ?2, updated_ms = ?3, ctime_ns = NULL,
+                        part_hashes = NULL,
                         etag = CASE WHEN inode = 0 THEN NULL ELSE etag END
                  WHERE id = ?1",
                 params![id, why, now_ms()],
@@ -603,6 +716,7 @@ impl Journal {
         id: i64,
         fp: Fingerprint,
         sha256: [u8; 32],
+        landed: Landed,
         finished: bool,
     ) -> Result<bool, JournalError> {
         self.call(move |c| {
@@ -610,7 +724,8 @@ impl Journal {
             let state = if finished { State::Done } else { State::Delivered };
             let n = c.execute(
                 "UPDATE objects SET state = ?2, delivered_ms = ?3, updated_ms = ?3, last_error = NULL,
-                        next_attempt_ms = 0, sha256 = ?4
+                        next_attempt_ms = 0, sha256 = ?4, dest_etag = ?8, dest_version = ?9,
+                        part_hashes = NULL
                  WHERE id = ?1 AND size = ?5 AND mtime_ns = ?6 AND inode = ?7",
                 params![
                     id,
@@ -619,7 +734,9 @@ impl Journal {
                     &sha256[..],
                     fp.size as i64,
                     fp.mtime_ns,
-                    fp.inode as i64
+                    fp.inode as i64,
+                    landed.etag,
+                    landed.version
                 ],
             )?;
             if n == 1 {
@@ -674,10 +791,44 @@ impl Journal {
         .await
     }
 
+    /// Records paths of `source` that discovery refuses (name, type), with why; a path offered
+    /// later is taken off the list by `offer`.
+    pub async fn note_refused(
+        &self,
+        source: String,
+        refused: Vec<(PathBuf, String)>,
+    ) -> Result<(), JournalError> {
+        self.call(move |c| {
+            let mut q = c.prepare_cached(
+                "INSERT INTO refused (source, rel_path, reason, at_ms) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (source, rel_path) DO UPDATE SET reason = excluded.reason",
+            )?;
+            let now = now_ms();
+            for (rel, why) in &refused {
+                q.execute(params![source, path_bytes(rel), why, now])?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
     /// Records an error that is not tied to one object (e.g. destination refused).
     pub async fn note_error(&self, message: String) -> Result<(), JournalError> {
         self.call(move |c| insert_error(c, now_ms(), None, &message))
             .await
+    }
+
+    /// One fact published earlier with `set_agent_state`.
+    pub async fn agent_state(&self, name: &'static str) -> Result<Option<String>, JournalError> {
+        self.call(move |c| {
+            c.query_row(
+                "SELECT value FROM agent_state WHERE name = ?1",
+                [name],
+                |r| r.get(0),
+            )
+            .optional()
+        })
+        .await
     }
 
     pub async fn set_agent_state(
@@ -752,7 +903,44 @@ impl Journal {
                     })
                 })?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
+            // A journal of an older ha-edge (opened read-only, not migrated) has no such table.
+            let has_refused: bool = c.query_row(
+                "SELECT COUNT(*) > 0 FROM sqlite_master WHERE name = 'refused'",
+                [],
+                |r| r.get(0),
+            )?;
+            let held_sql = if has_refused {
+                HELD_SQL.to_string()
+            } else {
+                HELD_SQL[..HELD_SQL.find("UNION ALL").unwrap_or(HELD_SQL.len())].to_string()
+            };
+            let count: i64 =
+                c.query_row(&format!("SELECT COUNT(*) FROM ({held_sql})"), [], |r| {
+                    r.get(0)
+                })?;
+            let mut stmt = c.prepare(&format!("{held_sql} ORDER BY 1 DESC LIMIT 20"))?;
+            let last = stmt
+                .query_map([], |r| {
+                    let at: i64 = r.get(0)?;
+                    let rel: Vec<u8> = r.get(2)?;
+                    Ok(HeldItem {
+                        at: humantime::format_rfc3339_seconds(
+                            UNIX_EPOCH + std::time::Duration::from_millis(at.max(0) as u64),
+                        )
+                        .to_string(),
+                        source: r.get(1)?,
+                        path: String::from_utf8_lossy(&rel).into_owned(),
+                        key: r.get(3)?,
+                        state: r.get(4)?,
+                        reason: r.get(5)?,
+                    })
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
             Ok(Status {
+                held: Held {
+                    count: count as u64,
+                    last,
+                },
                 journal: journal.clone(),
                 objects,
                 bytes_pending: bytes_pending as u64,
@@ -762,6 +950,67 @@ impl Journal {
                 last_errors,
             })
         })
+    }
+}
+
+/// Creates `path` 0600 if it does not exist, and makes it 0600 if it does.
+fn private_file(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)?;
+    set_private(path)
+}
+
+fn set_private(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+}
+
+/// Which file a path names (device and inode): the journal the writer holds open must still be
+/// the one at its path, or every commit goes into a file nobody will ever open again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileIdentity {
+    dev: u64,
+    ino: u64,
+}
+
+impl FileIdentity {
+    fn of(path: &Path) -> std::io::Result<FileIdentity> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path)?;
+        Ok(FileIdentity {
+            dev: m.dev(),
+            ino: m.ino(),
+        })
+    }
+}
+
+/// The journal file was removed or replaced under the running writer. Whatever the open
+/// connection holds is copied next to it (`VACUUM INTO`, a consistent snapshot, created 0600),
+/// and the message says what to do.
+fn journal_removed(conn: &Connection, path: &Path) -> String {
+    let copy = PathBuf::from(format!("{}.recovered-{}", path.display(), now_ms() / 1000));
+    let saved = private_file(&copy)
+        .map_err(|e| e.to_string())
+        .and_then(|()| {
+            conn.execute("VACUUM INTO ?1", [copy.to_string_lossy()])
+                .map_err(|e| e.to_string())
+        })
+        .and_then(|_| set_private(&copy).map_err(|e| e.to_string()));
+    match saved {
+        Ok(()) => format!(
+            "the journal {} was removed or replaced while ha-edge ran; everything it held is saved in {}: stop ha-edge, move that file to {} and start again (nothing is re-sent)",
+            path.display(),
+            copy.display(),
+            path.display()
+        ),
+        Err(e) => format!(
+            "the journal {} was removed or replaced while ha-edge ran, and a copy could not be saved ({e}): stop ha-edge; on restart, objects already in the bucket are checked and not duplicated (overwrite = \"own\")",
+            path.display()
+        ),
     }
 }
 
@@ -790,17 +1039,48 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), JournalError> {
 /// The writer thread: takes every request that is queued, runs them (see `run_group`) inside
 /// one transaction, commits once (one fsync for the whole group), and only then answers them.
 /// A request that fails is rolled back alone; a failed commit fails the whole group.
-fn writer(conn: Connection, rx: std::sync::mpsc::Receiver<Job>) {
+fn writer(
+    conn: Connection,
+    rx: std::sync::mpsc::Receiver<Job>,
+    path: PathBuf,
+    identity: FileIdentity,
+) {
     // Set while the disk is full: since when, and how long to wait before the next try.
     let mut full_since: Option<std::time::Instant> = None;
     let mut wait = std::time::Duration::from_millis(500);
-    while let Ok(first) = rx.recv() {
+    // Set once the journal file is found removed: every later request fails with it.
+    let mut removed: Option<String> = None;
+    loop {
+        let first = match rx.recv_timeout(std::time::Duration::from_secs(5)) {
+            Ok(j) => j,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                // Idle: look anyway, so the operator hears of it at once.
+                if removed.is_none() && FileIdentity::of(&path).ok() != Some(identity) {
+                    let msg = journal_removed(&conn, &path);
+                    tracing::error!(error = %msg, "journal removed");
+                    removed = Some(msg);
+                }
+                continue;
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+        };
         let mut jobs = vec![first];
         while jobs.len() < MAX_GROUP {
             match rx.try_recv() {
                 Ok(j) => jobs.push(j),
                 Err(_) => break,
             }
+        }
+        // Before anything is written: is the file we hold still the journal? (one stat per
+        // group of requests)
+        if removed.is_none() && FileIdentity::of(&path).ok() != Some(identity) {
+            removed = Some(journal_removed(&conn, &path));
+        }
+        if let Some(msg) = &removed {
+            for job in jobs.drain(..) {
+                (job.finish)(Err(msg.clone()));
+            }
+            continue;
         }
         loop {
             match run_group(&conn, &mut jobs) {
@@ -971,6 +1251,13 @@ fn row_to_object(r: &rusqlite::Row<'_>) -> rusqlite::Result<ObjectRow> {
         part_size: r.get::<_, Option<i64>>(10)?.map(|n| n as u64),
         attempts: r.get(11)?,
         etag: r.get(12)?,
+        prior_etag: r.get(13)?,
+        ctime_ns: r.get(14)?,
+        part_hashes: r.get::<_, Option<Vec<u8>>>(15)?.map(|b| {
+            b.chunks_exact(32)
+                .map(|c| <[u8; 32]>::try_from(c).unwrap_or_default())
+                .collect()
+        }),
     })
 }
 
@@ -1054,11 +1341,16 @@ mod tests {
         assert_eq!(l.etag.as_deref(), Some("\"abc\""));
         assert_eq!(u.etag, None);
         assert!(j
-            .set_hashed(u.id, u.fingerprint, [2; 32], Some("\"pin\"".into()))
+            .set_hashed(
+                u.id,
+                u.fingerprint,
+                Hashed::whole([2; 32]),
+                Some("\"pin\"".into())
+            )
             .await
             .unwrap());
         assert!(j
-            .set_hashed(l.id, l.fingerprint, [1; 32], None)
+            .set_hashed(l.id, l.fingerprint, Hashed::whole([1; 32]), None)
             .await
             .unwrap());
         let rows = j.runnable(10, 0, true, vec![]).await.unwrap();
@@ -1106,10 +1398,19 @@ mod tests {
         let b = rows.iter().find(|r| r.key == "b").unwrap().id;
         let fp = rows.iter().find(|r| r.key == "b").unwrap().fingerprint;
         assert!(!j
-            .delivered(b, cand("b", 99).fingerprint, [7; 32], true)
+            .delivered(
+                b,
+                cand("b", 99).fingerprint,
+                [7; 32],
+                Landed::default(),
+                true
+            )
             .await
             .unwrap());
-        assert!(j.delivered(b, fp, [7; 32], true).await.unwrap());
+        assert!(j
+            .delivered(b, fp, [7; 32], Landed::default(), true)
+            .await
+            .unwrap());
         let s = j.offer("s".into(), vec![cand("b", 3)], true).await.unwrap();
         assert_eq!(s.inserted, 1);
         let st = j.status().unwrap();
@@ -1131,9 +1432,12 @@ mod tests {
                 mtime_ns: 1,
                 inode: 1,
             };
-            assert!(!j.set_hashed(id, stale, [1; 32], None).await.unwrap());
+            assert!(!j
+                .set_hashed(id, stale, Hashed::whole([1; 32]), None)
+                .await
+                .unwrap());
             assert!(j
-                .set_hashed(id, cand("a", 1).fingerprint, [1; 32], None)
+                .set_hashed(id, cand("a", 1).fingerprint, Hashed::whole([1; 32]), None)
                 .await
                 .unwrap());
             j.begin_multipart(id, "up-1".into(), 5 << 20).await.unwrap();

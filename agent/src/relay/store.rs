@@ -15,7 +15,7 @@ use crate::hash::Sha256;
 use bytes::Bytes;
 use tokio::task::JoinSet;
 
-use crate::s3::{b64, S3Client, S3Error};
+use crate::s3::{b64, Precondition, S3Client, S3Error};
 
 /// Parts of an object landed in S3 at a time.
 const LAND_PARALLEL: usize = 4;
@@ -354,7 +354,9 @@ async fn upload_file(
         if got != *sha {
             return Ok(Some((size, got)));
         }
-        client.put_object(key, body, sha).await?;
+        client
+            .put_object(key, body, sha, &Precondition::None)
+            .await?;
     } else {
         let upload_id = client.create_multipart(key, sha).await?;
         let count = size.div_ceil(part_size);
@@ -389,7 +391,9 @@ async fn upload_file(
             if got != *sha {
                 return Ok(Some((size, got)));
             }
-            client.complete_multipart(key, &upload_id, &parts).await?;
+            client
+                .complete_multipart(key, &upload_id, &parts, &Precondition::None)
+                .await?;
             Ok(None)
         }
         .await;

@@ -153,6 +153,37 @@ impl S3Error {
     }
 }
 
+/// A write that must not replace what someone else stored (`overwrite = "own"`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Precondition {
+    /// Write whatever is there.
+    None,
+    /// Only if nothing is at the key (`If-None-Match: *`).
+    Create,
+    /// Only if the object at the key is still this one (`If-Match: <ETag>`).
+    Replace(String),
+}
+
+impl Precondition {
+    fn add_to(&self, headers: &mut Vec<(&'static str, String)>) {
+        match self {
+            Precondition::None => {}
+            Precondition::Create => headers.push(("if-none-match", "*".into())),
+            Precondition::Replace(etag) => headers.push(("if-match", etag.clone())),
+        }
+    }
+}
+
+/// What a PutObject answer tells.
+#[derive(Debug, Clone, Default)]
+pub struct PutAnswer {
+    /// The SHA-256 the server computed over what it stored, if it says.
+    pub checksum_sha256: Option<String>,
+    pub etag: Option<String>,
+    /// Where the bucket is versioned.
+    pub version: Option<String>,
+}
+
 /// What HEAD tells about a stored object.
 #[derive(Debug, Clone)]
 pub struct Head {
@@ -162,6 +193,7 @@ pub struct Head {
     pub etag: Option<String>,
     /// The `Last-Modified` header (an HTTP date).
     pub last_modified: Option<String>,
+    pub version: Option<String>,
 }
 
 /// A byte range read from an object, with what the server says about the object it came from.
@@ -222,6 +254,15 @@ impl S3Client {
         }))
     }
 
+    /// The key prefix of this bucket's configuration (the destination's `prefix`).
+    pub fn prefix(&self) -> &str {
+        &self.dest.prefix
+    }
+
+    pub fn overwrite(&self) -> crate::config::Overwrite {
+        self.dest.overwrite
+    }
+
     pub fn bucket(&self) -> &str {
         &self.dest.bucket
     }
@@ -278,12 +319,14 @@ impl S3Client {
         key: &str,
         body: Bytes,
         sha256: &[u8; 32],
-    ) -> Result<Option<String>, S3Error> {
+        when: &Precondition,
+    ) -> Result<PutAnswer, S3Error> {
         let mut headers = vec![
             ("x-amz-checksum-sha256", b64(sha256)),
             ("x-amz-meta-sha256", hex::encode(sha256)),
             ("content-type", "application/octet-stream".to_string()),
         ];
+        when.add_to(&mut headers);
         self.sse_headers(&mut headers);
         let req = Request {
             method: Method::PUT,
@@ -293,11 +336,17 @@ impl S3Client {
             payload_sha256_hex: hex::encode(sha256),
         };
         let resp = self.execute("PutObject", key, req).await?;
-        Ok(resp
-            .headers
-            .get("x-amz-checksum-sha256")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string))
+        let header = |n: &str| {
+            resp.headers
+                .get(n)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
+        Ok(PutAnswer {
+            checksum_sha256: header("x-amz-checksum-sha256"),
+            etag: header("etag"),
+            version: header("x-amz-version-id"),
+        })
     }
 
     /// Starts a multipart upload; the whole-object SHA-256 goes into the metadata.
@@ -383,14 +432,17 @@ impl S3Client {
         key: &str,
         upload_id: &str,
         parts: &[(u32, String, String)],
+        when: &Precondition,
     ) -> Result<(), S3Error> {
         let body = xml::complete_body(parts.iter().map(|(n, e, s)| (*n, e.as_str(), s.as_str())));
         let body = Bytes::from(body);
         let sha = hex::encode(Sha256::digest(&body));
+        let mut headers = vec![("content-type", "application/xml".to_string())];
+        when.add_to(&mut headers);
         let req = Request {
             method: Method::POST,
             url: self.url(key, &[("uploadId", upload_id)]),
-            headers: vec![("content-type", "application/xml".to_string())],
+            headers,
             body,
             payload_sha256_hex: sha,
         };
@@ -497,6 +549,7 @@ impl S3Client {
             checksum_sha256: header("x-amz-checksum-sha256"),
             etag: header("etag"),
             last_modified: header("last-modified"),
+            version: header("x-amz-version-id"),
         }))
     }
 
@@ -876,6 +929,7 @@ mod tests {
 
     fn client(path_style: bool) -> Arc<S3Client> {
         let dest = S3Destination {
+            overwrite: crate::config::Overwrite::Own,
             endpoint: if path_style {
                 "http://127.0.0.1:9000"
             } else {

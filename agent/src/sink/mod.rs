@@ -80,8 +80,9 @@ pub type Unrecorded = Option<tokio::sync::OwnedSemaphorePermit>;
 
 #[derive(Debug)]
 pub enum Outcome {
-    /// In the bucket and verified (size and SHA-256); carries that SHA-256.
-    Delivered([u8; 32]),
+    /// In the bucket and verified (size and SHA-256); carries that SHA-256 and what the
+    /// destination answered (ETag, version), recorded so that only this object is replaced.
+    Delivered([u8; 32], crate::journal::Landed),
     /// Transient failure after the request-level retries: try the object again later.
     Retry(String),
     /// No answer from the destination at all (connect error, timeout, reset) after the
@@ -92,6 +93,8 @@ pub enum Outcome {
     Destination(crate::s3::S3Error),
     /// This object can never be delivered as it is.
     Rejected(String),
+    /// Another writer's object is at the key: left alone, the source kept, the operator told.
+    Conflict(String),
     /// The source file disappeared before it was sent.
     Vanished(String),
     /// The source file changed under the upload; the object waits for it to settle again.

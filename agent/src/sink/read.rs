@@ -3,7 +3,7 @@
 //! one memory budget shared by every object in flight.
 
 use std::fs::File;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -12,7 +12,7 @@ use bytes::Bytes;
 use tokio::sync::Semaphore;
 
 use super::Outcome;
-use crate::journal::{Fingerprint, JournalError, ObjectRow};
+use crate::journal::{Fingerprint, Hashed, JournalError, ObjectRow};
 use crate::retry::Class;
 use crate::s3::{S3Client, S3Error};
 use crate::source::bucket::same_version;
@@ -77,6 +77,15 @@ pub enum Stop {
     },
     #[error("source file {0} is a symlink that now points outside the source root")]
     Escaped(PathBuf),
+    #[error("source {0} is not a regular file ({1}): refused, it will not be uploaded")]
+    NotRegular(PathBuf, &'static str),
+    /// Another writer's object is at the destination key (`overwrite = "own"`).
+    #[error("conflict at s3://{bucket}/{key}: {detail}; the source is left untouched (set destination.overwrite = \"always\" to replace it, or move the other object away)")]
+    Conflict {
+        bucket: String,
+        key: String,
+        detail: String,
+    },
     #[error("interrupted by shutdown")]
     Interrupted,
 }
@@ -89,7 +98,8 @@ impl Stop {
             Stop::Interrupted => Outcome::Interrupted,
             Stop::Vanished(_) => Outcome::Vanished(self.to_string()),
             Stop::Changed(_) => Outcome::Changed(self.to_string()),
-            Stop::Escaped(_) => Outcome::Rejected(self.to_string()),
+            Stop::Escaped(_) | Stop::NotRegular(..) => Outcome::Rejected(self.to_string()),
+            Stop::Conflict { .. } => Outcome::Conflict(self.to_string()),
             // No permission will not fix itself by retrying; other I/O errors (EIO, ESTALE on
             // NFS) may.
             Stop::Io { ref source, .. }
@@ -142,6 +152,9 @@ pub enum Pinned {
         file: File,
         path: PathBuf,
         fp: Fingerprint,
+        /// The ctime when it was opened (or hashed, from the journal): a writer can restore an
+        /// mtime, never a ctime, so a rewrite in place is seen.
+        ctime_ns: i64,
     },
     Object {
         client: Arc<S3Client>,
@@ -188,10 +201,16 @@ impl Pinned {
             Pinned::File { .. } => {
                 let me = self.clone();
                 return blocking(move || {
-                    let Pinned::File { file, path, fp } = &*me else {
+                    let Pinned::File {
+                        file,
+                        path,
+                        fp,
+                        ctime_ns,
+                    } = &*me
+                    else {
                         unreachable!("matched above")
                     };
-                    check_pinned(file, path, *fp)?;
+                    check_pinned(file, path, *fp, *ctime_ns)?;
                     let mut buf = vec![0u8; len as usize];
                     file.read_exact_at(&mut buf, off)
                         .map_err(|source| Stop::Io {
@@ -245,10 +264,16 @@ impl Pinned {
             Pinned::File { .. } => {
                 let me = self.clone();
                 blocking(move || {
-                    let Pinned::File { file, path, fp } = &*me else {
+                    let Pinned::File {
+                        file,
+                        path,
+                        fp,
+                        ctime_ns,
+                    } = &*me
+                    else {
                         unreachable!("matched above")
                     };
-                    check_pinned(file, path, *fp)
+                    check_pinned(file, path, *fp, *ctime_ns)
                 })
                 .await
             }
@@ -256,15 +281,29 @@ impl Pinned {
         }
     }
 
-    /// The SHA-256 of the whole source, read in chunks within the memory budget.
-    pub async fn hash_all(self: &Arc<Self>, budget: &Budget, size: u64) -> Result<[u8; 32], Stop> {
+    /// The hash pass: the SHA-256 of the whole source and, with `part_size`, of each part,
+    /// read in chunks within the memory budget. Every part later sent must be the bytes hashed
+    /// here, so the recorded SHA-256 is that of the bytes stored, whatever a writer does to the
+    /// file in between.
+    pub async fn hash_all(
+        self: &Arc<Self>,
+        budget: &Budget,
+        size: u64,
+        part_size: Option<u64>,
+    ) -> Result<Hashed, Stop> {
         if let Pinned::File { .. } = &**self {
             let me = self.clone();
             return blocking(move || {
-                let Pinned::File { file, path, fp } = &*me else {
+                let Pinned::File {
+                    file,
+                    path,
+                    fp,
+                    ctime_ns,
+                } = &*me
+                else {
                     unreachable!("matched above")
                 };
-                let mut h = Sha256::new();
+                let mut h = PartHasher::new(part_size);
                 let mut buf = vec![0u8; HASH_CHUNK];
                 let mut off = 0u64;
                 while off < size {
@@ -277,14 +316,14 @@ impl Pinned {
                     h.update(&buf[..n]);
                     off += n as u64;
                 }
-                check_pinned(file, path, *fp)?;
-                Ok(h.finalize())
+                check_pinned(file, path, *fp, *ctime_ns)?;
+                Ok(h.finish(Some(*ctime_ns)))
             })
             .await;
         }
         // An object: sequential ranged GETs, each pinned. The source is read twice (here and
         // per part) on the institution's side; the tunnel carries each byte once.
-        let mut h = Sha256::new();
+        let mut h = PartHasher::new(part_size);
         let mut off = 0u64;
         while off < size {
             let n = (size - off).min(OBJECT_HASH_RANGE);
@@ -297,7 +336,55 @@ impl Pinned {
             .await?;
             off += n;
         }
-        Ok(h.finalize())
+        Ok(h.finish(None))
+    }
+}
+
+/// The whole-object SHA-256 and, at part boundaries, one per part, in one pass.
+struct PartHasher {
+    whole: Sha256,
+    part_size: Option<u64>,
+    part: Sha256,
+    in_part: u64,
+    parts: Vec<[u8; 32]>,
+}
+
+impl PartHasher {
+    fn new(part_size: Option<u64>) -> PartHasher {
+        PartHasher {
+            whole: Sha256::new(),
+            part_size,
+            part: Sha256::new(),
+            in_part: 0,
+            parts: Vec::new(),
+        }
+    }
+
+    fn update(&mut self, mut bytes: &[u8]) {
+        self.whole.update(bytes);
+        let Some(ps) = self.part_size else { return };
+        while !bytes.is_empty() {
+            let take = ((ps - self.in_part) as usize).min(bytes.len());
+            self.part.update(&bytes[..take]);
+            self.in_part += take as u64;
+            bytes = &bytes[take..];
+            if self.in_part == ps {
+                let done = std::mem::take(&mut self.part);
+                self.parts.push(done.finalize());
+                self.in_part = 0;
+            }
+        }
+    }
+
+    fn finish(mut self, ctime_ns: Option<i64>) -> Hashed {
+        if self.part_size.is_some() && (self.in_part > 0 || self.parts.is_empty()) {
+            self.parts.push(self.part.finalize());
+        }
+        Hashed {
+            sha256: self.whole.finalize(),
+            parts: self.parts,
+            ctime_ns,
+        }
     }
 }
 
@@ -308,9 +395,19 @@ pub async fn pin(row: &ObjectRow, origin: &Origin) -> Result<Arc<Pinned>, Stop> 
     match origin {
         Origin::Dir(root) => {
             let (root, path) = (root.clone(), root.join(&row.rel_path));
+            let journaled_ctime = row.ctime_ns;
             blocking(move || {
-                let file = open_pinned(&root, &path, fp)?;
-                Ok(Arc::new(Pinned::File { file, path, fp }))
+                let (file, ctime_ns) = open_pinned(&root, &path, fp)?;
+                // A hash fixed before a restart holds for the file as it was then.
+                if journaled_ctime.is_some_and(|c| c != ctime_ns) {
+                    return Err(Stop::Changed(file_path(&path)));
+                }
+                Ok(Arc::new(Pinned::File {
+                    file,
+                    path,
+                    fp,
+                    ctime_ns,
+                }))
             })
             .await
         }
@@ -346,9 +443,10 @@ pub async fn pin(row: &ObjectRow, origin: &Origin) -> Result<Arc<Pinned>, Stop> 
     }
 }
 
-/// Opens the source file, refusing a symlink that leads out of the root, and checks that it
-/// is still the version the journal knows.
-pub fn open_pinned(root: &Path, path: &Path, expect: Fingerprint) -> Result<File, Stop> {
+/// Opens the source file, refusing a symlink that leads out of the root and anything but a
+/// regular file, and checks that it is still the version the journal knows. Returns the file
+/// and its ctime, which every later check compares.
+pub fn open_pinned(root: &Path, path: &Path, expect: Fingerprint) -> Result<(File, i64), Stop> {
     let io = |source| Stop::Io {
         path: path.to_path_buf(),
         source,
@@ -390,26 +488,67 @@ pub fn open_pinned(root: &Path, path: &Path, expect: Fingerprint) -> Result<File
     } else {
         path.to_path_buf()
     };
-    let file = match File::open(&real) {
+    // O_NONBLOCK: a FIFO put where a file was would otherwise block this open forever (until
+    // a writer comes). O_NOCTTY: a terminal device never becomes ours. The type of what was
+    // opened is checked on the descriptor itself, so nothing can be swapped in between; on a
+    // regular file O_NONBLOCK changes nothing.
+    let file = match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(&real)
+    {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             return Err(Stop::Vanished(file_path(path)))
         }
         Err(e) => return Err(io(e)),
     };
-    let fp = Fingerprint::of(&file.metadata().map_err(io)?);
+    let meta = file.metadata().map_err(io)?;
+    if !meta.file_type().is_file() {
+        return Err(Stop::NotRegular(path.to_path_buf(), file_kind(&meta)));
+    }
+    let fp = Fingerprint::of(&meta);
     if fp != expect {
         return Err(Stop::Changed(file_path(path)));
     }
-    Ok(file)
+    Ok((file, ctime_of(&meta)))
 }
 
-pub fn check_pinned(file: &File, path: &Path, expect: Fingerprint) -> Result<(), Stop> {
+/// What kind of non-regular file this is, for the refusal.
+fn file_kind(meta: &std::fs::Metadata) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    let t = meta.file_type();
+    if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_socket() {
+        "a socket"
+    } else if t.is_block_device() || t.is_char_device() {
+        "a device"
+    } else if t.is_dir() {
+        "a directory"
+    } else {
+        "not a regular file"
+    }
+}
+
+pub fn ctime_of(meta: &std::fs::Metadata) -> i64 {
+    use std::os::unix::fs::MetadataExt;
+    meta.ctime().saturating_mul(1_000_000_000) + meta.ctime_nsec()
+}
+
+/// Whether the open file is still the pinned version: fingerprint (size, mtime, inode) and
+/// ctime, which a writer cannot put back.
+pub fn check_pinned(
+    file: &File,
+    path: &Path,
+    expect: Fingerprint,
+    ctime_ns: i64,
+) -> Result<(), Stop> {
     let meta = file.metadata().map_err(|source| Stop::Io {
         path: path.to_path_buf(),
         source,
     })?;
-    if Fingerprint::of(&meta) != expect {
+    if Fingerprint::of(&meta) != expect || ctime_of(&meta) != ctime_ns {
         return Err(Stop::Changed(file_path(path)));
     }
     Ok(())

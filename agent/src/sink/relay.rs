@@ -68,7 +68,7 @@ impl RelaySink {
         stop: watch::Receiver<bool>,
     ) -> Outcome {
         match self.send(row, origin, stop).await {
-            Ok(sha) => Outcome::Delivered(sha),
+            Ok(sha) => Outcome::Delivered(sha, crate::journal::Landed::default()),
             Err(e) => self.outcome(e),
         }
     }
@@ -131,10 +131,11 @@ impl RelaySink {
         let sha = match (row.state, row.sha256) {
             (State::Uploading | State::Completing, Some(sha)) => sha,
             _ => {
-                let sha = pinned.hash_all(&self.budget, size).await?;
+                let hashed = pinned.hash_all(&self.budget, size, None).await?;
+                let sha = hashed.sha256;
                 if !self
                     .journal
-                    .set_hashed(row.id, fp, sha, pinned.etag())
+                    .set_hashed(row.id, fp, hashed, pinned.etag())
                     .await
                     .map_err(Stop::Journal)?
                 {

@@ -23,9 +23,9 @@ use tokio::task::JoinSet;
 
 use super::read::{blocking, check_pinned, open_pinned, pin, Budget, Origin, Pinned, Stop};
 use super::{Outcome, Unrecorded};
-use crate::config::{MAX_PARTS, MAX_PART_SIZE};
-use crate::journal::{Journal, JournalError, ObjectRow, PartRow, State};
-use crate::s3::{b64, S3Client};
+use crate::config::{Overwrite, MAX_PARTS, MAX_PART_SIZE};
+use crate::journal::{Journal, JournalError, Landed, ObjectRow, PartRow, State};
+use crate::s3::{b64, Head, Precondition, S3Client, S3Error};
 
 #[derive(Debug, Clone, Copy)]
 pub struct UploadParams {
@@ -39,6 +39,10 @@ pub struct S3Sink {
     params: UploadParams,
     budget: Budget,
     warned_no_listing: std::sync::atomic::AtomicBool,
+    overwrite: Overwrite,
+    /// Whether the server honours conditional writes (found by `probe_conditional`); if not,
+    /// every write is preceded by a HEAD of its key (a race remains, said once at start).
+    conditional: std::sync::atomic::AtomicBool,
 }
 
 impl S3Sink {
@@ -51,12 +55,158 @@ impl S3Sink {
         let budget_bytes =
             (parts_in_flight as u64 * params.part_size).max(params.multipart_threshold);
         S3Sink {
+            overwrite: client.overwrite(),
             client,
             journal,
             params,
             budget: Budget::new(budget_bytes),
             warned_no_listing: std::sync::atomic::AtomicBool::new(false),
+            conditional: std::sync::atomic::AtomicBool::new(true),
         }
+    }
+
+    /// Finds out once, at start, whether the server honours `If-None-Match: *`: a private
+    /// marker key is created twice, create-only. A server that lets the second write through
+    /// ignores the header; then every write HEADs its key first, and the operator is told once.
+    /// Inconclusive answers (no permission, no network) keep conditional writes on.
+    pub async fn probe_conditional(&self) {
+        if self.overwrite == Overwrite::Always {
+            return;
+        }
+        // Once per destination and journal: the answer is remembered.
+        let target = format!("{} {}", self.client.endpoint(), self.client.bucket());
+        if let Ok(Some(known)) = self.journal.agent_state("conditional_writes").await {
+            if let Some(rest) = known.strip_prefix("ignored ") {
+                if rest == target {
+                    self.fall_back_to_head();
+                    return;
+                }
+            } else if known.strip_prefix("honoured ") == Some(target.as_str()) {
+                return;
+            }
+        }
+        // One fixed key: a probe cut short by a crash leaves at most this one object, and the
+        // next start removes it first.
+        let key = format!("{}.ha-edge-probe/conditional-write", self.client.prefix());
+        let body = Bytes::from_static(b"ha-edge conditional write probe\n");
+        let sha = Sha256::digest(&body);
+        let _ = self.client.delete_object(&key).await;
+        let first = self
+            .client
+            .put_object(&key, body.clone(), &sha, &Precondition::Create)
+            .await;
+        if first.is_err() {
+            tracing::debug!(key, "conditional write probe inconclusive");
+            let _ = self.client.delete_object(&key).await;
+            return;
+        }
+        let second = self
+            .client
+            .put_object(&key, body, &sha, &Precondition::Create)
+            .await;
+        let _ = self.client.delete_object(&key).await;
+        let found = match second {
+            Err(e) if is_precondition_failed(&e) => {
+                tracing::debug!("destination honours conditional writes (If-None-Match)");
+                "honoured"
+            }
+            Ok(_) => {
+                self.fall_back_to_head();
+                "ignored"
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "conditional write probe inconclusive");
+                return;
+            }
+        };
+        let _ = self
+            .journal
+            .set_agent_state("conditional_writes", format!("{found} {target}"))
+            .await;
+    }
+
+    fn fall_back_to_head(&self) {
+        self.conditional
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+        tracing::warn!(endpoint = %self.client.endpoint(), "the destination ignores conditional writes (If-None-Match: *): falling back to HEAD before every write, which leaves a short race with other writers to the same keys");
+    }
+
+    fn conditional(&self) -> bool {
+        self.conditional.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The condition a write of this row is made under: create-only for a key never delivered,
+    /// replace-only-ours for a new version of one that was.
+    fn precondition(&self, row: &ObjectRow) -> Precondition {
+        match (self.overwrite, &row.prior_etag) {
+            (Overwrite::Always, _) => Precondition::None,
+            (Overwrite::Own, None) => Precondition::Create,
+            (Overwrite::Own, Some(etag)) => Precondition::Replace(etag.clone()),
+        }
+    }
+
+    /// What is at the key decides, when a write's condition failed (412) or, on a server that
+    /// ignores conditions, before the write (`before`: nothing there, or the object we recorded,
+    /// means go ahead: Ok(None)). Our own bytes there already (an answer lost, a journal started
+    /// afresh) count as delivered; anything else is a conflict.
+    async fn settle_key(
+        &self,
+        row: &ObjectRow,
+        sha: &[u8; 32],
+        before: bool,
+    ) -> Result<Option<Sent>, Stop> {
+        // A server may close the connection after its 412 without reading our body: the pooled
+        // connection is then dead, and one more try takes a fresh one.
+        let head = match self.client.head_object(&row.key).await {
+            Err(e) if e.is_unanswered() => self.client.head_object(&row.key).await?,
+            other => other?,
+        };
+        let size = row.fingerprint.size;
+        let ours = hex::encode(sha);
+        match head {
+            None if before => Ok(None),
+            Some(h) if before && h.etag.is_some() && h.etag == row.prior_etag => Ok(None),
+            Some(h)
+                if h.size == size
+                    && h.meta_sha256
+                        .as_deref()
+                        .is_some_and(|m| m.eq_ignore_ascii_case(&ours)) =>
+            {
+                tracing::info!(key = %row.key, "the object at the key already holds these bytes; counted as delivered");
+                Ok(Some(Sent {
+                    sha: *sha,
+                    landed: landed_of(&h),
+                    unrecorded: None,
+                }))
+            }
+            None => Err(self.conflict(row, "the write's condition failed, and now nothing is at the key (another writer is busy with it)".into())),
+            Some(h) => Err(self.conflict(
+                row,
+                format!(
+                    "another object is there (size {}, ETag {}, x-amz-meta-sha256 {}); ours: size {size}, SHA-256 {ours}, recorded ETag {}",
+                    h.size,
+                    h.etag.as_deref().unwrap_or("none"),
+                    h.meta_sha256.as_deref().unwrap_or("none"),
+                    row.prior_etag.as_deref().unwrap_or("none (first delivery)"),
+                ),
+            )),
+        }
+    }
+
+    fn conflict(&self, row: &ObjectRow, detail: String) -> Stop {
+        Stop::Conflict {
+            bucket: self.client.bucket().to_string(),
+            key: row.key.clone(),
+            detail,
+        }
+    }
+
+    /// Before a write on a server that ignores conditions: HEAD decides (see `settle_key`).
+    async fn check_key_first(&self, row: &ObjectRow, sha: &[u8; 32]) -> Result<Option<Sent>, Stop> {
+        if self.overwrite == Overwrite::Always || self.conditional() {
+            return Ok(None);
+        }
+        self.settle_key(row, sha, true).await
     }
 
     pub fn client(&self) -> &Arc<S3Client> {
@@ -84,6 +234,16 @@ impl S3Sink {
         // The upload vanished mid-way (aborted by a lifecycle rule, or a server that lost it):
         // start this object over, once per attempt.
         let result = match result {
+            // A concurrent conditional write to the same key won the race (409
+            // ConditionalRequestConflict): this upload starts over.
+            Err(Stop::S3(e)) if e.code() == Some("ConditionalRequestConflict") => {
+                if let Ok(Some(id)) = self.journal.upload_id(row.id).await {
+                    let _ = self.client.abort_multipart(&row.key, &id).await;
+                }
+                tracing::warn!(key = %row.key, "a concurrent write to the key conflicted; starting this upload over");
+                self.start_over(row, origin, confirm, stop, "conditional write conflict")
+                    .await
+            }
             Err(Stop::S3(e)) if e.code() == Some("NoSuchUpload") => {
                 tracing::warn!(key = %row.key, "multipart upload no longer exists on the server; starting this object over");
                 self.start_over(
@@ -98,7 +258,7 @@ impl S3Sink {
             other => other,
         };
         match result {
-            Ok(sent) => (Outcome::Delivered(sent.sha), sent.unrecorded),
+            Ok(sent) => (Outcome::Delivered(sent.sha, sent.landed), sent.unrecorded),
             Err(e) => (self.outcome(row, e).await, None),
         }
     }
@@ -123,24 +283,39 @@ impl S3Sink {
             return self.single_put(row, origin, confirm).await;
         }
         let pinned = pin(row, origin).await?;
-        // Pass one: the whole-object hash, fixed in the journal before any byte is sent.
-        let sha = pinned.hash_all(&self.budget, fp.size).await?;
+        let part_size = part_size_for(fp.size, self.params.part_size);
+        // Pass one: the whole-object hash and each part's, fixed in the journal before any byte
+        // is sent; every part sent must be those bytes.
+        let hashed = pinned
+            .hash_all(&self.budget, fp.size, Some(part_size))
+            .await?;
+        let (sha, expected) = (hashed.sha256, hashed.parts.clone());
         if !self
             .journal
-            .set_hashed(row.id, fp, sha, pinned.etag())
+            .set_hashed(row.id, fp, hashed, pinned.etag())
             .await?
         {
             return Err(Stop::Changed(pinned.what()));
         }
-        let part_size = part_size_for(fp.size, self.params.part_size);
+        if let Some(done) = self.check_key_first(row, &sha).await? {
+            return Ok(done);
+        }
         let upload_id = self.client.create_multipart(&row.key, &sha).await?;
         self.journal
             .begin_multipart(row.id, upload_id.clone(), part_size)
             .await?;
         tracing::debug!(key = %row.key, %upload_id, part_size, "multipart upload started");
-        self.upload_parts(row, pinned, &upload_id, part_size, &sha, Vec::new(), stop)
-            .await
-            .map(Sent::from)
+        self.upload_parts(
+            row,
+            pinned,
+            &upload_id,
+            part_size,
+            &sha,
+            Some(expected),
+            Vec::new(),
+            stop,
+        )
+        .await
     }
 
     async fn single_put(
@@ -156,13 +331,13 @@ impl S3Sink {
             Origin::Dir(root) => {
                 let (root2, p2) = (root.clone(), root.join(&row.rel_path));
                 blocking(move || {
-                    let file = open_pinned(&root2, &p2, fp)?;
+                    let (file, ctime_ns) = open_pinned(&root2, &p2, fp)?;
                     let mut buf = vec![0u8; fp.size as usize];
                     file.read_exact_at(&mut buf, 0).map_err(|source| Stop::Io {
                         path: p2.clone(),
                         source,
                     })?;
-                    check_pinned(&file, &p2, fp)?;
+                    check_pinned(&file, &p2, fp, ctime_ns)?;
                     let sha = Sha256::digest(&buf);
                     Ok((Bytes::from(buf), sha))
                 })
@@ -182,8 +357,25 @@ impl S3Sink {
         // Nothing on the server depends on the journal before a single PUT (a crash before
         // `delivered` is committed just sends the same bytes again), so the hash is recorded
         // with the delivery, under the fingerprint guard, in one commit.
-        let echoed = self.client.put_object(&row.key, body, &sha).await?;
-        match echoed {
+        if let Some(done) = self.check_key_first(row, &sha).await? {
+            return Ok(done);
+        }
+        let when = self.precondition(row);
+        let answer = match self.client.put_object(&row.key, body, &sha, &when).await {
+            Ok(a) => a,
+            Err(e) if is_precondition_failed(&e) => {
+                return self
+                    .settle_key(row, &sha, false)
+                    .await?
+                    .ok_or_else(|| self.conflict(row, "the write's condition failed".into()))
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let mut landed = Landed {
+            etag: answer.etag.clone(),
+            version: answer.version.clone(),
+        };
+        match answer.checksum_sha256 {
             Some(cs) if cs != b64(&sha) => {
                 return Err(Stop::Verify {
                     bucket: self.client.bucket().to_string(),
@@ -193,11 +385,17 @@ impl S3Sink {
             }
             // The server hashed what it stored and it is our SHA-256 (so also our size).
             Some(_) if confirm == Confirm::Answer => {}
-            _ => self.verify(&row.key, fp.size, &sha, None).await?,
+            _ => {
+                let head = self.verify(&row.key, fp.size, &sha, None).await?;
+                if landed.etag.is_none() {
+                    landed = landed_of(&head);
+                }
+            }
         }
         // Until `delivered` is committed, a crash sends these bytes again: they stay counted.
         Ok(Sent {
             sha,
+            landed,
             unrecorded: Some(permit),
         })
     }
@@ -265,14 +463,15 @@ impl S3Sink {
         if server.is_none() || (keep.is_empty() && !drop.is_empty()) {
             // Completion is requested only after `completing` is committed: then it may have
             // gone through before the restart, and the stored object decides.
-            if row.state == State::Completing
-                && self
-                    .verify(&row.key, fp.size, &sha, Some(&journaled))
-                    .await
-                    .is_ok()
-            {
-                tracing::info!(key = %row.key, "upload had completed before the restart; verified");
-                return Ok(sha.into());
+            if row.state == State::Completing {
+                if let Ok(head) = self.verify(&row.key, fp.size, &sha, Some(&journaled)).await {
+                    tracing::info!(key = %row.key, "upload had completed before the restart; verified");
+                    return Ok(Sent {
+                        sha,
+                        landed: landed_of(&head),
+                        unrecorded: None,
+                    });
+                }
             }
             tracing::warn!(key = %row.key, "multipart upload no longer exists on the server; starting this object over");
             if server.is_some() {
@@ -293,9 +492,17 @@ impl S3Sink {
             self.journal.drop_parts(row.id, drop).await?;
         }
         tracing::info!(key = %row.key, parts_done = keep.len(), "resuming multipart upload");
-        self.upload_parts(row, pinned, upload_id, part_size, &sha, keep, stop)
-            .await
-            .map(Sent::from)
+        self.upload_parts(
+            row,
+            pinned,
+            upload_id,
+            part_size,
+            &sha,
+            row.part_hashes.clone(),
+            keep,
+            stop,
+        )
+        .await
     }
 
     /// Aborts uploads of `key` that the journal never recorded. A server without
@@ -357,9 +564,11 @@ impl S3Sink {
         upload_id: &str,
         part_size: u64,
         sha: &[u8; 32],
+        expected: Option<Vec<[u8; 32]>>,
         done: Vec<PartRow>,
         stop: watch::Receiver<bool>,
-    ) -> Result<[u8; 32], Stop> {
+    ) -> Result<Sent, Stop> {
+        let expected = Arc::new(expected.unwrap_or_default());
         let size = row.fingerprint.size;
         let count = size.div_ceil(part_size).max(1) as u32;
         let mut parts: Vec<Option<PartRow>> = vec![None; count as usize];
@@ -395,9 +604,17 @@ impl S3Sink {
                     let (source, key, upload_id) =
                         (source.clone(), row.key.clone(), upload_id.to_string());
                     let id = row.id;
+                    let expected = expected.clone();
                     tasks.spawn(async move {
                         let _permit = permit;
                         let (body, part_sha) = source.read(off, len).await?;
+                        // The bytes hashed in pass one, or the source is not that version.
+                        if expected
+                            .get(n as usize - 1)
+                            .is_some_and(|want| *want != part_sha)
+                        {
+                            return Err(Stop::Changed(source.what()));
+                        }
                         let etag = client
                             .upload_part(&key, &upload_id, n, body, &part_sha)
                             .await?;
@@ -433,6 +650,25 @@ impl S3Sink {
             self.client.abort_multipart(&row.key, upload_id).await?;
             return Err(e);
         }
+        // A new version replaces our own object only. Not every server honours If-Match on
+        // completion (nor any condition, see `probe_conditional`): HEAD first in those cases.
+        let when = self.precondition(row);
+        if matches!(when, Precondition::Replace(_)) || !self.conditional() {
+            if let Err(e) = self
+                .settle_key(row, sha, true)
+                .await
+                .and_then(|found| found.map_or(Ok(()), |_| Err(Stop::Interrupted)))
+            {
+                self.client.abort_multipart(&row.key, upload_id).await?;
+                return match e {
+                    // Our bytes are there already: nothing to complete.
+                    Stop::Interrupted => self.settle_key(row, sha, false).await?.ok_or_else(|| {
+                        self.conflict(row, "the object changed while we looked".into())
+                    }),
+                    e => Err(e),
+                };
+            }
+        }
         self.journal.set_state(row.id, State::Completing).await?;
         let list: Vec<(u32, String, String)> = parts
             .iter()
@@ -440,18 +676,29 @@ impl S3Sink {
             .collect();
         match self
             .client
-            .complete_multipart(&row.key, upload_id, &list)
+            .complete_multipart(&row.key, upload_id, &list, &when)
             .await
         {
             Ok(()) => {}
+            Err(e) if is_precondition_failed(&e) => {
+                let _ = self.client.abort_multipart(&row.key, upload_id).await;
+                return self
+                    .settle_key(row, sha, false)
+                    .await?
+                    .ok_or_else(|| self.conflict(row, "the write's condition failed".into()));
+            }
             // The first attempt may have gone through with its answer lost: the retry then
             // fails (NoSuchUpload on S3; some servers answer 403 for an upload id they no
             // longer know). The stored object decides.
             Err(e) => {
                 return match self.verify(&row.key, size, sha, Some(&parts)).await {
-                    Ok(()) => {
+                    Ok(head) => {
                         tracing::info!(key = %row.key, error = %e, "completion had gone through before the error; object verified");
-                        Ok(*sha)
+                        Ok(Sent {
+                            sha: *sha,
+                            landed: landed_of(&head),
+                            unrecorded: None,
+                        })
                     }
                     // The upload is gone and the stored object is not ours: say what is wrong
                     // with the object.
@@ -460,8 +707,12 @@ impl S3Sink {
                 };
             }
         }
-        self.verify(&row.key, size, sha, Some(&parts)).await?;
-        Ok(*sha)
+        let head = self.verify(&row.key, size, sha, Some(&parts)).await?;
+        Ok(Sent {
+            sha: *sha,
+            landed: landed_of(&head),
+            unrecorded: None,
+        })
     }
 
     fn collect(
@@ -496,7 +747,7 @@ impl S3Sink {
         size: u64,
         sha: &[u8; 32],
         parts: Option<&[PartRow]>,
-    ) -> Result<(), Stop> {
+    ) -> Result<Head, Stop> {
         let fail = |detail: String| Stop::Verify {
             bucket: self.client.bucket().to_string(),
             key: key.to_string(),
@@ -529,24 +780,28 @@ impl S3Sink {
                 )));
             }
         }
-        Ok(())
+        Ok(head)
     }
 }
 
-/// A delivered object: its SHA-256, and for a single PUT its share of the budget.
+fn landed_of(head: &Head) -> Landed {
+    Landed {
+        etag: head.etag.clone(),
+        version: head.version.clone(),
+    }
+}
+
+/// 412 PreconditionFailed: the write's condition (If-None-Match, If-Match) did not hold.
+fn is_precondition_failed(e: &S3Error) -> bool {
+    e.status() == Some(412) || e.code() == Some("PreconditionFailed")
+}
+
+/// A delivered object: its SHA-256, what the destination answered, and for a single PUT its
+/// share of the budget (a multipart upload recorded every part before giving its share back).
 struct Sent {
     sha: [u8; 32],
+    landed: Landed,
     unrecorded: Unrecorded,
-}
-
-impl From<[u8; 32]> for Sent {
-    /// A multipart upload: every part was recorded before its budget share was given back.
-    fn from(sha: [u8; 32]) -> Sent {
-        Sent {
-            sha,
-            unrecorded: None,
-        }
-    }
 }
 
 /// How a single PUT is confirmed before the object counts as delivered (a multipart upload is

@@ -310,6 +310,15 @@ impl BucketSource {
                         report.refused += 1;
                         if self.warned.insert(o.key.clone()) {
                             tracing::warn!(source = %self.cfg.name, key = ?o.key, reason = %why, "refused: key cannot be carried across");
+                            self.journal
+                                .note_refused(
+                                    self.cfg.name.clone(),
+                                    vec![(
+                                        PathBuf::from(rest),
+                                        format!("key cannot be carried across: {why}"),
+                                    )],
+                                )
+                                .await?;
                         }
                         continue;
                     }
@@ -354,6 +363,8 @@ enum ListStop {
 /// What happened to a bucket object after delivery.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BucketAfter {
+    /// `keep`: nothing was sent.
+    Kept,
     Deleted,
     Moved,
     /// A newer version is there now: left alone (the listing finds it).
@@ -371,6 +382,11 @@ pub async fn after_upload(
     fp: Fingerprint,
     etag: Option<&str>,
 ) -> Result<BucketAfter, S3Error> {
+    let plan = match after_plan(action, rest) {
+        Ok(None) => return Ok(BucketAfter::Kept),
+        Ok(Some(plan)) => plan,
+        Err(why) => return Err(S3Error::Setup(why)),
+    };
     let Some(head) = client.head_object(key).await? else {
         return Ok(BucketAfter::Gone);
     };
@@ -384,23 +400,62 @@ pub async fn after_upload(
         return Ok(BucketAfter::LeftChanged);
     }
     let tag = head.etag.unwrap_or_default();
-    match action {
-        AfterUpload::MoveToPrefix(p) => {
-            let to = format!("{p}{}", rest.to_string_lossy());
+    match plan {
+        After::MoveTo(to) => {
             client.copy_object(key, &to, &tag).await?;
             client.delete_object(key).await?;
             Ok(BucketAfter::Moved)
         }
-        _ => {
+        After::Delete => {
             client.delete_object(key).await?;
             Ok(BucketAfter::Deleted)
         }
     }
 }
 
+/// What a bucket source does to a delivered object.
+#[derive(Debug, PartialEq, Eq)]
+enum After {
+    Delete,
+    /// Copy to this key, then delete.
+    MoveTo(String),
+}
+
+/// The `after_upload` setting as requests: None for `keep` (nothing is sent at all). Every
+/// setting is named, so a new one cannot fall into deleting by a wildcard arm.
+fn after_plan(action: &AfterUpload, rest: &Path) -> Result<Option<After>, String> {
+    match action {
+        AfterUpload::Keep => Ok(None),
+        AfterUpload::Delete => Ok(Some(After::Delete)),
+        AfterUpload::MoveToPrefix(p) => {
+            Ok(Some(After::MoveTo(format!("{p}{}", rest.to_string_lossy()))))
+        }
+        AfterUpload::MoveTo(dir) => Err(format!(
+            "after_upload = {{ move_to = {:?} }} is for directory sources; a bucket source moves with move_to_prefix",
+            dir.display()
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Finding 18: `keep` never deletes, whoever calls; every setting maps to its own plan.
+    #[test]
+    fn f18_after_upload_keep_sends_nothing_and_every_setting_is_explicit() {
+        let rest = Path::new("a/b.ndjson");
+        assert_eq!(after_plan(&AfterUpload::Keep, rest), Ok(None));
+        assert_eq!(
+            after_plan(&AfterUpload::Delete, rest),
+            Ok(Some(After::Delete))
+        );
+        assert_eq!(
+            after_plan(&AfterUpload::MoveToPrefix("done/".into()), rest),
+            Ok(Some(After::MoveTo("done/a/b.ndjson".into())))
+        );
+        assert!(after_plan(&AfterUpload::MoveTo("/x".into()), rest).is_err());
+    }
 
     #[test]
     fn notification_lines() {

@@ -352,12 +352,21 @@ pub struct FsSource {
     awaiting_marker: HashSet<PathBuf>,
     /// Manifests held back, as of the last pass that looked at them.
     held: HashSet<PathBuf>,
+    /// The live journal's files (database, -wal, -shm, -journal), resolved: never uploaded,
+    /// whatever name or symlink leads to them.
+    own_files: Vec<PathBuf>,
 }
 
 impl FsSource {
     pub fn new(cfg: SourceConfig, prefix: String, journal: Journal, wake: Arc<Notify>) -> FsSource {
         let root_real = std::fs::canonicalize(&cfg.path).unwrap_or_else(|_| cfg.path.clone());
+        let db = crate::config::resolve_lenient(journal.path());
+        let own_files = ["", "-wal", "-shm", "-journal"]
+            .iter()
+            .map(|s| PathBuf::from(format!("{}{s}", db.display())))
+            .collect();
         FsSource {
+            own_files,
             cfg,
             root_real,
             prefix,
@@ -518,20 +527,32 @@ impl FsSource {
         let mut batch = Vec::new();
         while let Some(chunk) = rx.recv().await {
             report.seen += chunk.files.len();
+            // Refusals seen for the first time in this process: logged once, and journaled
+            // for `status`.
+            let mut newly: Vec<(PathBuf, String)> = Vec::new();
             for (rel, why) in chunk.refused {
                 report.refused += 1;
                 if self.warned.insert(rel.clone()) {
                     tracing::warn!(source = %self.cfg.name, path = %rel.display(), reason = %why, "refused: will not upload");
+                    newly.push((rel, why));
                 }
             }
             for s in chunk.files {
                 let file_name = s.rel.file_name().and_then(|n| n.to_str()).unwrap_or("");
-                let key = match keymap::object_key(&self.prefix, &s.rel) {
+                let own = self.root_real.join(&s.rel);
+                let refusal = if self.own_files.contains(&own) {
+                    Err("it is ha-edge's own live journal".to_string())
+                } else {
+                    keymap::object_key(&self.prefix, &s.rel)
+                        .map_err(|why| format!("name cannot be an object key: {why}"))
+                };
+                let key = match refusal {
                     Ok(k) => k,
                     Err(why) => {
                         report.refused += 1;
                         if self.warned.insert(s.rel.clone()) {
-                            tracing::warn!(source = %self.cfg.name, path = ?s.rel, reason = %why, "refused: name cannot be an object key");
+                            tracing::warn!(source = %self.cfg.name, path = ?s.rel, reason = %why, "refused: will not upload");
+                            newly.push((s.rel.clone(), why));
                         }
                         continue;
                     }
@@ -593,6 +614,11 @@ impl FsSource {
                     }
                     self.tracked.insert(s.rel, (t, d));
                 }
+            }
+            if !newly.is_empty() {
+                self.journal
+                    .note_refused(self.cfg.name.clone(), newly)
+                    .await?;
             }
         }
         walk.await.map_err(|_| JournalError::Panicked)?;

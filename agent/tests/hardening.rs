@@ -1,0 +1,473 @@
+//! Regression tests for the attack review (issue "Hardening"): one test per finding, named
+//! `fNN_...` after the finding's number, each against the real binary and a real s3s-fs.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use ha_edge_tests::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_ha-edge");
+const MIB: usize = 1024 * 1024;
+
+fn bin() -> &'static Path {
+    Path::new(BIN)
+}
+
+/// `ha-edge status --json` parsed, and its exit code.
+fn status_json(setup: &Setup) -> (serde_json::Value, Option<i32>) {
+    let cfg = setup.config_path();
+    let out = output_within(
+        setup.command(bin(), &["status", "-c", cfg.to_str().unwrap(), "--json"]),
+        Duration::from_secs(30),
+    );
+    let v = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "status --json is not JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    });
+    (v, out.status.code())
+}
+
+fn validate(setup: &Setup, extra: &[&str]) -> std::process::Output {
+    let cfg = setup.config_path();
+    let mut args = vec!["validate", "-c", cfg.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    output_within(setup.command(bin(), &args), Duration::from_secs(60))
+}
+
+/// Two directory sources `a` and `b` (each with `Patient.ndjson`) to one destination.
+fn two_sources(setup: &Setup, endpoint: &str, a_extra: &str, b_extra: &str) {
+    let (a, b) = (setup.dir.path().join("a"), setup.dir.path().join("b"));
+    write_settled(&a.join("Patient.ndjson"), b"site A\n");
+    write_settled(&b.join("Patient.ndjson"), b"site B\n");
+    let text = format!(
+        "[agent]\njournal = \"{}\"\n\n\
+         [[source]]\nname = \"a\"\ntype = \"fs\"\npath = \"{}\"\nafter_upload = \"delete\"\n{a_extra}\n\n\
+         [[source]]\nname = \"b\"\ntype = \"fs\"\npath = \"{}\"\nafter_upload = \"delete\"\n{b_extra}\n\n{}",
+        setup.journal().display(),
+        a.display(),
+        b.display(),
+        setup.destination_toml(endpoint)
+    );
+    std::fs::write(setup.config_path(), text).unwrap();
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. Two sources, same relative names, one destination.
+
+#[test]
+fn f01_validate_refuses_two_sources_that_map_to_the_same_keys() {
+    let s3 = S3Server::start();
+    s3.create_bucket("same");
+    let setup = Setup::new("same");
+    two_sources(&setup, &s3.endpoint(), "", "");
+    let out = validate(&setup, &["--offline"]);
+    let err = stderr_of(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("source[1]") && err.contains("key_prefix"),
+        "names the clash and the fix: {err}"
+    );
+    // `run` refuses the same config and touches nothing.
+    let out = setup.run_once(bin());
+    assert_eq!(out.status.code(), Some(2), "{}", stderr_of(&out));
+    assert!(setup.dir.path().join("a/Patient.ndjson").exists());
+    assert!(s3.keys("same").is_empty());
+
+    // One key space per source: both delivered side by side.
+    two_sources(
+        &setup,
+        &s3.endpoint(),
+        "key_prefix = \"{source}/\"",
+        "key_prefix = \"{source}/\"",
+    );
+    let out = setup.run_once(bin());
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert_eq!(
+        s3.keys("same"),
+        vec!["fhir/a/Patient.ndjson", "fhir/b/Patient.ndjson"]
+    );
+    assert_eq!(
+        s3.object("same", "fhir/a/Patient.ndjson").unwrap(),
+        b"site A\n"
+    );
+}
+
+#[test]
+fn f01_an_object_the_agent_did_not_write_is_a_conflict_and_the_source_stays() {
+    let s3 = S3Server::start();
+    s3.create_bucket("cas");
+    let setup = Setup::new("cas");
+    // Someone else's objects are at the keys already: a small and a multipart one.
+    s3.put("cas", "fhir/Patient.ndjson", b"not ours\n");
+    s3.put("cas", "fhir/big.ndjson", b"not ours either\n");
+    write_settled(&setup.src().join("Patient.ndjson"), b"ours\n");
+    let big = data(7, 11 * MIB);
+    write_settled(&setup.src().join("big.ndjson"), &big);
+    setup.write_config(
+        &s3.endpoint(),
+        "part_size = \"5MiB\"\nmultipart_threshold = \"5MiB\"",
+        "after_upload = \"delete\"",
+    );
+    let out = setup.run_once(bin());
+    let err = stderr_of(&out);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "a conflict is not success: {err}"
+    );
+    assert_eq!(
+        s3.object("cas", "fhir/Patient.ndjson").unwrap(),
+        b"not ours\n"
+    );
+    assert_eq!(
+        s3.object("cas", "fhir/big.ndjson").unwrap(),
+        b"not ours either\n"
+    );
+    assert!(setup.src().join("Patient.ndjson").exists(), "source kept");
+    assert!(setup.src().join("big.ndjson").exists(), "source kept");
+    assert_eq!(s3.open_uploads(), 0, "the conflicting upload is aborted");
+    assert_eq!(
+        setup.journal_counts(),
+        vec![("conflict".to_string(), 2)],
+        "{err}"
+    );
+    let (st, code) = status_json(&setup);
+    assert_eq!(st["objects"]["conflict"], 2, "{st}");
+    assert_eq!(code, Some(1), "status says degraded: {st}");
+    let held: Vec<String> = st["held"]["last"]
+        .as_array()
+        .expect("held.last")
+        .iter()
+        .map(|h| h["path"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert!(held.iter().any(|p| p.ends_with("Patient.ndjson")), "{st}");
+    // Reported once, not retried: a second run leaves it alone and says so again in its exit.
+    let out = setup.run_once(bin());
+    assert_eq!(out.status.code(), Some(1), "{}", stderr_of(&out));
+    assert_eq!(
+        s3.object("cas", "fhir/Patient.ndjson").unwrap(),
+        b"not ours\n"
+    );
+}
+
+#[test]
+fn f01_own_objects_are_replaced_and_a_lost_answer_is_idempotent() {
+    let s3 = S3Server::start();
+    s3.create_bucket("own");
+    let setup = Setup::new("own");
+    let file = setup.src().join("Observation.ndjson");
+    write_settled(&file, b"version 1\n");
+    setup.write_config(&s3.endpoint(), "", "");
+    let out = setup.run_once(bin());
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    // A new version of a file it delivered replaces its own object (If-Match on its ETag).
+    std::fs::write(&file, b"version 2, longer\n").unwrap();
+    write_settled(&file, b"version 2, longer\n");
+    let out = setup.run_once(bin());
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert_eq!(
+        s3.object("own", "fhir/Observation.ndjson").unwrap(),
+        b"version 2, longer\n"
+    );
+    // The same bytes already there (an answer lost, a journal started afresh): delivered.
+    let again = Setup::new("own");
+    write_settled(
+        &again.src().join("Observation.ndjson"),
+        b"version 2, longer\n",
+    );
+    again.write_config(&s3.endpoint(), "", "");
+    let out = again.run_once(bin());
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert_eq!(again.journal_counts(), vec![("done".to_string(), 1)]);
+    // Someone else replaced our object (another writer, through S3): the next version is a
+    // conflict, theirs stays.
+    let other = Setup::new("own");
+    write_settled(&other.src().join("Observation.ndjson"), b"someone else's\n");
+    other.write_config_with(
+        &other
+            .destination_toml(&s3.endpoint())
+            .replace("[destination]\n", "[destination]\noverwrite = \"always\"\n"),
+        "",
+        "",
+    );
+    let out = other.run_once(bin());
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    write_settled(&file, b"version 3\n");
+    let out = setup.run_once(bin());
+    assert_eq!(out.status.code(), Some(1), "{}", stderr_of(&out));
+    assert_eq!(
+        s3.object("own", "fhir/Observation.ndjson").unwrap(),
+        b"someone else's\n"
+    );
+    // overwrite = "always" is the operator's explicit choice.
+    let text = std::fs::read_to_string(setup.config_path()).unwrap();
+    std::fs::write(
+        setup.config_path(),
+        text.replace("[destination]\n", "[destination]\noverwrite = \"always\"\n"),
+    )
+    .unwrap();
+    write_settled(&file, b"version 4\n");
+    let out = setup.run_once(bin());
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert_eq!(
+        s3.object("own", "fhir/Observation.ndjson").unwrap(),
+        b"version 4\n"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. A file rewritten in place during its upload, mtime restored.
+
+#[test]
+fn f02_a_file_rewritten_in_place_with_its_mtime_restored_never_completes_mixed() {
+    let s3 = S3Server::start();
+    s3.create_bucket("inplace");
+    let proxy = Proxy::start(s3.port);
+    let setup = Setup::new("inplace");
+    let path = setup.src().join("big.ndjson");
+    let old = data(21, 16 * MIB);
+    write_settled(&path, &old);
+    let mtime = std::fs::metadata(&path).unwrap().modified().unwrap();
+    setup.write_config(
+        &proxy.endpoint(),
+        "part_size = \"5MiB\"\nmultipart_threshold = \"5MiB\"\nparts_in_flight = 1\nconcurrency = 1",
+        "",
+    );
+    proxy.delay_ms.store(300, Ordering::Relaxed);
+    let mut child = setup.spawn_once(bin());
+    // Once the first part is on its way, rewrite the whole file in place, same size, and put
+    // the mtime back.
+    assert!(wait_until(Duration::from_secs(60), || proxy
+        .parts_sent()
+        .contains(&1)));
+    let new = data(22, 16 * MIB);
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::File::options().write(true).open(&path).unwrap();
+        f.write_all_at(&new, 0).unwrap();
+        f.set_modified(mtime).unwrap();
+    }
+    let status = wait_within(&mut child, Duration::from_secs(120));
+    let mut log = String::new();
+    use std::io::Read;
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut log)
+        .unwrap();
+    assert!(
+        !status.success(),
+        "the changed file is not reported delivered: {log}"
+    );
+    // Whatever is in the bucket is one version, whole, and its recorded SHA-256 is its own.
+    if let Some(stored) = s3.object("inplace", "fhir/big.ndjson") {
+        let meta = s3.metadata("inplace", "fhir/big.ndjson").unwrap();
+        assert_eq!(meta["user_metadata"]["sha256"], sha256(&stored), "{log}");
+        assert!(
+            stored == old || stored == new,
+            "mixed versions stored: {log}"
+        );
+    }
+    assert!(log.contains("changed"), "{log}");
+    // Once it settles, the new version goes whole.
+    proxy.delay_ms.store(0, Ordering::Relaxed);
+    let out = setup.run_once(bin());
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert_eq!(
+        sha256(&s3.object("inplace", "fhir/big.ndjson").unwrap()),
+        sha256(&new)
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. The journal deleted while the agent runs.
+
+#[test]
+fn f03_a_journal_deleted_while_running_stops_the_agent_with_exit_4_and_a_copy() {
+    let s3 = S3Server::start();
+    s3.create_bucket("gone");
+    let setup = Setup::new("gone");
+    write_settled(&setup.src().join("one.ndjson"), b"1\n");
+    setup.write_config(
+        &s3.endpoint(),
+        "",
+        "settle = \"1s\"\nrescan_interval = \"1s\"",
+    );
+    let mut daemon = setup.spawn_daemon(bin());
+    assert!(wait_until(Duration::from_secs(30), || s3
+        .object("gone", "fhir/one.ndjson")
+        .is_some()));
+    assert!(wait_until(Duration::from_secs(10), || setup
+        .journal_counts()
+        .contains(&("done".to_string(), 1))));
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", setup.journal().display()));
+    }
+    write_settled(&setup.src().join("two.ndjson"), b"2\n");
+    let status = wait_within(&mut daemon, Duration::from_secs(30));
+    let log = setup.daemon_log();
+    assert_eq!(status.code(), Some(4), "{log}");
+    assert!(log.contains("was removed"), "{log}");
+    // What the open handle held is kept beside it.
+    let copy = std::fs::read_dir(setup.journal().parent().unwrap())
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.to_string_lossy().contains("journal.db.recovered"))
+        .unwrap_or_else(|| panic!("no recovered copy: {log}"));
+    let c = rusqlite::Connection::open(&copy).unwrap();
+    let n: i64 = c
+        .query_row(
+            "SELECT COUNT(*) FROM objects WHERE key = 'fhir/one.ndjson' AND state = 'done'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(n, 1);
+    assert_eq!(
+        std::fs::metadata(&copy).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. The journal inside its own source, spelled with `..` or through a symlink.
+
+#[test]
+fn f04_a_journal_inside_its_source_is_refused_however_it_is_spelled() {
+    let s3 = S3Server::start();
+    let setup = Setup::new("loop");
+    let root = setup.dir.path();
+    std::fs::create_dir_all(root.join("state")).unwrap();
+    std::os::unix::fs::symlink(setup.src(), root.join("link")).unwrap();
+    for journal in [
+        format!("{}/state/../in/journal.db", root.display()),
+        format!("{}/link/journal.db", root.display()),
+        format!("{}/link/sub/journal.db", root.display()),
+    ] {
+        let text = format!(
+            "[agent]\njournal = \"{journal}\"\n\n[[source]]\nname = \"exports\"\ntype = \"fs\"\npath = \"{}\"\n\n{}",
+            setup.src().display(),
+            setup.destination_toml(&s3.endpoint())
+        );
+        std::fs::write(setup.config_path(), text).unwrap();
+        let out = validate(&setup, &["--offline"]);
+        let err = stderr_of(&out);
+        assert_eq!(out.status.code(), Some(2), "{journal}: {err}");
+        assert!(err.contains("agent.journal"), "{err}");
+    }
+    // The source reached through a symlink to the journal's directory.
+    let text = format!(
+        "[agent]\njournal = \"{}/in/journal.db\"\n\n[[source]]\nname = \"exports\"\ntype = \"fs\"\npath = \"{}/link\"\n\n{}",
+        root.display(),
+        root.display(),
+        setup.destination_toml(&s3.endpoint())
+    );
+    std::fs::write(setup.config_path(), text).unwrap();
+    let out = validate(&setup, &["--offline"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr_of(&out));
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. A pending file replaced by a FIFO.
+
+#[test]
+fn f05_a_pending_file_replaced_by_a_fifo_is_refused_not_waited_on() {
+    let s3 = S3Server::start();
+    s3.create_bucket("fifo");
+    let setup = Setup::new("fifo");
+    let path = setup.src().join("Patient.ndjson");
+    write_settled(&path, b"x\n");
+    // First run: the destination is down, so the file stays pending in the journal.
+    setup.write_config("http://127.0.0.1:9", "max_retries = 0", "");
+    let out = setup.run_once(bin());
+    assert_eq!(out.status.code(), Some(1), "{}", stderr_of(&out));
+    assert_eq!(setup.journal_counts(), vec![("pending".to_string(), 1)]);
+    std::fs::remove_file(&path).unwrap();
+    let made = std::process::Command::new("mkfifo")
+        .arg(&path)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    setup.write_config(&s3.endpoint(), "", "");
+    let cfg = setup.config_path();
+    let out = output_within(
+        setup.command(bin(), &["run", "-c", cfg.to_str().unwrap(), "--once"]),
+        Duration::from_secs(30),
+    );
+    let err = stderr_of(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("not a regular file"), "{err}");
+    let (st, _) = status_json(&setup);
+    let reasons = st["held"]["last"].to_string();
+    assert!(reasons.contains("Patient.ndjson"), "{st}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6. Journal, WAL and SHM files under umask 022.
+
+#[test]
+fn f06_journal_files_are_private_whatever_the_umask() {
+    let s3 = S3Server::start();
+    s3.create_bucket("modes");
+    let setup = Setup::new("modes");
+    write_settled(&setup.src().join("a.ndjson"), b"a\n");
+    setup.write_config(
+        &s3.endpoint(),
+        "",
+        "settle = \"1s\"\nrescan_interval = \"1s\"",
+    );
+    let cfg = setup.config_path();
+    let log = std::fs::File::create(setup.dir.path().join("daemon.log")).unwrap();
+    // The agent under umask 022, as a shell would start it.
+    let mut cmd = setup.command(
+        Path::new("/bin/sh"),
+        &["-c", "umask 022; exec \"$0\" run -c \"$1\""],
+    );
+    cmd.arg(bin()).arg(&cfg).stdout(Stdio::null()).stderr(log);
+    let mut child = cmd.spawn().unwrap();
+    assert!(wait_until(Duration::from_secs(30), || s3
+        .object("modes", "fhir/a.ndjson")
+        .is_some()));
+    let mode = |p: &Path| std::fs::metadata(p).map(|m| m.permissions().mode() & 0o777);
+    let j = setup.journal();
+    let wal = Path::new(&format!("{}-wal", j.display())).to_path_buf();
+    let shm = Path::new(&format!("{}-shm", j.display())).to_path_buf();
+    assert_eq!(mode(&j).unwrap(), 0o600, "journal");
+    assert_eq!(mode(&wal).unwrap(), 0o600, "wal");
+    assert_eq!(mode(&shm).unwrap(), 0o600, "shm");
+    assert_eq!(mode(j.parent().unwrap()).unwrap(), 0o700, "state directory");
+    sigterm(&child);
+    wait_within(&mut child, Duration::from_secs(30));
+}
+
+// ---------------------------------------------------------------------------------------------
+// 7. A closed log pipe.
+
+#[test]
+fn f07_a_closed_log_pipe_does_not_kill_the_agent() {
+    let s3 = S3Server::start();
+    s3.create_bucket("pipe");
+    let setup = Setup::new("pipe");
+    let files = setup.write_files("p", 20, 70, 1000);
+    setup.write_config(&s3.endpoint(), "", "");
+    let cfg = setup.config_path();
+    let mut child = setup
+        .command(bin(), &["run", "-c", cfg.to_str().unwrap(), "--once"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The reader goes away at once, as `| head -1` does after its line.
+    drop(child.stdout.take());
+    drop(child.stderr.take());
+    let status = wait_within(&mut child, Duration::from_secs(60));
+    assert_eq!(status.code(), Some(0), "{status:?}");
+    assert_eq!(s3.keys("pipe").len(), files.len());
+}
