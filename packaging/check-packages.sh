@@ -32,7 +32,7 @@ dpkg-query -W -f='${Conffiles}\n' ha-edge | grep -q '/etc/ha-edge/ha-edge.toml' 
 # The installed config validates once its source directory exists and credentials are given.
 made_src=0
 if [ ! -d /srv/exports/fhir ]; then mkdir -p /srv/exports/fhir; made_src=1; fi
-AWS_ACCESS_KEY_ID=check AWS_SECRET_ACCESS_KEY=check /usr/bin/ha-edge validate -c /etc/ha-edge/ha-edge.toml
+AWS_ACCESS_KEY_ID=check AWS_SECRET_ACCESS_KEY=check /usr/bin/ha-edge validate --offline -c /etc/ha-edge/ha-edge.toml
 
 echo "== systemd unit"
 systemd-analyze verify /usr/lib/systemd/system/ha-edge.service
