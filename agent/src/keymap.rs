@@ -31,6 +31,56 @@ pub enum KeyError {
     EmptySegment,
 }
 
+/// A key prefix that authorizes whole path segments: it always ends in '/', so `fhir/dkfz/`
+/// covers `fhir/dkfz/x` and never `fhir/dkfz-other/x` or `fhir/dkfzx`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Prefix(String);
+
+impl Prefix {
+    /// Parses a configured prefix; a missing trailing '/' is added (it names a folder either
+    /// way). Refused: empty (every key), a leading '/', empty, `.` or `..` segments.
+    pub fn parse(s: &str) -> Result<Prefix, String> {
+        let trimmed = s.strip_suffix('/').unwrap_or(s);
+        if trimmed.is_empty() {
+            return Err("must not be empty: it would authorize every key (name the folder, e.g. \"fhir/dkfz/\")".into());
+        }
+        if trimmed.starts_with('/') {
+            return Err("must not start with '/'".into());
+        }
+        for seg in trimmed.split('/') {
+            match seg {
+                "" => return Err("must not have an empty segment ('//')".into()),
+                "." | ".." => return Err("must not have '.' or '..' segments".into()),
+                s if s.chars().any(char::is_control) => {
+                    return Err("must not contain control characters".into())
+                }
+                _ => {}
+            }
+        }
+        Ok(Prefix(format!("{trimmed}/")))
+    }
+
+    /// Whether `key` lies under this prefix (by segments: the prefix ends in '/').
+    pub fn covers(&self, key: &str) -> bool {
+        key.starts_with(&self.0)
+    }
+
+    /// Whether one prefix lies under the other (or they are equal).
+    pub fn overlaps(&self, other: &Prefix) -> bool {
+        self.covers(&other.0) || other.covers(&self.0)
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for Prefix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 /// The destination key for a bucket source's object, from the part of its key below the source
 /// prefix. Keys are split on '/' exactly as written: an empty, `.` or `..` segment is refused
 /// rather than normalised, so two source keys can never land on one destination key.

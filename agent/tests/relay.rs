@@ -599,3 +599,137 @@ async fn the_relay_refuses_dot_dot_absolute_and_foreign_keys_from_any_client() {
     assert_eq!(answers[4], UploadEvent::SendFrom(0));
     assert!(!w.landed.join("fhir/embl").exists());
 }
+
+// ---------------------------------------------------------------------------------------------
+// Hardening findings 8 and 9: authorization by path segment and by exact identity.
+
+impl Ca {
+    /// A leaf certificate with these DNS subjectAltNames (none: a CN-only certificate).
+    fn issue_names(&self, file: &str, sans: &[&str], cn: &str) -> (PathBuf, PathBuf) {
+        let mut params =
+            CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
+        params.distinguished_name.push(DnType::CommonName, cn);
+        let key = KeyPair::generate().unwrap();
+        let issuer = Issuer::from_params(&self.params, &self.key);
+        let cert = params.signed_by(&key, &issuer).unwrap();
+        let (c, k) = (
+            self.dir.join(format!("{file}.pem")),
+            self.dir.join(format!("{file}.key")),
+        );
+        std::fs::write(&c, cert.pem()).unwrap();
+        std::fs::write(&k, key.serialize_pem()).unwrap();
+        (c, k)
+    }
+}
+
+fn relay_check(dir: &Path) -> std::process::Output {
+    output_within(
+        {
+            let mut c = Command::new(bin());
+            c.args(["relay", "--check", "-c"])
+                .arg(dir.join("relay.toml"));
+            c
+        },
+        Duration::from_secs(30),
+    )
+}
+
+#[test]
+fn f08_an_agent_prefix_is_a_path_segment_not_a_string_prefix() {
+    let w = world(None);
+    let dir = w.setup.dir.path();
+    let store = format!("type = \"dir\"\npath = \"{}\"", w.landed.display());
+    // Written without the trailing '/': still means the folder fhir/dkfz/.
+    Relay::config(
+        dir,
+        w.relay_port,
+        &w.ca,
+        &store,
+        "[[agent]]\nidentity = \"dkfz-edge-01.agents.test\"\nprefix = \"fhir/dkfz\"",
+    );
+    let relay = w.relay();
+    write_settled(&w.setup.src().join("x.ndjson"), b"{}\n");
+    // Each attempt with a fresh journal (keys are fixed when a file is discovered).
+    let fresh = || {
+        let _ = std::fs::remove_dir_all(w.setup.journal().parent().unwrap());
+    };
+    for prefix in ["fhir/dkfz-other/", "fhir/dkfz"] {
+        fresh();
+        w.agent_config(w.relay_port, "agent", prefix, "");
+        let out = w.setup.run_once(bin());
+        let err = stderr_of(&out);
+        assert_eq!(out.status.code(), Some(3), "{prefix}: {err}");
+        assert!(err.contains("may write under"), "{prefix}: {err}");
+    }
+    assert!(!w.landed.join("fhir/dkfz-other").exists());
+    assert!(!w.landed.join("fhir/dkfzx.ndjson").exists());
+    fresh();
+    w.agent_config(w.relay_port, "agent", "fhir/dkfz/", "");
+    let out = w.setup.run_once(bin());
+    assert!(out.status.success(), "{}\n{}", stderr_of(&out), relay.log());
+    assert!(w.landed.join("fhir/dkfz/x.ndjson").exists());
+    drop(relay);
+
+    // `relay --check` refuses prefixes that cannot be authorized apart.
+    let two = |a: &str, b: &str| {
+        format!(
+            "[[agent]]\nidentity = \"a.agents.test\"\nprefix = \"{a}\"\n\n\
+             [[agent]]\nidentity = \"b.agents.test\"\nprefix = \"{b}\""
+        )
+    };
+    for (agents, key) in [
+        (two("", "fhir/b/"), "agent[0].prefix"),
+        (two("fhir//a/", "fhir/b/"), "agent[0].prefix"),
+        (two("fhir/a/", "fhir/a/"), "agent[1].prefix"),
+        (two("fhir/", "fhir/b/"), "agent[1].prefix"),
+    ] {
+        Relay::config(dir, w.relay_port, &w.ca, &store, &agents);
+        let out = relay_check(dir);
+        let err = stderr_of(&out);
+        assert_eq!(out.status.code(), Some(2), "{agents}: {err}");
+        assert!(err.contains(key), "{agents}: {err}");
+    }
+    Relay::config(dir, w.relay_port, &w.ca, &store, &two("fhir/a", "fhir/ab"));
+    let out = relay_check(dir);
+    assert!(
+        out.status.success(),
+        "apart by segment: {}",
+        stderr_of(&out)
+    );
+    // The relay's state inside the directory it lands in.
+    let inside = format!("type = \"dir\"\npath = \"{}\"", dir.display());
+    Relay::config(dir, w.relay_port, &w.ca, &inside, DKFZ_AGENT);
+    let out = relay_check(dir);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr_of(&out));
+    assert!(stderr_of(&out).contains("state_dir"), "{}", stderr_of(&out));
+}
+
+#[test]
+fn f09_a_wildcard_or_cn_only_certificate_never_authorizes() {
+    let w = world(None);
+    let relay = w.relay();
+    // The real agent delivers first; the impostors must not replace its object.
+    write_settled(&w.setup.src().join("a.ndjson"), b"the real one\n");
+    w.agent_config(w.relay_port, "agent", "fhir/dkfz/", "");
+    let out = w.setup.run_once(bin());
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let (cw, kw) = w.ca.issue_names("wildcard", &["*.agents.test"], "wildcard");
+    let (cn, kn) = w.ca.issue_names("cn-only", &[], DKFZ);
+    for (cert, key, what) in [(&cw, &kw, "wildcard SAN"), (&cn, &kn, "CN only")] {
+        write_settled(
+            &w.setup.src().join("a.ndjson"),
+            format!("{what}\n").as_bytes(),
+        );
+        w.agent_config_with(w.relay_port, cert, key, &w.ca.pem(), "fhir/dkfz/", "");
+        let out = w.setup.run_once(bin());
+        let err = stderr_of(&out);
+        assert_eq!(out.status.code(), Some(3), "{what}: {err}");
+        assert!(err.contains("carries no identity"), "{what}: {err}");
+    }
+    assert_eq!(
+        std::fs::read(w.landed.join("fhir/dkfz/a.ndjson")).unwrap(),
+        b"the real one\n",
+        "{}",
+        relay.log()
+    );
+}

@@ -90,7 +90,7 @@ pub struct RelayConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AgentAuth {
     pub identity: String,
-    pub prefix: String,
+    pub prefix: crate::keymap::Prefix,
 }
 
 #[derive(Debug, Clone)]
@@ -191,6 +191,7 @@ impl Validator<'_> {
             "the CA that signs agents' certificates",
             self,
         );
+        let state_span = r.state_dir.as_ref().map_or(0..0, Spanned::span);
         let state_dir = match r.state_dir {
             Some(d) if Path::new(d.get_ref()).is_absolute() => Some(PathBuf::from(d.into_inner())),
             Some(d) => {
@@ -271,7 +272,30 @@ impl Validator<'_> {
                 }
             };
             let prefix = match a.prefix {
-                Some(p) => Some(self.key_prefix(p, &format!("agent[{i}].prefix"))),
+                Some(p) => match crate::keymap::Prefix::parse(p.get_ref()) {
+                    Ok(prefix) => {
+                        if let Some(other) = agents
+                            .iter()
+                            .find(|o: &&AgentAuth| o.prefix.overlaps(&prefix))
+                        {
+                            let how = if other.prefix == prefix {
+                                "the same prefix as"
+                            } else {
+                                "a prefix overlapping that of"
+                            };
+                            self.problem(
+                                p.span(),
+                                &format!("agent[{i}].prefix"),
+                                format!("{:?} is {how} {:?} ({:?}): one identity could write into the other's keys; give each its own folder", prefix.as_str(), other.identity, other.prefix.as_str()),
+                            );
+                        }
+                        Some(prefix)
+                    }
+                    Err(why) => {
+                        self.problem(p.span(), &format!("agent[{i}].prefix"), why);
+                        None
+                    }
+                },
                 None => {
                     self.problem(
                         sp,
@@ -306,6 +330,20 @@ impl Validator<'_> {
                 None
             }
         };
+        if let (Some(StoreConfig::Dir(landing)), Some(state)) = (&store, &state_dir) {
+            let (l, st) = (resolve_lenient(landing), resolve_lenient(state));
+            if st.starts_with(&l) || l.starts_with(&st) {
+                self.problem(
+                    state_span.clone(),
+                    "relay.state_dir",
+                    format!(
+                        "{} and the store's path {} must be apart: partial transfers would land as objects, or objects be taken for state",
+                        state.display(),
+                        landing.display()
+                    ),
+                );
+            }
+        }
         Some(RelayConfig {
             listen: listen?,
             name: r

@@ -167,7 +167,7 @@ fn relay_example_is_valid_and_mistakes_name_their_key() {
     }
     let c = RelayConfig::parse(Path::new("relay.toml"), &text).unwrap();
     assert_eq!(c.agents.len(), 2);
-    assert_eq!(c.agents[1].prefix, "fhir/embl/");
+    assert_eq!(c.agents[1].prefix.as_str(), "fhir/embl/");
     assert!(
         matches!(&c.store, StoreConfig::S3 { bucket, part_size } if bucket.bucket == "healthalliance-fhir" && *part_size == 16 << 20)
     );

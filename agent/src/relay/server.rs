@@ -326,7 +326,7 @@ async fn decide(
         rx.refuse(Refusal::BadKey, e.to_string());
         return true;
     }
-    if !key.starts_with(&agent.prefix) {
+    if !agent.prefix.covers(key) {
         tracing::warn!(identity = %agent.identity, key = %key, prefix = %agent.prefix, "refused: key outside the agent's prefix");
         rx.refuse(
             Refusal::Unauthorized,

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use rustls::RootCertStore;
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -129,13 +129,13 @@ pub fn server_config(
     Ok(s)
 }
 
-/// Whether a (chain-verified) client certificate carries `identity` as a DNS name.
+/// Whether a (chain-verified) client certificate carries exactly `identity` as a DNS
+/// subjectAltName. A wildcard name (`*.agents.test`) never matches: it would let one
+/// certificate speak for every agent under that domain. The subject's CN is not looked at.
 pub fn carries_identity(cert: &CertificateDer<'_>, identity: &str) -> bool {
     let Ok(ee) = webpki::EndEntityCert::try_from(cert) else {
         return false;
     };
-    let Ok(name) = ServerName::try_from(identity) else {
-        return false;
-    };
-    ee.verify_is_valid_for_subject_name(&name).is_ok()
+    ee.valid_dns_names()
+        .any(|n| !n.contains('*') && n.eq_ignore_ascii_case(identity))
 }
