@@ -733,3 +733,36 @@ fn f09_a_wildcard_or_cn_only_certificate_never_authorizes() {
         relay.log()
     );
 }
+
+#[test]
+fn f11_a_landing_that_fails_after_commit_is_answered_and_handled() {
+    let w = world(None);
+    let relay = w.relay();
+    // The key names a directory in the landing directory: it can never land there.
+    std::fs::create_dir_all(w.landed.join("fhir/dkfz/x.ndjson/inside")).unwrap();
+    write_settled(&w.setup.src().join("x.ndjson"), &data(11, 300_000));
+    write_settled(&w.setup.src().join("ok.ndjson"), b"{}\n");
+    w.agent_config(w.relay_port, "agent", "fhir/dkfz/", "");
+    let out = w.setup.run_once(bin());
+    let err = stderr_of(&out);
+    // Permanent: rejected once (not retried as a protocol violation), the other file lands.
+    assert_eq!(out.status.code(), Some(1), "{err}\n{}", relay.log());
+    assert!(err.contains("1 rejected"), "{err}");
+    assert!(
+        err.contains("the relay refuses the key fhir/dkfz/x.ndjson"),
+        "{err}"
+    );
+    assert!(!err.contains("unexpected"), "{err}");
+    assert!(w.landed.join("fhir/dkfz/ok.ndjson").is_file());
+    let mut counts = w.setup.journal_counts();
+    counts.sort();
+    assert_eq!(
+        counts,
+        vec![("done".to_string(), 1), ("rejected".to_string(), 1)]
+    );
+    assert!(
+        relay.partial_files().is_empty(),
+        "the partial of a transfer that can never land is removed: {:?}",
+        relay.partial_files()
+    );
+}

@@ -27,6 +27,10 @@ pub enum Refusal {
     Busy,
     /// The relay cannot store objects now (its store failed): try again later.
     Unavailable,
+    /// The store will never take this object as it is (its key names a directory there, the
+    /// store refuses the object): permanent; may come as the answer to Commit. Appended last,
+    /// so the encoding of the others is unchanged.
+    Rejected,
 }
 
 impl Refusal {

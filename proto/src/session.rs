@@ -399,8 +399,10 @@ impl Upload {
                 self.state = UpState::Finished;
                 UploadEvent::AlreadyStored
             }
+            // After Commit too: landing can fail (a store error, permanent or not), and the relay
+            // says which in its refusal.
             (
-                UpState::AwaitAnswer | UpState::Sending { .. },
+                UpState::AwaitAnswer | UpState::Sending { .. } | UpState::AwaitAck,
                 Message::Refuse { reason, message },
             ) => {
                 self.state = UpState::Finished;

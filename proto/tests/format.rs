@@ -119,6 +119,7 @@ fn any_refusal() -> impl Strategy<Value = Refusal> {
         Just(Refusal::BadKey),
         Just(Refusal::Busy),
         Just(Refusal::Unavailable),
+        Just(Refusal::Rejected),
     ]
 }
 

@@ -351,3 +351,54 @@ fn silence_times_out_on_both_ends_but_not_while_the_caller_sends() {
         Err(SessionError::Timeout(IDLE))
     );
 }
+
+/// Finding 11: landing can fail after Commit; the relay's refusal then is an answer the agent
+/// understands (permanent or not), not a protocol violation.
+#[test]
+fn a_refusal_after_commit_is_an_answer() {
+    for reason in [Refusal::Rejected, Refusal::Unavailable] {
+        let now = Instant::now();
+        let mut up = Upload::new("fhir/dkfz/a.ndjson", 3, sha(1), now, IDLE);
+        let mut rx = Receive::new(now, IDLE);
+        pump(
+            || up.poll_transmit(),
+            |b| drop(rx.handle_input(b, now).unwrap()),
+            false,
+        );
+        rx.accept(0, now).unwrap();
+        pump(
+            || rx.poll_transmit(),
+            |b| drop(up.handle_input(b, now).unwrap()),
+            false,
+        );
+        up.send_data(0, b"abc".to_vec()).unwrap();
+        up.commit(now, IDLE).unwrap();
+        let mut committed = false;
+        pump(
+            || up.poll_transmit(),
+            |b| {
+                committed |= rx
+                    .handle_input(b, now)
+                    .unwrap()
+                    .contains(&ReceiveEvent::Committed)
+            },
+            false,
+        );
+        assert!(committed);
+        rx.refuse(reason, "the key names a directory".into());
+        let mut end = None;
+        pump(
+            || rx.poll_transmit(),
+            |b| end = up.handle_input(b, now).unwrap(),
+            false,
+        );
+        assert_eq!(
+            end,
+            Some(UploadEvent::Refused {
+                reason,
+                message: "the key names a directory".into()
+            })
+        );
+        assert!(!reason.is_temporary() || reason == Refusal::Unavailable);
+    }
+}

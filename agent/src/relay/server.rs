@@ -300,6 +300,10 @@ async fn object_stream(
                             tracing::warn!(identity = %agent.identity, key = %key, %detail, "received bytes do not match the offer; dropped, the agent sends again");
                             rx.mismatch(detail);
                         }
+                        Err(e) if e.is_permanent() => {
+                            tracing::error!(identity = %agent.identity, key = %key, error = %e, "cannot land the object, and never will as it is: refused (partial transfer removed)");
+                            rx.refuse(Refusal::Rejected, e.to_string());
+                        }
                         Err(e) => {
                             tracing::error!(identity = %agent.identity, key = %key, error = %e, "cannot land the object; the agent will try again");
                             rx.refuse(Refusal::Unavailable, e.to_string());

@@ -34,6 +34,22 @@ pub enum StoreError {
     Verify { key: String, detail: String },
 }
 
+impl StoreError {
+    /// Whether landing this object can never succeed as it is (asking again will not help):
+    /// the key names a directory (or goes through a file) in the landing directory, or the S3
+    /// store refuses the object itself.
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            StoreError::Io(e) => matches!(
+                e.raw_os_error(),
+                Some(libc::EISDIR | libc::ENOTDIR | libc::ENAMETOOLONG)
+            ),
+            StoreError::S3(e) => e.class() == crate::retry::Class::Object,
+            _ => false,
+        }
+    }
+}
+
 pub enum Landing {
     Dir(PathBuf),
     S3 {
@@ -200,7 +216,26 @@ impl Store {
 
     /// Verifies a complete partial against the offer and lands it. On a mismatch the partial
     /// is deleted, so the agent's next offer starts from zero.
+    /// Verifies and lands a committed transfer. A permanent failure also removes the partial
+    /// transfer (it can never land); a temporary one keeps it for the agent's next attempt.
     pub async fn land(
+        &self,
+        partial: Partial,
+        key: &str,
+        size: u64,
+        sha: &[u8; 32],
+    ) -> Result<Landed, StoreError> {
+        let path = partial.path.clone();
+        let landed = self.land_verified(partial, key, size, sha).await;
+        if let Err(e) = &landed {
+            if e.is_permanent() {
+                let _ = tokio::fs::remove_file(&path).await;
+            }
+        }
+        landed
+    }
+
+    async fn land_verified(
         &self,
         partial: Partial,
         key: &str,

@@ -106,7 +106,7 @@ impl RelaySink {
                     code: "RelayRefused",
                     message,
                 }),
-                Refusal::BadKey => {
+                Refusal::BadKey | Refusal::Rejected => {
                     Outcome::Rejected(format!("the relay refuses the key {key}: {message}"))
                 }
                 Refusal::Busy | Refusal::Unavailable => {
