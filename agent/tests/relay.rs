@@ -498,6 +498,12 @@ fn an_agent_cannot_write_outside_its_prefix() {
 /// A bare protocol client (quinn + ha-edge-proto, no agent): offers keys the agent itself would
 /// never produce.
 async fn offer_raw(w: &World, keys: &[&str]) -> Vec<ha_edge_proto::UploadEvent> {
+    let sized: Vec<(&str, u64)> = keys.iter().map(|k| (*k, 1)).collect();
+    offer_raw_sized(w, &sized).await
+}
+
+/// Like `offer_raw`, with a size per offer; every accepted offer is abandoned (no data sent).
+async fn offer_raw_sized(w: &World, offers: &[(&str, u64)]) -> Vec<ha_edge_proto::UploadEvent> {
     use rustls_pki_types::pem::PemObject;
     use rustls_pki_types::{CertificateDer, PrivateKeyDer};
     use std::sync::Arc;
@@ -543,9 +549,9 @@ async fn offer_raw(w: &World, keys: &[&str]) -> Vec<ha_edge_proto::UploadEvent> 
         }
     }
     let mut out = Vec::new();
-    for k in keys {
+    for (k, size) in offers {
         let (mut send, mut recv) = conn.open_bi().await.unwrap();
-        let mut up = ha_edge_proto::Upload::new(k, 1, [7; 32], Instant::now(), idle);
+        let mut up = ha_edge_proto::Upload::new(k, *size, [7; 32], Instant::now(), idle);
         while let Some(f) = up.poll_transmit() {
             send.write_all(&f).await.unwrap();
         }
@@ -765,4 +771,128 @@ fn f11_a_landing_that_fails_after_commit_is_answered_and_handled() {
         "the partial of a transfer that can never land is removed: {:?}",
         relay.partial_files()
     );
+}
+
+const EMBL: &str = "embl-edge-01.agents.test";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn f10_one_agent_abusing_the_relay_limits_does_not_starve_another() {
+    use ha_edge_proto::{Refusal, UploadEvent};
+    let w = world(None);
+    let dir = w.setup.dir.path().to_path_buf();
+    let store = format!("type = \"dir\"\npath = \"{}\"", w.landed.display());
+    let agents = format!(
+        "max_partials = 2\nmax_partial_bytes = \"64MiB\"\n\n{DKFZ_AGENT}\n\n\
+         [[agent]]\nidentity = \"{EMBL}\"\nprefix = \"fhir/embl/\""
+    );
+    Relay::config(&dir, w.relay_port, &w.ca, &store, &agents);
+    let relay = w.relay();
+    // Agent A (dkfz) abandons transfers up to its limit, then offers 1 GiB.
+    let answers = offer_raw_sized(
+        &w,
+        &[
+            ("fhir/dkfz/a1.ndjson", 10),
+            ("fhir/dkfz/a2.ndjson", 10),
+            ("fhir/dkfz/a3.ndjson", 10),
+            ("fhir/dkfz/huge.ndjson", 1 << 30),
+        ],
+    )
+    .await;
+    let reasons: Vec<Option<Refusal>> = answers
+        .iter()
+        .map(|a| match a {
+            UploadEvent::Refused { reason, .. } => Some(*reason),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        reasons[..3],
+        [None, None, Some(Refusal::Busy)],
+        "{answers:?}\n{}",
+        relay.log()
+    );
+    // The 1 GiB offer can never fit A's share: refused for good (Rejected), not "busy".
+    assert!(reasons[3].is_some_and(|r| !r.is_temporary()), "{answers:?}");
+    assert!(
+        relay.partial_bytes() < 1 << 20,
+        "the 1 GiB offer took no space"
+    );
+    // Agent B (embl) is not affected by A's share.
+    let (c, k) = w.ca.issue("embl", EMBL, false);
+    // (within its own limit of two partial transfers at once)
+    w.agent_config_with(
+        w.relay_port,
+        &c,
+        &k,
+        &w.ca.pem(),
+        "fhir/embl/",
+        "concurrency = 2",
+    );
+    for i in 0..3 {
+        write_settled(
+            &w.setup.src().join(format!("b{i}.ndjson")),
+            &data(900 + i, 200_000),
+        );
+    }
+    let setup = &w.setup;
+    let out = tokio::task::block_in_place(|| setup.run_once(bin()));
+    assert!(out.status.success(), "{}\n{}", stderr_of(&out), relay.log());
+    for i in 0..3 {
+        assert!(w.landed.join(format!("fhir/embl/b{i}.ndjson")).is_file());
+    }
+}
+
+/// Unmounts a tmpfs when dropped.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(at: &Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(at).unwrap();
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "mounting a tmpfs needs root (CI runs as root)");
+        Tmpfs(at.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn f10_an_offer_larger_than_the_free_state_disk_is_refused_busy_and_takes_nothing() {
+    use ha_edge_proto::{Refusal, UploadEvent};
+    let w = world(None);
+    let _state = Tmpfs::mount(&w.setup.dir.path().join("relay-state"), "8m");
+    let relay = w.relay();
+    let answers = offer_raw_sized(
+        &w,
+        &[
+            ("fhir/dkfz/big.ndjson", 20 << 20),
+            ("fhir/dkfz/small.ndjson", 1000),
+        ],
+    )
+    .await;
+    match &answers[0] {
+        UploadEvent::Refused { reason, message } => {
+            assert_eq!(*reason, Refusal::Busy, "{message}");
+            assert!(message.contains("state disk"), "{message}");
+        }
+        other => panic!("{other:?}\n{}", relay.log()),
+    }
+    assert_eq!(answers[1], UploadEvent::SendFrom(0), "{}", relay.log());
+    assert_eq!(relay.partial_bytes(), 0);
+    // Finding 6 on the relay: partial transfers (and their directory) are private.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    let partials = relay.partial_files();
+    assert_eq!(partials.len(), 1, "the small offer's partial transfer");
+    assert_eq!(mode(&partials[0]), 0o600);
+    assert_eq!(mode(partials[0].parent().unwrap()), 0o700);
 }

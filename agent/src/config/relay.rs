@@ -30,6 +30,7 @@ struct RawRelay {
     state_dir: Option<Spanned<String>>,
     max_streams_per_agent: Option<Spanned<i64>>,
     max_partials: Option<Spanned<i64>>,
+    max_partial_bytes: Option<Spanned<toml::Value>>,
     stream_buffer: Option<Spanned<toml::Value>>,
     partial_ttl: Option<Spanned<toml::Value>>,
     idle_timeout: Option<Spanned<toml::Value>>,
@@ -75,7 +76,10 @@ pub struct RelayConfig {
     /// Partial transfers and the directory store's index.
     pub state_dir: PathBuf,
     pub max_streams_per_agent: u32,
+    /// Open partial transfers per agent identity.
     pub max_partials: usize,
+    /// Bytes of partial transfers per agent identity (the largest object it can send).
+    pub max_partial_bytes: u64,
     /// Flow-control window per stream: the bytes one stream may have in flight.
     pub stream_buffer: u64,
     pub partial_ttl: Duration,
@@ -207,7 +211,14 @@ impl Validator<'_> {
             1024,
             16,
         );
-        let max_partials = self.int_in(r.max_partials, "relay.max_partials", 1, 1_000_000, 256);
+        let max_partials = self.int_in(r.max_partials, "relay.max_partials", 1, 1_000_000, 64);
+        let max_partial_bytes = self.size(
+            r.max_partial_bytes,
+            "relay.max_partial_bytes",
+            1 << 20,
+            u64::MAX,
+            64 << 30,
+        );
         let stream_buffer = self.size(
             r.stream_buffer,
             "relay.stream_buffer",
@@ -355,6 +366,7 @@ impl Validator<'_> {
             state_dir: state_dir?,
             max_streams_per_agent: max_streams as u32,
             max_partials: max_partials as usize,
+            max_partial_bytes,
             stream_buffer,
             partial_ttl,
             idle_timeout,

@@ -5,8 +5,9 @@
 //!
 //! Bounds: streams per agent identity (a semaphore across its connections, plus QUIC's stream
 //! limit per connection), bytes in flight per stream (QUIC flow control, `stream_buffer`),
-//! open partial transfers (`max_partials`), and partial transfers idle longer than
-//! `partial_ttl` are deleted.
+//! open partial transfers and their bytes per identity (`max_partials`, `max_partial_bytes`:
+//! one agent cannot starve another), free space on the state disk checked before an offer is
+//! accepted, and partial transfers idle longer than `partial_ttl` are deleted.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -17,7 +18,7 @@ use rustls_pki_types::CertificateDer;
 use tokio::sync::{watch, Semaphore};
 
 use super::client::{CLOSE_SHUTDOWN, CLOSE_UNAUTHORIZED};
-use super::store::{Landed, Landing, Partial, Store, StoreError};
+use super::store::{Landed, Landing, Limits, Partial, Store, StoreError};
 use super::tls;
 use crate::config::{AgentAuth, RelayConfig, StoreConfig};
 use crate::keymap;
@@ -76,7 +77,11 @@ pub async fn serve(
             }
         }
     };
-    let store = Store::open(landing, &cfg.state_dir, cfg.max_partials)?;
+    let limits = Limits {
+        partials: cfg.max_partials,
+        partial_bytes: cfg.max_partial_bytes,
+    };
+    let store = Store::open(landing, &cfg.state_dir, limits)?;
     let transport = tls::transport(
         cfg.idle_timeout,
         cfg.stream_buffer,
@@ -363,8 +368,20 @@ async fn decide(
             }
             false
         }
-        Err(e @ (StoreError::Busy(_) | StoreError::InUse)) => {
+        // This agent's share is used up, or the disk is full: "busy, try later" (others go on).
+        Err(
+            e @ (StoreError::Busy(_)
+            | StoreError::InUse
+            | StoreError::Quota { .. }
+            | StoreError::Full { .. }),
+        ) => {
+            tracing::warn!(identity = %agent.identity, key = %key, size, error = %e, "offer refused for now");
             rx.refuse(Refusal::Busy, e.to_string());
+            true
+        }
+        Err(e @ StoreError::TooLarge { .. }) => {
+            tracing::warn!(identity = %agent.identity, key = %key, size, error = %e, "offer refused");
+            rx.refuse(Refusal::Rejected, e.to_string());
             true
         }
         Err(e) => {

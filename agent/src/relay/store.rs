@@ -3,7 +3,7 @@
 //! objects, a directory or an S3 bucket (through the agent's S3 client: SigV4, multipart,
 //! checksums, SSE, verification).
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::Read;
 use std::os::unix::fs::FileExt;
@@ -26,8 +26,14 @@ pub enum StoreError {
     Io(#[from] std::io::Error),
     #[error("relay store: {0}")]
     S3(#[from] S3Error),
-    #[error("too many open partial transfers ({0}); try again later")]
+    #[error("this agent has {0} open partial transfers, its limit (relay.max_partials); try again later")]
     Busy(usize),
+    #[error("this agent's partial transfers would take {would} bytes, more than its limit of {limit} (relay.max_partial_bytes); try again later")]
+    Quota { would: u64, limit: u64 },
+    #[error("the object is {size} bytes, more than any agent may have in partial transfers ({limit}, relay.max_partial_bytes): it can never be taken")]
+    TooLarge { size: u64, limit: u64 },
+    #[error("the relay's state disk has {free} bytes free, {needed} are needed; try again later")]
+    Full { needed: u64, free: u64 },
     #[error("this transfer is already in progress on another stream")]
     InUse,
     #[error("the relay's landed object {key} failed verification: {detail}")]
@@ -45,6 +51,7 @@ impl StoreError {
                 Some(libc::EISDIR | libc::ENOTDIR | libc::ENAMETOOLONG)
             ),
             StoreError::S3(e) => e.class() == crate::retry::Class::Object,
+            StoreError::TooLarge { .. } => true,
             _ => false,
         }
     }
@@ -59,12 +66,26 @@ pub enum Landing {
     },
 }
 
+/// What each agent identity may hold in partial transfers, so that one agent (abandoning
+/// transfers, or offering a huge object) cannot starve the others.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Open partial transfers per identity.
+    pub partials: usize,
+    /// Bytes of partial state per identity (offered sizes, reserved at acceptance).
+    pub partial_bytes: u64,
+}
+
+/// Free space kept on the state disk beyond what accepted offers reserve.
+const DISK_RESERVE: u64 = 1 << 20;
+
 pub struct Store {
     landing: Landing,
     partial_dir: PathBuf,
     index_dir: PathBuf,
-    max_partials: usize,
-    in_use: Arc<Mutex<HashSet<PathBuf>>>,
+    limits: Limits,
+    /// Partial transfers held by a stream, with the size offered (reserved against limits).
+    in_use: Arc<Mutex<HashMap<PathBuf, u64>>>,
 }
 
 /// A partial transfer being received; at most one stream holds it.
@@ -72,7 +93,8 @@ pub struct Partial {
     pub path: PathBuf,
     file: Arc<File>,
     pub len: u64,
-    in_use: Arc<Mutex<HashSet<PathBuf>>>,
+    /// Partial transfers held by a stream, with the size offered (reserved against limits).
+    in_use: Arc<Mutex<HashMap<PathBuf, u64>>>,
 }
 
 impl Drop for Partial {
@@ -104,6 +126,24 @@ pub enum Landed {
     Mismatch(String),
 }
 
+/// The first 16 hex digits of the identity's SHA-256: its partial transfers' name prefix.
+fn agent_tag(identity: &str) -> String {
+    hex_sha(&[identity.as_bytes()])[..16].to_string()
+}
+
+/// Bytes available to this process on the filesystem of `dir`.
+#[allow(unsafe_code)]
+fn free_bytes(dir: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    // SAFETY: an all-zero statvfs is a valid value of this plain C struct.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a NUL-terminated path and `st` a valid, writable statvfs.
+    let rc = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
+    #[allow(clippy::unnecessary_cast)]
+    (rc == 0).then(|| st.f_bavail as u64 * st.f_frsize as u64)
+}
+
 fn hex_sha(parts: &[&[u8]]) -> String {
     let mut h = Sha256::new();
     for p in parts {
@@ -114,15 +154,17 @@ fn hex_sha(parts: &[&[u8]]) -> String {
 }
 
 impl Store {
-    pub fn open(
-        landing: Landing,
-        state_dir: &Path,
-        max_partials: usize,
-    ) -> Result<Store, StoreError> {
+    pub fn open(landing: Landing, state_dir: &Path, limits: Limits) -> Result<Store, StoreError> {
         let partial_dir = state_dir.join("partial");
         let index_dir = state_dir.join("stored");
-        std::fs::create_dir_all(&partial_dir)?;
-        std::fs::create_dir_all(&index_dir)?;
+        // Partial transfers are patient data in transit, their names keys: private.
+        for d in [&partial_dir, &index_dir] {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(d)?;
+        }
         if let Landing::Dir(root) = &landing {
             std::fs::create_dir_all(root)?;
         }
@@ -130,8 +172,8 @@ impl Store {
             landing,
             partial_dir,
             index_dir,
-            max_partials,
-            in_use: Arc::new(Mutex::new(HashSet::new())),
+            limits,
+            in_use: Arc::new(Mutex::new(HashMap::new())),
         })
     }
 
@@ -177,35 +219,65 @@ impl Store {
         size: u64,
         sha: &[u8; 32],
     ) -> Result<Partial, StoreError> {
+        // Named by the agent's identity first, so its share is counted by name.
+        let tag = agent_tag(agent);
         let path = self.partial_dir.join(format!(
-            "{}.part",
+            "{tag}-{}.part",
             hex_sha(&[agent.as_bytes(), key.as_bytes(), sha])
         ));
         let mut in_use = self.in_use.lock().map_err(|_| StoreError::InUse)?;
-        if in_use.contains(&path) {
+        if in_use.contains_key(&path) {
             return Err(StoreError::InUse);
         }
-        if !path.exists() {
-            let open = std::fs::read_dir(&self.partial_dir)?
-                .filter_map(Result::ok)
-                .filter(|e| e.file_name().to_string_lossy().ends_with(".part"))
-                .count();
-            if open >= self.max_partials {
-                return Err(StoreError::Busy(open));
+        let limit = self.limits.partial_bytes;
+        if size > limit {
+            return Err(StoreError::TooLarge { size, limit });
+        }
+        let have = std::fs::metadata(&path).map_or(0, |m| m.len().min(size));
+        // This identity's other partial transfers: their count, and the bytes they may grow to
+        // (what is on disk; the sizes they were offered are not kept, so an abandoned one
+        // counts what it holds).
+        let (mut count, mut bytes) = (0usize, 0u64);
+        for e in std::fs::read_dir(&self.partial_dir)?.filter_map(Result::ok) {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with(&tag) && name.ends_with(".part") && e.path() != path {
+                count += 1;
+                let on_disk = e.metadata().map_or(0, |m| m.len());
+                bytes += in_use.get(&e.path()).copied().unwrap_or(0).max(on_disk);
             }
         }
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)?;
+        if count >= self.limits.partials {
+            return Err(StoreError::Busy(count));
+        }
+        if bytes + size > limit {
+            return Err(StoreError::Quota {
+                would: bytes + size,
+                limit,
+            });
+        }
+        let needed = size - have;
+        if let Some(free) = free_bytes(&self.partial_dir) {
+            if free < needed + DISK_RESERVE {
+                return Err(StoreError::Full { needed, free });
+            }
+        }
+        let file = {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o600)
+                .open(&path)?
+        };
         let mut len = file.metadata()?.len();
         if len > size {
             file.set_len(0)?;
             len = 0;
         }
-        in_use.insert(path.clone());
+        in_use.insert(path.clone(), size);
         Ok(Partial {
             path,
             file: Arc::new(file),
@@ -338,7 +410,7 @@ impl Store {
         let mut n = 0;
         for e in rd.filter_map(Result::ok) {
             let p = e.path();
-            if in_use.contains(&p) {
+            if in_use.contains_key(&p) {
                 continue;
             }
             let old = e
@@ -480,7 +552,16 @@ mod tests {
     async fn partials_resume_land_verified_and_expire_when_idle() {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("landed");
-        let store = Store::open(Landing::Dir(root.clone()), &dir.path().join("state"), 2).unwrap();
+        let limits = Limits {
+            partials: 2,
+            partial_bytes: 1 << 30,
+        };
+        let store = Store::open(
+            Landing::Dir(root.clone()),
+            &dir.path().join("state"),
+            limits,
+        )
+        .unwrap();
         let data = b"0123456789".to_vec();
         let digest = sha(&data);
         // First session: 4 bytes arrive, then the stream is gone.
