@@ -896,3 +896,75 @@ async fn f10_an_offer_larger_than_the_free_state_disk_is_refused_busy_and_takes_
     assert_eq!(mode(&partials[0]), 0o600);
     assert_eq!(mode(partials[0].parent().unwrap()), 0o700);
 }
+
+/// A client that completes TLS with a valid certificate, keeps the connection alive, and never
+/// says Hello.
+async fn silent_connection(w: &World) -> Result<quinn::Connection, String> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    use std::sync::Arc;
+    let (cert, key) = w.ca.issue("silent", DKFZ, false);
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(w.ca.pem()).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let certs: Vec<_> = CertificateDer::pem_file_iter(&cert)
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(certs, PrivateKeyDer::from_pem_file(&key).unwrap())
+        .unwrap();
+    cfg.alpn_protocols = vec![ha_edge_proto::ALPN.to_vec()];
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(cfg).unwrap();
+    let mut client = quinn::ClientConfig::new(Arc::new(quic));
+    let mut transport = quinn::TransportConfig::default();
+    transport.keep_alive_interval(Some(Duration::from_millis(500)));
+    client.transport_config(Arc::new(transport));
+    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    ep.set_default_client_config(client);
+    let addr = format!("127.0.0.1:{}", w.relay_port).parse().unwrap();
+    let conn = ep.connect(addr, RELAY_NAME).map_err(|e| e.to_string())?;
+    let conn = tokio::time::timeout(Duration::from_secs(5), conn)
+        .await
+        .map_err(|_| "connect timed out".to_string())?
+        .map_err(|e| e.to_string())?;
+    // Prove the connection is open: the relay must accept it before refusing anything else.
+    Ok(conn)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn f12_silent_connections_are_bounded_per_address_and_in_time() {
+    let w = world(None);
+    let dir = w.setup.dir.path().to_path_buf();
+    let store = format!("type = \"dir\"\npath = \"{}\"", w.landed.display());
+    let agents = format!("max_connections_per_address = 4\n\n{DKFZ_AGENT}");
+    Relay::config(&dir, w.relay_port, &w.ca, &store, &agents);
+    let relay = w.relay();
+    let mut open = Vec::new();
+    let mut refused = 0;
+    for _ in 0..8 {
+        match silent_connection(&w).await {
+            Ok(c) => open.push(c),
+            Err(_) => refused += 1,
+        }
+    }
+    assert_eq!(open.len(), 4, "{}", relay.log());
+    assert_eq!(refused, 4);
+    // The relay ends each silent connection at its handshake deadline (idle_timeout, 3 s
+    // here), keep-alives or not.
+    for c in &open {
+        let closed = tokio::time::timeout(Duration::from_secs(10), c.closed()).await;
+        assert!(closed.is_ok(), "still open: {}", relay.log());
+    }
+    // And then the real agent gets in.
+    write_settled(&w.setup.src().join("a.ndjson"), b"{}\n");
+    w.agent_config(w.relay_port, "agent", "fhir/dkfz/", "");
+    let setup = &w.setup;
+    let out = tokio::task::block_in_place(|| setup.run_once(bin()));
+    assert!(out.status.success(), "{}\n{}", stderr_of(&out), relay.log());
+}

@@ -31,6 +31,8 @@ struct RawRelay {
     max_streams_per_agent: Option<Spanned<i64>>,
     max_partials: Option<Spanned<i64>>,
     max_partial_bytes: Option<Spanned<toml::Value>>,
+    max_handshakes: Option<Spanned<i64>>,
+    max_connections_per_address: Option<Spanned<i64>>,
     stream_buffer: Option<Spanned<toml::Value>>,
     partial_ttl: Option<Spanned<toml::Value>>,
     idle_timeout: Option<Spanned<toml::Value>>,
@@ -80,6 +82,10 @@ pub struct RelayConfig {
     pub max_partials: usize,
     /// Bytes of partial transfers per agent identity (the largest object it can send).
     pub max_partial_bytes: u64,
+    /// Connections still in their handshake (TLS and Hello), across all clients.
+    pub max_handshakes: usize,
+    /// Open connections from one IP address (authenticated or not).
+    pub max_connections_per_address: usize,
     /// Flow-control window per stream: the bytes one stream may have in flight.
     pub stream_buffer: u64,
     pub partial_ttl: Duration,
@@ -212,6 +218,14 @@ impl Validator<'_> {
             16,
         );
         let max_partials = self.int_in(r.max_partials, "relay.max_partials", 1, 1_000_000, 64);
+        let max_handshakes = self.int_in(r.max_handshakes, "relay.max_handshakes", 1, 100_000, 64);
+        let max_connections_per_address = self.int_in(
+            r.max_connections_per_address,
+            "relay.max_connections_per_address",
+            1,
+            100_000,
+            32,
+        );
         let max_partial_bytes = self.size(
             r.max_partial_bytes,
             "relay.max_partial_bytes",
@@ -367,6 +381,8 @@ impl Validator<'_> {
             max_streams_per_agent: max_streams as u32,
             max_partials: max_partials as usize,
             max_partial_bytes,
+            max_handshakes: max_handshakes as usize,
+            max_connections_per_address: max_connections_per_address as usize,
             stream_buffer,
             partial_ttl,
             idle_timeout,

@@ -41,6 +41,48 @@ pub enum RelayError {
     S3(#[from] crate::s3::S3Error),
 }
 
+/// Who may start a connection: a bound on handshakes in flight (TLS and the protocol's Hello,
+/// each within `idle_timeout`), and on open connections per IP address, so that clients that
+/// never finish (or never authenticate) cannot hold the relay's memory and sockets.
+struct Admission {
+    handshakes: Arc<Semaphore>,
+    per_address: Mutex<HashMap<std::net::IpAddr, usize>>,
+    max_per_address: usize,
+}
+
+/// One connection's place under `max_connections_per_address`, given back when dropped.
+struct AddressSlot {
+    admission: Arc<Admission>,
+    ip: std::net::IpAddr,
+}
+
+impl Admission {
+    fn admit(self: &Arc<Self>, ip: std::net::IpAddr) -> Option<AddressSlot> {
+        let mut m = self.per_address.lock().expect("not poisoned");
+        let n = m.entry(ip).or_insert(0);
+        if *n >= self.max_per_address {
+            return None;
+        }
+        *n += 1;
+        Some(AddressSlot {
+            admission: self.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        let mut m = self.admission.per_address.lock().expect("not poisoned");
+        if let Some(n) = m.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.ip);
+            }
+        }
+    }
+}
+
 struct Shared {
     store: Store,
     agents: Vec<AgentAuth>,
@@ -106,6 +148,11 @@ pub async fn serve(
         max_streams: cfg.max_streams_per_agent,
         streams: Mutex::new(HashMap::new()),
     });
+    let admission = Arc::new(Admission {
+        handshakes: Arc::new(Semaphore::new(cfg.max_handshakes)),
+        per_address: Mutex::new(HashMap::new()),
+        max_per_address: cfg.max_connections_per_address,
+    });
     tracing::info!(listen = %endpoint.local_addr().map(|a| a.to_string()).unwrap_or_default(), store = %shared.store.describe(), agents = shared.agents.len(), "relay listening");
     crate::systemd::ready();
     let sweep = (cfg.partial_ttl / 10).clamp(Duration::from_secs(1), Duration::from_secs(60));
@@ -121,13 +168,26 @@ pub async fn serve(
             }
             incoming = endpoint.accept() => {
                 let Some(incoming) = incoming else { break };
+                let remote = incoming.remote_address();
+                let Some(slot) = admission.admit(remote.ip()) else {
+                    tracing::debug!(%remote, "refused: too many connections from this address (max_connections_per_address)");
+                    incoming.refuse();
+                    continue;
+                };
+                let Ok(handshake) = admission.handshakes.clone().try_acquire_owned() else {
+                    tracing::debug!(%remote, "refused: too many handshakes in progress (max_handshakes)");
+                    incoming.refuse();
+                    continue;
+                };
                 let shared = shared.clone();
                 tokio::spawn(async move {
-                    let remote = incoming.remote_address();
-                    match incoming.await {
-                        Ok(conn) => connection(conn, shared).await,
+                    let _slot = slot;
+                    let deadline = tokio::time::Instant::now() + shared.idle;
+                    match tokio::time::timeout_at(deadline, incoming).await {
+                        Ok(Ok(conn)) => connection(conn, shared, handshake, deadline).await,
                         // Unknown CA, expired certificate, no certificate: refused in the handshake.
-                        Err(e) => tracing::warn!(%remote, error = %e, "connection refused in the handshake"),
+                        Ok(Err(e)) => tracing::warn!(%remote, error = %e, "connection refused in the handshake"),
+                        Err(_) => tracing::debug!(%remote, "TLS handshake not finished in time; dropped"),
                     }
                 });
             }
@@ -151,7 +211,14 @@ fn authorize<'a>(conn: &quinn::Connection, agents: &'a [AgentAuth]) -> Option<&'
         .find(|a| tls::carries_identity(leaf, &a.identity))
 }
 
-async fn connection(conn: quinn::Connection, shared: Arc<Shared>) {
+/// One agent's connection: authorization, the protocol handshake (by `deadline`, holding one of
+/// the `max_handshakes` places), then its object streams.
+async fn connection(
+    conn: quinn::Connection,
+    shared: Arc<Shared>,
+    handshake: tokio::sync::OwnedSemaphorePermit,
+    deadline: tokio::time::Instant,
+) {
     let remote = conn.remote_address();
     let Some(agent) = authorize(&conn, &shared.agents).cloned() else {
         tracing::warn!(%remote, "refused: the certificate carries no identity listed in [[agent]]");
@@ -161,16 +228,26 @@ async fn connection(conn: quinn::Connection, shared: Arc<Shared>) {
         );
         return;
     };
-    // The control stream: the handshake.
-    let Ok((mut send, mut recv)) = conn.accept_bi().await else {
-        return;
+    let close_late = |conn: &quinn::Connection| {
+        tracing::debug!(%remote, "protocol handshake not finished in time; closed");
+        conn.close(
+            quinn::VarInt::from_u32(CLOSE_UNAUTHORIZED),
+            b"handshake not finished in time",
+        );
+    };
+    // The control stream: the handshake, all of it by the deadline.
+    let (mut send, mut recv) = match tokio::time::timeout_at(deadline, conn.accept_bi()).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(_)) => return,
+        Err(_) => return close_late(&conn),
     };
     let mut hs = ServerHandshake::new(&shared.name, Instant::now(), shared.idle);
     let mut buf = vec![0u8; 4096];
     let name = loop {
-        let n = match tokio::time::timeout(shared.idle, recv.read(&mut buf)).await {
+        let n = match tokio::time::timeout_at(deadline, recv.read(&mut buf)).await {
             Ok(Ok(Some(n))) => n,
-            _ => return,
+            Ok(_) => return,
+            Err(_) => return close_late(&conn),
         };
         let res = hs.handle_input(&buf[..n], Instant::now());
         while let Some(f) = hs.poll_transmit() {
@@ -187,6 +264,7 @@ async fn connection(conn: quinn::Connection, shared: Arc<Shared>) {
         }
     };
     let _ = send.finish();
+    drop(handshake);
     tracing::info!(identity = %agent.identity, agent = %name, %remote, prefix = %agent.prefix, "agent connected");
     let streams = shared.streams_of(&agent.identity);
     loop {
