@@ -471,3 +471,54 @@ fn f07_a_closed_log_pipe_does_not_kill_the_agent() {
     assert_eq!(status.code(), Some(0), "{status:?}");
     assert_eq!(s3.keys("pipe").len(), files.len());
 }
+
+// ---------------------------------------------------------------------------------------------
+// 17. CreateMultipartUpload is not idempotent.
+
+#[test]
+fn f17_an_ambiguous_create_is_not_retried_blindly_but_looked_for_first() {
+    let s3 = S3Server::start();
+    s3.create_bucket("create");
+    let proxy = Proxy::start(s3.port);
+    let setup = Setup::new("create");
+    let big = data(17, 11 * MIB);
+    write_settled(&setup.src().join("big.ndjson"), &big);
+    setup.write_config(
+        &proxy.endpoint(),
+        "part_size = \"5MiB\"\nmultipart_threshold = \"5MiB\"\nrequest_timeout = \"2s\"",
+        "",
+    );
+    // The server creates the upload; its answer never comes back.
+    proxy.add_rule(Rule::new(
+        "CreateMultipartUpload",
+        Fault::ForwardThenHold,
+        1,
+    ));
+    let out = setup.run_once(bin());
+    let err = stderr_of(&out);
+    assert!(out.status.success(), "{err}");
+    assert_eq!(
+        sha256(&s3.object("create", "fhir/big.ndjson").unwrap()),
+        sha256(&big)
+    );
+    let ops: Vec<&str> = proxy
+        .seen()
+        .iter()
+        .map(|r| r.op())
+        .filter(|op| *op == "CreateMultipartUpload" || *op == "ListMultipartUploads")
+        .collect();
+    // Looked for (and would abort) what the lost answer may have left, then started anew.
+    assert_eq!(
+        ops,
+        [
+            "CreateMultipartUpload",
+            "ListMultipartUploads",
+            "CreateMultipartUpload"
+        ],
+        "{err}"
+    );
+    // s3s-fs cannot list uploads (501): the agent says so once; there, only a lifecycle rule
+    // removes the upload the first request made (on AWS and MinIO the listing finds it).
+    assert!(err.contains("cannot list multipart uploads"), "{err}");
+    assert_eq!(s3.open_uploads(), 1);
+}

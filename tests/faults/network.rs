@@ -199,9 +199,11 @@ fn server_faults_are_retried_within_bounds_and_delivered() {
     assert_eq!(injected as u32, planned, "every planned fault fired");
     // Without faults: HeadBucket, 5 PUTs (each confirmed by the SHA-256 in its answer), Create
     // + 3 parts + Complete + HEAD = 12. Each fault costs exactly one more request, and nothing
-    // else is repeated, but for the two answers lost after the server did the work (PUT of e
-    // and the Complete): their create-only retry is answered 412, and one HEAD proves the
-    // object there is ours (two more).
+    // else is repeated, but for two: the PUT of e whose answer was lost is sent again
+    // create-only, answered 412, and one HEAD proves the object there is ours; the Create
+    // answered 500 may have made an upload, so ListMultipartUploads looks for it before the
+    // second Create (two more). (The completion sent again after its lost answer is settled
+    // by that same HEAD instead of the usual one.)
     assert_eq!(
         seen.len(),
         12 + injected + 2,

@@ -57,6 +57,8 @@ pub enum S3Error {
         bucket: String,
         key: String,
         detail: String,
+        /// The request surely never reached the server (no connection could be made).
+        unsent: bool,
     },
     #[error("{op} s3://{bucket}/{key}: unexpected answer: {detail}")]
     Protocol {
@@ -94,6 +96,18 @@ impl S3Error {
     /// No HTTP answer came back (connect error, timeout, reset, truncated answer).
     pub fn is_unanswered(&self) -> bool {
         matches!(self, S3Error::Transport { .. })
+    }
+
+    /// Whether a request that is not idempotent may have taken effect although it failed:
+    /// no answer came back after it was sent, or the server answered an error that does not
+    /// say the request was not carried out (500 InternalError may come after the work).
+    pub fn is_ambiguous(&self) -> bool {
+        match self {
+            S3Error::Transport { unsent, .. } => !unsent,
+            S3Error::Protocol { .. } => true,
+            S3Error::Service(e) => e.status >= 500 && e.status != 503,
+            _ => false,
+        }
     }
 
     /// A refusal that concerns some keys only (a bucket policy denying a prefix), as opposed to
@@ -719,6 +733,12 @@ impl S3Client {
             if err.class() != Class::Transient || attempt >= self.max_retries {
                 return Err(err);
             }
+            // A request that is not idempotent is sent again only if it surely had no effect;
+            // otherwise its caller decides (CreateMultipartUpload: find and abort the upload
+            // a lost answer may have created).
+            if !is_idempotent(op) && err.is_ambiguous() {
+                return Err(err);
+            }
             attempt += 1;
             delay = Backoff::REQUEST.next(delay, fastrand::f64());
             if let S3Error::Service(e) = &err {
@@ -773,11 +793,12 @@ impl S3Client {
         req: &Request,
         timeout: Option<Duration>,
     ) -> Result<reqwest::Response, S3Error> {
-        let transport = |detail: String| S3Error::Transport {
+        let transport = |detail: String, unsent: bool| S3Error::Transport {
             op,
             bucket: self.dest.bucket.clone(),
             key: key.to_string(),
             detail,
+            unsent,
         };
         let host = req.url.host_str().unwrap_or_default().to_string();
         let host = match req.url.port() {
@@ -795,7 +816,7 @@ impl S3Client {
             &req.payload_sha256_hex,
             SystemTime::now(),
         )
-        .map_err(|e| transport(e.to_string()))?;
+        .map_err(|e| transport(e.to_string(), true))?;
         let mut rb = self
             .http
             .request(req.method.clone(), req.url.clone())
@@ -809,7 +830,9 @@ impl S3Client {
         for (k, v) in signed {
             rb = rb.header(k, v);
         }
-        rb.send().await.map_err(|e| transport(describe(&e)))
+        rb.send()
+            .await
+            .map_err(|e| transport(describe(&e), e.is_connect()))
     }
 
     fn service_error(
@@ -855,6 +878,7 @@ impl S3Client {
             bucket: self.dest.bucket.clone(),
             key: key.to_string(),
             detail,
+            unsent: false,
         };
         let resp = self.send_signed(op, key, req, Some(self.timeout)).await?;
         let status = resp.status();
@@ -865,6 +889,13 @@ impl S3Client {
         }
         Err(self.service_error(op, key, status, &headers, &body))
     }
+}
+
+/// Whether sending `op` twice has the effect of sending it once. Creating a multipart upload
+/// does not: each request makes a new upload. (A conditional PUT or completion sent again is
+/// answered 412 or NoSuchUpload, and the caller checks the stored object.)
+fn is_idempotent(op: &str) -> bool {
+    op != "CreateMultipartUpload"
 }
 
 /// host[:port] of a URL.

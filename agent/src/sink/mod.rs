@@ -62,6 +62,7 @@ impl Sink {
                 }),
                 Err(LinkError::Setup(m)) => Err(S3Error::Setup(m)),
                 Err(e) => Err(S3Error::Transport {
+                    unsent: true,
                     op: "Connect",
                     bucket: r.client().relay().to_string(),
                     key: String::new(),

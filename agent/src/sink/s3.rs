@@ -300,7 +300,17 @@ impl S3Sink {
         if let Some(done) = self.check_key_first(row, &sha).await? {
             return Ok(done);
         }
-        let upload_id = self.client.create_multipart(&row.key, &sha).await?;
+        let upload_id = match self.client.create_multipart(&row.key, &sha).await {
+            Ok(id) => id,
+            // The answer was lost, but the upload may exist: find it and abort it (the journal
+            // never knew it), then start one that is recorded.
+            Err(e) if e.is_ambiguous() => {
+                tracing::warn!(key = %row.key, error = %e, "CreateMultipartUpload may have gone through without its answer; aborting what it may have left before starting again");
+                self.sweep_unrecorded_uploads(&row.key).await?;
+                self.client.create_multipart(&row.key, &sha).await?
+            }
+            Err(e) => return Err(e.into()),
+        };
         self.journal
             .begin_multipart(row.id, upload_id.clone(), part_size)
             .await?;
