@@ -522,3 +522,94 @@ fn f17_an_ambiguous_create_is_not_retried_blindly_but_looked_for_first() {
     assert!(err.contains("cannot list multipart uploads"), "{err}");
     assert_eq!(s3.open_uploads(), 1);
 }
+
+// ---------------------------------------------------------------------------------------------
+// 13. `validate` asks the servers.
+
+#[test]
+fn f13_validate_checks_credentials_bucket_and_endpoint_online() {
+    let s3 = S3Server::start();
+    s3.create_bucket("online");
+    let setup = Setup::new("online");
+    setup.write_config(&s3.endpoint(), "", "");
+    let cfg = setup.config_path();
+    let cfg = cfg.to_str().unwrap();
+    let run = |cmd: std::process::Command| output_within(cmd, Duration::from_secs(60));
+    let out = run(setup.command(bin(), &["validate", "-c", cfg]));
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    // A wrong secret.
+    let mut cmd = setup.command(bin(), &["validate", "-c", cfg]);
+    cmd.env("AWS_SECRET_ACCESS_KEY", "wrong-secret");
+    let out = run(cmd);
+    let err = stderr_of(&out);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(err.contains("secret key does not match"), "{err}");
+    assert!(!err.contains("wrong-secret"), "no secret in output: {err}");
+    // The same config offline: fine (the unit's ExecStartPre).
+    let mut cmd = setup.command(bin(), &["validate", "--offline", "-c", cfg]);
+    cmd.env("AWS_SECRET_ACCESS_KEY", "wrong-secret");
+    assert!(run(cmd).status.success());
+    // A missing bucket, and an endpoint nobody answers at.
+    for (endpoint, bucket, says) in [
+        (s3.endpoint(), "nosuchbucket", "bucket does not exist"),
+        ("http://127.0.0.1:9".to_string(), "online", "cannot connect"),
+    ] {
+        let other = Setup::new(bucket);
+        other.write_config(&endpoint, "max_retries = 0", "");
+        let c = other.config_path();
+        let out = run(other.command(bin(), &["validate", "-c", c.to_str().unwrap()]));
+        let err = stderr_of(&out);
+        assert_eq!(out.status.code(), Some(3), "{bucket}: {err}");
+        assert!(err.contains(says), "{bucket}: {err}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 16. `status` exit codes and typed fields.
+
+#[test]
+fn f16_status_exit_codes_say_healthy_degraded_or_refusing() {
+    let s3 = S3Server::start();
+    s3.create_bucket("health");
+    let setup = Setup::new("health");
+    write_settled(&setup.src().join("a.ndjson"), b"a\n");
+    setup.write_config(&s3.endpoint(), "", "");
+    assert!(setup.run_once(bin()).status.success());
+    let (st, code) = status_json(&setup);
+    assert_eq!(code, Some(0), "{st}");
+    assert_eq!(st["health"], "healthy");
+    assert!(st["objects"]["done"].is_u64(), "numbers are numbers: {st}");
+    assert!(st["bytes_delivered"].is_u64(), "{st}");
+    // A name that can never be a key: held, degraded (exit 1), with path and reason.
+    write_settled(&setup.src().join("bad\nname.ndjson"), b"x\n");
+    let out = setup.run_once(bin());
+    assert_eq!(out.status.code(), Some(1), "{}", stderr_of(&out));
+    let (st, code) = status_json(&setup);
+    assert_eq!(code, Some(1), "{st}");
+    assert_eq!(st["health"], "degraded");
+    assert_eq!(st["held"]["count"], 1, "{st}");
+    assert_eq!(st["held"]["last"][0]["state"], "refused", "{st}");
+    assert!(
+        st["held"]["last"][0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("control character"),
+        "{st}"
+    );
+    // Removed by the operator: no longer held, healthy again.
+    std::fs::remove_file(setup.src().join("bad\nname.ndjson")).unwrap();
+    assert!(setup.run_once(bin()).status.success());
+    let (st, code) = status_json(&setup);
+    assert_eq!(code, Some(0), "{st}");
+    assert_eq!(st["held"]["count"], 0, "{st}");
+    // The destination refuses us (wrong secret): exit 3.
+    write_settled(&setup.src().join("b.ndjson"), b"b\n");
+    let cfg = setup.config_path();
+    let mut cmd = setup.command(bin(), &["run", "-c", cfg.to_str().unwrap(), "--once"]);
+    cmd.env("AWS_SECRET_ACCESS_KEY", "wrong-secret");
+    let out = output_within(cmd, Duration::from_secs(60));
+    assert_eq!(out.status.code(), Some(3), "{}", stderr_of(&out));
+    let (st, code) = status_json(&setup);
+    assert_eq!(code, Some(3), "{st}");
+    assert_eq!(st["health"], "refusing", "{st}");
+}

@@ -812,6 +812,51 @@ impl Journal {
         .await
     }
 
+    /// The relative paths of `source` held back: refused at discovery, or whose newest row is
+    /// rejected or in conflict (few: each is an operator's matter).
+    pub async fn held_paths(&self, source: String) -> Result<Vec<PathBuf>, JournalError> {
+        self.call(move |c| {
+            let mut q = c.prepare_cached(
+                "SELECT rel_path FROM refused WHERE source = ?1
+                 UNION
+                 SELECT o.rel_path FROM objects o
+                  WHERE o.source = ?1 AND o.state IN ('rejected', 'conflict')
+                    AND o.id = (SELECT MAX(n.id) FROM objects n
+                                 WHERE n.source = o.source AND n.rel_path = o.rel_path)",
+            )?;
+            let rows = q.query_map([&source], |r| r.get::<_, Vec<u8>>(0))?;
+            rows.map(|r| r.map(|b| PathBuf::from(std::ffi::OsString::from_vec(b))))
+                .collect()
+        })
+        .await
+    }
+
+    /// Held paths whose file is gone: no longer held (a refusal is forgotten, a rejected or
+    /// conflicting object becomes `vanished`).
+    pub async fn release_held(
+        &self,
+        source: String,
+        gone: Vec<PathBuf>,
+    ) -> Result<(), JournalError> {
+        self.call(move |c| {
+            let now = now_ms();
+            for rel in &gone {
+                c.execute(
+                    "DELETE FROM refused WHERE source = ?1 AND rel_path = ?2",
+                    params![source, path_bytes(rel)],
+                )?;
+                c.execute(
+                    "UPDATE objects SET state = 'vanished', updated_ms = ?3,
+                            last_error = 'the source file is gone; no longer held'
+                      WHERE source = ?1 AND rel_path = ?2 AND state IN ('rejected', 'conflict')",
+                    params![source, path_bytes(rel), now],
+                )?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
     /// Records an error that is not tied to one object (e.g. destination refused).
     pub async fn note_error(&self, message: String) -> Result<(), JournalError> {
         self.call(move |c| insert_error(c, now_ms(), None, &message))

@@ -379,6 +379,25 @@ impl FsSource {
         }
     }
 
+    /// Held paths (refused, rejected, in conflict) whose file the operator removed are no
+    /// longer held: otherwise `status` would stay degraded for a file that is not there.
+    async fn release_gone_held(&mut self) -> Result<(), JournalError> {
+        let held = self.journal.held_paths(self.cfg.name.clone()).await?;
+        let root = self.root_real.clone();
+        let gone: Vec<PathBuf> = held
+            .into_iter()
+            .filter(|rel| std::fs::symlink_metadata(root.join(rel)).is_err())
+            .collect();
+        if gone.is_empty() {
+            return Ok(());
+        }
+        for rel in &gone {
+            self.warned.remove(rel);
+        }
+        tracing::info!(source = %self.cfg.name, paths = gone.len(), "held files removed by the operator: no longer held");
+        self.journal.release_held(self.cfg.name.clone(), gone).await
+    }
+
     /// Whether a path (absolute, inside the root) is a completion marker.
     fn is_marker(&self, p: &Path) -> bool {
         p.file_name()
@@ -626,6 +645,7 @@ impl FsSource {
             report.offered += self.offer(batch).await?;
         }
         if full {
+            self.release_gone_held().await?;
             // Forget tracked files that disappeared.
             self.tracked.retain(|p, _| seen_now.contains(p));
             self.held.retain(|p| seen_now.contains(p));
