@@ -613,3 +613,80 @@ fn f16_status_exit_codes_say_healthy_degraded_or_refusing() {
     assert_eq!(code, Some(3), "{st}");
     assert_eq!(st["health"], "refusing", "{st}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// 15. What will never be sent is visible.
+
+#[test]
+fn f15_manifests_that_can_never_be_published_are_reported_and_held_visibly() {
+    let s3 = S3Server::start();
+    s3.create_bucket("manifests");
+    let setup = Setup::new("manifests");
+    let src = setup.src();
+    let manifest = |urls: &str| {
+        format!(
+            r#"{{"transactionTime": "2026-12-01T10:00:00Z", "request": "x", "output": [{urls}]}}"#
+        )
+    };
+    let cases = [
+        (
+            "not-a-string",
+            manifest(r#"{"type": "Patient", "url": 42}"#),
+            "not a string",
+        ),
+        (
+            "dot-dot",
+            manifest(r#"{"type": "Patient", "url": "https://h/e/.."}"#),
+            "file name",
+        ),
+        (
+            "itself",
+            manifest(r#"{"type": "Patient", "url": "https://h/e/manifest.json"}"#),
+            "lists itself",
+        ),
+        (
+            "excluded",
+            manifest(r#"{"type": "Patient", "url": "https://h/e/Patient.tmp"}"#),
+            "never sends",
+        ),
+    ];
+    for (dir, text, _) in &cases {
+        write_settled(&src.join(dir).join("manifest.json"), text.as_bytes());
+        write_settled(&src.join(dir).join("Patient.ndjson"), b"{}\n");
+    }
+    write_settled(&src.join("excluded/Patient.tmp"), b"{}\n");
+    setup.write_config(&s3.endpoint(), "", "exclude = [\"**/*.tmp\"]");
+    let out = setup.run_once(bin());
+    let err = stderr_of(&out);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "refused manifests are not success: {err}"
+    );
+    let keys = s3.keys("manifests");
+    assert_eq!(keys.len(), 4, "only the NDJSON files: {keys:?}");
+    assert!(
+        keys.iter().all(|k| k.ends_with("Patient.ndjson")),
+        "{keys:?}"
+    );
+    let (st, code) = status_json(&setup);
+    assert_eq!(code, Some(1), "{st}");
+    assert_eq!(st["held"]["count"], 4, "{st}");
+    let held = st["held"]["last"].as_array().unwrap();
+    for (dir, _, says) in &cases {
+        let item = held
+            .iter()
+            .find(|h| h["path"] == format!("{dir}/manifest.json"))
+            .unwrap_or_else(|| panic!("{dir}: {st}"));
+        assert!(
+            item["reason"].as_str().unwrap().contains(says),
+            "{dir}: {item}"
+        );
+        // Said once, as an error.
+        let said = err
+            .lines()
+            .filter(|l| l.contains("refused") && l.contains(&format!("{dir}/manifest.json")))
+            .count();
+        assert_eq!(said, 1, "{dir}: {err}");
+    }
+}

@@ -255,6 +255,10 @@ pub enum Manifest {
     NotBulkData,
     /// A Bulk Data manifest listing these file names (in its directory).
     Lists(Vec<String>),
+    /// A Bulk Data manifest (it has `transactionTime` and `output`) that can never be
+    /// published: an output entry without a string URL, or a URL whose last segment is not a
+    /// file name (empty, `.`, `..`). Reported and held, never sent as an ordinary file.
+    Invalid(String),
 }
 
 /// Reads a Bulk Data export manifest (`transactionTime`, `output[]` with `url`): the file names
@@ -270,13 +274,23 @@ pub fn parse_manifest(bytes: &[u8]) -> Manifest {
         return Manifest::NotBulkData;
     };
     let mut names = Vec::new();
-    for entry in output {
+    for (i, entry) in output.iter().enumerate() {
         let Some(url) = entry.get("url").and_then(|u| u.as_str()) else {
-            return Manifest::NotBulkData;
+            return Manifest::Invalid(format!(
+                "output[{i}].url is not a string ({})",
+                entry.get("url").map_or("missing".into(), |u| u.to_string())
+            ));
         };
         let path = url.split(['?', '#']).next().unwrap_or(url);
-        if let Some(name) = path.rsplit('/').next().filter(|n| !n.is_empty()) {
-            names.push(name.to_string());
+        match path.rsplit('/').next() {
+            Some(name) if !name.is_empty() && name != "." && name != ".." => {
+                names.push(name.to_string())
+            }
+            _ => {
+                return Manifest::Invalid(format!(
+                    "output[{i}].url {url:?} does not end in a file name"
+                ))
+            }
         }
     }
     Manifest::Lists(names)
@@ -338,6 +352,8 @@ pub fn decide_watch(mode: WatchMode, magic: Option<u32>) -> (WatchMode, String) 
 enum Gate {
     Release,
     Hold,
+    /// The manifest can never be published as it is (why): refused, reported once.
+    Refuse(String),
 }
 
 pub struct FsSource {
@@ -599,6 +615,16 @@ impl FsSource {
                         Gate::Release => {
                             self.held.remove(&s.rel);
                         }
+                        Gate::Refuse(why) => {
+                            report.refused += 1;
+                            self.held.remove(&s.rel);
+                            self.tracked.remove(&s.rel);
+                            if self.warned.insert(s.rel.clone()) {
+                                tracing::error!(source = %self.cfg.name, manifest = %s.rel.display(), reason = %why, "refused: will not upload");
+                                newly.push((s.rel.clone(), why));
+                            }
+                            continue;
+                        }
                         Gate::Hold => {
                             // Looked at again shortly: deliveries of the listed files release it.
                             self.held.insert(s.rel.clone());
@@ -671,11 +697,41 @@ impl FsSource {
         let Ok(bytes) = tokio::fs::read(&abs).await else {
             return Ok(Gate::Release); // gone or unreadable: the uploader reports it
         };
-        let Manifest::Lists(names) = parse_manifest(&bytes) else {
-            return Ok(Gate::Release);
+        let names = match parse_manifest(&bytes) {
+            Manifest::NotBulkData => return Ok(Gate::Release),
+            Manifest::Invalid(why) => {
+                return Ok(Gate::Refuse(format!("invalid FHIR manifest: {why}")))
+            }
+            Manifest::Lists(names) => names,
         };
         let dir = rel.parent().unwrap_or(Path::new("")).to_path_buf();
         let listed: Vec<PathBuf> = names.iter().map(|n| dir.join(n)).collect();
+        // Files it lists that will never be delivered: then neither will the manifest.
+        let held = self.journal.held_paths(self.cfg.name.clone()).await?;
+        for (name, p) in names.iter().zip(&listed) {
+            let never = if p == rel {
+                Some("the manifest lists itself".to_string())
+            } else if !self.cfg.selects(p) || self.is_marker(&self.cfg.path.join(p)) {
+                Some(format!(
+                    "it lists {name}, which this source never sends (include/exclude, or a completion marker)"
+                ))
+            } else if keymap::object_key(&self.prefix, p).is_err() {
+                Some(format!(
+                    "it lists {name}, whose name cannot be an object key"
+                ))
+            } else if held.contains(p) {
+                Some(format!(
+                    "it lists {name}, which is held back (refused, rejected or in conflict: see status)"
+                ))
+            } else {
+                None
+            };
+            if let Some(why) = never {
+                return Ok(Gate::Refuse(format!(
+                    "FHIR manifest can never be published: {why}"
+                )));
+            }
+        }
         let mut missing = Vec::new();
         for (name, p) in names.iter().zip(&listed) {
             if tokio::fs::symlink_metadata(self.cfg.path.join(p))
@@ -874,10 +930,18 @@ mod tests {
         // Other JSON called manifest.json is an ordinary file.
         assert_eq!(parse_manifest(br#"{"output": []}"#), Manifest::NotBulkData);
         assert_eq!(parse_manifest(b"not json"), Manifest::NotBulkData);
-        assert_eq!(
-            parse_manifest(br#"{"transactionTime": "t", "output": [{"type": "Patient"}]}"#),
-            Manifest::NotBulkData
-        );
+        // A Bulk Data manifest whose URLs cannot name a file is invalid, not an ordinary file.
+        for bad in [
+            r#"{"transactionTime": "t", "output": [{"type": "Patient"}]}"#,
+            r#"{"transactionTime": "t", "output": [{"url": 42}]}"#,
+            r#"{"transactionTime": "t", "output": [{"url": "https://h/x/.."}]}"#,
+            r#"{"transactionTime": "t", "output": [{"url": "https://h/x/"}]}"#,
+        ] {
+            assert!(
+                matches!(parse_manifest(bad.as_bytes()), Manifest::Invalid(_)),
+                "{bad}"
+            );
+        }
     }
 
     #[test]
