@@ -49,11 +49,25 @@ impl Ca {
 
     /// A leaf certificate for `dns`; `expired` puts its validity in the past.
     fn issue(&self, file: &str, dns: &str, expired: bool) -> (PathBuf, PathBuf) {
-        let mut params = CertificateParams::new(vec![dns.to_string()]).unwrap();
-        params.distinguished_name.push(DnType::CommonName, dns);
-        if expired {
-            params.not_before = rcgen::date_time_ymd(2020, 1, 1);
-            params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+        let validity = expired.then(|| (2020, 2021));
+        self.issue_with(file, &[dns], dns, validity)
+    }
+
+    /// A leaf certificate with these DNS subjectAltNames (none: a CN-only certificate), valid
+    /// from the start of one year to the start of another if given.
+    fn issue_with(
+        &self,
+        file: &str,
+        sans: &[&str],
+        cn: &str,
+        validity: Option<(i32, i32)>,
+    ) -> (PathBuf, PathBuf) {
+        let mut params =
+            CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
+        params.distinguished_name.push(DnType::CommonName, cn);
+        if let Some((from, to)) = validity {
+            params.not_before = rcgen::date_time_ymd(from, 1, 1);
+            params.not_after = rcgen::date_time_ymd(to, 1, 1);
         }
         let key = KeyPair::generate().unwrap();
         let issuer = Issuer::from_params(&self.params, &self.key);
@@ -453,7 +467,12 @@ fn certificates_from_another_ca_or_expired_are_refused_at_the_handshake() {
     let other = Ca::new(w.setup.dir.path(), "other-ca");
     let (c, k) = other.issue("stranger", DKFZ, false);
     let (ce, ke) = w.ca.issue("expired", DKFZ, true);
-    for (cert, key, what) in [(&c, &k, "another CA"), (&ce, &ke, "expired")] {
+    let (cf, kf) = w.ca.issue_with("future", &[DKFZ], DKFZ, Some((2099, 2100)));
+    for (cert, key, what) in [
+        (&c, &k, "another CA"),
+        (&ce, &ke, "expired"),
+        (&cf, &kf, "not yet valid"),
+    ] {
         w.agent_config_with(w.relay_port, cert, key, &w.ca.pem(), "fhir/dkfz/", "");
         let out = w.setup.run_once(bin());
         let err = stderr_of(&out);
@@ -467,7 +486,7 @@ fn certificates_from_another_ca_or_expired_are_refused_at_the_handshake() {
             .log()
             .matches("connection refused in the handshake")
             .count()
-            >= 2,
+            >= 3,
         "{}",
         relay.log()
     );
@@ -495,21 +514,13 @@ fn an_agent_cannot_write_outside_its_prefix() {
     assert!(relay.partial_files().is_empty(), "nothing was accepted");
 }
 
-/// A bare protocol client (quinn + ha-edge-proto, no agent): offers keys the agent itself would
-/// never produce.
-async fn offer_raw(w: &World, keys: &[&str]) -> Vec<ha_edge_proto::UploadEvent> {
-    let sized: Vec<(&str, u64)> = keys.iter().map(|k| (*k, 1)).collect();
-    offer_raw_sized(w, &sized).await
-}
-
-/// Like `offer_raw`, with a size per offer; every accepted offer is abandoned (no data sent).
-async fn offer_raw_sized(w: &World, offers: &[(&str, u64)]) -> Vec<ha_edge_proto::UploadEvent> {
+/// A quinn client endpoint with a certificate for DKFZ from the world's CA (trusting only it),
+/// keeping its connections alive every `keep_alive` if set.
+fn raw_endpoint(w: &World, cert_name: &str, keep_alive: Option<Duration>) -> quinn::Endpoint {
     use rustls_pki_types::pem::PemObject;
     use rustls_pki_types::{CertificateDer, PrivateKeyDer};
     use std::sync::Arc;
-    use std::time::Instant;
-
-    let (cert, key) = w.ca.issue("raw", DKFZ, false);
+    let (cert, key) = w.ca.issue(cert_name, DKFZ, false);
     let mut roots = rustls::RootCertStore::empty();
     for c in CertificateDer::pem_file_iter(w.ca.pem()).unwrap() {
         roots.add(c.unwrap()).unwrap();
@@ -527,8 +538,28 @@ async fn offer_raw_sized(w: &World, offers: &[(&str, u64)]) -> Vec<ha_edge_proto
         .unwrap();
     cfg.alpn_protocols = vec![ha_edge_proto::ALPN.to_vec()];
     let quic = quinn::crypto::rustls::QuicClientConfig::try_from(cfg).unwrap();
+    let mut client = quinn::ClientConfig::new(Arc::new(quic));
+    if let Some(k) = keep_alive {
+        let mut transport = quinn::TransportConfig::default();
+        transport.keep_alive_interval(Some(k));
+        client.transport_config(Arc::new(transport));
+    }
     let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(quic)));
+    ep.set_default_client_config(client);
+    ep
+}
+
+/// A bare protocol client (quinn + ha-edge-proto, no agent): offers keys the agent itself would
+/// never produce.
+async fn offer_raw(w: &World, keys: &[&str]) -> Vec<ha_edge_proto::UploadEvent> {
+    let sized: Vec<(&str, u64)> = keys.iter().map(|k| (*k, 1)).collect();
+    offer_raw_sized(w, &sized).await
+}
+
+/// Like `offer_raw`, with a size per offer; every accepted offer is abandoned (no data sent).
+async fn offer_raw_sized(w: &World, offers: &[(&str, u64)]) -> Vec<ha_edge_proto::UploadEvent> {
+    use std::time::Instant;
+    let ep = raw_endpoint(w, "raw", None);
     let addr = format!("127.0.0.1:{}", w.relay_port).parse().unwrap();
     let conn = ep.connect(addr, RELAY_NAME).unwrap().await.unwrap();
     let idle = Duration::from_secs(5);
@@ -608,25 +639,6 @@ async fn the_relay_refuses_dot_dot_absolute_and_foreign_keys_from_any_client() {
 
 // ---------------------------------------------------------------------------------------------
 // Hardening findings 8 and 9: authorization by path segment and by exact identity.
-
-impl Ca {
-    /// A leaf certificate with these DNS subjectAltNames (none: a CN-only certificate).
-    fn issue_names(&self, file: &str, sans: &[&str], cn: &str) -> (PathBuf, PathBuf) {
-        let mut params =
-            CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
-        params.distinguished_name.push(DnType::CommonName, cn);
-        let key = KeyPair::generate().unwrap();
-        let issuer = Issuer::from_params(&self.params, &self.key);
-        let cert = params.signed_by(&key, &issuer).unwrap();
-        let (c, k) = (
-            self.dir.join(format!("{file}.pem")),
-            self.dir.join(format!("{file}.key")),
-        );
-        std::fs::write(&c, cert.pem()).unwrap();
-        std::fs::write(&k, key.serialize_pem()).unwrap();
-        (c, k)
-    }
-}
 
 fn relay_check(dir: &Path) -> std::process::Output {
     output_within(
@@ -719,8 +731,9 @@ fn f09_a_wildcard_or_cn_only_certificate_never_authorizes() {
     w.agent_config(w.relay_port, "agent", "fhir/dkfz/", "");
     let out = w.setup.run_once(bin());
     assert!(out.status.success(), "{}", stderr_of(&out));
-    let (cw, kw) = w.ca.issue_names("wildcard", &["*.agents.test"], "wildcard");
-    let (cn, kn) = w.ca.issue_names("cn-only", &[], DKFZ);
+    let (cw, kw) =
+        w.ca.issue_with("wildcard", &["*.agents.test"], "wildcard", None);
+    let (cn, kn) = w.ca.issue_with("cn-only", &[], DKFZ, None);
     for (cert, key, what) in [(&cw, &kw, "wildcard SAN"), (&cn, &kn, "CN only")] {
         write_settled(
             &w.setup.src().join("a.ndjson"),
@@ -900,33 +913,7 @@ async fn f10_an_offer_larger_than_the_free_state_disk_is_refused_busy_and_takes_
 /// A client that completes TLS with a valid certificate, keeps the connection alive, and never
 /// says Hello.
 async fn silent_connection(w: &World) -> Result<quinn::Connection, String> {
-    use rustls_pki_types::pem::PemObject;
-    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-    use std::sync::Arc;
-    let (cert, key) = w.ca.issue("silent", DKFZ, false);
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_file_iter(w.ca.pem()).unwrap() {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let certs: Vec<_> = CertificateDer::pem_file_iter(&cert)
-        .unwrap()
-        .map(Result::unwrap)
-        .collect();
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_client_auth_cert(certs, PrivateKeyDer::from_pem_file(&key).unwrap())
-        .unwrap();
-    cfg.alpn_protocols = vec![ha_edge_proto::ALPN.to_vec()];
-    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(cfg).unwrap();
-    let mut client = quinn::ClientConfig::new(Arc::new(quic));
-    let mut transport = quinn::TransportConfig::default();
-    transport.keep_alive_interval(Some(Duration::from_millis(500)));
-    client.transport_config(Arc::new(transport));
-    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    ep.set_default_client_config(client);
+    let ep = raw_endpoint(w, "silent", Some(Duration::from_millis(500)));
     let addr = format!("127.0.0.1:{}", w.relay_port).parse().unwrap();
     let conn = ep.connect(addr, RELAY_NAME).map_err(|e| e.to_string())?;
     let conn = tokio::time::timeout(Duration::from_secs(5), conn)

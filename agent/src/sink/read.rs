@@ -170,6 +170,19 @@ fn file_path(p: &Path) -> String {
 }
 
 impl Pinned {
+    /// A pinned file's parts (the caller has matched `Pinned::File`).
+    fn file(&self) -> (&File, &PathBuf, &Fingerprint, &i64) {
+        match self {
+            Pinned::File {
+                file,
+                path,
+                fp,
+                ctime_ns,
+            } => (file, path, fp, ctime_ns),
+            Pinned::Object { .. } => unreachable!("called on a pinned file only"),
+        }
+    }
+
     pub fn what(&self) -> String {
         match self {
             Pinned::File { path, .. } => file_path(path),
@@ -201,15 +214,7 @@ impl Pinned {
             Pinned::File { .. } => {
                 let me = self.clone();
                 return blocking(move || {
-                    let Pinned::File {
-                        file,
-                        path,
-                        fp,
-                        ctime_ns,
-                    } = &*me
-                    else {
-                        unreachable!("matched above")
-                    };
+                    let (file, path, fp, ctime_ns) = me.file();
                     check_pinned(file, path, *fp, *ctime_ns)?;
                     let mut buf = vec![0u8; len as usize];
                     file.read_exact_at(&mut buf, off)
@@ -264,15 +269,7 @@ impl Pinned {
             Pinned::File { .. } => {
                 let me = self.clone();
                 blocking(move || {
-                    let Pinned::File {
-                        file,
-                        path,
-                        fp,
-                        ctime_ns,
-                    } = &*me
-                    else {
-                        unreachable!("matched above")
-                    };
+                    let (file, path, fp, ctime_ns) = me.file();
                     check_pinned(file, path, *fp, *ctime_ns)
                 })
                 .await
@@ -294,15 +291,7 @@ impl Pinned {
         if let Pinned::File { .. } = &**self {
             let me = self.clone();
             return blocking(move || {
-                let Pinned::File {
-                    file,
-                    path,
-                    fp,
-                    ctime_ns,
-                } = &*me
-                else {
-                    unreachable!("matched above")
-                };
+                let (file, path, fp, ctime_ns) = me.file();
                 let mut h = PartHasher::new(part_size);
                 let mut buf = vec![0u8; HASH_CHUNK];
                 let mut off = 0u64;
