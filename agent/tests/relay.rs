@@ -49,7 +49,7 @@ impl Ca {
 
     /// A leaf certificate for `dns`; `expired` puts its validity in the past.
     fn issue(&self, file: &str, dns: &str, expired: bool) -> (PathBuf, PathBuf) {
-        let validity = expired.then(|| (2020, 2021));
+        let validity = expired.then_some((2020, 2021));
         self.issue_with(file, &[dns], dns, validity)
     }
 
