@@ -730,6 +730,13 @@ fn serve_connection(mut client: TcpStream, sh: ProxyShared) {
         if server.write_all(head.as_bytes()).is_err()
             || !relay_body(&mut client, &mut cbuf, Some(&mut server), body_len)
         {
+            // The server may have answered before reading the whole body (s3s-fs answers a
+            // failed If-None-Match with 412 at once) and closed: pass that answer back, as a
+            // client talking to the server directly would see it.
+            if let Some(resp_end) = read_head(&mut server, &mut sbuf) {
+                let _ = client.write_all(&sbuf);
+                let _ = resp_end;
+            }
             break;
         }
         // Relay the answer.
