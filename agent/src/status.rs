@@ -86,7 +86,7 @@ pub fn assess(status: Status, stale_after: std::time::Duration) -> Report {
         );
     }
     if let Some(age) = status.oldest_pending_age_secs {
-        if age > stale_after.as_secs() {
+        if age >= stale_after.as_secs() {
             worse(
                 Health::Degraded,
                 format!(

@@ -690,3 +690,79 @@ fn f15_manifests_that_can_never_be_published_are_reported_and_held_visibly() {
         assert_eq!(said, 1, "{dir}: {err}");
     }
 }
+
+/// Finding 1, on a server that ignores conditional writes: the probe's answer is remembered
+/// in the journal; with "ignored", every write is preceded by a HEAD of its key, so someone
+/// else's object is still never replaced.
+#[test]
+fn f01_where_conditions_are_ignored_a_head_before_each_write_keeps_others_objects() {
+    let s3 = S3Server::start();
+    s3.create_bucket("nocond");
+    let proxy = Proxy::start(s3.port);
+    let setup = Setup::new("nocond");
+    write_settled(&setup.src().join("first.ndjson"), b"1\n");
+    setup.write_config(&proxy.endpoint(), "", "");
+    assert!(setup.run_once(bin()).status.success());
+    // What the probe would have found on such a server.
+    let c = rusqlite::Connection::open(setup.journal()).unwrap();
+    let n = c
+        .execute(
+            "UPDATE agent_state SET value = 'ignored ' || substr(value, length('honoured ') + 1)
+             WHERE name = 'conditional_writes' AND value LIKE 'honoured %'",
+            [],
+        )
+        .unwrap();
+    assert_eq!(n, 1, "the probe's answer is in the journal");
+    drop(c);
+    s3.put("nocond", "fhir/Patient.ndjson", b"not ours\n");
+    write_settled(&setup.src().join("Patient.ndjson"), b"ours\n");
+    write_settled(&setup.src().join("free.ndjson"), b"free\n");
+    let puts_before = proxy.count("PutObject");
+    let out = setup.run_once(bin());
+    let err = stderr_of(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("ignores conditional writes"), "{err}");
+    assert_eq!(
+        s3.object("nocond", "fhir/Patient.ndjson").unwrap(),
+        b"not ours\n"
+    );
+    assert_eq!(s3.object("nocond", "fhir/free.ndjson").unwrap(), b"free\n");
+    // Only the free key was written: the conflict was found by the HEAD before any write.
+    assert_eq!(proxy.count("PutObject") - puts_before, 1, "{err}");
+    let mut counts = setup.journal_counts();
+    counts.sort();
+    assert_eq!(
+        counts,
+        vec![("conflict".to_string(), 1), ("done".to_string(), 2)]
+    );
+}
+
+/// Finding 16: a destination that does not answer, and pending work older than the threshold.
+#[test]
+fn f16_status_says_unreachable_and_stale() {
+    let setup = Setup::new("gone");
+    write_settled(&setup.src().join("a.ndjson"), b"a\n");
+    setup.write_config("http://127.0.0.1:9", "max_retries = 0", "");
+    let out = setup.run_once(bin());
+    assert_eq!(out.status.code(), Some(1), "{}", stderr_of(&out));
+    let cfg = setup.config_path();
+    let out = output_within(
+        setup.command(
+            bin(),
+            &[
+                "status",
+                "-c",
+                cfg.to_str().unwrap(),
+                "--json",
+                "--stale-after",
+                "0s",
+            ],
+        ),
+        Duration::from_secs(30),
+    );
+    let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(out.status.code(), Some(3), "{st}");
+    assert_eq!(st["health"], "unreachable", "{st}");
+    let detail = st["health_detail"].to_string();
+    assert!(detail.contains("oldest pending"), "{st}");
+}

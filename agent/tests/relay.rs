@@ -955,3 +955,34 @@ async fn f12_silent_connections_are_bounded_per_address_and_in_time() {
     let out = tokio::task::block_in_place(|| setup.run_once(bin()));
     assert!(out.status.success(), "{}\n{}", stderr_of(&out), relay.log());
 }
+
+#[test]
+fn f13_validate_asks_the_relay() {
+    let w = world(None);
+    let quick = "request_timeout = \"3s\"";
+    w.agent_config(w.relay_port, "agent", "fhir/dkfz/", quick);
+    let cfg = w.setup.config_path();
+    let validate = |extra: &[&str]| {
+        let mut args = vec!["validate", "-c", cfg.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        output_within(w.setup.command(bin(), &args), Duration::from_secs(60))
+    };
+    // No relay yet: refused (exit 3), offline fine.
+    let out = validate(&[]);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr_of(&out));
+    assert!(stderr_of(&out).contains("relay"), "{}", stderr_of(&out));
+    assert!(validate(&["--offline"]).status.success());
+    let relay = w.relay();
+    let out = validate(&[]);
+    assert!(out.status.success(), "{}\n{}", stderr_of(&out), relay.log());
+    // A certificate the relay does not authorize.
+    let (c, k) = w.ca.issue("unknown", "unknown.agents.test", false);
+    w.agent_config_with(w.relay_port, &c, &k, &w.ca.pem(), "fhir/dkfz/", "");
+    let out = validate(&[]);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr_of(&out));
+    assert!(
+        stderr_of(&out).contains("carries no identity"),
+        "{}",
+        stderr_of(&out)
+    );
+}
