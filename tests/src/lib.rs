@@ -732,10 +732,11 @@ fn serve_connection(mut client: TcpStream, sh: ProxyShared) {
         {
             // The server may have answered before reading the whole body (s3s-fs answers a
             // failed If-None-Match with 412 at once) and closed: pass that answer back, as a
-            // client talking to the server directly would see it.
-            if let Some(resp_end) = read_head(&mut server, &mut sbuf) {
+            // client talking to the server directly would see it. If it was the client that
+            // went away (killed mid-body), the server has nothing to say: wait only briefly.
+            let _ = server.set_read_timeout(Some(Duration::from_millis(200)));
+            if read_head(&mut server, &mut sbuf).is_some() {
                 let _ = client.write_all(&sbuf);
-                let _ = resp_end;
             }
             break;
         }
