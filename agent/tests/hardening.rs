@@ -766,3 +766,52 @@ fn f16_status_says_unreachable_and_stale() {
     let detail = st["health_detail"].to_string();
     assert!(detail.contains("oldest pending"), "{st}");
 }
+
+/// Finding 1, multipart: a new version replaces our own object, and is a conflict (upload
+/// aborted) once another writer has replaced it.
+#[test]
+fn f01_a_new_multipart_version_replaces_only_our_own_object() {
+    let s3 = S3Server::start();
+    s3.create_bucket("mpown");
+    let setup = Setup::new("mpown");
+    let file = setup.src().join("big.ndjson");
+    let parts = "part_size = \"5MiB\"\nmultipart_threshold = \"5MiB\"";
+    setup.write_config(&s3.endpoint(), parts, "");
+    write_settled(&file, &data(31, 11 * MIB));
+    assert!(setup.run_once(bin()).status.success());
+    let v2 = data(32, 12 * MIB);
+    write_settled(&file, &v2);
+    let out = setup.run_once(bin());
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert_eq!(
+        sha256(&s3.object("mpown", "fhir/big.ndjson").unwrap()),
+        sha256(&v2)
+    );
+    // Another writer replaces it through S3.
+    let other = Setup::new("mpown");
+    let theirs = data(33, 6 * MIB);
+    write_settled(&other.src().join("big.ndjson"), &theirs);
+    other.write_config_with(
+        &other
+            .destination_toml(&s3.endpoint())
+            .replace("[destination]\n", "[destination]\noverwrite = \"always\"\n"),
+        parts,
+        "",
+    );
+    assert!(other.run_once(bin()).status.success());
+    write_settled(&file, &data(34, 13 * MIB));
+    let out = setup.run_once(bin());
+    assert_eq!(out.status.code(), Some(1), "{}", stderr_of(&out));
+    assert_eq!(
+        sha256(&s3.object("mpown", "fhir/big.ndjson").unwrap()),
+        sha256(&theirs)
+    );
+    assert_eq!(
+        s3.open_uploads(),
+        0,
+        "the upload of the conflicting version is aborted"
+    );
+    assert!(setup
+        .journal_counts()
+        .contains(&("conflict".to_string(), 1)));
+}

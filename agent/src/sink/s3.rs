@@ -664,19 +664,11 @@ impl S3Sink {
         // completion (nor any condition, see `probe_conditional`): HEAD first in those cases.
         let when = self.precondition(row);
         if matches!(when, Precondition::Replace(_)) || !self.conditional() {
-            if let Err(e) = self
-                .settle_key(row, sha, true)
-                .await
-                .and_then(|found| found.map_or(Ok(()), |_| Err(Stop::Interrupted)))
-            {
+            let found = self.settle_key(row, sha, true).await;
+            if !matches!(found, Ok(None)) {
+                // Someone else's object (a conflict), or ours already: this upload is not needed.
                 self.client.abort_multipart(&row.key, upload_id).await?;
-                return match e {
-                    // Our bytes are there already: nothing to complete.
-                    Stop::Interrupted => self.settle_key(row, sha, false).await?.ok_or_else(|| {
-                        self.conflict(row, "the object changed while we looked".into())
-                    }),
-                    e => Err(e),
-                };
+                return found.map(|done| done.expect("matched Some above"));
             }
         }
         self.journal.set_state(row.id, State::Completing).await?;
