@@ -598,6 +598,17 @@ async fn offer_raw_sized(w: &World, offers: &[(&str, u64)]) -> Vec<ha_edge_proto
     out
 }
 
+/// Each answer's refusal reason, None for an answer that is not a refusal.
+fn refusals(answers: &[ha_edge_proto::UploadEvent]) -> Vec<Option<ha_edge_proto::Refusal>> {
+    answers
+        .iter()
+        .map(|a| match a {
+            ha_edge_proto::UploadEvent::Refused { reason, .. } => Some(*reason),
+            _ => None,
+        })
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn the_relay_refuses_dot_dot_absolute_and_foreign_keys_from_any_client() {
     use ha_edge_proto::{Refusal, UploadEvent};
@@ -614,13 +625,7 @@ async fn the_relay_refuses_dot_dot_absolute_and_foreign_keys_from_any_client() {
         ],
     )
     .await;
-    let reasons: Vec<Option<Refusal>> = answers
-        .iter()
-        .map(|a| match a {
-            UploadEvent::Refused { reason, .. } => Some(*reason),
-            _ => None,
-        })
-        .collect();
+    let reasons = refusals(&answers);
     assert_eq!(
         reasons,
         [
@@ -790,7 +795,7 @@ const EMBL: &str = "embl-edge-01.agents.test";
 
 #[tokio::test(flavor = "multi_thread")]
 async fn f10_one_agent_abusing_the_relay_limits_does_not_starve_another() {
-    use ha_edge_proto::{Refusal, UploadEvent};
+    use ha_edge_proto::Refusal;
     let w = world(None);
     let dir = w.setup.dir.path().to_path_buf();
     let store = format!("type = \"dir\"\npath = \"{}\"", w.landed.display());
@@ -811,13 +816,7 @@ async fn f10_one_agent_abusing_the_relay_limits_does_not_starve_another() {
         ],
     )
     .await;
-    let reasons: Vec<Option<Refusal>> = answers
-        .iter()
-        .map(|a| match a {
-            UploadEvent::Refused { reason, .. } => Some(*reason),
-            _ => None,
-        })
-        .collect();
+    let reasons = refusals(&answers);
     assert_eq!(
         reasons[..3],
         [None, None, Some(Refusal::Busy)],
