@@ -145,10 +145,32 @@ impl S3Sink {
         }
     }
 
-    /// What is at the key decides, when a write's condition failed (412) or, on a server that
-    /// ignores conditions, before the write (`before`: nothing there, or the object we recorded,
-    /// means go ahead: Ok(None)). Our own bytes there already (an answer lost, a journal started
-    /// afresh) count as delivered; anything else is a conflict.
+    /// Before a write that must not replace someone else's object: nothing at the key, or the
+    /// object we recorded, means go ahead (Ok(None)); our own bytes there already count as
+    /// delivered; anything else is a conflict.
+    async fn key_before_write(
+        &self,
+        row: &ObjectRow,
+        sha: &[u8; 32],
+    ) -> Result<Option<Sent>, Stop> {
+        self.settle_key(row, sha, true).await
+    }
+
+    /// After a write's condition failed (412): our bytes are there (delivered), or it is a
+    /// conflict.
+    async fn after_precondition_failed(
+        &self,
+        row: &ObjectRow,
+        sha: &[u8; 32],
+    ) -> Result<Sent, Stop> {
+        self.settle_key(row, sha, false)
+            .await?
+            .ok_or_else(|| self.conflict(row, "the write's condition failed".into()))
+    }
+
+    /// What is at the key decides (see `key_before_write` and `after_precondition_failed`).
+    /// Our own bytes there already (an answer lost, a journal started afresh) count as
+    /// delivered; anything else is a conflict.
     async fn settle_key(
         &self,
         row: &ObjectRow,
@@ -201,12 +223,12 @@ impl S3Sink {
         }
     }
 
-    /// Before a write on a server that ignores conditions: HEAD decides (see `settle_key`).
+    /// Before a write on a server that ignores conditions: HEAD decides (see `key_before_write`).
     async fn check_key_first(&self, row: &ObjectRow, sha: &[u8; 32]) -> Result<Option<Sent>, Stop> {
         if self.overwrite == Overwrite::Always || self.conditional() {
             return Ok(None);
         }
-        self.settle_key(row, sha, true).await
+        self.key_before_write(row, sha).await
     }
 
     pub fn client(&self) -> &Arc<S3Client> {
@@ -374,10 +396,7 @@ impl S3Sink {
         let answer = match self.client.put_object(&row.key, body, &sha, &when).await {
             Ok(a) => a,
             Err(e) if is_precondition_failed(&e) => {
-                return self
-                    .settle_key(row, &sha, false)
-                    .await?
-                    .ok_or_else(|| self.conflict(row, "the write's condition failed".into()))
+                return self.after_precondition_failed(row, &sha).await
             }
             Err(e) => return Err(e.into()),
         };
@@ -664,7 +683,7 @@ impl S3Sink {
         // completion (nor any condition, see `probe_conditional`): HEAD first in those cases.
         let when = self.precondition(row);
         if matches!(when, Precondition::Replace(_)) || !self.conditional() {
-            let found = self.settle_key(row, sha, true).await;
+            let found = self.key_before_write(row, sha).await;
             if !matches!(found, Ok(None)) {
                 // Someone else's object (a conflict), or ours already: this upload is not needed.
                 self.client.abort_multipart(&row.key, upload_id).await?;
@@ -684,10 +703,7 @@ impl S3Sink {
             Ok(()) => {}
             Err(e) if is_precondition_failed(&e) => {
                 let _ = self.client.abort_multipart(&row.key, upload_id).await;
-                return self
-                    .settle_key(row, sha, false)
-                    .await?
-                    .ok_or_else(|| self.conflict(row, "the write's condition failed".into()));
+                return self.after_precondition_failed(row, sha).await;
             }
             // The first attempt may have gone through with its answer lost: the retry then
             // fails (NoSuchUpload on S3; some servers answer 403 for an upload id they no
