@@ -46,8 +46,12 @@
 //! (`ha-edge status`) never block the writer.
 
 mod model;
+mod queries;
 mod schema;
+mod status;
 mod store;
+mod worker;
 
 pub use model::{Fingerprint, Landed, ObjectRow, PartRow, State};
-pub use store::{Candidate, Hashed, Journal, JournalError, Status};
+pub use status::Status;
+pub use store::{Candidate, Hashed, Journal, JournalError};

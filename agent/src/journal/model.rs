@@ -29,6 +29,21 @@ impl State {
         State::Conflict,
     ];
 
+    /// States with work left: the scheduler dispatches these (a `delivered` row still owes its
+    /// after_upload action). The partial indexes of schema 2 list exactly these.
+    pub const ACTIVE: [State; 4] = [
+        State::Pending,
+        State::Uploading,
+        State::Completing,
+        State::Delivered,
+    ];
+    /// States whose bytes are still to be sent.
+    pub const UNSENT: [State; 3] = [State::Pending, State::Uploading, State::Completing];
+    /// States whose bytes are in the bucket, verified.
+    pub const LANDED: [State; 2] = [State::Delivered, State::Done];
+    /// States that hold a path back until the operator acts (shown in `status`).
+    pub const HELD: [State; 2] = [State::Rejected, State::Conflict];
+
     pub fn as_str(self) -> &'static str {
         match self {
             State::Pending => "pending",
@@ -56,6 +71,31 @@ impl FromStr for State {
             .into_iter()
             .find(|st| st.as_str() == s)
             .ok_or_else(|| format!("unknown state {s:?}"))
+    }
+}
+
+/// The SQL list of `states` (`'pending', 'uploading'`), for `state IN (...)`.
+pub fn states_sql(states: &[State]) -> String {
+    states
+        .iter()
+        .map(|s| format!("'{}'", s.as_str()))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+impl rusqlite::types::ToSql for State {
+    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+        Ok(self.as_str().into())
+    }
+}
+
+/// A state string this build does not know is an error (a journal from another build, or
+/// damage), never a guess.
+impl rusqlite::types::FromSql for State {
+    fn column_result(v: rusqlite::types::ValueRef<'_>) -> rusqlite::types::FromSqlResult<Self> {
+        let s = v.as_str()?;
+        s.parse()
+            .map_err(|e: String| rusqlite::types::FromSqlError::Other(e.into()))
     }
 }
 
@@ -206,5 +246,27 @@ mod tests {
             assert_eq!(st.as_str().parse::<State>().unwrap(), st);
         }
         assert!("bogus".parse::<State>().is_err());
+    }
+
+    /// The dispatch queries are served by the partial indexes of schema 2 only if they list
+    /// the same states.
+    #[test]
+    fn active_states_are_the_indexed_ones() {
+        let indexed = format!("WHERE state IN ({})", states_sql(&State::ACTIVE));
+        assert_eq!(
+            super::super::schema::MIGRATIONS[1]
+                .matches(&indexed)
+                .count(),
+            2
+        );
+    }
+
+    #[test]
+    fn an_unknown_state_in_the_journal_is_an_error() {
+        let c = rusqlite::Connection::open_in_memory().unwrap();
+        let got: rusqlite::Result<State> = c.query_row("SELECT 'bogus'", [], |r| r.get(0));
+        assert!(got.is_err(), "{got:?}");
+        let got: State = c.query_row("SELECT 'conflict'", [], |r| r.get(0)).unwrap();
+        assert_eq!(got, State::Conflict);
     }
 }

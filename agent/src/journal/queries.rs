@@ -1,0 +1,831 @@
+//! Every query of the daemon's journal, one method each; each runs in the writer's group
+//! transaction (see `worker.rs`). State names in SQL come from `State` (see `model.rs`): no
+//! query spells a state by hand.
+//!
+//! Must not break: each method states the rows it may change and in which state; a transition
+//! that guards on the row's fingerprint (`set_hashed`, `delivered`) writes nothing when the
+//! source changed meanwhile.
+
+use std::os::unix::ffi::OsStringExt;
+use std::path::PathBuf;
+use std::sync::LazyLock;
+
+use rusqlite::{params, Connection, OptionalExtension};
+
+use super::model::{
+    offer_action, states_sql, Fingerprint, Landed, ObjectRow, OfferAction, PartRow, State,
+};
+use super::store::{now_ms, path_bytes, Candidate, Hashed, Journal, JournalError, OfferStats};
+
+/// Objects with work to do, in id order from a cursor; served by the partial index
+/// `objects_active` (schema 2), so each call reads only the rows it returns.
+static RUNNABLE_SQL: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "SELECT id, source, rel_path, key, size, mtime_ns, inode, state, sha256,
+        upload_id, part_size, attempts, etag,
+        (SELECT p.dest_etag FROM objects p WHERE p.key = objects.key AND p.id < objects.id
+            AND p.dest_etag IS NOT NULL ORDER BY p.id DESC LIMIT 1),
+        ctime_ns, part_hashes
+    FROM objects
+    WHERE state IN ({})
+      AND next_attempt_ms <= ?1 AND id > ?2
+    ORDER BY id LIMIT ?3",
+        states_sql(&State::ACTIVE)
+    )
+});
+/// The earliest retry time still ahead (partial index `objects_backoff`).
+static WAKEUP_SQL: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "SELECT MIN(next_attempt_ms) FROM objects WHERE state IN ({}) AND next_attempt_ms > ?1",
+        states_sql(&State::ACTIVE)
+    )
+});
+/// Paths held back by their newest row (rejected, conflict).
+static HELD_PATHS_SQL: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "SELECT rel_path FROM refused WHERE source = ?1
+         UNION
+         SELECT o.rel_path FROM objects o
+          WHERE o.source = ?1 AND o.state IN ({})
+            AND o.id = (SELECT MAX(n.id) FROM objects n
+                         WHERE n.source = o.source AND n.rel_path = o.rel_path)",
+        states_sql(&State::HELD)
+    )
+});
+static RELEASE_HELD_SQL: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "UPDATE objects SET state = ?4, updated_ms = ?3,
+                last_error = 'the source file is gone; no longer held'
+          WHERE source = ?1 AND rel_path = ?2 AND state IN ({})",
+        states_sql(&State::HELD)
+    )
+});
+
+/// Errors kept in the `errors` table for `status`.
+const ERRORS_KEPT: i64 = 1000;
+
+impl Journal {
+    /// Records settled files of one source; one transaction for the whole batch.
+    pub async fn offer(
+        &self,
+        source: String,
+        batch: Vec<Candidate>,
+        reupload_changed: bool,
+    ) -> Result<OfferStats, JournalError> {
+        self.call(move |c| {
+            let mut stats = OfferStats::default();
+            let now = now_ms();
+            {
+                let mut latest = c.prepare_cached(
+                    "SELECT id, state, size, mtime_ns, inode FROM objects
+                     WHERE source = ?1 AND rel_path = ?2 ORDER BY id DESC LIMIT 1",
+                )?;
+                let mut insert = c.prepare_cached(
+                    "INSERT INTO objects (source, rel_path, key, size, mtime_ns, inode, state,
+                                          discovered_ms, updated_ms, etag)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?9, ?7, ?7, ?8)",
+                )?;
+                let mut unrefuse =
+                    c.prepare_cached("DELETE FROM refused WHERE source = ?1 AND rel_path = ?2")?;
+                let mut refresh = c.prepare_cached(
+                    "UPDATE objects SET size = ?2, mtime_ns = ?3, inode = ?4, sha256 = NULL,
+                                        updated_ms = ?5, etag = ?6
+                     WHERE id = ?1 AND state = ?7",
+                )?;
+                for cand in &batch {
+                    let row = latest
+                        .query_row(params![source, path_bytes(&cand.rel_path)], |r| {
+                            Ok((
+                                r.get::<_, i64>(0)?,
+                                r.get::<_, State>(1)?,
+                                Fingerprint {
+                                    size: r.get::<_, i64>(2)? as u64,
+                                    mtime_ns: r.get(3)?,
+                                    inode: r.get::<_, i64>(4)? as u64,
+                                },
+                            ))
+                        })
+                        .optional()?;
+                    let fp = cand.fingerprint;
+                    unrefuse.execute(params![source, path_bytes(&cand.rel_path)])?;
+                    match offer_action(row.map(|(_, s, f)| (s, f)), fp, reupload_changed) {
+                        OfferAction::Insert => {
+                            insert.execute(params![
+                                source,
+                                path_bytes(&cand.rel_path),
+                                cand.key,
+                                fp.size as i64,
+                                fp.mtime_ns,
+                                fp.inode as i64,
+                                now,
+                                cand.etag,
+                                State::Pending
+                            ])?;
+                            stats.inserted += 1;
+                        }
+                        OfferAction::Refresh => {
+                            let id = row.map(|(id, _, _)| id).unwrap_or_default();
+                            refresh.execute(params![
+                                id,
+                                fp.size as i64,
+                                fp.mtime_ns,
+                                fp.inode as i64,
+                                now,
+                                cand.etag,
+                                State::Pending
+                            ])?;
+                            stats.refreshed += 1;
+                        }
+                        OfferAction::Nothing => {}
+                    }
+                }
+            }
+            Ok(stats)
+        })
+        .await
+    }
+
+    /// For each relative path of `source`: whether its newest journal row is delivered (or done).
+    pub async fn delivered_among(
+        &self,
+        source: String,
+        rels: Vec<PathBuf>,
+    ) -> Result<Vec<bool>, JournalError> {
+        self.call(move |c| {
+            let mut q = c.prepare_cached(
+                "SELECT state FROM objects WHERE source = ?1 AND rel_path = ?2
+                 ORDER BY id DESC LIMIT 1",
+            )?;
+            rels.iter()
+                .map(|r| {
+                    let st: Option<State> = q
+                        .query_row(params![source, path_bytes(r)], |row| row.get(0))
+                        .optional()?;
+                    Ok(st.is_some_and(|st| State::LANDED.contains(&st)))
+                })
+                .collect()
+        })
+        .await
+    }
+
+    /// Objects with work to do, oldest first. `after_id` lets a one-shot run visit each object
+    /// once; `respect_backoff` makes the daemon wait out each object's retry delay; `skip` are
+    /// ids already in flight.
+    pub async fn runnable(
+        &self,
+        limit: usize,
+        after_id: i64,
+        respect_backoff: bool,
+        skip: Vec<i64>,
+    ) -> Result<Vec<ObjectRow>, JournalError> {
+        self.call(move |c| {
+            let not_before = if respect_backoff { now_ms() } else { i64::MAX };
+            let mut stmt = c.prepare_cached(&RUNNABLE_SQL)?;
+            let rows = stmt
+                .query_map(
+                    params![not_before, after_id, (limit + skip.len()) as i64],
+                    row_to_object,
+                )?
+                .filter(|r| r.as_ref().map_or(true, |o| !skip.contains(&o.id)))
+                .take(limit)
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    /// Milliseconds until the earliest backed-off object becomes runnable, if any. Objects
+    /// runnable already are not counted: they are dispatched as soon as a slot frees.
+    pub async fn next_wakeup_ms(&self) -> Result<Option<i64>, JournalError> {
+        self.call(|c| {
+            let now = now_ms();
+            c.query_row(&WAKEUP_SQL, [now], |r| r.get::<_, Option<i64>>(0))
+                .map(|m| m.map(|t| (t - now).max(0)))
+        })
+        .await
+    }
+
+    /// Fixes the whole-object hash and the fingerprint it was computed from, and marks the row
+    /// `uploading` without an upload id: from here on an upload may exist on the server that the
+    /// journal does not know yet (CreateMultipartUpload sent, answer not recorded), and recovery
+    /// looks for it. Returns false if the row changed meanwhile (a rescan saw a newer version),
+    /// in which case nothing is written. A bucket object's `etag` is the version every later
+    /// read of this upload is pinned to.
+    pub async fn set_hashed(
+        &self,
+        id: i64,
+        fp: Fingerprint,
+        hashed: Hashed,
+        etag: Option<String>,
+    ) -> Result<bool, JournalError> {
+        self.call(move |c| {
+            let parts: Vec<u8> = hashed.parts.concat();
+            let n = c.execute(
+                "UPDATE objects SET sha256 = ?2, state = ?11, upload_id = NULL, updated_ms = ?6,
+                        etag = COALESCE(?7, etag), ctime_ns = ?8, part_hashes = ?9
+                 WHERE id = ?1 AND state = ?10 AND size = ?3 AND mtime_ns = ?4 AND inode = ?5",
+                params![
+                    id,
+                    &hashed.sha256[..],
+                    fp.size as i64,
+                    fp.mtime_ns,
+                    fp.inode as i64,
+                    now_ms(),
+                    etag,
+                    hashed.ctime_ns,
+                    parts,
+                    State::Pending,
+                    State::Uploading
+                ],
+            )?;
+            Ok(n == 1)
+        })
+        .await
+    }
+
+    pub async fn begin_multipart(
+        &self,
+        id: i64,
+        upload_id: String,
+        part_size: u64,
+    ) -> Result<(), JournalError> {
+        self.call(move |c| {
+            c.execute(
+                "UPDATE objects SET state = ?5, upload_id = ?2, part_size = ?3, updated_ms = ?4
+                 WHERE id = ?1",
+                params![id, upload_id, part_size as i64, now_ms(), State::Uploading],
+            )
+            .map(drop)
+        })
+        .await
+    }
+
+    /// Conflicts are looked at again once per start: the operator may have moved the other
+    /// object away (or set overwrite = "always"). Returns how many go back to pending.
+    pub async fn requeue_conflicts(&self) -> Result<usize, JournalError> {
+        self.call(|c| {
+            c.execute(
+                "UPDATE objects SET state = ?1, next_attempt_ms = 0, sha256 = NULL,
+                        upload_id = NULL, part_size = NULL, ctime_ns = NULL, part_hashes = NULL
+                 WHERE state = ?2
+                   AND id = (SELECT MAX(n.id) FROM objects n
+                              WHERE n.source = objects.source AND n.rel_path = objects.rel_path)",
+                params![State::Pending, State::Conflict],
+            )
+        })
+        .await
+    }
+
+    /// The multipart upload recorded for an object, if any.
+    pub async fn upload_id(&self, id: i64) -> Result<Option<String>, JournalError> {
+        self.call(move |c| {
+            c.query_row("SELECT upload_id FROM objects WHERE id = ?1", [id], |r| {
+                r.get::<_, Option<String>>(0)
+            })
+            .optional()
+            .map(Option::flatten)
+        })
+        .await
+    }
+
+    pub async fn record_part(&self, id: i64, part: PartRow) -> Result<(), JournalError> {
+        self.call(move |c| {
+            c.execute(
+                "INSERT OR REPLACE INTO parts (object_id, part_number, size, sha256_b64, etag)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![
+                    id,
+                    part.number,
+                    part.size as i64,
+                    part.sha256_b64,
+                    part.etag
+                ],
+            )
+            .map(drop)
+        })
+        .await
+    }
+
+    pub async fn parts(&self, id: i64) -> Result<Vec<PartRow>, JournalError> {
+        self.call(move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT part_number, size, sha256_b64, etag FROM parts
+                 WHERE object_id = ?1 ORDER BY part_number",
+            )?;
+            let rows = stmt
+                .query_map([id], |r| {
+                    Ok(PartRow {
+                        number: r.get(0)?,
+                        size: r.get::<_, i64>(1)? as u64,
+                        sha256_b64: r.get(2)?,
+                        etag: r.get(3)?,
+                    })
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    /// Forgets parts the server no longer has.
+    pub async fn drop_parts(&self, id: i64, numbers: Vec<u32>) -> Result<(), JournalError> {
+        self.call(move |c| {
+            for n in &numbers {
+                c.execute(
+                    "DELETE FROM parts WHERE object_id = ?1 AND part_number = ?2",
+                    params![id, n],
+                )?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn set_state(&self, id: i64, state: State) -> Result<(), JournalError> {
+        self.call(move |c| {
+            c.execute(
+                "UPDATE objects SET state = ?2, updated_ms = ?3 WHERE id = ?1",
+                params![id, state, now_ms()],
+            )
+            .map(drop)
+        })
+        .await
+    }
+
+    /// Starts an object over: pending, no hash, no upload, no parts; optionally a new fingerprint.
+    /// An ETag the transfer pinned itself to is forgotten (one the listing gave, shown by a
+    /// non-zero ETag hash in the fingerprint, stays).
+    pub async fn reset(
+        &self,
+        id: i64,
+        fp: Option<Fingerprint>,
+        why: String,
+    ) -> Result<(), JournalError> {
+        self.call(move |c| {
+            c.execute("DELETE FROM parts WHERE object_id = ?1", [id])?;
+            c.execute(
+                "UPDATE objects SET state = ?4, sha256 = NULL, upload_id = NULL,
+                        part_size = NULL, last_error = ?2, updated_ms = ?3, ctime_ns = NULL,
+                        part_hashes = NULL,
+                        etag = CASE WHEN inode = 0 THEN NULL ELSE etag END
+                 WHERE id = ?1",
+                params![id, why, now_ms(), State::Pending],
+            )?;
+            if let Some(fp) = fp {
+                c.execute(
+                    "UPDATE objects SET size = ?2, mtime_ns = ?3, inode = ?4 WHERE id = ?1",
+                    params![id, fp.size as i64, fp.mtime_ns, fp.inode as i64],
+                )?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// The object is in the bucket and verified. With `finished`, nothing is left to do
+    /// (after_upload = keep); otherwise the after_upload action is still owed. Returns false,
+    /// writing nothing, if the row no longer has fingerprint `fp` (a rescan saw a newer version
+    /// of the file while this one was being sent).
+    pub async fn delivered(
+        &self,
+        id: i64,
+        fp: Fingerprint,
+        sha256: [u8; 32],
+        landed: Landed,
+        finished: bool,
+    ) -> Result<bool, JournalError> {
+        self.call(move |c| {
+            let now = now_ms();
+            let state = if finished { State::Done } else { State::Delivered };
+            let n = c.execute(
+                "UPDATE objects SET state = ?2, delivered_ms = ?3, updated_ms = ?3, last_error = NULL,
+                        next_attempt_ms = 0, sha256 = ?4, dest_etag = ?8, dest_version = ?9,
+                        part_hashes = NULL
+                 WHERE id = ?1 AND size = ?5 AND mtime_ns = ?6 AND inode = ?7",
+                params![
+                    id,
+                    state,
+                    now,
+                    &sha256[..],
+                    fp.size as i64,
+                    fp.mtime_ns,
+                    fp.inode as i64,
+                    landed.etag,
+                    landed.version
+                ],
+            )?;
+            if n == 1 {
+                c.execute("DELETE FROM parts WHERE object_id = ?1", [id])?;
+            }
+            Ok(n == 1)
+        })
+        .await
+    }
+
+    /// Ends an object with a terminal state (rejected, vanished) and records why.
+    pub async fn finish_with_error(
+        &self,
+        id: i64,
+        state: State,
+        message: String,
+    ) -> Result<(), JournalError> {
+        self.call(move |c| {
+            let now = now_ms();
+            c.execute(
+                "UPDATE objects SET state = ?2, last_error = ?3, updated_ms = ?4 WHERE id = ?1",
+                params![id, state, message, now],
+            )?;
+            c.execute("DELETE FROM parts WHERE object_id = ?1", [id])?;
+            insert_error(c, now, Some(id), &message)?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Puts an object back to be tried again no earlier than `delay_ms` from now.
+    pub async fn retry_later(
+        &self,
+        id: i64,
+        delay_ms: i64,
+        count_attempt: bool,
+        message: String,
+    ) -> Result<(), JournalError> {
+        self.call(move |c| {
+            let now = now_ms();
+            c.execute(
+                "UPDATE objects SET attempts = attempts + ?2, next_attempt_ms = ?3, last_error = ?4,
+                        updated_ms = ?5
+                 WHERE id = ?1",
+                params![id, count_attempt as i64, now + delay_ms, message, now],
+            )?;
+            if count_attempt {
+                insert_error(c, now, Some(id), &message)?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Records paths of `source` that discovery refuses (name, type), with why; a path offered
+    /// later is taken off the list by `offer`.
+    pub async fn note_refused(
+        &self,
+        source: String,
+        refused: Vec<(PathBuf, String)>,
+    ) -> Result<(), JournalError> {
+        self.call(move |c| {
+            let mut q = c.prepare_cached(
+                "INSERT INTO refused (source, rel_path, reason, at_ms) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (source, rel_path) DO UPDATE SET reason = excluded.reason",
+            )?;
+            let now = now_ms();
+            for (rel, why) in &refused {
+                q.execute(params![source, path_bytes(rel), why, now])?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// The relative paths of `source` held back: refused at discovery, or whose newest row is
+    /// rejected or in conflict (few: each is an operator's matter).
+    pub async fn held_paths(&self, source: String) -> Result<Vec<PathBuf>, JournalError> {
+        self.call(move |c| {
+            let mut q = c.prepare_cached(&HELD_PATHS_SQL)?;
+            let rows = q.query_map([&source], |r| r.get::<_, Vec<u8>>(0))?;
+            rows.map(|r| r.map(|b| PathBuf::from(std::ffi::OsString::from_vec(b))))
+                .collect()
+        })
+        .await
+    }
+
+    /// Held paths whose file is gone: no longer held (a refusal is forgotten, a rejected or
+    /// conflicting object becomes `vanished`).
+    pub async fn release_held(
+        &self,
+        source: String,
+        gone: Vec<PathBuf>,
+    ) -> Result<(), JournalError> {
+        self.call(move |c| {
+            let now = now_ms();
+            for rel in &gone {
+                c.execute(
+                    "DELETE FROM refused WHERE source = ?1 AND rel_path = ?2",
+                    params![source, path_bytes(rel)],
+                )?;
+                c.execute(
+                    &RELEASE_HELD_SQL,
+                    params![source, path_bytes(rel), now, State::Vanished],
+                )?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Records an error that is not tied to one object (e.g. destination refused).
+    pub async fn note_error(&self, message: String) -> Result<(), JournalError> {
+        self.call(move |c| insert_error(c, now_ms(), None, &message))
+            .await
+    }
+
+    /// One fact published earlier with `set_agent_state`.
+    pub async fn agent_state(&self, name: &'static str) -> Result<Option<String>, JournalError> {
+        self.call(move |c| {
+            c.query_row(
+                "SELECT value FROM agent_state WHERE name = ?1",
+                [name],
+                |r| r.get(0),
+            )
+            .optional()
+        })
+        .await
+    }
+
+    pub async fn set_agent_state(
+        &self,
+        name: impl Into<String>,
+        value: String,
+    ) -> Result<(), JournalError> {
+        let name: String = name.into();
+        self.call(move |c| {
+            c.execute(
+                "INSERT INTO agent_state (name, value) VALUES (?1, ?2)
+                 ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+                params![name, value],
+            )
+            .map(drop)
+        })
+        .await
+    }
+}
+
+pub(super) fn insert_error(
+    c: &Connection,
+    now: i64,
+    id: Option<i64>,
+    message: &str,
+) -> rusqlite::Result<()> {
+    c.execute(
+        "INSERT INTO errors (at_ms, object_id, message) VALUES (?1, ?2, ?3)",
+        params![now, id, message],
+    )?;
+    c.execute(
+        "DELETE FROM errors WHERE id <= (SELECT MAX(id) FROM errors) - ?1",
+        [ERRORS_KEPT],
+    )?;
+    Ok(())
+}
+
+fn row_to_object(r: &rusqlite::Row<'_>) -> rusqlite::Result<ObjectRow> {
+    let sha: Option<Vec<u8>> = r.get(8)?;
+    Ok(ObjectRow {
+        id: r.get(0)?,
+        source: r.get(1)?,
+        rel_path: PathBuf::from(std::ffi::OsString::from_vec(r.get::<_, Vec<u8>>(2)?)),
+        key: r.get(3)?,
+        fingerprint: Fingerprint {
+            size: r.get::<_, i64>(4)? as u64,
+            mtime_ns: r.get(5)?,
+            inode: r.get::<_, i64>(6)? as u64,
+        },
+        state: r.get(7)?,
+        sha256: sha.and_then(|v| <[u8; 32]>::try_from(v.as_slice()).ok()),
+        upload_id: r.get(9)?,
+        part_size: r.get::<_, Option<i64>>(10)?.map(|n| n as u64),
+        attempts: r.get(11)?,
+        etag: r.get(12)?,
+        prior_etag: r.get(13)?,
+        ctime_ns: r.get(14)?,
+        part_hashes: r.get::<_, Option<Vec<u8>>>(15)?.map(|b| {
+            b.chunks_exact(32)
+                .map(|c| <[u8; 32]>::try_from(c).unwrap_or_default())
+                .collect()
+        }),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    fn cand(p: &str, size: u64) -> Candidate {
+        Candidate {
+            rel_path: PathBuf::from(p),
+            key: p.to_string(),
+            fingerprint: Fingerprint {
+                size,
+                mtime_ns: 1,
+                inode: 1,
+            },
+            etag: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn bucket_etags_are_listed_pinned_and_forgotten_on_reset() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(&dir.path().join("j.db")).unwrap();
+        // Listed with an ETag (non-zero ETag hash in the inode slot): kept across a reset.
+        let listed = Candidate {
+            etag: Some("\"abc\"".into()),
+            ..cand("listed", 1)
+        };
+        // Listed without one (inode slot 0): the transfer pins one, a reset forgets it.
+        let mut unlisted = cand("unlisted", 2);
+        unlisted.fingerprint.inode = 0;
+        j.offer("b".into(), vec![listed, unlisted.clone()], true)
+            .await
+            .unwrap();
+        let rows = j.runnable(10, 0, true, vec![]).await.unwrap();
+        let (l, u) = (&rows[0], &rows[1]);
+        assert_eq!(l.etag.as_deref(), Some("\"abc\""));
+        assert_eq!(u.etag, None);
+        assert!(j
+            .set_hashed(
+                u.id,
+                u.fingerprint,
+                Hashed::whole([2; 32]),
+                Some("\"pin\"".into())
+            )
+            .await
+            .unwrap());
+        assert!(j
+            .set_hashed(l.id, l.fingerprint, Hashed::whole([1; 32]), None)
+            .await
+            .unwrap());
+        let rows = j.runnable(10, 0, true, vec![]).await.unwrap();
+        assert_eq!(rows[0].etag.as_deref(), Some("\"abc\""));
+        assert_eq!(rows[1].etag.as_deref(), Some("\"pin\""));
+        j.reset(l.id, None, "x".into()).await.unwrap();
+        j.reset(u.id, None, "x".into()).await.unwrap();
+        let rows = j.runnable(10, 0, true, vec![]).await.unwrap();
+        assert_eq!(rows[0].etag.as_deref(), Some("\"abc\""));
+        assert_eq!(rows[1].etag, None);
+        // A new listing with another ETag refreshes the pending row's ETag.
+        let changed = Candidate {
+            etag: Some("\"def\"".into()),
+            fingerprint: Fingerprint {
+                inode: 7,
+                ..rows[0].fingerprint
+            },
+            ..cand("listed", 1)
+        };
+        let s = j.offer("b".into(), vec![changed], true).await.unwrap();
+        assert_eq!(s.refreshed, 1);
+        let rows = j.runnable(10, 0, true, vec![]).await.unwrap();
+        assert_eq!(rows[0].etag.as_deref(), Some("\"def\""));
+    }
+
+    #[tokio::test]
+    async fn offer_is_idempotent_and_versions_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(&dir.path().join("j.db")).unwrap();
+        let s = j
+            .offer("s".into(), vec![cand("a", 1), cand("b", 2)], true)
+            .await
+            .unwrap();
+        assert_eq!(s.inserted, 2);
+        let s = j
+            .offer("s".into(), vec![cand("a", 1), cand("b", 2)], true)
+            .await
+            .unwrap();
+        assert_eq!(s, OfferStats::default());
+        // A pending file that changes is refreshed in place...
+        let s = j.offer("s".into(), vec![cand("a", 5)], true).await.unwrap();
+        assert_eq!(s.refreshed, 1);
+        // ...a delivered one becomes a new version.
+        let rows = j.runnable(10, 0, true, vec![]).await.unwrap();
+        let b = rows.iter().find(|r| r.key == "b").unwrap().id;
+        let fp = rows.iter().find(|r| r.key == "b").unwrap().fingerprint;
+        assert!(!j
+            .delivered(
+                b,
+                cand("b", 99).fingerprint,
+                [7; 32],
+                Landed::default(),
+                true
+            )
+            .await
+            .unwrap());
+        assert!(j
+            .delivered(b, fp, [7; 32], Landed::default(), true)
+            .await
+            .unwrap());
+        let s = j.offer("s".into(), vec![cand("b", 3)], true).await.unwrap();
+        assert_eq!(s.inserted, 1);
+        let st = j.status().unwrap();
+        assert_eq!(st.objects["pending"], 2);
+        assert_eq!(st.objects["done"], 1);
+        assert_eq!(st.bytes_pending, 8);
+    }
+
+    #[tokio::test]
+    async fn state_survives_reopen_and_hash_guard_detects_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j.db");
+        {
+            let j = Journal::open(&path).unwrap();
+            j.offer("s".into(), vec![cand("a", 1)], true).await.unwrap();
+            let id = j.runnable(1, 0, true, vec![]).await.unwrap()[0].id;
+            let stale = Fingerprint {
+                size: 9,
+                mtime_ns: 1,
+                inode: 1,
+            };
+            assert!(!j
+                .set_hashed(id, stale, Hashed::whole([1; 32]), None)
+                .await
+                .unwrap());
+            assert!(j
+                .set_hashed(id, cand("a", 1).fingerprint, Hashed::whole([1; 32]), None)
+                .await
+                .unwrap());
+            j.begin_multipart(id, "up-1".into(), 5 << 20).await.unwrap();
+            j.record_part(
+                id,
+                PartRow {
+                    number: 1,
+                    size: 5 << 20,
+                    sha256_b64: "x".into(),
+                    etag: "\"e\"".into(),
+                },
+            )
+            .await
+            .unwrap();
+        }
+        let j = Journal::open(&path).unwrap();
+        let rows = j.runnable(10, 0, true, vec![]).await.unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].state, State::Uploading);
+        assert_eq!(rows[0].upload_id.as_deref(), Some("up-1"));
+        assert_eq!(rows[0].sha256, Some([1; 32]));
+        assert_eq!(j.parts(rows[0].id).await.unwrap().len(), 1);
+        j.reset(rows[0].id, None, "gone".into()).await.unwrap();
+        assert!(j.parts(rows[0].id).await.unwrap().is_empty());
+        j.check_integrity().unwrap();
+    }
+
+    #[tokio::test]
+    async fn backoff_and_cursor_filter_runnable() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(&dir.path().join("j.db")).unwrap();
+        j.offer("s".into(), vec![cand("a", 1), cand("b", 1)], true)
+            .await
+            .unwrap();
+        let rows = j.runnable(10, 0, true, vec![]).await.unwrap();
+        j.retry_later(rows[0].id, 60_000, true, "later".into())
+            .await
+            .unwrap();
+        assert_eq!(j.runnable(10, 0, true, vec![]).await.unwrap().len(), 1);
+        assert_eq!(j.runnable(10, 0, false, vec![]).await.unwrap().len(), 2);
+        assert_eq!(
+            j.runnable(10, rows[0].id, false, vec![])
+                .await
+                .unwrap()
+                .len(),
+            1
+        );
+        assert_eq!(
+            j.runnable(10, 0, false, vec![rows[1].id])
+                .await
+                .unwrap()
+                .len(),
+            1
+        );
+        assert!(j.next_wakeup_ms().await.unwrap().is_some());
+        assert_eq!(j.status().unwrap().last_errors[0].message, "later");
+    }
+
+    #[test]
+    fn dispatch_queries_use_the_active_indexes() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(&dir.path().join("j.db")).unwrap();
+        let plan = |sql: &str| {
+            let sql = sql.to_string();
+            j.with(move |c| {
+                let mut st = c.prepare(&format!("EXPLAIN QUERY PLAN {sql}"))?;
+                let nulls = std::iter::repeat_n(rusqlite::types::Null, st.parameter_count());
+                let rows =
+                    st.query_map(rusqlite::params_from_iter(nulls), |r| r.get::<_, String>(3))?;
+                rows.collect::<rusqlite::Result<Vec<_>>>()
+            })
+            .unwrap()
+            .join("; ")
+        };
+        let runnable = plan(&RUNNABLE_SQL);
+        assert!(runnable.contains("objects_active"), "{runnable}");
+        assert!(!runnable.contains("TEMP B-TREE"), "{runnable}");
+        let wakeup = plan(&WAKEUP_SQL);
+        assert!(wakeup.contains("objects_backoff"), "{wakeup}");
+    }
+
+    #[test]
+    fn garbage_file_is_reported_as_corrupt() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j.db");
+        std::fs::write(&path, vec![0x42u8; 8192]).unwrap();
+        let err = Journal::open(&path).err().expect("must fail");
+        assert!(matches!(err, JournalError::Corrupt { .. }), "{err}");
+        assert!(err.to_string().contains("move the file"));
+    }
+}

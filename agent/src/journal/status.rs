@@ -1,0 +1,174 @@
+//! What `ha-edge status` reads from the journal: counts per state, bytes, agent facts, what is
+//! held back, the last errors. Read-only; works on a journal of an older ha-edge (not migrated).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::UNIX_EPOCH;
+
+use serde::Serialize;
+
+use super::model::{states_sql, State};
+use super::store::{now_ms, Journal, JournalError};
+
+#[derive(Debug, Serialize)]
+pub struct StatusError {
+    pub at: String,
+    pub key: Option<String>,
+    pub message: String,
+}
+
+/// A file or object that will not be sent as it is: refused at discovery (name, type, the
+/// journal itself), rejected, or in conflict with another writer's object.
+#[derive(Debug, Serialize)]
+pub struct HeldItem {
+    pub at: String,
+    pub source: String,
+    pub path: String,
+    /// The destination key, if it got one.
+    pub key: Option<String>,
+    /// "refused", "rejected" or "conflict".
+    pub state: String,
+    pub reason: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Held {
+    pub count: u64,
+    /// The newest, at most 20.
+    pub last: Vec<HeldItem>,
+}
+
+/// What `ha-edge status` shows.
+#[derive(Debug, Serialize)]
+pub struct Status {
+    pub journal: PathBuf,
+    pub objects: BTreeMap<String, u64>,
+    pub bytes_pending: u64,
+    pub bytes_delivered: u64,
+    pub oldest_pending_age_secs: Option<u64>,
+    pub agent: BTreeMap<String, String>,
+    pub held: Held,
+    pub last_errors: Vec<StatusError>,
+}
+
+/// Paths held back: the newest journal row of a path in `rejected` or `conflict`, and paths
+/// refused at discovery.
+fn held_sql(with_refused: bool) -> String {
+    let rows = format!(
+        "SELECT o.updated_ms, o.source, o.rel_path, o.key, o.state, COALESCE(o.last_error, '')
+           FROM objects o
+          WHERE o.state IN ({})
+            AND o.id = (SELECT MAX(n.id) FROM objects n
+                         WHERE n.source = o.source AND n.rel_path = o.rel_path)",
+        states_sql(&State::HELD)
+    );
+    if with_refused {
+        rows + " UNION ALL SELECT at_ms, source, rel_path, NULL, 'refused', reason FROM refused"
+    } else {
+        rows
+    }
+}
+
+impl Journal {
+    pub fn status(&self) -> Result<Status, JournalError> {
+        let journal = self.path().to_path_buf();
+        self.with(move |c| {
+            let mut objects = BTreeMap::new();
+            for st in State::ALL {
+                objects.insert(st.as_str().to_string(), 0u64);
+            }
+            let mut stmt = c.prepare("SELECT state, COUNT(*) FROM objects GROUP BY state")?;
+            for row in stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))? {
+                let (state, n) = row?;
+                objects.insert(state, n as u64);
+            }
+            let unsent = states_sql(&State::UNSENT);
+            let bytes_pending: i64 = c.query_row(
+                &format!("SELECT COALESCE(SUM(size), 0) FROM objects WHERE state IN ({unsent})"),
+                [],
+                |r| r.get(0),
+            )?;
+            let bytes_delivered: i64 = c.query_row(
+                &format!(
+                    "SELECT COALESCE(SUM(size), 0) FROM objects WHERE state IN ({})",
+                    states_sql(&State::LANDED)
+                ),
+                [],
+                |r| r.get(0),
+            )?;
+            let oldest: Option<i64> = c.query_row(
+                &format!("SELECT MIN(discovered_ms) FROM objects WHERE state IN ({unsent})"),
+                [],
+                |r| r.get(0),
+            )?;
+            let mut agent = BTreeMap::new();
+            let mut stmt = c.prepare("SELECT name, value FROM agent_state ORDER BY name")?;
+            for row in
+                stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?
+            {
+                let (k, v) = row?;
+                agent.insert(k, v);
+            }
+            let mut stmt = c.prepare(
+                "SELECT e.at_ms, o.key, e.message FROM errors e
+                 LEFT JOIN objects o ON o.id = e.object_id
+                 ORDER BY e.id DESC LIMIT 10",
+            )?;
+            let last_errors = stmt
+                .query_map([], |r| {
+                    let at: i64 = r.get(0)?;
+                    Ok(StatusError {
+                        at: humantime::format_rfc3339_seconds(
+                            UNIX_EPOCH + std::time::Duration::from_millis(at.max(0) as u64),
+                        )
+                        .to_string(),
+                        key: r.get(1)?,
+                        message: r.get(2)?,
+                    })
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            // A journal of an older ha-edge (opened read-only, not migrated) has no such table.
+            let has_refused: bool = c.query_row(
+                "SELECT COUNT(*) > 0 FROM sqlite_master WHERE name = 'refused'",
+                [],
+                |r| r.get(0),
+            )?;
+            let held_sql = held_sql(has_refused);
+            let count: i64 =
+                c.query_row(&format!("SELECT COUNT(*) FROM ({held_sql})"), [], |r| {
+                    r.get(0)
+                })?;
+            let mut stmt = c.prepare(&format!("{held_sql} ORDER BY 1 DESC LIMIT 20"))?;
+            let last = stmt
+                .query_map([], |r| {
+                    let at: i64 = r.get(0)?;
+                    let rel: Vec<u8> = r.get(2)?;
+                    Ok(HeldItem {
+                        at: humantime::format_rfc3339_seconds(
+                            UNIX_EPOCH + std::time::Duration::from_millis(at.max(0) as u64),
+                        )
+                        .to_string(),
+                        source: r.get(1)?,
+                        path: String::from_utf8_lossy(&rel).into_owned(),
+                        key: r.get(3)?,
+                        state: r.get(4)?,
+                        reason: r.get(5)?,
+                    })
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(Status {
+                held: Held {
+                    count: count as u64,
+                    last,
+                },
+                journal: journal.clone(),
+                objects,
+                bytes_pending: bytes_pending as u64,
+                bytes_delivered: bytes_delivered as u64,
+                oldest_pending_age_secs: oldest.map(|t| ((now_ms() - t).max(0) / 1000) as u64),
+                agent,
+                last_errors,
+            })
+        })
+    }
+}
