@@ -46,6 +46,8 @@
 //! (`ha-edge status`) never block the writer.
 
 mod model;
+#[cfg(test)]
+mod model_check;
 mod queries;
 mod schema;
 mod status;
