@@ -71,14 +71,14 @@ fn op() -> impl Strategy<Value = Op> {
     let pick = any::<usize>();
     prop_oneof![
         3 => (0..PATHS, 0u8..3).prop_map(|(path, version)| Op::Offer { path, version }),
-        2 => (pick.clone(), prop::bool::weighted(0.2)).prop_map(|(pick, stale)| Op::Hash { pick, stale }),
-        2 => pick.clone().prop_map(|pick| Op::BeginMultipart { pick }),
-        3 => (pick.clone(), 1u32..4).prop_map(|(pick, number)| Op::RecordPart { pick, number }),
-        1 => pick.clone().prop_map(|pick| Op::Complete { pick }),
-        2 => (pick.clone(), any::<bool>()).prop_map(|(pick, keep)| Op::Deliver { pick, keep }),
-        1 => pick.clone().prop_map(|pick| Op::Retry { pick }),
-        1 => pick.clone().prop_map(|pick| Op::StartOver { pick }),
-        1 => pick.clone().prop_map(|pick| Op::AfterUpload { pick }),
+        2 => (pick, prop::bool::weighted(0.2)).prop_map(|(pick, stale)| Op::Hash { pick, stale }),
+        2 => pick.prop_map(|pick| Op::BeginMultipart { pick }),
+        3 => (pick, 1u32..4).prop_map(|(pick, number)| Op::RecordPart { pick, number }),
+        1 => pick.prop_map(|pick| Op::Complete { pick }),
+        2 => (pick, any::<bool>()).prop_map(|(pick, keep)| Op::Deliver { pick, keep }),
+        1 => pick.prop_map(|pick| Op::Retry { pick }),
+        1 => pick.prop_map(|pick| Op::StartOver { pick }),
+        1 => pick.prop_map(|pick| Op::AfterUpload { pick }),
         1 => pick.prop_map(|pick| Op::Reject { pick }),
         1 => Just(Op::Crash),
     ]
