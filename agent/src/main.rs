@@ -13,6 +13,7 @@ mod keymap;
 mod relay;
 mod retry;
 mod s3;
+mod scheduler;
 mod shutdown;
 mod sink;
 mod source;

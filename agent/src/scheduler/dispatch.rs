@@ -1,0 +1,671 @@
+//! The driver: one `select!` loop that hands runnable journal rows to the sink, at most
+//! `concurrency` at a time, and carries out what the policy decides when each one finishes.
+//! Health and policy are pure (`health.rs`, `policy.rs`); everything here is IO: journal
+//! queries and writes, tasks, logs, the service manager.
+//!
+//! Must not break: a delivery is committed before its source is deleted or moved (the object's
+//! task commits it, or `settle` does, and after_upload runs only after that); the loop never
+//! waits on a transfer, only on the next event; a stop lets parts in flight finish within the
+//! grace period.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{watch, Notify};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tracing::Instrument;
+
+use super::health::{Action, Gate, Health, Notice, Signal, SourceGate, Stop};
+use super::policy::{self, Context, Tally, Transition};
+use crate::config::{AfterUpload, SourceConfig};
+use crate::journal::{Journal, JournalError, Landed, ObjectRow, State};
+use crate::retry::Class;
+use crate::sink::read::Origin;
+use crate::sink::s3::Confirm;
+use crate::sink::{Outcome, Sink};
+use crate::source::bucket::{self, BucketAfter};
+use crate::source::fs::{after_upload, AfterResult, FsSource, SourceReport};
+use crate::systemd;
+
+/// What a run did; `--once` prints it and derives the exit code from it.
+#[derive(Debug, Default)]
+pub struct Summary {
+    pub delivered: u64,
+    pub bytes: u64,
+    pub rejected: u64,
+    /// Objects left alone because another writer's object is at their key.
+    pub conflicts: u64,
+    pub vanished: u64,
+    pub failed: u64,
+    pub changed: u64,
+    pub unsettled: usize,
+    pub refused: usize,
+    pub destination_error: Option<String>,
+    /// The destination stopped answering (`--once` stops dispatching and exits 1).
+    pub unreachable: Option<String>,
+    /// Bucket listings that failed.
+    pub source_errors: usize,
+}
+
+impl Summary {
+    pub fn all_delivered(&self) -> bool {
+        self.rejected == 0
+            && self.conflicts == 0
+            && self.refused == 0
+            && self.changed == 0
+            && self.failed == 0
+            && self.source_errors == 0
+            && self.destination_error.is_none()
+            && self.unreachable.is_none()
+    }
+}
+
+/// Rows fetched from the journal per dispatch query.
+const PREFETCH: usize = 64;
+/// Delivered objects whose commit may be pending while others transfer.
+const COMMIT_BACKLOG: usize = 64;
+
+/// What the driver works with, wired by `app.rs`.
+pub struct Wiring {
+    pub journal: Journal,
+    pub sink: Arc<Sink>,
+    pub sources: HashMap<String, SourceConfig>,
+    /// Where each source's bytes come from.
+    pub origins: HashMap<String, Origin>,
+    pub once: bool,
+    pub concurrency: usize,
+    pub shutdown_grace: Duration,
+}
+
+/// The sources feeding the journal.
+pub struct Intake {
+    /// Daemon: the sources' tasks.
+    pub running: JoinSet<Result<SourceReport, JournalError>>,
+    /// Tells the sources to stop.
+    pub stop: watch::Sender<bool>,
+    /// Notified when a source offered something (or a slot freed).
+    pub wake: Arc<Notify>,
+    /// `--once`: the directory sources, looked at again for manifests held back until their
+    /// files are in.
+    pub once_sources: Vec<FsSource>,
+    /// `--once`: manifests held back at the first scan.
+    pub held: usize,
+}
+
+/// An object task's result.
+struct Finished {
+    row: ObjectRow,
+    outcome: Outcome,
+    took: Duration,
+    /// For a first delivery: the journal commit of `delivered`, made by the task itself (false:
+    /// the row changed meanwhile and nothing was written).
+    committed: Option<Result<bool, JournalError>>,
+}
+
+struct Scheduler {
+    w: Wiring,
+    health: Health,
+    summary: Summary,
+}
+
+/// Dispatches until the journal has nothing left (`--once`) or until `shutdown`.
+pub async fn run(
+    w: Wiring,
+    mut intake: Intake,
+    summary: Summary,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<Summary, JournalError> {
+    let once = w.once;
+    let journal = w.journal.clone();
+    let wake = intake.wake.clone();
+    let mut sched = Scheduler {
+        health: Health::new(once, fastrand::u64(..)),
+        w,
+        summary,
+    };
+    sched.preflight().await?;
+    systemd::ready();
+    systemd::status("running");
+    let mut watchdog = systemd::watchdog_interval().map(tokio::time::interval);
+    let concurrency = sched.w.concurrency;
+    // `concurrency` objects transfer at a time; an object whose upload is verified gives its
+    // slot to the next one while its delivery waits for the journal's commit (fsync), so the
+    // commit is off the transfer path even when the disk is slow. Such a task holds its journal
+    // row and its bytes' share of the memory budget (a crash would send them again, so data
+    // sent but not recorded stays within `parts_in_flight x part_size`); at most COMMIT_BACKLOG
+    // of them wait at once.
+    let transfers = Arc::new(tokio::sync::Semaphore::new(concurrency));
+    let max_tasks = concurrency + COMMIT_BACKLOG;
+    let (obj_stop_tx, obj_stop_rx) = watch::channel(false);
+    let mut inflight: JoinSet<Finished> = JoinSet::new();
+    let mut inflight_ids: Vec<i64> = Vec::new();
+    let mut cursor = 0i64;
+    // Rows fetched ahead, so that dispatching an object does not wait for a journal query.
+    let mut queued: VecDeque<ObjectRow> = VecDeque::new();
+    let mut fetched_all = false;
+    let mut draining = false;
+    let mut grace_deadline: Option<Instant> = None;
+    let mut delivered_at_scan = 0u64;
+
+    loop {
+        let mut exhausted = false;
+        let gate = sched.health.gate(Instant::now());
+        let may_dispatch = !draining && gate != Gate::Closed;
+        if may_dispatch && transfers.available_permits() > 0 && inflight.len() < max_tasks {
+            // While probing a paused destination, one object at a time.
+            let free = if sched.health.probing() {
+                1usize.saturating_sub(inflight.len())
+            } else {
+                transfers
+                    .available_permits()
+                    .min(max_tasks - inflight.len())
+            };
+            if free > 0 && queued.is_empty() {
+                let want = PREFETCH.max(free);
+                let rows = journal
+                    .runnable(
+                        want,
+                        if once { cursor } else { 0 },
+                        !once,
+                        inflight_ids.clone(),
+                    )
+                    .await?;
+                fetched_all = rows.len() < want;
+                for row in &rows {
+                    cursor = cursor.max(row.id);
+                }
+                queued.extend(rows);
+            }
+            exhausted = queued.is_empty() && fetched_all;
+            let take = free.min(queued.len());
+            let rows: Vec<ObjectRow> = queued.drain(..take).collect();
+            for row in rows {
+                if sched.defer_if_source_paused(&row).await? {
+                    continue;
+                }
+                inflight_ids.push(row.id);
+                let slot = transfers
+                    .clone()
+                    .try_acquire_owned()
+                    .expect("no more objects dispatched than free transfer slots");
+                let task = sched.object_task(row, slot, obj_stop_rx.clone(), wake.clone());
+                inflight.spawn(task);
+            }
+        }
+        if inflight.is_empty() {
+            if draining {
+                break;
+            }
+            if once && (exhausted || !may_dispatch) {
+                // Manifests held back for files delivered in this run: look once more.
+                if may_dispatch && intake.held > 0 && sched.summary.delivered > delivered_at_scan {
+                    delivered_at_scan = sched.summary.delivered;
+                    let (mut offered, mut unsettled) = (0, 0);
+                    intake.held = 0;
+                    for src in &mut intake.once_sources {
+                        let r = src.scan_once().await?;
+                        offered += r.offered;
+                        unsettled += r.unsettled;
+                        intake.held += r.held;
+                    }
+                    sched.summary.unsettled = unsettled;
+                    if offered > 0 {
+                        fetched_all = false;
+                        continue;
+                    }
+                }
+                break;
+            }
+        }
+        let poll = if once {
+            Duration::from_secs(3600)
+        } else {
+            let next = journal
+                .next_wakeup_ms()
+                .await?
+                .map(|ms| Duration::from_millis(ms.max(0).unsigned_abs()));
+            let until_probe = sched
+                .health
+                .next_probe()
+                .map(|t| t.saturating_duration_since(Instant::now()));
+            [Some(Duration::from_secs(30)), next, until_probe]
+                .into_iter()
+                .flatten()
+                .min()
+                .unwrap_or(Duration::from_secs(30))
+                .max(Duration::from_millis(50))
+        };
+        tokio::select! {
+            Some(res) = inflight.join_next(), if !inflight.is_empty() => {
+                let Ok(done) = res else { continue };
+                inflight_ids.retain(|id| *id != done.row.id);
+                sched.settle(done).await?;
+            }
+            Some(res) = intake.running.join_next(), if !intake.running.is_empty() => {
+                if let Ok(Err(e)) = res {
+                    return Err(e);
+                }
+            }
+            _ = async { watchdog.as_mut().expect("guarded").tick().await }, if watchdog.is_some() => {
+                // Fed from the scheduler loop itself: if the loop stalls, systemd restarts us.
+                systemd::watchdog();
+                systemd::status(&format!(
+                    "{} delivered since start, {} in flight, destination {}",
+                    sched.summary.delivered,
+                    inflight.len(),
+                    sched.health.label()
+                ));
+            }
+            () = wake.notified(), if !draining => {}
+            () = tokio::time::sleep(poll), if !draining => {}
+            _ = shutdown.changed(), if !draining => {
+                draining = true;
+                let _ = intake.stop.send(true);
+                let _ = obj_stop_tx.send(true);
+                let grace = sched.w.shutdown_grace;
+                tracing::info!(in_flight = inflight.len(), grace = %humantime::format_duration(grace), "shutting down: finishing parts in flight");
+                grace_deadline = Some(Instant::now() + grace);
+            }
+            () = async { tokio::time::sleep_until(grace_deadline.unwrap_or_else(Instant::now)).await }, if draining && grace_deadline.is_some() => {
+                tracing::warn!(in_flight = inflight.len(), "grace period over: stopping; unfinished parts resume on the next start");
+                inflight.abort_all();
+                while inflight.join_next().await.is_some() {}
+                break;
+            }
+        }
+    }
+    let _ = intake.stop.send(true);
+    while let Some(res) = intake.running.join_next().await {
+        if let Ok(Err(e)) = res {
+            return Err(e);
+        }
+    }
+    if let Sink::Relay(r) = &*sched.w.sink {
+        // Tell the relay we are gone (streams in flight resume on the next start).
+        let _ = tokio::time::timeout(Duration::from_secs(2), r.client().close()).await;
+    }
+    Ok(sched.summary)
+}
+
+impl Scheduler {
+    /// The task that delivers one object.
+    fn object_task(
+        &self,
+        row: ObjectRow,
+        slot: tokio::sync::OwnedSemaphorePermit,
+        stop: watch::Receiver<bool>,
+        wake: Arc<Notify>,
+    ) -> impl std::future::Future<Output = Finished> + Send + 'static {
+        let span = tracing::info_span!("object", id = row.id, key = %row.key);
+        let sink = self.w.sink.clone();
+        let origin = self.w.origins.get(&row.source).cloned();
+        let keep = self
+            .w
+            .sources
+            .get(&row.source)
+            .is_none_or(|s| s.after_upload == AfterUpload::Keep);
+        let journal = self.w.journal.clone();
+        async move {
+            let started = Instant::now();
+            let (outcome, unrecorded) = match (&origin, row.state) {
+                (None, _) => {
+                    let why = format!("source {:?} is no longer in the config", row.source);
+                    (Outcome::Retry(why), None)
+                }
+                (Some(_), State::Delivered) => (
+                    Outcome::Delivered(row.sha256.unwrap_or_default(), Landed::default()),
+                    None,
+                ),
+                (Some(origin), _) => {
+                    // Read back before the source is deleted or moved.
+                    let confirm = if keep {
+                        Confirm::Answer
+                    } else {
+                        Confirm::ReadBack
+                    };
+                    sink.deliver(&row, origin, confirm, stop).await
+                }
+            };
+            // A first delivery is committed here, alongside the other objects in flight: the
+            // journal's group commit can batch them, the scheduler loop never waits for an
+            // fsync, and the transfer slot is free for the next object meanwhile. What a crash
+            // would send again stays counted in the memory budget until the commit
+            // (`unrecorded`). Nothing acts on this object (after_upload) before the commit:
+            // that happens once this task is joined.
+            let committed = match &outcome {
+                Outcome::Delivered(sha, landed) if row.state != State::Delivered => {
+                    drop(slot);
+                    wake.notify_one();
+                    let done = journal
+                        .delivered(row.id, row.fingerprint, *sha, landed.clone(), keep)
+                        .await;
+                    drop(unrecorded);
+                    Some(done)
+                }
+                _ => None,
+            };
+            Finished {
+                took: started.elapsed(),
+                row,
+                outcome,
+                committed,
+            }
+        }
+        .instrument(span)
+    }
+
+    /// HeadBucket before the first upload, so a missing bucket or wrong region is reported at
+    /// once. A 403 proves nothing here (a least-privilege policy may lack s3:ListBucket), and a
+    /// network error neither: the first real request decides those.
+    async fn preflight(&mut self) -> Result<(), JournalError> {
+        match self.w.sink.preflight().await {
+            Ok(()) => {
+                if let Sink::S3(s3) = &*self.w.sink {
+                    s3.probe_conditional().await;
+                }
+                self.health.preflight_ok();
+                self.w
+                    .journal
+                    .set_agent_state("destination", "ok".into())
+                    .await
+            }
+            Err(e) if e.class() == Class::Destination && e.status() != Some(403) => {
+                let advice = e.for_operator();
+                let signal = Signal::Refused {
+                    code: e.code().unwrap_or_default(),
+                    message: &advice,
+                };
+                let action = self.health.on_signal(signal, Instant::now());
+                self.act(&action).await
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "bucket check inconclusive; continuing");
+                Ok(())
+            }
+        }
+    }
+
+    /// Rows of a source whose keys the destination refuses wait until that source's next probe
+    /// (daemon) or are left for the next run (`--once`). Returns true if the row was deferred.
+    async fn defer_if_source_paused(&mut self, row: &ObjectRow) -> Result<bool, JournalError> {
+        match self.health.source_gate(&row.source, Instant::now()) {
+            SourceGate::Open => Ok(false),
+            SourceGate::Skip => {
+                self.summary.failed += 1;
+                Ok(true)
+            }
+            SourceGate::Wait(wait, msg) => {
+                let (ms, msg) = (millis(wait), msg.to_string());
+                self.w.journal.retry_later(row.id, ms, false, msg).await?;
+                Ok(true)
+            }
+        }
+    }
+
+    /// Tells the operator and `status` what health noticed; a `--once` stop ends dispatching.
+    async fn act(&mut self, action: &Action) -> Result<(), JournalError> {
+        let j = &self.w.journal;
+        let since = || humantime::format_rfc3339_seconds(std::time::SystemTime::now());
+        for notice in &action.notices {
+            match notice {
+                Notice::Refusing { message, new_cause } => {
+                    if *new_cause {
+                        tracing::error!(endpoint = %self.w.sink.endpoint(), bucket = %self.w.sink.bucket(), error = %message, "destination refuses uploads; pausing this destination");
+                        j.note_error(message.clone()).await?;
+                    }
+                    j.set_agent_state(
+                        "destination",
+                        format!("refusing since {}: {message}", since()),
+                    )
+                    .await?;
+                }
+                Notice::ProbeIn(delay) => {
+                    tracing::info!(probe_in = %humantime::format_duration(Duration::from_secs(delay.as_secs())), "will probe the destination again");
+                }
+                Notice::Unreachable { message } => {
+                    tracing::warn!(endpoint = %self.w.sink.endpoint(), error = %message, "destination unreachable; pausing uploads and probing until it answers");
+                    j.note_error(message.clone()).await?;
+                    j.set_agent_state(
+                        "destination",
+                        format!("unreachable since {}: {message}", since()),
+                    )
+                    .await?;
+                }
+                Notice::StillUnreachable { message } => {
+                    tracing::debug!(error = %message, "destination still unreachable");
+                }
+                Notice::Back { outage } => {
+                    tracing::info!(endpoint = %self.w.sink.endpoint(), outage_secs = outage.as_secs(), "destination answers again; resuming uploads");
+                }
+                Notice::Accepting => {
+                    tracing::info!(bucket = %self.w.sink.bucket(), "destination accepts requests again");
+                }
+                Notice::DestinationOk => {
+                    j.set_agent_state("destination", "ok".into()).await?;
+                }
+                Notice::SourceRefused { source, message } => {
+                    tracing::error!(source = %source, error = %message, "destination refuses this source's keys; pausing this source (others go on)");
+                    j.note_error(message.clone()).await?;
+                    j.set_agent_state(
+                        format!("source.{source}"),
+                        format!("refused since {}: {message}", since()),
+                    )
+                    .await?;
+                }
+                Notice::SourceAccepting { source } => {
+                    tracing::info!(source = %source, "destination accepts this source's keys again");
+                    j.set_agent_state(format!("source.{source}"), "ok".into())
+                        .await?;
+                }
+            }
+        }
+        match &action.stop {
+            Some(Stop::Refused(m)) => {
+                self.summary
+                    .destination_error
+                    .get_or_insert_with(|| m.clone());
+            }
+            Some(Stop::Unreachable(m)) => {
+                self.summary.unreachable.get_or_insert_with(|| m.clone());
+            }
+            None => {}
+        }
+        Ok(())
+    }
+
+    /// How long `source` takes to settle after a change: a bucket object is looked at again
+    /// after the next listing has seen its new version.
+    fn settle_of(&self, source: &str) -> Duration {
+        self.w
+            .sources
+            .get(source)
+            .map_or(policy::DEFAULT_SETTLE, |s| {
+                if s.is_dir() {
+                    s.settle
+                } else {
+                    s.poll_interval
+                }
+            })
+    }
+
+    /// The source changed under an upload: the object waits one settle period, then is tried
+    /// again (and by then a rescan has recorded the new fingerprint).
+    async fn wait_for_settle(&mut self, row: &ObjectRow, msg: String) -> Result<(), JournalError> {
+        tracing::info!(reason = %msg, "source changed; waiting for it to settle");
+        self.summary.changed += 1;
+        let settle = millis(self.settle_of(&row.source));
+        self.w.journal.retry_later(row.id, settle, false, msg).await
+    }
+
+    /// Carries out what the policy decides for a finished object.
+    async fn settle(&mut self, done: Finished) -> Result<(), JournalError> {
+        let Finished {
+            row,
+            outcome,
+            took,
+            committed,
+        } = done;
+        if let Outcome::Interrupted = outcome {
+            tracing::info!("interrupted; resumes from the journal on the next start");
+        }
+        let cx = Context {
+            once: self.w.once,
+            settle: self.settle_of(&row.source),
+            jitter: fastrand::f64(),
+        };
+        let decision = policy::decide(outcome, &row, cx, &mut self.health, Instant::now())?;
+        self.act(&decision.health).await?;
+        let j = self.w.journal.clone();
+        match decision.tally {
+            Tally::Failed => self.summary.failed += 1,
+            Tally::Rejected => self.summary.rejected += 1,
+            Tally::Conflict => self.summary.conflicts += 1,
+            Tally::Vanished => self.summary.vanished += 1,
+            // Counted once the delivery is known to be recorded; a change by wait_for_settle.
+            Tally::Delivered | Tally::Changed | Tally::Nothing => {}
+        }
+        match decision.transition {
+            Transition::Deliver { sha256, landed } => {
+                let action = self
+                    .w
+                    .sources
+                    .get(&row.source)
+                    .map_or(AfterUpload::Keep, |s| s.after_upload.clone());
+                if row.state != State::Delivered {
+                    let keep = action == AfterUpload::Keep;
+                    let recorded = match committed {
+                        Some(r) => r?,
+                        None => {
+                            j.delivered(row.id, row.fingerprint, sha256, landed, keep)
+                                .await?
+                        }
+                    };
+                    if !recorded {
+                        // A rescan recorded a newer version while this one was being sent: the
+                        // bucket holds the older one for now; the newer one goes next.
+                        let msg = "source changed while it was being sent".to_string();
+                        return self.wait_for_settle(&row, msg).await;
+                    }
+                    self.summary.delivered += 1;
+                    self.summary.bytes += row.fingerprint.size;
+                    let mbps = row.fingerprint.size as f64 / took.as_secs_f64().max(1e-6) / 1e6;
+                    tracing::info!(key = %row.key, size = row.fingerprint.size, secs = took.as_secs_f64(), mb_per_s = format!("{mbps:.1}"), "delivered and verified");
+                }
+                if action != AfterUpload::Keep {
+                    self.after_upload(&row, &action).await?;
+                }
+            }
+            Transition::RetryLater {
+                delay,
+                count_attempt,
+                message,
+            } => {
+                if count_attempt {
+                    if self.w.once {
+                        tracing::warn!(error = %message, "not delivered in this run; it resumes on the next run");
+                    } else {
+                        tracing::warn!(error = %message, attempt = row.attempts + 1, retry_in = %humantime::format_duration(Duration::from_secs(delay.as_secs())), "transfer failed; will retry");
+                    }
+                }
+                j.retry_later(row.id, millis(delay), count_attempt, message)
+                    .await?;
+            }
+            Transition::Finish { state, message } => {
+                match state {
+                    State::Rejected => {
+                        tracing::error!(error = %message, "rejected: this object will not be uploaded");
+                    }
+                    // Reported once, as an error: the object stays until the operator decides,
+                    // and its source is never deleted or moved.
+                    State::Conflict => {
+                        tracing::error!(error = %message, "conflict: another writer's object is at this key; not overwritten, source kept");
+                    }
+                    _ => {
+                        tracing::warn!(error = %message, "source file disappeared before upload; skipped");
+                    }
+                }
+                j.finish_with_error(row.id, state, message).await?;
+            }
+            Transition::StartOver { message, .. } => {
+                j.reset(row.id, None, message.clone()).await?;
+                self.wait_for_settle(&row, message).await?;
+            }
+            Transition::Leave => {}
+        }
+        Ok(())
+    }
+
+    /// Deletes or moves a delivered source (file or bucket object), only if it is still the
+    /// version delivered; the row is done afterwards, or retried later on failure.
+    async fn after_upload(
+        &mut self,
+        row: &ObjectRow,
+        action: &AfterUpload,
+    ) -> Result<(), JournalError> {
+        let j = &self.w.journal;
+        let res: Result<String, String> = match self.w.origins.get(&row.source) {
+            Some(Origin::Bucket { client, prefix }) => {
+                let key = Origin::source_key(prefix, &row.rel_path);
+                match bucket::after_upload(
+                    client,
+                    &key,
+                    &row.rel_path,
+                    action,
+                    row.fingerprint,
+                    row.etag.as_deref(),
+                )
+                .await
+                {
+                    Ok(BucketAfter::LeftChanged) => {
+                        tracing::warn!(key = %key, "source object changed after delivery: left in place; the new version will be sent");
+                        Ok("left changed".into())
+                    }
+                    Ok(r) => Ok(format!("{r:?}")),
+                    Err(e) => Err(e.to_string()),
+                }
+            }
+            Some(Origin::Dir(root)) => {
+                let (root, rel, fp, act) = (
+                    root.clone(),
+                    row.rel_path.clone(),
+                    row.fingerprint,
+                    action.clone(),
+                );
+                let res = tokio::task::spawn_blocking(move || after_upload(&root, &rel, &act, fp))
+                    .await
+                    .map_err(|_| JournalError::Panicked)?;
+                match res {
+                    Ok(AfterResult::LeftChanged) => {
+                        tracing::warn!(path = %row.rel_path.display(), "source changed after delivery: left in place; the new version will be sent");
+                        Ok("left changed".into())
+                    }
+                    Ok(r) => Ok(format!("{r:?}")),
+                    Err(e) => Err(e.to_string()),
+                }
+            }
+            None => Err(format!(
+                "source {:?} is no longer in the config",
+                row.source
+            )),
+        };
+        match res {
+            Ok(r) => {
+                tracing::debug!(result = %r, "after_upload done");
+                j.set_state(row.id, State::Done).await
+            }
+            Err(e) => {
+                let msg = format!("after_upload failed for {}: {e}", row.rel_path.display());
+                tracing::warn!(error = %e, "after_upload failed; will try again");
+                j.retry_later(row.id, millis(policy::AFTER_UPLOAD_RETRY), true, msg)
+                    .await
+            }
+        }
+    }
+}
+
+/// A delay as the journal's milliseconds.
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
