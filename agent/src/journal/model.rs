@@ -148,14 +148,8 @@ pub struct Landed {
     pub version: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PartRow {
-    pub number: u32,
-    pub size: u64,
-    /// Base64 SHA-256 of the part, as sent in x-amz-checksum-sha256.
-    pub sha256_b64: String,
-    pub etag: String,
-}
+/// A part the server acknowledged (kept in the `parts` table).
+pub use crate::s3::multipart::PartRow;
 
 /// What an offer of a settled file does to the journal.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -308,8 +308,9 @@ impl Journal {
                 }),
                 (None, Ok(())) => Err(JournalError::Panicked),
             };
-            reply(out);
+            // The place is free before the caller hears back.
             drop(place);
+            reply(out);
         });
         sender
             .send(Job { run, finish })

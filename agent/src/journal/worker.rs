@@ -344,7 +344,7 @@ mod tests {
         }
         // Every caller has either taken a place or is waiting for one.
         let placed = |j: &Journal| j.queue_places_taken();
-        for _ in 0..200 {
+        for _ in 0..1000 {
             if placed(&j) == QUEUE_LIMIT {
                 break;
             }

@@ -13,9 +13,10 @@ use std::time::{Duration, SystemTime};
 
 use crate::hash::Sha256;
 use bytes::Bytes;
-use tokio::task::JoinSet;
 
-use crate::s3::{b64, Precondition, S3Client, S3Error};
+use crate::s3::multipart::{Budget, PartRow, PartSource, SendError, Upload};
+use crate::s3::verify::{self, VerifyError};
+use crate::s3::{Precondition, S3Client, S3Error};
 
 /// Parts of an object landed in S3 at a time.
 const LAND_PARALLEL: usize = 4;
@@ -441,23 +442,13 @@ async fn upload_file(
     if on_disk != size {
         return Ok(Some((on_disk, [0; 32])));
     }
-    let mut whole = Sha256::new();
-    let file = Arc::new(File::open(path)?);
-    let read = |off: u64, len: u64| {
-        let file = file.clone();
-        async move {
-            tokio::task::spawn_blocking(move || -> std::io::Result<(Bytes, [u8; 32])> {
-                let mut buf = vec![0u8; len as usize];
-                file.read_exact_at(&mut buf, off)?;
-                let sha: [u8; 32] = Sha256::digest(&buf);
-                Ok((Bytes::from(buf), sha))
-            })
-            .await
-            .map_err(|e| std::io::Error::other(e.to_string()))?
-        }
-    };
+    let file = Arc::new(LocalParts {
+        file: Arc::new(File::open(path)?),
+        whole: Mutex::new(Sha256::new()),
+    });
+    let mut parts = None;
     if size <= part_size {
-        let (body, got) = read(0, size).await?;
+        let (body, got) = file.read(1, 0, size).await?;
         if got != *sha {
             return Ok(Some((size, got)));
         }
@@ -466,78 +457,92 @@ async fn upload_file(
             .await?;
     } else {
         let upload_id = client.create_multipart(key, sha).await?;
-        let count = size.div_ceil(part_size);
-        let mut parts: Vec<(u32, String, String)> = Vec::with_capacity(count as usize);
-        let mut tasks: JoinSet<Result<(u32, String, String), StoreError>> = JoinSet::new();
-        let mut next = 1u64;
-        let result: Result<Option<(u64, [u8; 32])>, StoreError> = async {
-            while next <= count || !tasks.is_empty() {
-                while next <= count && tasks.len() < LAND_PARALLEL {
-                    let off = (next - 1) * part_size;
-                    let len = (size - off).min(part_size);
-                    let (body, part_sha) = read(off, len).await?;
-                    whole.update(&body);
-                    let (client, key, id, n) = (
-                        client.clone(),
-                        key.to_string(),
-                        upload_id.clone(),
-                        next as u32,
-                    );
-                    tasks.spawn(async move {
-                        let etag = client.upload_part(&key, &id, n, body, &part_sha).await?;
-                        Ok((n, etag, b64(&part_sha)))
-                    });
-                    next += 1;
-                }
-                if let Some(done) = tasks.join_next().await {
-                    parts.push(done.map_err(|e| std::io::Error::other(e.to_string()))??);
-                }
-            }
-            parts.sort_by_key(|p| p.0);
-            let got: [u8; 32] = std::mem::take(&mut whole).finalize();
-            if got != *sha {
-                return Ok(Some((size, got)));
-            }
-            client
-                .complete_multipart(key, &upload_id, &parts, &Precondition::None)
-                .await?;
-            Ok(None)
-        }
-        .await;
-        match result {
-            Ok(None) => {}
-            Ok(Some(bad)) => {
-                let _ = client.abort_multipart(key, &upload_id).await;
-                return Ok(Some(bad));
-            }
+        let upload = Upload {
+            client,
+            key,
+            upload_id: &upload_id,
+            size,
+            part_size,
+        };
+        let budget = Budget::new(LAND_PARALLEL as u64 * part_size);
+        let (_never, stop) = tokio::sync::watch::channel(false);
+        let sent = match upload.send_parts(&file, &budget, Vec::new(), &stop).await {
+            Ok(sent) => sent,
             Err(e) => {
                 let _ = client.abort_multipart(key, &upload_id).await;
-                return Err(e);
+                return Err(match e {
+                    SendError::Failed(e) => e,
+                    SendError::Stopped | SendError::Panicked(_) => {
+                        StoreError::Io(std::io::Error::other("the upload's part tasks failed"))
+                    }
+                });
             }
+        };
+        let got: [u8; 32] =
+            std::mem::take(&mut *file.whole.lock().expect("not poisoned")).finalize();
+        if got != *sha {
+            let _ = client.abort_multipart(key, &upload_id).await;
+            return Ok(Some((size, got)));
         }
+        let done = client
+            .complete_multipart(
+                key,
+                &upload_id,
+                &Upload::manifest(&sent),
+                &Precondition::None,
+            )
+            .await;
+        if let Err(e) = done {
+            let _ = client.abort_multipart(key, &upload_id).await;
+            return Err(e.into());
+        }
+        parts = Some(sent);
     }
-    let head = client
-        .head_object(key)
-        .await?
-        .ok_or_else(|| StoreError::Verify {
-            key: key.to_string(),
-            detail: "not there after the upload".into(),
+    verify::verify(client, key, size, sha, parts.as_deref())
+        .await
+        .map_err(|e| match e {
+            VerifyError::S3(e) => StoreError::S3(e),
+            VerifyError::Mismatch(m) => StoreError::Verify {
+                key: key.to_string(),
+                detail: m.to_string(),
+            },
         })?;
-    let ok = head.size == size
-        && head
-            .meta_sha256
-            .as_deref()
-            .is_some_and(|m| m.eq_ignore_ascii_case(&hex::encode(sha)));
-    if !ok {
-        return Err(StoreError::Verify {
-            key: key.to_string(),
-            detail: format!(
-                "size {} and x-amz-meta-sha256 {:?} on the server",
-                head.size, head.meta_sha256
-            ),
-        });
-    }
     Ok(None)
+}
+
+/// A partial transfer on the relay's disk, read part by part in order (hashed whole as read).
+struct LocalParts {
+    file: Arc<File>,
+    whole: Mutex<Sha256>,
+}
+
+impl PartSource for LocalParts {
+    type Error = StoreError;
+    const IN_ORDER: bool = true;
+
+    async fn read(
+        &self,
+        _number: u32,
+        offset: u64,
+        len: u64,
+    ) -> Result<(Bytes, [u8; 32]), StoreError> {
+        let file = self.file.clone();
+        let (body, sha) =
+            tokio::task::spawn_blocking(move || -> std::io::Result<(Bytes, [u8; 32])> {
+                let mut buf = vec![0u8; usize::try_from(len).map_err(std::io::Error::other)?];
+                file.read_exact_at(&mut buf, offset)?;
+                let sha: [u8; 32] = Sha256::digest(&buf);
+                Ok((Bytes::from(buf), sha))
+            })
+            .await
+            .map_err(|e| std::io::Error::other(e.to_string()))??;
+        self.whole.lock().expect("not poisoned").update(&body);
+        Ok((body, sha))
+    }
+
+    async fn sent(&self, _part: &PartRow) -> Result<(), StoreError> {
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -3,7 +3,9 @@
 //! is in the signature and in `x-amz-checksum-sha256`, and a retry re-sends the same bytes.
 
 pub mod credentials;
+pub mod multipart;
 mod sign;
+pub mod verify;
 mod xml;
 
 use std::sync::Arc;
@@ -69,16 +71,6 @@ pub enum S3Error {
     },
     #[error("cannot build the HTTP client: {0}")]
     Setup(String),
-    /// A QUIC relay (the destination of `type = "quic"`) refuses: this agent (`RelayRefused`),
-    /// or this key (`AccessDenied`: outside the agent's authorized prefix).
-    #[error("relay {relay} refuses {what}: {message} ({code})")]
-    Relay {
-        relay: String,
-        /// "this agent", or the key refused.
-        what: String,
-        code: &'static str,
-        message: String,
-    },
 }
 
 impl S3Error {
@@ -89,7 +81,7 @@ impl S3Error {
                 code: &e.code,
             }),
             S3Error::Transport { .. } | S3Error::Protocol { .. } => classify(Failure::Transport),
-            S3Error::Setup(_) | S3Error::Relay { .. } => Class::Destination,
+            S3Error::Setup(_) => Class::Destination,
         }
     }
 
@@ -110,20 +102,9 @@ impl S3Error {
         }
     }
 
-    /// A refusal that concerns some keys only (a bucket policy denying a prefix), as opposed to
-    /// one that concerns every request (bad credentials, no bucket, wrong region, clock).
-    pub fn is_scoped_to_keys(&self) -> bool {
-        match self {
-            S3Error::Service(e) => e.status == 403 && e.code == "AccessDenied",
-            S3Error::Relay { code, .. } => *code == "AccessDenied",
-            _ => false,
-        }
-    }
-
     pub fn code(&self) -> Option<&str> {
         match self {
             S3Error::Service(e) => Some(&e.code),
-            S3Error::Relay { code, .. } => Some(code),
             _ => None,
         }
     }
@@ -145,12 +126,6 @@ impl S3Error {
 
     /// A sentence for the operator on destination-level errors: what is wrong and what to check.
     pub fn advice(&self) -> Option<&'static str> {
-        if let S3Error::Relay { code, .. } = self {
-            return Some(match *code {
-                "AccessDenied" => "the relay authorizes this agent's certificate for another key prefix: check destination.prefix and the relay's [[agent]] prefix",
-                _ => "check destination.cert_file and key_file (or relay_cert.pem and relay_key.pem in the credentials), the CA the relay trusts (client_ca_file) and its [[agent]] identities",
-            });
-        }
         let S3Error::Service(e) = self else {
             return None;
         };
@@ -199,7 +174,7 @@ pub struct PutAnswer {
 }
 
 /// What HEAD tells about a stored object.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Head {
     pub size: u64,
     pub meta_sha256: Option<String>,

@@ -21,10 +21,9 @@ use super::health::{Action, Gate, Health, Notice, Signal, SourceGate, Stop};
 use super::policy::{self, Context, Tally, Transition};
 use crate::config::{AfterUpload, SourceConfig};
 use crate::journal::{Journal, JournalError, Landed, ObjectRow, State};
-use crate::retry::Class;
 use crate::sink::read::Origin;
 use crate::sink::s3::Confirm;
-use crate::sink::{Outcome, Sink};
+use crate::sink::{Outcome, Preflight, Sink};
 use crate::source::bucket::{self, BucketAfter};
 use crate::source::fs::{after_upload, AfterResult, FsSource, SourceReport};
 use crate::systemd;
@@ -356,12 +355,11 @@ impl Scheduler {
         .instrument(span)
     }
 
-    /// HeadBucket before the first upload, so a missing bucket or wrong region is reported at
-    /// once. A 403 proves nothing here (a least-privilege policy may lack s3:ListBucket), and a
-    /// network error neither: the first real request decides those.
+    /// One cheap request before the first upload, so a missing bucket, a wrong region or a
+    /// relay that refuses this agent is reported at once.
     async fn preflight(&mut self) -> Result<(), JournalError> {
         match self.w.sink.preflight().await {
-            Ok(()) => {
+            Preflight::Ok => {
                 if let Sink::S3(s3) = &*self.w.sink {
                     s3.probe_conditional().await;
                 }
@@ -371,17 +369,17 @@ impl Scheduler {
                     .set_agent_state("destination", "ok".into())
                     .await
             }
-            Err(e) if e.class() == Class::Destination && e.status() != Some(403) => {
+            Preflight::Refused(e) => {
                 let advice = e.for_operator();
                 let signal = Signal::Refused {
-                    code: e.code().unwrap_or_default(),
+                    code: e.code.as_str(),
                     message: &advice,
                 };
                 let action = self.health.on_signal(signal, Instant::now());
                 self.act(&action).await
             }
-            Err(e) => {
-                tracing::debug!(error = %e, "bucket check inconclusive; continuing");
+            Preflight::Inconclusive(why) => {
+                tracing::debug!(error = %why, "destination check inconclusive; continuing");
                 Ok(())
             }
         }

@@ -13,6 +13,7 @@ use tokio::time::Instant;
 use super::health::{Action, Health, Signal};
 use crate::journal::{JournalError, ObjectRow, State};
 use crate::retry::Backoff;
+use crate::sink::error::Scope;
 use crate::sink::Outcome;
 
 /// Delay before probing a destination that refused us, growing up to 10 minutes.
@@ -149,9 +150,17 @@ pub fn decide(
                 health,
             }
         }
+        Outcome::Destination(err) if err.scope == Scope::Object => plain(
+            Transition::Finish {
+                state: State::Rejected,
+                message: err.to_string(),
+            },
+            Tally::Rejected,
+        ),
         Outcome::Destination(err) => {
-            let (code, advice) = (err.code().unwrap_or_default(), err.for_operator());
-            let signal = if err.is_scoped_to_keys() {
+            let advice = err.for_operator();
+            let code = err.code.as_str();
+            let signal = if err.scope == Scope::Source {
                 Signal::SourceRefused {
                     source: &row.source,
                     code,
@@ -217,6 +226,7 @@ mod tests {
     use super::*;
     use crate::journal::Fingerprint;
     use crate::s3::S3Error;
+    use crate::sink::error::DestinationError;
 
     fn row(attempts: u32) -> ObjectRow {
         ObjectRow {
@@ -319,7 +329,7 @@ mod tests {
             }
         ));
         let refused = d(
-            Outcome::Destination(denied("InvalidAccessKeyId")),
+            Outcome::Destination(DestinationError::from_s3(&denied("InvalidAccessKeyId"))),
             3,
             &mut h,
         );
@@ -330,6 +340,29 @@ mod tests {
                 ..
             }
         ));
+        let object = d(
+            Outcome::Destination(DestinationError::from_s3(&S3Error::Service(Box::new(
+                crate::s3::ServiceError {
+                    op: "PutObject",
+                    bucket: "b".into(),
+                    key: "k".into(),
+                    status: 400,
+                    code: "InvalidArgument".into(),
+                    message: "bad".into(),
+                    retry_after: None,
+                },
+            )))),
+            0,
+            &mut h,
+        );
+        assert!(matches!(
+            object.transition,
+            Transition::Finish {
+                state: State::Rejected,
+                ..
+            }
+        ));
+        assert_eq!(object.tally, Tally::Rejected);
         let delivered = d(Outcome::Delivered([0; 32], Default::default()), 0, &mut h);
         assert!(matches!(delivered.transition, Transition::Deliver { .. }));
         assert!(

@@ -1,6 +1,7 @@
 //! Delivery: where objects go. Each delivery ends in one `Outcome`, and the scheduler alone turns
 //! outcomes into journal states and retry decisions.
 
+pub mod error;
 pub mod read;
 pub mod relay;
 pub mod s3;
@@ -9,7 +10,8 @@ use tokio::sync::watch;
 
 use crate::journal::{JournalError, ObjectRow};
 use crate::relay::client::LinkError;
-use crate::s3::S3Error;
+use crate::retry::Class;
+use error::{Code, DestinationError, Scope};
 
 /// The destination: an S3 bucket, or a QUIC relay.
 pub enum Sink {
@@ -49,28 +51,42 @@ impl Sink {
     }
 
     /// One cheap request before the first upload (HeadBucket; connect and handshake).
-    pub async fn preflight(&self) -> Result<(), S3Error> {
+    pub async fn preflight(&self) -> Preflight {
         match self {
-            Sink::S3(s) => s.client().head_bucket().await,
+            Sink::S3(s) => match s.client().head_bucket().await {
+                Ok(()) => Preflight::Ok,
+                // A 403 proves nothing here (a least-privilege policy may lack s3:ListBucket),
+                // and a network error neither: the first real request decides those.
+                Err(e) if e.class() == Class::Destination && e.status() != Some(403) => {
+                    Preflight::Refused(DestinationError::from_s3(&e))
+                }
+                Err(e) => Preflight::Inconclusive(e.to_string()),
+            },
             Sink::Relay(r) => match r.client().connection().await {
-                Ok(_) => Ok(()),
-                Err(LinkError::Refused { relay, detail }) => Err(S3Error::Relay {
-                    relay,
-                    what: "this agent".into(),
-                    code: "RelayRefused",
-                    message: detail,
+                Ok(_) => Preflight::Ok,
+                Err(LinkError::Refused { relay, detail }) => {
+                    Preflight::Refused(relay::refused_agent(&relay, &detail))
+                }
+                Err(LinkError::Setup(m)) => Preflight::Refused(DestinationError {
+                    scope: Scope::Destination,
+                    code: Code::Setup,
+                    detail: m,
+                    advice: None,
                 }),
-                Err(LinkError::Setup(m)) => Err(S3Error::Setup(m)),
-                Err(e) => Err(S3Error::Transport {
-                    unsent: true,
-                    op: "Connect",
-                    bucket: r.client().relay().to_string(),
-                    key: String::new(),
-                    detail: e.to_string(),
-                }),
+                Err(e) => Preflight::Inconclusive(e.to_string()),
             },
         }
     }
+}
+
+/// What the check before the first upload found.
+#[derive(Debug)]
+pub enum Preflight {
+    Ok,
+    /// The destination refuses: reported at once, before any object is tried.
+    Refused(DestinationError),
+    /// Nothing certain (no answer, or an answer that proves nothing): the first upload decides.
+    Inconclusive(String),
 }
 
 /// What a delivery keeps from the memory budget until the scheduler has committed it: the share
@@ -89,9 +105,10 @@ pub enum Outcome {
     /// No answer from the destination at all (connect error, timeout, reset) after the
     /// request-level retries: the path is down, not this object.
     Unreachable(String),
-    /// The destination refuses (credentials, bucket, region, or access to this source's prefix):
-    /// pause, tell the operator once.
-    Destination(crate::s3::S3Error),
+    /// The destination refuses: this object (rejected), this source's keys (that source
+    /// pauses) or everything (credentials, bucket, region: the destination pauses); the
+    /// operator is told once.
+    Destination(DestinationError),
     /// This object can never be delivered as it is.
     Rejected(String),
     /// Another writer's object is at the key: left alone, the source kept, the operator told.

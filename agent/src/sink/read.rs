@@ -9,46 +9,20 @@ use std::sync::Arc;
 
 use crate::hash::Sha256;
 use bytes::Bytes;
-use tokio::sync::Semaphore;
 
+use super::error::DestinationError;
 use super::Outcome;
 use crate::journal::{Fingerprint, Hashed, JournalError, ObjectRow};
 use crate::retry::Class;
 use crate::s3::{S3Client, S3Error};
 use crate::source::bucket::same_version;
 
-/// Permits of the memory budget are KiB, so any part size fits a u32 permit count.
-const PERMIT: u64 = 1024;
 /// Read size of the hashing pass over a file.
 const HASH_CHUNK: usize = 1 << 20;
 /// Range size of the hashing pass over a source object.
 const OBJECT_HASH_RANGE: u64 = 8 << 20;
 
-/// Bytes of source data held in memory at once, across all objects, together with bytes sent
-/// but not yet recorded in the journal: a read waits for its share before it starts.
-pub struct Budget {
-    sem: Arc<Semaphore>,
-    kib: u32,
-}
-
-impl Budget {
-    pub fn new(bytes: u64) -> Budget {
-        let kib = (bytes / PERMIT).clamp(1, u32::MAX as u64) as u32;
-        Budget {
-            sem: Arc::new(Semaphore::new(kib as usize)),
-            kib,
-        }
-    }
-
-    pub async fn reserve(&self, bytes: u64) -> tokio::sync::OwnedSemaphorePermit {
-        let kib = (bytes.div_ceil(PERMIT) as u32).clamp(1, self.kib);
-        self.sem
-            .clone()
-            .acquire_many_owned(kib)
-            .await
-            .expect("the budget semaphore is never closed")
-    }
-}
+pub use crate::s3::multipart::Budget;
 
 /// Why an object could not proceed; mapped to an `Outcome` at the end.
 #[derive(Debug, thiserror::Error)]
@@ -119,8 +93,9 @@ impl Stop {
             Stop::S3(s3) => match s3.class() {
                 Class::Transient if s3.is_unanswered() => Outcome::Unreachable(s3.to_string()),
                 Class::Transient => Outcome::Retry(s3.to_string()),
-                Class::Destination => Outcome::Destination(s3),
-                Class::Object => Outcome::Rejected(s3.to_string()),
+                Class::Destination | Class::Object => {
+                    Outcome::Destination(DestinationError::from_s3(&s3))
+                }
             },
         }
     }

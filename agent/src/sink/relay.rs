@@ -13,11 +13,11 @@ use std::time::Instant;
 use ha_edge_proto::{Refusal, SessionError, Upload, UploadEvent, MAX_DATA};
 use tokio::sync::watch;
 
+use super::error::{Code, DestinationError, Scope};
 use super::read::{pin, Budget, Origin, Pinned, Stop};
 use super::Outcome;
 use crate::journal::{Journal, ObjectRow, State};
 use crate::relay::client::{LinkError, RelayClient};
-use crate::s3::S3Error;
 
 pub struct RelaySink {
     client: Arc<RelayClient>,
@@ -78,14 +78,14 @@ impl RelaySink {
             RStop::Read(stop) => stop.into_outcome(),
             RStop::Link(LinkError::Unreachable { .. }) => Outcome::Unreachable(e.to_string()),
             RStop::Link(LinkError::Refused { relay, detail }) => {
-                Outcome::Destination(S3Error::Relay {
-                    relay,
-                    what: "this agent".into(),
-                    code: "RelayRefused",
-                    message: detail,
-                })
+                Outcome::Destination(refused_agent(&relay, &detail))
             }
-            RStop::Link(LinkError::Setup(ref m)) => Outcome::Destination(S3Error::Setup(m.clone())),
+            RStop::Link(LinkError::Setup(ref m)) => Outcome::Destination(DestinationError {
+                scope: Scope::Destination,
+                code: Code::Setup,
+                detail: m.clone(),
+                advice: None,
+            }),
             RStop::Link(LinkError::Protocol { .. }) | RStop::Session(_) => {
                 Outcome::Retry(e.to_string())
             }
@@ -94,17 +94,17 @@ impl RelaySink {
                 reason,
                 message,
             } => match reason {
-                Refusal::Unauthorized => Outcome::Destination(S3Error::Relay {
-                    relay: self.client.relay().to_string(),
-                    what: key,
-                    code: "AccessDenied",
-                    message,
+                Refusal::Unauthorized => Outcome::Destination(DestinationError {
+                    scope: Scope::Source,
+                    code: Code::AccessDenied,
+                    detail: format!("relay {} refuses {key}: {message}", self.client.relay()),
+                    advice: Some(PREFIX_ADVICE),
                 }),
-                Refusal::Version => Outcome::Destination(S3Error::Relay {
-                    relay: self.client.relay().to_string(),
-                    what: key,
-                    code: "RelayRefused",
-                    message,
+                Refusal::Version => Outcome::Destination(DestinationError {
+                    scope: Scope::Destination,
+                    code: Code::VersionRefused,
+                    detail: format!("relay {} refuses {key}: {message}", self.client.relay()),
+                    advice: Some(AGENT_ADVICE),
                 }),
                 Refusal::BadKey | Refusal::Rejected => {
                     Outcome::Rejected(format!("the relay refuses the key {key}: {message}"))
@@ -279,5 +279,18 @@ impl RelaySink {
                 return Ok(ev);
             }
         }
+    }
+}
+
+const PREFIX_ADVICE: &str = "the relay authorizes this agent's certificate for another key prefix: check destination.prefix and the relay's [[agent]] prefix";
+const AGENT_ADVICE: &str = "check destination.cert_file and key_file (or relay_cert.pem and relay_key.pem in the credentials), the CA the relay trusts (client_ca_file) and its [[agent]] identities";
+
+/// The relay refuses this agent (its certificate or identity).
+pub fn refused_agent(relay: &str, detail: &str) -> DestinationError {
+    DestinationError {
+        scope: Scope::Destination,
+        code: Code::AgentRefused,
+        detail: format!("relay {relay} refuses this agent: {detail}"),
+        advice: Some(AGENT_ADVICE),
     }
 }

@@ -19,12 +19,13 @@ use std::sync::Arc;
 use crate::hash::Sha256;
 use bytes::Bytes;
 use tokio::sync::watch;
-use tokio::task::JoinSet;
 
 use super::read::{blocking, check_pinned, open_pinned, pin, Budget, Origin, Pinned, Stop};
 use super::{Outcome, Unrecorded};
 use crate::config::{Overwrite, MAX_PARTS, MAX_PART_SIZE};
 use crate::journal::{Journal, JournalError, Landed, ObjectRow, PartRow, State};
+use crate::s3::multipart::{PartSource, SendError, Upload};
+use crate::s3::verify::{self, VerifyError};
 use crate::s3::{b64, Head, Precondition, S3Client, S3Error};
 
 #[derive(Debug, Clone, Copy)]
@@ -597,84 +598,39 @@ impl S3Sink {
         done: Vec<PartRow>,
         stop: watch::Receiver<bool>,
     ) -> Result<Sent, Stop> {
-        let expected = Arc::new(expected.unwrap_or_default());
         let size = row.fingerprint.size;
-        let count = size.div_ceil(part_size).max(1) as u32;
-        let mut parts: Vec<Option<PartRow>> = vec![None; count as usize];
-        for p in done {
-            if (1..=count).contains(&p.number) {
-                let i = (p.number - 1) as usize;
-                parts[i] = Some(p);
+        let upload = Upload {
+            client: &self.client,
+            key: &row.key,
+            upload_id,
+            size,
+            part_size,
+        };
+        let parts_source = Arc::new(SourceParts {
+            source: source.clone(),
+            expected: expected.unwrap_or_default(),
+            journal: self.journal.clone(),
+            id: row.id,
+        });
+        let parts = match upload
+            .send_parts(&parts_source, &self.budget, done, &stop)
+            .await
+        {
+            Ok(parts) => parts,
+            Err(SendError::Stopped) => return Err(Stop::Interrupted),
+            Err(SendError::Panicked(why)) => {
+                tracing::error!(error = %why, "a part's task failed");
+                return Err(Stop::Journal(JournalError::Panicked));
             }
-        }
-        let missing: Vec<u32> = (1..=count)
-            .filter(|n| parts[(*n - 1) as usize].is_none())
-            .collect();
-        let mut tasks: JoinSet<Result<PartRow, Stop>> = JoinSet::new();
-        let mut first_err: Option<Stop> = None;
-        let mut next = missing.into_iter();
-        loop {
-            // Start parts while budget allows; the permit is taken before the read.
-            let launch = first_err.is_none() && !*stop.borrow();
-            if launch {
-                if let Some(n) = next.next() {
-                    let off = (n as u64 - 1) * part_size;
-                    let len = (size - off).min(part_size);
-                    let permit = tokio::select! {
-                        p = self.budget.reserve(len) => p,
-                        Some(res) = tasks.join_next() => {
-                            // A finished part while waiting for budget: handle it, then retry this one.
-                            self.collect(res, &mut parts, &mut first_err);
-                            let p = self.budget.reserve(len).await;
-                            p
-                        }
-                    };
-                    let (client, journal) = (self.client.clone(), self.journal.clone());
-                    let (source, key, upload_id) =
-                        (source.clone(), row.key.clone(), upload_id.to_string());
-                    let id = row.id;
-                    let expected = expected.clone();
-                    tasks.spawn(async move {
-                        let _permit = permit;
-                        let (body, part_sha) = source.read(off, len).await?;
-                        // The bytes hashed in pass one, or the source is not that version.
-                        if expected
-                            .get(n as usize - 1)
-                            .is_some_and(|want| *want != part_sha)
-                        {
-                            return Err(Stop::Changed(source.what()));
-                        }
-                        let etag = client
-                            .upload_part(&key, &upload_id, n, body, &part_sha)
-                            .await?;
-                        let part = PartRow {
-                            number: n,
-                            size: len,
-                            sha256_b64: b64(&part_sha),
-                            etag,
-                        };
-                        journal.record_part(id, part.clone()).await?;
-                        Ok(part)
-                    });
-                    continue;
+            Err(SendError::Failed(e)) => {
+                if matches!(e, Stop::Changed(_)) {
+                    // The parts sent so far are of the old version: the upload must never
+                    // complete.
+                    self.client.abort_multipart(&row.key, upload_id).await?;
                 }
+                return Err(e);
             }
-            match tasks.join_next().await {
-                Some(res) => self.collect(res, &mut parts, &mut first_err),
-                None => break,
-            }
-        }
-        if let Some(e) = first_err {
-            if matches!(e, Stop::Changed(_)) {
-                // The parts sent so far are of the old version: the upload must never complete.
-                self.client.abort_multipart(&row.key, upload_id).await?;
-            }
-            return Err(e);
-        }
-        if parts.iter().any(Option::is_none) {
-            return Err(Stop::Interrupted);
-        }
-        let parts: Vec<PartRow> = parts.into_iter().flatten().collect();
+        };
         if let Err(e) = source.check().await {
             self.client.abort_multipart(&row.key, upload_id).await?;
             return Err(e);
@@ -691,10 +647,7 @@ impl S3Sink {
             }
         }
         self.journal.set_state(row.id, State::Completing).await?;
-        let list: Vec<(u32, String, String)> = parts
-            .iter()
-            .map(|p| (p.number, p.etag.clone(), p.sha256_b64.clone()))
-            .collect();
+        let list = Upload::manifest(&parts);
         match self
             .client
             .complete_multipart(&row.key, upload_id, &list, &when)
@@ -733,30 +686,6 @@ impl S3Sink {
         })
     }
 
-    fn collect(
-        &self,
-        res: Result<Result<PartRow, Stop>, tokio::task::JoinError>,
-        parts: &mut [Option<PartRow>],
-        first_err: &mut Option<Stop>,
-    ) {
-        match res {
-            Ok(Ok(p)) => {
-                let i = (p.number - 1) as usize;
-                parts[i] = Some(p);
-            }
-            Ok(Err(e)) => {
-                if first_err.is_none() {
-                    *first_err = Some(e);
-                }
-            }
-            Err(_) => {
-                if first_err.is_none() {
-                    *first_err = Some(Stop::Journal(JournalError::Panicked));
-                }
-            }
-        }
-    }
-
     /// HEAD the object: the size must match, the SHA-256 in its metadata must be ours, and a
     /// checksum the server reports must be the one for our bytes.
     async fn verify(
@@ -766,39 +695,48 @@ impl S3Sink {
         sha: &[u8; 32],
         parts: Option<&[PartRow]>,
     ) -> Result<Head, Stop> {
-        let fail = |detail: String| Stop::Verify {
-            bucket: self.client.bucket().to_string(),
-            key: key.to_string(),
-            detail,
-        };
-        let head = self
-            .client
-            .head_object(key)
-            .await?
-            .ok_or_else(|| fail("the object is not there after the upload".into()))?;
-        if head.size != size {
-            return Err(fail(format!(
-                "size {} on the server, {size} here",
-                head.size
-            )));
+        verify::verify(&self.client, key, size, sha, parts)
+            .await
+            .map_err(|e| match e {
+                VerifyError::S3(e) => Stop::S3(e),
+                VerifyError::Mismatch(m) => Stop::Verify {
+                    bucket: self.client.bucket().to_string(),
+                    key: key.to_string(),
+                    detail: m.to_string(),
+                },
+            })
+    }
+}
+
+/// The agent's side of a multipart upload: parts read from the pinned source version, each
+/// the bytes hashed in the first pass, and each acknowledged part journaled before it counts.
+struct SourceParts {
+    source: Arc<Pinned>,
+    /// The SHA-256 of every part from the hash pass (empty: not known, e.g. an older journal).
+    expected: Vec<[u8; 32]>,
+    journal: Journal,
+    id: i64,
+}
+
+impl PartSource for SourceParts {
+    type Error = Stop;
+
+    async fn read(&self, number: u32, offset: u64, len: u64) -> Result<(Bytes, [u8; 32]), Stop> {
+        let (body, sha) = self.source.read(offset, len).await?;
+        // The bytes hashed in pass one, or the source is not that version.
+        if self
+            .expected
+            .get(number as usize - 1)
+            .is_some_and(|want| *want != sha)
+        {
+            return Err(Stop::Changed(self.source.what()));
         }
-        let ours = hex::encode(sha);
-        match &head.meta_sha256 {
-            Some(m) if m.eq_ignore_ascii_case(&ours) => {}
-            Some(m) => return Err(fail(format!("x-amz-meta-sha256 is {m}, expected {ours}"))),
-            None => return Err(fail("the server did not keep x-amz-meta-sha256".into())),
-        }
-        if let Some(cs) = &head.checksum_sha256 {
-            let full = b64(sha);
-            let composite = parts.map(composite_checksum);
-            let ok = *cs == full || composite.as_deref() == Some(cs.as_str());
-            if !ok {
-                return Err(fail(format!(
-                    "x-amz-checksum-sha256 is {cs}, expected {full} or {composite:?}"
-                )));
-            }
-        }
-        Ok(head)
+        Ok((body, sha))
+    }
+
+    async fn sent(&self, part: &PartRow) -> Result<(), Stop> {
+        self.journal.record_part(self.id, part.clone()).await?;
+        Ok(())
     }
 }
 
@@ -842,18 +780,6 @@ pub fn part_size_for(size: u64, configured: u64) -> u64 {
         .min(MAX_PART_SIZE)
 }
 
-/// S3's checksum of a multipart object: SHA-256 over the parts' SHA-256s, then "-N".
-pub fn composite_checksum(parts: &[PartRow]) -> String {
-    use base64::Engine as _;
-    let mut h = Sha256::new();
-    for p in parts {
-        if let Ok(raw) = base64::engine::general_purpose::STANDARD.decode(&p.sha256_b64) {
-            h.update(raw);
-        }
-    }
-    format!("{}-{}", b64(&h.finalize()), parts.len())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -865,32 +791,5 @@ mod tests {
         // 100 GiB / 10,000 = 10.24 MiB -> 11 MiB
         assert_eq!(part_size_for(100 << 30, 8 * mib), 11 * mib);
         assert!((5u64 << 40).div_ceil(part_size_for(5 << 40, 8 * mib)) <= MAX_PARTS);
-    }
-
-    #[test]
-    fn composite_checksum_matches_s3_definition() {
-        let p1 = Sha256::digest(b"a");
-        let p2 = Sha256::digest(b"b");
-        let parts = vec![
-            PartRow {
-                number: 1,
-                size: 1,
-                sha256_b64: b64(&p1),
-                etag: String::new(),
-            },
-            PartRow {
-                number: 2,
-                size: 1,
-                sha256_b64: b64(&p2),
-                etag: String::new(),
-            },
-        ];
-        let mut h = Sha256::new();
-        h.update(p1);
-        h.update(p2);
-        assert_eq!(
-            composite_checksum(&parts),
-            format!("{}-2", b64(&h.finalize()))
-        );
     }
 }

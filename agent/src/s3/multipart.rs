@@ -1,0 +1,214 @@
+//! The one multipart uploader, used by the agent's sink and by the relay's S3 landing alike:
+//! sends the parts an upload still lacks, a bounded number of bytes at a time, each with its
+//! SHA-256 (`x-amz-checksum-sha256`), and reports each acknowledged part before it counts.
+//! Where the bytes come from, and what is done with an acknowledged part (the agent journals
+//! it), is the caller's `PartSource`.
+//!
+//! Must not break: a part is reported (`PartSource::sent`) only after the server acknowledged
+//! it, and a part's bytes are read only once their share of the budget is held; the first
+//! error stops new parts (those in flight finish), and the upload is never completed here.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
+
+use super::{b64, S3Client, S3Error};
+
+/// One part the server acknowledged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartRow {
+    pub number: u32,
+    pub size: u64,
+    /// Base64 SHA-256 of the part, as sent in x-amz-checksum-sha256.
+    pub sha256_b64: String,
+    pub etag: String,
+}
+
+/// Where an upload's bytes come from, and who hears of each part sent.
+pub trait PartSource: Send + Sync + 'static {
+    type Error: From<S3Error> + Send + 'static;
+
+    /// Whether parts must be read one after another, in order (the relay hashes the whole file
+    /// as it reads it). Otherwise each part is read in its own task, in parallel.
+    const IN_ORDER: bool = false;
+
+    /// Reads part `number` (`len` bytes at `offset`): its bytes and their SHA-256.
+    fn read(
+        &self,
+        number: u32,
+        offset: u64,
+        len: u64,
+    ) -> impl Future<Output = Result<(Bytes, [u8; 32]), Self::Error>> + Send;
+
+    /// The server acknowledged `part`; an error stops the upload.
+    fn sent(&self, part: &PartRow) -> impl Future<Output = Result<(), Self::Error>> + Send;
+}
+
+/// Permits of the memory budget are KiB, so any part size fits a u32 permit count.
+const PERMIT: u64 = 1024;
+
+/// Bytes held in memory at once, across all uploads that share it (with the agent: together
+/// with bytes sent but not yet recorded in the journal): a read waits for its share first.
+pub struct Budget {
+    sem: Arc<Semaphore>,
+    kib: u32,
+}
+
+impl Budget {
+    pub fn new(bytes: u64) -> Budget {
+        let kib = u32::try_from((bytes / PERMIT).max(1)).unwrap_or(u32::MAX);
+        Budget {
+            sem: Arc::new(Semaphore::new(kib as usize)),
+            kib,
+        }
+    }
+
+    /// Waits until `bytes` (at most the whole budget) are free and holds them.
+    pub async fn reserve(&self, bytes: u64) -> OwnedSemaphorePermit {
+        let kib = u32::try_from(bytes.div_ceil(PERMIT))
+            .unwrap_or(u32::MAX)
+            .clamp(1, self.kib);
+        self.sem
+            .clone()
+            .acquire_many_owned(kib)
+            .await
+            .expect("the budget semaphore is never closed")
+    }
+}
+
+/// Why `send_parts` stopped before every part was there.
+#[derive(Debug)]
+pub enum SendError<E> {
+    /// The source or the server failed (the first error; parts in flight were let finish).
+    Failed(E),
+    /// Asked to stop: the parts sent so far are reported, the rest is left for later.
+    Stopped,
+    /// A part's task panicked (a bug).
+    Panicked(String),
+}
+
+/// One multipart upload under way.
+pub struct Upload<'a> {
+    pub client: &'a Arc<S3Client>,
+    pub key: &'a str,
+    pub upload_id: &'a str,
+    pub size: u64,
+    pub part_size: u64,
+}
+
+impl Upload<'_> {
+    /// How many parts the object has.
+    pub fn count(&self) -> u32 {
+        u32::try_from(self.size.div_ceil(self.part_size).max(1)).unwrap_or(u32::MAX)
+    }
+
+    /// Sends every part not in `done` and returns all parts in order.
+    pub async fn send_parts<P: PartSource>(
+        &self,
+        source: &Arc<P>,
+        budget: &Budget,
+        done: Vec<PartRow>,
+        stop: &watch::Receiver<bool>,
+    ) -> Result<Vec<PartRow>, SendError<P::Error>> {
+        let count = self.count();
+        let mut parts: Vec<Option<PartRow>> = vec![None; count as usize];
+        for p in done {
+            if (1..=count).contains(&p.number) {
+                let i = (p.number - 1) as usize;
+                parts[i] = Some(p);
+            }
+        }
+        let missing: Vec<u32> = (1..=count)
+            .filter(|n| parts[(*n - 1) as usize].is_none())
+            .collect();
+        let mut tasks: JoinSet<Result<PartRow, P::Error>> = JoinSet::new();
+        let mut first_err: Option<SendError<P::Error>> = None;
+        let mut next = missing.into_iter();
+        loop {
+            let launch = first_err.is_none() && !*stop.borrow();
+            if let Some(n) = launch.then(|| next.next()).flatten() {
+                let off = u64::from(n - 1) * self.part_size;
+                let len = (self.size - off).min(self.part_size);
+                // The budget is taken before the read; a part finishing meanwhile is handled.
+                let permit = tokio::select! {
+                    p = budget.reserve(len) => p,
+                    Some(res) = tasks.join_next() => {
+                        collect(res, &mut parts, &mut first_err);
+                        budget.reserve(len).await
+                    }
+                };
+                let read_now = if P::IN_ORDER {
+                    match source.read(n, off, len).await {
+                        Ok(r) => Some(r),
+                        Err(e) => {
+                            first_err.get_or_insert(SendError::Failed(e));
+                            continue;
+                        }
+                    }
+                } else {
+                    None
+                };
+                let (client, source) = (self.client.clone(), source.clone());
+                let (key, upload_id) = (self.key.to_string(), self.upload_id.to_string());
+                tasks.spawn(async move {
+                    let _permit = permit;
+                    let (body, sha) = match read_now {
+                        Some(r) => r,
+                        None => source.read(n, off, len).await?,
+                    };
+                    let etag = client.upload_part(&key, &upload_id, n, body, &sha).await?;
+                    let part = PartRow {
+                        number: n,
+                        size: len,
+                        sha256_b64: b64(&sha),
+                        etag,
+                    };
+                    source.sent(&part).await?;
+                    Ok(part)
+                });
+                continue;
+            }
+            match tasks.join_next().await {
+                Some(res) => collect(res, &mut parts, &mut first_err),
+                None => break,
+            }
+        }
+        if let Some(e) = first_err {
+            return Err(e);
+        }
+        if parts.iter().any(Option::is_none) {
+            return Err(SendError::Stopped);
+        }
+        Ok(parts.into_iter().flatten().collect())
+    }
+
+    /// The list CompleteMultipartUpload takes: number, ETag, checksum of each part.
+    pub fn manifest(parts: &[PartRow]) -> Vec<(u32, String, String)> {
+        parts
+            .iter()
+            .map(|p| (p.number, p.etag.clone(), p.sha256_b64.clone()))
+            .collect()
+    }
+}
+
+fn collect<E>(
+    res: Result<Result<PartRow, E>, tokio::task::JoinError>,
+    parts: &mut [Option<PartRow>],
+    first_err: &mut Option<SendError<E>>,
+) {
+    match res {
+        Ok(Ok(p)) => {
+            let i = (p.number - 1) as usize;
+            parts[i] = Some(p);
+        }
+        Ok(Err(e)) => {
+            first_err.get_or_insert(SendError::Failed(e));
+        }
+        Err(join) => {
+            first_err.get_or_insert_with(|| SendError::Panicked(join.to_string()));
+        }
+    }
+}
