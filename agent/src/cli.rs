@@ -1,4 +1,6 @@
 //! Command line: `run`, `validate`, `status`, `relay`.
+//!
+//! Must not break: commands, flags and their meanings (scripts depend on them).
 
 use std::path::PathBuf;
 

@@ -1,6 +1,8 @@
 //! SHA-256 through ring (BoringSSL's assembly, with SHA extensions where the CPU has them): the
 //! same speed whatever the release profile's opt-level, and the implementation rustls already
 //! carries, so the binary holds one SHA-256 for files and parts rather than two.
+//!
+//! Must not break: one SHA-256 implementation for files, parts and the signature.
 
 /// A streaming SHA-256.
 #[derive(Clone)]

@@ -7,6 +7,9 @@
 //! are control characters (newlines in keys break log lines and many S3 tools), `.`/`..`
 //! segments, absolute paths and keys longer than S3's 1,024-byte limit. Percent-encoding for the
 //! request URL happens in the S3 client, not here.
+//!
+//! Must not break: the mapping is injective (two different paths never get one key); a name that
+//! cannot be mapped is refused, never rewritten.
 
 use std::path::{Component, Path};
 

@@ -3,6 +3,9 @@
 //! Exit codes: 0 success; 1 run finished but not everything was delivered; 2 bad config,
 //! credentials or usage; 3 the destination refused us (credentials, bucket, region); 4 the
 //! journal is unusable.
+//!
+//! Must not break: the exit codes above (scripts and systemd depend on them), and no secret in any
+//! output.
 
 mod app;
 mod cli;
@@ -19,6 +22,7 @@ mod sink;
 mod source;
 mod status;
 mod systemd;
+mod version;
 
 use std::io::IsTerminal;
 use std::path::Path;

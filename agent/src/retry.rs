@@ -14,6 +14,9 @@
 //! honoured. *Destination* failures are the operator's to fix (credentials, bucket, region,
 //! clock): they are reported once and the agent pauses that destination instead of failing every
 //! object in turn. *Object* failures reject that one object.
+//!
+//! Must not break: a request is retried only if it is idempotent or surely unsent, and a
+//! destination-level refusal is never retried by the request layer.
 
 use std::time::Duration;
 

@@ -1,6 +1,9 @@
 //! Signals become requests. SIGTERM or SIGINT asks for a graceful stop (stop discovery, let parts
 //! in flight finish within `shutdown_grace`, exit 0); a second one exits at once. SIGHUP asks to
 //! re-read the config. Either way the journal already holds everything needed to resume.
+//!
+//! Must not break: a graceful stop never abandons a committed journal state; a second signal exits
+//! without waiting.
 
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;

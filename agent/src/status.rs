@@ -1,4 +1,7 @@
 //! `ha-edge status`: a read-only look at the journal, safe while the daemon runs.
+//!
+//! Must not break: read-only, safe while the daemon runs; the exit codes (0 healthy, 1 degraded, 3
+//! refusing or unreachable, 4 journal) are an interface.
 
 use std::fmt::Write as _;
 

@@ -1,6 +1,9 @@
 //! systemd integration: readiness, reload and stop notifications, the watchdog, and a one-line
 //! status for `systemctl status`. Every call is a no-op when the agent was not started by
 //! systemd (no `$NOTIFY_SOCKET`), so the same binary runs anywhere.
+//!
+//! Must not break: every function is a no-op without `$NOTIFY_SOCKET`, and the watchdog is fed
+//! only from the scheduler's loop (or a known stall), so a hung loop is restarted.
 
 use std::time::Duration;
 

@@ -102,7 +102,7 @@ fn sigterm_finishes_parts_in_flight_and_restart_resends_nothing() {
     assert!(st.success(), "SIGTERM must exit 0: {st:?}");
     let recorded = setup.journal_parts(KEY);
     let sent = proxy.parts_sent();
-    let mut sent_sorted = sent.clone();
+    let mut sent_sorted = sent;
     sent_sorted.sort();
     assert_eq!(
         sent_sorted, recorded,

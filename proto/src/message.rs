@@ -99,7 +99,7 @@ pub fn encode(msg: &Message) -> Vec<u8> {
     let mut out = vec![0u8; 4];
     bincode::encode_into_std_write(msg, &mut out, config())
         .expect("writing into a Vec cannot fail and messages stay within the limit");
-    let len = (out.len() - 4) as u32;
+    let len = u32::try_from(out.len() - 4).expect("messages stay within the limit");
     out[..4].copy_from_slice(&len.to_be_bytes());
     out
 }

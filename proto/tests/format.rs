@@ -79,7 +79,7 @@ fn golden_bytes() {
 #[test]
 fn a_frame_over_the_limit_is_refused_from_its_length_alone() {
     let mut d = Decoder::new();
-    let len = (MAX_FRAME as u32 + 1).to_be_bytes();
+    let len = (u32::try_from(MAX_FRAME).unwrap() + 1).to_be_bytes();
     assert_eq!(d.push(&len), Err(FrameError::TooLarge(MAX_FRAME + 1)));
     // A 4 GiB claim is refused with nothing but the prefix buffered.
     let mut d = Decoder::new();

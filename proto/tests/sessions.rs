@@ -120,7 +120,7 @@ fn transfer(offset: u64, data: &[u8], bytewise: bool) -> Vec<u8> {
     );
     assert_eq!(answer, Some(UploadEvent::SendFrom(offset)));
     let mut off = offset;
-    for chunk in data[offset as usize..].chunks(7) {
+    for chunk in data[usize::try_from(offset).unwrap()..].chunks(7) {
         up.send_data(off, chunk.to_vec()).unwrap();
         off += chunk.len() as u64;
     }

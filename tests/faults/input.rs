@@ -434,8 +434,8 @@ fn hostile_names_are_uploaded_safely_or_refused_and_never_escape() {
         b"7",
     ); // key > 1024 bytes
     let links = [
-        ("escape.ndjson", outside.clone()),
-        ("escape-dir", outside_dir.clone()),
+        ("escape.ndjson", outside),
+        ("escape-dir", outside_dir),
         ("root", "/".into()),
         ("dangling.ndjson", src.join("nothing-here")),
         ("loop-a", "loop-b".into()),

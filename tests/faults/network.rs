@@ -196,7 +196,11 @@ fn server_faults_are_retried_within_bounds_and_delivered() {
     assert_eq!(s3.open_uploads(), 0);
     let seen = proxy.seen();
     let injected = proxy.faults_injected();
-    assert_eq!(injected as u32, planned, "every planned fault fired");
+    assert_eq!(
+        u32::try_from(injected).unwrap(),
+        planned,
+        "every planned fault fired"
+    );
     // Without faults: HeadBucket, 5 PUTs (each confirmed by the SHA-256 in its answer), Create
     // + 3 parts + Complete + HEAD = 12. Each fault costs exactly one more request, and nothing
     // else is repeated, but for two: the PUT of e whose answer was lost is sent again

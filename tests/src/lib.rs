@@ -391,7 +391,7 @@ impl Proxy {
                         sh.open.fetch_add(1, Ordering::SeqCst);
                         thread::spawn(move || {
                             let open = sh.open.clone();
-                            serve_connection(client, sh);
+                            serve_connection(client, &sh);
                             open.fetch_sub(1, Ordering::SeqCst);
                         });
                     }
@@ -538,7 +538,7 @@ fn relay_body(
     mut to: Option<&mut TcpStream>,
     len: u64,
 ) -> bool {
-    let take = (len as usize).min(buf.len());
+    let take = usize::try_from(len).unwrap_or(usize::MAX).min(buf.len());
     if let Some(t) = to.as_mut() {
         if t.write_all(&buf[..take]).is_err() {
             return false;
@@ -548,7 +548,7 @@ fn relay_body(
     let mut left = len - take as u64;
     let mut chunk = vec![0u8; 64 * 1024];
     while left > 0 {
-        let want = (left as usize).min(chunk.len());
+        let want = usize::try_from(left).unwrap_or(usize::MAX).min(chunk.len());
         match from.read(&mut chunk[..want]) {
             Ok(0) | Err(_) => return false,
             Ok(n) => {
@@ -579,7 +579,7 @@ fn reset(s: TcpStream) {
             libc::SOL_SOCKET,
             libc::SO_LINGER,
             (&linger as *const libc::linger).cast(),
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+            libc::socklen_t::try_from(std::mem::size_of::<libc::linger>()).expect("small"),
         );
     }
     drop(s);
@@ -628,7 +628,7 @@ fn serve_notifications(mut client: TcpStream, sh: &ProxyShared) {
     }
 }
 
-fn serve_connection(mut client: TcpStream, sh: ProxyShared) {
+fn serve_connection(mut client: TcpStream, sh: &ProxyShared) {
     if sh.black_hole.load(Ordering::Relaxed) {
         sh.swallowed.fetch_add(1, Ordering::Relaxed);
         return hold(client, &sh.stop);
@@ -681,7 +681,7 @@ fn serve_connection(mut client: TcpStream, sh: ProxyShared) {
         let is_listen = seen.method == "GET" && seen.target.contains("events=");
         sh.requests.lock().expect("lock").push(seen);
         if is_listen {
-            return serve_notifications(client, &sh);
+            return serve_notifications(client, sh);
         }
         cbuf.drain(..head_end);
         match fault {
@@ -767,7 +767,9 @@ fn serve_connection(mut client: TcpStream, sh: ProxyShared) {
             let cut = if rlen == 0 && !chunked {
                 resp_end / 2
             } else {
-                resp_end + ((sbuf.len() - resp_end).min(rlen.max(2) as usize / 2))
+                resp_end
+                    + ((sbuf.len() - resp_end)
+                        .min(usize::try_from(rlen.max(2)).unwrap_or(usize::MAX) / 2))
             };
             let _ = client.write_all(&sbuf[..cut.min(sbuf.len())]);
             let _ = server.shutdown(Shutdown::Both);

@@ -1,5 +1,7 @@
 //! The agent's file (`/etc/ha-edge/ha-edge.toml`): its `[agent]` table, and the whole file put
 //! together.
+//!
+//! Must not break: every problem in the file is reported at once, with file, line and key.
 
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -52,27 +54,43 @@ struct RawAgent {
 // ---------------------------------------------------------------------------------------------
 // Phase two: validated, typed values.
 
+/// The agent's whole file, validated: what `ha-edge run` works from.
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// `[agent]`: the journal, concurrency, part sizes, retries, logging.
     pub agent: AgentConfig,
+    /// `[[source]]`: where objects come from (at least one; key spaces apart).
     pub sources: Vec<SourceConfig>,
+    /// `[destination]`: an S3 bucket or a QUIC relay.
     pub destination: Destination,
 }
 
+/// The `[agent]` table.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
+    /// The journal file (default `/var/lib/ha-edge/journal.db`).
     pub journal: PathBuf,
+    /// Objects in transfer at once.
     pub concurrency: usize,
+    /// Parts in memory at once, across all objects: with `part_size`, the memory bound.
     pub parts_in_flight: usize,
+    /// Multipart part size (raised per object to stay within 10,000 parts).
     pub part_size: u64,
+    /// Objects this large or larger go multipart; smaller ones in one PUT.
     pub multipart_threshold: u64,
+    /// Retries of one request on a transient failure.
     pub max_retries: u32,
+    /// The bound on one request (and on the QUIC idle timeout).
     pub request_timeout: Duration,
+    /// How long a stop lets parts in flight finish.
     pub shutdown_grace: Duration,
+    /// Text or JSON lines.
     pub log_format: LogFormat,
+    /// A tracing filter (`info`, or `info,ha_edge::sink=debug`).
     pub log_level: String,
 }
 
+/// How log lines are written (stderr, for journald).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
     Text,
@@ -100,6 +118,8 @@ impl Config {
         Config::parse_with_env(file, text, &|k| std::env::var(k).ok())
     }
 
+    /// Parses and validates `text` as the file `file`, with `env` standing in for the process
+    /// environment (tests).
     pub fn parse_with_env(
         file: &Path,
         text: &str,
@@ -292,15 +312,16 @@ impl Validator<'_> {
             }
             None => {
                 self.problem(
-                    span.clone(),
+                    span,
                     "agent.journal",
                     "missing (the SQLite journal file, e.g. \"/var/lib/ha-edge/journal.db\")",
                 );
                 None
             }
         };
-        let concurrency = self.int_in(a.concurrency, "agent.concurrency", 1, 256, 4);
-        let parts_in_flight = self.int_in(a.parts_in_flight, "agent.parts_in_flight", 1, 256, 4);
+        let concurrency = self.int_in(a.concurrency, "agent.concurrency", 1, 256, 4usize);
+        let parts_in_flight =
+            self.int_in(a.parts_in_flight, "agent.parts_in_flight", 1, 256, 4usize);
         let part_size = self.size(
             a.part_size,
             "agent.part_size",
@@ -315,7 +336,7 @@ impl Validator<'_> {
             MAX_PART_SIZE,
             16 * 1024 * 1024,
         );
-        let max_retries = self.int_in(a.max_retries, "agent.max_retries", 0, 100, 6);
+        let max_retries = self.int_in(a.max_retries, "agent.max_retries", 0, 100, 6u32);
         let request_timeout = self.duration(
             a.request_timeout,
             "agent.request_timeout",
@@ -358,11 +379,11 @@ impl Validator<'_> {
         };
         Some(AgentConfig {
             journal: journal?,
-            concurrency: concurrency as usize,
-            parts_in_flight: parts_in_flight as usize,
+            concurrency,
+            parts_in_flight,
             part_size,
             multipart_threshold,
-            max_retries: max_retries as u32,
+            max_retries,
             request_timeout,
             shutdown_grace,
             log_format,

@@ -1,4 +1,7 @@
 //! The `[destination]` table: an S3 bucket, or a QUIC relay (also the relay's own S3 store).
+//!
+//! Must not break: no secret is read from or written to the TOML; a key prefix always ends in '/'
+//! (or is empty).
 
 use std::ops::Range;
 use std::path::PathBuf;
@@ -67,7 +70,9 @@ pub struct RelayDestination {
     /// This agent's certificate and key (PEM); default: `relay_cert.pem` / `relay_key.pem` in
     /// `$CREDENTIALS_DIRECTORY`.
     pub cert_file: Option<PathBuf>,
+    /// The key of `cert_file`.
     pub key_file: Option<PathBuf>,
+    /// The key prefix under which this agent's objects land (ends in '/', or empty).
     pub prefix: String,
 }
 
@@ -82,6 +87,7 @@ pub enum Overwrite {
     Always,
 }
 
+/// Server-side encryption asked for on every write.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Sse {
     Aes256,
@@ -91,14 +97,23 @@ pub enum Sse {
 /// How to reach a bucket: the destination's, or a bucket source's.
 #[derive(Debug, Clone)]
 pub struct S3Destination {
+    /// The server's URL (scheme and host, no path).
     pub endpoint: reqwest::Url,
+    /// The SigV4 region.
     pub region: String,
+    /// The bucket.
     pub bucket: String,
+    /// The key prefix (ends in '/', or empty).
     pub prefix: String,
+    /// Server-side encryption for writes, if any.
     pub sse: Option<Sse>,
+    /// Path-style URLs (`host/bucket/key`), as MinIO and most on-premise servers want.
     pub path_style: bool,
+    /// A profile of the shared credentials file.
     pub profile: Option<String>,
+    /// A shared credentials file to read the keys from.
     pub credentials_file: Option<PathBuf>,
+    /// A CA to trust besides the built-in web roots (on-premise endpoints).
     pub ca_file: Option<PathBuf>,
     /// Destinations only (bucket sources are read, never written but for `move_to_prefix`).
     pub overwrite: Overwrite,
@@ -226,7 +241,7 @@ impl Validator<'_> {
             .map(Spanned::into_inner)
             .or_else(|| relay.as_ref().map(|(_, host)| host.clone()));
         let ca_file = match d.ca_file {
-            Some(c) => Some(self.readable_file(c, "destination.ca_file", true)),
+            Some(c) => Some(self.readable_file(&c, "destination.ca_file", true)),
             None => {
                 self.problem(
                     span.clone(),
@@ -238,10 +253,10 @@ impl Validator<'_> {
         };
         let cert_file = d
             .cert_file
-            .map(|c| self.readable_file(c, "destination.cert_file", true));
+            .map(|c| self.readable_file(&c, "destination.cert_file", true));
         let key_file = d
             .key_file
-            .map(|c| self.readable_file(c, "destination.key_file", true));
+            .map(|c| self.readable_file(&c, "destination.key_file", true));
         if cert_file.is_some() != key_file.is_some() {
             self.problem(
                 span,
@@ -269,7 +284,7 @@ impl Validator<'_> {
         span: Range<usize>,
     ) -> Option<S3Destination> {
         let endpoint = match d.endpoint {
-            Some(e) => self.endpoint_url(e, "destination.endpoint"),
+            Some(e) => self.endpoint_url(&e, "destination.endpoint"),
             None => {
                 self.problem(
                     span.clone(),
@@ -334,10 +349,10 @@ impl Validator<'_> {
         }
         let credentials_file = d
             .credentials_file
-            .map(|c| self.readable_file(c, "destination.credentials_file", true));
+            .map(|c| self.readable_file(&c, "destination.credentials_file", true));
         let ca_file = d
             .ca_file
-            .map(|c| self.readable_file(c, "destination.ca_file", false));
+            .map(|c| self.readable_file(&c, "destination.ca_file", false));
         let overwrite = match &d.overwrite {
             None => Overwrite::Own,
             Some(o) => match o.get_ref().as_str() {

@@ -11,6 +11,9 @@
 //! This module holds what both files share (problems, the validator's value checks, sizes and
 //! durations); `agent` reads the agent's file with its `source` and `destination` tables, and
 //! `relay` the relay's.
+//!
+//! Must not break: phase two collects every problem before failing, and nothing is acted on from a
+//! file with any problem.
 
 use std::fmt;
 use std::ops::Range;
@@ -34,6 +37,7 @@ pub use source::{AfterUpload, Completion, OnChange, SourceConfig, SourceKind, Wa
 
 /// S3 limits on multipart parts.
 pub const MIN_PART_SIZE: u64 = 5 * 1024 * 1024;
+/// S3's largest part.
 pub const MAX_PART_SIZE: u64 = 5 * 1024 * 1024 * 1024;
 /// S3 allows at most 10,000 parts per upload.
 pub const MAX_PARTS: u64 = 10_000;
@@ -41,16 +45,22 @@ pub const MAX_PARTS: u64 = 10_000;
 /// One problem in a config file, located to a line and a dotted key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigProblem {
+    /// 1-based line of the value (or of the table).
     pub line: usize,
+    /// 1-based column.
     pub column: usize,
+    /// The dotted key (`source[1].settle`).
     pub key: String,
+    /// What is wrong, and what would be right.
     pub message: String,
 }
 
 /// All problems found in one config file.
 #[derive(Debug, thiserror::Error)]
 pub struct ConfigError {
+    /// The file read.
     pub file: PathBuf,
+    /// Every problem found, in file order.
     pub problems: Vec<ConfigProblem>,
 }
 
@@ -225,7 +235,7 @@ impl Validator<'_> {
         });
     }
 
-    fn endpoint_url(&mut self, e: Spanned<String>, key: &str) -> Option<reqwest::Url> {
+    fn endpoint_url(&mut self, e: &Spanned<String>, key: &str) -> Option<reqwest::Url> {
         match reqwest::Url::parse(e.get_ref()) {
             Ok(u) if (u.scheme() == "http" || u.scheme() == "https") && u.host().is_some() => {
                 if u.path() != "/" || u.query().is_some() {
@@ -283,7 +293,7 @@ impl Validator<'_> {
     }
 
     /// An absolute (if `absolute`) path to a file this process can read.
-    fn readable_file(&mut self, c: Spanned<String>, key: &str, absolute: bool) -> PathBuf {
+    fn readable_file(&mut self, c: &Spanned<String>, key: &str, absolute: bool) -> PathBuf {
         let p = PathBuf::from(c.get_ref());
         if absolute && !p.is_absolute() {
             self.problem(c.span(), key, "must be an absolute path");
@@ -293,18 +303,19 @@ impl Validator<'_> {
         p
     }
 
-    fn int_in(
+    /// An integer between `min` and `max` (both fit `T`), or `default` (and a problem).
+    fn int_in<T: TryFrom<i64>>(
         &mut self,
         v: Option<Spanned<i64>>,
         key: &str,
         min: i64,
         max: i64,
-        default: i64,
-    ) -> i64 {
-        match v {
-            None => default,
-            Some(v) if (min..=max).contains(v.get_ref()) => *v.get_ref(),
-            Some(v) => {
+        default: T,
+    ) -> T {
+        let Some(v) = v else { return default };
+        match T::try_from(*v.get_ref()) {
+            Ok(n) if (min..=max).contains(v.get_ref()) => n,
+            _ => {
                 self.problem(
                     v.span(),
                     key,

@@ -1,4 +1,6 @@
 //! The relay's own file (`ha-edge relay -c relay.toml`), validated the same way as the agent's.
+//!
+//! Must not break: an agent identity maps to exactly one key prefix, and no two prefixes overlap.
 
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -69,14 +71,19 @@ struct RawStore {
 /// `ha-edge relay` settings.
 #[derive(Debug, Clone)]
 pub struct RelayConfig {
+    /// The UDP address QUIC listens on.
     pub listen: std::net::SocketAddr,
+    /// The relay's name in its logs.
     pub name: String,
+    /// The relay's certificate (PEM), with its chain.
     pub cert_file: PathBuf,
+    /// Its private key (PEM).
     pub key_file: PathBuf,
     /// Agents' certificates must chain to this CA.
     pub client_ca_file: PathBuf,
     /// Partial transfers and the directory store's index.
     pub state_dir: PathBuf,
+    /// Objects one agent may send at once.
     pub max_streams_per_agent: u32,
     /// Open partial transfers per agent identity.
     pub max_partials: usize,
@@ -88,21 +95,30 @@ pub struct RelayConfig {
     pub max_connections_per_address: usize,
     /// Flow-control window per stream: the bytes one stream may have in flight.
     pub stream_buffer: u64,
+    /// How long an untouched partial transfer is kept for a resume.
     pub partial_ttl: Duration,
+    /// A connection silent this long is closed (also the handshake deadline).
     pub idle_timeout: Duration,
+    /// The agents allowed in, each with its key prefix.
     pub agents: Vec<AgentAuth>,
+    /// Where verified objects land.
     pub store: StoreConfig,
+    /// Text or JSON lines.
     pub log_format: LogFormat,
+    /// A tracing filter.
     pub log_level: String,
 }
 
 /// One agent identity (a DNS name in its certificate) and the key prefix it may write.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AgentAuth {
+    /// The DNS name its certificate must carry (matched exactly).
     pub identity: String,
+    /// The only key prefix it may write under.
     pub prefix: crate::keymap::Prefix,
 }
 
+/// Where the relay lands verified objects.
 #[derive(Debug, Clone)]
 pub enum StoreConfig {
     Dir(PathBuf),
@@ -113,6 +129,7 @@ pub enum StoreConfig {
 }
 
 impl RelayConfig {
+    /// Reads and validates the relay's file; every problem at once.
     pub fn load(file: &Path) -> Result<RelayConfig, ConfigError> {
         let text = std::fs::read_to_string(file).map_err(|e| ConfigError {
             file: file.to_path_buf(),
@@ -126,6 +143,7 @@ impl RelayConfig {
         RelayConfig::parse(file, &text)
     }
 
+    /// Validates `text` as the relay file `file`.
     pub fn parse(file: &Path, text: &str) -> Result<RelayConfig, ConfigError> {
         let fail = |problems| ConfigError {
             file: file.to_path_buf(),
@@ -182,7 +200,7 @@ impl Validator<'_> {
             }
         };
         let file = |v: Option<Spanned<String>>, key: &str, what: &str, me: &mut Self| match v {
-            Some(c) => Some(me.readable_file(c, key, true)),
+            Some(c) => Some(me.readable_file(&c, key, true)),
             None => {
                 me.problem(span.clone(), key, format!("missing ({what})"));
                 None
@@ -215,16 +233,22 @@ impl Validator<'_> {
             "relay.max_streams_per_agent",
             1,
             1024,
-            16,
+            16u32,
         );
-        let max_partials = self.int_in(r.max_partials, "relay.max_partials", 1, 1_000_000, 64);
-        let max_handshakes = self.int_in(r.max_handshakes, "relay.max_handshakes", 1, 100_000, 64);
+        let max_partials = self.int_in(r.max_partials, "relay.max_partials", 1, 1_000_000, 64usize);
+        let max_handshakes = self.int_in(
+            r.max_handshakes,
+            "relay.max_handshakes",
+            1,
+            100_000,
+            64usize,
+        );
         let max_connections_per_address = self.int_in(
             r.max_connections_per_address,
             "relay.max_connections_per_address",
             1,
             100_000,
-            32,
+            32usize,
         );
         let max_partial_bytes = self.size(
             r.max_partial_bytes,
@@ -359,7 +383,7 @@ impl Validator<'_> {
             let (l, st) = (resolve_lenient(landing), resolve_lenient(state));
             if st.starts_with(&l) || l.starts_with(&st) {
                 self.problem(
-                    state_span.clone(),
+                    state_span,
                     "relay.state_dir",
                     format!(
                         "{} and the store's path {} must be apart: partial transfers would land as objects, or objects be taken for state",
@@ -378,11 +402,11 @@ impl Validator<'_> {
             key_file: key_file?,
             client_ca_file: client_ca_file?,
             state_dir: state_dir?,
-            max_streams_per_agent: max_streams as u32,
-            max_partials: max_partials as usize,
+            max_streams_per_agent: max_streams,
+            max_partials,
             max_partial_bytes,
-            max_handshakes: max_handshakes as usize,
-            max_connections_per_address: max_connections_per_address as usize,
+            max_handshakes,
+            max_connections_per_address,
             stream_buffer,
             partial_ttl,
             idle_timeout,

@@ -1,5 +1,8 @@
 //! `[[source]]` tables: directories and buckets to watch, when a file is complete, and what
 //! happens to it after upload.
+//!
+//! Must not break: two sources never map onto the same keys, and a path or pattern that cannot be
+//! checked is a problem reported, never a default taken silently.
 
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -45,6 +48,7 @@ pub(super) struct RawSource {
     pub(super) key_prefix: Option<Spanned<String>>,
 }
 
+/// What happens to a source once its delivery is committed and verified.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AfterUpload {
     Keep,
@@ -123,20 +127,32 @@ impl Completion {
     }
 }
 
+/// One `[[source]]`, validated.
 #[derive(Debug, Clone)]
 pub struct SourceConfig {
+    /// Its name: in logs, `status`, the journal and `{source}` in key prefixes.
     pub name: String,
+    /// A directory, or a bucket.
     pub kind: SourceKind,
     /// The root of a directory source (empty for a bucket source).
     pub path: PathBuf,
+    /// Only paths matching these (all, if None).
     pub include: Option<GlobSet>,
+    /// Never paths matching these.
     pub exclude: GlobSet,
+    /// How long a file must be unchanged (or old) to be complete.
     pub settle: Duration,
+    /// How often the whole tree is walked (the truth; events are a hint).
     pub rescan_interval: Duration,
+    /// Keep, delete, or move a delivered source.
     pub after_upload: AfterUpload,
+    /// inotify, polling, or chosen by filesystem type.
     pub watch: WatchMode,
+    /// How often to look in polling mode (and how often a bucket is listed).
     pub poll_interval: Duration,
+    /// Whether a delivered file that changes is sent again.
     pub on_change: OnChange,
+    /// When a file is complete: settled, or its marker is there.
     pub complete_when: Completion,
     /// Bucket sources: listen to MinIO's bucket notifications between listings.
     pub notifications: bool,
@@ -148,6 +164,7 @@ pub struct SourceConfig {
 }
 
 impl SourceConfig {
+    /// Whether this source is a directory (not a bucket).
     pub fn is_dir(&self) -> bool {
         matches!(self.kind, SourceKind::Dir)
     }
@@ -280,7 +297,7 @@ impl Validator<'_> {
         let path = if is_bucket {
             Some(PathBuf::new())
         } else {
-            self.source_path(i, s.path.take(), span.clone())
+            self.source_path(i, s.path.take(), span)
         };
         let include = s
             .include
@@ -565,7 +582,7 @@ impl Validator<'_> {
                 })
             };
         let endpoint = match from_env(s.endpoint.take(), "ONPREM_S3_ENDPOINT", self.env) {
-            Some(e) => self.endpoint_url(e, &at("endpoint")),
+            Some(e) => self.endpoint_url(&e, &at("endpoint")),
             None => {
                 self.problem(
                     span.clone(),
@@ -602,11 +619,11 @@ impl Validator<'_> {
         let credentials_file = s
             .credentials_file
             .take()
-            .map(|c| self.readable_file(c, &at("credentials_file"), true));
+            .map(|c| self.readable_file(&c, &at("credentials_file"), true));
         let ca_file = s
             .ca_file
             .take()
-            .map(|c| self.readable_file(c, &at("ca_file"), false));
+            .map(|c| self.readable_file(&c, &at("ca_file"), false));
         let conn = S3Destination {
             overwrite: Overwrite::Own,
             endpoint: endpoint?,

@@ -1,3 +1,6 @@
+//! Tests of configuration loading: each problem reported with file, line and key, all at once,
+//! and the defaults an operator gets when a key is left out.
+
 use super::*;
 
 fn good(dir: &Path) -> String {

@@ -24,8 +24,8 @@
 //!   table is a subset of what the server holds. A part that was sent but not recorded is sent
 //!   again: at most `parts_in_flight` parts per crash.
 //! - An object's identity is its source, its path relative to the source root, and its
-//!   fingerprint (size, mtime, inode). A file whose fingerprint changes after delivery is a new
-//!   row (a new version); a pending one is updated in place.
+//!   `Version` (a file's size, mtime and inode; a bucket object's ETag, size and LastModified).
+//!   A new version after delivery is a new row; a pending row is updated in place.
 //!
 //! # Recovery
 //! Nothing special runs at start-up: `uploading` and `completing` rows are simply runnable. The
@@ -44,6 +44,8 @@
 //!
 //! SQLite runs in WAL mode with `synchronous = FULL`: a commit survives power loss, and readers
 //! (`ha-edge status`) never block the writer.
+//!
+//! Must not break: the invariants below; every other part of ha-edge relies on them.
 
 mod model;
 #[cfg(test)]
@@ -54,6 +56,6 @@ mod status;
 mod store;
 mod worker;
 
-pub use model::{Fingerprint, Landed, ObjectRow, PartRow, State};
+pub use model::{Landed, ObjectRow, PartRow, State};
 pub use status::Status;
 pub use store::{Candidate, Hashed, Journal, JournalError};

@@ -1,9 +1,13 @@
 //! Journal types and the pure rules for new observations.
+//!
+//! Must not break: `offer_action` never adds a second row for a version already known, and never
+//! touches a row in transfer (the uploader checks the version itself).
 
 use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
 
+/// Where an object is in its life (see the state diagram in `journal/mod.rs`); stored as its name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum State {
     Pending,
@@ -18,6 +22,7 @@ pub enum State {
 }
 
 impl State {
+    /// Every state, in the order of the diagram.
     pub const ALL: [State; 8] = [
         State::Pending,
         State::Uploading,
@@ -44,6 +49,7 @@ impl State {
     /// States that hold a path back until the operator acts (shown in `status`).
     pub const HELD: [State; 2] = [State::Rejected, State::Conflict];
 
+    /// The state's name in the journal and in `status`.
     pub fn as_str(self) -> &'static str {
         match self {
             State::Pending => "pending",
@@ -99,39 +105,118 @@ impl rusqlite::types::FromSql for State {
     }
 }
 
-/// What identifies one version of a source file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Fingerprint {
-    pub size: u64,
+pub use crate::version::Version;
+
+/// How a version is kept in a row: its kind and the columns of schema 1 and 3.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VersionColumns {
+    /// `file` or `object`.
+    pub kind: &'static str,
+    /// The size in bytes.
+    pub size: i64,
+    /// A file's mtime in ns; an object's LastModified in seconds times 10^9 (0: none).
     pub mtime_ns: i64,
-    pub inode: u64,
+    /// A file's inode (0 for objects).
+    pub inode: i64,
+    /// The listed ETag (objects only).
+    pub etag: Option<String>,
 }
 
-impl Fingerprint {
-    pub fn of(meta: &std::fs::Metadata) -> Fingerprint {
-        use std::os::unix::fs::MetadataExt;
-        Fingerprint {
-            size: meta.len(),
-            mtime_ns: meta.mtime().saturating_mul(1_000_000_000) + meta.mtime_nsec(),
-            inode: meta.ino(),
+impl VersionColumns {
+    /// The columns that hold `v`.
+    pub fn of(v: &Version) -> VersionColumns {
+        let as_i64 = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        match v {
+            Version::File {
+                size,
+                mtime_ns,
+                inode,
+            } => VersionColumns {
+                kind: "file",
+                size: as_i64(*size),
+                mtime_ns: *mtime_ns,
+                inode: as_i64(*inode),
+                etag: None,
+            },
+            Version::Object {
+                etag,
+                size,
+                last_modified,
+            } => VersionColumns {
+                kind: "object",
+                size: as_i64(*size),
+                mtime_ns: last_modified.map_or(0, |s| s.saturating_mul(1_000_000_000)),
+                inode: 0,
+                etag: etag.clone(),
+            },
         }
+    }
+
+    /// The version these columns hold; an unknown kind is an error.
+    pub fn version(&self) -> Result<Version, String> {
+        let size = u64::try_from(self.size).map_err(|_| format!("negative size {}", self.size))?;
+        match self.kind {
+            "file" => Ok(Version::File {
+                size,
+                mtime_ns: self.mtime_ns,
+                inode: self.inode.cast_unsigned(),
+            }),
+            "object" => Ok(Version::Object {
+                etag: self.etag.clone(),
+                size,
+                // 0: the listing gave no LastModified (an object of exactly the epoch reads
+                // as one without a time, which only means its time is not checked).
+                last_modified: (self.mtime_ns != 0).then_some(self.mtime_ns / 1_000_000_000),
+            }),
+            other => Err(format!("unknown version kind {other:?}")),
+        }
+    }
+
+    /// Reads the five columns starting at `first` (kind, size, mtime_ns, inode, etag).
+    pub fn read(r: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<Version> {
+        let kind: String = r.get(first)?;
+        let cols = VersionColumns {
+            kind: match kind.as_str() {
+                "file" => "file",
+                "object" => "object",
+                _ => "unknown",
+            },
+            size: r.get(first + 1)?,
+            mtime_ns: r.get(first + 2)?,
+            inode: r.get(first + 3)?,
+            etag: r.get(first + 4)?,
+        };
+        cols.version().map_err(|e| {
+            rusqlite::Error::FromSqlConversionFailure(first, rusqlite::types::Type::Text, e.into())
+        })
     }
 }
 
+/// One row of `objects`: one version of one source object and where its delivery stands.
 #[derive(Debug, Clone)]
 pub struct ObjectRow {
+    /// The row id: dispatch order, and the key of its parts.
     pub id: i64,
+    /// The source's name (`[[source]] name`).
     pub source: String,
+    /// The path relative to the source root (or key below the bucket source's prefix).
     pub rel_path: PathBuf,
+    /// The destination key.
     pub key: String,
-    pub fingerprint: Fingerprint,
+    /// The source version this row is about.
+    pub version: Version,
+    /// Where its delivery stands.
     pub state: State,
+    /// The whole object's SHA-256, fixed before any byte is sent.
     pub sha256: Option<[u8; 32]>,
+    /// The multipart upload, once CreateMultipartUpload answered.
     pub upload_id: Option<String>,
+    /// The part size of that upload (parts resume with the same size).
     pub part_size: Option<u64>,
+    /// Failed attempts so far (they grow the retry delay).
     pub attempts: u32,
-    /// Bucket sources: the source object's ETag (as listed, or pinned by the transfer).
-    pub etag: Option<String>,
+    /// Bucket sources listed without an ETag: the one the transfer pinned itself to.
+    pub pinned_etag: Option<String>,
     /// The destination ETag recorded by the newest earlier delivery of this key: a new version
     /// may replace that object only (`If-Match`); None means the key should be free.
     pub prior_etag: Option<String>,
@@ -141,10 +226,19 @@ pub struct ObjectRow {
     pub part_hashes: Option<Vec<[u8; 32]>>,
 }
 
+impl ObjectRow {
+    /// Bucket sources: the ETag every read is pinned to (as listed, or pinned by the transfer).
+    pub fn source_etag(&self) -> Option<&str> {
+        self.version.listed_etag().or(self.pinned_etag.as_deref())
+    }
+}
+
 /// What the destination answered for a delivery.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Landed {
+    /// The destination object's ETag (what a new version may replace).
     pub etag: Option<String>,
+    /// Its VersionId, where the bucket is versioned.
     pub version: Option<String>,
 }
 
@@ -165,13 +259,13 @@ pub enum OfferAction {
 /// The rule for a settled file given the newest journal row for the same path. With
 /// `reupload_changed` false (`on_change = "ignore"`), a delivered path is never sent again.
 pub fn offer_action(
-    latest: Option<(State, Fingerprint)>,
-    seen: Fingerprint,
+    latest: Option<(State, &Version)>,
+    seen: &Version,
     reupload_changed: bool,
 ) -> OfferAction {
     match latest {
         None => OfferAction::Insert,
-        Some((_, fp)) if fp == seen => OfferAction::Nothing,
+        Some((_, v)) if v == seen => OfferAction::Nothing,
         Some((State::Pending, _)) => OfferAction::Refresh,
         Some((State::Uploading | State::Completing, _)) => OfferAction::Nothing,
         Some((State::Delivered | State::Done, _)) if !reupload_changed => OfferAction::Nothing,
@@ -186,12 +280,12 @@ pub fn offer_action(
 mod tests {
     use super::*;
 
-    const A: Fingerprint = Fingerprint {
+    const A: &Version = &Version::File {
         size: 10,
         mtime_ns: 1,
         inode: 7,
     };
-    const B: Fingerprint = Fingerprint {
+    const B: &Version = &Version::File {
         size: 11,
         mtime_ns: 2,
         inode: 7,
@@ -232,6 +326,21 @@ mod tests {
             offer_action(Some((State::Rejected, A)), B, false),
             OfferAction::Insert
         );
+    }
+
+    /// A version survives its columns, and an unknown kind is an error.
+    #[test]
+    fn versions_round_trip_through_their_columns() {
+        for v in [
+            A.clone(),
+            Version::object(5, Some(1_764_000_000), Some("\"e\"")),
+            Version::object(5, None, None),
+        ] {
+            assert_eq!(VersionColumns::of(&v).version().unwrap(), v);
+        }
+        let mut bad = VersionColumns::of(A);
+        bad.kind = "unknown";
+        assert!(bad.version().is_err());
     }
 
     #[test]

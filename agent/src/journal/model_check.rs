@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 
 use proptest::prelude::*;
 
-use super::model::{Fingerprint, Landed, PartRow, State};
+use super::model::{Landed, PartRow, State, Version, VersionColumns};
 use super::store::{Candidate, Hashed, Journal};
 
 const CASES: u32 = 40;
@@ -105,7 +105,7 @@ const ALLOWED: &[(State, State)] = &[
 struct Row {
     id: i64,
     rel_path: PathBuf,
-    fingerprint: Fingerprint,
+    fingerprint: Version,
     state: State,
     sha256: Option<[u8; 32]>,
     upload_id: Option<String>,
@@ -113,11 +113,42 @@ struct Row {
     parts: BTreeMap<u32, PartRow>,
 }
 
-fn fingerprint(version: u8) -> Fingerprint {
-    Fingerprint {
-        size: 100 + u64::from(version),
-        mtime_ns: i64::from(version) * 1_000,
-        inode: 7,
+/// The versions a path goes through: files, and for the other paths bucket objects (listed
+/// with an ETag, or without one).
+fn fingerprint(path: usize, version: u8) -> Version {
+    let size = 100 + u64::from(version);
+    match path % 3 {
+        0 => Version::File {
+            size,
+            mtime_ns: i64::from(version) * 1_000,
+            inode: 7,
+        },
+        1 => Version::object(
+            size,
+            Some(i64::from(version) + 1),
+            Some(&format!("\"e{version}\"")),
+        ),
+        _ => Version::object(size, Some(i64::from(version) + 1), None),
+    }
+}
+
+/// A version the source changed to meanwhile (never one that `fingerprint` makes).
+fn stale(v: &Version) -> Version {
+    match v {
+        Version::File {
+            size,
+            mtime_ns,
+            inode,
+        } => Version::File {
+            size: *size,
+            mtime_ns: mtime_ns + 1,
+            inode: *inode,
+        },
+        Version::Object {
+            size,
+            last_modified,
+            ..
+        } => Version::object(*size, *last_modified, Some("\"other\"")),
     }
 }
 
@@ -125,9 +156,9 @@ fn rel(path: usize) -> PathBuf {
     PathBuf::from(format!("dir/file-{path}.ndjson"))
 }
 
-fn sha(fp: Fingerprint) -> [u8; 32] {
+fn sha(fp: &Version) -> [u8; 32] {
     let mut h = [0u8; 32];
-    h[..8].copy_from_slice(&fp.size.to_le_bytes());
+    h[..8].copy_from_slice(&fp.size().to_le_bytes());
     h
 }
 
@@ -171,7 +202,7 @@ impl Model {
     /// The offer rule, written plainly: a path's first sighting or a new version of a path
     /// with nothing in transfer is a new row; a pending row that changed is updated in place;
     /// the same version is never a second row.
-    fn offer(&mut self, rel: PathBuf, fp: Fingerprint) {
+    fn offer(&mut self, rel: PathBuf, fp: Version) {
         match self.newest(&rel).cloned() {
             Some(r) if r.fingerprint == fp => {}
             Some(r) if r.state == State::Pending => {
@@ -219,26 +250,23 @@ fn dump(j: &Journal) -> Vec<Row> {
             parts.entry(id).or_default().insert(p.number, p);
         }
         let mut q = c.prepare(
-            "SELECT id, rel_path, size, mtime_ns, inode, state, sha256, upload_id, attempts
+            "SELECT id, rel_path, kind, size, mtime_ns, inode, etag, state, sha256, upload_id,
+                    attempts
                FROM objects ORDER BY id",
         )?;
         let rows = q.query_map([], |r| {
             let id: i64 = r.get(0)?;
-            let sha: Option<Vec<u8>> = r.get(6)?;
+            let sha: Option<Vec<u8>> = r.get(8)?;
             Ok(Row {
                 id,
                 rel_path: PathBuf::from(
                     String::from_utf8_lossy(&r.get::<_, Vec<u8>>(1)?).into_owned(),
                 ),
-                fingerprint: Fingerprint {
-                    size: r.get::<_, i64>(2)? as u64,
-                    mtime_ns: r.get(3)?,
-                    inode: r.get::<_, i64>(4)? as u64,
-                },
-                state: r.get(5)?,
+                fingerprint: VersionColumns::read(r, 2)?,
+                state: r.get(7)?,
                 sha256: sha.map(|v| v.try_into().expect("32 bytes")),
-                upload_id: r.get(7)?,
-                attempts: r.get(8)?,
+                upload_id: r.get(9)?,
+                attempts: r.get(10)?,
                 parts: BTreeMap::new(),
             })
         })?;
@@ -273,31 +301,31 @@ async fn step(j: &Journal, m: &mut Model, op: &Op) {
             let cand = Candidate {
                 rel_path: rel(path),
                 key: format!("k/{path}"),
-                fingerprint: fingerprint(version),
-                etag: None,
+                version: fingerprint(path, version),
             };
             j.offer(SOURCE.into(), vec![cand], true).await.unwrap();
-            m.offer(rel(path), fingerprint(version));
+            m.offer(rel(path), fingerprint(path, version));
         }
         Op::Hash { pick, stale } => {
             let Some(r) = m.pick(pick, &[State::Pending]) else {
                 return;
             };
-            let mut fp = r.fingerprint;
-            if stale {
-                fp.mtime_ns += 1;
-            }
+            let fp = if stale {
+                self::stale(&r.fingerprint)
+            } else {
+                r.fingerprint.clone()
+            };
             let hashed = Hashed {
-                sha256: sha(fp),
+                sha256: sha(&fp),
                 parts: Vec::new(),
                 ctime_ns: None,
             };
-            let wrote = j.set_hashed(r.id, fp, hashed, None).await.unwrap();
+            let wrote = j.set_hashed(r.id, fp.clone(), hashed, None).await.unwrap();
             assert_eq!(wrote, !stale, "set_hashed on {r:?} with {fp:?}");
             if !stale {
                 let row = m.row_mut(r.id);
                 row.state = State::Uploading;
-                row.sha256 = Some(sha(fp));
+                row.sha256 = Some(sha(&fp));
                 row.upload_id = None;
             }
         }
@@ -344,7 +372,7 @@ async fn step(j: &Journal, m: &mut Model, op: &Op) {
                 version: None,
             };
             let wrote = j
-                .delivered(r.id, r.fingerprint, sha, landed, keep)
+                .delivered(r.id, r.fingerprint.clone(), sha, landed, keep)
                 .await
                 .unwrap();
             assert!(wrote, "delivered {r:?}");
@@ -419,7 +447,7 @@ fn check(before: &[Row], after: &[Row], m: &Model, op: &Op) {
     if let Op::Offer { path, version } = *op {
         let newest = before.iter().rev().find(|r| r.rel_path == rel(path));
         if newest.is_some_and(|r| {
-            State::LANDED.contains(&r.state) && r.fingerprint == fingerprint(version)
+            State::LANDED.contains(&r.state) && r.fingerprint == fingerprint(path, version)
         }) {
             assert_eq!(
                 after.len(),

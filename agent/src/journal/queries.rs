@@ -10,10 +10,11 @@ use std::os::unix::ffi::OsStringExt;
 use std::path::PathBuf;
 use std::sync::LazyLock;
 
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{named_params, params, Connection, OptionalExtension};
 
 use super::model::{
-    offer_action, states_sql, Fingerprint, Landed, ObjectRow, OfferAction, PartRow, State,
+    offer_action, states_sql, Landed, ObjectRow, OfferAction, PartRow, State, Version,
+    VersionColumns,
 };
 use super::store::{now_ms, path_bytes, Candidate, Hashed, Journal, JournalError, OfferStats};
 
@@ -22,10 +23,10 @@ use super::store::{now_ms, path_bytes, Candidate, Hashed, Journal, JournalError,
 static RUNNABLE_SQL: LazyLock<String> = LazyLock::new(|| {
     format!(
         "SELECT id, source, rel_path, key, size, mtime_ns, inode, state, sha256,
-        upload_id, part_size, attempts, etag,
+        upload_id, part_size, attempts, pinned_etag,
         (SELECT p.dest_etag FROM objects p WHERE p.key = objects.key AND p.id < objects.id
             AND p.dest_etag IS NOT NULL ORDER BY p.id DESC LIMIT 1),
-        ctime_ns, part_hashes
+        ctime_ns, part_hashes, kind, etag
     FROM objects
     WHERE state IN ({})
       AND next_attempt_ms <= ?1 AND id > ?2
@@ -61,6 +62,11 @@ static RELEASE_HELD_SQL: LazyLock<String> = LazyLock::new(|| {
     )
 });
 
+/// A guard: the row is still about the version in the named parameters `:kind`, `:size`,
+/// `:mtime`, `:inode` and `:etag`.
+const VERSION_IS: &str = "kind = :kind AND size = :size AND mtime_ns = :mtime AND inode = :inode
+    AND etag IS :etag";
+
 /// Errors kept in the `errors` table for `status`.
 const ERRORS_KEPT: i64 = 1000;
 
@@ -77,19 +83,19 @@ impl Journal {
             let now = now_ms();
             {
                 let mut latest = c.prepare_cached(
-                    "SELECT id, state, size, mtime_ns, inode FROM objects
+                    "SELECT id, state, kind, size, mtime_ns, inode, etag FROM objects
                      WHERE source = ?1 AND rel_path = ?2 ORDER BY id DESC LIMIT 1",
                 )?;
                 let mut insert = c.prepare_cached(
                     "INSERT INTO objects (source, rel_path, key, size, mtime_ns, inode, state,
-                                          discovered_ms, updated_ms, etag)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?9, ?7, ?7, ?8)",
+                                          discovered_ms, updated_ms, etag, kind)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?9, ?7, ?7, ?8, ?10)",
                 )?;
                 let mut unrefuse =
                     c.prepare_cached("DELETE FROM refused WHERE source = ?1 AND rel_path = ?2")?;
                 let mut refresh = c.prepare_cached(
                     "UPDATE objects SET size = ?2, mtime_ns = ?3, inode = ?4, sha256 = NULL,
-                                        updated_ms = ?5, etag = ?6
+                                        updated_ms = ?5, etag = ?6, kind = ?8, pinned_etag = NULL
                      WHERE id = ?1 AND state = ?7",
                 )?;
                 for cand in &batch {
@@ -98,41 +104,40 @@ impl Journal {
                             Ok((
                                 r.get::<_, i64>(0)?,
                                 r.get::<_, State>(1)?,
-                                Fingerprint {
-                                    size: r.get::<_, i64>(2)? as u64,
-                                    mtime_ns: r.get(3)?,
-                                    inode: r.get::<_, i64>(4)? as u64,
-                                },
+                                VersionColumns::read(r, 2)?,
                             ))
                         })
                         .optional()?;
-                    let fp = cand.fingerprint;
+                    let v = VersionColumns::of(&cand.version);
                     unrefuse.execute(params![source, path_bytes(&cand.rel_path)])?;
-                    match offer_action(row.map(|(_, s, f)| (s, f)), fp, reupload_changed) {
+                    let latest = row.as_ref().map(|(_, s, v)| (*s, v));
+                    match offer_action(latest, &cand.version, reupload_changed) {
                         OfferAction::Insert => {
                             insert.execute(params![
                                 source,
                                 path_bytes(&cand.rel_path),
                                 cand.key,
-                                fp.size as i64,
-                                fp.mtime_ns,
-                                fp.inode as i64,
+                                v.size,
+                                v.mtime_ns,
+                                v.inode,
                                 now,
-                                cand.etag,
-                                State::Pending
+                                v.etag,
+                                State::Pending,
+                                v.kind
                             ])?;
                             stats.inserted += 1;
                         }
                         OfferAction::Refresh => {
-                            let id = row.map(|(id, _, _)| id).unwrap_or_default();
+                            let id = row.as_ref().map(|(id, _, _)| *id).unwrap_or_default();
                             refresh.execute(params![
                                 id,
-                                fp.size as i64,
-                                fp.mtime_ns,
-                                fp.inode as i64,
+                                v.size,
+                                v.mtime_ns,
+                                v.inode,
                                 now,
-                                cand.etag,
-                                State::Pending
+                                v.etag,
+                                State::Pending,
+                                v.kind
                             ])?;
                             stats.refreshed += 1;
                         }
@@ -209,34 +214,40 @@ impl Journal {
     /// `uploading` without an upload id: from here on an upload may exist on the server that the
     /// journal does not know yet (CreateMultipartUpload sent, answer not recorded), and recovery
     /// looks for it. Returns false if the row changed meanwhile (a rescan saw a newer version),
-    /// in which case nothing is written. A bucket object's `etag` is the version every later
-    /// read of this upload is pinned to.
+    /// in which case nothing is written. `pinned_etag` is the ETag every later read of a bucket
+    /// object listed without one is pinned to.
     pub async fn set_hashed(
         &self,
         id: i64,
-        fp: Fingerprint,
+        version: Version,
         hashed: Hashed,
-        etag: Option<String>,
+        pinned_etag: Option<String>,
     ) -> Result<bool, JournalError> {
         self.call(move |c| {
             let parts: Vec<u8> = hashed.parts.concat();
+            let v = VersionColumns::of(&version);
             let n = c.execute(
-                "UPDATE objects SET sha256 = ?2, state = ?11, upload_id = NULL, updated_ms = ?6,
-                        etag = COALESCE(?7, etag), ctime_ns = ?8, part_hashes = ?9
-                 WHERE id = ?1 AND state = ?10 AND size = ?3 AND mtime_ns = ?4 AND inode = ?5",
-                params![
-                    id,
-                    &hashed.sha256[..],
-                    fp.size as i64,
-                    fp.mtime_ns,
-                    fp.inode as i64,
-                    now_ms(),
-                    etag,
-                    hashed.ctime_ns,
-                    parts,
-                    State::Pending,
-                    State::Uploading
-                ],
+                &format!(
+                    "UPDATE objects SET sha256 = :sha, state = :uploading, upload_id = NULL,
+                            updated_ms = :now, pinned_etag = COALESCE(:pin, pinned_etag),
+                            ctime_ns = :ctime, part_hashes = :parts
+                     WHERE id = :id AND state = :pending AND {VERSION_IS}"
+                ),
+                named_params! {
+                    ":id": id,
+                    ":sha": &hashed.sha256[..],
+                    ":now": now_ms(),
+                    ":pin": pinned_etag,
+                    ":ctime": hashed.ctime_ns,
+                    ":parts": parts,
+                    ":pending": State::Pending,
+                    ":uploading": State::Uploading,
+                    ":kind": v.kind,
+                    ":size": v.size,
+                    ":mtime": v.mtime_ns,
+                    ":inode": v.inode,
+                    ":etag": v.etag,
+                },
             )?;
             Ok(n == 1)
         })
@@ -353,12 +364,12 @@ impl Journal {
     }
 
     /// Starts an object over: pending, no hash, no upload, no parts; optionally a new fingerprint.
-    /// An ETag the transfer pinned itself to is forgotten (one the listing gave, shown by a
-    /// non-zero ETag hash in the fingerprint, stays).
+    /// An ETag the transfer pinned itself to is forgotten (one the listing gave is part of the
+    /// version, and stays).
     pub async fn reset(
         &self,
         id: i64,
-        fp: Option<Fingerprint>,
+        version: Option<Version>,
         why: String,
     ) -> Result<(), JournalError> {
         self.call(move |c| {
@@ -366,15 +377,16 @@ impl Journal {
             c.execute(
                 "UPDATE objects SET state = ?4, sha256 = NULL, upload_id = NULL,
                         part_size = NULL, last_error = ?2, updated_ms = ?3, ctime_ns = NULL,
-                        part_hashes = NULL,
-                        etag = CASE WHEN inode = 0 THEN NULL ELSE etag END
+                        part_hashes = NULL, pinned_etag = NULL
                  WHERE id = ?1",
                 params![id, why, now_ms(), State::Pending],
             )?;
-            if let Some(fp) = fp {
+            if let Some(v) = &version {
+                let v = VersionColumns::of(v);
                 c.execute(
-                    "UPDATE objects SET size = ?2, mtime_ns = ?3, inode = ?4 WHERE id = ?1",
-                    params![id, fp.size as i64, fp.mtime_ns, fp.inode as i64],
+                    "UPDATE objects SET kind = ?2, size = ?3, mtime_ns = ?4, inode = ?5, etag = ?6
+                     WHERE id = ?1",
+                    params![id, v.kind, v.size, v.mtime_ns, v.inode, v.etag],
                 )?;
             }
             Ok(())
@@ -384,35 +396,45 @@ impl Journal {
 
     /// The object is in the bucket and verified. With `finished`, nothing is left to do
     /// (after_upload = keep); otherwise the after_upload action is still owed. Returns false,
-    /// writing nothing, if the row no longer has fingerprint `fp` (a rescan saw a newer version
+    /// writing nothing, if the row is no longer about `version` (a rescan saw a newer version
     /// of the file while this one was being sent).
     pub async fn delivered(
         &self,
         id: i64,
-        fp: Fingerprint,
+        version: Version,
         sha256: [u8; 32],
         landed: Landed,
         finished: bool,
     ) -> Result<bool, JournalError> {
         self.call(move |c| {
             let now = now_ms();
-            let state = if finished { State::Done } else { State::Delivered };
+            let state = if finished {
+                State::Done
+            } else {
+                State::Delivered
+            };
+            let v = VersionColumns::of(&version);
             let n = c.execute(
-                "UPDATE objects SET state = ?2, delivered_ms = ?3, updated_ms = ?3, last_error = NULL,
-                        next_attempt_ms = 0, sha256 = ?4, dest_etag = ?8, dest_version = ?9,
-                        part_hashes = NULL
-                 WHERE id = ?1 AND size = ?5 AND mtime_ns = ?6 AND inode = ?7",
-                params![
-                    id,
-                    state,
-                    now,
-                    &sha256[..],
-                    fp.size as i64,
-                    fp.mtime_ns,
-                    fp.inode as i64,
-                    landed.etag,
-                    landed.version
-                ],
+                &format!(
+                    "UPDATE objects SET state = :state, delivered_ms = :now, updated_ms = :now,
+                            last_error = NULL, next_attempt_ms = 0, sha256 = :sha,
+                            dest_etag = :dest_etag, dest_version = :dest_version,
+                            part_hashes = NULL
+                     WHERE id = :id AND {VERSION_IS}"
+                ),
+                named_params! {
+                    ":id": id,
+                    ":state": state,
+                    ":now": now,
+                    ":sha": &sha256[..],
+                    ":dest_etag": landed.etag,
+                    ":dest_version": landed.version,
+                    ":kind": v.kind,
+                    ":size": v.size,
+                    ":mtime": v.mtime_ns,
+                    ":inode": v.inode,
+                    ":etag": v.etag,
+                },
             )?;
             if n == 1 {
                 c.execute("DELETE FROM parts WHERE object_id = ?1", [id])?;
@@ -584,17 +606,28 @@ fn row_to_object(r: &rusqlite::Row<'_>) -> rusqlite::Result<ObjectRow> {
         source: r.get(1)?,
         rel_path: PathBuf::from(std::ffi::OsString::from_vec(r.get::<_, Vec<u8>>(2)?)),
         key: r.get(3)?,
-        fingerprint: Fingerprint {
-            size: r.get::<_, i64>(4)? as u64,
+        // kind, size, mtime_ns, inode, etag: columns 16, 4, 5, 6, 17.
+        version: VersionColumns {
+            kind: match r.get::<_, String>(16)?.as_str() {
+                "file" => "file",
+                "object" => "object",
+                _ => "unknown",
+            },
+            size: r.get(4)?,
             mtime_ns: r.get(5)?,
-            inode: r.get::<_, i64>(6)? as u64,
-        },
+            inode: r.get(6)?,
+            etag: r.get(17)?,
+        }
+        .version()
+        .map_err(|e| {
+            rusqlite::Error::FromSqlConversionFailure(16, rusqlite::types::Type::Text, e.into())
+        })?,
         state: r.get(7)?,
         sha256: sha.and_then(|v| <[u8; 32]>::try_from(v.as_slice()).ok()),
         upload_id: r.get(9)?,
         part_size: r.get::<_, Option<i64>>(10)?.map(|n| n as u64),
         attempts: r.get(11)?,
-        etag: r.get(12)?,
+        pinned_etag: r.get(12)?,
         prior_etag: r.get(13)?,
         ctime_ns: r.get(14)?,
         part_hashes: r.get::<_, Option<Vec<u8>>>(15)?.map(|b| {
@@ -608,16 +641,19 @@ fn row_to_object(r: &rusqlite::Row<'_>) -> rusqlite::Result<ObjectRow> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    fn file(size: u64) -> Version {
+        Version::File {
+            size,
+            mtime_ns: 1,
+            inode: 1,
+        }
+    }
+
     fn cand(p: &str, size: u64) -> Candidate {
         Candidate {
             rel_path: PathBuf::from(p),
             key: p.to_string(),
-            fingerprint: Fingerprint {
-                size,
-                mtime_ns: 1,
-                inode: 1,
-            },
-            etag: None,
+            version: file(size),
         }
     }
 
@@ -625,55 +661,101 @@ mod tests {
     async fn bucket_etags_are_listed_pinned_and_forgotten_on_reset() {
         let dir = tempfile::tempdir().unwrap();
         let j = Journal::open(&dir.path().join("j.db")).unwrap();
-        // Listed with an ETag (non-zero ETag hash in the inode slot): kept across a reset.
+        // Listed with an ETag: part of the version, kept across a reset.
         let listed = Candidate {
-            etag: Some("\"abc\"".into()),
+            version: Version::object(1, Some(5), Some("\"abc\"")),
             ..cand("listed", 1)
         };
-        // Listed without one (inode slot 0): the transfer pins one, a reset forgets it.
-        let mut unlisted = cand("unlisted", 2);
-        unlisted.fingerprint.inode = 0;
-        j.offer("b".into(), vec![listed, unlisted.clone()], true)
+        // Listed without one: the transfer pins one, a reset forgets it.
+        let unlisted = Candidate {
+            version: Version::object(2, Some(5), None),
+            ..cand("unlisted", 2)
+        };
+        j.offer("b".into(), vec![listed.clone(), unlisted.clone()], true)
             .await
             .unwrap();
         let rows = j.runnable(10, 0, true, vec![]).await.unwrap();
         let (l, u) = (&rows[0], &rows[1]);
-        assert_eq!(l.etag.as_deref(), Some("\"abc\""));
-        assert_eq!(u.etag, None);
+        assert_eq!(l.version, listed.version);
+        assert_eq!(l.source_etag(), Some("\"abc\""));
+        assert_eq!(u.source_etag(), None);
         assert!(j
             .set_hashed(
                 u.id,
-                u.fingerprint,
+                u.version.clone(),
                 Hashed::whole([2; 32]),
                 Some("\"pin\"".into())
             )
             .await
             .unwrap());
         assert!(j
-            .set_hashed(l.id, l.fingerprint, Hashed::whole([1; 32]), None)
+            .set_hashed(l.id, l.version.clone(), Hashed::whole([1; 32]), None)
             .await
             .unwrap());
         let rows = j.runnable(10, 0, true, vec![]).await.unwrap();
-        assert_eq!(rows[0].etag.as_deref(), Some("\"abc\""));
-        assert_eq!(rows[1].etag.as_deref(), Some("\"pin\""));
-        j.reset(l.id, None, "x".into()).await.unwrap();
-        j.reset(u.id, None, "x".into()).await.unwrap();
+        assert_eq!(rows[0].source_etag(), Some("\"abc\""));
+        assert_eq!(rows[1].source_etag(), Some("\"pin\""));
+        assert_eq!(
+            rows[1].version, unlisted.version,
+            "a pin is not the version"
+        );
+        j.reset(rows[0].id, None, "x".into()).await.unwrap();
+        j.reset(rows[1].id, None, "x".into()).await.unwrap();
         let rows = j.runnable(10, 0, true, vec![]).await.unwrap();
-        assert_eq!(rows[0].etag.as_deref(), Some("\"abc\""));
-        assert_eq!(rows[1].etag, None);
-        // A new listing with another ETag refreshes the pending row's ETag.
+        assert_eq!(rows[0].source_etag(), Some("\"abc\""));
+        assert_eq!(rows[1].source_etag(), None);
+        // A new listing with another ETag is another version: the pending row is refreshed.
         let changed = Candidate {
-            etag: Some("\"def\"".into()),
-            fingerprint: Fingerprint {
-                inode: 7,
-                ..rows[0].fingerprint
-            },
+            version: Version::object(1, Some(5), Some("\"def\"")),
             ..cand("listed", 1)
         };
-        let s = j.offer("b".into(), vec![changed], true).await.unwrap();
+        let s = j
+            .offer("b".into(), vec![changed.clone()], true)
+            .await
+            .unwrap();
         assert_eq!(s.refreshed, 1);
         let rows = j.runnable(10, 0, true, vec![]).await.unwrap();
-        assert_eq!(rows[0].etag.as_deref(), Some("\"def\""));
+        assert_eq!(rows[0].version, changed.version);
+        // A file and an object of the same size and time are not the same version.
+        assert_ne!(file(1), Version::object(1, None, None));
+    }
+
+    /// A journal of schema 4 (an ETag hash in the inode column of bucket rows) opens with each
+    /// row's version intact: files stay files, a listed object keeps its ETag as its version,
+    /// an unlisted one its pinned ETag as the pin.
+    #[tokio::test]
+    async fn schema_4_rows_keep_their_versions() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j.db");
+        {
+            let c = Connection::open(&path).unwrap();
+            for sql in &super::super::schema::MIGRATIONS[..4] {
+                c.execute_batch(sql).unwrap();
+            }
+            c.pragma_update(None, "user_version", 4).unwrap();
+            c.execute_batch(
+                "INSERT INTO objects (source, rel_path, key, size, mtime_ns, inode, state,
+                                      discovered_ms, updated_ms, etag)
+                 VALUES ('d', CAST('a' AS BLOB), 'a', 1, 7, 42, 'pending', 0, 0, NULL),
+                        ('b', CAST('l' AS BLOB), 'l', 2, 5000000000, 912, 'pending', 0, 0, '\"L\"'),
+                        ('b', CAST('u' AS BLOB), 'u', 3, 5000000000, 0, 'uploading', 0, 0, '\"P\"');",
+            )
+            .unwrap();
+        }
+        let j = Journal::open(&path).unwrap();
+        let rows = j.runnable(10, 0, false, vec![]).await.unwrap();
+        assert_eq!(
+            rows[0].version,
+            Version::File {
+                size: 1,
+                mtime_ns: 7,
+                inode: 42
+            }
+        );
+        assert_eq!(rows[1].version, Version::object(2, Some(5), Some("\"L\"")));
+        assert_eq!(rows[1].pinned_etag, None);
+        assert_eq!(rows[2].version, Version::object(3, Some(5), None));
+        assert_eq!(rows[2].source_etag(), Some("\"P\""));
     }
 
     #[tokio::test]
@@ -696,15 +778,9 @@ mod tests {
         // ...a delivered one becomes a new version.
         let rows = j.runnable(10, 0, true, vec![]).await.unwrap();
         let b = rows.iter().find(|r| r.key == "b").unwrap().id;
-        let fp = rows.iter().find(|r| r.key == "b").unwrap().fingerprint;
+        let fp = rows.iter().find(|r| r.key == "b").unwrap().version.clone();
         assert!(!j
-            .delivered(
-                b,
-                cand("b", 99).fingerprint,
-                [7; 32],
-                Landed::default(),
-                true
-            )
+            .delivered(b, file(99), [7; 32], Landed::default(), true)
             .await
             .unwrap());
         assert!(j
@@ -727,17 +803,13 @@ mod tests {
             let j = Journal::open(&path).unwrap();
             j.offer("s".into(), vec![cand("a", 1)], true).await.unwrap();
             let id = j.runnable(1, 0, true, vec![]).await.unwrap()[0].id;
-            let stale = Fingerprint {
-                size: 9,
-                mtime_ns: 1,
-                inode: 1,
-            };
+            let stale = file(9);
             assert!(!j
                 .set_hashed(id, stale, Hashed::whole([1; 32]), None)
                 .await
                 .unwrap());
             assert!(j
-                .set_hashed(id, cand("a", 1).fingerprint, Hashed::whole([1; 32]), None)
+                .set_hashed(id, file(1), Hashed::whole([1; 32]), None)
                 .await
                 .unwrap());
             j.begin_multipart(id, "up-1".into(), 5 << 20).await.unwrap();

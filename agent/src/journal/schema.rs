@@ -1,4 +1,7 @@
 //! Schema migrations, applied in order and tracked in `PRAGMA user_version`.
+//!
+//! Must not break: migrations are append only and each runs once in its own transaction; a row
+//! written by an older schema must mean the same after migrating.
 
 /// Each entry moves the schema from version `i` to `i + 1`. Append only.
 pub const MIGRATIONS: &[&str] = &[
@@ -80,6 +83,20 @@ CREATE TABLE refused (
     at_ms    INTEGER NOT NULL,
     PRIMARY KEY (source, rel_path)
 ) WITHOUT ROWID;
+"#,
+    // 5: a row's source version says what it is (`kind`: 'file' or 'object') instead of a
+    // hash of a bucket object's ETag in the inode column. `etag` is now the ETag the listing
+    // gave only (part of the version); `pinned_etag` the one a transfer pinned itself to when
+    // the listing had none (forgotten when the object starts over). Rows of schema 4: an
+    // object had its listed ETag in `etag` and its hash in `inode`, or inode 0 and maybe a
+    // pinned ETag in `etag`; files never had an ETag. (A bucket listed without any ETag and
+    // never pinned cannot be told from a file here: such a row is sent once more.)
+    r#"
+ALTER TABLE objects ADD COLUMN kind TEXT NOT NULL DEFAULT 'file';
+ALTER TABLE objects ADD COLUMN pinned_etag TEXT;
+UPDATE objects SET kind = 'object', pinned_etag = etag, etag = NULL
+ WHERE etag IS NOT NULL AND inode = 0;
+UPDATE objects SET kind = 'object', inode = 0 WHERE etag IS NOT NULL;
 "#,
 ];
 

@@ -1,5 +1,7 @@
 //! What `ha-edge status` reads from the journal: counts per state, bytes, agent facts, what is
 //! held back, the last errors. Read-only; works on a journal of an older ha-edge (not migrated).
+//!
+//! Must not break: it never writes (the daemon may be running) and never prints a secret.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -10,10 +12,14 @@ use serde::Serialize;
 use super::model::{states_sql, State};
 use super::store::{now_ms, Journal, JournalError};
 
+/// One recent error, for `status`.
 #[derive(Debug, Serialize)]
 pub struct StatusError {
+    /// When (RFC 3339, seconds).
     pub at: String,
+    /// The destination key, if the error is an object's.
     pub key: Option<String>,
+    /// What went wrong, as logged.
     pub message: String,
 }
 
@@ -21,18 +27,24 @@ pub struct StatusError {
 /// journal itself), rejected, or in conflict with another writer's object.
 #[derive(Debug, Serialize)]
 pub struct HeldItem {
+    /// When it was refused, rejected or found in conflict.
     pub at: String,
+    /// The source's name.
     pub source: String,
+    /// The path relative to the source (lossy UTF-8).
     pub path: String,
     /// The destination key, if it got one.
     pub key: Option<String>,
     /// "refused", "rejected" or "conflict".
     pub state: String,
+    /// Why it is held, for the operator.
     pub reason: String,
 }
 
+/// What is held back until the operator acts.
 #[derive(Debug, Serialize)]
 pub struct Held {
+    /// How many paths are held.
     pub count: u64,
     /// The newest, at most 20.
     pub last: Vec<HeldItem>,
@@ -41,13 +53,21 @@ pub struct Held {
 /// What `ha-edge status` shows.
 #[derive(Debug, Serialize)]
 pub struct Status {
+    /// The journal file read.
     pub journal: PathBuf,
+    /// Rows per state (every state is listed, zeros included).
     pub objects: BTreeMap<String, u64>,
+    /// Bytes still to be sent (pending, uploading, completing).
     pub bytes_pending: u64,
+    /// Bytes in the bucket, verified (delivered, done).
     pub bytes_delivered: u64,
+    /// How long the oldest object still to send has waited.
     pub oldest_pending_age_secs: Option<u64>,
+    /// Facts the daemon published (destination health, per-source refusals, start time, pid).
     pub agent: BTreeMap<String, String>,
+    /// Paths held back (refused, rejected, in conflict).
     pub held: Held,
+    /// The ten newest errors.
     pub last_errors: Vec<StatusError>,
 }
 
@@ -70,6 +90,7 @@ fn held_sql(with_refused: bool) -> String {
 }
 
 impl Journal {
+    /// Everything `ha-edge status` shows, in one read transaction.
     pub fn status(&self) -> Result<Status, JournalError> {
         let journal = self.path().to_path_buf();
         self.with(move |c| {

@@ -14,7 +14,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use rusqlite::{Connection, OpenFlags};
 
-use super::model::Fingerprint;
+use super::model::Version;
 use super::schema;
 use super::worker::{self, Completion, FileIdentity, Job, RunResult};
 
@@ -89,9 +89,7 @@ impl Hashed {
 pub struct Candidate {
     pub rel_path: PathBuf,
     pub key: String,
-    pub fingerprint: Fingerprint,
-    /// A bucket object's ETag as listed (None for files).
-    pub etag: Option<String>,
+    pub version: Version,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -125,7 +123,7 @@ pub struct Journal {
 pub(super) fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
         .unwrap_or(0)
 }
 
@@ -373,7 +371,11 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), JournalError> {
             known: schema::CURRENT,
         });
     }
-    for (i, sql) in schema::MIGRATIONS.iter().enumerate().skip(version as usize) {
+    for (i, sql) in schema::MIGRATIONS
+        .iter()
+        .enumerate()
+        .skip(usize::try_from(version).unwrap_or(0))
+    {
         let tx = conn.transaction().map_err(err)?;
         tx.execute_batch(sql).map_err(err)?;
         tx.pragma_update(None, "user_version", (i + 1) as i64)

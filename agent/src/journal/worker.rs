@@ -86,6 +86,7 @@ fn journal_removed(conn: &Connection, path: &Path) -> String {
 /// The writer thread: takes every request that is queued, runs them (see `run_group`) inside
 /// one transaction, commits once (one fsync for the whole group), and only then answers them.
 /// A request that fails is rolled back alone; a failed commit fails the whole group.
+#[allow(clippy::needless_pass_by_value)] // the thread's body: it owns what it is given
 pub(super) fn writer(
     conn: Connection,
     rx: std::sync::mpsc::Receiver<Job>,

@@ -1,5 +1,8 @@
 //! The agent's end of the QUIC link: one connection to the relay, reused by every object (one
 //! stream each), opened again when it is lost. The handshake runs on the first stream.
+//!
+//! Must not break: one connection is shared by all streams and reopened when lost; a refusal is
+//! reported, never retried in a tight loop.
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -1,5 +1,8 @@
 //! The QUIC link to a relay in the cloud VPC: the agent's client (`[destination] type = "quic"`)
 //! and the relay itself (`ha-edge relay`), over the wire protocol of `ha-edge-proto`.
+//!
+//! Must not break: authorization is by the client certificate's exact DNS name, never by what the
+//! agent says about itself.
 
 pub mod client;
 pub mod server;

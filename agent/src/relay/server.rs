@@ -8,6 +8,9 @@
 //! open partial transfers and their bytes per identity (`max_partials`, `max_partial_bytes`:
 //! one agent cannot starve another), free space on the state disk checked before an offer is
 //! accepted, and partial transfers idle longer than `partial_ttl` are deleted.
+//!
+//! Must not break: an agent writes only under the prefix its certificate is authorized for, and an
+//! acknowledgement is sent only after the object landed verified.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

@@ -2,6 +2,9 @@
 //! resumes after a dropped connection or a relay restart), and the landing place for verified
 //! objects, a directory or an S3 bucket (through the agent's S3 client: SigV4, multipart,
 //! checksums, SSE, verification).
+//!
+//! Must not break: a partial transfer lands only after its size and SHA-256 are verified, and one
+//! agent's partials never count against another's limits.
 
 use std::collections::HashMap;
 use std::fs::File;

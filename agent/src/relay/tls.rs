@@ -1,5 +1,8 @@
 //! Certificates and keys for the QUIC link: mutual TLS 1.3, each side trusting only the CA it
 //! is configured with (never the public web roots).
+//!
+//! Must not break: each side trusts only its configured CA, and a certificate without the expected
+//! name is refused.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

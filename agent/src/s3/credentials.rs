@@ -9,6 +9,9 @@
 //!    `ha-edge_aws_access_key_id` and so on; both spellings are accepted;
 //! 3. the AWS shared credentials file (`$AWS_SHARED_CREDENTIALS_FILE` or `~/.aws/credentials`),
 //!    profile `$AWS_PROFILE` or `default`.
+//!
+//! Must not break: no key or token ever reaches a log line or an error message (only the access
+//! key ID and where it came from).
 
 use std::fmt;
 use std::path::{Path, PathBuf};

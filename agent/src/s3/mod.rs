@@ -1,10 +1,16 @@
 //! One small S3 client: the handful of operations ha-edge needs, SigV4-signed, with retries
 //! decided by `crate::retry`. Every body is in memory (`Bytes`) when it is sent, so its SHA-256
 //! is in the signature and in `x-amz-checksum-sha256`, and a retry re-sends the same bytes.
+//!
+//! Must not break: every body's SHA-256 is signed and sent, so the server rejects damaged bytes; a
+//! retry re-sends the same bytes.
 
+/// Where the keys come from (environment, files, web identity, instance roles).
 pub mod credentials;
+/// The one multipart uploader, shared by the agent's sink and the relay's landing.
 pub mod multipart;
 mod sign;
+/// The one check of a stored object against what was sent.
 pub mod verify;
 mod xml;
 
@@ -40,15 +46,24 @@ const QUERY_SET: &AsciiSet = &NON_ALPHANUMERIC
 #[derive(Debug, thiserror::Error)]
 #[error("{op} s3://{bucket}/{key}: HTTP {status} {code}: {message}")]
 pub struct ServiceError {
+    /// The S3 operation (`PutObject`, `UploadPart`, ...).
     pub op: &'static str,
+    /// The bucket the request was for.
     pub bucket: String,
+    /// The key the request was for (empty for bucket-level operations).
     pub key: String,
+    /// The HTTP status.
     pub status: u16,
+    /// The S3 error code from the body (`AccessDenied`, `NoSuchUpload`, ...), or the status text.
     pub code: String,
+    /// The server's message.
     pub message: String,
+    /// A `Retry-After` the server asked for (honoured by the request retries).
     pub retry_after: Option<Duration>,
 }
 
+/// Why a request failed: an error answer, no usable answer, an answer that makes no sense, or a
+/// client that could not be built.
 #[derive(Debug, thiserror::Error)]
 pub enum S3Error {
     #[error(transparent)]
@@ -74,6 +89,7 @@ pub enum S3Error {
 }
 
 impl S3Error {
+    /// What the retry policy makes of this error (see `crate::retry`).
     pub fn class(&self) -> Class {
         match self {
             S3Error::Service(e) => classify(Failure::Status {
@@ -102,6 +118,7 @@ impl S3Error {
         }
     }
 
+    /// The S3 error code of an error answer.
     pub fn code(&self) -> Option<&str> {
         match self {
             S3Error::Service(e) => Some(&e.code),
@@ -109,6 +126,7 @@ impl S3Error {
         }
     }
 
+    /// The HTTP status of an error answer.
     pub fn status(&self) -> Option<u16> {
         match self {
             S3Error::Service(e) => Some(e.status),
@@ -168,6 +186,7 @@ impl Precondition {
 pub struct PutAnswer {
     /// The SHA-256 the server computed over what it stored, if it says.
     pub checksum_sha256: Option<String>,
+    /// The new object's ETag, as sent (quoted).
     pub etag: Option<String>,
     /// Where the bucket is versioned.
     pub version: Option<String>,
@@ -176,20 +195,29 @@ pub struct PutAnswer {
 /// What HEAD tells about a stored object.
 #[derive(Debug, Clone, Default)]
 pub struct Head {
+    /// Content-Length: the stored object's size.
     pub size: u64,
+    /// `x-amz-meta-sha256`: the hex SHA-256 ha-edge stored with the object.
     pub meta_sha256: Option<String>,
+    /// `x-amz-checksum-sha256`: the server's own checksum, whole or composite (`...-N`), if it
+    /// keeps one.
     pub checksum_sha256: Option<String>,
+    /// The ETag, as sent (quoted).
     pub etag: Option<String>,
     /// The `Last-Modified` header (an HTTP date).
     pub last_modified: Option<String>,
+    /// `x-amz-version-id`, where the bucket is versioned.
     pub version: Option<String>,
 }
 
 /// A byte range read from an object, with what the server says about the object it came from.
 #[derive(Debug, Clone)]
 pub struct Ranged {
+    /// The bytes of the range.
     pub body: Bytes,
+    /// The ETag of the object the bytes came from.
     pub etag: Option<String>,
+    /// Its `Last-Modified` (an HTTP date).
     pub last_modified: Option<String>,
     /// The object's whole size (from Content-Range, or Content-Length for a whole-object read).
     pub total: Option<u64>,
@@ -208,6 +236,8 @@ struct Response {
     body: Bytes,
 }
 
+/// A client for one bucket at one endpoint, shared (`Arc`) by every transfer to it: one connection
+/// pool, one set of credentials (refreshed when they expire).
 pub struct S3Client {
     http: reqwest::Client,
     dest: S3Destination,
@@ -217,6 +247,9 @@ pub struct S3Client {
 }
 
 impl S3Client {
+    /// A client for `dest`: TLS with the configured CA (or the built-in web roots), up to `pool`
+    /// idle connections, every request bounded by `timeout` and retried up to `max_retries` times
+    /// when the policy allows.
     pub fn new(
         dest: &S3Destination,
         creds: Credentials,
@@ -248,14 +281,17 @@ impl S3Client {
         &self.dest.prefix
     }
 
+    /// Whether this destination may replace objects ha-edge did not write (`overwrite`).
     pub fn overwrite(&self) -> crate::config::Overwrite {
         self.dest.overwrite
     }
 
+    /// The bucket name.
     pub fn bucket(&self) -> &str {
         &self.dest.bucket
     }
 
+    /// The endpoint URL, for logs.
     pub fn endpoint(&self) -> &Url {
         &self.dest.endpoint
     }
@@ -721,7 +757,7 @@ impl S3Client {
                     delay = delay.max(ra).min(Duration::from_secs(120));
                 }
             }
-            tracing::debug!(op, key, attempt, delay_ms = delay.as_millis() as u64, error = %err, "retrying request");
+            tracing::debug!(op, key, attempt, delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX), error = %err, "retrying request");
             tokio::time::sleep(delay).await;
         }
     }
@@ -882,6 +918,7 @@ fn authority(u: &Url) -> String {
     }
 }
 
+/// Standard base64 with padding, as S3 wants checksums.
 pub fn b64(bytes: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(bytes)
 }

@@ -1,5 +1,8 @@
 //! SigV4 signing of one request (aws-sigv4), with the S3-specific settings: single percent
 //! encoding, no path normalisation, and the payload SHA-256 in `x-amz-content-sha256`.
+//!
+//! Must not break: the signed payload hash is the body's SHA-256 (never UNSIGNED-PAYLOAD), and
+//! keys are encoded exactly once.
 
 use std::time::SystemTime;
 

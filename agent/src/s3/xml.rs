@@ -1,21 +1,33 @@
 //! The few S3 XML documents ha-edge reads and writes.
+//!
+//! Must not break: parsing never panics on a hostile document; unknown elements are ignored.
 
+/// An S3 `<Error>` body.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ErrorDoc {
+    /// `<Code>`: the S3 error code.
     pub code: String,
+    /// `<Message>`: the server's explanation.
     pub message: String,
 }
 
+/// One part a server holds for a multipart upload (ListParts).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerPart {
+    /// The part number (1-based).
     pub number: u32,
+    /// The part's ETag, as the server sent it.
     pub etag: String,
+    /// The part's size in bytes.
     pub size: u64,
 }
 
+/// One page of a ListParts answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PartsPage {
+    /// The parts on this page, in order.
     pub parts: Vec<ServerPart>,
+    /// Where the next page starts, if the listing is truncated.
     pub next_marker: Option<u32>,
 }
 
@@ -38,6 +50,7 @@ pub fn parse_error(body: &str) -> Option<ErrorDoc> {
     })
 }
 
+/// The `UploadId` of a CreateMultipartUpload answer.
 pub fn parse_upload_id(body: &str) -> Option<String> {
     let doc = roxmltree::Document::parse(body).ok()?;
     child_text(doc.root_element(), "UploadId").map(str::to_string)
@@ -60,6 +73,7 @@ pub fn parse_uploads_for_key(body: &str, key: &str) -> Option<Vec<String>> {
     )
 }
 
+/// A ListParts answer; None if it is not one.
 pub fn parse_list_parts(body: &str) -> Option<PartsPage> {
     let doc = roxmltree::Document::parse(body).ok()?;
     let root = doc.root_element();
@@ -86,7 +100,9 @@ pub fn parse_list_parts(body: &str) -> Option<PartsPage> {
 /// One object in a `ListBucketResult` (ListObjectsV2).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Listed {
+    /// The object's key (decoded).
     pub key: String,
+    /// Its size in bytes.
     pub size: u64,
     /// As the server sends it (quoted); some servers leave it out of listings.
     pub etag: Option<String>,
@@ -94,13 +110,16 @@ pub struct Listed {
     pub last_modified: Option<String>,
 }
 
+/// One page of a ListObjectsV2 answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ListPage {
+    /// The objects on this page, in key order.
     pub objects: Vec<Listed>,
     /// Continuation token for the next page, if the listing is truncated.
     pub next_token: Option<String>,
 }
 
+/// A ListObjectsV2 answer; None if it is not one.
 pub fn parse_list_objects(body: &str) -> Option<ListPage> {
     let doc = roxmltree::Document::parse(body).ok()?;
     let root = doc.root_element();

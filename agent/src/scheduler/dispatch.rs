@@ -338,7 +338,7 @@ impl Scheduler {
                     drop(slot);
                     wake.notify_one();
                     let done = journal
-                        .delivered(row.id, row.fingerprint, *sha, landed.clone(), keep)
+                        .delivered(row.id, row.version.clone(), *sha, landed.clone(), keep)
                         .await;
                     drop(unrecorded);
                     Some(done)
@@ -536,7 +536,7 @@ impl Scheduler {
                     let recorded = match committed {
                         Some(r) => r?,
                         None => {
-                            j.delivered(row.id, row.fingerprint, sha256, landed, keep)
+                            j.delivered(row.id, row.version.clone(), sha256, landed, keep)
                                 .await?
                         }
                     };
@@ -547,9 +547,9 @@ impl Scheduler {
                         return self.wait_for_settle(&row, msg).await;
                     }
                     self.summary.delivered += 1;
-                    self.summary.bytes += row.fingerprint.size;
-                    let mbps = row.fingerprint.size as f64 / took.as_secs_f64().max(1e-6) / 1e6;
-                    tracing::info!(key = %row.key, size = row.fingerprint.size, secs = took.as_secs_f64(), mb_per_s = format!("{mbps:.1}"), "delivered and verified");
+                    self.summary.bytes += row.version.size();
+                    let mbps = row.version.size() as f64 / took.as_secs_f64().max(1e-6) / 1e6;
+                    tracing::info!(key = %row.key, size = row.version.size(), secs = took.as_secs_f64(), mb_per_s = format!("{mbps:.1}"), "delivered and verified");
                 }
                 if action != AfterUpload::Keep {
                     self.after_upload(&row, &action).await?;
@@ -611,8 +611,8 @@ impl Scheduler {
                     &key,
                     &row.rel_path,
                     action,
-                    row.fingerprint,
-                    row.etag.as_deref(),
+                    &row.version,
+                    row.pinned_etag.as_deref(),
                 )
                 .await
                 {
@@ -628,10 +628,10 @@ impl Scheduler {
                 let (root, rel, fp, act) = (
                     root.clone(),
                     row.rel_path.clone(),
-                    row.fingerprint,
+                    row.version.clone(),
                     action.clone(),
                 );
-                let res = tokio::task::spawn_blocking(move || after_upload(&root, &rel, &act, fp))
+                let res = tokio::task::spawn_blocking(move || after_upload(&root, &rel, &act, &fp))
                     .await
                     .map_err(|_| JournalError::Panicked)?;
                 match res {

@@ -224,9 +224,9 @@ pub fn decide(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::journal::Fingerprint;
     use crate::s3::S3Error;
     use crate::sink::error::DestinationError;
+    use crate::version::Version;
 
     fn row(attempts: u32) -> ObjectRow {
         ObjectRow {
@@ -234,7 +234,7 @@ mod tests {
             source: "fhir".into(),
             rel_path: "a.ndjson".into(),
             key: "fhir/a.ndjson".into(),
-            fingerprint: Fingerprint {
+            version: Version::File {
                 size: 1,
                 mtime_ns: 1,
                 inode: 1,
@@ -244,7 +244,7 @@ mod tests {
             upload_id: None,
             part_size: None,
             attempts,
-            etag: None,
+            pinned_etag: None,
             prior_etag: None,
             ctime_ns: None,
             part_hashes: None,

@@ -1,5 +1,8 @@
 //! Delivery: where objects go. Each delivery ends in one `Outcome`, and the scheduler alone turns
 //! outcomes into journal states and retry decisions.
+//!
+//! Must not break: a delivery returns exactly one `Outcome`, and `Delivered` only after the stored
+//! object was verified.
 
 pub mod error;
 pub mod read;

@@ -1,6 +1,9 @@
 //! Reading the bytes of one source version, for any destination: a file (checked against its
 //! fingerprint before every read) or a bucket object (ranged GETs pinned to its ETag), within
 //! one memory budget shared by every object in flight.
+//!
+//! Must not break: every read checks that the source is still the pinned version, and no read
+//! starts before its bytes are reserved in the budget.
 
 use std::fs::File;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
@@ -12,10 +15,10 @@ use bytes::Bytes;
 
 use super::error::DestinationError;
 use super::Outcome;
-use crate::journal::{Fingerprint, Hashed, JournalError, ObjectRow};
+use crate::journal::{Hashed, JournalError, ObjectRow};
 use crate::retry::Class;
 use crate::s3::{S3Client, S3Error};
-use crate::source::bucket::same_version;
+use crate::version::Version;
 
 /// Read size of the hashing pass over a file.
 const HASH_CHUNK: usize = 1 << 20;
@@ -126,7 +129,7 @@ pub enum Pinned {
     File {
         file: File,
         path: PathBuf,
-        fp: Fingerprint,
+        fp: Version,
         /// The ctime when it was opened (or hashed, from the journal): a writer can restore an
         /// mtime, never a ctime, so a rewrite in place is seen.
         ctime_ns: i64,
@@ -134,7 +137,7 @@ pub enum Pinned {
     Object {
         client: Arc<S3Client>,
         key: String,
-        fp: Fingerprint,
+        fp: Version,
         /// The ETag every read is pinned to (If-Match), if known.
         etag: Option<String>,
     },
@@ -146,7 +149,7 @@ fn file_path(p: &Path) -> String {
 
 impl Pinned {
     /// A pinned file's parts (the caller has matched `Pinned::File`).
-    fn file(&self) -> (&File, &PathBuf, &Fingerprint, &i64) {
+    fn file(&self) -> (&File, &PathBuf, &Version, &i64) {
         match self {
             Pinned::File {
                 file,
@@ -165,11 +168,12 @@ impl Pinned {
         }
     }
 
-    /// The ETag to record with the hash (bucket objects).
-    pub fn etag(&self) -> Option<String> {
+    /// The ETag this transfer pinned itself to, to record with the hash: for a bucket object
+    /// listed without one (a listed ETag is part of the version already).
+    pub fn pinned_etag(&self) -> Option<String> {
         match self {
-            Pinned::File { .. } => None,
-            Pinned::Object { etag, .. } => etag.clone(),
+            Pinned::Object { fp, etag, .. } if fp.listed_etag().is_none() => etag.clone(),
+            _ => None,
         }
     }
 
@@ -190,8 +194,8 @@ impl Pinned {
                 let me = self.clone();
                 return blocking(move || {
                     let (file, path, fp, ctime_ns) = me.file();
-                    check_pinned(file, path, *fp, *ctime_ns)?;
-                    let mut buf = vec![0u8; len as usize];
+                    check_pinned(file, path, fp, *ctime_ns)?;
+                    let mut buf = vec![0u8; buffer_len(len)?];
                     file.read_exact_at(&mut buf, off)
                         .map_err(|source| Stop::Io {
                             path: path.clone(),
@@ -226,8 +230,7 @@ impl Pinned {
             .get_range(key, off, len, etag.as_deref())
             .await
             .map_err(|e| self.source_error(e))?;
-        if !same_version(
-            *fp,
+        if !fp.matches_object(
             etag.as_deref(),
             r.total,
             r.last_modified.as_deref(),
@@ -245,7 +248,7 @@ impl Pinned {
                 let me = self.clone();
                 blocking(move || {
                     let (file, path, fp, ctime_ns) = me.file();
-                    check_pinned(file, path, *fp, *ctime_ns)
+                    check_pinned(file, path, fp, *ctime_ns)
                 })
                 .await
             }
@@ -271,7 +274,9 @@ impl Pinned {
                 let mut buf = vec![0u8; HASH_CHUNK];
                 let mut off = 0u64;
                 while off < size {
-                    let n = (size - off).min(HASH_CHUNK as u64) as usize;
+                    // At most HASH_CHUNK, a usize.
+                    let n =
+                        usize::try_from((size - off).min(HASH_CHUNK as u64)).unwrap_or(HASH_CHUNK);
                     file.read_exact_at(&mut buf[..n], off)
                         .map_err(|source| Stop::Io {
                             path: path.clone(),
@@ -280,7 +285,7 @@ impl Pinned {
                     h.update(&buf[..n]);
                     off += n as u64;
                 }
-                check_pinned(file, path, *fp, *ctime_ns)?;
+                check_pinned(file, path, fp, *ctime_ns)?;
                 Ok(h.finish(Some(*ctime_ns)))
             })
             .await;
@@ -328,7 +333,9 @@ impl PartHasher {
         self.whole.update(bytes);
         let Some(ps) = self.part_size else { return };
         while !bytes.is_empty() {
-            let take = ((ps - self.in_part) as usize).min(bytes.len());
+            let take = usize::try_from(ps - self.in_part)
+                .unwrap_or(usize::MAX)
+                .min(bytes.len());
             self.part.update(&bytes[..take]);
             self.in_part += take as u64;
             bytes = &bytes[take..];
@@ -355,13 +362,13 @@ impl PartHasher {
 /// Opens the source version the row describes: a file (refusing a symlink that leads out of
 /// the root) or a bucket object (HEAD, compared with what the listing saw).
 pub async fn pin(row: &ObjectRow, origin: &Origin) -> Result<Arc<Pinned>, Stop> {
-    let fp = row.fingerprint;
+    let fp = row.version.clone();
     match origin {
         Origin::Dir(root) => {
             let (root, path) = (root.clone(), root.join(&row.rel_path));
             let journaled_ctime = row.ctime_ns;
             blocking(move || {
-                let (file, ctime_ns) = open_pinned(&root, &path, fp)?;
+                let (file, ctime_ns) = open_pinned(&root, &path, &fp)?;
                 // A hash fixed before a restart holds for the file as it was then.
                 if journaled_ctime.is_some_and(|c| c != ctime_ns) {
                     return Err(Stop::Changed(file_path(&path)));
@@ -380,9 +387,9 @@ pub async fn pin(row: &ObjectRow, origin: &Origin) -> Result<Arc<Pinned>, Stop> 
                 client: client.clone(),
                 key: Origin::source_key(prefix, &row.rel_path),
                 fp,
-                etag: row.etag.clone(),
+                etag: row.source_etag().map(str::to_string),
             };
-            let Pinned::Object { key, etag, .. } = &mut pinned else {
+            let Pinned::Object { key, etag, fp, .. } = &mut pinned else {
                 unreachable!("built above")
             };
             let head = match client.head_object(key).await {
@@ -390,8 +397,7 @@ pub async fn pin(row: &ObjectRow, origin: &Origin) -> Result<Arc<Pinned>, Stop> 
                 Ok(None) => return Err(Stop::Vanished(pinned.what())),
                 Err(e) => return Err(pinned.source_error(e)),
             };
-            if !same_version(
-                fp,
+            if !fp.matches_object(
                 etag.as_deref(),
                 Some(head.size),
                 head.last_modified.as_deref(),
@@ -410,7 +416,7 @@ pub async fn pin(row: &ObjectRow, origin: &Origin) -> Result<Arc<Pinned>, Stop> 
 /// Opens the source file, refusing a symlink that leads out of the root and anything but a
 /// regular file, and checks that it is still the version the journal knows. Returns the file
 /// and its ctime, which every later check compares.
-pub fn open_pinned(root: &Path, path: &Path, expect: Fingerprint) -> Result<(File, i64), Stop> {
+pub fn open_pinned(root: &Path, path: &Path, expect: &Version) -> Result<(File, i64), Stop> {
     let io = |source| Stop::Io {
         path: path.to_path_buf(),
         source,
@@ -471,8 +477,7 @@ pub fn open_pinned(root: &Path, path: &Path, expect: Fingerprint) -> Result<(Fil
     if !meta.file_type().is_file() {
         return Err(Stop::NotRegular(path.to_path_buf(), file_kind(&meta)));
     }
-    let fp = Fingerprint::of(&meta);
-    if fp != expect {
+    if Version::of_file(&meta) != *expect {
         return Err(Stop::Changed(file_path(path)));
     }
     Ok((file, ctime_of(&meta)))
@@ -502,20 +507,25 @@ pub fn ctime_of(meta: &std::fs::Metadata) -> i64 {
 
 /// Whether the open file is still the pinned version: fingerprint (size, mtime, inode) and
 /// ctime, which a writer cannot put back.
-pub fn check_pinned(
-    file: &File,
-    path: &Path,
-    expect: Fingerprint,
-    ctime_ns: i64,
-) -> Result<(), Stop> {
+pub fn check_pinned(file: &File, path: &Path, expect: &Version, ctime_ns: i64) -> Result<(), Stop> {
     let meta = file.metadata().map_err(|source| Stop::Io {
         path: path.to_path_buf(),
         source,
     })?;
-    if Fingerprint::of(&meta) != expect || ctime_of(&meta) != ctime_ns {
+    if Version::of_file(&meta) != *expect || ctime_of(&meta) != ctime_ns {
         return Err(Stop::Changed(file_path(path)));
     }
     Ok(())
+}
+
+/// A buffer of `len` bytes, if this machine can address one (a 32-bit target cannot hold a
+/// part of 4 GiB or more).
+pub fn buffer_len(len: u64) -> Result<usize, Stop> {
+    usize::try_from(len).map_err(|_| {
+        Stop::Source(S3Error::Setup(format!(
+            "a read of {len} bytes does not fit this machine's memory: lower agent.part_size"
+        )))
+    })
 }
 
 pub async fn blocking<T: Send + 'static>(

@@ -6,6 +6,9 @@
 //! SHA-256 and stored the object) or `AlreadyHave`. A transfer interrupted by a lost connection,
 //! a relay restart or our own restart offers the object again and sends from the offset the
 //! relay confirms it holds.
+//!
+//! Must not break: an object counts as delivered only on the relay's `Stored` or `AlreadyHave` for
+//! the SHA-256 fixed before the offer.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -123,8 +126,8 @@ impl RelaySink {
         origin: &Origin,
         stop: watch::Receiver<bool>,
     ) -> Result<[u8; 32], RStop> {
-        let fp = row.fingerprint;
-        let size = fp.size;
+        let fp = row.version.clone();
+        let size = fp.size();
         let pinned = pin(row, origin).await?;
         // The hash is fixed before the first offer, and kept for every later attempt: the relay
         // keys its partial transfer on (key, SHA-256).
@@ -135,7 +138,7 @@ impl RelaySink {
                 let sha = hashed.sha256;
                 if !self
                     .journal
-                    .set_hashed(row.id, fp, hashed, pinned.etag())
+                    .set_hashed(row.id, fp.clone(), hashed, pinned.pinned_etag())
                     .await
                     .map_err(Stop::Journal)?
                 {
@@ -162,7 +165,7 @@ impl RelaySink {
         sha: [u8; 32],
         stop: watch::Receiver<bool>,
     ) -> Result<[u8; 32], RStop> {
-        let size = row.fingerprint.size;
+        let size = row.version.size();
         let idle = self.client.idle();
         let (mut send, mut recv) = conn
             .open_bi()

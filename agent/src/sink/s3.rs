@@ -12,6 +12,9 @@
 //! server (bucket sources), through one `Pinned` reader: a file is checked against its
 //! fingerprint before every part, an object is read by ranged GETs pinned to its ETag
 //! (If-Match, and the answer's ETag compared), so an upload never mixes two versions.
+//!
+//! Must not break: nothing is replaced that is not ours (`overwrite = "own"`), and `Delivered`
+//! comes only after verification.
 
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
@@ -184,7 +187,7 @@ impl S3Sink {
             Err(e) if e.is_unanswered() => self.client.head_object(&row.key).await?,
             other => other?,
         };
-        let size = row.fingerprint.size;
+        let size = row.version.size();
         let ours = hex::encode(sha);
         match head {
             None if before => Ok(None),
@@ -301,21 +304,21 @@ impl S3Sink {
         confirm: Confirm,
         stop: watch::Receiver<bool>,
     ) -> Result<Sent, Stop> {
-        let fp = row.fingerprint;
-        if fp.size < self.params.multipart_threshold {
+        let fp = row.version.clone();
+        if fp.size() < self.params.multipart_threshold {
             return self.single_put(row, origin, confirm).await;
         }
         let pinned = pin(row, origin).await?;
-        let part_size = part_size_for(fp.size, self.params.part_size);
+        let part_size = part_size_for(fp.size(), self.params.part_size);
         // Pass one: the whole-object hash and each part's, fixed in the journal before any byte
         // is sent; every part sent must be those bytes.
         let hashed = pinned
-            .hash_all(&self.budget, fp.size, Some(part_size))
+            .hash_all(&self.budget, fp.size(), Some(part_size))
             .await?;
         let (sha, expected) = (hashed.sha256, hashed.parts.clone());
         if !self
             .journal
-            .set_hashed(row.id, fp, hashed, pinned.etag())
+            .set_hashed(row.id, fp.clone(), hashed, pinned.pinned_etag())
             .await?
         {
             return Err(Stop::Changed(pinned.what()));
@@ -357,20 +360,22 @@ impl S3Sink {
         origin: &Origin,
         confirm: Confirm,
     ) -> Result<Sent, Stop> {
-        let fp = row.fingerprint;
+        let fp = row.version.clone();
         // Memory first, then open, read and hash in one hand-off to the blocking pool.
-        let permit = self.budget.reserve(fp.size).await;
+        let size = fp.size();
+        let permit = self.budget.reserve(size).await;
         let (body, sha) = match origin {
             Origin::Dir(root) => {
                 let (root2, p2) = (root.clone(), root.join(&row.rel_path));
+                let fp = fp.clone();
                 blocking(move || {
-                    let (file, ctime_ns) = open_pinned(&root2, &p2, fp)?;
-                    let mut buf = vec![0u8; fp.size as usize];
+                    let (file, ctime_ns) = open_pinned(&root2, &p2, &fp)?;
+                    let mut buf = vec![0u8; usize::try_from(size).unwrap_or(usize::MAX)];
                     file.read_exact_at(&mut buf, 0).map_err(|source| Stop::Io {
                         path: p2.clone(),
                         source,
                     })?;
-                    check_pinned(&file, &p2, fp, ctime_ns)?;
+                    check_pinned(&file, &p2, &fp, ctime_ns)?;
                     let sha = Sha256::digest(&buf);
                     Ok((Bytes::from(buf), sha))
                 })
@@ -381,10 +386,10 @@ impl S3Sink {
                 let pinned = Arc::new(Pinned::Object {
                     client: client.clone(),
                     key: Origin::source_key(prefix, &row.rel_path),
-                    fp,
-                    etag: row.etag.clone(),
+                    fp: fp.clone(),
+                    etag: row.source_etag().map(str::to_string),
                 });
-                pinned.read(0, fp.size).await?
+                pinned.read(0, size).await?
             }
         };
         // Nothing on the server depends on the journal before a single PUT (a crash before
@@ -416,7 +421,7 @@ impl S3Sink {
             // The server hashed what it stored and it is our SHA-256 (so also our size).
             Some(_) if confirm == Confirm::Answer => {}
             _ => {
-                let head = self.verify(&row.key, fp.size, &sha, None).await?;
+                let head = self.verify(&row.key, fp.size(), &sha, None).await?;
                 if landed.etag.is_none() {
                     landed = landed_of(&head);
                 }
@@ -459,7 +464,7 @@ impl S3Sink {
                 )
                 .await;
         };
-        let fp = row.fingerprint;
+        let fp = row.version.clone();
         let pinned = match pin(row, origin).await {
             Ok(p) => p,
             Err(Stop::Changed(p)) => {
@@ -494,7 +499,10 @@ impl S3Sink {
             // Completion is requested only after `completing` is committed: then it may have
             // gone through before the restart, and the stored object decides.
             if row.state == State::Completing {
-                if let Ok(head) = self.verify(&row.key, fp.size, &sha, Some(&journaled)).await {
+                if let Ok(head) = self
+                    .verify(&row.key, fp.size(), &sha, Some(&journaled))
+                    .await
+                {
                     tracing::info!(key = %row.key, "upload had completed before the restart; verified");
                     return Ok(Sent {
                         sha,
@@ -576,11 +584,7 @@ impl S3Sink {
             upload_id: None,
             part_size: None,
             // A pin of this attempt is forgotten by the reset (a listed ETag stays).
-            etag: if row.fingerprint.inode == 0 {
-                None
-            } else {
-                row.etag.clone()
-            },
+            pinned_etag: None,
             ..row.clone()
         };
         Box::pin(self.fresh(&fresh_row, origin, confirm, stop)).await
@@ -598,7 +602,7 @@ impl S3Sink {
         done: Vec<PartRow>,
         stop: watch::Receiver<bool>,
     ) -> Result<Sent, Stop> {
-        let size = row.fingerprint.size;
+        let size = row.version.size();
         let upload = Upload {
             client: &self.client,
             key: &row.key,

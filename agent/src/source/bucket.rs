@@ -6,21 +6,24 @@
 //! Objects appear whole when their PUT or multipart completion finishes, so there is no settle
 //! rule here. Keys are mapped exactly (`keymap::bucket_key`): a key with an empty, `.` or `..`
 //! segment or a control character is refused, never normalised onto another key.
+//!
+//! Must not break: a listing only offers; an object is deleted or moved only by `after_upload`,
+//! and only if it is still the version delivered.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
-use crate::hash::Sha256;
 use tokio::sync::{mpsc, watch, Notify};
 
 use super::fs::SourceReport;
 use crate::config::{AfterUpload, OnChange, S3Destination, SourceConfig, SourceKind};
-use crate::journal::{Candidate, Fingerprint, Journal, JournalError};
+use crate::journal::{Candidate, Journal, JournalError};
 use crate::keymap;
 use crate::retry::Backoff;
 use crate::s3::{S3Client, S3Error};
+use crate::version::{rfc3339_secs, Version};
 
 /// Quiet time after a bucket event before listing, to take a burst in one listing.
 const HINT_DEBOUNCE: std::time::Duration = std::time::Duration::from_millis(200);
@@ -99,72 +102,6 @@ async fn listen(
             _ = tokio::time::sleep(RECONNECT.nth(failures, fastrand::f64())) => {}
         }
     }
-}
-
-/// An ETag without quotes or a weak marker, for comparisons.
-pub fn unquote(etag: &str) -> &str {
-    let t = etag.trim();
-    let t = t.strip_prefix("W/").unwrap_or(t);
-    t.trim_matches('"')
-}
-
-/// The ETag folded into the fingerprint's inode slot (never 0: 0 means "no ETag known").
-pub fn etag_hash(etag: &str) -> u64 {
-    let d = Sha256::digest(unquote(etag).as_bytes());
-    u64::from_be_bytes(d[..8].try_into().expect("8 bytes")) | 1
-}
-
-/// Seconds since the epoch of an RFC 3339 time (`2026-11-26T10:00:00.000Z`, as in listings).
-pub fn rfc3339_secs(s: &str) -> Option<i64> {
-    let t = humantime::parse_rfc3339_weak(s.trim()).ok()?;
-    Some(t.duration_since(UNIX_EPOCH).ok()?.as_secs() as i64)
-}
-
-/// Seconds since the epoch of an HTTP date (`Thu, 26 Nov 2026 10:00:00 GMT`, as in
-/// `Last-Modified`).
-pub fn http_date_secs(s: &str) -> Option<i64> {
-    const MONTHS: [&str; 12] = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ];
-    let f: Vec<&str> = s.split_whitespace().collect();
-    let [_, day, mon, year, hms, "GMT"] = f.as_slice() else {
-        return None;
-    };
-    let m = MONTHS.iter().position(|x| x == mon)? + 1;
-    let day: u32 = day.parse().ok()?;
-    rfc3339_secs(&format!("{year}-{m:02}-{day:02}T{hms}Z"))
-}
-
-/// A bucket object's fingerprint: size, LastModified in whole seconds (what HEAD can confirm),
-/// and the ETag's hash (0 if the listing had none).
-pub fn fingerprint(size: u64, last_modified_secs: Option<i64>, etag: Option<&str>) -> Fingerprint {
-    Fingerprint {
-        size,
-        mtime_ns: last_modified_secs.map_or(0, |s| s.saturating_mul(1_000_000_000)),
-        inode: etag.map_or(0, etag_hash),
-    }
-}
-
-/// Whether what the server says about an object (HEAD or GET headers) is still the version
-/// the journal holds: same size, same LastModified second, the ETag the journal knows (listed
-/// or pinned). Anything the server leaves out is not held against it.
-pub fn same_version(
-    fp: Fingerprint,
-    known_etag: Option<&str>,
-    size: Option<u64>,
-    last_modified: Option<&str>,
-    etag: Option<&str>,
-) -> bool {
-    let size_ok = size.is_none_or(|s| s == fp.size);
-    let time_ok = fp.mtime_ns == 0
-        || last_modified
-            .and_then(http_date_secs)
-            .is_none_or(|s| s.saturating_mul(1_000_000_000) == fp.mtime_ns);
-    let etag_ok = match (known_etag, etag) {
-        (Some(k), Some(e)) => unquote(k) == unquote(e),
-        _ => fp.inode == 0 || etag.is_none_or(|e| etag_hash(e) == fp.inode),
-    };
-    size_ok && time_ok && etag_ok
 }
 
 /// The settings of a bucket source.
@@ -327,8 +264,7 @@ impl BucketSource {
                 batch.push(Candidate {
                     rel_path: PathBuf::from(rest),
                     key,
-                    fingerprint: fingerprint(o.size, secs, o.etag.as_deref()),
-                    etag: o.etag,
+                    version: Version::object(o.size, secs, o.etag.as_deref()),
                 });
             }
             if !batch.is_empty() {
@@ -379,8 +315,8 @@ pub async fn after_upload(
     key: &str,
     rest: &Path,
     action: &AfterUpload,
-    fp: Fingerprint,
-    etag: Option<&str>,
+    version: &Version,
+    pinned_etag: Option<&str>,
 ) -> Result<BucketAfter, S3Error> {
     let plan = match after_plan(action, rest) {
         Ok(None) => return Ok(BucketAfter::Kept),
@@ -390,9 +326,8 @@ pub async fn after_upload(
     let Some(head) = client.head_object(key).await? else {
         return Ok(BucketAfter::Gone);
     };
-    if !same_version(
-        fp,
-        etag,
+    if !version.matches_object(
+        pinned_etag,
         Some(head.size),
         head.last_modified.as_deref(),
         head.etag.as_deref(),
@@ -464,69 +399,5 @@ mod tests {
         assert!(!is_event(b" \n"));
         assert!(!is_event(br#"{"Records":null}"#));
         assert!(!is_event(b"<ListBucketResult/>"));
-    }
-
-    #[test]
-    fn dates_from_listings_and_headers_agree() {
-        let a = rfc3339_secs("2026-11-26T10:00:00.000Z").unwrap();
-        let b = http_date_secs("Thu, 26 Nov 2026 10:00:00 GMT").unwrap();
-        assert_eq!(a, b);
-        assert_eq!(rfc3339_secs("2026-11-26T10:00:00Z"), Some(a));
-        assert_eq!(http_date_secs("Thu, 26 Nov 2026 10:00:01 GMT"), Some(a + 1));
-        assert_eq!(http_date_secs("26 Nov 2026"), None);
-        assert_eq!(http_date_secs("Thu, 26 Foo 2026 10:00:00 GMT"), None);
-    }
-
-    #[test]
-    fn etags_compare_without_quotes() {
-        assert_eq!(unquote("\"abc\""), "abc");
-        assert_eq!(unquote("W/\"abc\""), "abc");
-        assert_eq!(etag_hash("\"abc\""), etag_hash("abc"));
-        assert_ne!(etag_hash("abc"), etag_hash("abd"));
-        assert_ne!(etag_hash("x"), 0);
-    }
-
-    #[test]
-    fn version_checks() {
-        let t = rfc3339_secs("2026-11-26T10:00:00Z");
-        let lm = Some("Thu, 26 Nov 2026 10:00:00 GMT");
-        let listed = fingerprint(10, t, Some("\"e1\""));
-        assert!(same_version(
-            listed,
-            Some("\"e1\""),
-            Some(10),
-            lm,
-            Some("\"e1\"")
-        ));
-        // A new ETag, size or time is another version.
-        assert!(!same_version(
-            listed,
-            Some("\"e1\""),
-            Some(10),
-            lm,
-            Some("\"e2\"")
-        ));
-        assert!(!same_version(listed, None, Some(10), lm, Some("\"e2\"")));
-        assert!(!same_version(listed, None, Some(11), lm, Some("\"e1\"")));
-        assert!(!same_version(
-            listed,
-            None,
-            Some(10),
-            Some("Thu, 26 Nov 2026 10:00:01 GMT"),
-            Some("\"e1\"")
-        ));
-        // Listed without an ETag (some servers): size and time decide until a pin exists...
-        let bare = fingerprint(10, t, None);
-        assert!(same_version(bare, None, Some(10), lm, Some("\"any\"")));
-        // ...and then the pin does.
-        assert!(!same_version(
-            bare,
-            Some("\"p\""),
-            Some(10),
-            lm,
-            Some("\"q\"")
-        ));
-        // What the server leaves out is not held against it.
-        assert!(same_version(listed, None, None, None, None));
     }
 }

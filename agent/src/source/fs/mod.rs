@@ -11,6 +11,9 @@
 //! root; directories behind symlinks are not entered (no loops, no escapes); FIFOs, sockets and
 //! devices are never opened; names that cannot be mapped to a key are refused. Each refused path
 //! is logged once per process, not on every rescan.
+//!
+//! Must not break: nothing is offered before it is complete (see `complete.rs`), a refused path is
+//! never offered, and the rescan stays the truth whatever inotify says.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -20,9 +23,14 @@ use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::{mpsc, watch, Notify};
 
-use crate::config::{AfterUpload, Completion, OnChange, SourceConfig, WatchMode};
-use crate::journal::{Candidate, Fingerprint, Journal, JournalError};
+use crate::config::{AfterUpload, OnChange, SourceConfig, WatchMode};
+use crate::journal::{Candidate, Journal, JournalError};
 use crate::keymap;
+use crate::version::Version;
+
+mod complete;
+use complete::{due, next, settle, Next, Tracked};
+pub use complete::{parse_manifest, Manifest};
 
 /// Candidates per journal transaction.
 const OFFER_BATCH: usize = 1000;
@@ -37,54 +45,10 @@ const MAX_EVENT_PATHS: usize = 2048;
 #[derive(Debug, Clone)]
 pub struct Seen {
     pub rel: PathBuf,
-    pub fp: Fingerprint,
+    pub fp: Version,
     pub mtime: SystemTime,
     /// False while the completion marker this file needs is missing (always true without one).
     pub marked: bool,
-}
-
-/// A file seen but not settled yet.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Tracked {
-    pub fp: Fingerprint,
-    /// When this fingerprint was first seen (this machine's monotonic clock).
-    pub since: Instant,
-}
-
-/// The settle rule. Returns whether the file is complete, and what to remember if it is not.
-pub fn settle(
-    prev: Option<&Tracked>,
-    fp: Fingerprint,
-    mtime: SystemTime,
-    now: SystemTime,
-    now_mono: Instant,
-    settle: Duration,
-) -> (bool, Tracked) {
-    let unchanged = prev.filter(|t| t.fp == fp);
-    let tracked = Tracked {
-        fp,
-        since: unchanged.map_or(now_mono, |t| t.since),
-    };
-    let old_enough = now.duration_since(mtime).is_ok_and(|age| age >= settle);
-    let stable_long_enough =
-        unchanged.is_some_and(|t| now_mono.saturating_duration_since(t.since) >= settle);
-    (old_enough || stable_long_enough, tracked)
-}
-
-/// When a tracked file should be looked at again.
-fn due(
-    t: &Tracked,
-    mtime: SystemTime,
-    now: SystemTime,
-    now_mono: Instant,
-    settle: Duration,
-) -> Instant {
-    let by_clock = t.since + settle;
-    let by_mtime = match now.duration_since(mtime) {
-        Ok(age) => now_mono + settle.saturating_sub(age),
-        Err(_) => by_clock,
-    };
-    by_clock.min(by_mtime) + Duration::from_millis(10)
 }
 
 #[derive(Debug, Default)]
@@ -216,7 +180,7 @@ pub fn scan_into(
         let mtime = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
         out.files.push(Seen {
             rel: rel.to_path_buf(),
-            fp: Fingerprint::of(&meta),
+            fp: Version::of_file(&meta),
             mtime,
             marked,
         });
@@ -243,57 +207,6 @@ pub struct SourceReport {
     pub held: usize,
     /// Listings that failed (bucket sources).
     pub failed: usize,
-}
-
-/// The file name of a FHIR Bulk Data manifest.
-const MANIFEST: &str = "manifest.json";
-
-/// What a `manifest.json` is, for ordering.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Manifest {
-    /// Not a FHIR Bulk Data manifest: an ordinary file.
-    NotBulkData,
-    /// A Bulk Data manifest listing these file names (in its directory).
-    Lists(Vec<String>),
-    /// A Bulk Data manifest (it has `transactionTime` and `output`) that can never be
-    /// published: an output entry without a string URL, or a URL whose last segment is not a
-    /// file name (empty, `.`, `..`). Reported and held, never sent as an ordinary file.
-    Invalid(String),
-}
-
-/// Reads a Bulk Data export manifest (`transactionTime`, `output[]` with `url`): the file names
-/// it lists are the last segments of the output URLs.
-pub fn parse_manifest(bytes: &[u8]) -> Manifest {
-    let Ok(v) = serde_json::from_slice::<serde_json::Value>(bytes) else {
-        return Manifest::NotBulkData;
-    };
-    let (Some(_), Some(output)) = (
-        v.get("transactionTime").and_then(|t| t.as_str()),
-        v.get("output").and_then(|o| o.as_array()),
-    ) else {
-        return Manifest::NotBulkData;
-    };
-    let mut names = Vec::new();
-    for (i, entry) in output.iter().enumerate() {
-        let Some(url) = entry.get("url").and_then(|u| u.as_str()) else {
-            return Manifest::Invalid(format!(
-                "output[{i}].url is not a string ({})",
-                entry.get("url").map_or("missing".into(), |u| u.to_string())
-            ));
-        };
-        let path = url.split(['?', '#']).next().unwrap_or(url);
-        match path.rsplit('/').next() {
-            Some(name) if !name.is_empty() && name != "." && name != ".." => {
-                names.push(name.to_string())
-            }
-            _ => {
-                return Manifest::Invalid(format!(
-                    "output[{i}].url {url:?} does not end in a file name"
-                ))
-            }
-        }
-    }
-    Manifest::Lists(names)
 }
 
 /// Filesystem types where inotify cannot see every change (other clients' writes), by statfs
@@ -324,6 +237,8 @@ fn fs_magic(path: &Path) -> Option<u32> {
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: `c` is a NUL-terminated path and `st` a valid, writable statfs.
     let rc = unsafe { libc::statfs(c.as_ptr(), &mut st) };
+    // The magic numbers are 32-bit; f_type is wider on some targets.
+    #[allow(clippy::cast_possible_truncation)]
     (rc == 0).then_some(st.f_type as u32)
 }
 
@@ -599,21 +514,20 @@ impl FsSource {
                 {
                     seen_now.insert(s.rel.clone());
                 }
-                if !s.marked {
+                let prev = self.tracked.get(&s.rel).map(|(t, _)| t);
+                let (settled, t) = settle(prev, &s.fp, s.mtime, now, now_mono, self.cfg.settle);
+                let mut step = next(s.marked, settled, &self.cfg.complete_when, file_name);
+                if step == Next::AwaitMarker {
                     awaiting_now.insert(s.rel.clone());
                     self.awaiting_marker.insert(s.rel.clone());
                     continue;
                 }
                 self.awaiting_marker.remove(&s.rel);
-                let prev = self.tracked.get(&s.rel).map(|(t, _)| t);
-                let (mut ready, t) = settle(prev, s.fp, s.mtime, now, now_mono, self.cfg.settle);
-                if self.cfg.complete_when != Completion::Settle {
-                    ready = true; // the marker says so
-                }
-                if ready && file_name == MANIFEST {
+                if step == Next::CheckManifest {
                     match self.manifest_gate(&s.rel).await? {
                         Gate::Release => {
                             self.held.remove(&s.rel);
+                            step = Next::Offer;
                         }
                         Gate::Refuse(why) => {
                             report.refused += 1;
@@ -641,13 +555,12 @@ impl FsSource {
                         }
                     }
                 }
-                if ready {
+                if step == Next::Offer {
                     self.tracked.remove(&s.rel);
                     batch.push(Candidate {
                         rel_path: s.rel,
                         key,
-                        fingerprint: s.fp,
-                        etag: None,
+                        version: s.fp,
                     });
                     if batch.len() >= OFFER_BATCH {
                         report.offered += self.offer(std::mem::take(&mut batch)).await?;
@@ -792,7 +705,7 @@ pub fn after_upload(
     root: &Path,
     rel: &Path,
     action: &AfterUpload,
-    fp: Fingerprint,
+    fp: &Version,
 ) -> std::io::Result<AfterResult> {
     let path = root.join(rel);
     if matches!(action, AfterUpload::Keep) {
@@ -803,7 +716,7 @@ pub fn after_upload(
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(AfterResult::Gone),
         Err(e) => return Err(e),
     };
-    if Fingerprint::of(&meta) != fp {
+    if Version::of_file(&meta) != *fp {
         return Ok(AfterResult::LeftChanged);
     }
     match action {
@@ -837,112 +750,7 @@ pub fn after_upload(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    const FP: Fingerprint = Fingerprint {
-        size: 1,
-        mtime_ns: 1,
-        inode: 1,
-    };
-    const S: Duration = Duration::from_secs(30);
-
-    #[test]
-    fn old_mtime_is_settled_at_first_sight() {
-        let now = SystemTime::now();
-        let (ready, _) = settle(
-            None,
-            FP,
-            now - Duration::from_secs(31),
-            now,
-            Instant::now(),
-            S,
-        );
-        assert!(ready);
-    }
-
-    #[test]
-    fn fresh_file_waits_until_stable_for_settle() {
-        let now = SystemTime::now();
-        let t0 = Instant::now();
-        let (ready, t) = settle(None, FP, now, now, t0, S);
-        assert!(!ready);
-        let (ready, t) = settle(
-            Some(&t),
-            FP,
-            now,
-            now + Duration::from_secs(10),
-            t0 + Duration::from_secs(10),
-            S,
-        );
-        assert!(!ready);
-        assert_eq!(t.since, t0);
-        // A change restarts the clock.
-        let grown = Fingerprint { size: 2, ..FP };
-        let (ready, t2) = settle(
-            Some(&t),
-            grown,
-            now,
-            now + Duration::from_secs(29),
-            t0 + Duration::from_secs(29),
-            S,
-        );
-        assert!(!ready);
-        assert_eq!(t2.since, t0 + Duration::from_secs(29));
-        let (ready, _) = settle(
-            Some(&t2),
-            grown,
-            now,
-            now + Duration::from_secs(60),
-            t0 + Duration::from_secs(60),
-            S,
-        );
-        assert!(ready);
-    }
-
-    #[test]
-    fn mtime_in_the_future_falls_back_to_local_clock() {
-        let now = SystemTime::now();
-        let t0 = Instant::now();
-        let future = now + Duration::from_secs(3600);
-        let (ready, t) = settle(None, FP, future, now, t0, S);
-        assert!(!ready);
-        let (ready, _) = settle(Some(&t), FP, future, now + S, t0 + S, S);
-        assert!(ready);
-    }
-
-    #[test]
-    fn zero_settle_takes_everything() {
-        let now = SystemTime::now();
-        assert!(settle(None, FP, now, now, Instant::now(), Duration::ZERO).0);
-    }
-
-    #[test]
-    fn bulk_data_manifest_lists_output_file_names() {
-        let m = br#"{"transactionTime": "2026-11-26T10:00:00Z", "request": "x",
-            "requiresAccessToken": true,
-            "output": [
-              {"type": "Patient", "url": "https://fhir.example/exports/123/Patient.ndjson"},
-              {"type": "Observation", "url": "https://fhir.example/x/Observation-1.ndjson?sig=abc"}
-            ], "error": []}"#;
-        assert_eq!(
-            parse_manifest(m),
-            Manifest::Lists(vec!["Patient.ndjson".into(), "Observation-1.ndjson".into()])
-        );
-        // Other JSON called manifest.json is an ordinary file.
-        assert_eq!(parse_manifest(br#"{"output": []}"#), Manifest::NotBulkData);
-        assert_eq!(parse_manifest(b"not json"), Manifest::NotBulkData);
-        // A Bulk Data manifest whose URLs cannot name a file is invalid, not an ordinary file.
-        for bad in [
-            r#"{"transactionTime": "t", "output": [{"type": "Patient"}]}"#,
-            r#"{"transactionTime": "t", "output": [{"url": 42}]}"#,
-            r#"{"transactionTime": "t", "output": [{"url": "https://h/x/.."}]}"#,
-            r#"{"transactionTime": "t", "output": [{"url": "https://h/x/"}]}"#,
-        ] {
-            assert!(
-                matches!(parse_manifest(bad.as_bytes()), Manifest::Invalid(_)),
-                "{bad}"
-            );
-        }
-    }
+    use crate::config::Completion;
 
     #[test]
     fn auto_mode_polls_on_network_filesystems() {
