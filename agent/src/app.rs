@@ -1,6 +1,11 @@
 //! Wiring: credentials, the journal, the sink and the sources, handed to the scheduler; and
 //! `serve`, which restarts all of it with a new config on SIGHUP.
 //!
+//! # Reload
+//! SIGHUP re-reads the file; if it is valid, the running scheduler is asked to stop (parts in
+//! flight finish within `shutdown_grace`) and a new run starts with the new config on the same
+//! journal; if not, the problems are logged and the running config stays. `--once` ignores it.
+//!
 //! Must not break: credentials are resolved before the journal is created (a run that cannot
 //! authenticate leaves nothing behind), and a reload keeps the running config when the new one
 //! is not valid.
@@ -26,6 +31,7 @@ use crate::source::bucket::BucketSource;
 use crate::source::fs::{FsSource, SourceReport};
 use crate::systemd;
 
+/// Why a run could not start or had to stop (mapped to exit codes in `main.rs`).
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
     #[error(transparent)]
@@ -43,8 +49,10 @@ pub enum AppError {
     Relay(#[from] LinkError),
 }
 
+/// How `ha-edge run` was asked to run.
 #[derive(Debug, Clone, Copy)]
 pub struct RunOptions {
+    /// `--once`: send what is complete now, then exit.
     pub once: bool,
 }
 
@@ -103,6 +111,8 @@ pub async fn serve(
     }
 }
 
+/// One run with one config: credentials, journal, sink and sources wired, then the scheduler until
+/// it is done (`--once`) or `shutdown`.
 pub async fn run(
     config: Config,
     opts: RunOptions,

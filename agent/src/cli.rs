@@ -6,7 +6,9 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
+/// Where the agent's config lives.
 pub const DEFAULT_CONFIG: &str = "/etc/ha-edge/ha-edge.toml";
+/// Where the relay's config lives.
 pub const DEFAULT_RELAY_CONFIG: &str = "/etc/ha-edge/relay.toml";
 
 #[derive(Debug, Parser)]
@@ -15,11 +17,14 @@ pub const DEFAULT_RELAY_CONFIG: &str = "/etc/ha-edge/relay.toml";
     version,
     about = "Moves settled files from local and NFS directories to S3, crash-safe and verified"
 )]
+/// The command line.
 pub struct Cli {
+    /// What to do.
     #[command(subcommand)]
     pub command: Command,
 }
 
+/// The commands (their names and flags are an interface: scripts depend on them).
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the agent until SIGTERM/SIGINT (or, with --once, until what is complete now is sent).

@@ -9,20 +9,24 @@
 pub struct Sha256(ring::digest::Context);
 
 impl Default for Sha256 {
+    /// An empty hash.
     fn default() -> Sha256 {
         Sha256::new()
     }
 }
 
 impl Sha256 {
+    /// An empty hash.
     pub fn new() -> Sha256 {
         Sha256(ring::digest::Context::new(&ring::digest::SHA256))
     }
 
+    /// Adds the next bytes.
     pub fn update(&mut self, data: impl AsRef<[u8]>) {
         self.0.update(data.as_ref());
     }
 
+    /// The digest.
     pub fn finalize(self) -> [u8; 32] {
         self.0
             .finish()
@@ -43,6 +47,7 @@ impl Sha256 {
 mod tests {
     use super::*;
 
+    /// Known digests (the empty string; "abc" of FIPS 180-2, fed in two pieces).
     #[test]
     fn known_answers() {
         assert_eq!(

@@ -16,6 +16,7 @@ use std::path::{Component, Path};
 /// S3's limit on key length, in bytes.
 pub const MAX_KEY_LEN: usize = 1024;
 
+/// Why a name cannot be carried across as a key.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum KeyError {
     #[error("the path is absolute")]
@@ -73,12 +74,14 @@ impl Prefix {
         self.covers(&other.0) || other.covers(&self.0)
     }
 
+    /// The prefix, ending in '/' (or empty).
     pub fn as_str(&self) -> &str {
         &self.0
     }
 }
 
 impl std::fmt::Display for Prefix {
+    /// The prefix as configured.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.0)
     }
@@ -143,6 +146,7 @@ mod tests {
     use std::ffi::OsStr;
     use std::os::unix::ffi::OsStrExt;
 
+    /// Ordinary names map to themselves under the prefix.
     #[test]
     fn ordinary_paths_keep_their_names() {
         assert_eq!(
@@ -159,6 +163,8 @@ mod tests {
         );
     }
 
+    /// Control characters, invalid UTF-8, `.`/`..`, absolute paths and over-long keys are refused,
+    /// never rewritten.
     #[test]
     fn hostile_paths_are_refused() {
         assert_eq!(
@@ -187,6 +193,8 @@ mod tests {
         );
     }
 
+    /// A bucket source's key maps exactly, or is refused when it has an empty, `.` or `..`
+    /// segment.
     #[test]
     fn bucket_keys_map_exactly_or_not_at_all() {
         assert_eq!(
@@ -207,6 +215,7 @@ mod tests {
         );
     }
 
+    /// A leading dash is an ordinary character in a key.
     #[test]
     fn leading_dash_is_just_a_name() {
         assert_eq!(object_key("", Path::new("-rf")).unwrap(), "-rf");

@@ -4,24 +4,47 @@
 //! credentials or usage; 3 the destination refused us (credentials, bucket, region); 4 the
 //! journal is unusable.
 //!
+//! # Commands
+//! - `run [--once]`: the daemon, or one pass over what is complete now.
+//! - `validate [--offline]`: the config (every problem at once), the journal, and unless
+//!   offline one cheap request to the destination and to each bucket source.
+//! - `status [--json] [--stale-after 1h]`: what the journal says, with a health exit code.
+//! - `relay [--check]`: the cloud side of the QUIC link.
+//!
 //! Must not break: the exit codes above (scripts and systemd depend on them), and no secret in any
 //! output.
 
+/// Wiring and reload.
 mod app;
+/// The command line.
 mod cli;
+/// The TOML files, validated.
 mod config;
+/// SHA-256.
 mod hash;
+/// Every object and part, in SQLite.
 mod journal;
+/// Paths to keys.
 mod keymap;
+/// The QUIC link: client and relay.
 mod relay;
+/// Which failures are tried again.
 mod retry;
+/// The S3 client, uploader and verifier.
 mod s3;
+/// Which object goes when, and what follows.
 mod scheduler;
+/// Signals.
 mod shutdown;
+/// Delivery.
 mod sink;
+/// Discovery.
 mod source;
+/// `ha-edge status`.
 mod status;
+/// sd_notify and the watchdog.
 mod systemd;
+/// What identifies a source version.
 mod version;
 
 use std::io::IsTerminal;
@@ -33,11 +56,16 @@ use clap::Parser;
 use crate::cli::{Cli, Command};
 use crate::config::{Config, LogFormat};
 
+/// The run finished, but not everything was delivered.
 const EXIT_INCOMPLETE: u8 = 1;
+/// Bad config, credentials or usage.
 const EXIT_CONFIG: u8 = 2;
+/// The destination refused us (or `status`: refusing or unreachable).
 const EXIT_DESTINATION: u8 = 3;
+/// The journal is unusable.
 const EXIT_JOURNAL: u8 = 4;
 
+/// Parses the command line and runs the command.
 fn main() -> ExitCode {
     tune_allocator();
     let cli = Cli::parse();
@@ -53,6 +81,7 @@ fn main() -> ExitCode {
     }
 }
 
+/// `ha-edge relay`: validate its file (`--check`) or run the relay.
 fn relay_main(file: &Path, check: bool) -> ExitCode {
     let cfg = match config::RelayConfig::load(file) {
         Ok(c) => c,
@@ -113,6 +142,7 @@ fn tune_allocator() {
     }
 }
 
+/// Nothing to tune outside musl.
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn tune_allocator() {}
 
@@ -135,6 +165,7 @@ fn err_line(text: &str) {
     let _ = writeln!(stderr, "{text}");
 }
 
+/// Prints `msg` as the one error line and exits with `code`.
 fn fail(code: u8, msg: impl std::fmt::Display) -> ExitCode {
     err_line(&format!("ha-edge: {msg}"));
     ExitCode::from(code)
@@ -144,11 +175,13 @@ fn fail(code: u8, msg: impl std::fmt::Display) -> ExitCode {
 struct LogWriter;
 
 impl std::io::Write for LogWriter {
+    /// Writes to stderr; a closed stderr drops the line instead of panicking.
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         let _ = std::io::stderr().write_all(buf);
         Ok(buf.len())
     }
 
+    /// Flushes stderr, ignoring a closed one.
     fn flush(&mut self) -> std::io::Result<()> {
         let _ = std::io::stderr().flush();
         Ok(())
@@ -170,10 +203,13 @@ fn runtime(mut builder: tokio::runtime::Builder) -> Result<tokio::runtime::Runti
         .map_err(|e| fail(EXIT_INCOMPLETE, format!("cannot start the runtime: {e}")))
 }
 
+/// Loads the config, printing every problem on failure.
 fn load(file: &Path) -> Result<Config, ExitCode> {
     Config::load(file).map_err(|e| fail(EXIT_CONFIG, e))
 }
 
+/// `ha-edge validate`: the config, the journal, and (unless `--offline`) the destination and
+/// bucket sources with one cheap request each.
 fn validate(file: &Path, offline: bool) -> ExitCode {
     let config = match load(file) {
         Ok(c) => c,
@@ -306,6 +342,7 @@ async fn check_online(config: &Config) -> Vec<String> {
     problems
 }
 
+/// `ha-edge status`: the journal's report, with the health exit code.
 fn status(file: &Path, json: bool, stale_after: std::time::Duration) -> ExitCode {
     let path = match config::journal_path(file) {
         Ok(p) => p,
@@ -327,6 +364,7 @@ fn status(file: &Path, json: bool, stale_after: std::time::Duration) -> ExitCode
     ExitCode::from(report.health.exit_code())
 }
 
+/// Logs to stderr (journald under systemd) as text or JSON, never panicking on a closed stderr.
 fn init_logging(format: LogFormat, level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
@@ -342,6 +380,7 @@ fn init_logging(format: LogFormat, level: &str) {
     }
 }
 
+/// `ha-edge run`: the daemon (or `--once`), with signals wired to stop and reload.
 fn run(file: &Path, once: bool) -> ExitCode {
     let config = match load(file) {
         Ok(c) => c,

@@ -20,6 +20,7 @@
 
 use std::time::Duration;
 
+/// What a failure means for what to do next.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Class {
     Transient,
@@ -36,6 +37,7 @@ pub enum Failure<'a> {
     Transport,
 }
 
+/// The table above.
 pub fn classify(f: Failure<'_>) -> Class {
     let (status, code) = match f {
         Failure::Transport => return Class::Transient,
@@ -62,15 +64,19 @@ pub fn classify(f: Failure<'_>) -> Class {
 /// Backoff parameters for one retry loop.
 #[derive(Debug, Clone, Copy)]
 pub struct Backoff {
+    /// The first delay.
     pub base: Duration,
+    /// The largest delay.
     pub cap: Duration,
 }
 
 impl Backoff {
+    /// Between retries of one request: 200 ms growing to 20 s.
     pub const REQUEST: Backoff = Backoff {
         base: Duration::from_millis(200),
         cap: Duration::from_secs(20),
     };
+    /// Between attempts of one object: 5 s growing to 10 min.
     pub const OBJECT: Backoff = Backoff {
         base: Duration::from_secs(5),
         cap: Duration::from_secs(600),
@@ -101,6 +107,7 @@ mod tests {
         classify(Failure::Status { status, code })
     }
 
+    /// The table of the module header, row by row.
     #[test]
     fn policy_table() {
         assert_eq!(classify(Failure::Transport), Class::Transient);
@@ -121,6 +128,7 @@ mod tests {
         assert_eq!(st(400, "InvalidArgument"), Class::Object);
     }
 
+    /// Request delays stay between the base and the cap.
     #[test]
     fn decorrelated_jitter_stays_in_bounds() {
         let b = Backoff::REQUEST;
@@ -137,6 +145,7 @@ mod tests {
         assert_eq!(b.next(b.base, 0.0), b.base);
     }
 
+    /// Object delays double per attempt up to the cap, jittered down by at most half.
     #[test]
     fn object_backoff_doubles_up_to_cap() {
         let b = Backoff::OBJECT;

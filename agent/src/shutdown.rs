@@ -8,12 +8,15 @@
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 
+/// What a signal asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Request {
     Stop,
     Reload,
 }
 
+/// Installs the handlers; requests arrive on the returned channel. A second SIGTERM or SIGINT
+/// exits at once.
 pub fn install() -> std::io::Result<mpsc::UnboundedReceiver<Request>> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;

@@ -1,5 +1,16 @@
 //! `ha-edge status`: a read-only look at the journal, safe while the daemon runs.
 //!
+//! # Health
+//! | health | exit | when |
+//! |---|---|---|
+//! | healthy | 0 | nothing held, nothing stale, the destination accepting |
+//! | degraded | 1 | paths held (refused, rejected, conflict), a source's keys refused, or the oldest pending object older than `--stale-after` |
+//! | refusing | 3 | the destination refuses us (credentials, bucket, region, relay) |
+//! | unreachable | 3 | the destination does not answer |
+//! | (journal) | 4 | no journal, or it cannot be read |
+//!
+//! `health_detail` says why, in the words of the journal's facts.
+//!
 //! Must not break: read-only, safe while the daemon runs; the exit codes (0 healthy, 1 degraded, 3
 //! refusing or unreachable, 4 journal) are an interface.
 
@@ -25,6 +36,7 @@ pub enum Health {
 }
 
 impl Health {
+    /// `status`'s exit code for this health.
     pub fn exit_code(self) -> u8 {
         match self {
             Health::Healthy => 0,
@@ -37,9 +49,11 @@ impl Health {
 /// `status --json`: the journal's facts, and what they mean.
 #[derive(Debug, Serialize)]
 pub struct Report {
+    /// How the agent is doing, in one word.
     pub health: Health,
     /// One sentence per reason the health is not `healthy`.
     pub health_detail: Vec<String>,
+    /// Everything the journal says.
     #[serde(flatten)]
     pub status: Status,
 }
@@ -108,6 +122,7 @@ pub fn assess(status: Status, stale_after: std::time::Duration) -> Report {
     }
 }
 
+/// The report for a terminal.
 pub fn render_report(r: &Report) -> String {
     let mut out = format!(
         "health: {}\n",
@@ -123,6 +138,7 @@ pub fn render_report(r: &Report) -> String {
     out
 }
 
+/// The journal's part of the report for a terminal.
 pub fn render_text(s: &Status) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "journal: {}", s.journal.display());

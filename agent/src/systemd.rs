@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use sd_notify::NotifyState;
 
+/// Tells systemd, if it started us.
 fn send(state: &[NotifyState<'_>]) {
     if std::env::var_os("NOTIFY_SOCKET").is_none() {
         return;
@@ -18,18 +19,22 @@ fn send(state: &[NotifyState<'_>]) {
     }
 }
 
+/// Start-up is done (`Type=notify`).
 pub fn ready() {
     send(&[NotifyState::Ready]);
 }
 
+/// A SIGHUP reload has begun.
 pub fn reloading() {
     send(&[NotifyState::Reloading]);
 }
 
+/// A stop has begun.
 pub fn stopping() {
     send(&[NotifyState::Stopping]);
 }
 
+/// The line `systemctl status` shows.
 pub fn status(text: &str) {
     send(&[NotifyState::Status(text)]);
 }

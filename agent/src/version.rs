@@ -3,6 +3,12 @@
 //! versions), the journal (which records them) and sinks (which read them), so that none of
 //! those imports another.
 //!
+//! | | a file | a bucket object |
+//! |---|---|---|
+//! | identity | size, mtime (ns), inode | listed ETag, size, LastModified (s) |
+//! | pinned besides | ctime, when the hash is fixed | the ETag a transfer pinned, if none was listed |
+//! | checked on every read | version and ctime of the open file | size, LastModified and ETag in the answer |
+//!
 //! Must not break: two observations of the same bytes compare equal, and a rewrite the source
 //! can show compares unequal; for a file, ctime is deliberately not part of the identity (a
 //! chmod or a link count change is not new content) but is pinned when the hash is fixed.
@@ -28,6 +34,7 @@ pub enum Version {
 }
 
 impl Version {
+    /// The version of a file as `metadata` shows it.
     pub fn of_file(meta: &std::fs::Metadata) -> Version {
         use std::os::unix::fs::MetadataExt;
         Version::File {
@@ -37,6 +44,7 @@ impl Version {
         }
     }
 
+    /// The version of a bucket object as a listing shows it.
     pub fn object(size: u64, last_modified: Option<i64>, etag: Option<&str>) -> Version {
         Version::Object {
             etag: etag.map(str::to_string),
@@ -45,6 +53,7 @@ impl Version {
         }
     }
 
+    /// The size in bytes.
     pub fn size(&self) -> u64 {
         match self {
             Version::File { size, .. } | Version::Object { size, .. } => *size,
@@ -108,6 +117,7 @@ pub fn rfc3339_secs(s: &str) -> Option<i64> {
 /// Seconds since the epoch of an HTTP date (`Thu, 26 Nov 2026 10:00:00 GMT`, as in
 /// `Last-Modified`).
 pub fn http_date_secs(s: &str) -> Option<i64> {
+    /// Month names of HTTP dates.
     const MONTHS: [&str; 12] = [
         "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
     ];
@@ -124,6 +134,7 @@ pub fn http_date_secs(s: &str) -> Option<i64> {
 mod tests {
     use super::*;
 
+    /// A listing's RFC 3339 time and a header's HTTP date name the same second.
     #[test]
     fn dates_from_listings_and_headers_agree() {
         let a = rfc3339_secs("2026-11-26T10:00:00.000Z").unwrap();
@@ -135,6 +146,7 @@ mod tests {
         assert_eq!(http_date_secs("Thu, 26 Foo 2026 10:00:00 GMT"), None);
     }
 
+    /// Quotes and weak markers do not count in ETag comparisons.
     #[test]
     fn etags_compare_without_quotes() {
         assert_eq!(unquote("\"abc\""), "abc");

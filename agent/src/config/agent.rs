@@ -17,6 +17,7 @@ use super::*;
 // ---------------------------------------------------------------------------------------------
 // Phase one: the file as written.
 
+/// The agent's file as written (phase one: serde, unknown keys refused).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
@@ -26,6 +27,7 @@ struct RawConfig {
     destination: Option<Spanned<RawDestination>>,
 }
 
+/// `[agent]` as written.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawAgent {
@@ -153,6 +155,8 @@ impl Config {
     }
 }
 
+/// Phase one: every syntax, type and unknown-key problem at once (each offending key is removed
+/// and the rest parsed again).
 fn parse_raw(text: &str) -> Result<RawConfig, Vec<ConfigProblem>> {
     parse_raw_as(text)
 }
@@ -208,6 +212,8 @@ pub fn resolve_lenient(path: &Path) -> PathBuf {
 }
 
 impl Validator<'_> {
+    /// Phase two of the whole file, and the checks across tables (sources' key spaces, the journal
+    /// outside the sources).
     fn config(&mut self, raw: RawConfig) -> Option<Config> {
         let journal_span = raw
             .agent
@@ -285,6 +291,7 @@ impl Validator<'_> {
         })
     }
 
+    /// Phase two of `[agent]`.
     fn agent(&mut self, a: RawAgent, span: Range<usize>) -> Option<AgentConfig> {
         let journal = match a.journal {
             Some(j) => {

@@ -11,17 +11,26 @@ use toml::Spanned;
 
 use super::*;
 
+/// `[destination]` as written: keys of both kinds, checked against `type` in phase two.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawDestination {
+    /// `type`: "s3" (the default) or "quic".
     #[serde(rename = "type")]
     pub(super) kind: Option<Spanned<String>>,
+    /// The S3 endpoint URL.
     pub(super) endpoint: Option<Spanned<String>>,
+    /// The SigV4 region.
     pub(super) region: Option<Spanned<String>>,
+    /// The bucket.
     pub(super) bucket: Option<Spanned<String>>,
+    /// The key prefix every object lands under.
     pub(super) prefix: Option<Spanned<String>>,
+    /// "AES256" or "aws:kms".
     pub(super) sse: Option<Spanned<String>>,
+    /// The KMS key for `sse = "aws:kms"` (the bucket's default if left out).
     pub(super) kms_key_id: Option<Spanned<String>>,
+    /// Path-style URLs (MinIO, most on-premise servers).
     pub(super) path_style: Option<Spanned<bool>>,
     /// Profile in the AWS shared credentials file.
     pub(super) profile: Option<Spanned<String>>,
@@ -31,9 +40,13 @@ pub(super) struct RawDestination {
     /// that signed the relay's certificate (the only one trusted).
     pub(super) ca_file: Option<Spanned<String>>,
     // type = "quic": a relay inside the cloud VPC that lands objects with its own credentials.
+    /// `type = "quic"`: host:port of the relay.
     pub(super) relay: Option<Spanned<String>>,
+    /// The name the relay's certificate must carry.
     pub(super) server_name: Option<Spanned<String>>,
+    /// This agent's certificate (PEM).
     pub(super) cert_file: Option<Spanned<String>>,
+    /// Its key (PEM).
     pub(super) key_file: Option<Spanned<String>>,
     /// "own" (default): replace only objects this agent wrote; "always": any.
     pub(super) overwrite: Option<Spanned<String>>,
@@ -120,6 +133,7 @@ pub struct S3Destination {
 }
 
 impl Validator<'_> {
+    /// Phase two of `[destination]`: an S3 bucket or a relay, by `type`.
     pub(super) fn destination(
         &mut self,
         d: RawDestination,
@@ -203,6 +217,7 @@ impl Validator<'_> {
         }
     }
 
+    /// `type = "quic"`: relay address, its name and CA, this agent's certificate.
     fn relay_destination(
         &mut self,
         d: RawDestination,
@@ -278,6 +293,8 @@ impl Validator<'_> {
         })
     }
 
+    /// How to reach a bucket (the destination's, a bucket source's, the relay's store): endpoint,
+    /// region, bucket, prefix, encryption, credentials' place.
     pub(super) fn s3_destination(
         &mut self,
         d: RawDestination,

@@ -23,9 +23,13 @@ use std::time::Duration;
 use globset::{Glob, GlobSet, GlobSetBuilder};
 use toml::Spanned;
 
+/// The agent's file and `[agent]`.
 mod agent;
+/// `[destination]`.
 mod destination;
+/// The relay's file.
 mod relay;
+/// `[[source]]`.
 mod source;
 #[cfg(test)]
 mod tests;

@@ -12,6 +12,7 @@ use toml::Spanned;
 use super::destination::RawDestination;
 use super::*;
 
+/// The relay's file as written (phase one).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawRelayFile {
@@ -21,6 +22,7 @@ struct RawRelayFile {
     store: Option<Spanned<RawStore>>,
 }
 
+/// `[relay]` as written.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawRelay {
@@ -42,6 +44,7 @@ struct RawRelay {
     log_level: Option<Spanned<String>>,
 }
 
+/// One `[[agent]]` as written.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawAgentAuth {
@@ -49,6 +52,7 @@ struct RawAgentAuth {
     prefix: Option<Spanned<String>>,
 }
 
+/// `[store]` as written.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawStore {
@@ -168,6 +172,7 @@ impl RelayConfig {
 }
 
 impl Validator<'_> {
+    /// Phase two of the relay's file: every value checked, every problem collected.
     fn relay_file(&mut self, raw: RawRelayFile) -> Option<RelayConfig> {
         let Some(r) = raw.relay else {
             self.problem(0..0, "relay", "missing [relay] table");
@@ -417,6 +422,7 @@ impl Validator<'_> {
         })
     }
 
+    /// The landing place: a directory, or a bucket (with its own credentials).
     fn store(&mut self, st: RawStore, span: Range<usize>) -> Option<StoreConfig> {
         let part_size = self.size(
             st.part_size,

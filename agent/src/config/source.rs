@@ -1,6 +1,25 @@
 //! `[[source]]` tables: directories and buckets to watch, when a file is complete, and what
 //! happens to it after upload.
 //!
+//! # Keys
+//! | key | `type = "dir"` | `type = "s3"` |
+//! |---|---|---|
+//! | `name` | required, unique | required, unique |
+//! | `path` | the root (absolute, a directory) | - |
+//! | `endpoint`, `region`, `bucket`, `prefix`, `path_style` | - | the bucket (`ONPREM_S3_*` fall-backs) |
+//! | `profile`, `credentials_file`, `ca_file` | - | its keys and CA |
+//! | `notifications` | - | MinIO's event stream as a latency hint |
+//! | `include`, `exclude` | globs on the relative path | globs on the key below `prefix` |
+//! | `settle`, `watch`, `rescan_interval` | completeness and discovery | - |
+//! | `poll_interval` | polling mode | listing period |
+//! | `complete_when` | settle, or a marker | - |
+//! | `after_upload` | keep, delete, `{ move_to = dir }` | keep, delete, `{ move_to_prefix = p }` |
+//! | `on_change` | upload a changed delivered file again, or ignore | same, for new object versions |
+//! | `key_prefix` | under `destination.prefix` (`{source}` = name) | same |
+//!
+//! A key of the other type is a problem naming that key; so is anything that cannot be checked
+//! (a pattern that does not compile, a move target inside the source).
+//!
 //! Must not break: two sources never map onto the same keys, and a path or pattern that cannot be
 //! checked is a problem reported, never a default taken silently.
 
@@ -14,12 +33,15 @@ use toml::Spanned;
 
 use super::*;
 
+/// One `[[source]]` as written: keys of both kinds, checked against `type` in phase two.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawSource {
+    /// The source's name (required, unique).
     pub(super) name: Option<Spanned<String>>,
     #[serde(rename = "type")]
     kind: Option<Spanned<String>>,
+    /// `type = "dir"`: the root.
     pub(super) path: Option<Spanned<String>>,
     include: Option<Spanned<Vec<Spanned<String>>>>,
     exclude: Option<Spanned<Vec<Spanned<String>>>>,
@@ -36,6 +58,7 @@ pub(super) struct RawSource {
     endpoint: Option<Spanned<String>>,
     region: Option<Spanned<String>>,
     bucket: Option<Spanned<String>>,
+    /// `type = "s3"`: the key prefix listed.
     pub(super) prefix: Option<Spanned<String>>,
     path_style: Option<Spanned<bool>>,
     profile: Option<Spanned<String>>,
@@ -182,6 +205,7 @@ impl SourceConfig {
 }
 
 impl Validator<'_> {
+    /// Phase two of one `[[source]]`.
     pub(super) fn source(
         &mut self,
         i: usize,
@@ -241,6 +265,7 @@ impl Validator<'_> {
             }
         };
         // Keys that belong to the other kind of source.
+        /// Keys given that do not belong to the source's type, with where they are.
         type Misplaced<'k> = Vec<(&'k str, Option<Range<usize>>)>;
         let (other_kind, misplaced): (&str, Misplaced<'_>) = if is_bucket {
             (
@@ -327,6 +352,7 @@ impl Validator<'_> {
         )
     }
 
+    /// A directory source's root: absolute, existing, a directory.
     fn source_path(
         &mut self,
         i: usize,
@@ -373,6 +399,7 @@ impl Validator<'_> {
         }
     }
 
+    /// The settings both kinds share: patterns, timing, after_upload, completion.
     #[allow(clippy::too_many_arguments)]
     fn source_rest(
         &mut self,
@@ -504,6 +531,7 @@ impl Validator<'_> {
         })
     }
 
+    /// `after_upload`: keep, delete, or a move target that is not inside the source.
     fn after_upload(
         &mut self,
         i: usize,

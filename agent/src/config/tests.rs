@@ -51,6 +51,8 @@ region = "eu-central-1"
 bucket = "fhir-bucket"
 "#;
 
+/// A bucket source's endpoint and bucket may come from `ONPREM_S3_*` variables (the config
+/// wins over them).
 #[test]
 fn bucket_source_takes_endpoint_and_bucket_from_the_environment() {
     let env = |k: &str| match k {
@@ -89,6 +91,7 @@ fn bucket_source_takes_endpoint_and_bucket_from_the_environment() {
     assert_eq!(err.problems[0].line, 5);
 }
 
+/// A directory source with bucket keys (or the reverse) is a problem naming each misplaced key.
 #[test]
 fn keys_of_the_other_source_type_are_refused() {
     let env = |k: &str| match k {
@@ -119,6 +122,7 @@ fn keys_of_the_other_source_type_are_refused() {
     assert_eq!(problems(&text)[0].key, "source[0].bucket");
 }
 
+/// Two bucket sources whose prefixes overlap would send one object twice: refused.
 #[test]
 fn overlapping_bucket_prefixes_are_refused() {
     let env = |k: &str| match k {
@@ -152,6 +156,7 @@ fn overlapping_bucket_prefixes_are_refused() {
     }
 }
 
+/// The documented relay file is valid, and each mistake in it is reported at its key.
 #[test]
 fn relay_example_is_valid_and_mistakes_name_their_key() {
     let dir = tempfile::tempdir().unwrap();
@@ -211,6 +216,7 @@ fn relay_example_is_valid_and_mistakes_name_their_key() {
     );
 }
 
+/// A QUIC destination without its CA, or with S3 keys, is a problem.
 #[test]
 fn quic_destination_needs_its_ca_and_refuses_s3_keys() {
     let dir = tempfile::tempdir().unwrap();
@@ -239,6 +245,7 @@ fn quic_destination_needs_its_ca_and_refuses_s3_keys() {
     assert_eq!(keys, ["destination.relay", "destination.bucket"]);
 }
 
+/// A minimal file gets the documented defaults.
 #[test]
 fn good_config_validates_with_defaults() {
     let dir = tempfile::tempdir().unwrap();
@@ -256,6 +263,7 @@ fn good_config_validates_with_defaults() {
     assert!(d.path_style);
 }
 
+/// A typo is reported with its line and dotted key.
 #[test]
 fn unknown_key_names_line_and_key() {
     let p = problems("[agent]\njournal = \"/j.db\"\nconcurency = 3\n");
@@ -265,6 +273,7 @@ fn unknown_key_names_line_and_key() {
     assert!(p[0].message.contains("unknown field"), "{}", p[0].message);
 }
 
+/// A value of the wrong type names the key it is at.
 #[test]
 fn wrong_type_names_dotted_key() {
     let p = problems("[agent]\njournal = 5\n");
@@ -272,6 +281,7 @@ fn wrong_type_names_dotted_key() {
     assert_eq!(p[0].key, "agent.journal");
 }
 
+/// Several problems are all reported in one pass, in file order.
 #[test]
 fn every_problem_is_reported_at_once() {
     let dir = tempfile::tempdir().unwrap();
@@ -290,6 +300,7 @@ fn every_problem_is_reported_at_once() {
     assert_eq!(p[0].line, 4);
 }
 
+/// Relative source paths and sources inside one another are refused.
 #[test]
 fn relative_paths_and_overlaps_are_refused() {
     let dir = tempfile::tempdir().unwrap();
@@ -311,6 +322,7 @@ fn relative_paths_and_overlaps_are_refused() {
     );
 }
 
+/// The example file shipped with the package stays valid.
 #[test]
 fn documented_example_is_valid() {
     let dir = tempfile::tempdir().unwrap();
@@ -325,6 +337,7 @@ fn documented_example_is_valid() {
     assert_eq!(c.agent.multipart_threshold, 16 << 20);
 }
 
+/// Sizes (`8 MiB`) and durations (`30s`) parse, with their bounds.
 #[test]
 fn sizes_and_durations() {
     assert_eq!(parse_size(&toml::Value::String("8MiB".into())), Ok(8 << 20));
@@ -341,6 +354,7 @@ fn sizes_and_durations() {
     assert!(parse_duration(&toml::Value::Boolean(true)).is_err());
 }
 
+/// Bucket names follow S3's rules.
 #[test]
 fn bucket_names() {
     assert!(check_bucket_name("healthalliance-fhir").is_ok());
@@ -349,6 +363,7 @@ fn bucket_names() {
     assert!(check_bucket_name("ABC").is_err());
 }
 
+/// Lines and columns are counted from 1, as editors do.
 #[test]
 fn line_col_is_one_based() {
     assert_eq!(line_col("a\nbc\n", 0), (1, 1));

@@ -47,6 +47,7 @@
 //!
 //! Must not break: the invariants below; every other part of ha-edge relies on them.
 
+/// States, rows, versions and the offer rule.
 mod model;
 #[cfg(test)]
 mod model_check;

@@ -65,6 +65,7 @@ impl State {
 }
 
 impl fmt::Display for State {
+    /// The state's name.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
     }
@@ -72,6 +73,7 @@ impl fmt::Display for State {
 
 impl FromStr for State {
     type Err = String;
+    /// A state by its name; anything else is an error.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         State::ALL
             .into_iter()
@@ -90,6 +92,7 @@ pub fn states_sql(states: &[State]) -> String {
 }
 
 impl rusqlite::types::ToSql for State {
+    /// Stored as its name.
     fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
         Ok(self.as_str().into())
     }
@@ -98,6 +101,7 @@ impl rusqlite::types::ToSql for State {
 /// A state string this build does not know is an error (a journal from another build, or
 /// damage), never a guess.
 impl rusqlite::types::FromSql for State {
+    /// Read from its name.
     fn column_result(v: rusqlite::types::ValueRef<'_>) -> rusqlite::types::FromSqlResult<Self> {
         let s = v.as_str()?;
         s.parse()
@@ -291,6 +295,9 @@ mod tests {
         inode: 7,
     };
 
+    /// The offer rule for every state: the same version is never a second row, a pending row is
+    /// refreshed, a row in transfer is left alone, a finished one gets a new version (unless
+    /// `on_change = "ignore"`).
     #[test]
     fn offer_rules() {
         assert_eq!(offer_action(None, A, true), OfferAction::Insert);
@@ -343,6 +350,7 @@ mod tests {
         assert!(bad.version().is_err());
     }
 
+    /// Every state's name parses back to it; nothing else parses.
     #[test]
     fn state_names_round_trip() {
         for st in State::ALL {

@@ -496,6 +496,8 @@ proptest! {
         ..ProptestConfig::default()
     })]
 
+    /// Random sequences of the agent's journal operations and crashes, checked against the model
+    /// after every step.
     #[test]
     fn the_journal_keeps_what_the_model_keeps(ops in prop::collection::vec(op(), 1..60)) {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();

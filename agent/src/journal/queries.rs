@@ -53,6 +53,7 @@ static HELD_PATHS_SQL: LazyLock<String> = LazyLock::new(|| {
         states_sql(&State::HELD)
     )
 });
+/// Held rows of a path whose file is gone become vanished.
 static RELEASE_HELD_SQL: LazyLock<String> = LazyLock::new(|| {
     format!(
         "UPDATE objects SET state = ?4, updated_ms = ?3,
@@ -254,6 +255,8 @@ impl Journal {
         .await
     }
 
+    /// Records the multipart upload of an `uploading` row (with its part size) before the first
+    /// part is sent.
     pub async fn begin_multipart(
         &self,
         id: i64,
@@ -299,6 +302,7 @@ impl Journal {
         .await
     }
 
+    /// Records a part the server acknowledged; a crash after this never sends it again.
     pub async fn record_part(&self, id: i64, part: PartRow) -> Result<(), JournalError> {
         self.call(move |c| {
             c.execute(
@@ -317,6 +321,7 @@ impl Journal {
         .await
     }
 
+    /// The parts recorded for an object, in order.
     pub async fn parts(&self, id: i64) -> Result<Vec<PartRow>, JournalError> {
         self.call(move |c| {
             let mut stmt = c.prepare_cached(
@@ -352,6 +357,8 @@ impl Journal {
         .await
     }
 
+    /// Moves a row to `state` (completing before CompleteMultipartUpload; done after
+    /// after_upload).
     pub async fn set_state(&self, id: i64, state: State) -> Result<(), JournalError> {
         self.call(move |c| {
             c.execute(
@@ -564,6 +571,7 @@ impl Journal {
         .await
     }
 
+    /// Publishes one fact for `status` (`destination`, `source.<name>`, `started`, `pid`).
     pub async fn set_agent_state(
         &self,
         name: impl Into<String>,
@@ -582,6 +590,7 @@ impl Journal {
     }
 }
 
+/// Keeps an error for `status`, and at most `ERRORS_KEPT` of them.
 pub(super) fn insert_error(
     c: &Connection,
     now: i64,
@@ -599,6 +608,7 @@ pub(super) fn insert_error(
     Ok(())
 }
 
+/// A row of `RUNNABLE_SQL`; an unknown state or version kind is an error.
 fn row_to_object(r: &rusqlite::Row<'_>) -> rusqlite::Result<ObjectRow> {
     let sha: Option<Vec<u8>> = r.get(8)?;
     Ok(ObjectRow {
@@ -758,6 +768,8 @@ mod tests {
         assert_eq!(rows[2].source_etag(), Some("\"P\""));
     }
 
+    /// Offering the same files twice adds nothing; a changed pending file is refreshed, a changed
+    /// delivered one is a new version; `delivered` is guarded by the version.
     #[tokio::test]
     async fn offer_is_idempotent_and_versions_changes() {
         let dir = tempfile::tempdir().unwrap();
@@ -795,6 +807,8 @@ mod tests {
         assert_eq!(st.bytes_pending, 8);
     }
 
+    /// States, upload ids and parts survive a reopen; a hash for a stale version writes nothing; a
+    /// reset forgets the parts.
     #[tokio::test]
     async fn state_survives_reopen_and_hash_guard_detects_change() {
         let dir = tempfile::tempdir().unwrap();
@@ -837,6 +851,8 @@ mod tests {
         j.check_integrity().unwrap();
     }
 
+    /// The daemon waits out each object's backoff, `--once` does not; the cursor visits each row
+    /// once.
     #[tokio::test]
     async fn backoff_and_cursor_filter_runnable() {
         let dir = tempfile::tempdir().unwrap();
@@ -868,6 +884,7 @@ mod tests {
         assert_eq!(j.status().unwrap().last_errors[0].message, "later");
     }
 
+    /// The dispatch queries use the partial indexes (no scan of finished rows, no sort).
     #[test]
     fn dispatch_queries_use_the_active_indexes() {
         let dir = tempfile::tempdir().unwrap();
@@ -891,6 +908,7 @@ mod tests {
         assert!(wakeup.contains("objects_backoff"), "{wakeup}");
     }
 
+    /// A file that is not a database is reported as damaged, with what to do.
     #[test]
     fn garbage_file_is_reported_as_corrupt() {
         let dir = tempfile::tempdir().unwrap();

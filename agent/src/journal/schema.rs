@@ -100,4 +100,5 @@ UPDATE objects SET kind = 'object', inode = 0 WHERE etag IS NOT NULL;
 "#,
 ];
 
+/// The schema this build writes.
 pub const CURRENT: i64 = MIGRATIONS.len() as i64;

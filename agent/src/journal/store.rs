@@ -4,6 +4,17 @@
 //! group their request ran in, so a slow fsync never stalls a tokio worker. `status` and
 //! `validate` use a read-only connection in place.
 //!
+//! # Design
+//! - `open` creates the file 0600 (its directory 0700) before SQLite touches it, so the -wal and
+//!   -shm files inherit that mode; sets WAL, `synchronous = FULL`, foreign keys, in-memory temp
+//!   storage; migrates; and starts the writer thread with the file's (device, inode).
+//! - `call` (async) takes a place in the bounded queue (`QUEUE_LIMIT`), queues a job, and awaits
+//!   its reply, which comes after the group commit; `with` (blocking) does the same without a
+//!   place, for one-off reads. A job may run more than once (its group is run again after a full
+//!   disk or a failing neighbour), so jobs are written to be idempotent within a transaction.
+//! - `open_readonly` is for `status` and `validate`: no writer, no migration, works while the
+//!   daemon runs (WAL readers never block the writer).
+//!
 //! Must not break: a request's reply is sent only after its transaction committed; nothing in
 //! here answers before the disk has it.
 
@@ -18,6 +29,8 @@ use super::model::Version;
 use super::schema;
 use super::worker::{self, Completion, FileIdentity, Job, RunResult};
 
+/// Why the journal cannot be used. Every variant ends the run (exit 4): nothing may happen that
+/// cannot be recorded.
 #[derive(Debug, thiserror::Error)]
 pub enum JournalError {
     #[error("cannot open the journal {path}: {source}")]
@@ -47,6 +60,7 @@ pub enum JournalError {
 }
 
 impl JournalError {
+    /// Classifies a SQLite error: damage is `Corrupt` (with what to do), anything else `Sqlite`.
     pub(super) fn from_sqlite(path: &Path, e: rusqlite::Error) -> JournalError {
         use rusqlite::ErrorCode::{DatabaseCorrupt, NotADatabase};
         match e.sqlite_error_code() {
@@ -65,6 +79,7 @@ impl JournalError {
 /// The hash pass over one source version: what every later byte sent must match.
 #[derive(Debug, Clone)]
 pub struct Hashed {
+    /// The SHA-256 of the whole source version.
     pub sha256: [u8; 32],
     /// The SHA-256 of each part, in order.
     pub parts: Vec<[u8; 32]>,
@@ -87,14 +102,20 @@ impl Hashed {
 /// A settled file offered by a source.
 #[derive(Debug, Clone)]
 pub struct Candidate {
+    /// The path relative to the source root (or key below a bucket source's prefix).
     pub rel_path: PathBuf,
+    /// The destination key it maps to.
     pub key: String,
+    /// The version seen (a file's size, mtime, inode; an object's ETag, size, time).
     pub version: Version,
 }
 
+/// What one offer did to the journal.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct OfferStats {
+    /// New rows (first sightings, and new versions of finished objects).
     pub inserted: usize,
+    /// Pending rows updated to the version seen now.
     pub refreshed: usize,
 }
 
@@ -102,6 +123,7 @@ pub struct OfferStats {
 /// enough that a full group (see `worker::MAX_GROUP`) is always queued behind the one running.
 pub const QUEUE_LIMIT: usize = 2 * worker::MAX_GROUP;
 
+/// How requests reach SQLite.
 enum Backend {
     /// The daemon's journal: one thread owns the connection and group-commits requests. The
     /// semaphore bounds the queue: an async request holds one permit until it is answered.
@@ -120,6 +142,7 @@ pub struct Journal {
     path: Arc<PathBuf>,
 }
 
+/// This machine's wall clock in ms since the epoch (what the journal's times are in).
 pub(super) fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -127,6 +150,7 @@ pub(super) fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// A path's raw bytes, as `rel_path` stores them (no lossy conversion).
 pub(super) fn path_bytes(p: &Path) -> &[u8] {
     p.as_os_str().as_bytes()
 }
@@ -354,11 +378,14 @@ pub(super) fn private_file(path: &Path) -> std::io::Result<()> {
     set_private(path)
 }
 
+/// Makes `path` 0600.
 pub(super) fn set_private(path: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
 }
 
+/// Brings the schema up to `schema::CURRENT`, one migration per transaction; refuses a newer
+/// journal.
 fn migrate(conn: &mut Connection, path: &Path) -> Result<(), JournalError> {
     let err = |e| JournalError::from_sqlite(path, e);
     let version: i64 = conn

@@ -17,9 +17,12 @@ use super::store::{now_ms, private_file, set_private};
 /// group failed); `finish` gets the outcome once the enclosing transaction has committed or
 /// failed for good.
 pub(super) struct Job {
+    /// The request's writes, run inside the group's transaction (perhaps more than once).
     pub(super) run: Box<dyn FnMut(&Connection) -> RunResult + Send>,
+    /// Called once with the outcome, after the commit.
     pub(super) finish: Completion,
 }
+/// Hands a job's final outcome to its caller.
 pub(super) type Completion = Box<dyn FnOnce(Result<(), String>) + Send>;
 
 /// What one run of a job did.
@@ -31,6 +34,7 @@ pub(super) enum RunResult {
     DiskFull,
 }
 
+/// SQLITE_FULL: nothing can be written until space returns.
 pub(super) fn is_disk_full(e: &rusqlite::Error) -> bool {
     e.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull)
 }
@@ -47,6 +51,7 @@ pub(super) struct FileIdentity {
 }
 
 impl FileIdentity {
+    /// The device and inode `path` names now.
     pub(super) fn of(path: &Path) -> std::io::Result<FileIdentity> {
         use std::os::unix::fs::MetadataExt;
         let m = std::fs::metadata(path)?;
@@ -164,6 +169,7 @@ pub(super) fn writer(
     }
 }
 
+/// What became of a group of jobs.
 enum GroupResult {
     /// Committed (or failed for good): each job's outcome, in order.
     Done(Vec<Result<(), String>>),
@@ -194,6 +200,7 @@ fn run_group(conn: &Connection, jobs: &mut [Job]) -> GroupResult {
     commit(conn, vec![None; jobs.len()])
 }
 
+/// Opens the group's write transaction.
 fn begin(conn: &Connection, jobs: usize) -> Result<(), GroupResult> {
     conn.execute_batch("BEGIN IMMEDIATE").map_err(|e| {
         if is_disk_full(&e) {

@@ -1,6 +1,13 @@
 //! The agent's end of the QUIC link: one connection to the relay, reused by every object (one
 //! stream each), opened again when it is lost. The handshake runs on the first stream.
 //!
+//! # Design
+//! - `connection()` returns the live connection or opens one (under a lock, so concurrent objects
+//!   share one handshake); a lost connection is noticed by the next stream and opened again.
+//! - Errors are classified for the scheduler: no answer is `Unreachable` (an outage, probed
+//!   gently), a refusal of this agent is `Refused` (a destination refusal, reported once), bad
+//!   certificates or keys are `Setup`.
+//!
 //! Must not break: one connection is shared by all streams and reopened when lost; a refusal is
 //! reported, never retried in a tight loop.
 
@@ -19,6 +26,8 @@ pub const CLOSE_UNAUTHORIZED: u32 = 1;
 /// Application close code of an orderly shutdown.
 pub const CLOSE_SHUTDOWN: u32 = 2;
 
+/// Why the link to the relay failed: unreachable (an outage), refused (this agent), set-up, or a
+/// protocol error.
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {
     #[error("relay setup: {0}")]
@@ -34,11 +43,13 @@ pub enum LinkError {
 }
 
 impl From<TlsError> for LinkError {
+    /// Certificate and key problems are set-up errors (the operator's to fix).
     fn from(e: TlsError) -> LinkError {
         LinkError::Setup(e.to_string())
     }
 }
 
+/// The agent's connection to one relay, shared by every object task.
 pub struct RelayClient {
     endpoint: quinn::Endpoint,
     relay: String,
@@ -64,6 +75,8 @@ pub fn cert_and_key(dest: &RelayDestination) -> Result<(PathBuf, PathBuf), LinkE
 }
 
 impl RelayClient {
+    /// A client for `dest`, naming itself `agent_name` in the handshake; `idle` bounds the QUIC
+    /// idle timeout (a cut link is noticed within it).
     pub fn new(
         dest: &RelayDestination,
         agent: &str,
@@ -86,14 +99,17 @@ impl RelayClient {
         }))
     }
 
+    /// host:port of the relay.
     pub fn relay(&self) -> &str {
         &self.relay
     }
 
+    /// The QUIC idle timeout.
     pub fn idle(&self) -> Duration {
         self.idle
     }
 
+    /// An outage of the relay, with what failed.
     fn unreachable(&self, detail: impl Into<String>) -> LinkError {
         LinkError::Unreachable {
             relay: self.relay.clone(),
@@ -163,6 +179,8 @@ impl RelayClient {
         Ok(conn)
     }
 
+    /// Hello and Welcome on the first stream: protocol version and identity; a refusal is
+    /// `Refused`.
     async fn handshake(&self, conn: &quinn::Connection) -> Result<(), LinkError> {
         let (mut send, mut recv) = conn
             .open_bi()
@@ -218,6 +236,7 @@ impl RelayClient {
         }
     }
 
+    /// A failed stream write: the connection's reason if it closed, else a protocol error.
     pub fn write_error(&self, conn: &quinn::Connection, e: quinn::WriteError) -> LinkError {
         match (e, conn.close_reason()) {
             (_, Some(reason)) => self.connection_error(&reason),
@@ -226,6 +245,7 @@ impl RelayClient {
         }
     }
 
+    /// A failed stream read: the connection's reason if it closed, else a protocol error.
     pub fn read_error(&self, conn: &quinn::Connection, e: quinn::ReadError) -> LinkError {
         match (e, conn.close_reason()) {
             (_, Some(reason)) => self.connection_error(&reason),

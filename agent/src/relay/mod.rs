@@ -4,7 +4,11 @@
 //! Must not break: authorization is by the client certificate's exact DNS name, never by what the
 //! agent says about itself.
 
+/// The agent's end.
 pub mod client;
+/// `ha-edge relay`.
 pub mod server;
+/// Partial transfers and landing.
 pub mod store;
+/// Certificates and keys.
 pub mod tls;

@@ -9,6 +9,17 @@
 //! one agent cannot starve another), free space on the state disk checked before an offer is
 //! accepted, and partial transfers idle longer than `partial_ttl` are deleted.
 //!
+//! # Design
+//! - **Admission**: at most `max_handshakes` handshakes at once and `max_connections_per_address`
+//!   connections per peer address, each handshake bounded by `idle_timeout`; then the client
+//!   certificate's DNS name must equal an `[[agent]] identity` exactly (no wildcards, no CN).
+//! - **Streams**: each object is one stream driven by the sans-IO `Receive` machine: Offer
+//!   (key under the identity's prefix, size, SHA-256) → Resume from what the partial holds (or
+//!   AlreadyHave, or a Refusal with a reason) → data → Commit → Stored once landed.
+//! - **Landing** (`store.rs`): the partial is fsynced, its size and SHA-256 checked, then
+//!   renamed into the landing directory or uploaded to S3 (one verified upload); a permanent
+//!   failure removes the partial, a temporary one keeps it for the agent's next attempt.
+//!
 //! Must not break: an agent writes only under the prefix its certificate is authorized for, and an
 //! acknowledgement is sent only after the object landed verified.
 
@@ -27,6 +38,7 @@ use crate::config::{AgentAuth, RelayConfig, StoreConfig};
 use crate::keymap;
 use crate::s3::{credentials, S3Client};
 
+/// Why the relay cannot start (certificates, listen address, store).
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
     #[error(transparent)]
@@ -60,6 +72,8 @@ struct AddressSlot {
 }
 
 impl Admission {
+    /// A connection slot for `ip`, if it has fewer than its limit (unauthenticated peers cannot
+    /// exhaust the relay).
     fn admit(self: &Arc<Self>, ip: std::net::IpAddr) -> Option<AddressSlot> {
         let mut m = self.per_address.lock().expect("not poisoned");
         let n = m.entry(ip).or_insert(0);
@@ -75,6 +89,7 @@ impl Admission {
 }
 
 impl Drop for AddressSlot {
+    /// Gives the address's slot back.
     fn drop(&mut self) {
         let mut m = self.admission.per_address.lock().expect("not poisoned");
         if let Some(n) = m.get_mut(&self.ip) {
@@ -86,6 +101,7 @@ impl Drop for AddressSlot {
     }
 }
 
+/// What every connection task of the relay shares.
 struct Shared {
     store: Store,
     agents: Vec<AgentAuth>,
@@ -97,6 +113,7 @@ struct Shared {
 }
 
 impl Shared {
+    /// The stream limit of one identity, shared by all its connections.
     fn streams_of(&self, identity: &str) -> Arc<Semaphore> {
         let mut m = self.streams.lock().expect("not poisoned");
         m.entry(identity.to_string())

@@ -3,6 +3,15 @@
 //! objects, a directory or an S3 bucket (through the agent's S3 client: SigV4, multipart,
 //! checksums, SSE, verification).
 //!
+//! # Layout on disk
+//! - `state_dir/partial/<identity tag>-<hash of key and SHA-256>`: one file per transfer
+//!   (0600, directory 0700), appended in order; its length is where a resumed transfer goes on.
+//! - `state_dir/index/<hash of key>`: for a directory landing, the SHA-256 and size landed at
+//!   that key, so a repeated offer is answered AlreadyHave without reading the object.
+//! - Limits per identity: open partials (`max_partials`) and their offered bytes
+//!   (`max_partial_bytes`), reserved when an offer is accepted; and the free space of the state
+//!   disk, checked before it is.
+//!
 //! Must not break: a partial transfer lands only after its size and SHA-256 are verified, and one
 //! agent's partials never count against another's limits.
 
@@ -24,6 +33,8 @@ use crate::s3::{Precondition, S3Client, S3Error};
 /// Parts of an object landed in S3 at a time.
 const LAND_PARALLEL: usize = 4;
 
+/// Why the relay cannot take or land an object; `is_permanent` tells the agent whether to try
+/// again.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("relay disk: {0}")]
@@ -61,6 +72,7 @@ impl StoreError {
     }
 }
 
+/// Where verified objects go.
 pub enum Landing {
     Dir(PathBuf),
     S3 {
@@ -83,6 +95,7 @@ pub struct Limits {
 /// Free space kept on the state disk beyond what accepted offers reserve.
 const DISK_RESERVE: u64 = 1 << 20;
 
+/// The relay's store: partial transfers under `state_dir`, verified objects in the landing place.
 pub struct Store {
     landing: Landing,
     partial_dir: PathBuf,
@@ -94,14 +107,17 @@ pub struct Store {
 
 /// A partial transfer being received; at most one stream holds it.
 pub struct Partial {
+    /// The partial file on the relay's disk (0600).
     pub path: PathBuf,
     file: Arc<File>,
+    /// The bytes it holds so far: where the agent resumes.
     pub len: u64,
     /// Partial transfers held by a stream, with the size offered (reserved against limits).
     in_use: Arc<Mutex<HashMap<PathBuf, u64>>>,
 }
 
 impl Drop for Partial {
+    /// Gives the partial back to the store (its limits count it no more).
     fn drop(&mut self) {
         if let Ok(mut set) = self.in_use.lock() {
             set.remove(&self.path);
@@ -148,6 +164,7 @@ fn free_bytes(dir: &Path) -> Option<u64> {
     (rc == 0).then(|| st.f_bavail as u64 * st.f_frsize as u64)
 }
 
+/// Hex SHA-256 over `parts`: the names of partial and index files.
 fn hex_sha(parts: &[&[u8]]) -> String {
     let mut h = Sha256::new();
     for p in parts {
@@ -158,6 +175,7 @@ fn hex_sha(parts: &[&[u8]]) -> String {
 }
 
 impl Store {
+    /// Opens the store: creates `state_dir` (0700) with its partial and index folders.
     pub fn open(landing: Landing, state_dir: &Path, limits: Limits) -> Result<Store, StoreError> {
         let partial_dir = state_dir.join("partial");
         let index_dir = state_dir.join("stored");
@@ -181,6 +199,7 @@ impl Store {
         })
     }
 
+    /// Where objects land, for the relay's start-up log line.
     pub fn describe(&self) -> String {
         match &self.landing {
             Landing::Dir(root) => format!("directory {}", root.display()),
@@ -311,6 +330,9 @@ impl Store {
         landed
     }
 
+    /// Lands a partial whose size and SHA-256 match the offer: to S3 by one verified upload, or
+    /// into the landing directory by rename (copy across filesystems), fsynced; a mismatch lands
+    /// nothing.
     async fn land_verified(
         &self,
         partial: Partial,
@@ -520,9 +542,13 @@ struct LocalParts {
 }
 
 impl PartSource for LocalParts {
+    /// Failures are the store's.
     type Error = StoreError;
+    /// Read in order: the whole-file hash is computed as the parts are read.
     const IN_ORDER: bool = true;
 
+    /// Reads one part of the partial file and adds it to the whole-file hash (parts are read in
+    /// order).
     async fn read(
         &self,
         _number: u32,
@@ -543,6 +569,7 @@ impl PartSource for LocalParts {
         Ok((body, sha))
     }
 
+    /// Nothing to record: the relay's partial file is its own journal.
     async fn sent(&self, _part: &PartRow) -> Result<(), StoreError> {
         Ok(())
     }
@@ -556,6 +583,8 @@ mod tests {
         Sha256::digest(b)
     }
 
+    /// A partial resumes where it stopped, lands only when its size and SHA-256 match, and is
+    /// deleted once idle past its TTL (never while in use).
     #[tokio::test]
     async fn partials_resume_land_verified_and_expire_when_idle() {
         let dir = tempfile::tempdir().unwrap();

@@ -1,6 +1,13 @@
 //! Certificates and keys for the QUIC link: mutual TLS 1.3, each side trusting only the CA it
 //! is configured with (never the public web roots).
 //!
+//! # What is checked
+//! - The agent checks the relay's certificate against `destination.ca_file` and its name
+//!   against `server_name`; the relay checks the agent's against `client_ca_file`, and then its
+//!   DNS name against the `[[agent]]` identities (in `server.rs`).
+//! - Both sides speak TLS 1.3 only, with ring as the one crypto provider; keys are read from
+//!   files (or `$CREDENTIALS_DIRECTORY`), never from the TOML.
+//!
 //! Must not break: each side trusts only its configured CA, and a certificate without the expected
 //! name is refused.
 
@@ -12,6 +19,7 @@ use rustls::RootCertStore;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
+/// A certificate or key that cannot be used, with its file.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     #[error("cannot read {path}: {detail}")]
@@ -22,6 +30,7 @@ pub enum TlsError {
     Setup(String),
 }
 
+/// The certificates of a PEM file (at least one).
 pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let read = |detail: String| TlsError::Read {
         path: path.to_path_buf(),
@@ -39,6 +48,7 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError>
     Ok(certs)
 }
 
+/// The private key of a PEM file.
 pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     PrivateKeyDer::from_pem_file(path).map_err(|e| TlsError::Read {
         path: path.to_path_buf(),
@@ -46,6 +56,7 @@ pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     })
 }
 
+/// A trust store of exactly the CA file's certificates.
 pub fn roots(ca: &Path) -> Result<RootCertStore, TlsError> {
     let mut roots = RootCertStore::empty();
     for cert in load_certs(ca)? {
@@ -57,6 +68,7 @@ pub fn roots(ca: &Path) -> Result<RootCertStore, TlsError> {
     Ok(roots)
 }
 
+/// ring, the one crypto provider of the binary.
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }

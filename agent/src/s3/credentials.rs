@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 
 use crate::config::S3Destination;
 
+/// A key pair (and session token), with where it came from; its Debug never shows the secret.
 #[derive(Clone)]
 pub struct Credentials {
     access_key_id: String,
@@ -28,6 +29,7 @@ pub struct Credentials {
 }
 
 impl fmt::Debug for Credentials {
+    /// The access key ID and origin only: never the secret or the token.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Credentials")
             .field("access_key_id", &self.access_key_id)
@@ -42,6 +44,7 @@ impl fmt::Debug for Credentials {
 }
 
 impl Credentials {
+    /// Credentials given directly (tests, the relay's store).
     pub fn new(ak: &str, sk: &str, token: Option<&str>) -> Credentials {
         Credentials {
             access_key_id: ak.to_string(),
@@ -51,10 +54,12 @@ impl Credentials {
         }
     }
 
+    /// The access key ID (not secret: it is logged with where it came from).
     pub fn access_key_id(&self) -> &str {
         &self.access_key_id
     }
 
+    /// For aws-sigv4.
     pub(super) fn to_aws(&self) -> aws_credential_types::Credentials {
         aws_credential_types::Credentials::new(
             &self.access_key_id,
@@ -66,6 +71,7 @@ impl Credentials {
     }
 }
 
+/// Why no credentials could be found or read; the message names the place, never the secret.
 #[derive(Debug, thiserror::Error)]
 pub enum CredentialsError {
     #[error("{0} is set but {1} is not")]
@@ -100,6 +106,7 @@ struct Chain {
     not_found: fn() -> CredentialsError,
 }
 
+/// The destination's places (`AWS_*` variables, `$CREDENTIALS_DIRECTORY`).
 const DESTINATION: Chain = Chain {
     env_key: "AWS_ACCESS_KEY_ID",
     env_secret: "AWS_SECRET_ACCESS_KEY",
@@ -112,6 +119,8 @@ const DESTINATION: Chain = Chain {
     not_found: || CredentialsError::NotFound,
 };
 
+/// A bucket source's places (`ONPREM_S3_*` variables, `onprem_s3_*` credential files), so they
+/// never mix with the destination's.
 const SOURCE: Chain = Chain {
     env_key: "ONPREM_S3_ACCESS_KEY",
     env_secret: "ONPREM_S3_SECRET_KEY",
@@ -142,6 +151,7 @@ pub fn resolve_source(conn: &S3Destination) -> Result<Credentials, CredentialsEr
     resolve_source_with(conn, &|k| std::env::var(k).ok())
 }
 
+/// A bucket source's credentials, with `env` standing in for the process environment (tests).
 pub fn resolve_source_with(
     conn: &S3Destination,
     env: &dyn Fn(&str) -> Option<String>,
@@ -162,6 +172,7 @@ pub fn resolve_with(
     resolve_chain(dest, env, &DESTINATION)
 }
 
+/// The first place of `chain` that has credentials.
 fn resolve_chain(
     dest: &S3Destination,
     env: &dyn Fn(&str) -> Option<String>,
@@ -219,6 +230,7 @@ fn resolve_chain(
     Err((chain.not_found)())
 }
 
+/// One secret from a file (trimmed), refused if empty.
 fn read_secret(path: &Path) -> Result<String, CredentialsError> {
     let s = std::fs::read_to_string(path).map_err(|source| CredentialsError::Unreadable {
         path: path.to_path_buf(),
@@ -231,6 +243,7 @@ fn read_secret(path: &Path) -> Result<String, CredentialsError> {
     Ok(s.to_string())
 }
 
+/// A profile of an AWS shared credentials file.
 fn from_shared_file(file: &Path, profile: &str) -> Result<Credentials, CredentialsError> {
     let text = std::fs::read_to_string(file).map_err(|source| CredentialsError::Unreadable {
         path: file.to_path_buf(),
@@ -295,6 +308,7 @@ mod tests {
         }
     }
 
+    /// A bucket source never picks up the destination's keys (nor the reverse).
     #[test]
     fn source_keys_never_come_from_the_destination_variables() {
         let d = dest();
@@ -335,6 +349,7 @@ mod tests {
         move |k: &str| m.get(k).cloned()
     }
 
+    /// The environment wins over files when the config names neither.
     #[test]
     fn environment_first() {
         let c = resolve_with(
@@ -350,12 +365,14 @@ mod tests {
         );
     }
 
+    /// An access key without its secret is an error, not a silent fallback.
     #[test]
     fn half_set_environment_is_an_error() {
         let e = resolve_with(&dest(), &env_of(&[("AWS_ACCESS_KEY_ID", "AK")])).unwrap_err();
         assert!(matches!(e, CredentialsError::HalfSet(..)));
     }
 
+    /// Keys from `$CREDENTIALS_DIRECTORY` (systemd `LoadCredential=`).
     #[test]
     fn systemd_credentials_directory() {
         let dir = tempfile::tempdir().unwrap();
@@ -380,6 +397,7 @@ mod tests {
         );
     }
 
+    /// A profile of a shared credentials file.
     #[test]
     fn shared_file_profile() {
         let dir = tempfile::tempdir().unwrap();
@@ -412,6 +430,7 @@ mod tests {
         assert_eq!(c.access_key_id(), "D");
     }
 
+    /// No credentials anywhere: `NotFound`, never an empty key.
     #[test]
     fn nothing_found() {
         assert!(matches!(

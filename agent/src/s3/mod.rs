@@ -2,6 +2,20 @@
 //! decided by `crate::retry`. Every body is in memory (`Bytes`) when it is sent, so its SHA-256
 //! is in the signature and in `x-amz-checksum-sha256`, and a retry re-sends the same bytes.
 //!
+//! # Operations
+//! | method | S3 operation | notes |
+//! |---|---|---|
+//! | `put_object` | PutObject | with the write's condition; returns checksum, ETag, version |
+//! | `create_multipart` | CreateMultipartUpload | `x-amz-meta-sha256`, SSE; not retried when ambiguous |
+//! | `upload_part` | UploadPart | `x-amz-checksum-sha256` per part |
+//! | `list_parts` | ListParts | resume after a restart |
+//! | `complete_multipart` | CompleteMultipartUpload | with the condition; a 200 with an error body is an error |
+//! | `abort_multipart` | AbortMultipartUpload | a missing upload is fine |
+//! | `head_bucket`, `head_object` | HeadBucket, HeadObject | preflight; verification |
+//! | `get_range` | GetObject (Range) | bucket sources, If-Match on the pinned ETag |
+//! | `list_objects` | ListObjectsV2 | bucket sources, `validate` |
+//! | `copy_object`, `delete_object` | CopyObject, DeleteObject | a bucket source's after_upload |
+//!
 //! Must not break: every body's SHA-256 is signed and sent, so the server rejects damaged bytes; a
 //! retry re-sends the same bytes.
 
@@ -9,9 +23,11 @@
 pub mod credentials;
 /// The one multipart uploader, shared by the agent's sink and the relay's landing.
 pub mod multipart;
+/// SigV4.
 mod sign;
 /// The one check of a stored object against what was sent.
 pub mod verify;
+/// The XML documents.
 mod xml;
 
 use std::sync::Arc;
@@ -172,6 +188,7 @@ pub enum Precondition {
 }
 
 impl Precondition {
+    /// The conditional header of this precondition, if any.
     fn add_to(&self, headers: &mut Vec<(&'static str, String)>) {
         match self {
             Precondition::None => {}
@@ -223,6 +240,7 @@ pub struct Ranged {
     pub total: Option<u64>,
 }
 
+/// One request as signed and sent (a retry sends it again as it is, re-signed).
 struct Request {
     method: Method,
     url: Url,
@@ -231,6 +249,7 @@ struct Request {
     payload_sha256_hex: String,
 }
 
+/// An answer: status, headers, body.
 struct Response {
     headers: reqwest::header::HeaderMap,
     body: Bytes,
@@ -307,6 +326,7 @@ impl S3Client {
         }
     }
 
+    /// The URL of `key` (path or virtual-host style), with `query` encoded once.
     fn url(&self, key: &str, query: &[(&str, &str)]) -> Url {
         let mut s = format!(
             "{}/{}",
@@ -324,6 +344,7 @@ impl S3Client {
         Url::parse(&s).unwrap_or_else(|_| self.dest.endpoint.clone())
     }
 
+    /// The server-side encryption headers of the configuration, for writes.
     fn sse_headers(&self, headers: &mut Vec<(&'static str, String)>) {
         match &self.dest.sse {
             None => {}
@@ -718,6 +739,7 @@ impl S3Client {
         }
     }
 
+    /// An answer that makes no sense for `op`.
     fn protocol(&self, op: &'static str, key: &str, detail: &str) -> S3Error {
         S3Error::Protocol {
             op,
@@ -846,6 +868,7 @@ impl S3Client {
             .map_err(|e| transport(describe(&e), e.is_connect()))
     }
 
+    /// An error answer, with its S3 code and message from the XML body.
     fn service_error(
         &self,
         op: &'static str,
@@ -878,6 +901,7 @@ impl S3Client {
         }))
     }
 
+    /// Signs and sends one request, bounded by the request timeout.
     async fn send_once(
         &self,
         op: &'static str,
@@ -941,6 +965,7 @@ fn describe(e: &reqwest::Error) -> String {
     s
 }
 
+/// TLS with ring: the built-in web roots plus the configured CA, if any.
 fn tls_config(ca_file: Option<&std::path::Path>) -> Result<rustls::ClientConfig, String> {
     use rustls_pki_types::pem::PemObject;
     use rustls_pki_types::CertificateDer;
@@ -999,6 +1024,7 @@ mod tests {
         .unwrap()
     }
 
+    /// Keys are percent-encoded once in the URL (and signed that way).
     #[test]
     fn urls_encode_keys_once() {
         let c = client(true);
@@ -1021,6 +1047,7 @@ mod tests {
         );
     }
 
+    /// Destination-level errors carry the operator's advice.
     #[test]
     fn destination_errors_carry_advice() {
         let e = S3Error::Service(Box::new(ServiceError {

@@ -4,6 +4,16 @@
 //! Where the bytes come from, and what is done with an acknowledged part (the agent journals
 //! it), is the caller's `PartSource`.
 //!
+//! # Use
+//! ```text
+//! let upload = Upload { client, key, upload_id, size, part_size };
+//! let parts = upload.send_parts(&source, &budget, already_sent, &stop).await?;
+//! client.complete_multipart(key, upload_id, &Upload::manifest(&parts), &condition).await?;
+//! verify::verify(client, key, size, &sha256, Some(&parts)).await?;
+//! ```
+//! The agent's `PartSource` reads the pinned source version in parallel and journals each part;
+//! the relay's reads its partial file in order (hashing it whole as it goes) and records nothing.
+//!
 //! Must not break: a part is reported (`PartSource::sent`) only after the server acknowledged
 //! it, and a part's bytes are read only once their share of the budget is held; the first
 //! error stops new parts (those in flight finish), and the upload is never completed here.
@@ -20,15 +30,19 @@ use super::{b64, S3Client, S3Error};
 /// One part the server acknowledged.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PartRow {
+    /// The part number (1-based).
     pub number: u32,
+    /// Its size in bytes.
     pub size: u64,
     /// Base64 SHA-256 of the part, as sent in x-amz-checksum-sha256.
     pub sha256_b64: String,
+    /// The server's ETag for it (CompleteMultipartUpload lists it).
     pub etag: String,
 }
 
 /// Where an upload's bytes come from, and who hears of each part sent.
 pub trait PartSource: Send + Sync + 'static {
+    /// The caller's error type (an S3 failure converts into it).
     type Error: From<S3Error> + Send + 'static;
 
     /// Whether parts must be read one after another, in order (the relay hashes the whole file
@@ -58,6 +72,7 @@ pub struct Budget {
 }
 
 impl Budget {
+    /// A budget of `bytes` (at least 1 KiB).
     pub fn new(bytes: u64) -> Budget {
         let kib = u32::try_from((bytes / PERMIT).max(1)).unwrap_or(u32::MAX);
         Budget {
@@ -92,10 +107,15 @@ pub enum SendError<E> {
 
 /// One multipart upload under way.
 pub struct Upload<'a> {
+    /// The bucket's client.
     pub client: &'a Arc<S3Client>,
+    /// The object's key.
     pub key: &'a str,
+    /// The multipart upload.
     pub upload_id: &'a str,
+    /// The whole object's size.
     pub size: u64,
+    /// Every part's size but the last's.
     pub part_size: u64,
 }
 
@@ -194,6 +214,7 @@ impl Upload<'_> {
     }
 }
 
+/// Takes a finished part task's result: the part, or the first error.
 fn collect<E>(
     res: Result<Result<PartRow, E>, tokio::task::JoinError>,
     parts: &mut [Option<PartRow>],

@@ -17,6 +17,7 @@ use super::credentials::Credentials;
 /// SHA-256 of the empty payload.
 pub const EMPTY_SHA256: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
 
+/// A request that could not be signed (a bug or bad credentials' format).
 #[derive(Debug, thiserror::Error)]
 #[error("cannot sign the request: {0}")]
 pub struct SignError(String);
@@ -102,6 +103,7 @@ mod tests {
             .any(|(k, v)| k == "x-amz-date" && v == "20130524T000000Z"));
     }
 
+    /// S3 signs the path as sent: encoded once, not twice.
     #[test]
     fn key_with_spaces_is_signed_as_encoded_once() {
         let creds = Credentials::new("AK", "SK", None);

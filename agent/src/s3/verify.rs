@@ -116,6 +116,7 @@ mod tests {
         }
     }
 
+    /// The composite checksum: SHA-256 over the parts' SHA-256s, then `-N`.
     #[test]
     fn composite_checksum_matches_s3_definition() {
         let parts = vec![part(1, b"a"), part(2, b"b")];

@@ -31,6 +31,7 @@ pub struct PartsPage {
     pub next_marker: Option<u32>,
 }
 
+/// The text of `node`'s first child element `name`.
 fn child_text<'a>(node: roxmltree::Node<'a, 'a>, name: &str) -> Option<&'a str> {
     node.children()
         .find(|c| c.tag_name().name() == name)
@@ -150,6 +151,7 @@ pub fn parse_list_objects(body: &str) -> Option<ListPage> {
     })
 }
 
+/// XML-escapes text for a document ha-edge writes.
 fn escape(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for c in s.chars() {
@@ -184,6 +186,7 @@ pub fn complete_body<'a>(parts: impl IntoIterator<Item = (u32, &'a str, &'a str)
 mod tests {
     use super::*;
 
+    /// A ListObjectsV2 page: keys decoded, sizes, ETags, times, the continuation token.
     #[test]
     fn list_objects_v2_page() {
         let body = r#"<?xml version="1.0" encoding="UTF-8"?>
@@ -214,6 +217,7 @@ mod tests {
         assert!(parse_list_objects("<Error><Code>x</Code></Error>").is_none());
     }
 
+    /// An `<Error>` body's code and message.
     #[test]
     fn error_document() {
         let e = parse_error(
@@ -225,6 +229,7 @@ mod tests {
         assert!(parse_error("not xml").is_none());
     }
 
+    /// A ListParts page and where the next starts.
     #[test]
     fn list_parts_with_pagination() {
         let body = r#"<ListPartsResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/">
@@ -238,6 +243,7 @@ mod tests {
         assert_eq!(p.next_marker, Some(2));
     }
 
+    /// The UploadId of CreateMultipartUpload, and the body of CompleteMultipartUpload.
     #[test]
     fn upload_id_and_complete_body() {
         assert_eq!(
@@ -249,6 +255,7 @@ mod tests {
         assert!(b.contains("<ChecksumSHA256>c2hh</ChecksumSHA256>"));
     }
 
+    /// ListMultipartUploads answers are filtered to the key asked for.
     #[test]
     fn uploads_for_one_key_only() {
         let body = r#"<?xml version="1.0" encoding="UTF-8"?>

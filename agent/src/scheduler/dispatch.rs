@@ -3,6 +3,28 @@
 //! Health and policy are pure (`health.rs`, `policy.rs`); everything here is IO: journal
 //! queries and writes, tasks, logs, the service manager.
 //!
+//! # Design
+//! ```text
+//!  journal.runnable ──prefetch (64)──▶ queued ──▶ object task (≤ concurrency transfer slots)
+//!         ▲                                            │ sink.deliver → Outcome
+//!         │                                            │ first delivery: commit `delivered`
+//!         │                                            ▼ (slot freed before the fsync)
+//!         └──── journal writes ◀── settle ◀── policy::decide ◀── inflight.join_next
+//!                                     │
+//!                                     └── health notices → logs, `status`, --once stop
+//! ```
+//! - One loop, one `select!`: a finished object, a source that failed, the watchdog tick, a
+//!   wake-up from a source's offer, the next backed-off row (or probe) coming due, a stop.
+//! - Slots: `concurrency` objects transfer at once; an object whose upload is verified frees its
+//!   slot while its delivery waits for the journal's commit, and at most `COMMIT_BACKLOG` such
+//!   tasks wait, so a slow disk slows intake, never the link.
+//! - A paused destination gets one object at a time (`Health::probing`); a paused source's rows
+//!   are put back with the pause's delay before they take a slot.
+//! - `--once` walks the journal once by id (a cursor), ignoring backoff, and looks once more for
+//!   FHIR manifests held back for files delivered in the run.
+//! - A stop: sources stop, object tasks are told to finish the parts they have in flight, and
+//!   after `shutdown_grace` whatever is left is aborted (the journal holds where it got to).
+//!
 //! Must not break: a delivery is committed before its source is deleted or moved (the object's
 //! task commits it, or `settle` does, and after_upload runs only after that); the loop never
 //! waits on a transfer, only on the next event; a stop lets parts in flight finish within the
@@ -31,16 +53,25 @@ use crate::systemd;
 /// What a run did; `--once` prints it and derives the exit code from it.
 #[derive(Debug, Default)]
 pub struct Summary {
+    /// Objects delivered and verified in this run.
     pub delivered: u64,
+    /// Their bytes.
     pub bytes: u64,
+    /// Objects that can never be delivered as they are.
     pub rejected: u64,
     /// Objects left alone because another writer's object is at their key.
     pub conflicts: u64,
+    /// Sources that disappeared before they were sent.
     pub vanished: u64,
+    /// Objects not delivered in this run (`--once`; they resume on the next).
     pub failed: u64,
+    /// Sources that changed under their upload (sent once they settle again).
     pub changed: u64,
+    /// Files seen but not complete yet.
     pub unsettled: usize,
+    /// Paths refused at discovery (name, type, the journal itself).
     pub refused: usize,
+    /// The destination refused us (`--once` stops and exits 3).
     pub destination_error: Option<String>,
     /// The destination stopped answering (`--once` stops dispatching and exits 1).
     pub unreachable: Option<String>,
@@ -49,6 +80,7 @@ pub struct Summary {
 }
 
 impl Summary {
+    /// Whether everything found was delivered: `--once` exits 0 only then.
     pub fn all_delivered(&self) -> bool {
         self.rejected == 0
             && self.conflicts == 0
@@ -68,13 +100,19 @@ const COMMIT_BACKLOG: usize = 64;
 
 /// What the driver works with, wired by `app.rs`.
 pub struct Wiring {
+    /// The journal every decision is committed to.
     pub journal: Journal,
+    /// Where objects go.
     pub sink: Arc<Sink>,
+    /// Each source's settings (after_upload, settle), by name.
     pub sources: HashMap<String, SourceConfig>,
     /// Where each source's bytes come from.
     pub origins: HashMap<String, Origin>,
+    /// `--once`: dispatch what is there, then stop.
     pub once: bool,
+    /// Objects in transfer at once.
     pub concurrency: usize,
+    /// How long a stop lets parts in flight finish.
     pub shutdown_grace: Duration,
 }
 
@@ -103,6 +141,7 @@ struct Finished {
     committed: Option<Result<bool, JournalError>>,
 }
 
+/// The driver's state: the wiring, the health machine, and what the run did.
 struct Scheduler {
     w: Wiring,
     health: Health,

@@ -80,6 +80,7 @@ pub struct Action {
     pub retry_in: Option<Duration>,
     /// `--once`: stop dispatching, for this reason.
     pub stop: Option<Stop>,
+    /// What to tell the operator and `status`, in order.
     pub notices: Vec<Notice>,
 }
 
@@ -104,12 +105,14 @@ pub enum SourceGate<'a> {
     Skip,
 }
 
+/// Why the destination is paused.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Cause {
     Refused { code: String },
     Unreachable { since: Instant },
 }
 
+/// A paused destination: why, how many probes so far, until when.
 #[derive(Debug, Clone)]
 struct Pause {
     cause: Cause,
@@ -118,6 +121,7 @@ struct Pause {
     until: Instant,
 }
 
+/// A source whose keys the destination refuses.
 #[derive(Debug, Clone)]
 struct SourcePause {
     code: String,
@@ -126,6 +130,7 @@ struct SourcePause {
     until: Instant,
 }
 
+/// The machine: the destination's pause, the sources' pauses, what is published.
 #[derive(Debug)]
 pub struct Health {
     once: bool,
@@ -156,6 +161,7 @@ impl Health {
         self.ok_published = true;
     }
 
+    /// Whether objects may be dispatched at `now`.
     pub fn gate(&self, now: Instant) -> Gate {
         if self.stopped {
             return Gate::Closed;
@@ -197,6 +203,7 @@ impl Health {
         }
     }
 
+    /// What a delivery's signal changes, and what follows from it.
     pub fn on_signal(&mut self, signal: Signal<'_>, now: Instant) -> Action {
         match signal {
             Signal::Accepted { source } => self.accepted(source, now),
@@ -210,6 +217,7 @@ impl Health {
         }
     }
 
+    /// A delivery went through: every pause of it ends, once.
     fn accepted(&mut self, source: &str, now: Instant) -> Action {
         let mut notices = Vec::new();
         match self.pause.take().map(|p| p.cause) {
@@ -235,6 +243,7 @@ impl Health {
         }
     }
 
+    /// The destination refuses everyone: pause (daemon) or stop (`--once`).
     fn refused(&mut self, code: &str, message: &str, now: Instant) -> Action {
         let new_cause = !matches!(&self.pause, Some(Pause { cause: Cause::Refused { code: c }, .. }) if c == code);
         self.ok_published = false;
@@ -270,6 +279,7 @@ impl Health {
         }
     }
 
+    /// The destination refuses one source's keys: pause that source.
     fn source_refused(&mut self, source: &str, code: &str, message: &str, now: Instant) -> Action {
         let (round, new_cause) = match self.sources.get(source) {
             Some(p) if p.code == code && now < p.until => (p.round, false),
@@ -309,6 +319,7 @@ impl Health {
         }
     }
 
+    /// No answer: one shared pause for every object of the outage, grown by each failed probe.
     fn unreachable(&mut self, message: &str, now: Instant) -> Action {
         let mut notices = Vec::new();
         let since = match &self.pause {

@@ -8,8 +8,11 @@
 //! Must not break: the scheduler is the only place where delivery outcomes become journal
 //! states; a source is deleted or moved only after its delivery is committed.
 
+/// The driver.
 pub mod dispatch;
+/// Destination health and source pauses (pure).
 pub mod health;
+/// From outcome to transition, delay and count (pure).
 pub mod policy;
 
 pub use dispatch::{Intake, Summary, Wiring};

@@ -75,9 +75,12 @@ pub enum Tally {
     Nothing,
 }
 
+/// What follows from one outcome.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Decision {
+    /// What the journal records.
     pub transition: Transition,
+    /// How the run counts it.
     pub tally: Tally,
     /// What the destination's health says (notices, `--once` stop).
     pub health: Action,
@@ -86,6 +89,7 @@ pub struct Decision {
 /// What the policy needs to know of the run and the object's source.
 #[derive(Debug, Clone, Copy)]
 pub struct Context {
+    /// `--once`: nothing waits; failures are counted.
     pub once: bool,
     /// How long the object's source takes to settle after a change (a bucket source: its poll
     /// interval, by when a listing has seen the new version).

@@ -46,6 +46,7 @@ pub enum Code {
 }
 
 impl Code {
+    /// A stable name, compared by the scheduler to tell causes apart.
     pub fn as_str(&self) -> &str {
         match self {
             Code::SignatureMismatch => "SignatureDoesNotMatch",
@@ -68,10 +69,13 @@ impl Code {
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("{detail}")]
 pub struct DestinationError {
+    /// Whom it concerns.
     pub scope: Scope,
+    /// Why.
     pub code: Code,
     /// What the destination said, with the operation and key.
     pub detail: String,
+    /// What the operator should check.
     pub advice: Option<&'static str>,
 }
 

@@ -1,12 +1,24 @@
 //! Delivery: where objects go. Each delivery ends in one `Outcome`, and the scheduler alone turns
 //! outcomes into journal states and retry decisions.
 //!
+//! # The contract of a sink
+//! - `deliver` takes one journal row and its origin, does whatever its protocol needs (committing
+//!   each step to the journal before the next one depends on it) and returns one `Outcome`.
+//! - `Delivered` carries the SHA-256 stored and what the destination answered; the scheduler
+//!   commits it and only then acts on the source.
+//! - A sink never sleeps to retry an object: it reports `Retry`, `Unreachable` or a
+//!   `DestinationError`, and the scheduler's policy decides when to try again.
+//!
 //! Must not break: a delivery returns exactly one `Outcome`, and `Delivered` only after the stored
 //! object was verified.
 
+/// What a destination refused, in the sink layer's terms.
 pub mod error;
+/// Reading one source version, within the memory budget.
 pub mod read;
+/// Delivery to a QUIC relay.
 pub mod relay;
+/// Delivery to an S3 bucket.
 pub mod s3;
 
 use tokio::sync::watch;
@@ -23,6 +35,8 @@ pub enum Sink {
 }
 
 impl Sink {
+    /// Delivers one object, confirmed as `confirm` says; the second value is its share of the
+    /// memory budget until the delivery is committed.
     pub async fn deliver(
         &self,
         row: &ObjectRow,
@@ -46,6 +60,7 @@ impl Sink {
         }
     }
 
+    /// The bucket, for logs.
     pub fn bucket(&self) -> String {
         match self {
             Sink::S3(s) => s.client().bucket().to_string(),
@@ -98,6 +113,7 @@ pub enum Preflight {
 /// part_size`), and a slow journal disk holds back new reads instead of piling up re-sends.
 pub type Unrecorded = Option<tokio::sync::OwnedSemaphorePermit>;
 
+/// How one delivery ended: the scheduler's only input from a sink.
 #[derive(Debug)]
 pub enum Outcome {
     /// In the bucket and verified (size and SHA-256); carries that SHA-256 and what the

@@ -2,6 +2,15 @@
 //! fingerprint before every read) or a bucket object (ranged GETs pinned to its ETag), within
 //! one memory budget shared by every object in flight.
 //!
+//! # Design
+//! - `pin` opens one version: a file by `open_pinned` (no symlink out of the root, regular files
+//!   only, O_NONBLOCK so a FIFO never blocks, the version and ctime checked), a bucket object by
+//!   HEAD (compared with the listing; its ETag kept for If-Match when the listing had none).
+//! - Every later read of that `Pinned` checks it again (a file's version and ctime before each
+//!   read, an object's headers on each ranged GET), so an upload never mixes two versions.
+//! - `hash_all` is pass one: the SHA-256 of the whole source and of each part, read in chunks
+//!   within the budget; the parts sent later must hash the same.
+//!
 //! Must not break: every read checks that the source is still the pinned version, and no read
 //! starts before its bytes are reserved in the budget.
 
@@ -143,6 +152,7 @@ pub enum Pinned {
     },
 }
 
+/// A path for messages.
 fn file_path(p: &Path) -> String {
     p.display().to_string()
 }
@@ -161,6 +171,7 @@ impl Pinned {
         }
     }
 
+    /// The source, for messages (a path, or s3://bucket/key).
     pub fn what(&self) -> String {
         match self {
             Pinned::File { path, .. } => file_path(path),
@@ -177,6 +188,8 @@ impl Pinned {
         }
     }
 
+    /// An error of the source's server: changed (412), vanished (404) or a source failure, never a
+    /// destination one.
     pub fn source_error(&self, e: S3Error) -> Stop {
         match (e.status(), e.code()) {
             (Some(412), _) | (_, Some("PreconditionFailed")) => Stop::Changed(self.what()),
@@ -319,6 +332,7 @@ struct PartHasher {
 }
 
 impl PartHasher {
+    /// A hasher of the whole source and, with `part_size`, of each part.
     fn new(part_size: Option<u64>) -> PartHasher {
         PartHasher {
             whole: Sha256::new(),
@@ -329,6 +343,7 @@ impl PartHasher {
         }
     }
 
+    /// Feeds the next bytes, in order.
     fn update(&mut self, mut bytes: &[u8]) {
         self.whole.update(bytes);
         let Some(ps) = self.part_size else { return };
@@ -347,6 +362,7 @@ impl PartHasher {
         }
     }
 
+    /// The whole hash and the part hashes.
     fn finish(mut self, ctime_ns: Option<i64>) -> Hashed {
         if self.part_size.is_some() && (self.in_part > 0 || self.parts.is_empty()) {
             self.parts.push(self.part.finalize());
@@ -500,6 +516,7 @@ fn file_kind(meta: &std::fs::Metadata) -> &'static str {
     }
 }
 
+/// A file's ctime in ns since the epoch.
 pub fn ctime_of(meta: &std::fs::Metadata) -> i64 {
     use std::os::unix::fs::MetadataExt;
     meta.ctime().saturating_mul(1_000_000_000) + meta.ctime_nsec()
@@ -528,6 +545,7 @@ pub fn buffer_len(len: u64) -> Result<usize, Stop> {
     })
 }
 
+/// Runs file IO on the blocking pool.
 pub async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, Stop> + Send + 'static,
 ) -> Result<T, Stop> {

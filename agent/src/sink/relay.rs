@@ -7,6 +7,18 @@
 //! a relay restart or our own restart offers the object again and sends from the offset the
 //! relay confirms it holds.
 //!
+//! # One object on one stream
+//! ```text
+//!  agent                                    relay
+//!  Offer {key, size, sha256}  ───────────▶
+//!                             ◀───────────  Resume {offset} | AlreadyHave | Refuse {reason}
+//!  Data (from offset) …       ───────────▶  appended to the partial, in order
+//!  Commit                     ───────────▶  fsync, size and SHA-256 checked, landed
+//!                             ◀───────────  Stored | Refuse {reason}
+//! ```
+//! Refusals map into the sink's `DestinationError` (this agent, a key outside its prefix, the
+//! protocol version) or to `Rejected`/`Retry` (a bad key; busy or unavailable).
+//!
 //! Must not break: an object counts as delivered only on the relay's `Stored` or `AlreadyHave` for
 //! the SHA-256 fixed before the offer.
 
@@ -22,12 +34,14 @@ use super::Outcome;
 use crate::journal::{Journal, ObjectRow, State};
 use crate::relay::client::{LinkError, RelayClient};
 
+/// Delivery to one relay over one shared QUIC connection.
 pub struct RelaySink {
     client: Arc<RelayClient>,
     journal: Journal,
     budget: Budget,
 }
 
+/// Why a relay delivery stopped.
 #[derive(Debug, thiserror::Error)]
 enum RStop {
     #[error(transparent)]
@@ -52,6 +66,7 @@ enum RStop {
 type Answer = Result<UploadEvent, RStop>;
 
 impl RelaySink {
+    /// A sink over `client`; `budget_bytes` bounds the bytes read ahead of the stream.
     pub fn new(client: Arc<RelayClient>, journal: Journal, budget_bytes: u64) -> RelaySink {
         RelaySink {
             client,
@@ -60,10 +75,13 @@ impl RelaySink {
         }
     }
 
+    /// The link.
     pub fn client(&self) -> &Arc<RelayClient> {
         &self.client
     }
 
+    /// Delivers one object: fix its hash, offer it, send from the offset the relay holds, and wait
+    /// for Stored.
     pub async fn deliver(
         &self,
         row: &ObjectRow,
@@ -76,6 +94,7 @@ impl RelaySink {
         }
     }
 
+    /// Maps why a relay delivery stopped to its outcome (refusals into `DestinationError`).
     fn outcome(&self, e: RStop) -> Outcome {
         match e {
             RStop::Read(stop) => stop.into_outcome(),
@@ -120,6 +139,7 @@ impl RelaySink {
         }
     }
 
+    /// The delivery's steps; the SHA-256 once the relay has the object.
     async fn send(
         &self,
         row: &ObjectRow,
@@ -157,6 +177,7 @@ impl RelaySink {
         }
     }
 
+    /// One offer on a new stream, and the bytes from where the relay resumes.
     async fn offer(
         &self,
         conn: &quinn::Connection,
@@ -216,6 +237,7 @@ impl RelaySink {
         }
     }
 
+    /// The relay's last word on a stream.
     fn ended(&self, row: &ObjectRow, ev: UploadEvent) -> Result<[u8; 32], RStop> {
         Err(match ev {
             UploadEvent::Refused { reason, message } => RStop::Refused {
@@ -238,6 +260,7 @@ impl RelaySink {
         })
     }
 
+    /// Writes what the protocol machine has to send.
     async fn flush(
         &self,
         conn: &quinn::Connection,
@@ -285,7 +308,9 @@ impl RelaySink {
     }
 }
 
+/// What to check when the relay refuses a key.
 const PREFIX_ADVICE: &str = "the relay authorizes this agent's certificate for another key prefix: check destination.prefix and the relay's [[agent]] prefix";
+/// What to check when the relay refuses this agent.
 const AGENT_ADVICE: &str = "check destination.cert_file and key_file (or relay_cert.pem and relay_key.pem in the credentials), the CA the relay trusts (client_ca_file) and its [[agent]] identities";
 
 /// The relay refuses this agent (its certificate or identity).

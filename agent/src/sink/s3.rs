@@ -13,6 +13,23 @@
 //! fingerprint before every part, an object is read by ranged GETs pinned to its ETag
 //! (If-Match, and the answer's ETag compared), so an upload never mixes two versions.
 //!
+//! # Design
+//! - **Fresh object, single PUT** (below `multipart_threshold`): reserve the size in the budget,
+//!   read and hash in one pass, PUT with `x-amz-checksum-sha256` and the write's condition, and
+//!   confirm by the server's checksum in the answer (or a HEAD: none given, or the source is
+//!   deleted or moved next). The hash is recorded with the delivery, in one commit.
+//! - **Fresh object, multipart**: pin the source version, hash it whole and per part (pass one),
+//!   commit hash, part hashes and ctime (`uploading`, no upload id yet), CreateMultipartUpload
+//!   and commit its id, send the parts (`s3::multipart`, each journaled once acknowledged), mark
+//!   `completing`, complete under the condition, verify with HEAD (`s3::verify`).
+//! - **Resume**: an `uploading` row with an upload id lists the parts the server holds, forgets
+//!   journaled parts it lacks, and sends the rest; without an upload id, uploads of the key that
+//!   the journal never learnt of are aborted first. `completing` asks the stored object: ours
+//!   means delivered. NoSuchUpload or a changed source starts the object over.
+//! - **Conditions** (`overwrite = "own"`): create-only for a key never delivered, replace only
+//!   the recorded ETag for a new version; a 412 is settled by one HEAD (ours: delivered; else a
+//!   conflict). A server that ignores conditions (probed once per journal) gets a HEAD first.
+//!
 //! Must not break: nothing is replaced that is not ours (`overwrite = "own"`), and `Delivered`
 //! comes only after verification.
 
@@ -31,12 +48,16 @@ use crate::s3::multipart::{PartSource, SendError, Upload};
 use crate::s3::verify::{self, VerifyError};
 use crate::s3::{b64, Head, Precondition, S3Client, S3Error};
 
+/// How objects are cut into requests.
 #[derive(Debug, Clone, Copy)]
 pub struct UploadParams {
+    /// The configured part size (raised per object past 10,000 parts).
     pub part_size: u64,
+    /// From this size on, multipart; below, one PUT.
     pub multipart_threshold: u64,
 }
 
+/// Delivery to one S3 bucket, shared by every object task.
 pub struct S3Sink {
     client: Arc<S3Client>,
     journal: Journal,
@@ -50,6 +71,8 @@ pub struct S3Sink {
 }
 
 impl S3Sink {
+    /// A sink for `client`'s bucket; `parts_in_flight` parts of `params.part_size` bound its
+    /// memory.
     pub fn new(
         client: Arc<S3Client>,
         journal: Journal,
@@ -129,12 +152,15 @@ impl S3Sink {
             .await;
     }
 
+    /// The server ignores conditional writes: say so once, and HEAD before every write from now
+    /// on.
     fn fall_back_to_head(&self) {
         self.conditional
             .store(false, std::sync::atomic::Ordering::Relaxed);
         tracing::warn!(endpoint = %self.client.endpoint(), "the destination ignores conditional writes (If-None-Match: *): falling back to HEAD before every write, which leaves a short race with other writers to the same keys");
     }
 
+    /// Whether the server honours conditional writes (as probed).
     fn conditional(&self) -> bool {
         self.conditional.load(std::sync::atomic::Ordering::Relaxed)
     }
@@ -219,6 +245,7 @@ impl S3Sink {
         }
     }
 
+    /// Another writer's object is at the key: the operator's matter, with both objects' facts.
     fn conflict(&self, row: &ObjectRow, detail: String) -> Stop {
         Stop::Conflict {
             bucket: self.client.bucket().to_string(),
@@ -235,6 +262,7 @@ impl S3Sink {
         self.key_before_write(row, sha).await
     }
 
+    /// The bucket's client.
     pub fn client(&self) -> &Arc<S3Client> {
         &self.client
     }
@@ -289,6 +317,7 @@ impl S3Sink {
         }
     }
 
+    /// Maps why a delivery stopped to its outcome; a vanished source's upload is aborted first.
     async fn outcome(&self, row: &ObjectRow, e: Stop) -> Outcome {
         if let (Stop::Vanished(_), Some(id)) = (&e, &row.upload_id) {
             // Whatever the server holds of a started upload is useless now.
@@ -297,6 +326,8 @@ impl S3Sink {
         e.into_outcome()
     }
 
+    /// Delivers an object from the start: one PUT below the threshold, else hash pass, then a
+    /// recorded multipart upload.
     async fn fresh(
         &self,
         row: &ObjectRow,
@@ -354,6 +385,8 @@ impl S3Sink {
         .await
     }
 
+    /// One PUT: read and hash the whole object in one go (within the budget), write it create-only
+    /// or replace-ours, and confirm by the server's checksum or a HEAD.
     async fn single_put(
         &self,
         row: &ObjectRow,
@@ -590,6 +623,8 @@ impl S3Sink {
         Box::pin(self.fresh(&fresh_row, origin, confirm, stop)).await
     }
 
+    /// Sends the parts an upload lacks (see `s3::multipart`), checks the source is still the
+    /// version hashed, completes under the write's condition and verifies the result.
     #[allow(clippy::too_many_arguments)]
     async fn upload_parts(
         &self,
@@ -723,8 +758,10 @@ struct SourceParts {
 }
 
 impl PartSource for SourceParts {
+    /// Failures stop the delivery with their reason.
     type Error = Stop;
 
+    /// Reads one part from the pinned source; its SHA-256 must be the one of the hash pass.
     async fn read(&self, number: u32, offset: u64, len: u64) -> Result<(Bytes, [u8; 32]), Stop> {
         let (body, sha) = self.source.read(offset, len).await?;
         // The bytes hashed in pass one, or the source is not that version.
@@ -738,12 +775,14 @@ impl PartSource for SourceParts {
         Ok((body, sha))
     }
 
+    /// Journals an acknowledged part: after a crash it is not sent again.
     async fn sent(&self, part: &PartRow) -> Result<(), Stop> {
         self.journal.record_part(self.id, part.clone()).await?;
         Ok(())
     }
 }
 
+/// What a HEAD says the delivery landed as (ETag, version).
 fn landed_of(head: &Head) -> Landed {
     Landed {
         etag: head.etag.clone(),
@@ -788,6 +827,7 @@ pub fn part_size_for(size: u64, configured: u64) -> u64 {
 mod tests {
     use super::*;
 
+    /// The configured part size holds until an object would need more than 10,000 parts.
     #[test]
     fn part_size_grows_only_past_ten_thousand_parts() {
         let mib = 1 << 20;

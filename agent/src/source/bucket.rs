@@ -7,6 +7,15 @@
 //! rule here. Keys are mapped exactly (`keymap::bucket_key`): a key with an empty, `.` or `..`
 //! segment or a control character is refused, never normalised onto another key.
 //!
+//! # Design
+//! - One task per bucket source: list the whole prefix every `poll_interval` (or when a MinIO
+//!   notification stream says something changed), offering each page as it comes; a listing
+//!   that fails is logged once per cause and retried with a growing delay (`RECONNECT`).
+//! - `Version::Object` carries the listed ETag, size and LastModified: a restart lists again and
+//!   the journal finds nothing new; a new ETag is a new version.
+//! - After delivery (`after_upload`), the object is deleted or copied then deleted only if a
+//!   HEAD shows the version delivered, and the copy is conditional on that ETag.
+//!
 //! Must not break: a listing only offers; an object is deleted or moved only by `after_upload`,
 //! and only if it is still the version delivered.
 
@@ -112,6 +121,7 @@ pub fn conn(cfg: &SourceConfig) -> Option<&S3Destination> {
     }
 }
 
+/// One bucket source: its settings, its server, and where it offers.
 pub struct BucketSource {
     cfg: SourceConfig,
     client: Arc<S3Client>,
@@ -125,6 +135,8 @@ pub struct BucketSource {
 }
 
 impl BucketSource {
+    /// A source listing `cfg`'s bucket through `client`, mapping keys under the destination
+    /// `prefix`.
     pub fn new(
         cfg: SourceConfig,
         client: Arc<S3Client>,
@@ -143,6 +155,7 @@ impl BucketSource {
         }
     }
 
+    /// The source's key prefix in its bucket.
     fn prefix(&self) -> &str {
         conn(&self.cfg).map_or("", |c| c.prefix.as_str())
     }
@@ -218,6 +231,7 @@ impl BucketSource {
         Ok(report)
     }
 
+    /// One full listing, page by page, each page offered as it comes.
     async fn list_all(&mut self, report: &mut SourceReport) -> Result<(), ListStop> {
         let prefix = self.prefix().to_string();
         let moved_to = match &self.cfg.after_upload {
@@ -288,6 +302,7 @@ impl BucketSource {
     }
 }
 
+/// Why a listing stopped.
 #[derive(Debug, thiserror::Error)]
 enum ListStop {
     #[error(transparent)]
@@ -392,6 +407,7 @@ mod tests {
         assert!(after_plan(&AfterUpload::MoveTo("/x".into()), rest).is_err());
     }
 
+    /// MinIO notification lines are told apart from keep-alives and other documents.
     #[test]
     fn notification_lines() {
         let ev = br#"{"Records":[{"eventVersion":"2.0","eventSource":"minio:s3","eventName":"s3:ObjectCreated:Put","s3":{"bucket":{"name":"onprem"},"object":{"key":"exports%2Fa.ndjson","size":3}}}]}"#;

@@ -43,6 +43,7 @@ pub fn next(marked: bool, settled: bool, rule: &Completion, file_name: &str) -> 
 /// A file seen but not settled yet.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Tracked {
+    /// The version being tracked.
     pub fp: Version,
     /// When this fingerprint was first seen (this machine's monotonic clock).
     pub since: Instant,
@@ -168,6 +169,7 @@ mod tests {
         assert_eq!(next(true, false, &marker, MANIFEST), CheckManifest);
     }
 
+    /// A file older than `settle` is complete at once.
     #[test]
     fn old_mtime_is_settled_at_first_sight() {
         let now = SystemTime::now();
@@ -182,6 +184,7 @@ mod tests {
         assert!(ready);
     }
 
+    /// A fresh file waits until unchanged for `settle`; a change restarts the clock.
     #[test]
     fn fresh_file_waits_until_stable_for_settle() {
         let now = SystemTime::now();
@@ -225,6 +228,7 @@ mod tests {
         assert!(ready);
     }
 
+    /// A file server whose clock runs ahead: this machine's clock decides.
     #[test]
     fn mtime_in_the_future_falls_back_to_local_clock() {
         let now = SystemTime::now();
@@ -236,12 +240,15 @@ mod tests {
         assert!(ready);
     }
 
+    /// `settle = 0` takes every file at once.
     #[test]
     fn zero_settle_takes_everything() {
         let now = SystemTime::now();
         assert!(settle(None, &FP, now, now, Instant::now(), Duration::ZERO).0);
     }
 
+    /// A Bulk Data manifest lists its output files by name; other JSON is an ordinary file; a
+    /// manifest that cannot name its files is invalid.
     #[test]
     fn bulk_data_manifest_lists_output_file_names() {
         let m = br#"{"transactionTime": "2026-11-26T10:00:00Z", "request": "x",

@@ -12,6 +12,16 @@
 //! devices are never opened; names that cannot be mapped to a key are refused. Each refused path
 //! is logged once per process, not on every rescan.
 //!
+//! # Design
+//! - A pass walks `start` (the root on a full pass, a touched path after an event) in a blocking
+//!   task that streams chunks of at most `SCAN_CHUNK` files; the async side decides per file with
+//!   `complete::next` and offers complete files in batches of `OFFER_BATCH`.
+//! - Between passes it remembers only what is unfinished: files still settling (with when to
+//!   look again), files waiting for their marker, FHIR manifests held until their files are
+//!   delivered; a full pass forgets what is gone and releases held paths whose files are gone.
+//! - Refusals (names that cannot be keys, non-regular files, the live journal) are logged once
+//!   per process and journaled for `status`.
+//!
 //! Must not break: nothing is offered before it is complete (see `complete.rs`), a refused path is
 //! never offered, and the rescan stays the truth whatever inotify says.
 
@@ -28,6 +38,7 @@ use crate::journal::{Candidate, Journal, JournalError};
 use crate::keymap;
 use crate::version::Version;
 
+/// When a file is complete (pure).
 mod complete;
 use complete::{due, next, settle, Next, Tracked};
 pub use complete::{parse_manifest, Manifest};
@@ -44,15 +55,20 @@ const MAX_EVENT_PATHS: usize = 2048;
 /// A regular file as seen by a scan.
 #[derive(Debug, Clone)]
 pub struct Seen {
+    /// The path relative to the source root.
     pub rel: PathBuf,
+    /// The version seen.
     pub fp: Version,
+    /// Its mtime (for the settle rule).
     pub mtime: SystemTime,
     /// False while the completion marker this file needs is missing (always true without one).
     pub marked: bool,
 }
 
+/// One chunk of a walk.
 #[derive(Debug, Default)]
 pub struct ScanResult {
+    /// Regular files (and symlinks to regular files inside the root).
     pub files: Vec<Seen>,
     /// (relative path, why) of entries that will never be uploaded.
     pub refused: Vec<(PathBuf, String)>,
@@ -191,6 +207,7 @@ pub fn scan_into(
     emit(out);
 }
 
+/// `p` relative to `root` (p itself if it is not below it).
 fn rel_of<'a>(root: &Path, p: &'a Path) -> &'a Path {
     p.strip_prefix(root).unwrap_or(p)
 }
@@ -198,10 +215,13 @@ fn rel_of<'a>(root: &Path, p: &'a Path) -> &'a Path {
 /// Counts of one discovery pass, for `--once` summaries and logs.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct SourceReport {
+    /// Files (or objects) seen.
     pub seen: usize,
+    /// New or changed ones offered to the journal.
     pub offered: usize,
     /// Not complete yet: still settling, waiting for a marker, or a manifest held back.
     pub unsettled: usize,
+    /// Paths refused (name, type, the journal itself).
     pub refused: usize,
     /// FHIR manifests held back until the files they list are delivered.
     pub held: usize,
@@ -271,6 +291,7 @@ enum Gate {
     Refuse(String),
 }
 
+/// One directory source: its settings, what it tracks between passes, and where it offers.
 pub struct FsSource {
     cfg: SourceConfig,
     root_real: PathBuf,
@@ -289,6 +310,8 @@ pub struct FsSource {
 }
 
 impl FsSource {
+    /// A source for `cfg`, mapping paths under the key `prefix`; `wake` tells the scheduler that
+    /// something was offered.
     pub fn new(cfg: SourceConfig, prefix: String, journal: Journal, wake: Arc<Notify>) -> FsSource {
         let root_real = std::fs::canonicalize(&cfg.path).unwrap_or_else(|_| cfg.path.clone());
         let db = crate::config::resolve_lenient(journal.path());
@@ -426,6 +449,7 @@ impl FsSource {
         Ok(total)
     }
 
+    /// Starts inotify on the tree (if the mode says so); events are sent as touched paths.
     fn watch(
         &self,
         tx: mpsc::Sender<PathBuf>,
@@ -673,6 +697,8 @@ impl FsSource {
         }
     }
 
+    /// Offers complete files to the journal; returns how many were new or changed, and wakes the
+    /// scheduler if any.
     async fn offer(&self, batch: Vec<Candidate>) -> Result<usize, JournalError> {
         let reupload = self.cfg.on_change == OnChange::Upload;
         let stats = self
@@ -752,6 +778,7 @@ mod tests {
     use super::*;
     use crate::config::Completion;
 
+    /// `watch = "auto"` polls on NFS, SMB, FUSE and other network filesystems.
     #[test]
     fn auto_mode_polls_on_network_filesystems() {
         assert_eq!(
@@ -786,6 +813,7 @@ mod tests {
         assert!(fs_magic(&std::env::temp_dir()).is_some());
     }
 
+    /// Marker templates name the file they complete, and markers themselves are never sent.
     #[test]
     fn markers_name_their_files_and_are_recognised() {
         let per_file = Completion::FileMarker {
