@@ -59,4 +59,6 @@ mod worker;
 
 pub use model::{Landed, ObjectRow, PartRow, State};
 pub use status::Status;
+#[cfg(test)]
+pub use store::{now_ms, Clock};
 pub use store::{Candidate, Hashed, Journal, JournalError};

@@ -16,7 +16,7 @@ use super::model::{
     offer_action, states_sql, Landed, ObjectRow, OfferAction, PartRow, State, Version,
     VersionColumns,
 };
-use super::store::{now_ms, path_bytes, Candidate, Hashed, Journal, JournalError, OfferStats};
+use super::store::{path_bytes, Candidate, Hashed, Journal, JournalError, OfferStats};
 
 /// Objects with work to do, in id order from a cursor; served by the partial index
 /// `objects_active` (schema 2), so each call reads only the rows it returns.
@@ -79,9 +79,10 @@ impl Journal {
         batch: Vec<Candidate>,
         reupload_changed: bool,
     ) -> Result<OfferStats, JournalError> {
+        // The caller's time (the writer thread has no clock of its own in tests).
+        let now = self.now();
         self.call(move |c| {
             let mut stats = OfferStats::default();
-            let now = now_ms();
             {
                 let mut latest = c.prepare_cached(
                     "SELECT id, state, kind, size, mtime_ns, inode, etag FROM objects
@@ -184,8 +185,10 @@ impl Journal {
         respect_backoff: bool,
         skip: Vec<i64>,
     ) -> Result<Vec<ObjectRow>, JournalError> {
+        // The caller's time (the writer thread has no clock of its own in tests).
+        let now = self.now();
         self.call(move |c| {
-            let not_before = if respect_backoff { now_ms() } else { i64::MAX };
+            let not_before = if respect_backoff { now } else { i64::MAX };
             let mut stmt = c.prepare_cached(&RUNNABLE_SQL)?;
             let rows = stmt
                 .query_map(
@@ -203,8 +206,9 @@ impl Journal {
     /// Milliseconds until the earliest backed-off object becomes runnable, if any. Objects
     /// runnable already are not counted: they are dispatched as soon as a slot frees.
     pub async fn next_wakeup_ms(&self) -> Result<Option<i64>, JournalError> {
-        self.call(|c| {
-            let now = now_ms();
+        // The caller's time (the writer thread has no clock of its own in tests).
+        let now = self.now();
+        self.call(move |c| {
             c.query_row(&WAKEUP_SQL, [now], |r| r.get::<_, Option<i64>>(0))
                 .map(|m| m.map(|t| (t - now).max(0)))
         })
@@ -224,6 +228,8 @@ impl Journal {
         hashed: Hashed,
         pinned_etag: Option<String>,
     ) -> Result<bool, JournalError> {
+        // The caller's time (the writer thread has no clock of its own in tests).
+        let now = self.now();
         self.call(move |c| {
             let parts: Vec<u8> = hashed.parts.concat();
             let v = VersionColumns::of(&version);
@@ -237,7 +243,7 @@ impl Journal {
                 named_params! {
                     ":id": id,
                     ":sha": &hashed.sha256[..],
-                    ":now": now_ms(),
+                    ":now": now,
                     ":pin": pinned_etag,
                     ":ctime": hashed.ctime_ns,
                     ":parts": parts,
@@ -263,11 +269,13 @@ impl Journal {
         upload_id: String,
         part_size: u64,
     ) -> Result<(), JournalError> {
+        // The caller's time (the writer thread has no clock of its own in tests).
+        let now = self.now();
         self.call(move |c| {
             c.execute(
                 "UPDATE objects SET state = ?5, upload_id = ?2, part_size = ?3, updated_ms = ?4
                  WHERE id = ?1",
-                params![id, upload_id, part_size as i64, now_ms(), State::Uploading],
+                params![id, upload_id, part_size as i64, now, State::Uploading],
             )
             .map(drop)
         })
@@ -360,10 +368,12 @@ impl Journal {
     /// Moves a row to `state` (completing before CompleteMultipartUpload; done after
     /// after_upload).
     pub async fn set_state(&self, id: i64, state: State) -> Result<(), JournalError> {
+        // The caller's time (the writer thread has no clock of its own in tests).
+        let now = self.now();
         self.call(move |c| {
             c.execute(
                 "UPDATE objects SET state = ?2, updated_ms = ?3 WHERE id = ?1",
-                params![id, state, now_ms()],
+                params![id, state, now],
             )
             .map(drop)
         })
@@ -379,6 +389,8 @@ impl Journal {
         version: Option<Version>,
         why: String,
     ) -> Result<(), JournalError> {
+        // The caller's time (the writer thread has no clock of its own in tests).
+        let now = self.now();
         self.call(move |c| {
             c.execute("DELETE FROM parts WHERE object_id = ?1", [id])?;
             c.execute(
@@ -386,7 +398,7 @@ impl Journal {
                         part_size = NULL, last_error = ?2, updated_ms = ?3, ctime_ns = NULL,
                         part_hashes = NULL, pinned_etag = NULL
                  WHERE id = ?1",
-                params![id, why, now_ms(), State::Pending],
+                params![id, why, now, State::Pending],
             )?;
             if let Some(v) = &version {
                 let v = VersionColumns::of(v);
@@ -413,8 +425,9 @@ impl Journal {
         landed: Landed,
         finished: bool,
     ) -> Result<bool, JournalError> {
+        // The caller's time (the writer thread has no clock of its own in tests).
+        let now = self.now();
         self.call(move |c| {
-            let now = now_ms();
             let state = if finished {
                 State::Done
             } else {
@@ -458,8 +471,9 @@ impl Journal {
         state: State,
         message: String,
     ) -> Result<(), JournalError> {
+        // The caller's time (the writer thread has no clock of its own in tests).
+        let now = self.now();
         self.call(move |c| {
-            let now = now_ms();
             c.execute(
                 "UPDATE objects SET state = ?2, last_error = ?3, updated_ms = ?4 WHERE id = ?1",
                 params![id, state, message, now],
@@ -479,8 +493,9 @@ impl Journal {
         count_attempt: bool,
         message: String,
     ) -> Result<(), JournalError> {
+        // The caller's time (the writer thread has no clock of its own in tests).
+        let now = self.now();
         self.call(move |c| {
-            let now = now_ms();
             c.execute(
                 "UPDATE objects SET attempts = attempts + ?2, next_attempt_ms = ?3, last_error = ?4,
                         updated_ms = ?5
@@ -502,12 +517,13 @@ impl Journal {
         source: String,
         refused: Vec<(PathBuf, String)>,
     ) -> Result<(), JournalError> {
+        // The caller's time (the writer thread has no clock of its own in tests).
+        let now = self.now();
         self.call(move |c| {
             let mut q = c.prepare_cached(
                 "INSERT INTO refused (source, rel_path, reason, at_ms) VALUES (?1, ?2, ?3, ?4)
                  ON CONFLICT (source, rel_path) DO UPDATE SET reason = excluded.reason",
             )?;
-            let now = now_ms();
             for (rel, why) in &refused {
                 q.execute(params![source, path_bytes(rel), why, now])?;
             }
@@ -535,8 +551,9 @@ impl Journal {
         source: String,
         gone: Vec<PathBuf>,
     ) -> Result<(), JournalError> {
+        // The caller's time (the writer thread has no clock of its own in tests).
+        let now = self.now();
         self.call(move |c| {
-            let now = now_ms();
             for rel in &gone {
                 c.execute(
                     "DELETE FROM refused WHERE source = ?1 AND rel_path = ?2",
@@ -554,7 +571,9 @@ impl Journal {
 
     /// Records an error that is not tied to one object (e.g. destination refused).
     pub async fn note_error(&self, message: String) -> Result<(), JournalError> {
-        self.call(move |c| insert_error(c, now_ms(), None, &message))
+        // The caller's time (the writer thread has no clock of its own in tests).
+        let now = self.now();
+        self.call(move |c| insert_error(c, now, None, &message))
             .await
     }
 

@@ -10,7 +10,7 @@ use std::time::UNIX_EPOCH;
 use serde::Serialize;
 
 use super::model::{states_sql, State};
-use super::store::{now_ms, Journal, JournalError};
+use super::store::{Journal, JournalError};
 
 /// One recent error, for `status`.
 #[derive(Debug, Serialize)]
@@ -93,6 +93,7 @@ impl Journal {
     /// Everything `ha-edge status` shows, in one read transaction.
     pub fn status(&self) -> Result<Status, JournalError> {
         let journal = self.path().to_path_buf();
+        let now = self.now();
         self.with(move |c| {
             let mut objects = BTreeMap::new();
             for st in State::ALL {
@@ -186,7 +187,7 @@ impl Journal {
                 objects,
                 bytes_pending: bytes_pending as u64,
                 bytes_delivered: bytes_delivered as u64,
-                oldest_pending_age_secs: oldest.map(|t| ((now_ms() - t).max(0) / 1000) as u64),
+                oldest_pending_age_secs: oldest.map(|t| ((now - t).max(0) / 1000).unsigned_abs()),
                 agent,
                 last_errors,
             })

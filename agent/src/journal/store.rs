@@ -140,10 +140,15 @@ enum Backend {
 pub struct Journal {
     backend: Arc<Backend>,
     path: Arc<PathBuf>,
+    clock: Clock,
 }
 
+/// Where the journal's times come from (ms since the epoch): the wall clock, or in tests a
+/// clock that follows tokio's paused time, so that retry delays and `runnable` agree with it.
+pub type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
+
 /// This machine's wall clock in ms since the epoch (what the journal's times are in).
-pub(super) fn now_ms() -> i64 {
+pub fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
@@ -159,6 +164,11 @@ impl Journal {
     /// Opens (creating if needed) the journal, brings its schema up to date, and starts the
     /// writer thread.
     pub fn open(path: &Path) -> Result<Journal, JournalError> {
+        Journal::open_with_clock(path, Arc::new(now_ms))
+    }
+
+    /// `open`, with the journal's times taken from `clock`.
+    pub fn open_with_clock(path: &Path, clock: Clock) -> Result<Journal, JournalError> {
         let open_err = |e: std::io::Error| JournalError::Open {
             path: path.to_path_buf(),
             source: rusqlite::Error::ToSqlConversionFailure(Box::new(e)),
@@ -211,6 +221,7 @@ impl Journal {
                 slots: Arc::new(tokio::sync::Semaphore::new(QUEUE_LIMIT)),
             }),
             path: Arc::new(path.to_path_buf()),
+            clock,
         })
     }
 
@@ -230,6 +241,7 @@ impl Journal {
         let j = Journal {
             backend: Arc::new(Backend::ReadOnly(Mutex::new(conn))),
             path: Arc::new(path.to_path_buf()),
+            clock: Arc::new(now_ms),
         };
         j.with(|c| c.busy_timeout(std::time::Duration::from_secs(5)))?;
         let version: i64 = j.with(|c| c.pragma_query_value(None, "user_version", |r| r.get(0)))?;
@@ -346,6 +358,12 @@ impl Journal {
             Backend::Writer { slots, .. } => QUEUE_LIMIT - slots.available_permits(),
             Backend::ReadOnly(_) => 0,
         }
+    }
+
+    /// The journal's time now, in ms since the epoch (taken by the caller of a request, so
+    /// that a test's paused clock is the one used).
+    pub(super) fn now(&self) -> i64 {
+        (self.clock)()
     }
 
     /// The journal file.

@@ -45,7 +45,7 @@ use crate::config::{AfterUpload, SourceConfig};
 use crate::journal::{Journal, JournalError, Landed, ObjectRow, State};
 use crate::sink::read::Origin;
 use crate::sink::s3::Confirm;
-use crate::sink::{Outcome, Preflight, Sink};
+use crate::sink::{Destination, Outcome, Preflight};
 use crate::source::bucket::{self, BucketAfter};
 use crate::source::fs::{after_upload, AfterResult, FsSource, SourceReport};
 use crate::systemd;
@@ -99,11 +99,11 @@ const PREFETCH: usize = 64;
 const COMMIT_BACKLOG: usize = 64;
 
 /// What the driver works with, wired by `app.rs`.
-pub struct Wiring {
+pub struct Wiring<D> {
     /// The journal every decision is committed to.
     pub journal: Journal,
     /// Where objects go.
-    pub sink: Arc<Sink>,
+    pub sink: Arc<D>,
     /// Each source's settings (after_upload, settle), by name.
     pub sources: HashMap<String, SourceConfig>,
     /// Where each source's bytes come from.
@@ -142,15 +142,15 @@ struct Finished {
 }
 
 /// The driver's state: the wiring, the health machine, and what the run did.
-struct Scheduler {
-    w: Wiring,
+struct Scheduler<D> {
+    w: Wiring<D>,
     health: Health,
     summary: Summary,
 }
 
 /// Dispatches until the journal has nothing left (`--once`) or until `shutdown`.
-pub async fn run(
-    w: Wiring,
+pub async fn run<D: Destination>(
+    w: Wiring<D>,
     mut intake: Intake,
     summary: Summary,
     mut shutdown: watch::Receiver<bool>,
@@ -320,14 +320,11 @@ pub async fn run(
             return Err(e);
         }
     }
-    if let Sink::Relay(r) = &*sched.w.sink {
-        // Tell the relay we are gone (streams in flight resume on the next start).
-        let _ = tokio::time::timeout(Duration::from_secs(2), r.client().close()).await;
-    }
+    sched.w.sink.close().await;
     Ok(sched.summary)
 }
 
-impl Scheduler {
+impl<D: Destination> Scheduler<D> {
     /// The task that delivers one object.
     fn object_task(
         &self,
@@ -399,9 +396,7 @@ impl Scheduler {
     async fn preflight(&mut self) -> Result<(), JournalError> {
         match self.w.sink.preflight().await {
             Preflight::Ok => {
-                if let Sink::S3(s3) = &*self.w.sink {
-                    s3.probe_conditional().await;
-                }
+                self.w.sink.ready().await;
                 self.health.preflight_ok();
                 self.w
                     .journal
@@ -705,4 +700,248 @@ impl Scheduler {
 /// A delay as the journal's milliseconds.
 fn millis(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// The driver under tokio's paused clock: a scripted destination (what each delivery answers)
+/// over a real journal whose clock follows tokio's, so that minutes of outage and probing run
+/// in milliseconds and every delay is checked exactly, not by sleeping.
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+    use std::path::PathBuf;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::config::Config;
+    use crate::journal::Candidate;
+    use crate::sink::{s3::Confirm, Unrecorded};
+    use crate::version::Version;
+
+    /// A destination that answers from a script (then `Delivered`), and records when it was
+    /// asked and how many deliveries were in flight then.
+    #[derive(Default)]
+    struct Scripted {
+        script: Mutex<VecDeque<Outcome>>,
+        /// (when, deliveries in flight including this one)
+        calls: Mutex<Vec<(Instant, usize)>>,
+        in_flight: AtomicUsize,
+        /// Deliveries answered `Delivered`, and who waits for their number.
+        delivered: AtomicUsize,
+        progress: Notify,
+    }
+
+    impl Destination for Scripted {
+        async fn deliver(
+            &self,
+            _row: &ObjectRow,
+            _origin: &Origin,
+            _confirm: Confirm,
+            _stop: watch::Receiver<bool>,
+        ) -> (Outcome, Unrecorded) {
+            let n = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+            self.calls.lock().unwrap().push((Instant::now(), n));
+            // A transfer takes a while (in paused time).
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let next = self.script.lock().unwrap().pop_front();
+            self.in_flight.fetch_sub(1, Ordering::SeqCst);
+            let outcome = next.unwrap_or_else(|| {
+                self.delivered.fetch_add(1, Ordering::SeqCst);
+                self.progress.notify_one();
+                Outcome::Delivered([7; 32], Landed::default())
+            });
+            (outcome, None)
+        }
+        async fn preflight(&self) -> Preflight {
+            Preflight::Ok
+        }
+        async fn ready(&self) {}
+        fn endpoint(&self) -> String {
+            "scripted://".into()
+        }
+        fn bucket(&self) -> String {
+            "scripted".into()
+        }
+        async fn close(&self) {}
+    }
+
+    struct World {
+        _dir: tempfile::TempDir,
+        journal: Journal,
+        config: Config,
+    }
+
+    /// A journal on a clock that follows tokio's (paused) time, with `objects` files offered.
+    async fn world(objects: usize) -> World {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("in")).unwrap();
+        let text = format!(
+            "[agent]\njournal = \"{d}/journal.db\"\nconcurrency = 4\n\n\
+             [[source]]\nname = \"fhir\"\ntype = \"fs\"\npath = \"{d}/in\"\n\n\
+             [destination]\ntype = \"s3\"\nendpoint = \"http://127.0.0.1:9\"\nregion = \"r\"\n\
+             bucket = \"bucket\"\nprefix = \"p/\"\npath_style = true\n",
+            d = dir.path().display()
+        );
+        let config = Config::parse_with_env(&dir.path().join("t.toml"), &text, &|_| None).unwrap();
+        let (base, t0) = (crate::journal::now_ms(), Instant::now());
+        let clock: crate::journal::Clock =
+            Arc::new(move || base + i64::try_from(t0.elapsed().as_millis()).unwrap_or(i64::MAX));
+        let journal = Journal::open_with_clock(&config.agent.journal, clock).unwrap();
+        let batch = (0..objects)
+            .map(|i| Candidate {
+                rel_path: PathBuf::from(format!("{i}.ndjson")),
+                key: format!("p/{i}.ndjson"),
+                version: Version::File {
+                    size: 10,
+                    mtime_ns: 1,
+                    inode: i as u64,
+                },
+            })
+            .collect();
+        journal.offer("fhir".into(), batch, true).await.unwrap();
+        World {
+            _dir: dir,
+            journal,
+            config,
+        }
+    }
+
+    /// Runs the daemon's driver against `dest` until it has delivered `objects` and the journal
+    /// has recorded them, then stops it and returns what it did. No timer of the test's own
+    /// runs meanwhile: paused time advances only to the driver's (and the deliveries') timers.
+    async fn drive(w: &World, dest: Arc<Scripted>, objects: usize) -> Summary {
+        let wiring = Wiring {
+            journal: w.journal.clone(),
+            sink: dest.clone(),
+            sources: w
+                .config
+                .sources
+                .iter()
+                .map(|s| (s.name.clone(), s.clone()))
+                .collect(),
+            origins: w
+                .config
+                .sources
+                .iter()
+                .map(|s| (s.name.clone(), Origin::Dir(s.path.clone())))
+                .collect(),
+            once: false,
+            concurrency: w.config.agent.concurrency,
+            shutdown_grace: Duration::from_secs(5),
+        };
+        let (stop_sources, _) = watch::channel(false);
+        let intake = Intake {
+            running: JoinSet::new(),
+            stop: stop_sources,
+            wake: Arc::new(Notify::new()),
+            once_sources: Vec::new(),
+            held: 0,
+        };
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let journal = w.journal.clone();
+        let watcher = tokio::spawn(async move {
+            // A hang must fail, not stall CI: real time (paused time cannot run out).
+            let started = std::time::Instant::now();
+            loop {
+                let done = journal.status().unwrap().objects["done"];
+                if usize::try_from(done).unwrap() >= objects {
+                    break;
+                }
+                assert!(
+                    started.elapsed() < std::time::Duration::from_secs(120),
+                    "the driver did not deliver {objects} objects"
+                );
+                if dest.delivered.load(Ordering::SeqCst) >= objects {
+                    // All answered; the last commits are on their way.
+                    tokio::task::yield_now().await;
+                } else {
+                    dest.progress.notified().await;
+                }
+            }
+            let _ = stop_tx.send(true);
+        });
+        let summary = run(wiring, intake, Summary::default(), stop_rx)
+            .await
+            .unwrap();
+        watcher.await.unwrap();
+        summary
+    }
+
+    /// An outage: the four objects in flight fail at once and the operator hears of it once;
+    /// then one object at a time probes, at the outage probe's growing delays (each at least
+    /// its lower bound, none beyond the cap); when the destination answers, all are delivered
+    /// and the journal says so.
+    #[tokio::test(start_paused = true)]
+    async fn an_outage_is_probed_one_object_at_a_time_with_growing_delays() {
+        let w = world(6).await;
+        let dest = Arc::new(Scripted::default());
+        let failures = 4 + 5; // the first wave of four, then five failed probes
+        for _ in 0..failures {
+            dest.script
+                .lock()
+                .unwrap()
+                .push_back(Outcome::Unreachable("connect: connection refused".into()));
+        }
+        let summary = drive(&w, dest.clone(), 6).await;
+        assert_eq!(summary.delivered, 6);
+        let calls = dest.calls.lock().unwrap().clone();
+        assert_eq!(calls.len(), failures + 6, "{calls:?}");
+        // The first wave: four at once.
+        assert!(calls[..4].iter().any(|(_, n)| *n == 4), "{calls:?}");
+        // Probes: one object at a time, with delays growing within OUTAGE_PROBE's bounds.
+        let probes = &calls[4..=failures];
+        assert!(probes.iter().all(|(_, n)| *n == 1), "{calls:?}");
+        let first_failure = calls[3].0 + Duration::from_millis(200);
+        let mut prev = first_failure;
+        for (round, (at, _)) in probes.iter().enumerate() {
+            let gap = *at - prev;
+            let full = policy::OUTAGE_PROBE
+                .base
+                .saturating_mul(1 << round)
+                .min(policy::OUTAGE_PROBE.cap);
+            assert!(
+                gap >= full / 2 && gap <= full + Duration::from_secs(1),
+                "probe {round}: {gap:?} after the previous failure (round delay {full:?})"
+            );
+            prev = *at + Duration::from_millis(200);
+        }
+        // Told once; the journal says ok again.
+        let st = w.journal.status().unwrap();
+        let told = st
+            .last_errors
+            .iter()
+            .filter(|e| e.message.contains("connection refused"))
+            .count();
+        assert_eq!(told, 1, "{:?}", st.last_errors);
+        assert_eq!(st.agent.get("destination").map(String::as_str), Some("ok"));
+    }
+
+    /// A failed object waits out its own backoff, growing with its attempts, while the others
+    /// go on; the journal counts the attempts.
+    #[tokio::test(start_paused = true)]
+    async fn a_failing_object_backs_off_while_the_others_go_on() {
+        let w = world(1).await;
+        let dest = Arc::new(Scripted::default());
+        for _ in 0..3 {
+            dest.script
+                .lock()
+                .unwrap()
+                .push_back(Outcome::Retry("503 SlowDown".into()));
+        }
+        let summary = drive(&w, dest.clone(), 1).await;
+        assert_eq!(summary.delivered, 1);
+        let calls = dest.calls.lock().unwrap().clone();
+        assert_eq!(calls.len(), 4, "{calls:?}");
+        for (attempt, pair) in calls.windows(2).enumerate() {
+            let gap = pair[1].0 - (pair[0].0 + Duration::from_millis(200));
+            let full = policy::OBJECT_RETRY
+                .base
+                .saturating_mul(1 << attempt)
+                .min(policy::OBJECT_RETRY.cap);
+            assert!(
+                gap >= full / 2 && gap <= full + Duration::from_secs(1),
+                "retry {attempt}: {gap:?} (round delay {full:?})"
+            );
+        }
+    }
 }

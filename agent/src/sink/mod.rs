@@ -28,6 +28,68 @@ use crate::relay::client::LinkError;
 use crate::retry::Class;
 use error::{Code, DestinationError, Scope};
 
+/// What the scheduler needs of a destination. `Sink` is the real one (S3 or a relay); the
+/// driver's own tests give it a scripted one, to check its timing with tokio's paused clock.
+pub trait Destination: Send + Sync + 'static {
+    /// Delivers one object (see `Sink::deliver`).
+    fn deliver(
+        &self,
+        row: &ObjectRow,
+        origin: &read::Origin,
+        confirm: s3::Confirm,
+        stop: watch::Receiver<bool>,
+    ) -> impl std::future::Future<Output = (Outcome, Unrecorded)> + Send;
+    /// One cheap request before the first upload.
+    fn preflight(&self) -> impl std::future::Future<Output = Preflight> + Send;
+    /// After a preflight found the destination fine: what the sink learns once per journal
+    /// (S3: whether conditional writes are honoured).
+    fn ready(&self) -> impl std::future::Future<Output = ()> + Send;
+    /// Where objects go, for logs.
+    fn endpoint(&self) -> String;
+    /// The bucket, for logs.
+    fn bucket(&self) -> String;
+    /// The run is over: say goodbye (the relay), bounded in time.
+    fn close(&self) -> impl std::future::Future<Output = ()> + Send;
+}
+
+impl Destination for Sink {
+    async fn deliver(
+        &self,
+        row: &ObjectRow,
+        origin: &read::Origin,
+        confirm: s3::Confirm,
+        stop: watch::Receiver<bool>,
+    ) -> (Outcome, Unrecorded) {
+        Sink::deliver(self, row, origin, confirm, stop).await
+    }
+
+    async fn preflight(&self) -> Preflight {
+        Sink::preflight(self).await
+    }
+
+    async fn ready(&self) {
+        if let Sink::S3(s3) = self {
+            s3.probe_conditional().await;
+        }
+    }
+
+    fn endpoint(&self) -> String {
+        Sink::endpoint(self)
+    }
+
+    fn bucket(&self) -> String {
+        Sink::bucket(self)
+    }
+
+    async fn close(&self) {
+        if let Sink::Relay(r) = self {
+            // Tell the relay we are gone (streams in flight resume on the next start).
+            let _ =
+                tokio::time::timeout(std::time::Duration::from_secs(2), r.client().close()).await;
+        }
+    }
+}
+
 /// The destination: an S3 bucket, or a QUIC relay.
 pub enum Sink {
     S3(s3::S3Sink),
