@@ -114,13 +114,10 @@ fn bucket_objects_are_sent_once_verified_and_again_when_changed() {
 
     // A restart lists again and sends nothing, reading no object.
     let before = object_reads(&p.src_proxy).len();
+    let rows = p.setup.journal_counts();
     let out = p.setup.run_once(bin());
     assert!(out.status.success(), "{}", stderr_of(&out));
-    assert!(
-        stderr_of(&out).contains("ha-edge: 0 delivered"),
-        "{}",
-        stderr_of(&out)
-    );
+    assert_eq!(p.setup.journal_counts(), rows, "nothing new in the journal");
     assert_eq!(object_reads(&p.src_proxy).len(), before);
 
     // A changed object is a new version: sent again, and only it.
@@ -129,13 +126,16 @@ fn bucket_objects_are_sent_once_verified_and_again_when_changed() {
         "exports/Patient.ndjson",
         b"{\"resourceType\":\"Patient\"}\n",
     );
+    let done = |s: &Setup| {
+        s.journal_counts()
+            .iter()
+            .find(|(st, _)| st == "done")
+            .map_or(0, |c| c.1)
+    };
+    let before = done(&p.setup);
     let out = p.setup.run_once(bin());
     assert!(out.status.success(), "{}", stderr_of(&out));
-    assert!(
-        stderr_of(&out).contains("ha-edge: 1 delivered"),
-        "{}",
-        stderr_of(&out)
-    );
+    assert_eq!(done(&p.setup), before + 1, "one new version delivered");
     assert_eq!(
         p.cloud.object("cloud", "fhir/Patient.ndjson").unwrap(),
         b"{\"resourceType\":\"Patient\"}\n"

@@ -315,7 +315,15 @@ fn a_dropped_connection_resumes_from_the_offset_the_relay_confirms() {
     let big = data(21, 64 * MIB);
     let mut daemon = w.send_until_held(&relay, "big.dcm", &big, 16 * MIB as u64);
     link.down.store(true, Ordering::Relaxed);
-    std::thread::sleep(Duration::from_secs(6));
+    // Down until the agent has noticed (its QUIC idle timeout): its journal says so.
+    assert!(
+        wait_until(Duration::from_secs(30), || w.setup.status_json(bin())
+            ["agent"]["destination"]
+            .as_str()
+            .is_some_and(|d| d.starts_with("unreachable since"))),
+        "the agent never noticed the cut: {}",
+        w.setup.daemon_log()
+    );
     let held = relay.partial_bytes();
     link.down.store(false, Ordering::Relaxed);
     let landed = w.landed.join("fhir/dkfz/big.dcm");
@@ -366,7 +374,6 @@ fn a_relay_restarted_mid_transfer_resumes_where_its_disk_says() {
     let _ = relay.child.kill(); // SIGKILL
     let _ = relay.child.wait();
     let held = relay.partial_bytes();
-    std::thread::sleep(Duration::from_secs(1));
     let relay = w.relay();
     let landed = w.landed.join("fhir/dkfz/series.dcm");
     assert!(

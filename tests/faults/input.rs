@@ -513,7 +513,17 @@ fn hostile_names_are_uploaded_safely_or_refused_and_never_escape() {
     setup.write_config(&s3.endpoint(), "", "rescan_interval = \"1s\"");
     let mut daemon = setup.spawn_daemon(bin());
     std::fs::write(src.join("another\nnewline.ndjson"), b"x").unwrap();
-    std::thread::sleep(Duration::from_secs(3));
+    // Seen and refused (shown in `status`), and the daemon still up.
+    assert!(
+        wait_until(Duration::from_secs(20), || setup.status_json(bin())["held"]
+            ["last"]
+            .as_array()
+            .is_some_and(|held| held.iter().any(|h| h["path"]
+                == "another\nnewline.ndjson"
+                && h["state"] == "refused"))),
+        "{}",
+        setup.daemon_log()
+    );
     assert!(daemon.try_wait().unwrap().is_none(), "the daemon died");
     sigterm(&daemon);
     assert!(wait_within(&mut daemon, Duration::from_secs(20)).success());

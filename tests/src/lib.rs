@@ -1063,6 +1063,25 @@ impl Setup {
     }
 
     /// (state, count) pairs from the journal, read directly with SQLite.
+    /// `ha-edge status --json` parsed (the structured answer tests should prefer to log text).
+    pub fn status_json(&self, bin: &Path) -> serde_json::Value {
+        let cfg = self.config_path();
+        let out = output_within(
+            self.command(
+                bin,
+                &["status", "-c", cfg.to_str().expect("utf-8"), "--json"],
+            ),
+            Duration::from_secs(30),
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "status --json is not JSON ({e}): {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
+    }
+
+    /// Rows per journal state.
     pub fn journal_counts(&self) -> Vec<(String, i64)> {
         let c = rusqlite::Connection::open_with_flags(
             self.journal(),

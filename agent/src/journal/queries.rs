@@ -79,9 +79,7 @@ impl Journal {
         batch: Vec<Candidate>,
         reupload_changed: bool,
     ) -> Result<OfferStats, JournalError> {
-        // The caller's time (the writer thread has no clock of its own in tests).
-        let now = self.now();
-        self.call(move |c| {
+        self.call_at(move |c, now| {
             let mut stats = OfferStats::default();
             {
                 let mut latest = c.prepare_cached(
@@ -185,9 +183,7 @@ impl Journal {
         respect_backoff: bool,
         skip: Vec<i64>,
     ) -> Result<Vec<ObjectRow>, JournalError> {
-        // The caller's time (the writer thread has no clock of its own in tests).
-        let now = self.now();
-        self.call(move |c| {
+        self.call_at(move |c, now| {
             let not_before = if respect_backoff { now } else { i64::MAX };
             let mut stmt = c.prepare_cached(&RUNNABLE_SQL)?;
             let rows = stmt
@@ -206,9 +202,7 @@ impl Journal {
     /// Milliseconds until the earliest backed-off object becomes runnable, if any. Objects
     /// runnable already are not counted: they are dispatched as soon as a slot frees.
     pub async fn next_wakeup_ms(&self) -> Result<Option<i64>, JournalError> {
-        // The caller's time (the writer thread has no clock of its own in tests).
-        let now = self.now();
-        self.call(move |c| {
+        self.call_at(move |c, now| {
             c.query_row(&WAKEUP_SQL, [now], |r| r.get::<_, Option<i64>>(0))
                 .map(|m| m.map(|t| (t - now).max(0)))
         })
@@ -228,9 +222,7 @@ impl Journal {
         hashed: Hashed,
         pinned_etag: Option<String>,
     ) -> Result<bool, JournalError> {
-        // The caller's time (the writer thread has no clock of its own in tests).
-        let now = self.now();
-        self.call(move |c| {
+        self.call_at(move |c, now| {
             let parts: Vec<u8> = hashed.parts.concat();
             let v = VersionColumns::of(&version);
             let n = c.execute(
@@ -269,9 +261,7 @@ impl Journal {
         upload_id: String,
         part_size: u64,
     ) -> Result<(), JournalError> {
-        // The caller's time (the writer thread has no clock of its own in tests).
-        let now = self.now();
-        self.call(move |c| {
+        self.call_at(move |c, now| {
             c.execute(
                 "UPDATE objects SET state = ?5, upload_id = ?2, part_size = ?3, updated_ms = ?4
                  WHERE id = ?1",
@@ -368,9 +358,7 @@ impl Journal {
     /// Moves a row to `state` (completing before CompleteMultipartUpload; done after
     /// after_upload).
     pub async fn set_state(&self, id: i64, state: State) -> Result<(), JournalError> {
-        // The caller's time (the writer thread has no clock of its own in tests).
-        let now = self.now();
-        self.call(move |c| {
+        self.call_at(move |c, now| {
             c.execute(
                 "UPDATE objects SET state = ?2, updated_ms = ?3 WHERE id = ?1",
                 params![id, state, now],
@@ -389,9 +377,7 @@ impl Journal {
         version: Option<Version>,
         why: String,
     ) -> Result<(), JournalError> {
-        // The caller's time (the writer thread has no clock of its own in tests).
-        let now = self.now();
-        self.call(move |c| {
+        self.call_at(move |c, now| {
             c.execute("DELETE FROM parts WHERE object_id = ?1", [id])?;
             c.execute(
                 "UPDATE objects SET state = ?4, sha256 = NULL, upload_id = NULL,
@@ -425,9 +411,7 @@ impl Journal {
         landed: Landed,
         finished: bool,
     ) -> Result<bool, JournalError> {
-        // The caller's time (the writer thread has no clock of its own in tests).
-        let now = self.now();
-        self.call(move |c| {
+        self.call_at(move |c, now| {
             let state = if finished {
                 State::Done
             } else {
@@ -471,9 +455,7 @@ impl Journal {
         state: State,
         message: String,
     ) -> Result<(), JournalError> {
-        // The caller's time (the writer thread has no clock of its own in tests).
-        let now = self.now();
-        self.call(move |c| {
+        self.call_at(move |c, now| {
             c.execute(
                 "UPDATE objects SET state = ?2, last_error = ?3, updated_ms = ?4 WHERE id = ?1",
                 params![id, state, message, now],
@@ -493,9 +475,7 @@ impl Journal {
         count_attempt: bool,
         message: String,
     ) -> Result<(), JournalError> {
-        // The caller's time (the writer thread has no clock of its own in tests).
-        let now = self.now();
-        self.call(move |c| {
+        self.call_at(move |c, now| {
             c.execute(
                 "UPDATE objects SET attempts = attempts + ?2, next_attempt_ms = ?3, last_error = ?4,
                         updated_ms = ?5
@@ -517,9 +497,7 @@ impl Journal {
         source: String,
         refused: Vec<(PathBuf, String)>,
     ) -> Result<(), JournalError> {
-        // The caller's time (the writer thread has no clock of its own in tests).
-        let now = self.now();
-        self.call(move |c| {
+        self.call_at(move |c, now| {
             let mut q = c.prepare_cached(
                 "INSERT INTO refused (source, rel_path, reason, at_ms) VALUES (?1, ?2, ?3, ?4)
                  ON CONFLICT (source, rel_path) DO UPDATE SET reason = excluded.reason",
@@ -551,9 +529,7 @@ impl Journal {
         source: String,
         gone: Vec<PathBuf>,
     ) -> Result<(), JournalError> {
-        // The caller's time (the writer thread has no clock of its own in tests).
-        let now = self.now();
-        self.call(move |c| {
+        self.call_at(move |c, now| {
             for rel in &gone {
                 c.execute(
                     "DELETE FROM refused WHERE source = ?1 AND rel_path = ?2",
@@ -571,9 +547,7 @@ impl Journal {
 
     /// Records an error that is not tied to one object (e.g. destination refused).
     pub async fn note_error(&self, message: String) -> Result<(), JournalError> {
-        // The caller's time (the writer thread has no clock of its own in tests).
-        let now = self.now();
-        self.call(move |c| insert_error(c, now, None, &message))
+        self.call_at(move |c, now| insert_error(c, now, None, &message))
             .await
     }
 

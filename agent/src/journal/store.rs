@@ -303,6 +303,16 @@ impl Journal {
         }
     }
 
+    /// `call`, with the journal's time now (the caller's: the writer thread has no clock of its
+    /// own in tests) passed to `f`.
+    pub(super) async fn call_at<R: Send + 'static>(
+        &self,
+        mut f: impl FnMut(&Connection, i64) -> rusqlite::Result<R> + Send + 'static,
+    ) -> Result<R, JournalError> {
+        let now = self.now();
+        self.call(move |c| f(c, now)).await
+    }
+
     /// Queues `f` for the writer thread; `reply` gets its result after the commit. `place` is
     /// the caller's place in the bounded queue, given back once the reply is sent (the blocking
     /// `with` takes none: it is for one-off reads, and it waits for its answer anyway).

@@ -52,54 +52,16 @@ pub trait Destination: Send + Sync + 'static {
     fn close(&self) -> impl std::future::Future<Output = ()> + Send;
 }
 
-impl Destination for Sink {
-    async fn deliver(
-        &self,
-        row: &ObjectRow,
-        origin: &read::Origin,
-        confirm: s3::Confirm,
-        stop: watch::Receiver<bool>,
-    ) -> (Outcome, Unrecorded) {
-        Sink::deliver(self, row, origin, confirm, stop).await
-    }
-
-    async fn preflight(&self) -> Preflight {
-        Sink::preflight(self).await
-    }
-
-    async fn ready(&self) {
-        if let Sink::S3(s3) = self {
-            s3.probe_conditional().await;
-        }
-    }
-
-    fn endpoint(&self) -> String {
-        Sink::endpoint(self)
-    }
-
-    fn bucket(&self) -> String {
-        Sink::bucket(self)
-    }
-
-    async fn close(&self) {
-        if let Sink::Relay(r) = self {
-            // Tell the relay we are gone (streams in flight resume on the next start).
-            let _ =
-                tokio::time::timeout(std::time::Duration::from_secs(2), r.client().close()).await;
-        }
-    }
-}
-
 /// The destination: an S3 bucket, or a QUIC relay.
 pub enum Sink {
     S3(s3::S3Sink),
     Relay(relay::RelaySink),
 }
 
-impl Sink {
+impl Destination for Sink {
     /// Delivers one object, confirmed as `confirm` says; the second value is its share of the
     /// memory budget until the delivery is committed.
-    pub async fn deliver(
+    async fn deliver(
         &self,
         row: &ObjectRow,
         origin: &read::Origin,
@@ -114,24 +76,22 @@ impl Sink {
         }
     }
 
-    /// Where objects go, for logs.
-    pub fn endpoint(&self) -> String {
+    fn endpoint(&self) -> String {
         match self {
             Sink::S3(s) => s.client().endpoint().to_string(),
             Sink::Relay(r) => format!("quic://{}", r.client().relay()),
         }
     }
 
-    /// The bucket, for logs.
-    pub fn bucket(&self) -> String {
+    fn bucket(&self) -> String {
         match self {
             Sink::S3(s) => s.client().bucket().to_string(),
             Sink::Relay(_) => "(the relay's)".into(),
         }
     }
 
-    /// One cheap request before the first upload (HeadBucket; connect and handshake).
-    pub async fn preflight(&self) -> Preflight {
+    /// HeadBucket; for a relay, connect and handshake.
+    async fn preflight(&self) -> Preflight {
         match self {
             Sink::S3(s) => match s.client().head_bucket().await {
                 Ok(()) => Preflight::Ok,
@@ -155,6 +115,20 @@ impl Sink {
                 }),
                 Err(e) => Preflight::Inconclusive(e.to_string()),
             },
+        }
+    }
+
+    async fn ready(&self) {
+        if let Sink::S3(s3) = self {
+            s3.probe_conditional().await;
+        }
+    }
+
+    async fn close(&self) {
+        if let Sink::Relay(r) = self {
+            // Tell the relay we are gone (streams in flight resume on the next start).
+            let _ =
+                tokio::time::timeout(std::time::Duration::from_secs(2), r.client().close()).await;
         }
     }
 }
