@@ -70,10 +70,11 @@ pub async fn serve(
     opts: RunOptions,
     mut requests: mpsc::UnboundedReceiver<Request>,
 ) -> Result<Summary, AppError> {
+    let mut digest = config_digest(file);
     loop {
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut next_config = None;
-        let running = run(config.clone(), opts, stop_rx);
+        let running = run(config.clone(), digest.clone(), opts, stop_rx);
         tokio::pin!(running);
         let result = loop {
             tokio::select! {
@@ -89,6 +90,7 @@ pub async fn serve(
                     }
                     Request::Reload => match Config::load(file) {
                         Ok(new) => {
+                            digest = config_digest(file);
                             tracing::info!(config = %file.display(), "config re-read and valid: restarting with it after parts in flight finish");
                             systemd::reloading();
                             next_config = Some(new);
@@ -115,6 +117,7 @@ pub async fn serve(
 /// it is done (`--once`) or `shutdown`.
 pub async fn run(
     config: Config,
+    config_digest: String,
     opts: RunOptions,
     shutdown: watch::Receiver<bool>,
 ) -> Result<Summary, AppError> {
@@ -210,6 +213,8 @@ pub async fn run(
     journal
         .set_agent_state("pid", std::process::id().to_string())
         .await?;
+    // Which config is in force (after a reload too): `status` shows it.
+    journal.set_agent_state("config", config_digest).await?;
 
     let wake = Arc::new(Notify::new());
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -276,4 +281,18 @@ pub async fn run(
         held,
     };
     Ok(scheduler::dispatch::run(wiring, intake, summary, shutdown).await?)
+}
+
+/// The SHA-256 of the config file as read (the first 16 hex digits), so `status` can say which
+/// config is in force.
+fn config_digest(file: &Path) -> String {
+    std::fs::read(file).map_or_else(
+        |e| format!("unreadable ({e})"),
+        |bytes| {
+            format!(
+                "sha256:{}",
+                &hex::encode(crate::hash::Sha256::digest(&bytes))[..16]
+            )
+        },
+    )
 }

@@ -86,15 +86,20 @@ fn markers_complete_files_and_are_never_uploaded() {
         "complete_when = { marker = \"{name}.done\" }\nrescan_interval = \"1s\"",
     );
     let mut daemon = setup.spawn_daemon(bin());
-    // Old enough to pass any settle rule: only the marker may release it.
+    assert!(wait_until(Duration::from_secs(10), || setup
+        .daemon_log()
+        .contains("watching with inotify")));
+    // Old enough to pass any settle rule: only the marker may release it. Its event and a
+    // rescan (every second) have looked at it by the check.
     write_settled(&setup.src().join("a.ndjson"), b"complete when marked");
-    std::thread::sleep(Duration::from_millis(2500));
+    std::thread::sleep(Duration::from_millis(1200));
     assert!(s3.keys("marker").is_empty(), "sent before its marker");
     std::fs::write(setup.src().join("a.ndjson.done"), b"").unwrap();
     assert!(wait_until(Duration::from_secs(10), || s3
         .object("marker", "fhir/a.ndjson")
         .is_some()));
-    std::thread::sleep(Duration::from_millis(1500));
+    // A rescan later, the marker itself is still not sent.
+    std::thread::sleep(Duration::from_millis(1200));
     assert_eq!(
         s3.keys("marker"),
         vec!["fhir/a.ndjson"],

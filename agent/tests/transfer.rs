@@ -476,7 +476,9 @@ fn daemon_events_never_follow_symlinks_or_enter_excluded_directories() {
         "exclude = [\"**/.*\"]\nsettle = \"0s\"\nrescan_interval = \"1s\"",
     );
     let mut daemon = setup.spawn_daemon(bin());
-    std::thread::sleep(Duration::from_millis(500));
+    assert!(wait_until(Duration::from_secs(10), || setup
+        .daemon_log()
+        .contains("watching with inotify")));
     // Created while the daemon watches: each produces inotify events for paths below the root.
     std::os::unix::fs::symlink(&outside, setup.src().join("linked-dir")).unwrap();
     std::fs::create_dir(setup.src().join(".cache")).unwrap();
@@ -489,8 +491,8 @@ fn daemon_events_never_follow_symlinks_or_enter_excluded_directories() {
     assert!(wait_until(Duration::from_secs(15), || s3
         .object("events", "fhir/real.ndjson")
         .is_some()));
-    // Give events and two rescans time to do anything wrong.
-    std::thread::sleep(Duration::from_millis(2500));
+    // Give the events and a rescan (every second) time to do anything wrong.
+    std::thread::sleep(Duration::from_millis(1200));
     assert_eq!(s3.keys("events"), vec!["fhir/real.ndjson"]);
     // Not even offered: nothing behind the link or in the excluded directory reached the journal.
     assert_eq!(setup.journal_counts(), vec![("done".to_string(), 1)]);
@@ -554,14 +556,29 @@ fn sighup_applies_a_valid_config_and_keeps_the_old_one_otherwise() {
     )
     .unwrap();
     send_signal(&daemon, "HUP");
-    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        wait_until(Duration::from_secs(10), || setup
+            .daemon_log()
+            .contains("reload refused: the config file is not valid")),
+        "{}",
+        setup.daemon_log()
+    );
     write_settled(&setup.src().join("b.ndjson"), b"b");
     assert!(arrives("fhir/b.ndjson"), "the old config must keep running");
 
     // A valid one takes effect.
-    std::fs::write(&cfg, good.replace("prefix = \"fhir/\"", "prefix = \"v2/\"")).unwrap();
+    let v2 = good.replace("prefix = \"fhir/\"", "prefix = \"v2/\"");
+    std::fs::write(&cfg, &v2).unwrap();
     send_signal(&daemon, "HUP");
-    std::thread::sleep(Duration::from_millis(300));
+    // `status` names the config in force: the new one once the restart has happened.
+    let in_force = format!("sha256:{}", &sha256(v2.as_bytes())[..16]);
+    assert!(
+        wait_until(Duration::from_secs(20), || setup.status_json(bin())
+            ["agent"]["config"]
+            == in_force.as_str()),
+        "{}",
+        setup.daemon_log()
+    );
     write_settled(&setup.src().join("c.ndjson"), b"c");
     assert!(arrives("v2/c.ndjson"), "the new config was not applied");
 
