@@ -16,7 +16,7 @@
 //! ```
 //!
 //! # Invariants
-//! - A state is committed *before* the action it allows: the SHA-256 and fingerprint before any
+//! - A state is committed *before* the action it allows: the SHA-256 and version before any
 //!   byte is sent; the upload id before the first part; `completing` before
 //!   CompleteMultipartUpload; `delivered` (after verification) before the source is deleted or
 //!   moved. So after a crash the journal never claims more than happened.

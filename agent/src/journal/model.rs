@@ -254,9 +254,9 @@ pub use crate::s3::multipart::PartRow;
 pub enum OfferAction {
     /// Never seen, or a new version of something finished: a new pending row.
     Insert,
-    /// A pending row whose file changed before its upload began: refresh its fingerprint.
+    /// A pending row whose file changed before its upload began: refresh its version.
     Refresh,
-    /// Already known as it is, or an upload in progress (the uploader checks the fingerprint).
+    /// Already known as it is, or an upload in progress (the uploader checks the version).
     Nothing,
 }
 

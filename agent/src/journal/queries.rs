@@ -3,7 +3,7 @@
 //! query spells a state by hand.
 //!
 //! Must not break: each method states the rows it may change and in which state; a transition
-//! that guards on the row's fingerprint (`set_hashed`, `delivered`) writes nothing when the
+//! that guards on the row's version (`set_hashed`, `delivered`) writes nothing when the
 //! source changed meanwhile.
 
 use std::os::unix::ffi::OsStringExt;
@@ -209,7 +209,7 @@ impl Journal {
         .await
     }
 
-    /// Fixes the whole-object hash and the fingerprint it was computed from, and marks the row
+    /// Fixes the whole-object hash and the version it was computed from, and marks the row
     /// `uploading` without an upload id: from here on an upload may exist on the server that the
     /// journal does not know yet (CreateMultipartUpload sent, answer not recorded), and recovery
     /// looks for it. Returns false if the row changed meanwhile (a rescan saw a newer version),
@@ -368,7 +368,7 @@ impl Journal {
         .await
     }
 
-    /// Starts an object over: pending, no hash, no upload, no parts; optionally a new fingerprint.
+    /// Starts an object over: pending, no hash, no upload, no parts; optionally a new version.
     /// An ETag the transfer pinned itself to is forgotten (one the listing gave is part of the
     /// version, and stays).
     pub async fn reset(

@@ -523,7 +523,7 @@ impl<D: Destination> Scheduler<D> {
     }
 
     /// The source changed under an upload: the object waits one settle period, then is tried
-    /// again (and by then a rescan has recorded the new fingerprint).
+    /// again (and by then a rescan has recorded the new version).
     async fn wait_for_settle(&mut self, row: &ObjectRow, msg: String) -> Result<(), JournalError> {
         tracing::info!(reason = %msg, "source changed; waiting for it to settle");
         self.summary.changed += 1;

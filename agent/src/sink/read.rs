@@ -1,5 +1,5 @@
 //! Reading the bytes of one source version, for any destination: a file (checked against its
-//! fingerprint before every read) or a bucket object (ranged GETs pinned to its ETag), within
+//! version before every read) or a bucket object (ranged GETs pinned to its ETag), within
 //! one memory budget shared by every object in flight.
 //!
 //! # Design
@@ -522,7 +522,7 @@ pub fn ctime_of(meta: &std::fs::Metadata) -> i64 {
     meta.ctime().saturating_mul(1_000_000_000) + meta.ctime_nsec()
 }
 
-/// Whether the open file is still the pinned version: fingerprint (size, mtime, inode) and
+/// Whether the open file is still the pinned version: size, mtime, inode and
 /// ctime, which a writer cannot put back.
 pub fn check_pinned(file: &File, path: &Path, expect: &Version, ctime_ns: i64) -> Result<(), Stop> {
     let meta = file.metadata().map_err(|source| Stop::Io {

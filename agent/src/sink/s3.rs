@@ -10,7 +10,7 @@
 //!
 //! The bytes come from a file (directory sources) or from an object on another S3-compatible
 //! server (bucket sources), through one `Pinned` reader: a file is checked against its
-//! fingerprint before every part, an object is read by ranged GETs pinned to its ETag
+//! version before every part, an object is read by ranged GETs pinned to its ETag
 //! (If-Match, and the answer's ETag compared), so an upload never mixes two versions.
 //!
 //! # Design
@@ -427,7 +427,7 @@ impl S3Sink {
         };
         // Nothing on the server depends on the journal before a single PUT (a crash before
         // `delivered` is committed just sends the same bytes again), so the hash is recorded
-        // with the delivery, under the fingerprint guard, in one commit.
+        // with the delivery, under the version guard, in one commit.
         if let Some(done) = self.check_key_first(row, &sha).await? {
             return Ok(done);
         }

@@ -1,5 +1,5 @@
 //! Discovery in a bucket (`type = "s3"`, typically the institution's MinIO): ListObjectsV2 with
-//! pagination every `poll_interval`, each object offered to the journal with a fingerprint of
+//! pagination every `poll_interval`, each object offered to the journal with a version of
 //! (size, LastModified, ETag). The journal decides what is new: a restart lists again and sends
 //! nothing twice; an object whose ETag, size or LastModified changed is a new version.
 //!

@@ -45,7 +45,7 @@ pub fn next(marked: bool, settled: bool, rule: &Completion, file_name: &str) -> 
 pub struct Tracked {
     /// The version being tracked.
     pub fp: Version,
-    /// When this fingerprint was first seen (this machine's monotonic clock).
+    /// When this version was first seen (this machine's monotonic clock).
     pub since: Instant,
 }
 
