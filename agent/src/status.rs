@@ -157,6 +157,9 @@ pub fn render_text(s: &Status) -> String {
             s.agent.get("pid").map_or("?", |p| p.as_str())
         );
     }
+    if let Some(c) = s.agent.get("config") {
+        let _ = writeln!(out, "config in force: {c}");
+    }
     let _ = writeln!(out, "objects:");
     for (state, n) in &s.objects {
         let _ = writeln!(out, "  {state:<11} {n}");
