@@ -18,18 +18,7 @@ fn bin() -> &'static Path {
 
 /// `ha-edge status --json` parsed, and its exit code.
 fn status_json(setup: &Setup) -> (serde_json::Value, Option<i32>) {
-    let cfg = setup.config_path();
-    let out = output_within(
-        setup.command(bin(), &["status", "-c", cfg.to_str().unwrap(), "--json"]),
-        Duration::from_secs(30),
-    );
-    let v = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "status --json is not JSON ({e}): {}",
-            String::from_utf8_lossy(&out.stdout)
-        )
-    });
-    (v, out.status.code())
+    setup.status_json_and_code(bin())
 }
 
 fn validate(setup: &Setup, extra: &[&str]) -> std::process::Output {

@@ -1062,9 +1062,13 @@ impl Setup {
         std::fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
     }
 
-    /// (state, count) pairs from the journal, read directly with SQLite.
     /// `ha-edge status --json` parsed (the structured answer tests should prefer to log text).
     pub fn status_json(&self, bin: &Path) -> serde_json::Value {
+        self.status_json_and_code(bin).0
+    }
+
+    /// `ha-edge status --json` parsed, and its exit code.
+    pub fn status_json_and_code(&self, bin: &Path) -> (serde_json::Value, Option<i32>) {
         let cfg = self.config_path();
         let out = output_within(
             self.command(
@@ -1073,15 +1077,16 @@ impl Setup {
             ),
             Duration::from_secs(30),
         );
-        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        let v = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
             panic!(
                 "status --json is not JSON ({e}): {}",
                 String::from_utf8_lossy(&out.stdout)
             )
-        })
+        });
+        (v, out.status.code())
     }
 
-    /// Rows per journal state.
+    /// (state, count) pairs from the journal, read directly with SQLite.
     pub fn journal_counts(&self) -> Vec<(String, i64)> {
         let c = rusqlite::Connection::open_with_flags(
             self.journal(),
