@@ -718,6 +718,20 @@ mod tests {
     use crate::sink::{s3::Confirm, Unrecorded};
     use crate::version::Version;
 
+    /// How long a scripted delivery takes (in paused time).
+    const TRANSFER: Duration = Duration::from_millis(200);
+
+    /// `gap`, the wait before attempt `round` (0-based) after a failure, is that round's delay
+    /// of `backoff`: jittered down to half at most, never beyond it (1 s of slack for the
+    /// driver's own work in paused time).
+    fn assert_round_delay(what: &str, round: usize, gap: Duration, backoff: crate::retry::Backoff) {
+        let full = backoff.base.saturating_mul(1 << round).min(backoff.cap);
+        assert!(
+            gap >= full / 2 && gap <= full + Duration::from_secs(1),
+            "{what} {round}: {gap:?} after the previous failure (round delay {full:?})"
+        );
+    }
+
     /// A destination that answers from a script (then `Delivered`), and records when it was
     /// asked and how many deliveries were in flight then.
     #[derive(Default)]
@@ -731,6 +745,18 @@ mod tests {
         progress: Notify,
     }
 
+    impl Scripted {
+        /// Answers `n` deliveries with `failure()`, then delivers.
+        fn failing(n: usize, failure: impl Fn() -> Outcome) -> Arc<Scripted> {
+            let dest = Scripted::default();
+            dest.script
+                .lock()
+                .unwrap()
+                .extend((0..n).map(|_| failure()));
+            Arc::new(dest)
+        }
+    }
+
     impl Destination for Scripted {
         async fn deliver(
             &self,
@@ -741,8 +767,7 @@ mod tests {
         ) -> (Outcome, Unrecorded) {
             let n = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
             self.calls.lock().unwrap().push((Instant::now(), n));
-            // A transfer takes a while (in paused time).
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            tokio::time::sleep(TRANSFER).await;
             let next = self.script.lock().unwrap().pop_front();
             self.in_flight.fetch_sub(1, Ordering::SeqCst);
             let outcome = next.unwrap_or_else(|| {
@@ -874,14 +899,10 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn an_outage_is_probed_one_object_at_a_time_with_growing_delays() {
         let w = world(6).await;
-        let dest = Arc::new(Scripted::default());
         let failures = 4 + 5; // the first wave of four, then five failed probes
-        for _ in 0..failures {
-            dest.script
-                .lock()
-                .unwrap()
-                .push_back(Outcome::Unreachable("connect: connection refused".into()));
-        }
+        let dest = Scripted::failing(failures, || {
+            Outcome::Unreachable("connect: connection refused".into())
+        });
         let summary = drive(&w, dest.clone(), 6).await;
         assert_eq!(summary.delivered, 6);
         let calls = dest.calls.lock().unwrap().clone();
@@ -891,19 +912,11 @@ mod tests {
         // Probes: one object at a time, with delays growing within OUTAGE_PROBE's bounds.
         let probes = &calls[4..=failures];
         assert!(probes.iter().all(|(_, n)| *n == 1), "{calls:?}");
-        let first_failure = calls[3].0 + Duration::from_millis(200);
+        let first_failure = calls[3].0 + TRANSFER;
         let mut prev = first_failure;
         for (round, (at, _)) in probes.iter().enumerate() {
-            let gap = *at - prev;
-            let full = policy::OUTAGE_PROBE
-                .base
-                .saturating_mul(1 << round)
-                .min(policy::OUTAGE_PROBE.cap);
-            assert!(
-                gap >= full / 2 && gap <= full + Duration::from_secs(1),
-                "probe {round}: {gap:?} after the previous failure (round delay {full:?})"
-            );
-            prev = *at + Duration::from_millis(200);
+            assert_round_delay("probe", round, *at - prev, policy::OUTAGE_PROBE);
+            prev = *at + TRANSFER;
         }
         // Told once; the journal says ok again.
         let st = w.journal.status().unwrap();
@@ -921,27 +934,14 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_failing_object_backs_off_while_the_others_go_on() {
         let w = world(1).await;
-        let dest = Arc::new(Scripted::default());
-        for _ in 0..3 {
-            dest.script
-                .lock()
-                .unwrap()
-                .push_back(Outcome::Retry("503 SlowDown".into()));
-        }
+        let dest = Scripted::failing(3, || Outcome::Retry("503 SlowDown".into()));
         let summary = drive(&w, dest.clone(), 1).await;
         assert_eq!(summary.delivered, 1);
         let calls = dest.calls.lock().unwrap().clone();
         assert_eq!(calls.len(), 4, "{calls:?}");
         for (attempt, pair) in calls.windows(2).enumerate() {
-            let gap = pair[1].0 - (pair[0].0 + Duration::from_millis(200));
-            let full = policy::OBJECT_RETRY
-                .base
-                .saturating_mul(1 << attempt)
-                .min(policy::OBJECT_RETRY.cap);
-            assert!(
-                gap >= full / 2 && gap <= full + Duration::from_secs(1),
-                "retry {attempt}: {gap:?} (round delay {full:?})"
-            );
+            let gap = pair[1].0 - (pair[0].0 + TRANSFER);
+            assert_round_delay("retry", attempt, gap, policy::OBJECT_RETRY);
         }
     }
 }
