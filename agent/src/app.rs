@@ -19,6 +19,7 @@ use tokio::task::JoinSet;
 
 use crate::config::{Config, Destination, SourceKind};
 use crate::journal::{Journal, JournalError};
+use crate::receipts;
 use crate::relay::client::{LinkError, RelayClient};
 use crate::s3::{credentials, S3Client, S3Error};
 use crate::scheduler::{self, Intake, Summary, Wiring};
@@ -54,13 +55,6 @@ pub enum AppError {
 pub struct RunOptions {
     /// `--once`: send what is complete now, then exit.
     pub once: bool,
-}
-
-/// This machine's name, for the relay's logs (authorization uses the certificate).
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .unwrap_or_else(|_| "ha-edge".into())
 }
 
 /// Runs until stopped, restarting with a new config on SIGHUP when that config is valid.
@@ -156,6 +150,7 @@ pub async fn run(
     }
     let journal = Journal::open(&config.agent.journal)?;
     let a = &config.agent;
+    let mut receipts_client: Option<Arc<S3Client>> = None;
     let sink = match (&config.destination, dest_creds) {
         (Destination::S3(d), Some(creds)) => {
             tracing::info!(
@@ -172,6 +167,7 @@ pub async fn run(
                 a.request_timeout,
                 a.concurrency * 2,
             )?;
+            receipts_client = Some(client.clone());
             let params = UploadParams {
                 part_size: a.part_size,
                 multipart_threshold: a.multipart_threshold,
@@ -185,10 +181,9 @@ pub async fn run(
         }
         (Destination::Relay(r), _) => {
             tracing::info!(relay = %r.relay, server_name = %r.server_name, prefix = %r.prefix, "destination: QUIC relay");
-            let agent_name = hostname();
             let client = RelayClient::new(
                 r,
-                &agent_name,
+                &a.name,
                 a.request_timeout.min(std::time::Duration::from_secs(60)),
             )?;
             let budget = (a.parts_in_flight as u64 * a.part_size).max(a.multipart_threshold);
@@ -212,6 +207,16 @@ pub async fn run(
         .await?;
     journal
         .set_agent_state("pid", std::process::id().to_string())
+        .await?;
+    // Priorities apply to what waits already, too (a reload may change them).
+    journal
+        .set_priorities(
+            config
+                .sources
+                .iter()
+                .map(|s| (s.name.clone(), s.priority))
+                .collect(),
+        )
         .await?;
     // Which config is in force (after a reload too): `status` shows it.
     journal.set_agent_state("config", config_digest).await?;
@@ -260,6 +265,7 @@ pub async fn run(
         }
     }
 
+    let journal_handle = journal.clone();
     let wiring = Wiring {
         journal,
         sink,
@@ -272,6 +278,7 @@ pub async fn run(
         once: opts.once,
         concurrency: config.agent.concurrency,
         shutdown_grace: config.agent.shutdown_grace,
+        agent: config.agent.name.clone(),
     };
     let intake = Intake {
         running: sources,
@@ -280,7 +287,88 @@ pub async fn run(
         once_sources,
         held,
     };
-    Ok(scheduler::dispatch::run(wiring, intake, summary, shutdown).await?)
+    let custody =
+        Custody::start(&config, &journal_handle, receipts_client, opts, &shutdown).await?;
+    let summary = scheduler::dispatch::run(wiring, intake, summary, shutdown).await?;
+    custody.finish().await;
+    Ok(summary)
+}
+
+/// The receipts' housekeeping beside a run: retention, and batches in the bucket.
+struct Custody {
+    tasks: JoinSet<()>,
+    /// `--once`: one flush of the batches at the end of the run.
+    once_flush: Option<(Journal, Arc<S3Client>, receipts::batch::Settings)>,
+}
+
+impl Custody {
+    /// Prunes receipts past `receipts_keep` now and hourly, and starts the batch task.
+    async fn start(
+        config: &Config,
+        journal: &Journal,
+        client: Option<Arc<S3Client>>,
+        opts: RunOptions,
+        shutdown: &watch::Receiver<bool>,
+    ) -> Result<Custody, JournalError> {
+        let mut tasks = JoinSet::new();
+        let to_bucket = config.receipts.is_some() && client.is_some();
+        if let Some(keep) = config.agent.receipts_keep {
+            let cutoff = move || {
+                receipts::record::now_ms() - i64::try_from(keep.as_millis()).unwrap_or(i64::MAX)
+            };
+            let pruned = journal.prune_receipts(cutoff(), to_bucket).await?;
+            if pruned > 0 {
+                tracing::info!(receipts = pruned, keep = %humantime::format_duration(keep), "old receipts removed (receipts_keep)");
+            }
+            if !opts.once {
+                let (j, mut stop) = (journal.clone(), shutdown.clone());
+                tasks.spawn(async move {
+                    loop {
+                        tokio::select! {
+                            () = tokio::time::sleep(std::time::Duration::from_secs(3600)) => {}
+                            _ = stop.changed() => return,
+                        }
+                        if let Err(e) = j.prune_receipts(cutoff(), to_bucket).await {
+                            tracing::warn!(error = %e, "receipt retention failed; trying again in an hour");
+                        }
+                    }
+                });
+            }
+        }
+        let mut once_flush = None;
+        if let (Some(r), Some(client)) = (&config.receipts, client) {
+            let settings = receipts::batch::Settings {
+                prefix: r.prefix.clone(),
+                agent: config.agent.name.clone(),
+                every: r.every,
+            };
+            if opts.once {
+                once_flush = Some((journal.clone(), client, settings));
+            } else {
+                tasks.spawn(receipts::batch::run(
+                    journal.clone(),
+                    client,
+                    settings,
+                    shutdown.clone(),
+                ));
+            }
+        }
+        Ok(Custody { tasks, once_flush })
+    }
+
+    /// After the run: the last batch, and the tasks' end.
+    async fn finish(mut self) {
+        if let Some((journal, client, settings)) = self.once_flush.take() {
+            match receipts::batch::flush(&journal, &client, &settings).await {
+                Ok(n) => tracing::info!(batches = n, "receipts uploaded"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "receipts not uploaded; the next run sends them");
+                    let _ = journal.note_error(e.to_string()).await;
+                }
+            }
+        }
+        while self.tasks.join_next().await.is_some() {}
+    }
 }
 
 /// The SHA-256 of the config file as read (the first 16 hex digits), so `status` can say which

@@ -59,6 +59,27 @@ pub enum Command {
         #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
         stale_after: std::time::Duration,
     },
+    /// Print the receipts of delivered objects (read-only; safe while the daemon runs), or
+    /// `verify` the receipt batches in the bucket. Times: RFC 3339 (`2026-12-01T08:00:00Z`) or
+    /// an age (`24h`: since 24 hours ago).
+    Receipts {
+        #[arg(short, long, default_value = DEFAULT_CONFIG, global = true)]
+        config: PathBuf,
+        /// Only receipts verified at or after this time.
+        #[arg(long)]
+        since: Option<String>,
+        /// Only receipts verified before this time.
+        #[arg(long)]
+        until: Option<String>,
+        /// Only this source's receipts.
+        #[arg(long)]
+        source: Option<String>,
+        /// One JSON object per line, or CSV with a header line.
+        #[arg(long, value_enum, default_value_t = ReceiptFormat::Ndjson)]
+        format: ReceiptFormat,
+        #[command(subcommand)]
+        action: Option<ReceiptsAction>,
+    },
     /// Run the cloud-side QUIC relay: accept agents (mutual TLS), verify, land in S3 or a directory.
     Relay {
         #[arg(short, long, default_value = DEFAULT_RELAY_CONFIG)]
@@ -66,5 +87,30 @@ pub enum Command {
         /// Check the relay config and exit.
         #[arg(long)]
         check: bool,
+    },
+}
+
+/// How `ha-edge receipts` prints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ReceiptFormat {
+    Ndjson,
+    Csv,
+}
+
+/// What `ha-edge receipts` can do besides printing.
+#[derive(Debug, Subcommand)]
+pub enum ReceiptsAction {
+    /// Check the receipt batches in the bucket: the chain of SHA-256s, the counts, and that the
+    /// newest receipt of each key matches the object there. Exit 0 if all holds, 1 if not.
+    Verify {
+        /// The bucket holding the batches (default: the destination's).
+        #[arg(long)]
+        bucket: Option<String>,
+        /// Their key prefix (default: `[receipts] prefix`, or `_receipts/`).
+        #[arg(long)]
+        prefix: Option<String>,
+        /// Only this agent's chain (default: every agent under the prefix).
+        #[arg(long)]
+        agent: Option<String>,
     },
 }

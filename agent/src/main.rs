@@ -9,6 +9,8 @@
 //! - `validate [--offline]`: the config (every problem at once), the journal, and unless
 //!   offline one cheap request to the destination and to each bucket source.
 //! - `status [--json] [--stale-after 1h]`: what the journal says, with a health exit code.
+//! - `receipts [--since T] [--until T] [--source S] [--format ndjson|csv] [verify]`: the chain
+//!   of custody.
 //! - `relay [--check]`: the cloud side of the QUIC link.
 //!
 //! Must not break: the exit codes above (scripts and systemd depend on them), and no secret in any
@@ -26,6 +28,8 @@ mod hash;
 mod journal;
 /// Paths to keys.
 mod keymap;
+/// Chain of custody: receipts and their batches in the bucket.
+mod receipts;
 /// The QUIC link: client and relay.
 mod relay;
 /// Which failures are tried again.
@@ -78,6 +82,23 @@ fn main() -> ExitCode {
         } => status(&config, json, stale_after),
         Command::Run { config, once } => run(&config, once),
         Command::Relay { config, check } => relay_main(&config, check),
+        Command::Receipts {
+            config,
+            since,
+            until,
+            source,
+            format,
+            action,
+        } => receipts::cli::main(
+            &config,
+            receipts::cli::Args {
+                since,
+                until,
+                source,
+                format,
+                action,
+            },
+        ),
     }
 }
 

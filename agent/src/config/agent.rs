@@ -25,6 +25,17 @@ struct RawConfig {
     #[serde(default)]
     source: Vec<Spanned<RawSource>>,
     destination: Option<Spanned<RawDestination>>,
+    receipts: Option<Spanned<RawReceipts>>,
+}
+
+/// `[receipts]` as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawReceipts {
+    /// Key prefix of the receipt batches in the destination bucket, e.g. "_receipts/".
+    prefix: Option<Spanned<String>>,
+    /// How often a batch is cut, e.g. "5m".
+    every: Option<Spanned<toml::Value>>,
 }
 
 /// `[agent]` as written.
@@ -51,6 +62,10 @@ struct RawAgent {
     log_format: Option<Spanned<String>>,
     /// Default log filter, e.g. "info" or "ha_edge=debug"; RUST_LOG overrides it.
     log_level: Option<Spanned<String>>,
+    /// This agent's name in receipts (default: the host name).
+    name: Option<Spanned<String>>,
+    /// How long receipts are kept in the journal (default: forever).
+    receipts_keep: Option<Spanned<toml::Value>>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -65,6 +80,17 @@ pub struct Config {
     pub sources: Vec<SourceConfig>,
     /// `[destination]`: an S3 bucket or a QUIC relay.
     pub destination: Destination,
+    /// `[receipts]`: receipt batches in the bucket, if set.
+    pub receipts: Option<ReceiptsConfig>,
+}
+
+/// `[receipts]`: batches of receipts uploaded to the destination bucket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReceiptsConfig {
+    /// Key prefix (default `_receipts/`), outside every source's key space.
+    pub prefix: String,
+    /// How often a batch is cut (default 5 minutes).
+    pub every: Duration,
 }
 
 /// The `[agent]` table.
@@ -90,6 +116,10 @@ pub struct AgentConfig {
     pub log_format: LogFormat,
     /// A tracing filter (`info`, or `info,ha_edge::sink=debug`).
     pub log_level: String,
+    /// This agent's name in receipts and their keys.
+    pub name: String,
+    /// How long receipts are kept (None: forever).
+    pub receipts_keep: Option<Duration>,
 }
 
 /// How log lines are written (stderr, for journald).
@@ -159,6 +189,59 @@ impl Config {
 /// and the rest parsed again).
 fn parse_raw(text: &str) -> Result<RawConfig, Vec<ConfigProblem>> {
     parse_raw_as(text)
+}
+
+/// The host name (the default agent name), made safe for keys; `ha-edge` if there is none.
+fn host_name() -> String {
+    let raw = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .unwrap_or_default();
+    let name: String = raw
+        .trim()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(63)
+        .collect();
+    if name.is_empty() {
+        "ha-edge".into()
+    } else {
+        name
+    }
+}
+
+impl Validator<'_> {
+    /// Phase two of `[receipts]`.
+    fn receipts(&mut self, r: RawReceipts, _span: Range<usize>) -> ReceiptsConfig {
+        let prefix = match r.prefix {
+            None => "_receipts/".to_string(),
+            Some(p) => {
+                let v = p.get_ref();
+                if v.is_empty() || !v.ends_with('/') || v.starts_with('/') || v.contains("..") {
+                    self.problem(
+                        p.span(),
+                        "receipts.prefix",
+                        format!(
+                            "must be a key prefix ending in '/', e.g. \"_receipts/\", got {v:?}"
+                        ),
+                    );
+                }
+                p.into_inner()
+            }
+        };
+        let every = self.duration(
+            r.every,
+            "receipts.every",
+            Duration::from_secs(1),
+            Duration::from_secs(300),
+        );
+        ReceiptsConfig { prefix, every }
+    }
 }
 
 impl AgentConfig {
@@ -284,10 +367,39 @@ impl Validator<'_> {
                 "the journal must not live inside a watched source directory",
             );
         }
+        let receipts = raw.receipts.map(|r| {
+            let span = r.span();
+            self.receipts(r.into_inner(), span)
+        });
+        if let (Some(r), Some(d)) = (&receipts, &destination) {
+            if !matches!(d, Destination::S3(_)) {
+                self.problem(
+                    0..0,
+                    "receipts",
+                    "receipt batches go to an S3 bucket; with a relay destination, leave [receipts] out (receipts stay in the journal: `ha-edge receipts`)",
+                );
+            }
+            // Batches go under the bucket's root, not under the destination prefix.
+            let full = r.prefix.clone();
+            for s in &sources {
+                let space = format!("{}{}", d.prefix(), s.key_prefix);
+                if full.starts_with(&space) || space.starts_with(&full) {
+                    self.problem(
+                        0..0,
+                        "receipts.prefix",
+                        format!(
+                            "{:?} overlaps source {:?}'s keys ({space:?}): give receipts a prefix of their own",
+                            r.prefix, s.name
+                        ),
+                    );
+                }
+            }
+        }
         Some(Config {
             agent: agent?,
             sources,
             destination: destination?,
+            receipts,
         })
     }
 
@@ -384,8 +496,39 @@ impl Validator<'_> {
                 l.into_inner()
             }
         };
+        let name = match a.name {
+            None => host_name(),
+            Some(n) => {
+                let ok = !n.get_ref().is_empty()
+                    && n.get_ref().len() <= 63
+                    && n.get_ref()
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+                if !ok {
+                    self.problem(
+                        n.span(),
+                        "agent.name",
+                        format!(
+                            "must be 1 to 63 letters, digits, '-', '_' or '.', got {:?} (it is part of receipt keys)",
+                            n.get_ref()
+                        ),
+                    );
+                }
+                n.into_inner()
+            }
+        };
+        let receipts_keep = a.receipts_keep.map(|k| {
+            self.duration(
+                Some(k),
+                "agent.receipts_keep",
+                Duration::from_secs(86_400),
+                Duration::MAX,
+            )
+        });
         Some(AgentConfig {
             journal: journal?,
+            name,
+            receipts_keep,
             concurrency,
             parts_in_flight,
             part_size,

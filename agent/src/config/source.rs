@@ -45,6 +45,8 @@ pub(super) struct RawSource {
     pub(super) path: Option<Spanned<String>>,
     include: Option<Spanned<Vec<Spanned<String>>>>,
     exclude: Option<Spanned<Vec<Spanned<String>>>>,
+    /// Dispatch priority: higher first (default 0).
+    priority: Option<Spanned<i64>>,
     settle: Option<Spanned<toml::Value>>,
     /// Full rescan period; events between rescans are a latency hint only.
     rescan_interval: Option<Spanned<toml::Value>>,
@@ -184,6 +186,8 @@ pub struct SourceConfig {
     pub key_prefix: String,
     /// Where `key_prefix` was written, for problems found once the whole file is read.
     pub(super) key_prefix_span: Option<Range<usize>>,
+    /// Higher goes first; within one priority, oldest first.
+    pub priority: i64,
 }
 
 impl SourceConfig {
@@ -504,6 +508,7 @@ impl Validator<'_> {
         };
         let notifications = s.notifications.is_some_and(Spanned::into_inner);
         let key_prefix_span = s.key_prefix.as_ref().map(Spanned::span);
+        let priority = self.int_in(s.priority, &at("priority"), -1000, 1000, 0i64);
         let key_prefix = match (s.key_prefix, &name) {
             (Some(p), Some(n)) => {
                 let span = p.span();
@@ -515,6 +520,7 @@ impl Validator<'_> {
         Some(SourceConfig {
             key_prefix,
             key_prefix_span,
+            priority,
             name: name?,
             notifications,
             kind,

@@ -408,3 +408,32 @@ fn f14_a_log_level_that_is_not_one_is_refused() {
         assert!(Config::parse(Path::new("t.toml"), &text).is_ok(), "{ok}");
     }
 }
+
+/// The keys of chain of custody and operator control: a bad agent name, a receipts prefix that
+/// is not one or lies in a source's keys, and a priority out of range are each named, at once.
+#[test]
+fn custody_and_priority_keys_are_checked_together() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("in")).unwrap();
+    let base = good(dir.path());
+    let ok = base.replace(
+        "[agent]\n",
+        "[agent]\nname = \"edge-1\"\nreceipts_keep = \"400d\"\n",
+    ) + "\n[receipts]\nprefix = \"_receipts/\"\nevery = \"5m\"\n";
+    let c = Config::parse(Path::new("t.toml"), &ok).unwrap();
+    assert_eq!(c.agent.name, "edge-1");
+    assert_eq!(
+        c.agent.receipts_keep,
+        Some(Duration::from_secs(400 * 86_400))
+    );
+    assert_eq!(c.receipts.unwrap().every, Duration::from_secs(300));
+    let bad = base
+        .replace("[agent]\n", "[agent]\nname = \"edge 1/x\"\n")
+        .replace("[[source]]\n", "[[source]]\npriority = 5000\n")
+        + "\n[receipts]\nprefix = \"receipts\"\n";
+    let p = problems(&bad);
+    let keys: Vec<&str> = p.iter().map(|p| p.key.as_str()).collect();
+    assert!(keys.contains(&"agent.name"), "{p:?}");
+    assert!(keys.contains(&"source[0].priority"), "{p:?}");
+    assert!(keys.contains(&"receipts.prefix"), "{p:?}");
+}

@@ -52,12 +52,14 @@ mod model;
 #[cfg(test)]
 mod model_check;
 mod queries;
+mod receipts;
 mod schema;
 mod status;
 mod store;
 mod worker;
 
-pub use model::{Landed, ObjectRow, PartRow, State};
+pub use model::{Custody, Landed, ObjectRow, PartRow, State};
+pub use receipts::{BatchRow, Filter as ReceiptFilter, ReceiptLine};
 pub use status::Status;
 #[cfg(test)]
 pub use store::{now_ms, Clock};

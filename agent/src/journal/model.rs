@@ -228,6 +228,8 @@ pub struct ObjectRow {
     pub ctime_ns: Option<i64>,
     /// The SHA-256 of each part, fixed with the whole-object hash (multipart uploads).
     pub part_hashes: Option<Vec<[u8; 32]>>,
+    /// Its source's priority when it was offered (higher goes first).
+    pub priority: i64,
 }
 
 impl ObjectRow {
@@ -244,6 +246,34 @@ pub struct Landed {
     pub etag: Option<String>,
     /// Its VersionId, where the bucket is versioned.
     pub version: Option<String>,
+    /// The checksum the server reported for what it stored (`sha256:<base64>`).
+    pub checksum: Option<String>,
+    /// Server-side encryption as the server reported it (else as requested).
+    pub sse: Option<String>,
+    /// The KMS key id, likewise.
+    pub kms_key_id: Option<String>,
+    /// Whether `sse` and `kms_key_id` come from the server's answer.
+    pub sse_confirmed: bool,
+}
+
+/// What the journal cannot know of a delivery itself, for its receipt: who delivered it, to
+/// which endpoint and bucket, from which source bucket, and what follows.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Custody {
+    /// `[agent] name`.
+    pub agent: String,
+    /// The destination endpoint's host[:port], or the relay's address.
+    pub endpoint: String,
+    /// The destination bucket.
+    pub bucket: String,
+    /// Bucket sources: the source bucket.
+    pub source_bucket: Option<String>,
+    /// Bucket sources: the source key prefix (the key is prefix + path).
+    pub source_prefix: String,
+    /// `keep`, `delete` or `move`.
+    pub after_upload: &'static str,
+    /// When this attempt began (ms since the epoch); a multipart upload's recorded start wins.
+    pub started_ms: Option<i64>,
 }
 
 /// A part the server acknowledged (kept in the `parts` table).

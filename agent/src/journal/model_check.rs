@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 
 use proptest::prelude::*;
 
-use super::model::{Landed, PartRow, State, Version, VersionColumns};
+use super::model::{Custody, Landed, PartRow, State, Version, VersionColumns};
 use super::store::{Candidate, Hashed, Journal};
 
 const CASES: u32 = 40;
@@ -369,10 +369,17 @@ async fn step(j: &Journal, m: &mut Model, op: &Op) {
             let sha = r.sha256.expect("hashed before any byte is sent");
             let landed = Landed {
                 etag: Some(format!("\"{}\"", r.id)),
-                version: None,
+                ..Landed::default()
             };
             let wrote = j
-                .delivered(r.id, r.fingerprint.clone(), sha, landed, keep)
+                .delivered(
+                    r.id,
+                    r.fingerprint.clone(),
+                    sha,
+                    landed,
+                    Custody::default(),
+                    keep,
+                )
                 .await
                 .unwrap();
             assert!(wrote, "delivered {r:?}");
@@ -458,6 +465,23 @@ fn check(before: &[Row], after: &[Row], m: &Model, op: &Op) {
     }
 }
 
+/// Every delivered version has exactly one receipt, and nothing else has one.
+fn check_receipts(j: &Journal, after: &[Row], op: &Op) {
+    let with_receipt: Vec<i64> = j
+        .with(|c| {
+            let mut q = c.prepare("SELECT object_id FROM receipts ORDER BY object_id")?;
+            let ids = q.query_map([], |r| r.get(0))?;
+            ids.collect()
+        })
+        .unwrap();
+    let landed: Vec<i64> = after
+        .iter()
+        .filter(|r| State::LANDED.contains(&r.state))
+        .map(|r| r.id)
+        .collect();
+    assert_eq!(with_receipt, landed, "receipts after {op:?}");
+}
+
 async fn run(ops: Vec<Op>) {
     let dir = tempfile::tempdir().unwrap();
     let mut j = Journal::open(&dir.path().join("j0.db")).unwrap();
@@ -471,8 +495,9 @@ async fn run(ops: Vec<Op>) {
         }
         let after = dump(&j);
         check(&before, &after, &m, op);
+        check_receipts(&j, &after, op);
         let runnable: Vec<i64> = j
-            .runnable(1000, 0, false, Vec::new())
+            .runnable(1000, None, false, Vec::new())
             .await
             .unwrap()
             .iter()

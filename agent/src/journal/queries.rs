@@ -13,24 +13,26 @@ use std::sync::LazyLock;
 use rusqlite::{named_params, params, Connection, OptionalExtension};
 
 use super::model::{
-    offer_action, states_sql, Landed, ObjectRow, OfferAction, PartRow, State, Version,
+    offer_action, states_sql, Custody, Landed, ObjectRow, OfferAction, PartRow, State, Version,
     VersionColumns,
 };
 use super::store::{path_bytes, Candidate, Hashed, Journal, JournalError, OfferStats};
 
-/// Objects with work to do, in id order from a cursor; served by the partial index
-/// `objects_active` (schema 2), so each call reads only the rows it returns.
+/// Objects with work to do, higher priority first and oldest first within one priority, from
+/// a cursor (the last row's priority and id); served by the partial index `objects_active`
+/// (schema 6), so each call reads only the rows it returns, without a sort.
 static RUNNABLE_SQL: LazyLock<String> = LazyLock::new(|| {
     format!(
         "SELECT id, source, rel_path, key, size, mtime_ns, inode, state, sha256,
         upload_id, part_size, attempts, pinned_etag,
         (SELECT p.dest_etag FROM objects p WHERE p.key = objects.key AND p.id < objects.id
             AND p.dest_etag IS NOT NULL ORDER BY p.id DESC LIMIT 1),
-        ctime_ns, part_hashes, kind, etag
+        ctime_ns, part_hashes, kind, etag, priority
     FROM objects
     WHERE state IN ({})
-      AND next_attempt_ms <= ?1 AND id > ?2
-    ORDER BY id LIMIT ?3",
+      AND next_attempt_ms <= ?1
+      AND (?2 IS NULL OR priority < ?2 OR (priority = ?2 AND id > ?3))
+    ORDER BY priority DESC, id LIMIT ?4",
         states_sql(&State::ACTIVE)
     )
 });
@@ -88,8 +90,10 @@ impl Journal {
                 )?;
                 let mut insert = c.prepare_cached(
                     "INSERT INTO objects (source, rel_path, key, size, mtime_ns, inode, state,
-                                          discovered_ms, updated_ms, etag, kind)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?9, ?7, ?7, ?8, ?10)",
+                                          discovered_ms, updated_ms, etag, kind, priority)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?9, ?7, ?7, ?8, ?10,
+                             COALESCE((SELECT CAST(value AS INTEGER) FROM agent_state
+                                        WHERE name = 'priority:' || ?1), 0))",
                 )?;
                 let mut unrefuse =
                     c.prepare_cached("DELETE FROM refused WHERE source = ?1 AND rel_path = ?2")?;
@@ -173,13 +177,14 @@ impl Journal {
         .await
     }
 
-    /// Objects with work to do, oldest first. `after_id` lets a one-shot run visit each object
-    /// once; `respect_backoff` makes the daemon wait out each object's retry delay; `skip` are
-    /// ids already in flight.
+    /// Objects with work to do, higher priority first, oldest first within one priority.
+    /// `after` (the priority and id of the last row seen) lets a one-shot run page through the
+    /// objects; `respect_backoff` makes the daemon wait out each object's retry delay; `skip`
+    /// are ids already in flight.
     pub async fn runnable(
         &self,
         limit: usize,
-        after_id: i64,
+        after: Option<(i64, i64)>,
         respect_backoff: bool,
         skip: Vec<i64>,
     ) -> Result<Vec<ObjectRow>, JournalError> {
@@ -188,7 +193,12 @@ impl Journal {
             let mut stmt = c.prepare_cached(&RUNNABLE_SQL)?;
             let rows = stmt
                 .query_map(
-                    params![not_before, after_id, (limit + skip.len()) as i64],
+                    params![
+                        not_before,
+                        after.map(|a| a.0),
+                        after.map_or(0, |a| a.1),
+                        (limit + skip.len()) as i64
+                    ],
                     row_to_object,
                 )?
                 .filter(|r| r.as_ref().map_or(true, |o| !skip.contains(&o.id)))
@@ -229,7 +239,8 @@ impl Journal {
                 &format!(
                     "UPDATE objects SET sha256 = :sha, state = :uploading, upload_id = NULL,
                             updated_ms = :now, pinned_etag = COALESCE(:pin, pinned_etag),
-                            ctime_ns = :ctime, part_hashes = :parts
+                            ctime_ns = :ctime, part_hashes = :parts,
+                            started_ms = COALESCE(started_ms, :now)
                      WHERE id = :id AND state = :pending AND {VERSION_IS}"
                 ),
                 named_params! {
@@ -409,6 +420,7 @@ impl Journal {
         version: Version,
         sha256: [u8; 32],
         landed: Landed,
+        custody: Custody,
         finished: bool,
     ) -> Result<bool, JournalError> {
         self.call_at(move |c, now| {
@@ -442,8 +454,51 @@ impl Journal {
             )?;
             if n == 1 {
                 c.execute("DELETE FROM parts WHERE object_id = ?1", [id])?;
+                super::receipts::insert(c, id, now, &sha256, &landed, &custody)?;
             }
             Ok(n == 1)
+        })
+        .await
+    }
+
+    /// Sets the source priority of every row of `source` still to be dispatched, and of the
+    /// rows it offers from now on (kept in `agent_state` as `priority:<source>`).
+    pub async fn set_priorities(&self, priorities: Vec<(String, i64)>) -> Result<(), JournalError> {
+        self.call(move |c| {
+            for (source, priority) in &priorities {
+                c.execute(
+                    "INSERT INTO agent_state (name, value) VALUES ('priority:' || ?1, ?2)
+                     ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+                    params![source, priority.to_string()],
+                )?;
+                c.execute(
+                    &format!(
+                        "UPDATE objects SET priority = ?2
+                          WHERE source = ?1 AND priority != ?2 AND state IN ({})",
+                        states_sql(&State::ACTIVE)
+                    ),
+                    params![source, priority],
+                )?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// A delivered object's after_upload action is done: the row is finished, and its receipt
+    /// gets an event saying what happened to the source and when.
+    pub async fn after_upload_done(
+        &self,
+        id: i64,
+        action: &'static str,
+        result: String,
+    ) -> Result<(), JournalError> {
+        self.call_at(move |c, now| {
+            c.execute(
+                "UPDATE objects SET state = ?2, updated_ms = ?3 WHERE id = ?1",
+                params![id, State::Done, now],
+            )?;
+            super::receipts::insert_after_upload(c, id, now, action, &result)
         })
         .await
     }
@@ -638,6 +693,7 @@ fn row_to_object(r: &rusqlite::Row<'_>) -> rusqlite::Result<ObjectRow> {
                 .map(|c| <[u8; 32]>::try_from(c).unwrap_or_default())
                 .collect()
         }),
+        priority: r.get(18)?,
     })
 }
 
@@ -677,7 +733,7 @@ mod tests {
         j.offer("b".into(), vec![listed.clone(), unlisted.clone()], true)
             .await
             .unwrap();
-        let rows = j.runnable(10, 0, true, vec![]).await.unwrap();
+        let rows = j.runnable(10, None, true, vec![]).await.unwrap();
         let (l, u) = (&rows[0], &rows[1]);
         assert_eq!(l.version, listed.version);
         assert_eq!(l.source_etag(), Some("\"abc\""));
@@ -695,7 +751,7 @@ mod tests {
             .set_hashed(l.id, l.version.clone(), Hashed::whole([1; 32]), None)
             .await
             .unwrap());
-        let rows = j.runnable(10, 0, true, vec![]).await.unwrap();
+        let rows = j.runnable(10, None, true, vec![]).await.unwrap();
         assert_eq!(rows[0].source_etag(), Some("\"abc\""));
         assert_eq!(rows[1].source_etag(), Some("\"pin\""));
         assert_eq!(
@@ -704,7 +760,7 @@ mod tests {
         );
         j.reset(rows[0].id, None, "x".into()).await.unwrap();
         j.reset(rows[1].id, None, "x".into()).await.unwrap();
-        let rows = j.runnable(10, 0, true, vec![]).await.unwrap();
+        let rows = j.runnable(10, None, true, vec![]).await.unwrap();
         assert_eq!(rows[0].source_etag(), Some("\"abc\""));
         assert_eq!(rows[1].source_etag(), None);
         // A new listing with another ETag is another version: the pending row is refreshed.
@@ -717,7 +773,7 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(s.refreshed, 1);
-        let rows = j.runnable(10, 0, true, vec![]).await.unwrap();
+        let rows = j.runnable(10, None, true, vec![]).await.unwrap();
         assert_eq!(rows[0].version, changed.version);
         // A file and an object of the same size and time are not the same version.
         assert_ne!(file(1), Version::object(1, None, None));
@@ -746,7 +802,7 @@ mod tests {
             .unwrap();
         }
         let j = Journal::open(&path).unwrap();
-        let rows = j.runnable(10, 0, false, vec![]).await.unwrap();
+        let rows = j.runnable(10, None, false, vec![]).await.unwrap();
         assert_eq!(
             rows[0].version,
             Version::File {
@@ -781,15 +837,22 @@ mod tests {
         let s = j.offer("s".into(), vec![cand("a", 5)], true).await.unwrap();
         assert_eq!(s.refreshed, 1);
         // ...a delivered one becomes a new version.
-        let rows = j.runnable(10, 0, true, vec![]).await.unwrap();
+        let rows = j.runnable(10, None, true, vec![]).await.unwrap();
         let b = rows.iter().find(|r| r.key == "b").unwrap().id;
         let fp = rows.iter().find(|r| r.key == "b").unwrap().version.clone();
         assert!(!j
-            .delivered(b, file(99), [7; 32], Landed::default(), true)
+            .delivered(
+                b,
+                file(99),
+                [7; 32],
+                Landed::default(),
+                Custody::default(),
+                true
+            )
             .await
             .unwrap());
         assert!(j
-            .delivered(b, fp, [7; 32], Landed::default(), true)
+            .delivered(b, fp, [7; 32], Landed::default(), Custody::default(), true)
             .await
             .unwrap());
         let s = j.offer("s".into(), vec![cand("b", 3)], true).await.unwrap();
@@ -809,7 +872,7 @@ mod tests {
         {
             let j = Journal::open(&path).unwrap();
             j.offer("s".into(), vec![cand("a", 1)], true).await.unwrap();
-            let id = j.runnable(1, 0, true, vec![]).await.unwrap()[0].id;
+            let id = j.runnable(1, None, true, vec![]).await.unwrap()[0].id;
             let stale = file(9);
             assert!(!j
                 .set_hashed(id, stale, Hashed::whole([1; 32]), None)
@@ -833,7 +896,7 @@ mod tests {
             .unwrap();
         }
         let j = Journal::open(&path).unwrap();
-        let rows = j.runnable(10, 0, true, vec![]).await.unwrap();
+        let rows = j.runnable(10, None, true, vec![]).await.unwrap();
         assert_eq!(rows.len(), 1);
         assert_eq!(rows[0].state, State::Uploading);
         assert_eq!(rows[0].upload_id.as_deref(), Some("up-1"));
@@ -853,21 +916,21 @@ mod tests {
         j.offer("s".into(), vec![cand("a", 1), cand("b", 1)], true)
             .await
             .unwrap();
-        let rows = j.runnable(10, 0, true, vec![]).await.unwrap();
+        let rows = j.runnable(10, None, true, vec![]).await.unwrap();
         j.retry_later(rows[0].id, 60_000, true, "later".into())
             .await
             .unwrap();
-        assert_eq!(j.runnable(10, 0, true, vec![]).await.unwrap().len(), 1);
-        assert_eq!(j.runnable(10, 0, false, vec![]).await.unwrap().len(), 2);
+        assert_eq!(j.runnable(10, None, true, vec![]).await.unwrap().len(), 1);
+        assert_eq!(j.runnable(10, None, false, vec![]).await.unwrap().len(), 2);
         assert_eq!(
-            j.runnable(10, rows[0].id, false, vec![])
+            j.runnable(10, Some((0, rows[0].id)), false, vec![])
                 .await
                 .unwrap()
                 .len(),
             1
         );
         assert_eq!(
-            j.runnable(10, 0, false, vec![rows[1].id])
+            j.runnable(10, None, false, vec![rows[1].id])
                 .await
                 .unwrap()
                 .len(),
@@ -875,6 +938,41 @@ mod tests {
         );
         assert!(j.next_wakeup_ms().await.unwrap().is_some());
         assert_eq!(j.status().unwrap().last_errors[0].message, "later");
+    }
+
+    /// Dispatch order: higher priority first, oldest first within one; a cursor pages through
+    /// in that order; a priority set later applies to rows already waiting.
+    #[tokio::test]
+    async fn runnable_goes_by_priority_then_age_and_pages_by_cursor() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(&dir.path().join("j.db")).unwrap();
+        j.set_priorities(vec![("low".into(), 0), ("high".into(), 5)])
+            .await
+            .unwrap();
+        j.offer("low".into(), vec![cand("l1", 1), cand("l2", 1)], true)
+            .await
+            .unwrap();
+        j.offer("high".into(), vec![cand("h1", 1)], true)
+            .await
+            .unwrap();
+        j.offer("new".into(), vec![cand("n1", 1)], true)
+            .await
+            .unwrap();
+        let order =
+            |rows: Vec<ObjectRow>| -> Vec<String> { rows.into_iter().map(|r| r.key).collect() };
+        let all = j.runnable(10, None, true, vec![]).await.unwrap();
+        assert_eq!(order(all), ["h1", "l1", "l2", "n1"]);
+        let first = j.runnable(2, None, true, vec![]).await.unwrap();
+        let last = first.last().map(|r| (r.priority, r.id));
+        assert_eq!(order(first), ["h1", "l1"]);
+        assert_eq!(
+            order(j.runnable(10, last, true, vec![]).await.unwrap()),
+            ["l2", "n1"]
+        );
+        // A reload gives "new" the highest priority: its waiting row goes first now.
+        j.set_priorities(vec![("new".into(), 9)]).await.unwrap();
+        let all = j.runnable(10, None, true, vec![]).await.unwrap();
+        assert_eq!(order(all), ["n1", "h1", "l1", "l2"]);
     }
 
     /// The dispatch queries use the partial indexes (no scan of finished rows, no sort).

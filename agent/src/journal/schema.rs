@@ -98,6 +98,57 @@ UPDATE objects SET kind = 'object', pinned_etag = etag, etag = NULL
  WHERE etag IS NOT NULL AND inode = 0;
 UPDATE objects SET kind = 'object', inode = 0 WHERE etag IS NOT NULL;
 "#,
+    // 6: chain of custody and priorities. `started_ms`: when a version's upload began.
+    // `priority`: its source's (higher first); the active index now serves the dispatch order
+    // (priority, then oldest first). `receipts`: one append-only receipt per delivered version,
+    // written in the transaction that marks it delivered; `receipt_events`: what happened to
+    // the source afterwards (deleted, moved). Neither is ever updated; rows are deleted only by
+    // retention, and only those older than the cutoff retention recorded itself. Each
+    // `receipt_batches` row is one NDJSON batch uploaded to the bucket, with the SHA-256 the next
+    // batch carries.
+    r#"
+ALTER TABLE objects ADD COLUMN started_ms INTEGER;
+ALTER TABLE objects ADD COLUMN priority INTEGER NOT NULL DEFAULT 0;
+DROP INDEX objects_active;
+CREATE INDEX objects_active ON objects (priority DESC, id)
+    WHERE state IN ('pending', 'uploading', 'completing', 'delivered');
+CREATE TABLE receipts (
+    seq       INTEGER PRIMARY KEY AUTOINCREMENT,
+    object_id INTEGER NOT NULL UNIQUE,
+    source    TEXT    NOT NULL,
+    at_ms     INTEGER NOT NULL,
+    receipt   TEXT    NOT NULL
+);
+CREATE INDEX receipts_by_time ON receipts (at_ms);
+CREATE TABLE receipt_events (
+    seq         INTEGER PRIMARY KEY AUTOINCREMENT,
+    receipt_seq INTEGER NOT NULL,
+    at_ms       INTEGER NOT NULL,
+    event       TEXT    NOT NULL
+);
+CREATE INDEX receipt_events_by_receipt ON receipt_events (receipt_seq);
+CREATE TABLE receipt_batches (
+    seq          INTEGER PRIMARY KEY,
+    key          TEXT    NOT NULL,
+    sha256       TEXT    NOT NULL,
+    last_receipt INTEGER NOT NULL,
+    last_event   INTEGER NOT NULL,
+    lines        INTEGER NOT NULL,
+    uploaded_ms  INTEGER
+);
+CREATE TRIGGER receipts_append_only BEFORE UPDATE ON receipts
+BEGIN SELECT RAISE(ABORT, 'receipts are append-only'); END;
+CREATE TRIGGER receipt_events_append_only BEFORE UPDATE ON receipt_events
+BEGIN SELECT RAISE(ABORT, 'receipt events are append-only'); END;
+CREATE TRIGGER receipts_kept BEFORE DELETE ON receipts
+WHEN OLD.at_ms >= COALESCE((SELECT CAST(value AS INTEGER) FROM agent_state
+                             WHERE name = 'receipts_cutoff_ms'), 0)
+BEGIN SELECT RAISE(ABORT, 'receipts are deleted only by retention'); END;
+CREATE TRIGGER receipt_events_kept BEFORE DELETE ON receipt_events
+WHEN OLD.at_ms >= COALESCE((SELECT CAST(value AS INTEGER) FROM agent_state
+                             WHERE name = 'receipts_cutoff_ms'), 0)
+BEGIN SELECT RAISE(ABORT, 'receipt events are deleted only by retention'); END;
+"#,
 ];
 
 /// The schema this build writes.

@@ -207,6 +207,10 @@ pub struct PutAnswer {
     pub etag: Option<String>,
     /// Where the bucket is versioned.
     pub version: Option<String>,
+    /// `x-amz-server-side-encryption`, if the server says.
+    pub sse: Option<String>,
+    /// `x-amz-server-side-encryption-aws-kms-key-id`, if the server says.
+    pub kms_key_id: Option<String>,
 }
 
 /// What HEAD tells about a stored object.
@@ -225,6 +229,10 @@ pub struct Head {
     pub last_modified: Option<String>,
     /// `x-amz-version-id`, where the bucket is versioned.
     pub version: Option<String>,
+    /// `x-amz-server-side-encryption`, if the server says.
+    pub sse: Option<String>,
+    /// `x-amz-server-side-encryption-aws-kms-key-id`, if the server says.
+    pub kms_key_id: Option<String>,
 }
 
 /// A byte range read from an object, with what the server says about the object it came from.
@@ -310,6 +318,11 @@ impl S3Client {
         &self.dest.bucket
     }
 
+    /// The server-side encryption the destination asks for.
+    pub fn sse(&self) -> Option<&Sse> {
+        self.dest.sse.as_ref()
+    }
+
     /// The endpoint URL, for logs.
     pub fn endpoint(&self) -> &Url {
         &self.dest.endpoint
@@ -392,6 +405,8 @@ impl S3Client {
             checksum_sha256: header("x-amz-checksum-sha256"),
             etag: header("etag"),
             version: header("x-amz-version-id"),
+            sse: header("x-amz-server-side-encryption"),
+            kms_key_id: header("x-amz-server-side-encryption-aws-kms-key-id"),
         })
     }
 
@@ -596,6 +611,8 @@ impl S3Client {
             etag: header("etag"),
             last_modified: header("last-modified"),
             version: header("x-amz-version-id"),
+            sse: header("x-amz-server-side-encryption"),
+            kms_key_id: header("x-amz-server-side-encryption-aws-kms-key-id"),
         }))
     }
 

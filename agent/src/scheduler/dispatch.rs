@@ -30,7 +30,7 @@
 //! waits on a transfer, only on the next event; a stop lets parts in flight finish within the
 //! grace period.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -42,7 +42,7 @@ use tracing::Instrument;
 use super::health::{Action, Gate, Health, Notice, Signal, SourceGate, Stop};
 use super::policy::{self, Context, Tally, Transition};
 use crate::config::{AfterUpload, SourceConfig};
-use crate::journal::{Journal, JournalError, Landed, ObjectRow, State};
+use crate::journal::{Custody, Journal, JournalError, Landed, ObjectRow, State};
 use crate::sink::read::Origin;
 use crate::sink::s3::Confirm;
 use crate::sink::{Destination, Outcome, Preflight};
@@ -114,6 +114,8 @@ pub struct Wiring<D> {
     pub concurrency: usize,
     /// How long a stop lets parts in flight finish.
     pub shutdown_grace: Duration,
+    /// `[agent] name`, for receipts.
+    pub agent: String,
 }
 
 /// The sources feeding the journal.
@@ -158,6 +160,8 @@ pub async fn run<D: Destination>(
     let once = w.once;
     let journal = w.journal.clone();
     let wake = intake.wake.clone();
+    // Told when an object's transfer slot frees before its commit.
+    let freed = Arc::new(Notify::new());
     let mut sched = Scheduler {
         health: Health::new(once, fastrand::u64(..)),
         w,
@@ -179,7 +183,8 @@ pub async fn run<D: Destination>(
     let (obj_stop_tx, obj_stop_rx) = watch::channel(false);
     let mut inflight: JoinSet<Finished> = JoinSet::new();
     let mut inflight_ids: Vec<i64> = Vec::new();
-    let mut cursor = 0i64;
+    let mut cursor: Option<(i64, i64)> = None;
+    let mut visited: HashSet<i64> = HashSet::new();
     // Rows fetched ahead, so that dispatching an object does not wait for a journal query.
     let mut queued: VecDeque<ObjectRow> = VecDeque::new();
     let mut fetched_all = false;
@@ -200,21 +205,29 @@ pub async fn run<D: Destination>(
                     .available_permits()
                     .min(max_tasks - inflight.len())
             };
-            if free > 0 && queued.is_empty() {
+            // `--once` pages through the journal in dispatch order and visits each row once
+            // (a row that failed waits for the next run); a rescan that offered more starts the
+            // paging over, skipping the rows already visited.
+            while free > 0 && queued.is_empty() && !(once && fetched_all) {
                 let want = PREFETCH.max(free);
                 let rows = journal
                     .runnable(
                         want,
-                        if once { cursor } else { 0 },
+                        if once { cursor } else { None },
                         !once,
                         inflight_ids.clone(),
                     )
                     .await?;
                 fetched_all = rows.len() < want;
-                for row in &rows {
-                    cursor = cursor.max(row.id);
+                if let Some(last) = rows.last() {
+                    cursor = Some((last.priority, last.id));
                 }
-                queued.extend(rows);
+                if once {
+                    queued.extend(rows.into_iter().filter(|r| visited.insert(r.id)));
+                } else {
+                    queued.extend(rows);
+                    break;
+                }
             }
             exhausted = queued.is_empty() && fetched_all;
             let take = free.min(queued.len());
@@ -228,7 +241,7 @@ pub async fn run<D: Destination>(
                     .clone()
                     .try_acquire_owned()
                     .expect("no more objects dispatched than free transfer slots");
-                let task = sched.object_task(row, slot, obj_stop_rx.clone(), wake.clone());
+                let task = sched.object_task(row, slot, obj_stop_rx.clone(), freed.clone());
                 inflight.spawn(task);
             }
         }
@@ -251,6 +264,7 @@ pub async fn run<D: Destination>(
                     sched.summary.unsettled = unsettled;
                     if offered > 0 {
                         fetched_all = false;
+                        cursor = None;
                         continue;
                     }
                 }
@@ -296,7 +310,14 @@ pub async fn run<D: Destination>(
                     sched.health.label()
                 ));
             }
-            () = wake.notified(), if !draining => {}
+            () = wake.notified(), if !draining => {
+                // A source offered something: what is prefetched may no longer be what goes
+                // first (a higher priority), so the next dispatch asks the journal again.
+                if !once {
+                    queued.clear();
+                }
+            }
+            () = freed.notified(), if !draining => {}
             () = tokio::time::sleep(poll), if !draining => {}
             _ = shutdown.changed(), if !draining => {
                 draining = true;
@@ -342,8 +363,10 @@ impl<D: Destination> Scheduler<D> {
             .get(&row.source)
             .is_none_or(|s| s.after_upload == AfterUpload::Keep);
         let journal = self.w.journal.clone();
+        let mut custody = self.custody(&row);
         async move {
             let started = Instant::now();
+            custody.started_ms = Some(crate::receipts::record::now_ms());
             let (outcome, unrecorded) = match (&origin, row.state) {
                 (None, _) => {
                     let why = format!("source {:?} is no longer in the config", row.source);
@@ -374,7 +397,14 @@ impl<D: Destination> Scheduler<D> {
                     drop(slot);
                     wake.notify_one();
                     let done = journal
-                        .delivered(row.id, row.version.clone(), *sha, landed.clone(), keep)
+                        .delivered(
+                            row.id,
+                            row.version.clone(),
+                            *sha,
+                            landed.clone(),
+                            custody,
+                            keep,
+                        )
                         .await;
                     drop(unrecorded);
                     Some(done)
@@ -389,6 +419,44 @@ impl<D: Destination> Scheduler<D> {
             }
         }
         .instrument(span)
+    }
+
+    /// What a receipt of `row` needs from outside the journal.
+    fn custody(&self, row: &ObjectRow) -> Custody {
+        let action = self
+            .w
+            .sources
+            .get(&row.source)
+            .map_or(&AfterUpload::Keep, |s| &s.after_upload);
+        let (source_bucket, source_prefix) = match self.w.origins.get(&row.source) {
+            Some(Origin::Bucket { client, prefix }) => {
+                (Some(client.bucket().to_string()), prefix.clone())
+            }
+            _ => (None, String::new()),
+        };
+        let endpoint = self.w.sink.endpoint();
+        let endpoint = match url::Url::parse(&endpoint) {
+            Ok(u) if u.scheme() != "quic" => match (u.host_str(), u.port()) {
+                (Some(h), Some(p)) => format!("{h}:{p}"),
+                (Some(h), None) => h.to_string(),
+                _ => endpoint,
+            },
+            _ => endpoint,
+        };
+        let bucket = self.w.sink.bucket();
+        Custody {
+            agent: self.w.agent.clone(),
+            endpoint,
+            bucket: if bucket.starts_with('(') {
+                String::new()
+            } else {
+                bucket
+            },
+            source_bucket,
+            source_prefix,
+            after_upload: after_upload_name(action),
+            started_ms: None,
+        }
     }
 
     /// One cheap request before the first upload, so a missing bucket, a wrong region or a
@@ -570,7 +638,8 @@ impl<D: Destination> Scheduler<D> {
                     let recorded = match committed {
                         Some(r) => r?,
                         None => {
-                            j.delivered(row.id, row.version.clone(), sha256, landed, keep)
+                            let custody = self.custody(&row);
+                            j.delivered(row.id, row.version.clone(), sha256, landed, custody, keep)
                                 .await?
                         }
                     };
@@ -685,7 +754,8 @@ impl<D: Destination> Scheduler<D> {
         match res {
             Ok(r) => {
                 tracing::debug!(result = %r, "after_upload done");
-                j.set_state(row.id, State::Done).await
+                j.after_upload_done(row.id, after_upload_name(action), r.to_lowercase())
+                    .await
             }
             Err(e) => {
                 let msg = format!("after_upload failed for {}: {e}", row.rel_path.display());
@@ -694,6 +764,15 @@ impl<D: Destination> Scheduler<D> {
                     .await
             }
         }
+    }
+}
+
+/// An after_upload action's name in receipts.
+fn after_upload_name(a: &AfterUpload) -> &'static str {
+    match a {
+        AfterUpload::Keep => "keep",
+        AfterUpload::Delete => "delete",
+        AfterUpload::MoveTo(_) | AfterUpload::MoveToPrefix(_) => "move",
     }
 }
 
@@ -743,6 +822,9 @@ mod tests {
         /// Deliveries answered `Delivered`, and who waits for their number.
         delivered: AtomicUsize,
         progress: Notify,
+        /// The key of each delivery asked for, in order, and who waits for the next.
+        keys: Mutex<Vec<String>>,
+        asked: Notify,
     }
 
     impl Scripted {
@@ -767,6 +849,8 @@ mod tests {
         ) -> (Outcome, Unrecorded) {
             let n = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
             self.calls.lock().unwrap().push((Instant::now(), n));
+            self.keys.lock().unwrap().push(_row.key.clone());
+            self.asked.notify_one();
             tokio::time::sleep(TRANSFER).await;
             let next = self.script.lock().unwrap().pop_front();
             self.in_flight.fetch_sub(1, Ordering::SeqCst);
@@ -800,9 +884,12 @@ mod tests {
     async fn world(objects: usize) -> World {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join("in")).unwrap();
+        std::fs::create_dir(dir.path().join("urgent")).unwrap();
         let text = format!(
             "[agent]\njournal = \"{d}/journal.db\"\nconcurrency = 4\n\n\
-             [[source]]\nname = \"fhir\"\ntype = \"fs\"\npath = \"{d}/in\"\n\n\
+             [[source]]\nname = \"fhir\"\ntype = \"fs\"\npath = \"{d}/in\"\nkey_prefix = \"f/\"\n\n\
+             [[source]]\nname = \"urgent\"\ntype = \"fs\"\npath = \"{d}/urgent\"\n\
+             key_prefix = \"u/\"\npriority = 10\n\n\
              [destination]\ntype = \"s3\"\nendpoint = \"http://127.0.0.1:9\"\nregion = \"r\"\n\
              bucket = \"bucket\"\nprefix = \"p/\"\npath_style = true\n",
             d = dir.path().display()
@@ -835,6 +922,16 @@ mod tests {
     /// has recorded them, then stops it and returns what it did. No timer of the test's own
     /// runs meanwhile: paused time advances only to the driver's (and the deliveries') timers.
     async fn drive(w: &World, dest: Arc<Scripted>, objects: usize) -> Summary {
+        drive_woken(w, dest, objects, Arc::new(Notify::new())).await
+    }
+
+    /// `drive`, with the sources' wake-up given (a test that offers more while it runs).
+    async fn drive_woken(
+        w: &World,
+        dest: Arc<Scripted>,
+        objects: usize,
+        wake: Arc<Notify>,
+    ) -> Summary {
         let wiring = Wiring {
             journal: w.journal.clone(),
             sink: dest.clone(),
@@ -853,12 +950,13 @@ mod tests {
             once: false,
             concurrency: w.config.agent.concurrency,
             shutdown_grace: Duration::from_secs(5),
+            agent: "test".into(),
         };
         let (stop_sources, _) = watch::channel(false);
         let intake = Intake {
             running: JoinSet::new(),
             stop: stop_sources,
-            wake: Arc::new(Notify::new()),
+            wake,
             once_sources: Vec::new(),
             held: 0,
         };
@@ -890,6 +988,50 @@ mod tests {
             .unwrap();
         watcher.await.unwrap();
         summary
+    }
+
+    /// Priorities: with a backlog of a low-priority source in flight and prefetched, an object
+    /// of a higher-priority source offered meanwhile takes the next free transfer slot.
+    #[tokio::test(start_paused = true)]
+    async fn a_higher_priority_object_takes_the_next_free_slot() {
+        let w = world(20).await;
+        w.journal
+            .set_priorities(vec![("fhir".into(), 0), ("urgent".into(), 10)])
+            .await
+            .unwrap();
+        let dest = Arc::new(Scripted::default());
+        let wake = Arc::new(Notify::new());
+        let (journal, d, woken) = (w.journal.clone(), dest.clone(), wake.clone());
+        let offer = tokio::spawn(async move {
+            while d.keys.lock().unwrap().len() < 4 {
+                d.asked.notified().await;
+            }
+            let urgent = Candidate {
+                rel_path: PathBuf::from("urgent.ndjson"),
+                key: "p/urgent.ndjson".into(),
+                version: Version::File {
+                    size: 10,
+                    mtime_ns: 1,
+                    inode: 999,
+                },
+            };
+            journal
+                .offer("urgent".into(), vec![urgent], true)
+                .await
+                .unwrap();
+            let asked_before = d.keys.lock().unwrap().len();
+            woken.notify_one();
+            asked_before
+        });
+        let summary = drive_woken(&w, dest.clone(), 21, wake).await;
+        assert_eq!(summary.delivered, 21);
+        let asked_before = offer.await.unwrap();
+        let keys = dest.keys.lock().unwrap().clone();
+        let at = keys.iter().position(|k| k == "p/urgent.ndjson").unwrap();
+        assert!(
+            at <= asked_before + 1,
+            "offered after {asked_before} deliveries began, dispatched as number {at}: {keys:?}"
+        );
     }
 
     /// An outage: the four objects in flight fail at once and the operator hears of it once;

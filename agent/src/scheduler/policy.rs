@@ -252,6 +252,7 @@ mod tests {
             prior_etag: None,
             ctime_ns: None,
             part_hashes: None,
+            priority: 0,
         }
     }
 

@@ -42,7 +42,7 @@ use tokio::sync::watch;
 
 use super::read::{blocking, check_pinned, open_pinned, pin, Budget, Origin, Pinned, Stop};
 use super::{Outcome, Unrecorded};
-use crate::config::{Overwrite, MAX_PARTS, MAX_PART_SIZE};
+use crate::config::{Overwrite, Sse, MAX_PARTS, MAX_PART_SIZE};
 use crate::journal::{Journal, JournalError, Landed, ObjectRow, PartRow, State};
 use crate::s3::multipart::{PartSource, SendError, Upload};
 use crate::s3::verify::{self, VerifyError};
@@ -312,7 +312,10 @@ impl S3Sink {
             other => other,
         };
         match result {
-            Ok(sent) => (Outcome::Delivered(sent.sha, sent.landed), sent.unrecorded),
+            Ok(sent) => {
+                let landed = with_requested_sse(sent.landed, self.client.sse());
+                (Outcome::Delivered(sent.sha, landed), sent.unrecorded)
+            }
             Err(e) => (self.outcome(row, e).await, None),
         }
     }
@@ -442,6 +445,13 @@ impl S3Sink {
         let mut landed = Landed {
             etag: answer.etag.clone(),
             version: answer.version.clone(),
+            checksum: answer
+                .checksum_sha256
+                .as_ref()
+                .map(|c| format!("sha256:{c}")),
+            sse: answer.sse.clone(),
+            kms_key_id: answer.kms_key_id.clone(),
+            sse_confirmed: answer.sse.is_some(),
         };
         match answer.checksum_sha256 {
             Some(cs) if cs != b64(&sha) => {
@@ -457,6 +467,8 @@ impl S3Sink {
                 let head = self.verify(&row.key, fp.size(), &sha, None).await?;
                 if landed.etag.is_none() {
                     landed = landed_of(&head);
+                } else if landed.checksum.is_none() {
+                    landed.checksum = landed_of(&head).checksum;
                 }
             }
         }
@@ -782,12 +794,31 @@ impl PartSource for SourceParts {
     }
 }
 
-/// What a HEAD says the delivery landed as (ETag, version).
+/// What a HEAD says the delivery landed as (ETag, version, checksum, encryption).
 fn landed_of(head: &Head) -> Landed {
     Landed {
         etag: head.etag.clone(),
         version: head.version.clone(),
+        checksum: head.checksum_sha256.as_ref().map(|c| format!("sha256:{c}")),
+        sse: head.sse.clone(),
+        kms_key_id: head.kms_key_id.clone(),
+        sse_confirmed: head.sse.is_some(),
     }
+}
+
+/// Where the server did not say how the object is encrypted, what was asked for.
+fn with_requested_sse(mut landed: Landed, sse: Option<&Sse>) -> Landed {
+    if landed.sse.is_none() {
+        match sse {
+            None => {}
+            Some(Sse::Aes256) => landed.sse = Some("AES256".into()),
+            Some(Sse::Kms { key_id }) => {
+                landed.sse = Some("aws:kms".into());
+                landed.kms_key_id.clone_from(key_id);
+            }
+        }
+    }
+    landed
 }
 
 /// 412 PreconditionFailed: the write's condition (If-None-Match, If-Match) did not hold.
