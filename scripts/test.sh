@@ -9,6 +9,11 @@ scripts/install-s3s-fs.sh
 if ! command -v bindfs >/dev/null; then
   apt-get update -qq && apt-get install -y -qq bindfs
 fi
+# The metrics tests check the exposition with promtool (Debian's prometheus package); the
+# terminal display is tested in tmux.
+if ! command -v promtool >/dev/null || ! command -v tmux >/dev/null; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus tmux
+fi
 export HA_EDGE_S3S_FS="${HA_EDGE_S3S_FS:-${S3S_FS_ROOT:-/opt/s3s-fs}/bin/s3s-fs}"
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT

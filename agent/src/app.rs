@@ -31,6 +31,7 @@ use crate::sink::Sink;
 use crate::source::bucket::BucketSource;
 use crate::source::fs::{FsSource, SourceReport};
 use crate::systemd;
+use crate::telemetry;
 
 /// Why a run could not start or had to stop (mapped to exit codes in `main.rs`).
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +49,8 @@ pub enum AppError {
     Setup(#[from] S3Error),
     #[error(transparent)]
     Relay(#[from] LinkError),
+    #[error("metrics: {0}")]
+    Metrics(String),
 }
 
 /// How `ha-edge run` was asked to run.
@@ -65,6 +68,21 @@ pub async fn serve(
     mut requests: mpsc::UnboundedReceiver<Request>,
 ) -> Result<Summary, AppError> {
     let mut digest = config_digest(file);
+    // The metrics endpoint outlives reloads (its port stays bound); it reads the journal of
+    // the config it started with.
+    let (metrics_stop, metrics_rx) = watch::channel(false);
+    if let Some(addr) = config.agent.metrics {
+        let listener = telemetry::serve::bind(addr)
+            .await
+            .map_err(|e| AppError::Metrics(format!("cannot listen on {addr}: {e}")))?;
+        tracing::info!(address = %addr, "metrics on /metrics, /healthz, /readyz");
+        let exporter = Arc::new(telemetry::AgentExporter::new(
+            config.agent.journal.clone(),
+            config.sources.iter().map(|s| s.name.clone()).collect(),
+        ));
+        tokio::spawn(telemetry::serve::serve(listener, exporter, metrics_rx));
+    }
+    let _metrics_stop = metrics_stop;
     loop {
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut next_config = None;
@@ -149,6 +167,12 @@ pub async fn run(
         origins.insert(s.name.clone(), origin);
     }
     let journal = Journal::open(&config.agent.journal)?;
+    telemetry::metrics::agent()
+        .journal_open
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    for s in &config.sources {
+        telemetry::metrics::agent().register_source(&s.name);
+    }
     let a = &config.agent;
     let mut receipts_client: Option<Arc<S3Client>> = None;
     let sink = match (&config.destination, dest_creds) {
@@ -287,6 +311,12 @@ pub async fn run(
         once_sources,
         held,
     };
+    // The limit in force before the first byte; then the timetable's edges.
+    crate::bandwidth::apply(&config.agent.bandwidth);
+    tokio::spawn(crate::bandwidth::run_schedule(
+        config.agent.bandwidth.clone(),
+        shutdown.clone(),
+    ));
     let custody =
         Custody::start(&config, &journal_handle, receipts_client, opts, &shutdown).await?;
     let summary = scheduler::dispatch::run(wiring, intake, summary, shutdown).await?;

@@ -18,6 +18,8 @@
 
 /// Wiring and reload.
 mod app;
+/// The bandwidth limit and its timetable.
+mod bandwidth;
 /// The command line.
 mod cli;
 /// The TOML files, validated.
@@ -48,6 +50,8 @@ mod source;
 mod status;
 /// sd_notify and the watchdog.
 mod systemd;
+/// Metrics and health endpoints.
+mod telemetry;
 /// What identifies a source version.
 mod version;
 
@@ -421,6 +425,7 @@ fn run(file: &Path, once: bool) -> ExitCode {
                 app::AppError::Credentials(_)
                 | app::AppError::SourceCredentials { .. }
                 | app::AppError::Relay(_)
+                | app::AppError::Metrics(_)
                 | app::AppError::Setup(_) => EXIT_CONFIG,
             };
             (code, e.to_string())

@@ -66,6 +66,22 @@ struct RawAgent {
     name: Option<Spanned<String>>,
     /// How long receipts are kept in the journal (default: forever).
     receipts_keep: Option<Spanned<toml::Value>>,
+    /// Address of the metrics endpoint (`/metrics`, `/healthz`, `/readyz`); off if unset.
+    metrics: Option<Spanned<String>>,
+    /// The bandwidth limit for object data, e.g. "40Mbit" ("off": none, "0": paused).
+    bandwidth: Option<Spanned<toml::Value>>,
+    /// Windows of local time with their own limit; the first that holds wins.
+    bandwidth_schedule: Option<Vec<Spanned<RawWindow>>>,
+}
+
+/// One `bandwidth_schedule` entry as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWindow {
+    days: Option<Spanned<String>>,
+    from: Option<Spanned<String>>,
+    to: Option<Spanned<String>>,
+    rate: Option<Spanned<toml::Value>>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -120,6 +136,10 @@ pub struct AgentConfig {
     pub name: String,
     /// How long receipts are kept (None: forever).
     pub receipts_keep: Option<Duration>,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served (None: off).
+    pub metrics: Option<std::net::SocketAddr>,
+    /// The bandwidth limit and its timetable.
+    pub bandwidth: crate::bandwidth::Schedule,
 }
 
 /// How log lines are written (stderr, for journald).
@@ -216,6 +236,77 @@ fn host_name() -> String {
 }
 
 impl Validator<'_> {
+    /// A rate as written: a string (`"40Mbit"`, `"off"`) or the number 0.
+    fn rate(&mut self, v: &Spanned<toml::Value>, key: &str) -> crate::bandwidth::Rate {
+        let text = match v.get_ref() {
+            toml::Value::String(s) => s.clone(),
+            toml::Value::Integer(n) => n.to_string(),
+            other => other.to_string(),
+        };
+        match crate::bandwidth::schedule::parse_rate(&text) {
+            Ok(r) => r,
+            Err(e) => {
+                self.problem(v.span(), key, e);
+                crate::bandwidth::Rate::Unlimited
+            }
+        }
+    }
+
+    /// `bandwidth` and `bandwidth_schedule`.
+    fn bandwidth(
+        &mut self,
+        default: Option<Spanned<toml::Value>>,
+        windows: Option<Vec<Spanned<RawWindow>>>,
+    ) -> crate::bandwidth::Schedule {
+        use crate::bandwidth::schedule::{parse_clock, parse_days, Window};
+        let default = default.map_or(crate::bandwidth::Rate::Unlimited, |v| {
+            self.rate(&v, "agent.bandwidth")
+        });
+        let mut out = Vec::new();
+        for (i, w) in windows.unwrap_or_default().into_iter().enumerate() {
+            let span = w.span();
+            let w = w.into_inner();
+            let at = |k: &str| format!("agent.bandwidth_schedule[{i}].{k}");
+            let days = match w.days {
+                None => [true; 7],
+                Some(d) => parse_days(d.get_ref()).unwrap_or_else(|e| {
+                    self.problem(d.span(), &at("days"), e);
+                    [true; 7]
+                }),
+            };
+            let mut clock = |v: Option<Spanned<String>>, k: &str, default: u16| match v {
+                None => default,
+                Some(c) => parse_clock(c.get_ref()).unwrap_or_else(|e| {
+                    self.problem(c.span(), &at(k), e);
+                    default
+                }),
+            };
+            let from = clock(w.from, "from", 0);
+            let to = clock(w.to, "to", 24 * 60);
+            let rate = match w.rate {
+                Some(r) => self.rate(&r, &at("rate")),
+                None => {
+                    self.problem(
+                        span,
+                        &at("rate"),
+                        "missing (e.g. rate = \"10Mbit\", \"off\" or \"0\")",
+                    );
+                    crate::bandwidth::Rate::Unlimited
+                }
+            };
+            out.push(Window {
+                days,
+                from,
+                to,
+                rate,
+            });
+        }
+        crate::bandwidth::Schedule {
+            default,
+            windows: out,
+        }
+    }
+
     /// Phase two of `[receipts]`.
     fn receipts(&mut self, r: RawReceipts, _span: Range<usize>) -> ReceiptsConfig {
         let prefix = match r.prefix {
@@ -525,9 +616,26 @@ impl Validator<'_> {
                 Duration::MAX,
             )
         });
+        let metrics = a.metrics.and_then(|m| match m.get_ref().parse() {
+            Ok(addr) => Some(addr),
+            Err(_) => {
+                self.problem(
+                    m.span(),
+                    "agent.metrics",
+                    format!(
+                        "must be an address and port, e.g. \"127.0.0.1:9464\", got {:?}",
+                        m.get_ref()
+                    ),
+                );
+                None
+            }
+        });
+        let bandwidth = self.bandwidth(a.bandwidth, a.bandwidth_schedule);
         Some(AgentConfig {
             journal: journal?,
             name,
+            metrics,
+            bandwidth,
             receipts_keep,
             concurrency,
             parts_in_flight,

@@ -42,6 +42,8 @@ struct RawRelay {
     idle_timeout: Option<Spanned<toml::Value>>,
     log_format: Option<Spanned<String>>,
     log_level: Option<Spanned<String>>,
+    /// Address of the metrics endpoint; off if unset.
+    metrics: Option<Spanned<String>>,
 }
 
 /// One `[[agent]]` as written.
@@ -111,6 +113,8 @@ pub struct RelayConfig {
     pub log_format: LogFormat,
     /// A tracing filter.
     pub log_level: String,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served (None: off).
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 /// One agent identity (a DNS name in its certificate) and the key prefix it may write.
@@ -293,6 +297,20 @@ impl Validator<'_> {
         let log_level = r
             .log_level
             .map_or_else(|| "info".to_string(), Spanned::into_inner);
+        let metrics = r.metrics.and_then(|m| match m.get_ref().parse() {
+            Ok(addr) => Some(addr),
+            Err(_) => {
+                self.problem(
+                    m.span(),
+                    "relay.metrics",
+                    format!(
+                        "must be an address and port, e.g. \"127.0.0.1:9465\", got {:?}",
+                        m.get_ref()
+                    ),
+                );
+                None
+            }
+        });
         let mut agents = Vec::new();
         if raw.agent.is_empty() {
             self.problem(
@@ -419,6 +437,7 @@ impl Validator<'_> {
             store: store?,
             log_format,
             log_level,
+            metrics,
         })
     }
 

@@ -437,3 +437,39 @@ fn custody_and_priority_keys_are_checked_together() {
     assert!(keys.contains(&"source[0].priority"), "{p:?}");
     assert!(keys.contains(&"receipts.prefix"), "{p:?}");
 }
+
+/// `bandwidth` and its timetable: the issue's example parses; a bad rate, day, time and a
+/// missing rate are each named with their entry.
+#[test]
+fn bandwidth_and_its_timetable_are_checked() {
+    use crate::bandwidth::Rate;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("in")).unwrap();
+    let base = good(dir.path());
+    let ok = base.replace(
+        "[agent]\n",
+        "[agent]\nbandwidth = \"40Mbit\"\nbandwidth_schedule = [\
+         { days = \"Mon-Fri\", from = \"07:00\", to = \"19:00\", rate = \"10Mbit\" },\
+         { days = \"Sat-Sun\", rate = \"off\" }]\n",
+    );
+    let c = Config::parse(Path::new("t.toml"), &ok).unwrap();
+    let s = &c.agent.bandwidth;
+    assert_eq!(s.default, Rate::BytesPerSec(5_000_000));
+    assert_eq!(s.rate_at(1, 8 * 60), Rate::BytesPerSec(1_250_000));
+    assert_eq!(s.rate_at(6, 8 * 60), Rate::Unlimited);
+    let bad = base.replace(
+        "[agent]\n",
+        "[agent]\nbandwidth = \"fast\"\nbandwidth_schedule = [\
+         { days = \"Mon-Frei\", from = \"7am\", rate = \"10Mbit\" }, { days = \"Sun\" }]\n",
+    );
+    let p = problems(&bad);
+    let keys: Vec<&str> = p.iter().map(|p| p.key.as_str()).collect();
+    for k in [
+        "agent.bandwidth",
+        "agent.bandwidth_schedule[0].days",
+        "agent.bandwidth_schedule[0].from",
+        "agent.bandwidth_schedule[1].rate",
+    ] {
+        assert!(keys.contains(&k), "{k}: {p:?}");
+    }
+}

@@ -89,7 +89,37 @@ fn held_sql(with_refused: bool) -> String {
     }
 }
 
+/// What waits to be sent from one source (for the metrics).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pending {
+    pub source: String,
+    pub objects: u64,
+    pub bytes: u64,
+    /// When the oldest of them was discovered (ms since the epoch).
+    pub oldest_ms: i64,
+}
+
 impl Journal {
+    /// What waits to be sent, per source (read-only; cheap: served by the active index).
+    pub fn pending_by_source(&self) -> Result<Vec<Pending>, JournalError> {
+        self.with(|c| {
+            let mut q = c.prepare_cached(&format!(
+                "SELECT source, COUNT(*), COALESCE(SUM(size), 0), MIN(discovered_ms) FROM objects
+                  WHERE state IN ({}) GROUP BY source",
+                states_sql(&State::UNSENT)
+            ))?;
+            let rows = q.query_map([], |r| {
+                Ok(Pending {
+                    source: r.get(0)?,
+                    objects: r.get::<_, i64>(1)?.max(0).unsigned_abs(),
+                    bytes: r.get::<_, i64>(2)?.max(0).unsigned_abs(),
+                    oldest_ms: r.get(3)?,
+                })
+            })?;
+            rows.collect()
+        })
+    }
+
     /// Everything `ha-edge status` shows, in one read transaction.
     pub fn status(&self) -> Result<Status, JournalError> {
         let journal = self.path().to_path_buf();

@@ -254,7 +254,11 @@ fn run_isolated(conn: &Connection, jobs: &mut [Job]) -> GroupResult {
 /// Commits the open transaction; each job's outcome is its own error (if its savepoint could not
 /// be handled) or the commit's.
 fn commit(conn: &Connection, own: Vec<Option<String>>) -> GroupResult {
+    let began = std::time::Instant::now();
     let commit = conn.execute_batch("COMMIT");
+    crate::telemetry::metrics::agent()
+        .journal_commit
+        .observe(began.elapsed().as_secs_f64());
     if let Err(e) = &commit {
         let _ = conn.execute_batch("ROLLBACK");
         if is_disk_full(e) {

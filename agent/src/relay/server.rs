@@ -37,6 +37,7 @@ use super::tls;
 use crate::config::{AgentAuth, RelayConfig, StoreConfig};
 use crate::keymap;
 use crate::s3::{credentials, S3Client};
+use crate::telemetry::{metrics, serve as endpoint};
 
 /// Why the relay cannot start (certificates, listen address, store).
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +55,11 @@ pub enum RelayError {
     Credentials(#[from] credentials::CredentialsError),
     #[error("store: {0}")]
     S3(#[from] crate::s3::S3Error),
+    #[error("metrics: cannot listen on {addr}: {source}")]
+    Metrics {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// Who may start a connection: a bound on handshakes in flight (TLS and the protocol's Hello,
@@ -144,6 +150,16 @@ pub async fn serve(
         partial_bytes: cfg.max_partial_bytes,
     };
     let store = Store::open(landing, &cfg.state_dir, limits)?;
+    if let Some(addr) = cfg.metrics {
+        let listener = endpoint::bind(addr)
+            .await
+            .map_err(|source| RelayError::Metrics { addr, source })?;
+        tracing::info!(address = %addr, "metrics on /metrics, /healthz, /readyz");
+        let exporter = Arc::new(RelayExporter {
+            partial_dir: cfg.state_dir.join("partial"),
+        });
+        tokio::spawn(endpoint::serve(listener, exporter, shutdown.clone()));
+    }
     let transport = tls::transport(
         cfg.idle_timeout,
         cfg.stream_buffer,
@@ -191,11 +207,13 @@ pub async fn serve(
                 let remote = incoming.remote_address();
                 let Some(slot) = admission.admit(remote.ip()) else {
                     tracing::debug!(%remote, "refused: too many connections from this address (max_connections_per_address)");
+                    metrics::relay().refused("too_many_connections");
                     incoming.refuse();
                     continue;
                 };
                 let Ok(handshake) = admission.handshakes.clone().try_acquire_owned() else {
                     tracing::debug!(%remote, "refused: too many handshakes in progress (max_handshakes)");
+                    metrics::relay().refused("too_many_handshakes");
                     incoming.refuse();
                     continue;
                 };
@@ -206,7 +224,10 @@ pub async fn serve(
                     match tokio::time::timeout_at(deadline, incoming).await {
                         Ok(Ok(conn)) => connection(conn, shared, handshake, deadline).await,
                         // Unknown CA, expired certificate, no certificate: refused in the handshake.
-                        Ok(Err(e)) => tracing::warn!(%remote, error = %e, "connection refused in the handshake"),
+                        Ok(Err(e)) => {
+                            metrics::relay().refused("tls_handshake");
+                            tracing::warn!(%remote, error = %e, "connection refused in the handshake");
+                        }
                         Err(_) => tracing::debug!(%remote, "TLS handshake not finished in time; dropped"),
                     }
                 });
@@ -242,6 +263,7 @@ async fn connection(
     let remote = conn.remote_address();
     let Some(agent) = authorize(&conn, &shared.agents).cloned() else {
         tracing::warn!(%remote, "refused: the certificate carries no identity listed in [[agent]]");
+        metrics::relay().refused("unknown_identity");
         conn.close(
             quinn::VarInt::from_u32(CLOSE_UNAUTHORIZED),
             b"this certificate carries no identity the relay authorizes",
@@ -286,6 +308,7 @@ async fn connection(
     let _ = send.finish();
     drop(handshake);
     tracing::info!(identity = %agent.identity, agent = %name, %remote, prefix = %agent.prefix, "agent connected");
+    let _open = Open::connection();
     let streams = shared.streams_of(&agent.identity);
     loop {
         let (send, recv) = match conn.accept_bi().await {
@@ -300,10 +323,60 @@ async fn connection(
             return;
         };
         let (shared, agent) = (shared.clone(), agent.clone());
+        metrics::relay().streams.inc();
         tokio::spawn(async move {
             let _permit = permit;
             object_stream(send, recv, &agent, &shared).await;
         });
+    }
+}
+
+/// The relay's `/metrics`: the counters, and the partial transfers on disk at each scrape.
+struct RelayExporter {
+    partial_dir: std::path::PathBuf,
+}
+
+impl endpoint::Exporter for RelayExporter {
+    fn metrics(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = String> + Send + '_>> {
+        Box::pin(async move {
+            let dir = self.partial_dir.clone();
+            let (count, bytes) = tokio::task::spawn_blocking(move || {
+                std::fs::read_dir(dir).map_or((0, 0), |rd| {
+                    rd.filter_map(Result::ok)
+                        .filter_map(|e| e.metadata().ok())
+                        .filter(std::fs::Metadata::is_file)
+                        .fold((0i64, 0i64), |(n, b), m| {
+                            (n + 1, b + i64::try_from(m.len()).unwrap_or(i64::MAX))
+                        })
+                })
+            })
+            .await
+            .unwrap_or((0, 0));
+            let m = metrics::relay();
+            m.partials.set(count);
+            m.partial_bytes.set(bytes);
+            m.encode()
+        })
+    }
+
+    fn ready(&self) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+/// An open agent connection, counted in `ha_edge_relay_connections` while it lives.
+struct Open;
+
+impl Open {
+    fn connection() -> Open {
+        metrics::relay().connections.inc();
+        Open
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        metrics::relay().connections.dec();
     }
 }
 
@@ -374,6 +447,7 @@ async fn object_stream(
                 }
                 ReceiveEvent::Data { offset, bytes } => {
                     let Some(p) = partial.as_mut() else {
+                        metrics::relay().refused("unavailable");
                         rx.refuse(Refusal::Unavailable, "no partial transfer open".into());
                         finished = true;
                         break;
@@ -381,6 +455,7 @@ async fn object_stream(
                     let len = bytes.len() as u64;
                     if let Err(e) = p.append(offset, bytes).await {
                         tracing::error!(error = %e, "cannot write a partial transfer");
+                        metrics::relay().refused("unavailable");
                         rx.refuse(Refusal::Unavailable, format!("the relay cannot write: {e}"));
                         finished = true;
                         break;
@@ -389,6 +464,7 @@ async fn object_stream(
                 }
                 ReceiveEvent::Committed => {
                     let (Some(p), Some((key, size, sha))) = (partial.take(), offer.as_ref()) else {
+                        metrics::relay().refused("unavailable");
                         rx.refuse(Refusal::Unavailable, "no partial transfer open".into());
                         finished = true;
                         break;
@@ -397,6 +473,8 @@ async fn object_stream(
                     match shared.store.land(p, key, *size, sha).await {
                         Ok(Landed::Stored) => {
                             tracing::info!(identity = %agent.identity, key = %key, size, received, "stored and verified");
+                            metrics::relay().objects_landed.inc();
+                            metrics::relay().bytes_landed.inc_by(*size);
                             rx.stored();
                         }
                         Ok(Landed::Mismatch(detail)) => {
@@ -405,10 +483,12 @@ async fn object_stream(
                         }
                         Err(e) if e.is_permanent() => {
                             tracing::error!(identity = %agent.identity, key = %key, error = %e, "cannot land the object, and never will as it is: refused (partial transfer removed)");
+                            metrics::relay().refused("rejected");
                             rx.refuse(Refusal::Rejected, e.to_string());
                         }
                         Err(e) => {
                             tracing::error!(identity = %agent.identity, key = %key, error = %e, "cannot land the object; the agent will try again");
+                            metrics::relay().refused("unavailable");
                             rx.refuse(Refusal::Unavailable, e.to_string());
                         }
                     }
@@ -430,11 +510,13 @@ async fn decide(
 ) -> bool {
     if let Err(e) = keymap::bucket_key("", key) {
         tracing::warn!(identity = %agent.identity, key = ?key, reason = %e, "refused: bad key");
+        metrics::relay().refused("bad_key");
         rx.refuse(Refusal::BadKey, e.to_string());
         return true;
     }
     if !agent.prefix.covers(key) {
         tracing::warn!(identity = %agent.identity, key = %key, prefix = %agent.prefix, "refused: key outside the agent's prefix");
+        metrics::relay().refused("unauthorized");
         rx.refuse(
             Refusal::Unauthorized,
             format!("{} may write under {:?} only", agent.identity, agent.prefix),
@@ -450,6 +532,7 @@ async fn decide(
         Ok(false) => {}
         Err(e) => {
             tracing::error!(key = %key, error = %e, "store lookup failed");
+            metrics::relay().refused("unavailable");
             rx.refuse(Refusal::Unavailable, e.to_string());
             return true;
         }
@@ -474,16 +557,19 @@ async fn decide(
             | StoreError::Full { .. }),
         ) => {
             tracing::warn!(identity = %agent.identity, key = %key, size, error = %e, "offer refused for now");
+            metrics::relay().refused("busy");
             rx.refuse(Refusal::Busy, e.to_string());
             true
         }
         Err(e @ StoreError::TooLarge { .. }) => {
             tracing::warn!(identity = %agent.identity, key = %key, size, error = %e, "offer refused");
+            metrics::relay().refused("rejected");
             rx.refuse(Refusal::Rejected, e.to_string());
             true
         }
         Err(e) => {
             tracing::error!(key = %key, error = %e, "cannot open a partial transfer");
+            metrics::relay().refused("unavailable");
             rx.refuse(Refusal::Unavailable, e.to_string());
             true
         }

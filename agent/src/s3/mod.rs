@@ -775,8 +775,15 @@ impl S3Client {
     ) -> Result<Response, S3Error> {
         let mut delay = Backoff::REQUEST.base;
         let mut attempt = 0;
+        let m = crate::telemetry::metrics::agent();
+        let label = crate::telemetry::metrics::OpLabel { op };
         loop {
-            let err = match self.send_once(op, key, &req).await {
+            let began = std::time::Instant::now();
+            let sent = self.send_once(op, key, &req).await;
+            m.request_duration
+                .get_or_create(&label)
+                .observe(began.elapsed().as_secs_f64());
+            let err = match sent {
                 Ok(resp) => return Ok(resp),
                 Err(e) => e,
             };
@@ -790,6 +797,7 @@ impl S3Client {
                 return Err(err);
             }
             attempt += 1;
+            m.retries.get_or_create(&label).inc();
             delay = Backoff::REQUEST.next(delay, fastrand::f64());
             if let S3Error::Service(e) = &err {
                 if let Some(ra) = e.retry_after {
@@ -867,10 +875,19 @@ impl S3Client {
             SystemTime::now(),
         )
         .map_err(|e| transport(e.to_string(), true))?;
+        // Object data goes through the bandwidth limiter (when one is set).
+        let body = if req.method == Method::PUT
+            && !req.body.is_empty()
+            && crate::bandwidth::limiter().is_limited()
+        {
+            reqwest::Body::wrap(crate::bandwidth::Throttled::new(req.body.clone()))
+        } else {
+            reqwest::Body::from(req.body.clone())
+        };
         let mut rb = self
             .http
             .request(req.method.clone(), req.url.clone())
-            .body(req.body.clone());
+            .body(body);
         if let Some(t) = timeout {
             rb = rb.timeout(t);
         }

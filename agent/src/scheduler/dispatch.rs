@@ -508,9 +508,12 @@ impl<D: Destination> Scheduler<D> {
     async fn act(&mut self, action: &Action) -> Result<(), JournalError> {
         let j = &self.w.journal;
         let since = || humantime::format_rfc3339_seconds(std::time::SystemTime::now());
+        let m = crate::telemetry::metrics::agent();
         for notice in &action.notices {
             match notice {
                 Notice::Refusing { message, new_cause } => {
+                    m.destination(false, std::time::Instant::now());
+                    m.set_refusing(Some(message.clone()));
                     if *new_cause {
                         tracing::error!(endpoint = %self.w.sink.endpoint(), bucket = %self.w.sink.bucket(), error = %message, "destination refuses uploads; pausing this destination");
                         j.note_error(message.clone()).await?;
@@ -525,6 +528,7 @@ impl<D: Destination> Scheduler<D> {
                     tracing::info!(probe_in = %humantime::format_duration(Duration::from_secs(delay.as_secs())), "will probe the destination again");
                 }
                 Notice::Unreachable { message } => {
+                    m.destination(false, std::time::Instant::now());
                     tracing::warn!(endpoint = %self.w.sink.endpoint(), error = %message, "destination unreachable; pausing uploads and probing until it answers");
                     j.note_error(message.clone()).await?;
                     j.set_agent_state(
@@ -537,12 +541,17 @@ impl<D: Destination> Scheduler<D> {
                     tracing::debug!(error = %message, "destination still unreachable");
                 }
                 Notice::Back { outage } => {
+                    m.destination(true, std::time::Instant::now());
                     tracing::info!(endpoint = %self.w.sink.endpoint(), outage_secs = outage.as_secs(), "destination answers again; resuming uploads");
                 }
                 Notice::Accepting => {
+                    m.destination(true, std::time::Instant::now());
+                    m.set_refusing(None);
                     tracing::info!(bucket = %self.w.sink.bucket(), "destination accepts requests again");
                 }
                 Notice::DestinationOk => {
+                    m.destination(true, std::time::Instant::now());
+                    m.set_refusing(None);
                     j.set_agent_state("destination", "ok".into()).await?;
                 }
                 Notice::SourceRefused { source, message } => {
@@ -618,11 +627,24 @@ impl<D: Destination> Scheduler<D> {
         let decision = policy::decide(outcome, &row, cx, &mut self.health, Instant::now())?;
         self.act(&decision.health).await?;
         let j = self.w.journal.clone();
+        let m = crate::telemetry::metrics::agent();
         match decision.tally {
-            Tally::Failed => self.summary.failed += 1,
-            Tally::Rejected => self.summary.rejected += 1,
-            Tally::Conflict => self.summary.conflicts += 1,
-            Tally::Vanished => self.summary.vanished += 1,
+            Tally::Failed => {
+                self.summary.failed += 1;
+                m.finished(&row.source, "failed");
+            }
+            Tally::Rejected => {
+                self.summary.rejected += 1;
+                m.finished(&row.source, "refused");
+            }
+            Tally::Conflict => {
+                self.summary.conflicts += 1;
+                m.finished(&row.source, "conflict");
+            }
+            Tally::Vanished => {
+                self.summary.vanished += 1;
+                m.finished(&row.source, "vanished");
+            }
             // Counted once the delivery is known to be recorded; a change by wait_for_settle.
             Tally::Delivered | Tally::Changed | Tally::Nothing => {}
         }
@@ -651,6 +673,12 @@ impl<D: Destination> Scheduler<D> {
                     }
                     self.summary.delivered += 1;
                     self.summary.bytes += row.version.size();
+                    m.finished(&row.source, "delivered");
+                    m.bytes_sent
+                        .get_or_create(&crate::telemetry::metrics::SourceLabel {
+                            source: row.source.clone(),
+                        })
+                        .inc_by(row.version.size());
                     let mbps = row.version.size() as f64 / took.as_secs_f64().max(1e-6) / 1e6;
                     tracing::info!(key = %row.key, size = row.version.size(), secs = took.as_secs_f64(), mb_per_s = format!("{mbps:.1}"), "delivered and verified");
                 }

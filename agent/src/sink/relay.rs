@@ -267,7 +267,14 @@ impl RelaySink {
         up: &mut Upload,
         send: &mut quinn::SendStream,
     ) -> Result<(), RStop> {
+        let limiter = crate::bandwidth::limiter();
         while let Some(frame) = up.poll_transmit() {
+            // Object data is metered by the process's bandwidth limit, as on the S3 path.
+            if limiter.is_limited() {
+                for chunk in frame.chunks(crate::bandwidth::CHUNK) {
+                    limiter.acquire(chunk.len()).await;
+                }
+            }
             send.write_all(&frame)
                 .await
                 .map_err(|e| self.client.write_error(conn, e))?;

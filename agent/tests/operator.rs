@@ -1,0 +1,203 @@
+//! End-to-end: what an operator sees and controls, against a real S3 server (s3s-fs): the
+//! Prometheus endpoint during and after a real transfer (checked by `promtool`), `/readyz` while
+//! the destination refuses us, and the bandwidth limit.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use ha_edge_tests::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_ha-edge");
+const MIB: usize = 1024 * 1024;
+
+fn bin() -> &'static Path {
+    Path::new(BIN)
+}
+
+/// Scrapes `/metrics` in the classic format, checked by promtool.
+fn scrape(port: u16) -> String {
+    let (status, body) = http_get(port, "/metrics", None).expect("scrape");
+    assert_eq!(status, 200, "{body}");
+    if let Err(e) = promtool_check(&body) {
+        panic!("promtool check metrics: {e}\n{body}");
+    }
+    body
+}
+
+#[test]
+fn metrics_count_what_was_delivered_during_and_after_a_transfer() {
+    let s3 = S3Server::start();
+    s3.create_bucket("exports");
+    let setup = Setup::new("exports");
+    let small = setup.write_files("small", 3, 10, 100_000);
+    let big = data(7, 12 * MIB);
+    write_settled(&setup.src().join("big.ndjson"), &big);
+    let port = free_port();
+    // 4 MB/s: the big file takes about 3 s, long enough to be seen in flight.
+    setup.write_config(
+        &s3.endpoint(),
+        &format!("metrics = \"127.0.0.1:{port}\"\nbandwidth = \"4MB\"\nname = \"edge-m\""),
+        "settle = \"1s\"",
+    );
+    let mut child = setup.spawn_daemon(bin());
+    let delivered = "ha_edge_objects_total{source=\"exports\",outcome=\"delivered\"}";
+    // During: the small files are in, the big one still waits.
+    let mut during = String::new();
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            during = http_get(port, "/metrics", None)
+                .map(|r| r.1)
+                .unwrap_or_default();
+            metric(&during, delivered) == Some(3.0)
+        }),
+        "small files not delivered: {during}\n{}",
+        setup.daemon_log()
+    );
+    if let Err(e) = promtool_check(&during) {
+        panic!("promtool check metrics: {e}\n{during}");
+    }
+    let pending =
+        |m: &str, what: &str| metric(m, &format!("ha_edge_pending_{what}{{source=\"exports\"}}"));
+    assert_eq!(pending(&during, "objects"), Some(1.0), "{during}");
+    assert_eq!(
+        pending(&during, "bytes"),
+        Some(big.len() as f64),
+        "{during}"
+    );
+    let age = metric(
+        &during,
+        "ha_edge_oldest_pending_age_seconds{source=\"exports\"}",
+    );
+    assert!(age.is_some_and(|a| a > 0.0), "{during}");
+    assert_eq!(
+        metric(&during, "ha_edge_bandwidth_limit_bytes_per_second"),
+        Some(4_000_000.0)
+    );
+    assert_eq!(metric(&during, "ha_edge_destination_up"), Some(1.0));
+    assert_eq!(
+        metric(&during, "ha_edge_build_info{version=\"0.1.0\"}"),
+        Some(1.0)
+    );
+    // After: every counter equals what the journal says was delivered.
+    assert!(
+        wait_until(Duration::from_secs(60), || setup.journal_counts()
+            == vec![("done".to_string(), 4)]),
+        "{}",
+        setup.daemon_log()
+    );
+    let after = scrape(port);
+    assert_eq!(metric(&after, delivered), Some(4.0), "{after}");
+    let bytes: usize = small.iter().map(|(_, b)| b.len()).sum::<usize>() + big.len();
+    assert_eq!(
+        metric(&after, "ha_edge_bytes_sent_total{source=\"exports\"}"),
+        Some(bytes as f64)
+    );
+    assert_eq!(pending(&after, "objects"), Some(0.0));
+    assert_eq!(pending(&after, "bytes"), Some(0.0));
+    for outcome in ["failed", "refused", "quarantined", "conflict"] {
+        let s = format!("ha_edge_objects_total{{source=\"exports\",outcome=\"{outcome}\"}}");
+        assert_eq!(metric(&after, &s), Some(0.0), "{s}");
+    }
+    // Every request is timed: 3 single PUTs at least, and the journal's commits.
+    let puts = metric(
+        &after,
+        "ha_edge_request_duration_seconds_count{op=\"PutObject\"}",
+    );
+    assert!(puts.is_some_and(|n| n >= 3.0), "{after}");
+    assert!(metric(&after, "ha_edge_journal_commit_seconds_count").is_some_and(|n| n > 0.0));
+    // No key or path in any label.
+    assert!(
+        !after.contains("small0") && !after.contains("big.ndjson"),
+        "{after}"
+    );
+    // OpenMetrics for a scraper that asks for it, health and readiness.
+    let (status, om) = http_get(
+        port,
+        "/metrics",
+        Some("application/openmetrics-text; version=1.0.0"),
+    )
+    .unwrap();
+    assert_eq!(status, 200);
+    assert!(om.trim_end().ends_with("# EOF"), "{om}");
+    assert_eq!(http_get(port, "/healthz", None).unwrap().0, 200);
+    assert_eq!(http_get(port, "/readyz", None).unwrap().0, 200);
+    sigterm(&child);
+    assert!(wait_within(&mut child, Duration::from_secs(20)).success());
+}
+
+#[test]
+fn readyz_says_not_ready_while_the_destination_refuses() {
+    let s3 = S3Server::start();
+    s3.create_bucket("exports");
+    let proxy = Proxy::start(s3.port);
+    // A key the destination does not know: every request of this agent is refused.
+    proxy.add_rule(Rule::new(
+        "PutObject",
+        Fault::Status {
+            status: 403,
+            code: "InvalidAccessKeyId",
+            retry_after: None,
+        },
+        1000,
+    ));
+    let setup = Setup::new("exports");
+    setup.write_files("a", 1, 1, 1000);
+    let port = free_port();
+    setup.write_config(
+        &proxy.endpoint(),
+        &format!("metrics = \"127.0.0.1:{port}\""),
+        "settle = \"1s\"",
+    );
+    let mut child = setup.spawn_daemon(bin());
+    let mut last = (0, String::new());
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            last = http_get(port, "/readyz", None).unwrap_or_default();
+            last.0 == 503
+        }),
+        "{last:?}\n{}",
+        setup.daemon_log()
+    );
+    assert!(last.1.contains("refuses"), "{last:?}");
+    assert!(!last.1.contains(ACCESS_KEY) && !last.1.contains(SECRET_KEY));
+    assert_eq!(
+        http_get(port, "/healthz", None).unwrap().0,
+        200,
+        "alive all the same"
+    );
+    let m = scrape(port);
+    assert_eq!(metric(&m, "ha_edge_destination_up"), Some(0.0), "{m}");
+    sigterm(&child);
+    assert!(wait_within(&mut child, Duration::from_secs(20)).success());
+}
+
+#[test]
+fn the_bandwidth_limit_holds_the_transfer_to_its_rate() {
+    let s3 = S3Server::start();
+    s3.create_bucket("exports");
+    let setup = Setup::new("exports");
+    let bytes = data(3, 12 * MIB);
+    write_settled(&setup.src().join("big.ndjson"), &bytes);
+    setup.write_files("s", 4, 20, 500_000);
+    let total = 12 * MIB + 4 * 500_000;
+    // 3 MiB/s over multipart (5 MiB parts) and single PUTs at once: about 4.7 s.
+    setup.write_config(
+        &s3.endpoint(),
+        "bandwidth = \"3MiB\"\npart_size = \"5MiB\"\nmultipart_threshold = \"8MiB\"",
+        "settle = \"1s\"",
+    );
+    let started = Instant::now();
+    let out = setup.run_once(bin());
+    let took = started.elapsed().as_secs_f64();
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let expected = total as f64 / (3.0 * MIB as f64);
+    // Loose bounds for a shared CI machine; bench/bandwidth.sh measures ±5 % over 60 s.
+    assert!(
+        took >= expected * 0.9 && took <= expected * 1.5 + 1.0,
+        "took {took:.2} s for {total} bytes at 3 MiB/s (expected {expected:.2} s)"
+    );
+    assert_eq!(
+        s3.object("exports", "fhir/big.ndjson").map(|b| sha256(&b)),
+        Some(sha256(&bytes))
+    );
+}
