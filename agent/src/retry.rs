@@ -54,6 +54,9 @@ pub fn classify(f: Failure<'_>) -> Class {
         (400, "AuthorizationHeaderMalformed" | "IllegalLocationConstraintException") => {
             Class::Destination
         }
+        // What the config asks every object to be written with (storage_class, tags): no
+        // object can go until the config changes.
+        (400, "InvalidStorageClass" | "InvalidTag") => Class::Destination,
         // The server lacks the operation: asking again cannot help.
         (501, _) => Class::Destination,
         (s, _) if s >= 500 => Class::Transient,
@@ -123,6 +126,11 @@ mod tests {
         assert_eq!(st(301, "PermanentRedirect"), Class::Destination);
         assert_eq!(st(400, "AuthorizationHeaderMalformed"), Class::Destination);
         assert_eq!(st(501, "NotImplemented"), Class::Destination);
+        assert_eq!(
+            st(400, "InvalidStorageClass"),
+            Class::Destination,
+            "a config problem"
+        );
         assert_eq!(st(400, "EntityTooLarge"), Class::Object);
         assert_eq!(st(404, "NoSuchKey"), Class::Object);
         assert_eq!(st(400, "InvalidArgument"), Class::Object);

@@ -201,3 +201,69 @@ fn the_bandwidth_limit_holds_the_transfer_to_its_rate() {
         Some(sha256(&bytes))
     );
 }
+
+#[test]
+fn objects_carry_storage_class_tags_and_a_content_type_by_extension() {
+    let s3 = S3Server::start();
+    s3.create_bucket("exports");
+    let proxy = Proxy::start(s3.port);
+    let setup = Setup::new("exports");
+    let src = setup.src();
+    for (name, len) in [
+        ("Patient.ndjson", 100),
+        ("manifest.json", 100),
+        ("img/1.dcm", 100),
+        ("notes.txt", 100),
+        ("blob.bin", 100),
+        ("big.NDJSON", 9 * MIB),
+    ] {
+        write_settled(&src.join(name), &data(len as u64, len));
+    }
+    let destination = format!(
+        "{}storage_class = \"REDUCED_REDUNDANCY\"\ntags = {{ site = \"dkfz\", source = \"{{source}}\" }}\n\
+         content_types = {{ \".txt\" = \"text/plain\" }}\n",
+        setup.destination_toml(&proxy.endpoint())
+    );
+    setup.write_config_with(
+        &destination,
+        "part_size = \"5MiB\"\nmultipart_threshold = \"8MiB\"",
+        "settle = \"1s\"",
+    );
+    let out = setup.run_once(bin());
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    for (key, ty) in [
+        ("fhir/Patient.ndjson", "application/fhir+ndjson"),
+        ("fhir/manifest.json", "application/json"),
+        ("fhir/img/1.dcm", "application/dicom"),
+        ("fhir/notes.txt", "text/plain"),
+        ("fhir/blob.bin", "application/octet-stream"),
+        ("fhir/big.NDJSON", "application/fhir+ndjson"),
+    ] {
+        let meta = s3
+            .metadata("exports", key)
+            .unwrap_or_else(|| panic!("{key}"));
+        assert_eq!(meta["content_type"], ty, "{key}");
+    }
+    // Every write of an object (single PUT, CreateMultipartUpload) carries the class and tags
+    // (s3s-fs takes only STANDARD and REDUCED_REDUNDANCY; S3 takes every class).
+    let writes: Vec<SeenRequest> = proxy
+        .seen()
+        .into_iter()
+        .filter(|r| !r.is_probe() && matches!(r.op(), "PutObject" | "CreateMultipartUpload"))
+        .collect();
+    assert_eq!(writes.len(), 6, "{writes:?}");
+    for w in &writes {
+        assert_eq!(
+            w.header("x-amz-storage-class"),
+            Some("REDUCED_REDUNDANCY"),
+            "{}",
+            w.target
+        );
+        assert_eq!(
+            w.header("x-amz-tagging"),
+            Some("site=dkfz&source=exports"),
+            "{}",
+            w.target
+        );
+    }
+}

@@ -218,9 +218,16 @@ pub struct SeenRequest {
     pub at: Instant,
     /// The fault injected into this request, if any.
     pub fault: Option<Fault>,
+    /// The request head as sent (request line and headers).
+    pub head: String,
 }
 
 impl SeenRequest {
+    /// A request header's value (case-insensitive name).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        header_value(&self.head, name)
+    }
+
     /// A request of the agent's conditional-write probe (a private marker key written twice,
     /// create-only, once per journal): never faulted, never counted.
     pub fn is_probe(&self) -> bool {
@@ -664,6 +671,7 @@ fn serve_connection(mut client: TcpStream, sh: &ProxyShared) {
             body_len,
             at: Instant::now(),
             fault: None,
+            head: head.clone(),
         };
         {
             let mut rules = sh.rules.lock().expect("lock");

@@ -50,6 +50,12 @@ pub(super) struct RawDestination {
     pub(super) key_file: Option<Spanned<String>>,
     /// "own" (default): replace only objects this agent wrote; "always": any.
     pub(super) overwrite: Option<Spanned<String>>,
+    /// The storage class of objects written (e.g. "INTELLIGENT_TIERING").
+    pub(super) storage_class: Option<Spanned<String>>,
+    /// Object tags (values may hold `{source}`).
+    pub(super) tags: Option<Spanned<std::collections::BTreeMap<String, Spanned<String>>>>,
+    /// Content types by file extension, over the built-in ones (`{ ".ndjson" = "…" }`).
+    pub(super) content_types: Option<Spanned<std::collections::BTreeMap<String, Spanned<String>>>>,
 }
 
 /// Where objects go.
@@ -130,9 +136,142 @@ pub struct S3Destination {
     pub ca_file: Option<PathBuf>,
     /// Destinations only (bucket sources are read, never written but for `move_to_prefix`).
     pub overwrite: Overwrite,
+    /// What objects are written with: storage class, tags, content types.
+    pub object_meta: MetaRules,
+}
+
+/// How the objects ha-edge writes are labelled: `storage_class`, `tags` and content types by
+/// extension (the built-in table, with the config's entries over it).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MetaRules {
+    /// `x-amz-storage-class`, if set.
+    pub storage_class: Option<String>,
+    /// Tag names and value templates (`{source}` is the source's name), in name order.
+    pub tags: Vec<(String, String)>,
+    /// Extensions (with the dot, lower case) and their content types; others are
+    /// `application/octet-stream`.
+    pub content_types: Vec<(String, String)>,
+}
+
+/// The content types known without configuration.
+pub const CONTENT_TYPES: &[(&str, &str)] = &[
+    (".ndjson", "application/fhir+ndjson"),
+    (".json", "application/json"),
+    (".dcm", "application/dicom"),
+];
+
+/// The storage classes S3 knows.
+const STORAGE_CLASSES: &[&str] = &[
+    "STANDARD",
+    "REDUCED_REDUNDANCY",
+    "STANDARD_IA",
+    "ONEZONE_IA",
+    "INTELLIGENT_TIERING",
+    "GLACIER",
+    "DEEP_ARCHIVE",
+    "GLACIER_IR",
+    "OUTPOSTS",
+    "SNOW",
+    "EXPRESS_ONEZONE",
+];
+
+impl MetaRules {
+    /// The content type of `key`, by its extension.
+    pub fn content_type(&self, key: &str) -> &str {
+        let lower = key.to_ascii_lowercase();
+        self.content_types
+            .iter()
+            .find(|(ext, _)| lower.ends_with(ext.as_str()))
+            .map_or("application/octet-stream", |(_, t)| t.as_str())
+    }
+
+    /// The `x-amz-tagging` value for an object of `source` (URL-encoded `k=v&k=v`), if any
+    /// tags are set.
+    pub fn tagging(&self, source: &str) -> Option<String> {
+        use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
+        if self.tags.is_empty() {
+            return None;
+        }
+        Some(
+            self.tags
+                .iter()
+                .map(|(k, v)| {
+                    format!(
+                        "{}={}",
+                        utf8_percent_encode(k, NON_ALPHANUMERIC),
+                        utf8_percent_encode(&v.replace("{source}", source), NON_ALPHANUMERIC)
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("&"),
+        )
+    }
 }
 
 impl Validator<'_> {
+    /// `storage_class`, `tags` and `content_types`.
+    fn meta_rules(&mut self, d: &RawDestination) -> MetaRules {
+        let storage_class = d.storage_class.as_ref().map(|c| {
+            if !STORAGE_CLASSES.contains(&c.get_ref().as_str()) {
+                self.problem(
+                    c.span(),
+                    "destination.storage_class",
+                    format!(
+                        "unknown storage class {:?} (one of {})",
+                        c.get_ref(),
+                        STORAGE_CLASSES.join(", ")
+                    ),
+                );
+            }
+            c.get_ref().clone()
+        });
+        let mut tags = Vec::new();
+        if let Some(t) = &d.tags {
+            if t.get_ref().len() > 10 {
+                self.problem(
+                    t.span(),
+                    "destination.tags",
+                    "S3 allows at most 10 tags per object",
+                );
+            }
+            for (k, v) in t.get_ref() {
+                if k.is_empty() || k.len() > 128 || v.get_ref().len() > 256 {
+                    self.problem(
+                        v.span(),
+                        &format!("destination.tags.{k}"),
+                        "a tag name is 1 to 128 characters, a value at most 256",
+                    );
+                }
+                tags.push((k.clone(), v.get_ref().clone()));
+            }
+        }
+        let mut content_types: Vec<(String, String)> = Vec::new();
+        if let Some(t) = &d.content_types {
+            for (ext, ty) in t.get_ref() {
+                if !ext.starts_with('.') || !ty.get_ref().contains('/') {
+                    self.problem(
+                        ty.span(),
+                        &format!("destination.content_types.{ext}"),
+                        "an extension with its dot and a media type, e.g. \".ndjson\" = \"application/fhir+ndjson\"",
+                    );
+                }
+                content_types.push((ext.to_ascii_lowercase(), ty.get_ref().clone()));
+            }
+        }
+        for (ext, ty) in CONTENT_TYPES {
+            if !content_types.iter().any(|(e, _)| e == ext) {
+                content_types.push(((*ext).to_string(), (*ty).to_string()));
+            }
+        }
+        // Longest extension first: ".tar.gz" before ".gz".
+        content_types.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.0.cmp(&b.0)));
+        MetaRules {
+            storage_class,
+            tags,
+            content_types,
+        }
+    }
+
     /// Phase two of `[destination]`: an S3 bucket or a relay, by `type`.
     pub(super) fn destination(
         &mut self,
@@ -175,6 +314,9 @@ impl Validator<'_> {
                     "credentials_file",
                     d.credentials_file.as_ref().map(Spanned::span),
                 ),
+                ("storage_class", d.storage_class.as_ref().map(Spanned::span)),
+                ("tags", d.tags.as_ref().map(Spanned::span)),
+                ("content_types", d.content_types.as_ref().map(Spanned::span)),
             ]
         } else {
             vec![
@@ -300,6 +442,7 @@ impl Validator<'_> {
         d: RawDestination,
         span: Range<usize>,
     ) -> Option<S3Destination> {
+        let object_meta = self.meta_rules(&d);
         let endpoint = match d.endpoint {
             Some(e) => self.endpoint_url(&e, "destination.endpoint"),
             None => {
@@ -387,6 +530,7 @@ impl Validator<'_> {
         };
         let dest = S3Destination {
             overwrite,
+            object_meta,
             endpoint: endpoint?,
             region: region?,
             bucket: bucket?,

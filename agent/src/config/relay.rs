@@ -486,6 +486,9 @@ impl Validator<'_> {
                     cert_file: None,
                     key_file: None,
                     overwrite: None,
+                    storage_class: None,
+                    tags: None,
+                    content_types: None,
                 };
                 let d = self.s3_destination(raw, span);
                 for p in &mut self.problems[before..] {

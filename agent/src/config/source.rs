@@ -660,6 +660,7 @@ impl Validator<'_> {
             .map(|c| self.readable_file(&c, &at("ca_file"), false));
         let conn = S3Destination {
             overwrite: Overwrite::Own,
+            object_meta: super::destination::MetaRules::default(),
             endpoint: endpoint?,
             region: region?,
             bucket: bucket?,

@@ -22,7 +22,7 @@ use tokio::sync::watch;
 
 use crate::hash::Sha256;
 use crate::journal::{BatchRow, Journal, JournalError, ReceiptLine};
-use crate::s3::{Precondition, S3Client};
+use crate::s3::{ObjectMeta, Precondition, S3Client};
 
 /// At most this many receipts (and as many events) per batch.
 pub const MAX_LINES: usize = 10_000;
@@ -194,7 +194,16 @@ fn previous_sha(journal: &Journal, seq: i64) -> Result<Option<String>, JournalEr
 async fn upload(client: &S3Client, b: &Built) -> Result<(), BatchError> {
     let body = bytes::Bytes::from(b.body.clone());
     match client
-        .put_object(&b.key, body, &b.sha256, &Precondition::Create)
+        .put_object(
+            &b.key,
+            body,
+            &b.sha256,
+            &Precondition::Create,
+            &ObjectMeta {
+                content_type: Some("application/x-ndjson".into()),
+                ..ObjectMeta::default()
+            },
+        )
         .await
     {
         Ok(_) => Ok(()),

@@ -478,10 +478,18 @@ async fn upload_file(
             return Ok(Some((size, got)));
         }
         client
-            .put_object(key, body, sha, &Precondition::None)
+            .put_object(
+                key,
+                body,
+                sha,
+                &Precondition::None,
+                &client.meta_for(key, ""),
+            )
             .await?;
     } else {
-        let upload_id = client.create_multipart(key, sha).await?;
+        let upload_id = client
+            .create_multipart(key, sha, &client.meta_for(key, ""))
+            .await?;
         let upload = Upload {
             client,
             key,

@@ -296,6 +296,7 @@ mod tests {
     fn dest() -> S3Destination {
         S3Destination {
             overwrite: crate::config::Overwrite::Own,
+            object_meta: crate::config::MetaRules::default(),
             endpoint: "http://127.0.0.1:9000".parse().unwrap(),
             region: "eu-central-1".into(),
             bucket: "b".into(),

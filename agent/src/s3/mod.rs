@@ -198,6 +198,34 @@ impl Precondition {
     }
 }
 
+/// How a written object is labelled: its content type, tags and storage class.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ObjectMeta {
+    /// `content-type` (default `application/octet-stream`).
+    pub content_type: Option<String>,
+    /// `x-amz-tagging` (URL-encoded `k=v&k=v`).
+    pub tagging: Option<String>,
+    /// `x-amz-storage-class`.
+    pub storage_class: Option<String>,
+}
+
+impl ObjectMeta {
+    fn add_to(&self, headers: &mut Vec<(&'static str, String)>) {
+        headers.push((
+            "content-type",
+            self.content_type
+                .clone()
+                .unwrap_or_else(|| "application/octet-stream".into()),
+        ));
+        if let Some(t) = &self.tagging {
+            headers.push(("x-amz-tagging", t.clone()));
+        }
+        if let Some(c) = &self.storage_class {
+            headers.push(("x-amz-storage-class", c.clone()));
+        }
+    }
+}
+
 /// What a PutObject answer tells.
 #[derive(Debug, Clone, Default)]
 pub struct PutAnswer {
@@ -318,6 +346,16 @@ impl S3Client {
         &self.dest.bucket
     }
 
+    /// How an object of `source` at `key` is labelled (the destination's rules).
+    pub fn meta_for(&self, key: &str, source: &str) -> ObjectMeta {
+        let rules = &self.dest.object_meta;
+        ObjectMeta {
+            content_type: Some(rules.content_type(key).to_string()),
+            tagging: rules.tagging(source),
+            storage_class: rules.storage_class.clone(),
+        }
+    }
+
     /// The server-side encryption the destination asks for.
     pub fn sse(&self) -> Option<&Sse> {
         self.dest.sse.as_ref()
@@ -379,12 +417,13 @@ impl S3Client {
         body: Bytes,
         sha256: &[u8; 32],
         when: &Precondition,
+        meta: &ObjectMeta,
     ) -> Result<PutAnswer, S3Error> {
         let mut headers = vec![
             ("x-amz-checksum-sha256", b64(sha256)),
             ("x-amz-meta-sha256", hex::encode(sha256)),
-            ("content-type", "application/octet-stream".to_string()),
         ];
+        meta.add_to(&mut headers);
         when.add_to(&mut headers);
         self.sse_headers(&mut headers);
         let req = Request {
@@ -411,12 +450,17 @@ impl S3Client {
     }
 
     /// Starts a multipart upload; the whole-object SHA-256 goes into the metadata.
-    pub async fn create_multipart(&self, key: &str, sha256: &[u8; 32]) -> Result<String, S3Error> {
+    pub async fn create_multipart(
+        &self,
+        key: &str,
+        sha256: &[u8; 32],
+        meta: &ObjectMeta,
+    ) -> Result<String, S3Error> {
         let mut headers = vec![
             ("x-amz-meta-sha256", hex::encode(sha256)),
             ("x-amz-checksum-algorithm", "SHA256".to_string()),
-            ("content-type", "application/octet-stream".to_string()),
         ];
+        meta.add_to(&mut headers);
         self.sse_headers(&mut headers);
         let req = Request {
             method: Method::POST,
@@ -1032,6 +1076,7 @@ mod tests {
     fn client(path_style: bool) -> Arc<S3Client> {
         let dest = S3Destination {
             overwrite: crate::config::Overwrite::Own,
+            object_meta: crate::config::MetaRules::default(),
             endpoint: if path_style {
                 "http://127.0.0.1:9000"
             } else {

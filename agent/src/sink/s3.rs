@@ -46,7 +46,7 @@ use crate::config::{Overwrite, Sse, MAX_PARTS, MAX_PART_SIZE};
 use crate::journal::{Journal, JournalError, Landed, ObjectRow, PartRow, State};
 use crate::s3::multipart::{PartSource, SendError, Upload};
 use crate::s3::verify::{self, VerifyError};
-use crate::s3::{b64, Head, Precondition, S3Client, S3Error};
+use crate::s3::{b64, Head, ObjectMeta, Precondition, S3Client, S3Error};
 
 /// How objects are cut into requests.
 #[derive(Debug, Clone, Copy)]
@@ -120,7 +120,13 @@ impl S3Sink {
         let _ = self.client.delete_object(&key).await;
         let first = self
             .client
-            .put_object(&key, body.clone(), &sha, &Precondition::Create)
+            .put_object(
+                &key,
+                body.clone(),
+                &sha,
+                &Precondition::Create,
+                &ObjectMeta::default(),
+            )
             .await;
         if first.is_err() {
             tracing::debug!(key, "conditional write probe inconclusive");
@@ -129,7 +135,13 @@ impl S3Sink {
         }
         let second = self
             .client
-            .put_object(&key, body, &sha, &Precondition::Create)
+            .put_object(
+                &key,
+                body,
+                &sha,
+                &Precondition::Create,
+                &ObjectMeta::default(),
+            )
             .await;
         let _ = self.client.delete_object(&key).await;
         let found = match second {
@@ -360,14 +372,15 @@ impl S3Sink {
         if let Some(done) = self.check_key_first(row, &sha).await? {
             return Ok(done);
         }
-        let upload_id = match self.client.create_multipart(&row.key, &sha).await {
+        let meta = self.client.meta_for(&row.key, &row.source);
+        let upload_id = match self.client.create_multipart(&row.key, &sha, &meta).await {
             Ok(id) => id,
             // The answer was lost, but the upload may exist: find it and abort it (the journal
             // never knew it), then start one that is recorded.
             Err(e) if e.is_ambiguous() => {
                 tracing::warn!(key = %row.key, error = %e, "CreateMultipartUpload may have gone through without its answer; aborting what it may have left before starting again");
                 self.sweep_unrecorded_uploads(&row.key).await?;
-                self.client.create_multipart(&row.key, &sha).await?
+                self.client.create_multipart(&row.key, &sha, &meta).await?
             }
             Err(e) => return Err(e.into()),
         };
@@ -435,7 +448,12 @@ impl S3Sink {
             return Ok(done);
         }
         let when = self.precondition(row);
-        let answer = match self.client.put_object(&row.key, body, &sha, &when).await {
+        let meta = self.client.meta_for(&row.key, &row.source);
+        let answer = match self
+            .client
+            .put_object(&row.key, body, &sha, &when, &meta)
+            .await
+        {
             Ok(a) => a,
             Err(e) if is_precondition_failed(&e) => {
                 return self.after_precondition_failed(row, &sha).await
