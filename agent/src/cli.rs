@@ -58,6 +58,16 @@ pub enum Command {
         /// Pending work older than this makes the health "degraded" (exit 1).
         #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
         stale_after: std::time::Duration,
+        /// List objects (key, size, state, age, last error), newest first, instead of the
+        /// summary; every object not finished unless --state says which.
+        #[arg(long)]
+        objects: bool,
+        /// With --objects: only these.
+        #[arg(long, value_enum, requires = "objects")]
+        state: Option<ObjectState>,
+        /// With --objects: at most this many.
+        #[arg(long, default_value_t = 50, requires = "objects")]
+        limit: usize,
     },
     /// Print the receipts of delivered objects (read-only; safe while the daemon runs), or
     /// `verify` the receipt batches in the bucket. Times: RFC 3339 (`2026-12-01T08:00:00Z`) or
@@ -113,4 +123,15 @@ pub enum ReceiptsAction {
         #[arg(long)]
         agent: Option<String>,
     },
+}
+
+/// `status --objects --state`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ObjectState {
+    Pending,
+    Uploading,
+    Refused,
+    Quarantined,
+    Conflict,
+    Failed,
 }

@@ -82,7 +82,16 @@ fn main() -> ExitCode {
         Command::Status {
             config,
             json,
+            objects: true,
+            state,
+            limit,
+            ..
+        } => status::objects(&config, json, state, limit),
+        Command::Status {
+            config,
+            json,
             stale_after,
+            ..
         } => status(&config, json, stale_after),
         Command::Run { config, once } => run(&config, once),
         Command::Relay { config, check } => relay_main(&config, check),

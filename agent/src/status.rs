@@ -188,6 +188,22 @@ pub fn render_text(s: &Status) -> String {
             let _ = writeln!(out, "oldest pending: none");
         }
     }
+    let settling: u64 = s.settling.iter().map(|x| x.count).sum();
+    match s.settling.iter().map(|x| x.oldest_secs).max() {
+        Some(oldest) if settling > 0 => {
+            let _ = writeln!(out, "settling {settling} (oldest {oldest} s)");
+            for x in &s.settling {
+                let _ = writeln!(
+                    out,
+                    "  {}: {} (oldest {} s)",
+                    x.source, x.count, x.oldest_secs
+                );
+            }
+        }
+        _ => {
+            let _ = writeln!(out, "settling 0");
+        }
+    }
     if s.held.count == 0 {
         let _ = writeln!(out, "held: none");
     } else {
@@ -216,6 +232,76 @@ pub fn render_text(s: &Status) -> String {
                 e.message
             );
         }
+    }
+    out
+}
+
+/// `ha-edge status --objects`: the objects, newest first (exit 0, or 2 config, 4 journal).
+pub fn objects(
+    file: &std::path::Path,
+    json: bool,
+    state: Option<crate::cli::ObjectState>,
+    limit: usize,
+) -> std::process::ExitCode {
+    use crate::cli::ObjectState as S;
+    use crate::journal::ObjectFilter as F;
+    let path = match crate::config::journal_path(file) {
+        Ok(p) => p,
+        Err(e) => return crate::fail(crate::EXIT_CONFIG, e),
+    };
+    let filter = match state {
+        None => F::Open,
+        Some(S::Pending) => F::Pending,
+        Some(S::Uploading) => F::Uploading,
+        Some(S::Refused) => F::Refused,
+        Some(S::Quarantined) => F::Quarantined,
+        Some(S::Conflict) => F::Conflict,
+        Some(S::Failed) => F::Failed,
+    };
+    let items = match crate::journal::Journal::open_readonly(&path)
+        .and_then(|j| j.list_objects(filter, limit))
+    {
+        Ok(i) => i,
+        Err(e) => return crate::fail(crate::EXIT_JOURNAL, e),
+    };
+    if json {
+        crate::out(&format!(
+            "{}\n",
+            serde_json::to_string_pretty(&items).unwrap_or_default()
+        ));
+    } else {
+        crate::out(&render_objects(&items));
+    }
+    std::process::ExitCode::SUCCESS
+}
+
+/// `status --objects` for a terminal: one line per object.
+pub fn render_objects(items: &[crate::journal::ObjectItem]) -> String {
+    let mut out = format!(
+        "{:<10} {:>12} {:>8}  {}\n",
+        "STATE", "SIZE", "AGE", "KEY (last error)"
+    );
+    for i in items {
+        let age =
+            humantime::format_duration(std::time::Duration::from_secs(i.age_secs)).to_string();
+        let age = age
+            .split_whitespace()
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        let what = if i.key.is_empty() {
+            format!("{}/{}", i.source, i.path)
+        } else {
+            i.key.clone()
+        };
+        let _ = write!(out, "{:<10} {:>12} {:>8}  {what}", i.state, i.size, age);
+        if let Some(e) = &i.last_error {
+            let _ = write!(out, " ({e})");
+        }
+        out.push('\n');
+    }
+    if items.is_empty() {
+        out.push_str("(none)\n");
     }
     out
 }

@@ -14,6 +14,19 @@ fn bin() -> &'static Path {
     Path::new(BIN)
 }
 
+/// Objects done, as `status --json` says (0 before the journal exists).
+fn done(setup: &Setup) -> i64 {
+    let cfg = setup.config_path();
+    let out = output_within(
+        setup.command(bin(), &["status", "-c", cfg.to_str().unwrap(), "--json"]),
+        Duration::from_secs(30),
+    );
+    serde_json::from_slice::<serde_json::Value>(&out.stdout)
+        .ok()
+        .and_then(|v| v["objects"]["done"].as_i64())
+        .unwrap_or(0)
+}
+
 /// Scrapes `/metrics` in the classic format, checked by promtool.
 fn scrape(port: u16) -> String {
     let (status, body) = http_get(port, "/metrics", None).expect("scrape");
@@ -80,8 +93,7 @@ fn metrics_count_what_was_delivered_during_and_after_a_transfer() {
     );
     // After: every counter equals what the journal says was delivered.
     assert!(
-        wait_until(Duration::from_secs(60), || setup.journal_counts()
-            == vec![("done".to_string(), 4)]),
+        wait_until(Duration::from_secs(60), || done(&setup) == 4),
         "{}",
         setup.daemon_log()
     );
@@ -266,4 +278,105 @@ fn objects_carry_storage_class_tags_and_a_content_type_by_extension() {
             w.target
         );
     }
+}
+
+/// `status --objects [--state] [--json] [--limit]` as JSON.
+fn objects_json(setup: &Setup, args: &[&str]) -> Vec<serde_json::Value> {
+    let cfg = setup.config_path();
+    let mut all = vec!["status", "-c", cfg.to_str().unwrap(), "--objects", "--json"];
+    all.extend_from_slice(args);
+    let out = output_within(setup.command(bin(), &all), Duration::from_secs(30));
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    serde_json::from_slice::<serde_json::Value>(&out.stdout)
+        .expect("JSON")
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+#[test]
+fn status_lists_objects_by_state_and_shows_files_settling() {
+    let s3 = S3Server::start();
+    s3.create_bucket("exports");
+    let proxy = Proxy::start(s3.port);
+    proxy.add_rule(
+        Rule::new(
+            "PutObject",
+            Fault::Status {
+                status: 400,
+                code: "EntityTooLarge",
+                retry_after: None,
+            },
+            100,
+        )
+        .on_target("fhir/bad"),
+    );
+    let setup = Setup::new("exports");
+    setup.write_files("good", 2, 1, 1000);
+    write_settled(&setup.src().join("bad.ndjson"), &data(9, 1000));
+    write_settled(&setup.src().join("bad2.ndjson"), &data(8, 1000));
+    setup.write_config(&proxy.endpoint(), "", "settle = \"30s\"");
+    let mut child = setup.spawn_daemon(bin());
+    assert!(
+        wait_until(Duration::from_secs(30), || done(&setup) == 2
+            && objects_json(&setup, &["--state", "refused"]).len() == 2),
+        "{}",
+        setup.daemon_log()
+    );
+    // A file written now settles in 30 s: status says so.
+    std::fs::write(setup.src().join("fresh.ndjson"), b"{}").unwrap();
+    let mut st = serde_json::Value::Null;
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            st = setup.status_json(bin());
+            st["settling"][0]["count"] == 1
+        }),
+        "{st}"
+    );
+    assert_eq!(st["settling"][0]["source"], "exports");
+    let cfg = setup.config_path();
+    let text = output_within(
+        setup.command(bin(), &["status", "-c", cfg.to_str().unwrap()]),
+        Duration::from_secs(30),
+    );
+    let text = String::from_utf8_lossy(&text.stdout).into_owned();
+    assert!(text.contains("settling 1 (oldest "), "{text}");
+
+    // Every object not finished: the rejected ones, with why.
+    let open = objects_json(&setup, &[]);
+    assert_eq!(open.len(), 2, "{open:?}");
+    let mut keys: Vec<&str> = open.iter().map(|o| o["key"].as_str().unwrap()).collect();
+    keys.sort_unstable();
+    assert_eq!(keys, ["fhir/bad.ndjson", "fhir/bad2.ndjson"]);
+    for o in &open {
+        assert_eq!(o["state"], "rejected");
+        assert_eq!(o["size"], 1000);
+        assert!(o["last_error"].as_str().unwrap().contains("EntityTooLarge"));
+    }
+    assert_eq!(objects_json(&setup, &["--state", "refused"]).len(), 2);
+    assert!(objects_json(&setup, &["--state", "pending"]).is_empty());
+    assert!(objects_json(&setup, &["--state", "conflict"]).is_empty());
+    sigterm(&child);
+    assert!(wait_within(&mut child, Duration::from_secs(20)).success());
+    // Bounded: --limit.
+    let text = output_within(
+        setup.command(
+            bin(),
+            &[
+                "status",
+                "-c",
+                cfg.to_str().unwrap(),
+                "--objects",
+                "--limit",
+                "1",
+            ],
+        ),
+        Duration::from_secs(30),
+    );
+    let lines: Vec<String> = String::from_utf8_lossy(&text.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    assert_eq!(lines.len(), 2, "a header and one object: {lines:?}");
+    assert!(lines[0].starts_with("STATE"), "{lines:?}");
 }

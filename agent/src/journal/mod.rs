@@ -60,7 +60,7 @@ mod worker;
 
 pub use model::{Custody, Landed, ObjectRow, PartRow, State};
 pub use receipts::{BatchRow, Filter as ReceiptFilter, ReceiptLine};
-pub use status::Status;
+pub use status::{ObjectFilter, ObjectItem, Status};
 #[cfg(test)]
 pub use store::{now_ms, Clock};
 pub use store::{Candidate, Hashed, Journal, JournalError};

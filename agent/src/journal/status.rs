@@ -50,6 +50,49 @@ pub struct Held {
     pub last: Vec<HeldItem>,
 }
 
+/// One object as `status --objects` lists it.
+#[derive(Debug, Serialize)]
+pub struct ObjectItem {
+    pub source: String,
+    /// The destination key (empty for a path refused at discovery).
+    pub key: String,
+    /// The path relative to the source (lossy UTF-8).
+    pub path: String,
+    pub size: u64,
+    /// Its journal state (`refused`: refused at discovery).
+    pub state: String,
+    /// Since it was discovered.
+    pub age_secs: u64,
+    /// Failed attempts so far.
+    pub attempts: u64,
+    pub last_error: Option<String>,
+}
+
+/// Which objects `status --objects` lists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ObjectFilter {
+    /// Everything not finished (not done, not vanished).
+    Open,
+    Pending,
+    /// Uploading or completing.
+    Uploading,
+    /// Rejected, or refused at discovery.
+    Refused,
+    Quarantined,
+    Conflict,
+    /// Still to send, with failed attempts (retrying).
+    Failed,
+}
+
+/// Files of one source seen but not yet settled.
+#[derive(Debug, Serialize)]
+pub struct Settling {
+    pub source: String,
+    pub count: u64,
+    /// How long the oldest has waited.
+    pub oldest_secs: u64,
+}
+
 /// What `ha-edge status` shows.
 #[derive(Debug, Serialize)]
 pub struct Status {
@@ -65,6 +108,8 @@ pub struct Status {
     pub oldest_pending_age_secs: Option<u64>,
     /// Facts the daemon published (destination health, per-source refusals, start time, pid).
     pub agent: BTreeMap<String, String>,
+    /// Files seen but not settled yet, per source (as the daemon last published).
+    pub settling: Vec<Settling>,
     /// Paths held back (refused, rejected, in conflict).
     pub held: Held,
     /// The ten newest errors.
@@ -100,6 +145,55 @@ pub struct Pending {
 }
 
 impl Journal {
+    /// Objects for `status --objects`, newest first, at most `limit`.
+    pub fn list_objects(
+        &self,
+        filter: ObjectFilter,
+        limit: usize,
+    ) -> Result<Vec<ObjectItem>, JournalError> {
+        let now = self.now();
+        self.with(move |c| {
+            let rows = "SELECT source, key, rel_path, size, state, discovered_ms, attempts,
+                               last_error, id FROM objects";
+            let refused = "SELECT source, '', rel_path, 0, 'refused', at_ms, 0, reason, 0
+                             FROM refused";
+            let sql = match filter {
+                ObjectFilter::Open => {
+                    format!("{rows} WHERE state NOT IN ('done', 'vanished') UNION ALL {refused}")
+                }
+                ObjectFilter::Pending => format!("{rows} WHERE state = 'pending'"),
+                ObjectFilter::Uploading => {
+                    format!("{rows} WHERE state IN ('uploading', 'completing')")
+                }
+                ObjectFilter::Refused => {
+                    format!("{rows} WHERE state = 'rejected' UNION ALL {refused}")
+                }
+                ObjectFilter::Quarantined => format!("{rows} WHERE state = 'quarantined'"),
+                ObjectFilter::Conflict => format!("{rows} WHERE state = 'conflict'"),
+                ObjectFilter::Failed => format!(
+                    "{rows} WHERE state IN ({}) AND attempts > 0 AND last_error IS NOT NULL",
+                    states_sql(&State::ACTIVE)
+                ),
+            };
+            let mut q = c.prepare(&format!("{sql} ORDER BY 6 DESC, 9 DESC LIMIT ?1"))?;
+            let items = q.query_map([limit as i64], |r| {
+                let rel: Vec<u8> = r.get(2)?;
+                let discovered: i64 = r.get(5)?;
+                Ok(ObjectItem {
+                    source: r.get(0)?,
+                    key: r.get(1)?,
+                    path: String::from_utf8_lossy(&rel).into_owned(),
+                    size: r.get::<_, i64>(3)?.max(0).unsigned_abs(),
+                    state: r.get(4)?,
+                    age_secs: ((now - discovered).max(0) / 1000).unsigned_abs(),
+                    attempts: r.get::<_, i64>(6)?.max(0).unsigned_abs(),
+                    last_error: r.get(7)?,
+                })
+            })?;
+            items.collect()
+        })
+    }
+
     /// What waits to be sent, per source (read-only; cheap: served by the active index).
     pub fn pending_by_source(&self) -> Result<Vec<Pending>, JournalError> {
         self.with(|c| {
@@ -208,7 +302,22 @@ impl Journal {
                     })
                 })?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
+            let settling = agent
+                .iter()
+                .filter_map(|(k, v)| {
+                    let source = k.strip_prefix("settling.")?;
+                    let j: serde_json::Value = serde_json::from_str(v).ok()?;
+                    let count = j["count"].as_u64()?;
+                    let since = j["oldest_since"].as_i64()?;
+                    (count > 0).then(|| Settling {
+                        source: source.to_string(),
+                        count,
+                        oldest_secs: (now / 1000 - since).max(0).unsigned_abs(),
+                    })
+                })
+                .collect();
             Ok(Status {
+                settling,
                 held: Held {
                     count: count as u64,
                     last,

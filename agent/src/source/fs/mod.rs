@@ -307,6 +307,10 @@ pub struct FsSource {
     /// The live journal's files (database, -wal, -shm, -journal), resolved: never uploaded,
     /// whatever name or symlink leads to them.
     own_files: Vec<PathBuf>,
+    /// When each file still settling was first seen, and whether its long wait was logged.
+    first_seen: HashMap<PathBuf, (Instant, bool)>,
+    /// What `status` was last told of the files settling (count, oldest in s since the epoch).
+    published: Option<(usize, i64)>,
 }
 
 impl FsSource {
@@ -330,7 +334,61 @@ impl FsSource {
             warned: HashSet::new(),
             awaiting_marker: HashSet::new(),
             held: HashSet::new(),
+            first_seen: HashMap::new(),
+            published: None,
         }
+    }
+
+    /// Logs a file first seen (debug) and, once, one that waits longer than twice its settle
+    /// time (info): a file that keeps changing, or a writer that never finishes.
+    fn note_settling(&mut self, rel: &Path, now: Instant) {
+        let (name, settle) = (&self.cfg.name, self.cfg.settle);
+        let (first, logged) = self.first_seen.entry(rel.to_path_buf()).or_insert_with(|| {
+            tracing::debug!(source = %name, path = %rel.display(), settle = %humantime::format_duration(settle), "seen; waiting for it to settle");
+            (now, false)
+        });
+        let waited = now.saturating_duration_since(*first);
+        if !*logged && waited > settle * 2 {
+            *logged = true;
+            tracing::info!(source = %name, path = %rel.display(), waited_secs = waited.as_secs(), settle = %humantime::format_duration(settle), "still settling after twice its settle time (still being written?)");
+        }
+    }
+
+    /// Tells `status` how many files are settling and since when the oldest (when that
+    /// changed).
+    async fn publish_settling(&mut self) -> Result<(), JournalError> {
+        let now = Instant::now();
+        let settling: Vec<&(Instant, bool)> = self
+            .first_seen
+            .iter()
+            .filter(|(p, _)| self.tracked.contains_key(*p) && !self.held.contains(*p))
+            .map(|(_, v)| v)
+            .collect();
+        let oldest = settling
+            .iter()
+            .map(|(t, _)| now.saturating_duration_since(*t))
+            .max()
+            .unwrap_or_default();
+        let since_s =
+            crate::receipts::record::now_ms() / 1000 - i64::try_from(oldest.as_secs()).unwrap_or(0);
+        let facts = (
+            settling.len(),
+            if settling.is_empty() { 0 } else { since_s },
+        );
+        // Within a second or two is the same fact: no journal write per pass.
+        if self
+            .published
+            .is_some_and(|(n, t)| n == facts.0 && (t - facts.1).abs() <= 2)
+        {
+            return Ok(());
+        }
+        self.published = Some(facts);
+        self.journal
+            .set_agent_state(
+                format!("settling.{}", self.cfg.name),
+                format!("{{\"count\":{},\"oldest_since\":{}}}", facts.0, facts.1),
+            )
+            .await
     }
 
     /// Held paths (refused, rejected, in conflict) whose file the operator removed are no
@@ -581,6 +639,7 @@ impl FsSource {
                 }
                 if step == Next::Offer {
                     self.tracked.remove(&s.rel);
+                    self.first_seen.remove(&s.rel);
                     batch.push(Candidate {
                         rel_path: s.rel,
                         key,
@@ -594,6 +653,7 @@ impl FsSource {
                     if full {
                         seen_now.insert(s.rel.clone());
                     }
+                    self.note_settling(&s.rel, now_mono);
                     self.tracked.insert(s.rel, (t, d));
                 }
             }
@@ -621,6 +681,8 @@ impl FsSource {
                 }
             }
         }
+        self.first_seen.retain(|p, _| self.tracked.contains_key(p));
+        self.publish_settling().await?;
         report.unsettled = self.tracked.len() + self.awaiting_marker.len();
         report.held = self.held.len();
         Ok(report)
