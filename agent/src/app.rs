@@ -24,6 +24,7 @@ use crate::relay::client::{LinkError, RelayClient};
 use crate::s3::{credentials, S3Client, S3Error};
 use crate::scheduler::{self, Intake, Summary, Wiring};
 use crate::shutdown::Request;
+use crate::sink::dry_run::DryRun;
 use crate::sink::read::Origin;
 use crate::sink::relay::RelaySink;
 use crate::sink::s3::{S3Sink, UploadParams};
@@ -58,6 +59,8 @@ pub enum AppError {
 pub struct RunOptions {
     /// `--once`: send what is complete now, then exit.
     pub once: bool,
+    /// `--dry-run` (with `--once`): list what would be sent; send and change nothing.
+    pub dry_run: bool,
 }
 
 /// Runs until stopped, restarting with a new config on SIGHUP when that config is valid.
@@ -71,7 +74,7 @@ pub async fn serve(
     // The metrics endpoint outlives reloads (its port stays bound); it reads the journal of
     // the config it started with.
     let (metrics_stop, metrics_rx) = watch::channel(false);
-    if let Some(addr) = config.agent.metrics {
+    if let Some(addr) = config.agent.metrics.filter(|_| !opts.dry_run) {
         let listener = telemetry::serve::bind(addr)
             .await
             .map_err(|e| AppError::Metrics(format!("cannot listen on {addr}: {e}")))?;
@@ -135,6 +138,8 @@ pub async fn run(
 ) -> Result<Summary, AppError> {
     // Credentials first: a run that cannot authenticate must not create a journal.
     let dest_creds = match &config.destination {
+        // A dry run talks to no destination.
+        _ if opts.dry_run => None,
         Destination::S3(d) => Some(credentials::resolve(d)?),
         Destination::Relay(_) => None,
     };
@@ -166,7 +171,17 @@ pub async fn run(
         };
         origins.insert(s.name.clone(), origin);
     }
-    let journal = Journal::open(&config.agent.journal)?;
+    // A dry run works on a copy of the journal (the real one is never written) and lists what
+    // it would send instead of sending it.
+    let scratch = if opts.dry_run {
+        Some(Scratch::copy_of(&config.agent.journal)?)
+    } else {
+        None
+    };
+    let journal = match &scratch {
+        Some(s) => Journal::open(&s.journal())?,
+        None => Journal::open(&config.agent.journal)?,
+    };
     telemetry::metrics::agent()
         .journal_open
         .store(true, std::sync::atomic::Ordering::Relaxed);
@@ -176,6 +191,7 @@ pub async fn run(
     let a = &config.agent;
     let mut receipts_client: Option<Arc<S3Client>> = None;
     let sink = match (&config.destination, dest_creds) {
+        _ if opts.dry_run => None,
         (Destination::S3(d), Some(creds)) => {
             tracing::info!(
                 endpoint = %d.endpoint,
@@ -196,12 +212,12 @@ pub async fn run(
                 part_size: a.part_size,
                 multipart_threshold: a.multipart_threshold,
             };
-            Sink::S3(S3Sink::new(
+            Some(Sink::S3(S3Sink::new(
                 client,
                 journal.clone(),
                 params,
                 a.parts_in_flight,
-            ))
+            )))
         }
         (Destination::Relay(r), _) => {
             tracing::info!(relay = %r.relay, server_name = %r.server_name, prefix = %r.prefix, "destination: QUIC relay");
@@ -211,11 +227,10 @@ pub async fn run(
                 a.request_timeout.min(std::time::Duration::from_secs(60)),
             )?;
             let budget = (a.parts_in_flight as u64 * a.part_size).max(a.multipart_threshold);
-            Sink::Relay(RelaySink::new(client, journal.clone(), budget))
+            Some(Sink::Relay(RelaySink::new(client, journal.clone(), budget)))
         }
         (Destination::S3(_), None) => unreachable!("credentials resolved above"),
     };
-    let sink = Arc::new(sink);
     let requeued = journal.requeue_conflicts().await?;
     if requeued > 0 {
         tracing::info!(
@@ -290,7 +305,43 @@ pub async fn run(
     }
 
     let journal_handle = journal.clone();
-    let wiring = Wiring {
+    let intake = Intake {
+        running: sources,
+        stop: stop_tx,
+        wake,
+        once_sources,
+        held,
+    };
+    let Some(sink) = sink else {
+        let real = Journal::open_readonly(&config.agent.journal).ok();
+        let wiring = wire(journal, Arc::new(DryRun::new(real)), &config, origins, opts);
+        let summary = scheduler::dispatch::run(wiring, intake, summary, shutdown).await?;
+        drop(scratch);
+        return Ok(summary);
+    };
+    let wiring = wire(journal, Arc::new(sink), &config, origins, opts);
+    // The limit in force before the first byte; then the timetable's edges.
+    crate::bandwidth::apply(&config.agent.bandwidth);
+    tokio::spawn(crate::bandwidth::run_schedule(
+        config.agent.bandwidth.clone(),
+        shutdown.clone(),
+    ));
+    let custody =
+        Custody::start(&config, &journal_handle, receipts_client, opts, &shutdown).await?;
+    let summary = scheduler::dispatch::run(wiring, intake, summary, shutdown).await?;
+    custody.finish().await;
+    Ok(summary)
+}
+
+/// The scheduler's wiring for `sink`.
+fn wire<D>(
+    journal: Journal,
+    sink: Arc<D>,
+    config: &Config,
+    origins: HashMap<String, Origin>,
+    opts: RunOptions,
+) -> Wiring<D> {
+    Wiring {
         journal,
         sink,
         sources: config
@@ -303,25 +354,48 @@ pub async fn run(
         concurrency: config.agent.concurrency,
         shutdown_grace: config.agent.shutdown_grace,
         agent: config.agent.name.clone(),
-    };
-    let intake = Intake {
-        running: sources,
-        stop: stop_tx,
-        wake,
-        once_sources,
-        held,
-    };
-    // The limit in force before the first byte; then the timetable's edges.
-    crate::bandwidth::apply(&config.agent.bandwidth);
-    tokio::spawn(crate::bandwidth::run_schedule(
-        config.agent.bandwidth.clone(),
-        shutdown.clone(),
-    ));
-    let custody =
-        Custody::start(&config, &journal_handle, receipts_client, opts, &shutdown).await?;
-    let summary = scheduler::dispatch::run(wiring, intake, summary, shutdown).await?;
-    custody.finish().await;
-    Ok(summary)
+        dry_run: opts.dry_run,
+    }
+}
+
+/// A private scratch directory holding a copy of the journal, removed when dropped.
+struct Scratch {
+    dir: std::path::PathBuf,
+}
+
+impl Scratch {
+    /// A copy of the journal at `real` (an empty journal if there is none yet).
+    fn copy_of(real: &Path) -> Result<Scratch, JournalError> {
+        use std::os::unix::fs::DirBuilderExt;
+        let dir = std::env::temp_dir().join(format!(
+            "ha-edge-dry-run-{}-{:08x}",
+            std::process::id(),
+            fastrand::u32(..)
+        ));
+        let io = |e: std::io::Error| JournalError::Open {
+            path: dir.clone(),
+            source: rusqlite::Error::ToSqlConversionFailure(Box::new(e)),
+        };
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&dir)
+            .map_err(io)?;
+        let scratch = Scratch { dir };
+        if real.exists() {
+            Journal::open_readonly(real)?.copy_to(&scratch.journal())?;
+        }
+        Ok(scratch)
+    }
+
+    fn journal(&self) -> std::path::PathBuf {
+        self.dir.join("journal.db")
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
 /// The receipts' housekeeping beside a run: retention, and batches in the bucket.

@@ -34,6 +34,10 @@ pub enum Command {
         /// Transfer what is complete now, then exit: 0 if all was delivered, non-zero otherwise.
         #[arg(long)]
         once: bool,
+        /// With --once: list what would be sent (why, size, key) and send nothing, change
+        /// nothing (the journal neither).
+        #[arg(long, requires = "once")]
+        dry_run: bool,
     },
     /// Check the config (and the journal, if it exists), then ask the destination and bucket
     /// sources with the real credentials (or the relay, its handshake); print every problem.

@@ -93,7 +93,11 @@ fn main() -> ExitCode {
             stale_after,
             ..
         } => status(&config, json, stale_after),
-        Command::Run { config, once } => run(&config, once),
+        Command::Run {
+            config,
+            once,
+            dry_run,
+        } => run(&config, once, dry_run),
         Command::Relay { config, check } => relay_main(&config, check),
         Command::Receipts {
             config,
@@ -415,7 +419,7 @@ fn init_logging(format: LogFormat, level: &str) {
 }
 
 /// `ha-edge run`: the daemon (or `--once`), with signals wired to stop and reload.
-fn run(file: &Path, once: bool) -> ExitCode {
+fn run(file: &Path, once: bool, dry_run: bool) -> ExitCode {
     let config = match load(file) {
         Ok(c) => c,
         Err(code) => return code,
@@ -428,7 +432,7 @@ fn run(file: &Path, once: bool) -> ExitCode {
     let result = rt.block_on(async {
         let requests = shutdown::install().map_err(|e| (EXIT_INCOMPLETE, format!("cannot install signal handlers: {e}")))?;
         tracing::info!(version = env!("CARGO_PKG_VERSION"), config = %file.display(), once, "ha-edge starting");
-        app::serve(file, config, app::RunOptions { once }, requests).await.map_err(|e| {
+        app::serve(file, config, app::RunOptions { once, dry_run }, requests).await.map_err(|e| {
             let code = match e {
                 app::AppError::Journal(_) => EXIT_JOURNAL,
                 app::AppError::Credentials(_)
@@ -447,6 +451,13 @@ fn run(file: &Path, once: bool) -> ExitCode {
     };
     if !once {
         tracing::info!(delivered = summary.delivered, "stopped");
+        return ExitCode::SUCCESS;
+    }
+    if dry_run {
+        err_line(&format!(
+            "ha-edge: dry run: {} objects ({} bytes) would be sent, {} not yet settled, {} refused; nothing was sent or changed",
+            summary.listed, summary.listed_bytes, summary.unsettled, summary.refused
+        ));
         return ExitCode::SUCCESS;
     }
     err_line(&format!(

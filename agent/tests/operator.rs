@@ -380,3 +380,79 @@ fn status_lists_objects_by_state_and_shows_files_settling() {
     assert_eq!(lines.len(), 2, "a header and one object: {lines:?}");
     assert!(lines[0].starts_with("STATE"), "{lines:?}");
 }
+
+#[test]
+fn dry_run_lists_what_would_go_and_changes_nothing() {
+    let s3 = S3Server::start();
+    s3.create_bucket("exports");
+    let proxy = Proxy::start(s3.port);
+    let setup = Setup::new("exports");
+    setup.write_files("a", 2, 1, 1000);
+    // Delete after upload: a dry run must not delete anything either.
+    setup.write_config(
+        &proxy.endpoint(),
+        "",
+        "settle = \"1s\"\nafter_upload = \"delete\"",
+    );
+    let out = setup.run_once(bin());
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    // Now: one file changed, one new; nothing else.
+    write_settled(&setup.src().join("a0.ndjson"), &data(5, 1500));
+    write_settled(&setup.src().join("new.ndjson"), &data(6, 700));
+    std::fs::write(setup.src().join("fresh.ndjson"), b"{}").unwrap();
+    let journal_before = std::fs::read(setup.journal()).unwrap();
+    let rows_before = setup.journal_column("SELECT id || ' ' || state || ' ' || size FROM objects");
+    let requests_before = proxy.seen().len();
+    let keys_before = s3.keys("exports");
+
+    let cfg = setup.config_path();
+    let out = output_within(
+        setup.command(
+            bin(),
+            &["run", "-c", cfg.to_str().unwrap(), "--once", "--dry-run"],
+        ),
+        Duration::from_secs(60),
+    );
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let mut lines: Vec<Vec<&str>> = stdout
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    lines.sort();
+    assert_eq!(
+        lines,
+        vec![
+            vec!["changed", "1500", "fhir/a0.ndjson"],
+            vec!["new", "700", "fhir/new.ndjson"],
+        ],
+        "{stdout}"
+    );
+    assert!(stderr_of(&out)
+        .contains("dry run: 2 objects (2200 bytes) would be sent, 1 not yet settled"));
+    // Nothing sent, nothing changed: no request, the same objects, the journal byte for byte,
+    // the source files all there.
+    assert_eq!(
+        proxy.seen().len(),
+        requests_before,
+        "{:?}",
+        &proxy.seen()[requests_before..]
+    );
+    assert_eq!(s3.keys("exports"), keys_before);
+    assert_eq!(std::fs::read(setup.journal()).unwrap(), journal_before);
+    assert_eq!(
+        setup.journal_column("SELECT id || ' ' || state || ' ' || size FROM objects"),
+        rows_before
+    );
+    for f in ["a0.ndjson", "new.ndjson", "fresh.ndjson"] {
+        assert!(setup.src().join(f).exists(), "{f}");
+    }
+    // And the real run then sends exactly what the dry run listed.
+    let out = setup.run_once(bin());
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert!(
+        stderr_of(&out).contains("2 delivered"),
+        "{}",
+        stderr_of(&out)
+    );
+}

@@ -145,6 +145,40 @@ pub struct Pending {
 }
 
 impl Journal {
+    /// For `--dry-run`: whether row `id` is in this journal still to be sent (an earlier run
+    /// left it), and whether any row of the path is.
+    pub fn seen_before(
+        &self,
+        id: i64,
+        source: &str,
+        rel: &std::path::Path,
+    ) -> Result<(bool, bool), JournalError> {
+        use std::os::unix::ffi::OsStrExt;
+        let (source, rel) = (source.to_string(), rel.as_os_str().as_bytes().to_vec());
+        self.with(move |c| {
+            let pending: bool = c.query_row(
+                &format!(
+                    "SELECT EXISTS (SELECT 1 FROM objects WHERE id = ?1 AND state IN ({}))",
+                    states_sql(&State::ACTIVE)
+                ),
+                [id],
+                |r| r.get(0),
+            )?;
+            let any: bool = c.query_row(
+                "SELECT EXISTS (SELECT 1 FROM objects WHERE source = ?1 AND rel_path = ?2)",
+                rusqlite::params![source, rel],
+                |r| r.get(0),
+            )?;
+            Ok((pending, any))
+        })
+    }
+
+    /// Writes a consistent copy of the journal to `to` (for `--dry-run`; read-only is enough).
+    pub fn copy_to(&self, to: &std::path::Path) -> Result<(), JournalError> {
+        let to = to.to_string_lossy().into_owned();
+        self.with(move |c| c.execute("VACUUM INTO ?1", [&to]).map(drop))
+    }
+
     /// Objects for `status --objects`, newest first, at most `limit`.
     pub fn list_objects(
         &self,

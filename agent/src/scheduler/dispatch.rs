@@ -77,6 +77,9 @@ pub struct Summary {
     pub unreachable: Option<String>,
     /// Bucket listings that failed.
     pub source_errors: usize,
+    /// `--dry-run`: objects that would be sent, and their bytes.
+    pub listed: u64,
+    pub listed_bytes: u64,
 }
 
 impl Summary {
@@ -116,6 +119,9 @@ pub struct Wiring<D> {
     pub shutdown_grace: Duration,
     /// `[agent] name`, for receipts.
     pub agent: String,
+    /// `--dry-run`: every row goes to the sink (a delivered row's after_upload too), which
+    /// only lists it.
+    pub dry_run: bool,
 }
 
 /// The sources feeding the journal.
@@ -363,6 +369,7 @@ impl<D: Destination> Scheduler<D> {
             .get(&row.source)
             .is_none_or(|s| s.after_upload == AfterUpload::Keep);
         let journal = self.w.journal.clone();
+        let dry_run = self.w.dry_run;
         let mut custody = self.custody(&row);
         async move {
             let started = Instant::now();
@@ -371,6 +378,9 @@ impl<D: Destination> Scheduler<D> {
                 (None, _) => {
                     let why = format!("source {:?} is no longer in the config", row.source);
                     (Outcome::Retry(why), None)
+                }
+                (Some(origin), _) if dry_run => {
+                    sink.deliver(&row, origin, Confirm::Answer, stop).await
                 }
                 (Some(_), State::Delivered) => (
                     Outcome::Delivered(row.sha256.unwrap_or_default(), Landed::default()),
@@ -646,6 +656,10 @@ impl<D: Destination> Scheduler<D> {
                 m.finished(&row.source, "vanished");
             }
             // Counted once the delivery is known to be recorded; a change by wait_for_settle.
+            Tally::Listed => {
+                self.summary.listed += 1;
+                self.summary.listed_bytes += row.version.size();
+            }
             Tally::Delivered | Tally::Changed | Tally::Nothing => {}
         }
         match decision.transition {
@@ -979,6 +993,7 @@ mod tests {
             concurrency: w.config.agent.concurrency,
             shutdown_grace: Duration::from_secs(5),
             agent: "test".into(),
+            dry_run: false,
         };
         let (stop_sources, _) = watch::channel(false);
         let intake = Intake {

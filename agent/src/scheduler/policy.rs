@@ -72,6 +72,8 @@ pub enum Tally {
     Conflict,
     Vanished,
     Changed,
+    /// `--dry-run`: would be sent.
+    Listed,
     Nothing,
 }
 
@@ -221,6 +223,7 @@ pub fn decide(
             Tally::Changed,
         ),
         Outcome::Interrupted => plain(Transition::Leave, Tally::Nothing),
+        Outcome::Listed => plain(Transition::Leave, Tally::Listed),
         Outcome::Fatal(e) => return Err(e),
     })
 }

@@ -12,6 +12,8 @@
 //! Must not break: a delivery returns exactly one `Outcome`, and `Delivered` only after the stored
 //! object was verified.
 
+/// `--dry-run`: lists instead of sending.
+pub mod dry_run;
 /// What a destination refused, in the sink layer's terms.
 pub mod error;
 /// Reading one source version, within the memory budget.
@@ -174,6 +176,8 @@ pub enum Outcome {
     Changed(String),
     /// Shutdown stopped it; the journal holds where it got to.
     Interrupted,
+    /// `--dry-run`: listed as what would be sent; nothing was sent.
+    Listed,
     /// The journal failed: nothing can be recorded, so the agent must stop.
     Fatal(JournalError),
 }
