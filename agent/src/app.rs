@@ -19,6 +19,7 @@ use tokio::task::JoinSet;
 
 use crate::config::{Config, Destination, SourceKind};
 use crate::journal::{Journal, JournalError};
+use crate::progress;
 use crate::receipts;
 use crate::relay::client::{LinkError, RelayClient};
 use crate::s3::{credentials, S3Client, S3Error};
@@ -320,6 +321,24 @@ pub async fn run(
         return Ok(summary);
     };
     let wiring = wire(journal, Arc::new(sink), &config, origins, opts);
+    let (display_stop, display_rx) = watch::channel(false);
+    let display = {
+        use std::io::IsTerminal;
+        let mode = match (opts.once, std::io::stderr().is_terminal()) {
+            (true, true) => progress::Mode::Bars,
+            (true, false) => progress::Mode::Lines,
+            (false, _) => progress::Mode::Daemon,
+        };
+        if opts.once {
+            let pending = journal_handle.unsent_totals().await?;
+            let b = progress::board();
+            b.expected_objects
+                .store(pending.0, std::sync::atomic::Ordering::Relaxed);
+            b.expected_bytes
+                .store(pending.1, std::sync::atomic::Ordering::Relaxed);
+        }
+        tokio::spawn(progress::run_display(mode, display_rx))
+    };
     // The limit in force before the first byte; then the timetable's edges.
     crate::bandwidth::apply(&config.agent.bandwidth);
     tokio::spawn(crate::bandwidth::run_schedule(
@@ -328,7 +347,10 @@ pub async fn run(
     ));
     let custody =
         Custody::start(&config, &journal_handle, receipts_client, opts, &shutdown).await?;
-    let summary = scheduler::dispatch::run(wiring, intake, summary, shutdown).await?;
+    let summary = scheduler::dispatch::run(wiring, intake, summary, shutdown).await;
+    let _ = display_stop.send(true);
+    let _ = display.await;
+    let summary = summary?;
     custody.finish().await;
     Ok(summary)
 }

@@ -30,6 +30,8 @@ mod hash;
 mod journal;
 /// Paths to keys.
 mod keymap;
+/// What is in flight, and the live display.
+mod progress;
 /// Chain of custody: receipts and their batches in the bucket.
 mod receipts;
 /// The QUIC link: client and relay.
@@ -215,7 +217,10 @@ struct LogWriter;
 impl std::io::Write for LogWriter {
     /// Writes to stderr; a closed stderr drops the line instead of panicking.
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let _ = std::io::stderr().write_all(buf);
+        // Above the progress bars, while they are drawn.
+        progress::suspend(|| {
+            let _ = std::io::stderr().write_all(buf);
+        });
         Ok(buf.len())
     }
 

@@ -202,6 +202,12 @@ fn the_bandwidth_limit_holds_the_transfer_to_its_rate() {
     let out = setup.run_once(bin());
     let took = started.elapsed().as_secs_f64();
     assert!(out.status.success(), "{}", stderr_of(&out));
+    // Without a terminal: no bars (no escape sequences), just log lines.
+    let err = stderr_of(&out);
+    assert!(
+        !err.contains('\x1b') && !err.contains("objects 0/"),
+        "{err}"
+    );
     let expected = total as f64 / (3.0 * MIB as f64);
     // Loose bounds for a shared CI machine; bench/bandwidth.sh measures ±5 % over 60 s.
     assert!(
@@ -455,4 +461,106 @@ fn dry_run_lists_what_would_go_and_changes_nothing() {
         "{}",
         stderr_of(&out)
     );
+}
+
+/// A tmux server of this test's own (its own socket), killed when dropped.
+struct Tmux {
+    socket: String,
+}
+
+impl Tmux {
+    /// Starts `command` in a detached 120x30 session.
+    fn start(command: &str) -> Tmux {
+        let socket = format!("ha-edge-test-{}-{}", std::process::id(), free_port());
+        let ok = std::process::Command::new("tmux")
+            .args([
+                "-L",
+                &socket,
+                "new-session",
+                "-d",
+                "-x",
+                "120",
+                "-y",
+                "30",
+                command,
+            ])
+            .status()
+            .expect("tmux (scripts/test.sh installs it)")
+            .success();
+        assert!(ok, "tmux new-session");
+        Tmux { socket }
+    }
+
+    /// What the screen shows now.
+    fn screen(&self) -> String {
+        let out = std::process::Command::new("tmux")
+            .args(["-L", &self.socket, "capture-pane", "-p"])
+            .output()
+            .expect("tmux capture-pane");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("tmux")
+            .args(["-L", &self.socket, "kill-server"])
+            .status();
+    }
+}
+
+#[test]
+fn run_once_on_a_terminal_shows_live_progress() {
+    let s3 = S3Server::start();
+    s3.create_bucket("exports");
+    let setup = Setup::new("exports");
+    write_settled(&setup.src().join("imaging/big.ndjson"), &data(1, 20 * MIB));
+    setup.write_files("small", 2, 5, 2000);
+    // 4 MiB/s: about 5 s, time enough to look at the screen mid-way.
+    setup.write_config(
+        &s3.endpoint(),
+        "bandwidth = \"4MiB\"\npart_size = \"5MiB\"\nmultipart_threshold = \"8MiB\"",
+        "settle = \"1s\"",
+    );
+    let command = format!(
+        "env AWS_ACCESS_KEY_ID={ACCESS_KEY} AWS_SECRET_ACCESS_KEY={SECRET_KEY} RUST_LOG=warn \
+         {BIN} run --once -c {}; echo exit=$?; sleep 120",
+        setup.config_path().display()
+    );
+    let tmux = Tmux::start(&command);
+    // Mid-way: the run's bar (objects done of all, bytes, rate, ETA) and the large object's own.
+    let mut screen = String::new();
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            screen = tmux.screen();
+            screen.contains("fhir/imaging/big.ndjson") && screen.contains("objects 2/3")
+        }),
+        "{screen}"
+    );
+    let run_line = screen
+        .lines()
+        .find(|l| l.starts_with("objects 2/3"))
+        .unwrap_or_default();
+    assert!(
+        run_line.contains("B/s") && run_line.contains("ETA"),
+        "{screen}"
+    );
+    assert!(run_line.contains("/20.00 MiB"), "bytes of all: {screen}");
+    let object_line = screen
+        .lines()
+        .find(|l| l.contains("fhir/imaging/big.ndjson"))
+        .unwrap_or_default();
+    assert!(object_line.contains("/20.00 MiB"), "{screen}");
+    // The end: the run's bar full, the large object's bar gone, the summary, exit 0.
+    assert!(
+        wait_until(Duration::from_secs(60), || {
+            screen = tmux.screen();
+            screen.contains("exit=")
+        }),
+        "{screen}"
+    );
+    assert!(screen.contains("objects 3/3"), "{screen}");
+    assert!(!screen.contains("fhir/imaging/big.ndjson ["), "{screen}");
+    assert!(screen.contains("3 delivered"), "{screen}");
+    assert!(screen.contains("exit=0"), "{screen}");
 }

@@ -228,6 +228,26 @@ impl Journal {
         })
     }
 
+    /// Objects and bytes waiting to be sent, in all (through the writer: the run's own view).
+    pub async fn unsent_totals(&self) -> Result<(u64, u64), JournalError> {
+        self.call(|c| {
+            c.query_row(
+                &format!(
+                    "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM objects WHERE state IN ({})",
+                    states_sql(&State::UNSENT)
+                ),
+                [],
+                |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?.max(0).unsigned_abs(),
+                        r.get::<_, i64>(1)?.max(0).unsigned_abs(),
+                    ))
+                },
+            )
+        })
+        .await
+    }
+
     /// What waits to be sent, per source (read-only; cheap: served by the active index).
     pub fn pending_by_source(&self) -> Result<Vec<Pending>, JournalError> {
         self.with(|c| {

@@ -374,6 +374,8 @@ impl<D: Destination> Scheduler<D> {
         async move {
             let started = Instant::now();
             custody.started_ms = Some(crate::receipts::record::now_ms());
+            let board = crate::progress::board();
+            board.begin(row.id, &row.key, row.version.size());
             let (outcome, unrecorded) = match (&origin, row.state) {
                 (None, _) => {
                     let why = format!("source {:?} is no longer in the config", row.source);
@@ -421,6 +423,7 @@ impl<D: Destination> Scheduler<D> {
                 }
                 _ => None,
             };
+            board.end(row.id, matches!(outcome, Outcome::Delivered(..)));
             Finished {
                 took: started.elapsed(),
                 row,
