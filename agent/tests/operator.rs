@@ -564,3 +564,55 @@ fn run_once_on_a_terminal_shows_live_progress() {
     assert!(screen.contains("3 delivered"), "{screen}");
     assert!(screen.contains("exit=0"), "{screen}");
 }
+
+#[test]
+fn a_small_export_of_a_higher_priority_source_overtakes_an_imaging_backlog() {
+    let s3 = S3Server::start();
+    s3.create_bucket("exports");
+    let setup = Setup::new("exports");
+    let imaging = setup.dir.path().join("imaging");
+    for i in 0..6 {
+        write_settled(&imaging.join(format!("series-{i}.dcm")), &data(i, 4 * MIB));
+    }
+    // One object at a time at 8 MiB/s: each imaging file takes about half a second.
+    let text = format!(
+        "[agent]\njournal = \"{journal}\"\nconcurrency = 1\nbandwidth = \"8MiB\"\n\n\
+         [[source]]\nname = \"imaging\"\ntype = \"fs\"\npath = \"{imaging}\"\nsettle = \"1s\"\n\
+         key_prefix = \"imaging/\"\npriority = 0\n\n\
+         [[source]]\nname = \"fhir\"\ntype = \"fs\"\npath = \"{fhir}\"\nsettle = \"1s\"\n\
+         key_prefix = \"fhir-export/\"\npriority = 10\n\n{dest}",
+        journal = setup.journal().display(),
+        imaging = imaging.display(),
+        fhir = setup.src().display(),
+        dest = setup.destination_toml(&s3.endpoint()),
+    );
+    std::fs::write(setup.config_path(), text).unwrap();
+    let mut child = setup.spawn_daemon(bin());
+    assert!(
+        wait_until(Duration::from_secs(30), || done(&setup) >= 1),
+        "{}",
+        setup.daemon_log()
+    );
+    // The backlog is under way; now a small FHIR export arrives.
+    write_settled(&setup.src().join("Patient.ndjson"), &data(99, 2000));
+    assert!(
+        wait_until(Duration::from_secs(60), || done(&setup) == 7),
+        "{}",
+        setup.daemon_log()
+    );
+    sigterm(&child);
+    assert!(wait_within(&mut child, Duration::from_secs(20)).success());
+    // Delivered as the next object: after it went, imaging files were still waiting.
+    let order = setup.journal_column("SELECT key FROM objects ORDER BY delivered_ms, id");
+    let at = order
+        .iter()
+        .position(|k| k == "fhir/fhir-export/Patient.ndjson")
+        .unwrap();
+    // Written once one imaging file was done and one in flight: it goes next (a third
+    // imaging file may have been dispatched in the instant before it was seen).
+    assert!(at <= 3, "the FHIR file went as number {at}: {order:?}");
+    assert!(
+        order.len() == 7 && order[at + 1..].iter().all(|k| k.contains("imaging/")),
+        "{order:?}"
+    );
+}

@@ -266,6 +266,14 @@ fn many_files_and_a_large_one_land_in_s3_through_the_relay_verified_and_only_onc
     let s3 = S3Server::start();
     s3.create_bucket("cloud");
     let w = world(Some(&s3_store(&s3)));
+    // The relay's metrics endpoint.
+    let metrics_port = free_port();
+    let cfg = w.setup.dir.path().join("relay.toml");
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+        "partial_ttl = \"1h\"\n",
+        &format!("partial_ttl = \"1h\"\nmetrics = \"127.0.0.1:{metrics_port}\"\n"),
+    );
+    std::fs::write(&cfg, text).unwrap();
     let relay = w.relay();
     w.agent_config(w.relay_port, "agent", "fhir/dkfz/", "");
     let mut files = mixed_workload(5, 40);
@@ -288,6 +296,26 @@ fn many_files_and_a_large_one_land_in_s3_through_the_relay_verified_and_only_onc
         relay.log().matches("stored and verified").count(),
         files.len()
     );
+    let scrape = || {
+        let (status, body) = http_get(metrics_port, "/metrics", None).expect("relay /metrics");
+        assert_eq!(status, 200);
+        promtool_check(&body).unwrap_or_else(|e| panic!("promtool: {e}\n{body}"));
+        body
+    };
+    let m = scrape();
+    let bytes: usize = files.iter().map(|(_, b)| b.len()).sum();
+    assert_eq!(
+        metric(&m, "ha_edge_relay_objects_landed_total"),
+        Some(files.len() as f64),
+        "{m}"
+    );
+    assert_eq!(
+        metric(&m, "ha_edge_relay_bytes_landed_total"),
+        Some(bytes as f64),
+        "{m}"
+    );
+    assert!(metric(&m, "ha_edge_relay_streams_total").is_some_and(|n| n >= files.len() as f64));
+    assert_eq!(metric(&m, "ha_edge_relay_partials"), Some(0.0), "{m}");
     // A fresh journal (say, a replaced edge box): the relay already has every object.
     std::fs::remove_dir_all(w.setup.journal().parent().unwrap()).unwrap();
     let out = w.setup.run_once(bin());
@@ -302,6 +330,11 @@ fn many_files_and_a_large_one_land_in_s3_through_the_relay_verified_and_only_onc
         relay.log().matches("stored and verified").count(),
         files.len(),
         "nothing stored twice"
+    );
+    let m = scrape();
+    assert_eq!(
+        metric(&m, "ha_edge_relay_objects_landed_total"),
+        Some(files.len() as f64)
     );
 }
 

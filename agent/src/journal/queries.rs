@@ -152,6 +152,12 @@ impl Journal {
             Ok(stats)
         })
         .await
+        .inspect(|stats| {
+            if stats.inserted + stats.refreshed > 0 {
+                self.offers
+                    .fetch_add(1, std::sync::atomic::Ordering::Release);
+            }
+        })
     }
 
     /// For each relative path of `source`: whether its newest journal row is delivered (or done).

@@ -141,6 +141,9 @@ pub struct Journal {
     backend: Arc<Backend>,
     path: Arc<PathBuf>,
     clock: Clock,
+    /// Offers that added or changed rows, counted once committed: the scheduler fetches again
+    /// when it changed (what it prefetched may no longer go first).
+    pub(super) offers: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// Where the journal's times come from (ms since the epoch): the wall clock, or in tests a
@@ -222,6 +225,7 @@ impl Journal {
             }),
             path: Arc::new(path.to_path_buf()),
             clock,
+            offers: Arc::default(),
         })
     }
 
@@ -242,6 +246,7 @@ impl Journal {
             backend: Arc::new(Backend::ReadOnly(Mutex::new(conn))),
             path: Arc::new(path.to_path_buf()),
             clock: Arc::new(now_ms),
+            offers: Arc::default(),
         };
         j.with(|c| c.busy_timeout(std::time::Duration::from_secs(5)))?;
         let version: i64 = j.with(|c| c.pragma_query_value(None, "user_version", |r| r.get(0)))?;
@@ -374,6 +379,11 @@ impl Journal {
     /// that a test's paused clock is the one used).
     pub(super) fn now(&self) -> i64 {
         (self.clock)()
+    }
+
+    /// How many offers added or changed rows so far (in this process).
+    pub fn offer_generation(&self) -> u64 {
+        self.offers.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// The journal file.
