@@ -99,15 +99,20 @@ class Tools:
 
     def command(self, tool, src: Path, bucket: str, run_dir: Path):
         env = dict(self.base_env)
-        if tool == "ha-edge":
+        if tool in ("ha-edge", "ha-edge-custody"):
+            # ha-edge-custody: the same, with the metrics endpoint on and receipt batches going
+            # to the bucket (what #15 adds), to measure what they cost.
+            custody = tool == "ha-edge-custody"
+            extra = f'metrics = "127.0.0.1:{free_port()}"\nname = "bench"\n' if custody else ""
+            receipts = '\n[receipts]\nprefix = "_receipts/"\nevery = "5m"\n' if custody else ""
             cfg = run_dir / "ha-edge.toml"
             cfg.write_text(
                 f'[agent]\njournal = "{run_dir}/journal.db"\nconcurrency = {TRANSFERS}\n'
                 f'parts_in_flight = {TRANSFERS}\npart_size = "{PART_MIB}MiB"\n'
-                f'multipart_threshold = "{CUTOFF_MIB}MiB"\nlog_level = "warn"\n\n'
+                f'multipart_threshold = "{CUTOFF_MIB}MiB"\nlog_level = "warn"\n{extra}\n'
                 f'[[source]]\nname = "bench"\ntype = "fs"\npath = "{src}"\nexclude = ["**/.*"]\n\n'
                 f'[destination]\ntype = "s3"\nendpoint = "{self.endpoint}"\nregion = "us-east-1"\n'
-                f'bucket = "{bucket}"\npath_style = true\n'
+                f'bucket = "{bucket}"\npath_style = true\n{receipts}'
             )
             env.update(AWS_ACCESS_KEY_ID=AK, AWS_SECRET_ACCESS_KEY=SK)
             return [self.ha_edge, "run", "-c", str(cfg), "--once"], env
@@ -253,6 +258,12 @@ def main():
                     srv_cpu = proc_cpu(server.pid) - srv_before
                     relay_cpu = proc_cpu(t.relay.pid) - relay_before if tool == "ha-edge-quic" else 0.0
                     got = bucket_files(landed)
+                    if tool == "ha-edge-custody":
+                        batches = [k for k in got if k.startswith("_receipts/")]
+                        if not batches:
+                            print("ha-edge-custody: no receipt batch in the bucket", file=sys.stderr)
+                            sys.exit(1)
+                        got = {k: v for k, v in got.items() if not k.startswith("_receipts/")}
                     ok = rc == 0 and got == expected
                     print(f"round {r + 1} {w:6} {tool:7} {wall:7.2f}s rss {rss / 1024:6.1f} MiB "
                           f"cpu {user + sys_:6.2f}s server cpu {srv_cpu:6.2f}s "

@@ -4,6 +4,7 @@
 #
 #   bench/run.sh [--rounds N] [--workloads big,small,medium] [--tools ha-edge,rclone,aws]
 #                [--server-storage tmpfs|disk]   (tools also: ha-edge-quic, via the QUIC relay;
+#                ha-edge-custody, with metrics and receipt batches on;
 #                rclone-nohead, rclone with --s3-no-head)
 #
 # Installs what it needs: s3s-fs (cargo), rclone and awscli (apt), and builds the static

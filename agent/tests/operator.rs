@@ -616,3 +616,22 @@ fn a_small_export_of_a_higher_priority_source_overtakes_an_imaging_backlog() {
         "{order:?}"
     );
 }
+
+/// The alert rules the README offers are valid Prometheus rules.
+#[test]
+fn the_alert_rules_pass_promtool() {
+    let rules =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/prometheus/ha-edge.rules.yml");
+    let out = std::process::Command::new("promtool")
+        .args(["check", "rules"])
+        .arg(&rules)
+        .output()
+        .expect("promtool (scripts/test.sh installs it)");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("SUCCESS: 4 rules found"));
+}

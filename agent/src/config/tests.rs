@@ -335,6 +335,37 @@ fn documented_example_is_valid() {
     assert_eq!(d.sse, Some(Sse::Aes256));
     assert_eq!(c.sources[0].after_upload, AfterUpload::Keep);
     assert_eq!(c.agent.multipart_threshold, 16 << 20);
+    // The optional keys it shows commented out are valid as written, too.
+    let optional = [
+        "name = \"edge-dkfz-1\"",
+        "metrics =",
+        "receipts_keep =",
+        "bandwidth =",
+        "bandwidth_schedule =",
+        "  { days",
+        "]",
+        "storage_class =",
+        "tags =",
+        "content_types =",
+        "[receipts]",
+        "prefix = \"_receipts/\"",
+        "every =",
+    ];
+    let uncommented: String = text
+        .lines()
+        .map(|l| match l.strip_prefix("# ") {
+            Some(rest) if optional.iter().any(|o| rest.starts_with(o)) => rest,
+            _ => l,
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let c = Config::parse(Path::new("examples/ha-edge.toml"), &uncommented)
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(c.agent.name, "edge-dkfz-1");
+    assert!(c.agent.metrics.is_some());
+    assert_eq!(c.agent.bandwidth.windows.len(), 2);
+    assert!(c.receipts.is_some());
+    assert_eq!(c.sources[0].priority, 10);
 }
 
 /// Sizes (`8 MiB`) and durations (`30s`) parse, with their bounds.
