@@ -45,10 +45,21 @@ fn metrics_count_what_was_delivered_during_and_after_a_transfer() {
     let small = setup.write_files("small", 3, 10, 100_000);
     let big = data(7, 12 * MIB);
     write_settled(&setup.src().join("big.ndjson"), &big);
+    // Two answers 503 SlowDown: each is retried, and counted.
+    let proxy = Proxy::start(s3.port);
+    proxy.add_rule(Rule::new(
+        "PutObject",
+        Fault::Status {
+            status: 503,
+            code: "SlowDown",
+            retry_after: None,
+        },
+        2,
+    ));
     let port = free_port();
     // 4 MB/s: the big file takes about 3 s, long enough to be seen in flight.
     setup.write_config(
-        &s3.endpoint(),
+        &proxy.endpoint(),
         &format!("metrics = \"127.0.0.1:{port}\"\nbandwidth = \"4MB\"\nname = \"edge-m\""),
         "settle = \"1s\"",
     );
@@ -110,6 +121,11 @@ fn metrics_count_what_was_delivered_during_and_after_a_transfer() {
         let s = format!("ha_edge_objects_total{{source=\"exports\",outcome=\"{outcome}\"}}");
         assert_eq!(metric(&after, &s), Some(0.0), "{s}");
     }
+    assert_eq!(
+        metric(&after, "ha_edge_request_retries_total{op=\"PutObject\"}"),
+        Some(2.0),
+        "{after}"
+    );
     // Every request is timed: 3 single PUTs at least, and the journal's commits.
     let puts = metric(
         &after,

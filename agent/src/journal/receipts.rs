@@ -249,30 +249,7 @@ impl Journal {
             let (after_r, after_e) = last
                 .as_ref()
                 .map_or((0, 0), |b| (b.last_receipt, b.last_event));
-            let mut lines = Vec::new();
-            let mut q = c.prepare_cached(
-                "SELECT seq, receipt FROM receipts WHERE seq > ?1 ORDER BY seq LIMIT ?2",
-            )?;
-            for r in q.query_map(params![after_r, limit as i64], |r| {
-                Ok(ReceiptLine::Receipt {
-                    seq: r.get(0)?,
-                    json: r.get(1)?,
-                    after_upload_at: None,
-                })
-            })? {
-                lines.push(r?);
-            }
-            let mut q = c.prepare_cached(
-                "SELECT seq, event FROM receipt_events WHERE seq > ?1 ORDER BY seq LIMIT ?2",
-            )?;
-            for r in q.query_map(params![after_e, limit as i64], |r| {
-                Ok(ReceiptLine::Event {
-                    seq: r.get(0)?,
-                    json: r.get(1)?,
-                })
-            })? {
-                lines.push(r?);
-            }
+            let lines = lines_after(c, (after_r, i64::MAX), (after_e, i64::MAX), limit)?;
             Ok((last, lines))
         })
         .await
@@ -325,30 +302,12 @@ impl Journal {
                 )
                 .optional()?
                 .unwrap_or((0, 0));
-            let mut lines = Vec::new();
-            let mut q = c.prepare_cached(
-                "SELECT seq, receipt FROM receipts WHERE seq > ?1 AND seq <= ?2 ORDER BY seq",
+            let lines = lines_after(
+                c,
+                (after_r, batch.last_receipt),
+                (after_e, batch.last_event),
+                usize::MAX,
             )?;
-            for r in q.query_map(params![after_r, batch.last_receipt], |r| {
-                Ok(ReceiptLine::Receipt {
-                    seq: r.get(0)?,
-                    json: r.get(1)?,
-                    after_upload_at: None,
-                })
-            })? {
-                lines.push(r?);
-            }
-            let mut q = c.prepare_cached(
-                "SELECT seq, event FROM receipt_events WHERE seq > ?1 AND seq <= ?2 ORDER BY seq",
-            )?;
-            for r in q.query_map(params![after_e, batch.last_event], |r| {
-                Ok(ReceiptLine::Event {
-                    seq: r.get(0)?,
-                    json: r.get(1)?,
-                })
-            })? {
-                lines.push(r?);
-            }
             Ok(lines)
         })
         .await
@@ -390,6 +349,42 @@ impl Journal {
     }
 }
 
+/// The receipts with seq in `(receipts.0, receipts.1]` and the events in `(events.0,
+/// events.1]`, at most `limit` of each, receipts first, each in order.
+fn lines_after(
+    c: &Connection,
+    receipts: (i64, i64),
+    events: (i64, i64),
+    limit: usize,
+) -> rusqlite::Result<Vec<ReceiptLine>> {
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    let mut lines = Vec::new();
+    let mut q = c.prepare_cached(
+        "SELECT seq, receipt FROM receipts WHERE seq > ?1 AND seq <= ?2 ORDER BY seq LIMIT ?3",
+    )?;
+    for r in q.query_map(params![receipts.0, receipts.1, limit], |r| {
+        Ok(ReceiptLine::Receipt {
+            seq: r.get(0)?,
+            json: r.get(1)?,
+            after_upload_at: None,
+        })
+    })? {
+        lines.push(r?);
+    }
+    let mut q = c.prepare_cached(
+        "SELECT seq, event FROM receipt_events WHERE seq > ?1 AND seq <= ?2 ORDER BY seq LIMIT ?3",
+    )?;
+    for r in q.query_map(params![events.0, events.1, limit], |r| {
+        Ok(ReceiptLine::Event {
+            seq: r.get(0)?,
+            json: r.get(1)?,
+        })
+    })? {
+        lines.push(r?);
+    }
+    Ok(lines)
+}
+
 /// The newest batch, if any.
 fn last_batch(c: &Connection) -> rusqlite::Result<Option<BatchRow>> {
     c.query_row(
@@ -412,4 +407,53 @@ fn batch_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<BatchRow> {
         lines: r.get(5)?,
         uploaded_ms: r.get(6)?,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::journal::{Candidate, Journal, Landed};
+    use crate::version::Version;
+
+    /// Retention removes receipts older than its cutoff and nothing newer; with batches to the
+    /// bucket, only those already in a confirmed batch. Nothing else may delete a receipt.
+    #[tokio::test]
+    async fn retention_removes_only_what_is_old_enough() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(&dir.path().join("j.db")).unwrap();
+        for (i, p) in ["a", "b"].iter().enumerate() {
+            let v = Version::File {
+                size: 1,
+                mtime_ns: 1,
+                inode: i as u64,
+            };
+            let cand = Candidate {
+                rel_path: p.into(),
+                key: (*p).to_string(),
+                version: v.clone(),
+            };
+            j.offer("s".into(), vec![cand], true).await.unwrap();
+            let id = j.runnable(1, None, true, vec![]).await.unwrap()[0].id;
+            let ok = j
+                .delivered(id, v, [1; 32], Landed::default(), Custody::default(), true)
+                .await
+                .unwrap();
+            assert!(ok);
+        }
+        let count = |j: &Journal| {
+            j.with(|c| c.query_row("SELECT COUNT(*) FROM receipts", [], |r| r.get::<_, i64>(0)))
+                .unwrap()
+        };
+        assert_eq!(count(&j), 2);
+        // Outside retention, a delete is refused.
+        let refused = j.with(|c| c.execute("DELETE FROM receipts", []));
+        assert!(refused.is_err());
+        // A cutoff before both: nothing goes. Batches expected but none confirmed: nothing.
+        assert_eq!(j.prune_receipts(0, false).await.unwrap(), 0);
+        assert_eq!(j.prune_receipts(i64::MAX, true).await.unwrap(), 0);
+        assert_eq!(count(&j), 2);
+        // Past both, no batches expected: both go.
+        assert_eq!(j.prune_receipts(i64::MAX, false).await.unwrap(), 2);
+        assert_eq!(count(&j), 0);
+    }
 }

@@ -89,18 +89,7 @@ pub struct Agent {
 
 impl Agent {
     fn new() -> Agent {
-        let mut r = Registry::default();
-        let build: Family<VersionLabel, Gauge> = Family::default();
-        build
-            .get_or_create(&VersionLabel {
-                version: env!("CARGO_PKG_VERSION"),
-            })
-            .set(1);
-        r.register(
-            "ha_edge_build_info",
-            "The running ha-edge version (always 1)",
-            build,
-        );
+        let mut r = with_build_info();
         let m = Agent {
             registry: Mutex::new(Registry::default()),
             objects: Family::default(),
@@ -263,13 +252,7 @@ impl Agent {
     /// The exposition (OpenMetrics text).
     pub fn encode(&self) -> String {
         self.account_outage(Instant::now());
-        let mut out = String::new();
-        let r = self
-            .registry
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let _ = prometheus_client::encoding::text::encode(&mut out, &r);
-        out
+        encode(&self.registry)
     }
 }
 
@@ -287,18 +270,7 @@ pub struct Relay {
 
 impl Relay {
     fn new() -> Relay {
-        let mut r = Registry::default();
-        let build: Family<VersionLabel, Gauge> = Family::default();
-        build
-            .get_or_create(&VersionLabel {
-                version: env!("CARGO_PKG_VERSION"),
-            })
-            .set(1);
-        r.register(
-            "ha_edge_build_info",
-            "The running ha-edge version (always 1)",
-            build,
-        );
+        let mut r = with_build_info();
         let m = Relay {
             registry: Mutex::new(Registry::default()),
             connections: Gauge::default(),
@@ -357,14 +329,35 @@ impl Relay {
 
     /// The exposition (OpenMetrics text).
     pub fn encode(&self) -> String {
-        let mut out = String::new();
-        let r = self
-            .registry
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let _ = prometheus_client::encoding::text::encode(&mut out, &r);
-        out
+        encode(&self.registry)
     }
+}
+
+/// A registry holding `ha_edge_build_info{version}` (always 1).
+fn with_build_info() -> Registry {
+    let mut r = Registry::default();
+    let build: Family<VersionLabel, Gauge> = Family::default();
+    build
+        .get_or_create(&VersionLabel {
+            version: env!("CARGO_PKG_VERSION"),
+        })
+        .set(1);
+    r.register(
+        "ha_edge_build_info",
+        "The running ha-edge version (always 1)",
+        build,
+    );
+    r
+}
+
+/// A registry's exposition (OpenMetrics text).
+fn encode(registry: &Mutex<Registry>) -> String {
+    let mut out = String::new();
+    let r = registry
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let _ = prometheus_client::encoding::text::encode(&mut out, &r);
+    out
 }
 
 /// The agent's metrics (process-wide: one agent per process).
