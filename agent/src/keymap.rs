@@ -33,6 +33,17 @@ pub enum KeyError {
     Empty,
     #[error("the key has an empty segment ('//', or a leading or trailing '/')")]
     EmptySegment,
+    /// The key would fall under a prefix ha-edge writes itself (the receipt batches).
+    #[error("the key {0:?} would fall under {1:?}, where ha-edge keeps its receipt batches")]
+    Reserved(String, String),
+}
+
+/// `key`, unless it falls under `reserved` (the receipt batches' prefix, when set).
+pub fn unreserved(key: String, reserved: Option<&str>) -> Result<String, KeyError> {
+    match reserved {
+        Some(r) if key.starts_with(r) => Err(KeyError::Reserved(key, r.to_string())),
+        _ => Ok(key),
+    }
 }
 
 /// A key prefix that authorizes whole path segments: it always ends in '/', so `fhir/dkfz/`

@@ -470,19 +470,13 @@ impl Validator<'_> {
                     "receipt batches go to an S3 bucket; with a relay destination, leave [receipts] out (receipts stay in the journal: `ha-edge receipts`)",
                 );
             }
-            // Batches go under the bucket's root, not under the destination prefix.
-            let full = r.prefix.clone();
-            for s in &sources {
+            // Batches go under the bucket's root, not under the destination prefix. A source
+            // whose keys could fall there refuses those keys (visibly, as any other refused
+            // name), so a file can never overwrite a batch.
+            for s in &mut sources {
                 let space = format!("{}{}", d.prefix(), s.key_prefix);
-                if full.starts_with(&space) || space.starts_with(&full) {
-                    self.problem(
-                        0..0,
-                        "receipts.prefix",
-                        format!(
-                            "{:?} overlaps source {:?}'s keys ({space:?}): give receipts a prefix of their own",
-                            r.prefix, s.name
-                        ),
-                    );
+                if r.prefix.starts_with(&space) || space.starts_with(&r.prefix) {
+                    s.reserved_prefix = Some(r.prefix.clone());
                 }
             }
         }

@@ -188,6 +188,8 @@ pub struct SourceConfig {
     pub(super) key_prefix_span: Option<Range<usize>>,
     /// Higher goes first; within one priority, oldest first.
     pub priority: i64,
+    /// Keys under this prefix are refused (the receipt batches live there), if set.
+    pub reserved_prefix: Option<String>,
 }
 
 impl SourceConfig {
@@ -521,6 +523,7 @@ impl Validator<'_> {
             key_prefix,
             key_prefix_span,
             priority,
+            reserved_prefix: None,
             name: name?,
             notifications,
             kind,

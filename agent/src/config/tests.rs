@@ -504,3 +504,21 @@ fn bandwidth_and_its_timetable_are_checked() {
         assert!(keys.contains(&k), "{k}: {p:?}");
     }
 }
+
+/// Receipt batches at the bucket's root beside a source that sends to the root too: the
+/// source refuses keys under the batches' prefix instead of the config being refused.
+#[test]
+fn a_source_sharing_the_root_with_receipts_reserves_their_prefix() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("in")).unwrap();
+    let text = good(dir.path()).replace("prefix = \"fhir/\"", "prefix = \"\"")
+        + "\n[receipts]\nprefix = \"_receipts/\"\n";
+    let c = Config::parse(Path::new("t.toml"), &text).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(c.sources[0].reserved_prefix.as_deref(), Some("_receipts/"));
+    assert!(crate::keymap::unreserved("_receipts/x/1.ndjson".into(), Some("_receipts/")).is_err());
+    assert!(crate::keymap::unreserved("_receiptsx".into(), Some("_receipts/")).is_ok());
+    // A source with keys of its own does not.
+    let apart = good(dir.path()) + "\n[receipts]\nprefix = \"_receipts/\"\n";
+    let c = Config::parse(Path::new("t.toml"), &apart).unwrap();
+    assert_eq!(c.sources[0].reserved_prefix, None);
+}

@@ -255,7 +255,9 @@ impl BucketSource {
                 if !self.cfg.selects(Path::new(rest)) {
                     continue;
                 }
-                let key = match keymap::bucket_key(&self.dest_prefix, rest) {
+                let key = match keymap::bucket_key(&self.dest_prefix, rest)
+                    .and_then(|k| keymap::unreserved(k, self.cfg.reserved_prefix.as_deref()))
+                {
                     Ok(k) => k,
                     Err(why) => {
                         report.refused += 1;

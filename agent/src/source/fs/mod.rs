@@ -576,6 +576,7 @@ impl FsSource {
                     Err("it is ha-edge's own live journal".to_string())
                 } else {
                     keymap::object_key(&self.prefix, &s.rel)
+                        .and_then(|k| keymap::unreserved(k, self.cfg.reserved_prefix.as_deref()))
                         .map_err(|why| format!("name cannot be an object key: {why}"))
                 };
                 let key = match refusal {
@@ -714,7 +715,10 @@ impl FsSource {
                 Some(format!(
                     "it lists {name}, which this source never sends (include/exclude, or a completion marker)"
                 ))
-            } else if keymap::object_key(&self.prefix, p).is_err() {
+            } else if keymap::object_key(&self.prefix, p)
+                .and_then(|k| keymap::unreserved(k, self.cfg.reserved_prefix.as_deref()))
+                .is_err()
+            {
                 Some(format!(
                     "it lists {name}, whose name cannot be an object key"
                 ))
