@@ -425,7 +425,11 @@ impl<D: Destination> Scheduler<D> {
                 }
                 _ => None,
             };
-            board.end(row.id, matches!(outcome, Outcome::Delivered(..)));
+            // A row delivered before (its after_upload still owed) is not counted again.
+            board.end(
+                row.id,
+                matches!(outcome, Outcome::Delivered(..)) && row.state != State::Delivered,
+            );
             Finished {
                 took: started.elapsed(),
                 row,

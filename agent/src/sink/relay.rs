@@ -212,6 +212,9 @@ impl RelaySink {
                     up.send_data(off, bytes.to_vec())?;
                     self.flush(conn, &mut up, &mut send).await?;
                     off += len;
+                    // Written to the stream (QUIC's flow control holds it to what the relay
+                    // takes): the live display's progress for this object.
+                    crate::progress::board().advance(row.id, len);
                 }
                 pinned.check().await?;
                 // The relay reads the object back, verifies it and lands it before answering:
