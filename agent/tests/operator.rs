@@ -45,17 +45,7 @@ fn metrics_count_what_was_delivered_during_and_after_a_transfer() {
     let small = setup.write_files("small", 3, 10, 100_000);
     let big = data(7, 12 * MIB);
     write_settled(&setup.src().join("big.ndjson"), &big);
-    // Two answers 503 SlowDown: each is retried, and counted.
     let proxy = Proxy::start(s3.port);
-    proxy.add_rule(Rule::new(
-        "PutObject",
-        Fault::Status {
-            status: 503,
-            code: "SlowDown",
-            retry_after: None,
-        },
-        2,
-    ));
     let port = free_port();
     // 4 MB/s: the big file takes about 3 s, long enough to be seen in flight.
     setup.write_config(
@@ -73,6 +63,7 @@ fn metrics_count_what_was_delivered_during_and_after_a_transfer() {
                 .map(|r| r.1)
                 .unwrap_or_default();
             metric(&during, delivered) == Some(3.0)
+                && metric(&during, "ha_edge_pending_objects{source=\"exports\"}") == Some(1.0)
         }),
         "small files not delivered: {during}\n{}",
         setup.daemon_log()
@@ -82,7 +73,10 @@ fn metrics_count_what_was_delivered_during_and_after_a_transfer() {
     }
     let pending =
         |m: &str, what: &str| metric(m, &format!("ha_edge_pending_{what}{{source=\"exports\"}}"));
-    assert_eq!(pending(&during, "objects"), Some(1.0), "{during}");
+    // What was sent plus what waits is every byte; what waits is the big file.
+    let total: usize = small.iter().map(|(_, b)| b.len()).sum::<usize>() + big.len();
+    let sent = metric(&during, "ha_edge_bytes_sent_total{source=\"exports\"}");
+    assert_eq!(sent, Some((total - big.len()) as f64), "{during}");
     assert_eq!(
         pending(&during, "bytes"),
         Some(big.len() as f64),
@@ -110,10 +104,9 @@ fn metrics_count_what_was_delivered_during_and_after_a_transfer() {
     );
     let after = scrape(port);
     assert_eq!(metric(&after, delivered), Some(4.0), "{after}");
-    let bytes: usize = small.iter().map(|(_, b)| b.len()).sum::<usize>() + big.len();
     assert_eq!(
         metric(&after, "ha_edge_bytes_sent_total{source=\"exports\"}"),
-        Some(bytes as f64)
+        Some(total as f64)
     );
     assert_eq!(pending(&after, "objects"), Some(0.0));
     assert_eq!(pending(&after, "bytes"), Some(0.0));
@@ -121,12 +114,9 @@ fn metrics_count_what_was_delivered_during_and_after_a_transfer() {
         let s = format!("ha_edge_objects_total{{source=\"exports\",outcome=\"{outcome}\"}}");
         assert_eq!(metric(&after, &s), Some(0.0), "{s}");
     }
-    assert_eq!(
-        metric(&after, "ha_edge_request_retries_total{op=\"PutObject\"}"),
-        Some(2.0),
-        "{after}"
-    );
-    // Every request is timed: 3 single PUTs at least, and the journal's commits.
+    let put_retries =
+        |m: &str| metric(m, "ha_edge_request_retries_total{op=\"PutObject\"}").unwrap_or(0.0);
+    let retries_before = put_retries(&after); // Every request is timed: 3 single PUTs at least, and the journal's commits.
     let puts = metric(
         &after,
         "ha_edge_request_duration_seconds_count{op=\"PutObject\"}",
@@ -138,6 +128,25 @@ fn metrics_count_what_was_delivered_during_and_after_a_transfer() {
         !after.contains("small0") && !after.contains("big.ndjson"),
         "{after}"
     );
+    // Two answers 503 SlowDown to the next file: each is retried, and counted.
+    proxy.add_rule(Rule::new(
+        "PutObject",
+        Fault::Status {
+            status: 503,
+            code: "SlowDown",
+            retry_after: None,
+        },
+        2,
+    ));
+    write_settled(&setup.src().join("late.ndjson"), &data(77, 5000));
+    assert!(
+        wait_until(Duration::from_secs(60), || done(&setup) == 5),
+        "{}",
+        setup.daemon_log()
+    );
+    let after = scrape(port);
+    assert_eq!(metric(&after, delivered), Some(5.0), "{after}");
+    assert_eq!(put_retries(&after), retries_before + 2.0, "{after}");
     // OpenMetrics for a scraper that asks for it, health and readiness.
     let (status, om) = http_get(
         port,
