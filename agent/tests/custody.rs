@@ -70,6 +70,11 @@ fn every_delivered_version_has_one_receipt_with_what_the_server_answered() {
         let meta = std::fs::metadata(src.join(name)).unwrap();
         use std::os::unix::fs::MetadataExt;
         assert_eq!(r["source"]["inode"], meta.ino());
+        assert_eq!(
+            r["source"]["ctime_ns"],
+            meta.ctime() * 1_000_000_000 + meta.ctime_nsec(),
+            "{name}: the ctime read with the bytes"
+        );
         assert_eq!(r["sha256"], sha256(&bytes));
         assert_eq!(r["destination"]["bucket"], "exports");
         assert_eq!(r["destination"]["key"], format!("fhir/{name}"));

@@ -254,6 +254,9 @@ pub struct Landed {
     pub kms_key_id: Option<String>,
     /// Whether `sse` and `kms_key_id` come from the server's answer.
     pub sse_confirmed: bool,
+    /// Single PUTs of files: the ctime when the bytes were read (a multipart upload's is in
+    /// the row, fixed with its hash).
+    pub source_ctime_ns: Option<i64>,
 }
 
 /// What the journal cannot know of a delivery itself, for its receipt: who delivered it, to

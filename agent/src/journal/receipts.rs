@@ -128,7 +128,11 @@ pub(super) fn insert(
         size: size.max(0).unsigned_abs(),
         mtime_ns: file.then_some(mtime_ns),
         inode: file.then_some(inode.max(0).unsigned_abs()),
-        ctime_ns: if file { ctime_ns } else { None },
+        ctime_ns: if file {
+            ctime_ns.or(landed.source_ctime_ns)
+        } else {
+            None
+        },
         last_modified: (!file && mtime_ns > 0).then(|| record::rfc3339_ms(mtime_ns / 1_000_000)),
     };
     let receipt = Receipt {

@@ -413,7 +413,7 @@ impl S3Sink {
         // Memory first, then open, read and hash in one hand-off to the blocking pool.
         let size = fp.size();
         let permit = self.budget.reserve(size).await;
-        let (body, sha) = match origin {
+        let (body, sha, ctime) = match origin {
             Origin::Dir(root) => {
                 let (root2, p2) = (root.clone(), root.join(&row.rel_path));
                 let fp = fp.clone();
@@ -426,7 +426,7 @@ impl S3Sink {
                     })?;
                     check_pinned(&file, &p2, &fp, ctime_ns)?;
                     let sha = Sha256::digest(&buf);
-                    Ok((Bytes::from(buf), sha))
+                    Ok((Bytes::from(buf), sha, Some(ctime_ns)))
                 })
                 .await?
             }
@@ -438,7 +438,8 @@ impl S3Sink {
                     fp: fp.clone(),
                     etag: row.source_etag().map(str::to_string),
                 });
-                pinned.read(0, size).await?
+                let (body, sha) = pinned.read(0, size).await?;
+                (body, sha, None)
             }
         };
         // Nothing on the server depends on the journal before a single PUT (a crash before
@@ -470,6 +471,7 @@ impl S3Sink {
             sse: answer.sse.clone(),
             kms_key_id: answer.kms_key_id.clone(),
             sse_confirmed: answer.sse.is_some(),
+            source_ctime_ns: ctime,
         };
         match answer.checksum_sha256 {
             Some(cs) if cs != b64(&sha) => {
@@ -484,7 +486,10 @@ impl S3Sink {
             _ => {
                 let head = self.verify(&row.key, fp.size(), &sha, None).await?;
                 if landed.etag.is_none() {
-                    landed = landed_of(&head);
+                    landed = Landed {
+                        source_ctime_ns: ctime,
+                        ..landed_of(&head)
+                    };
                 } else if landed.checksum.is_none() {
                     landed.checksum = landed_of(&head).checksum;
                 }
@@ -822,6 +827,7 @@ fn landed_of(head: &Head) -> Landed {
         sse: head.sse.clone(),
         kms_key_id: head.kms_key_id.clone(),
         sse_confirmed: head.sse.is_some(),
+        source_ctime_ns: None,
     }
 }
 
