@@ -345,13 +345,13 @@ pub async fn run(
         config.agent.bandwidth.clone(),
         shutdown.clone(),
     ));
-    let custody =
-        Custody::start(&config, &journal_handle, receipts_client, opts, &shutdown).await?;
+    let receipt_tasks =
+        ReceiptTasks::start(&config, &journal_handle, receipts_client, opts, &shutdown).await?;
     let summary = scheduler::dispatch::run(wiring, intake, summary, shutdown).await;
     let _ = display_stop.send(true);
     let _ = display.await;
     let summary = summary?;
-    custody.finish().await;
+    receipt_tasks.finish().await;
     Ok(summary)
 }
 
@@ -421,13 +421,13 @@ impl Drop for Scratch {
 }
 
 /// The receipts' housekeeping beside a run: retention, and batches in the bucket.
-struct Custody {
+struct ReceiptTasks {
     tasks: JoinSet<()>,
     /// `--once`: one flush of the batches at the end of the run.
     once_flush: Option<(Journal, Arc<S3Client>, receipts::batch::Settings)>,
 }
 
-impl Custody {
+impl ReceiptTasks {
     /// Prunes receipts past `receipts_keep` now and hourly, and starts the batch task.
     async fn start(
         config: &Config,
@@ -435,7 +435,7 @@ impl Custody {
         client: Option<Arc<S3Client>>,
         opts: RunOptions,
         shutdown: &watch::Receiver<bool>,
-    ) -> Result<Custody, JournalError> {
+    ) -> Result<ReceiptTasks, JournalError> {
         let mut tasks = JoinSet::new();
         let to_bucket = config.receipts.is_some() && client.is_some();
         if let Some(keep) = config.agent.receipts_keep {
@@ -479,7 +479,7 @@ impl Custody {
                 ));
             }
         }
-        Ok(Custody { tasks, once_flush })
+        Ok(ReceiptTasks { tasks, once_flush })
     }
 
     /// After the run: the last batch, and the tasks' end.

@@ -411,7 +411,10 @@ async fn step(j: &Journal, m: &mut Model, op: &Op) {
             let Some(r) = m.pick(pick, &[State::Delivered]) else {
                 return;
             };
-            j.set_state(r.id, State::Done).await.unwrap();
+            // The call the scheduler makes: the row done, its receipt's event appended.
+            j.after_upload_done(r.id, "delete", "deleted".into())
+                .await
+                .unwrap();
             m.row_mut(r.id).state = State::Done;
         }
         Op::Reject { pick } => {
