@@ -53,6 +53,8 @@ pub enum AppError {
     Relay(#[from] LinkError),
     #[error("metrics: {0}")]
     Metrics(String),
+    #[error("pseudonymisation key: {0}")]
+    Pseudonym(String),
 }
 
 /// How `ha-edge run` was asked to run.
@@ -145,6 +147,18 @@ pub async fn run(
         Destination::Relay(_) => None,
     };
     let a = &config.agent;
+    crate::phi::set_keys_only(a.keys_only);
+    if config.sources.iter().any(|s| {
+        s.key_template
+            .as_ref()
+            .is_some_and(crate::phi::Template::uses_hmac)
+    }) {
+        let creds = std::env::var_os("CREDENTIALS_DIRECTORY").map(std::path::PathBuf::from);
+        // Checked by the config already; read again here, where it is used (never logged).
+        let key = crate::phi::read_pseudonym_key(creds.as_deref(), a.pseudonym_key_file.as_deref())
+            .map_err(AppError::Pseudonym)?;
+        crate::phi::set_pseudonym_key(&key);
+    }
     let mut origins: HashMap<String, Origin> = HashMap::new();
     for s in &config.sources {
         let origin = match &s.kind {

@@ -73,6 +73,16 @@ pub enum Command {
         #[arg(long, default_value_t = 50, requires = "objects")]
         limit: usize,
     },
+    /// Resolve a destination key to the source file it came from (on this box only: the
+    /// mapping of pseudonymised keys lives in the local journal).
+    Lookup {
+        #[arg(short, long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// The destination key (as in the bucket, status and logs).
+        key: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the receipts of delivered objects (read-only; safe while the daemon runs), or
     /// `verify` the receipt batches in the bucket. Times: RFC 3339 (`2026-12-01T08:00:00Z`) or
     /// an age (`24h`: since 24 hours ago).

@@ -36,6 +36,25 @@ pub enum KeyError {
     /// The key would fall under a prefix ha-edge writes itself (the receipt batches).
     #[error("the key {0:?} would fall under {1:?}, where ha-edge keeps its receipt batches")]
     Reserved(String, String),
+    /// The key template could not be expanded for this file.
+    #[error("key_template: {0}")]
+    Template(String),
+}
+
+/// The key of a file: `prefix` + its `key_template` expansion (else its relative path), held
+/// to the same rules as any key.
+pub fn key_of(
+    prefix: &str,
+    template: Option<&crate::phi::Template>,
+    input: &crate::phi::KeyInput<'_>,
+) -> Result<String, KeyError> {
+    match template {
+        None => object_key(prefix, input.rel),
+        Some(t) => {
+            let rest = t.expand(input).map_err(KeyError::Template)?;
+            object_key(prefix, Path::new(&rest))
+        }
+    }
 }
 
 /// `key`, unless it falls under `reserved` (the receipt batches' prefix, when set).

@@ -30,6 +30,8 @@ mod hash;
 mod journal;
 /// Paths to keys.
 mod keymap;
+/// PHI-safe keys and logs: key templates, pseudonyms, withheld paths.
+mod phi;
 /// What is in flight, and the live display.
 mod progress;
 /// Chain of custody: receipts and their batches in the bucket.
@@ -55,6 +57,7 @@ mod systemd;
 /// Metrics and health endpoints.
 mod telemetry;
 /// What identifies a source version.
+mod validate;
 mod version;
 
 use std::io::IsTerminal;
@@ -101,6 +104,7 @@ fn main() -> ExitCode {
             dry_run,
         } => run(&config, once, dry_run),
         Command::Relay { config, check } => relay_main(&config, check),
+        Command::Lookup { config, key, json } => status::lookup(&config, key, json),
         Command::Receipts {
             config,
             since,
@@ -391,10 +395,15 @@ fn status(file: &Path, json: bool, stale_after: std::time::Duration) -> ExitCode
         Ok(p) => p,
         Err(e) => return fail(EXIT_CONFIG, e),
     };
-    let st = match journal::Journal::open_readonly(&path).and_then(|j| j.status()) {
+    let mut st = match journal::Journal::open_readonly(&path).and_then(|j| j.status()) {
         Ok(s) => s,
         Err(e) => return fail(EXIT_JOURNAL, e),
     };
+    if config::keys_only(file) {
+        for h in &mut st.held.last {
+            h.path = "(withheld)".into();
+        }
+    }
     let report = status::assess(st, stale_after);
     if json {
         out(&format!(
@@ -444,6 +453,7 @@ fn run(file: &Path, once: bool, dry_run: bool) -> ExitCode {
                 | app::AppError::SourceCredentials { .. }
                 | app::AppError::Relay(_)
                 | app::AppError::Metrics(_)
+                | app::AppError::Pseudonym(_)
                 | app::AppError::Setup(_) => EXIT_CONFIG,
             };
             (code, e.to_string())
@@ -466,10 +476,11 @@ fn run(file: &Path, once: bool, dry_run: bool) -> ExitCode {
         return ExitCode::SUCCESS;
     }
     err_line(&format!(
-        "ha-edge: {} delivered ({} bytes), {} rejected, {} conflicts, {} failed (resume on the next run), {} vanished, {} changed during upload, {} not yet settled, {} refused{}",
+        "ha-edge: {} delivered ({} bytes), {} rejected, {} quarantined, {} conflicts, {} failed (resume on the next run), {} vanished, {} changed during upload, {} not yet settled, {} refused{}",
         summary.delivered,
         summary.bytes,
         summary.rejected,
+        summary.quarantined,
         summary.conflicts,
         summary.failed,
         summary.vanished,

@@ -4,7 +4,7 @@
 //! | health | exit | when |
 //! |---|---|---|
 //! | healthy | 0 | nothing held, nothing stale, the destination accepting |
-//! | degraded | 1 | paths held (refused, rejected, conflict), a source's keys refused, or the oldest pending object older than `--stale-after` |
+//! | degraded | 1 | paths held (refused, rejected, conflict, quarantined), a source's keys refused, or the oldest pending object older than `--stale-after` |
 //! | refusing | 3 | the destination refuses us (credentials, bucket, region, relay) |
 //! | unreachable | 3 | the destination does not answer |
 //! | (journal) | 4 | no journal, or it cannot be read |
@@ -26,7 +26,7 @@ use crate::journal::Status;
 pub enum Health {
     /// Nothing held, nothing stale, the destination accepting.
     Healthy,
-    /// Work is held (refused, rejected, conflicts), a source's keys are refused, or pending
+    /// Work is held (refused, rejected, conflicts, quarantined), a source's keys are refused, or pending
     /// work is older than the threshold.
     Degraded,
     /// The destination refuses us (credentials, bucket, region).
@@ -96,7 +96,7 @@ pub fn assess(status: Status, stale_after: std::time::Duration) -> Report {
         worse(
             Health::Degraded,
             format!(
-                "{} file(s) held back (refused, rejected or in conflict): see held",
+                "{} file(s) held back (refused, rejected, in conflict or quarantined): see held",
                 status.held.count
             ),
             &mut health,
@@ -258,12 +258,17 @@ pub fn objects(
         Some(S::Conflict) => F::Conflict,
         Some(S::Failed) => F::Failed,
     };
-    let items = match crate::journal::Journal::open_readonly(&path)
+    let mut items = match crate::journal::Journal::open_readonly(&path)
         .and_then(|j| j.list_objects(filter, limit))
     {
         Ok(i) => i,
         Err(e) => return crate::fail(crate::EXIT_JOURNAL, e),
     };
+    if crate::config::keys_only(file) {
+        for i in &mut items {
+            i.path = "(withheld)".into();
+        }
+    }
     if json {
         crate::out(&format!(
             "{}\n",
@@ -273,6 +278,43 @@ pub fn objects(
         crate::out(&render_objects(&items));
     }
     std::process::ExitCode::SUCCESS
+}
+
+/// `ha-edge lookup KEY`: the source path(s) behind a key (exit 0 found, 1 not found, 2 config,
+/// 4 journal). It shows the path whatever `log_paths` says: it is the operator's own lookup.
+pub fn lookup(file: &std::path::Path, key: String, json: bool) -> std::process::ExitCode {
+    let path = match crate::config::journal_path(file) {
+        Ok(p) => p,
+        Err(e) => return crate::fail(crate::EXIT_CONFIG, e),
+    };
+    let items = match crate::journal::Journal::open_readonly(&path).and_then(|j| j.lookup(key)) {
+        Ok(i) => i,
+        Err(e) => return crate::fail(crate::EXIT_JOURNAL, e),
+    };
+    if json {
+        crate::out(&format!(
+            "{}\n",
+            serde_json::to_string_pretty(&items).unwrap_or_default()
+        ));
+    } else {
+        let mut out = String::new();
+        for i in &items {
+            let _ = writeln!(
+                out,
+                "{}\t{}\t{}\t{} bytes",
+                i.source, i.path, i.state, i.size
+            );
+        }
+        if items.is_empty() {
+            out.push_str("(no object with this key in the journal)\n");
+        }
+        crate::out(&out);
+    }
+    if items.is_empty() {
+        std::process::ExitCode::from(1)
+    } else {
+        std::process::ExitCode::SUCCESS
+    }
 }
 
 /// `status --objects` for a terminal: one line per object.

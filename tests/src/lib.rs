@@ -15,6 +15,9 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
+/// The record-check corpus (FHIR NDJSON, DICOM).
+pub mod corpus;
+
 pub const ACCESS_KEY: &str = "ha-edge-test-ak";
 pub const SECRET_KEY: &str = "ha-edge-test-secret-key";
 

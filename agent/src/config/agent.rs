@@ -66,6 +66,10 @@ struct RawAgent {
     name: Option<Spanned<String>>,
     /// How long receipts are kept in the journal (default: forever).
     receipts_keep: Option<Spanned<toml::Value>>,
+    /// `"full"` (default) or `"keys"`: with keys, no output names a source path.
+    log_paths: Option<Spanned<String>>,
+    /// The pseudonymisation key for `{hmac:…}`, when not in `$CREDENTIALS_DIRECTORY`.
+    pseudonym_key_file: Option<Spanned<String>>,
     /// Address of the metrics endpoint (`/metrics`, `/healthz`, `/readyz`); off if unset.
     metrics: Option<Spanned<String>>,
     /// The bandwidth limit for object data, e.g. "40Mbit" ("off": none, "0": paused).
@@ -136,6 +140,10 @@ pub struct AgentConfig {
     pub name: String,
     /// How long receipts are kept (None: forever).
     pub receipts_keep: Option<Duration>,
+    /// `log_paths = "keys"`: logs, errors, status and metrics carry keys, never source paths.
+    pub keys_only: bool,
+    /// Where the pseudonymisation key is read from when not in the credentials directory.
+    pub pseudonym_key_file: Option<PathBuf>,
     /// Where `/metrics`, `/healthz` and `/readyz` are served (None: off).
     pub metrics: Option<std::net::SocketAddr>,
     /// The bandwidth limit and its timetable.
@@ -458,6 +466,37 @@ impl Validator<'_> {
                 "the journal must not live inside a watched source directory",
             );
         }
+        if let Some((idx, span)) = sources
+            .iter()
+            .zip(&places)
+            .find(|(s, _)| {
+                s.key_template
+                    .as_ref()
+                    .is_some_and(crate::phi::Template::uses_hmac)
+            })
+            .map(|(_, (idx, name_span, _))| (*idx, name_span.clone()))
+        {
+            let creds = (self.env)("CREDENTIALS_DIRECTORY").map(PathBuf::from);
+            let file = agent.as_ref().and_then(|a| a.pseudonym_key_file.clone());
+            if let Err(why) = crate::phi::read_pseudonym_key(creds.as_deref(), file.as_deref()) {
+                self.problem(
+                    span,
+                    &format!("source[{idx}].key_template"),
+                    format!("{{hmac:…}} needs the site's pseudonymisation key: {why}"),
+                );
+            }
+        }
+        if matches!(destination, Some(Destination::Relay(_))) {
+            for (s, (idx, name_span, _)) in sources.iter().zip(&places) {
+                if s.validation.on_invalid == crate::validate::OnInvalid::UploadFlagged {
+                    self.problem(
+                        name_span.clone(),
+                        &format!("source[{idx}].on_invalid"),
+                        "\"upload-flagged\" tags the object in S3; a relay destination cannot tag it (use \"quarantine\")",
+                    );
+                }
+            }
+        }
         let receipts = raw.receipts.map(|r| {
             let span = r.span();
             self.receipts(r.into_inner(), span)
@@ -625,7 +664,27 @@ impl Validator<'_> {
             }
         });
         let bandwidth = self.bandwidth(a.bandwidth, a.bandwidth_schedule);
+        let keys_only = match a.log_paths {
+            None => false,
+            Some(l) => match l.get_ref().as_str() {
+                "full" => false,
+                "keys" => true,
+                other => {
+                    self.problem(
+                        l.span(),
+                        "agent.log_paths",
+                        format!("must be \"full\" or \"keys\", got {other:?}"),
+                    );
+                    false
+                }
+            },
+        };
+        let pseudonym_key_file = a
+            .pseudonym_key_file
+            .map(|f| self.readable_file(&f, "agent.pseudonym_key_file", true));
         Some(AgentConfig {
+            keys_only,
+            pseudonym_key_file,
             journal: journal?,
             name,
             metrics,

@@ -33,6 +33,8 @@ mod relay;
 mod source;
 #[cfg(test)]
 mod tests;
+/// `validate`, `max_line`, `on_invalid`, `quarantine_dir`.
+mod validation;
 
 pub use agent::{resolve_lenient, Config, LogFormat};
 #[cfg(test)]
@@ -488,6 +490,20 @@ pub fn check_bucket_name(b: &str) -> Result<(), String> {
 
 /// Just `agent.journal`, for `status`, which must work even when other parts of the config
 /// (a source directory, say) are currently broken.
+/// Whether `[agent] log_paths = "keys"` (read leniently, like `journal_path`: for `status`).
+pub fn keys_only(file: &Path) -> bool {
+    std::fs::read_to_string(file)
+        .ok()
+        .and_then(|t| toml::from_str::<toml::Table>(&t).ok())
+        .and_then(|t| {
+            t.get("agent")
+                .and_then(|a| a.get("log_paths"))
+                .and_then(|l| l.as_str())
+                .map(|l| l == "keys")
+        })
+        .unwrap_or(false)
+}
+
 pub fn journal_path(file: &Path) -> Result<PathBuf, String> {
     let text = std::fs::read_to_string(file)
         .map_err(|e| format!("{}: cannot read: {e}", file.display()))?;

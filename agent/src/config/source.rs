@@ -71,6 +71,17 @@ pub(super) struct RawSource {
     /// Put this source's keys under `destination.prefix` + this (`{source}` is the source's
     /// name), so sources with the same relative names never share a key.
     pub(super) key_prefix: Option<Spanned<String>>,
+    /// Record checks: `"fhir-ndjson"`, `"dicom"`, `"none"` or `[{ include, as }]`.
+    validate: Option<Spanned<toml::Value>>,
+    /// The longest NDJSON line accepted (default 16MiB).
+    max_line: Option<Spanned<toml::Value>>,
+    /// `"quarantine"` (default) or `"upload-flagged"`.
+    on_invalid: Option<Spanned<String>>,
+    /// Directory sources: where quarantined files are moved (else left in place).
+    quarantine_dir: Option<Spanned<String>>,
+    /// The key of each file, e.g. `"{source}/{date:%Y/%m/%d}/{hmac:dir}/{name}"` (default: the
+    /// relative path).
+    key_template: Option<Spanned<String>>,
 }
 
 /// What happens to a source once its delivery is committed and verified.
@@ -190,6 +201,10 @@ pub struct SourceConfig {
     pub priority: i64,
     /// Keys under this prefix are refused (the receipt batches live there), if set.
     pub reserved_prefix: Option<String>,
+    /// Record checks before a file is sent.
+    pub validation: crate::validate::Rules,
+    /// How a relative path becomes a key (None: the path itself).
+    pub key_template: Option<crate::phi::Template>,
 }
 
 impl SourceConfig {
@@ -345,6 +360,26 @@ impl Validator<'_> {
             Duration::from_secs(30),
         );
         let after_upload = self.after_upload(i, s.after_upload.take(), path.as_deref(), is_bucket);
+        let raw = super::validation::RawValidation {
+            validate: s.validate.take(),
+            max_line: s.max_line.take(),
+            on_invalid: s.on_invalid.take(),
+            quarantine_dir: s.quarantine_dir.take(),
+        };
+        let validation = self.validation(i, raw, path.as_deref(), is_bucket);
+        let key_template = s.key_template.take().and_then(|t| {
+            match crate::phi::Template::parse(t.get_ref()) {
+                Ok(tpl) if is_bucket && tpl.uses_sha256() => {
+                    self.problem(t.span(), &at("key_template"), "{sha256} needs a directory source (a bucket object's key is fixed before it is read)");
+                    None
+                }
+                Ok(tpl) => Some(tpl),
+                Err(why) => {
+                    self.problem(t.span(), &at("key_template"), why);
+                    None
+                }
+            }
+        });
         self.source_rest(
             i,
             s,
@@ -355,6 +390,8 @@ impl Validator<'_> {
             exclude,
             settle,
             after_upload,
+            validation,
+            key_template,
         )
     }
 
@@ -418,6 +455,8 @@ impl Validator<'_> {
         exclude: GlobSet,
         settle: Duration,
         after_upload: AfterUpload,
+        validation: crate::validate::Rules,
+        key_template: Option<crate::phi::Template>,
     ) -> Option<SourceConfig> {
         let at = |k: &str| format!("source[{i}].{k}");
         let rescan_interval = self.duration(
@@ -524,6 +563,8 @@ impl Validator<'_> {
             key_prefix_span,
             priority,
             reserved_prefix: None,
+            validation,
+            key_template,
             name: name?,
             notifications,
             kind,
@@ -749,7 +790,14 @@ impl Validator<'_> {
     ) {
         for (i, a) in sources.iter().enumerate() {
             for (j, b) in sources.iter().enumerate().skip(i + 1) {
-                let (pa, pb) = (&a.key_prefix, &b.key_prefix);
+                let space = |s: &SourceConfig| {
+                    let fixed = s
+                        .key_template
+                        .as_ref()
+                        .map_or(String::new(), |t| t.fixed_prefix(&s.name));
+                    format!("{}{fixed}", s.key_prefix)
+                };
+                let (pa, pb) = (&space(a), &space(b));
                 if !(pa.starts_with(pb.as_str()) || pb.starts_with(pa.as_str())) {
                     continue;
                 }

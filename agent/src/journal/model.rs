@@ -19,11 +19,13 @@ pub enum State {
     Vanished,
     /// Another writer's object is at the key (`overwrite = "own"`): left alone, source kept.
     Conflict,
+    /// Failed its record check (`validate`): not sent; a new version is checked again.
+    Quarantined,
 }
 
 impl State {
     /// Every state, in the order of the diagram.
-    pub const ALL: [State; 8] = [
+    pub const ALL: [State; 9] = [
         State::Pending,
         State::Uploading,
         State::Completing,
@@ -32,6 +34,7 @@ impl State {
         State::Rejected,
         State::Vanished,
         State::Conflict,
+        State::Quarantined,
     ];
 
     /// States with work left: the scheduler dispatches these (a `delivered` row still owes its
@@ -47,7 +50,7 @@ impl State {
     /// States whose bytes are in the bucket, verified.
     pub const LANDED: [State; 2] = [State::Delivered, State::Done];
     /// States that hold a path back until the operator acts (shown in `status`).
-    pub const HELD: [State; 2] = [State::Rejected, State::Conflict];
+    pub const HELD: [State; 3] = [State::Rejected, State::Conflict, State::Quarantined];
 
     /// The state's name in the journal and in `status`.
     pub fn as_str(self) -> &'static str {
@@ -60,6 +63,7 @@ impl State {
             State::Rejected => "rejected",
             State::Vanished => "vanished",
             State::Conflict => "conflict",
+            State::Quarantined => "quarantined",
         }
     }
 }
@@ -230,6 +234,8 @@ pub struct ObjectRow {
     pub part_hashes: Option<Vec<[u8; 32]>>,
     /// Its source's priority when it was offered (higher goes first).
     pub priority: i64,
+    /// `on_invalid = "upload-flagged"`: the check it failed (it is sent tagged).
+    pub flag: Option<String>,
 }
 
 impl ObjectRow {
@@ -277,6 +283,9 @@ pub struct Custody {
     pub after_upload: &'static str,
     /// When this attempt began (ms since the epoch); a multipart upload's recorded start wins.
     pub started_ms: Option<i64>,
+    /// Leave the source path (or source key) out of the receipt: keys are pseudonymised, or
+    /// `log_paths = "keys"`. The journal's row keeps it for `ha-edge receipts` on the box.
+    pub withhold_path: bool,
 }
 
 /// A part the server acknowledged (kept in the `parts` table).
@@ -307,7 +316,12 @@ pub fn offer_action(
         Some((State::Uploading | State::Completing, _)) => OfferAction::Nothing,
         Some((State::Delivered | State::Done, _)) if !reupload_changed => OfferAction::Nothing,
         Some((
-            State::Delivered | State::Done | State::Rejected | State::Vanished | State::Conflict,
+            State::Delivered
+            | State::Done
+            | State::Rejected
+            | State::Vanished
+            | State::Conflict
+            | State::Quarantined,
             _,
         )) => OfferAction::Insert,
     }
@@ -366,6 +380,13 @@ mod tests {
             offer_action(Some((State::Rejected, A)), B, false),
             OfferAction::Insert
         );
+        // A quarantined file that changes is checked again, whatever on_change says.
+        for reupload in [true, false] {
+            assert_eq!(
+                offer_action(Some((State::Quarantined, A)), B, reupload),
+                OfferAction::Insert
+            );
+        }
     }
 
     /// A version survives its columns, and an unknown kind is an error.

@@ -98,6 +98,7 @@ const ALLOWED: &[(State, State)] = &[
     (State::Pending, State::Rejected),
     (State::Uploading, State::Rejected),
     (State::Completing, State::Rejected),
+    (State::Pending, State::Quarantined),
 ];
 
 /// What the model (and the check) knows of one row.

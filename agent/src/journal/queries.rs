@@ -27,7 +27,7 @@ static RUNNABLE_SQL: LazyLock<String> = LazyLock::new(|| {
         upload_id, part_size, attempts, pinned_etag,
         (SELECT p.dest_etag FROM objects p WHERE p.key = objects.key AND p.id < objects.id
             AND p.dest_etag IS NOT NULL ORDER BY p.id DESC LIMIT 1),
-        ctime_ns, part_hashes, kind, etag, priority
+        ctime_ns, part_hashes, kind, etag, priority, flag
     FROM objects
     WHERE state IN ({})
       AND next_attempt_ms <= ?1
@@ -177,6 +177,27 @@ impl Journal {
                         .query_row(params![source, path_bytes(r)], |row| row.get(0))
                         .optional()?;
                     Ok(st.is_some_and(|st| State::LANDED.contains(&st)))
+                })
+                .collect()
+        })
+        .await
+    }
+
+    /// The newest row's state of each path of `source` (None: never seen).
+    pub async fn latest_states(
+        &self,
+        source: String,
+        rels: Vec<PathBuf>,
+    ) -> Result<Vec<Option<State>>, JournalError> {
+        self.call(move |c| {
+            let mut q = c.prepare_cached(
+                "SELECT state FROM objects WHERE source = ?1 AND rel_path = ?2
+                 ORDER BY id DESC LIMIT 1",
+            )?;
+            rels.iter()
+                .map(|r| {
+                    q.query_row(params![source, path_bytes(r)], |row| row.get(0))
+                        .optional()
                 })
                 .collect()
         })
@@ -528,6 +549,19 @@ impl Journal {
         .await
     }
 
+    /// Records the check a row failed before it is sent flagged (`on_invalid =
+    /// "upload-flagged"`), or clears it when the version passes.
+    pub async fn set_flag(&self, id: i64, flag: Option<String>) -> Result<(), JournalError> {
+        self.call_at(move |c, now| {
+            c.execute(
+                "UPDATE objects SET flag = ?2, updated_ms = ?3 WHERE id = ?1",
+                params![id, flag, now],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
     /// Puts an object back to be tried again no earlier than `delay_ms` from now.
     pub async fn retry_later(
         &self,
@@ -700,6 +734,7 @@ fn row_to_object(r: &rusqlite::Row<'_>) -> rusqlite::Result<ObjectRow> {
                 .collect()
         }),
         priority: r.get(18)?,
+        flag: r.get(19)?,
     })
 }
 

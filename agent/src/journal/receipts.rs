@@ -117,13 +117,15 @@ pub(super) fn insert(
     let source_ref = SourceRef {
         name: source.clone(),
         kind,
-        path: file.then(|| path.clone()),
+        // Pseudonymised keys or `log_paths = "keys"`: the path stays in the journal's own row
+        // (`ha-edge receipts` shows it on the box); the receipt, and so its batch, omits it.
+        path: (file && !custody.withhold_path).then(|| path.clone()),
         bucket: if file {
             None
         } else {
             custody.source_bucket.clone()
         },
-        key: (!file).then(|| format!("{}{path}", custody.source_prefix)),
+        key: (!file && !custody.withhold_path).then(|| format!("{}{path}", custody.source_prefix)),
         etag: etag.or(pinned),
         size: size.max(0).unsigned_abs(),
         mtime_ns: file.then_some(mtime_ns),
@@ -217,7 +219,8 @@ impl Journal {
             let mut stmt = c.prepare(
                 "SELECT r.seq, r.receipt,
                         (SELECT e.event FROM receipt_events e WHERE e.receipt_seq = r.seq
-                          ORDER BY e.seq DESC LIMIT 1)
+                          ORDER BY e.seq DESC LIMIT 1),
+                        (SELECT o.rel_path FROM objects o WHERE o.id = r.object_id)
                    FROM receipts r
                   WHERE (?1 IS NULL OR r.at_ms >= ?1) AND (?2 IS NULL OR r.at_ms < ?2)
                     AND (?3 IS NULL OR r.source = ?3)
@@ -229,9 +232,10 @@ impl Journal {
                 let after_upload_at = event
                     .and_then(|e| serde_json::from_str::<AfterUploadEvent>(&e).ok())
                     .map(|e| e.at);
+                let rel: Option<Vec<u8>> = r.get(3)?;
                 let line = ReceiptLine::Receipt {
                     seq: r.get(0)?,
-                    json: r.get(1)?,
+                    json: with_local_path(r.get(1)?, rel.as_deref()),
                     after_upload_at,
                 };
                 if let Err(e) = each(line) {
@@ -390,6 +394,22 @@ fn lines_after(
 }
 
 /// The newest batch, if any.
+/// A receipt as shown on the box: a path withheld from the receipt (and its batch) is filled
+/// in from the journal's own row.
+fn with_local_path(json: String, rel: Option<&[u8]>) -> String {
+    let Some(rel) = rel else { return json };
+    let Ok(mut r) = serde_json::from_str::<crate::receipts::record::Receipt>(&json) else {
+        return json;
+    };
+    let path = String::from_utf8_lossy(rel).into_owned();
+    match r.source.kind.as_str() {
+        "file" if r.source.path.is_none() => r.source.path = Some(path),
+        "object" if r.source.key.is_none() => r.source.key = Some(path),
+        _ => return json,
+    }
+    serde_json::to_string(&r).unwrap_or(json)
+}
+
 fn last_batch(c: &Connection) -> rusqlite::Result<Option<BatchRow>> {
     c.query_row(
         "SELECT seq, key, sha256, last_receipt, last_event, lines, uploaded_ms

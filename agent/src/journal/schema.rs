@@ -149,6 +149,24 @@ WHEN OLD.at_ms >= COALESCE((SELECT CAST(value AS INTEGER) FROM agent_state
                              WHERE name = 'receipts_cutoff_ms'), 0)
 BEGIN SELECT RAISE(ABORT, 'receipt events are deleted only by retention'); END;
 "#,
+    // 7: record checks and studies. `flag` holds the failed check of an object sent with
+    // `on_invalid = "upload-flagged"` (fixed before its first byte, so a resumed upload is
+    // tagged too). `studies` are directories released whole (`complete_when.stable_dir`): the
+    // files released together, and when their completion object was written.
+    r#"
+ALTER TABLE objects ADD COLUMN flag TEXT;
+CREATE TABLE studies (
+    id           INTEGER PRIMARY KEY,
+    source       TEXT    NOT NULL,
+    dir          BLOB    NOT NULL,
+    key          TEXT    NOT NULL,
+    files        TEXT    NOT NULL,
+    released_ms  INTEGER NOT NULL,
+    completed_ms INTEGER,
+    note         TEXT
+);
+CREATE INDEX studies_open ON studies (id) WHERE completed_ms IS NULL;
+"#,
 ];
 
 /// The schema this build writes.

@@ -84,6 +84,23 @@ pub enum ObjectFilter {
     Failed,
 }
 
+/// One `ObjectItem` from the columns source, key, rel_path, size, state, discovered_ms,
+/// attempts, last_error.
+fn object_item(r: &rusqlite::Row<'_>, now: i64) -> rusqlite::Result<ObjectItem> {
+    let rel: Vec<u8> = r.get(2)?;
+    let discovered: i64 = r.get(5)?;
+    Ok(ObjectItem {
+        source: r.get(0)?,
+        key: r.get(1)?,
+        path: String::from_utf8_lossy(&rel).into_owned(),
+        size: r.get::<_, i64>(3)?.max(0).unsigned_abs(),
+        state: r.get(4)?,
+        age_secs: ((now - discovered).max(0) / 1000).unsigned_abs(),
+        attempts: r.get::<_, i64>(6)?.max(0).unsigned_abs(),
+        last_error: r.get(7)?,
+    })
+}
+
 /// Files of one source seen but not yet settled.
 #[derive(Debug, Serialize)]
 pub struct Settling {
@@ -210,20 +227,21 @@ impl Journal {
                 ),
             };
             let mut q = c.prepare(&format!("{sql} ORDER BY 6 DESC, 9 DESC LIMIT ?1"))?;
-            let items = q.query_map([limit as i64], |r| {
-                let rel: Vec<u8> = r.get(2)?;
-                let discovered: i64 = r.get(5)?;
-                Ok(ObjectItem {
-                    source: r.get(0)?,
-                    key: r.get(1)?,
-                    path: String::from_utf8_lossy(&rel).into_owned(),
-                    size: r.get::<_, i64>(3)?.max(0).unsigned_abs(),
-                    state: r.get(4)?,
-                    age_secs: ((now - discovered).max(0) / 1000).unsigned_abs(),
-                    attempts: r.get::<_, i64>(6)?.max(0).unsigned_abs(),
-                    last_error: r.get(7)?,
-                })
-            })?;
+            let items = q.query_map([limit as i64], |r| object_item(r, now))?;
+            items.collect()
+        })
+    }
+
+    /// `ha-edge lookup`: every journal row with this destination key, newest first (the one
+    /// place, besides receipts, where a pseudonymised key maps back to its source path).
+    pub fn lookup(&self, key: String) -> Result<Vec<ObjectItem>, JournalError> {
+        let now = self.now();
+        self.with(move |c| {
+            let mut q = c.prepare(
+                "SELECT source, key, rel_path, size, state, discovered_ms, attempts, last_error, id
+                   FROM objects WHERE key = ?1 ORDER BY id DESC",
+            )?;
+            let items = q.query_map([&key], |r| object_item(r, now))?;
             items.collect()
         })
     }

@@ -356,6 +356,20 @@ impl S3Client {
         }
     }
 
+    /// `meta_for`, and for an object that failed its record check (`on_invalid =
+    /// "upload-flagged"`) the tag `ha-edge-validation=failed` besides the configured ones.
+    pub fn meta_for_row(&self, key: &str, source: &str, flagged: bool) -> ObjectMeta {
+        let mut meta = self.meta_for(key, source);
+        if flagged {
+            let tag = "ha-edge-validation=failed";
+            meta.tagging = Some(match meta.tagging.take() {
+                Some(t) if !t.is_empty() => format!("{t}&{tag}"),
+                _ => tag.to_string(),
+            });
+        }
+        meta
+    }
+
     /// The server-side encryption the destination asks for.
     pub fn sse(&self) -> Option<&Sse> {
         self.dest.sse.as_ref()

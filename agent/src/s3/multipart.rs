@@ -66,6 +66,7 @@ const PERMIT: u64 = 1024;
 
 /// Bytes held in memory at once, across all uploads that share it (with the agent: together
 /// with bytes sent but not yet recorded in the journal): a read waits for its share first.
+#[derive(Clone)]
 pub struct Budget {
     sem: Arc<Semaphore>,
     kib: u32,

@@ -61,6 +61,8 @@ pub struct Summary {
     pub rejected: u64,
     /// Objects left alone because another writer's object is at their key.
     pub conflicts: u64,
+    /// Files that failed their record check and were not sent.
+    pub quarantined: u64,
     /// Sources that disappeared before they were sent.
     pub vanished: u64,
     /// Objects not delivered in this run (`--once`; they resume on the next).
@@ -87,6 +89,7 @@ impl Summary {
     pub fn all_delivered(&self) -> bool {
         self.rejected == 0
             && self.conflicts == 0
+            && self.quarantined == 0
             && self.refused == 0
             && self.changed == 0
             && self.failed == 0
@@ -154,6 +157,10 @@ struct Scheduler<D> {
     w: Wiring<D>,
     health: Health,
     summary: Summary,
+    /// What record checks read within: the sink's budget (or one part's worth without one).
+    budget: crate::sink::read::Budget,
+    /// The DICOM study seen first in each directory, to report a directory holding two.
+    studies: Studies,
 }
 
 /// Dispatches until the journal has nothing left (`--once`) or until `shutdown`.
@@ -168,10 +175,16 @@ pub async fn run<D: Destination>(
     let wake = intake.wake.clone();
     // Told when an object's transfer slot frees before its commit.
     let freed = Arc::new(Notify::new());
+    let budget = w
+        .sink
+        .budget()
+        .unwrap_or_else(|| crate::sink::read::Budget::new(8 << 20));
     let mut sched = Scheduler {
         health: Health::new(once, fastrand::u64(..)),
         w,
         summary,
+        budget,
+        studies: Studies::default(),
     };
     sched.preflight().await?;
     systemd::ready();
@@ -373,12 +386,37 @@ impl<D: Destination> Scheduler<D> {
         let journal = self.w.journal.clone();
         let dry_run = self.w.dry_run;
         let mut custody = self.custody(&row);
+        // The record check a fresh row gets before its first byte is sent.
+        let check = self.w.sources.get(&row.source).and_then(|s| {
+            let kind = s.validation.for_path(&row.rel_path);
+            (kind != crate::validate::Kind::None && row.state == State::Pending).then_some((
+                kind,
+                s.validation.max_line,
+                s.validation.on_invalid,
+            ))
+        });
+        let budget = self.budget.clone();
+        let studies = self.studies.clone();
         async move {
             let started = Instant::now();
             custody.started_ms = Some(crate::receipts::record::now_ms());
             let board = crate::progress::board();
             board.begin(row.id, &row.key, row.version.size());
+            let mut row = row;
+            let checked = match (&origin, check) {
+                (Some(origin), Some((kind, max_line, on_invalid))) => {
+                    let how = Check {
+                        kind,
+                        max_line,
+                        on_invalid,
+                        dry_run,
+                    };
+                    check_row(&mut row, origin, how, &budget, &journal, &studies).await
+                }
+                _ => None,
+            };
             let (outcome, unrecorded) = match (&origin, row.state) {
+                _ if checked.is_some() => (checked.expect("checked"), None),
                 (None, _) => {
                     let why = format!("source {:?} is no longer in the config", row.source);
                     (Outcome::Retry(why), None)
@@ -475,6 +513,12 @@ impl<D: Destination> Scheduler<D> {
             source_prefix,
             after_upload: after_upload_name(action),
             started_ms: None,
+            withhold_path: crate::phi::keys_only()
+                || self.w.sources.get(&row.source).is_some_and(|s| {
+                    s.key_template
+                        .as_ref()
+                        .is_some_and(crate::phi::Template::uses_hmac)
+                }),
         }
     }
 
@@ -656,6 +700,10 @@ impl<D: Destination> Scheduler<D> {
                 self.summary.rejected += 1;
                 m.finished(&row.source, "refused");
             }
+            Tally::Quarantined => {
+                self.summary.quarantined += 1;
+                m.finished(&row.source, "quarantined");
+            }
             Tally::Conflict => {
                 self.summary.conflicts += 1;
                 m.finished(&row.source, "conflict");
@@ -734,6 +782,10 @@ impl<D: Destination> Scheduler<D> {
                     State::Conflict => {
                         tracing::error!(error = %message, "conflict: another writer's object is at this key; not overwritten, source kept");
                     }
+                    State::Quarantined => {
+                        let moved = self.quarantine(&row).await;
+                        tracing::error!(error = %message, moved_to_quarantine = moved, "quarantined: failed its record check; not sent");
+                    }
                     _ => {
                         tracing::warn!(error = %message, "source file disappeared before upload; skipped");
                     }
@@ -747,6 +799,35 @@ impl<D: Destination> Scheduler<D> {
             Transition::Leave => {}
         }
         Ok(())
+    }
+
+    /// Moves a quarantined file to its source's `quarantine_dir` (same relative path), if set
+    /// and not a dry run; returns whether it moved. A failure is logged and leaves it in place.
+    async fn quarantine(&self, row: &ObjectRow) -> bool {
+        let (Some(Origin::Dir(root)), Some(dir)) = (
+            self.w.origins.get(&row.source),
+            self.w
+                .sources
+                .get(&row.source)
+                .and_then(|s| s.validation.quarantine_dir.clone()),
+        ) else {
+            return false;
+        };
+        if self.w.dry_run {
+            return false;
+        }
+        let (root, rel, fp) = (root.clone(), row.rel_path.clone(), row.version.clone());
+        let act = AfterUpload::MoveTo(dir);
+        let res = tokio::task::spawn_blocking(move || after_upload(&root, &rel, &act, &fp)).await;
+        match res {
+            Ok(Ok(AfterResult::Moved)) => true,
+            Ok(Ok(_)) => false,
+            Ok(Err(e)) => {
+                tracing::warn!(key = %row.key, error = %e, "could not move the quarantined file to quarantine_dir; left in place");
+                false
+            }
+            Err(_) => false,
+        }
     }
 
     /// Deletes or moves a delivered source (file or bucket object), only if it is still the
@@ -790,7 +871,7 @@ impl<D: Destination> Scheduler<D> {
                     .map_err(|_| JournalError::Panicked)?;
                 match res {
                     Ok(AfterResult::LeftChanged) => {
-                        tracing::warn!(path = %row.rel_path.display(), "source changed after delivery: left in place; the new version will be sent");
+                        tracing::warn!(path = %crate::phi::shown(&row.rel_path), "source changed after delivery: left in place; the new version will be sent");
                         Ok("left changed".into())
                     }
                     Ok(r) => Ok(format!("{r:?}")),
@@ -809,10 +890,125 @@ impl<D: Destination> Scheduler<D> {
                     .await
             }
             Err(e) => {
-                let msg = format!("after_upload failed for {}: {e}", row.rel_path.display());
+                let msg = format!(
+                    "after_upload failed for {}: {e}",
+                    crate::phi::shown(&row.rel_path)
+                );
                 tracing::warn!(error = %e, "after_upload failed; will try again");
                 j.retry_later(row.id, millis(policy::AFTER_UPLOAD_RETRY), true, msg)
                     .await
+            }
+        }
+    }
+}
+
+/// How one row is checked.
+#[derive(Clone, Copy)]
+struct Check {
+    kind: crate::validate::Kind,
+    max_line: usize,
+    on_invalid: crate::validate::OnInvalid,
+    dry_run: bool,
+}
+
+/// The first DICOM study UID (its SHA-256: a UID is an identifier) seen per source directory.
+#[derive(Clone, Default)]
+struct Studies(Arc<std::sync::Mutex<StudyMap>>);
+
+/// (source, directory) to the SHA-256 of the first study UID seen there ([0; 32]: reported).
+type StudyMap = HashMap<(String, std::path::PathBuf), [u8; 32]>;
+
+impl Studies {
+    /// Notes a file's study; true the first time a directory shows a second one.
+    fn second_study(&self, source: &str, dir: &std::path::Path, uid: &str) -> bool {
+        let h = crate::hash::Sha256::digest(uid.as_bytes());
+        let mut m = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if m.len() > 10_000 {
+            m.clear();
+        }
+        let first = m
+            .entry((source.to_string(), dir.to_path_buf()))
+            .or_insert(h);
+        if *first == h || *first == [0; 32] {
+            return false;
+        }
+        // Reported once per directory.
+        *first = [0; 32];
+        true
+    }
+}
+
+/// The record check of a fresh row, on the version that is then sent: None to go on and send
+/// it (a failure with `upload-flagged` marks the row first), else how it ends (quarantined, or
+/// the source changed or vanished under the read).
+async fn check_row(
+    row: &mut ObjectRow,
+    origin: &Origin,
+    how: Check,
+    budget: &crate::sink::read::Budget,
+    journal: &Journal,
+    studies: &Studies,
+) -> Option<Outcome> {
+    use crate::validate::{self, Kind, OnInvalid};
+    let mut expect = validate::fhir::Expect::default();
+    if let (Origin::Dir(root), Kind::FhirNdjson) = (origin, how.kind) {
+        let dir = row.rel_path.parent().unwrap_or(std::path::Path::new(""));
+        let name = row.rel_path.file_name().and_then(|n| n.to_str());
+        if let (Ok(bytes), Some(name)) = (
+            tokio::fs::read(root.join(dir).join(crate::source::fs::MANIFEST)).await,
+            name,
+        ) {
+            expect = crate::source::fs::manifest_expect(&bytes, name).unwrap_or_default();
+        }
+    }
+    let pinned = match crate::sink::read::pin(row, origin).await {
+        Ok(p) => p,
+        Err(stop) => return Some(stop.into_outcome()),
+    };
+    let size = row.version.size();
+    let res = validate::check_source(&pinned, size, how.kind, expect, how.max_line, budget).await;
+    let m = crate::telemetry::metrics::agent();
+    match res {
+        Err(stop) => Some(stop.into_outcome()),
+        Ok(Ok(valid)) => {
+            m.validated(&row.source, true);
+            if let Some(uid) = valid.dicom.as_ref().and_then(|d| d.study_uid.as_deref()) {
+                let dir = row.rel_path.parent().unwrap_or(std::path::Path::new(""));
+                if studies.second_study(&row.source, dir, uid) {
+                    let msg = format!(
+                        "a directory holds files of more than one DICOM study (seen at {})",
+                        row.key
+                    );
+                    tracing::warn!(key = %row.key, "{msg}");
+                    if let Err(e) = journal.note_error(msg).await {
+                        return Some(Outcome::Fatal(e));
+                    }
+                }
+            }
+            if row.flag.take().is_some() && !how.dry_run {
+                if let Err(e) = journal.set_flag(row.id, None).await {
+                    return Some(Outcome::Fatal(e));
+                }
+            }
+            None
+        }
+        Ok(Err(invalid)) => {
+            m.validated(&row.source, false);
+            match how.on_invalid {
+                OnInvalid::Quarantine => Some(Outcome::Quarantined(invalid)),
+                OnInvalid::UploadFlagged => {
+                    let msg = invalid.to_string();
+                    tracing::warn!(check = %msg, "failed its record check; sending it tagged ha-edge-validation=failed (on_invalid = upload-flagged)");
+                    // Fixed before the first byte: a resumed upload is tagged too.
+                    if let Err(e) = journal.set_flag(row.id, Some(msg.clone())).await {
+                        return Some(Outcome::Fatal(e));
+                    }
+                    row.flag = Some(msg);
+                    None
+                }
             }
         }
     }

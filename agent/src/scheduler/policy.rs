@@ -69,6 +69,8 @@ pub enum Tally {
     /// Not delivered in this run (`--once`: it resumes on the next run).
     Failed,
     Rejected,
+    /// Failed its record check.
+    Quarantined,
     Conflict,
     Vanished,
     Changed,
@@ -201,6 +203,13 @@ pub fn decide(
             },
             Tally::Rejected,
         ),
+        Outcome::Quarantined(invalid) => plain(
+            Transition::Finish {
+                state: State::Quarantined,
+                message: format!("quarantined: {invalid}"),
+            },
+            Tally::Quarantined,
+        ),
         Outcome::Conflict(message) => plain(
             Transition::Finish {
                 state: State::Conflict,
@@ -256,6 +265,7 @@ mod tests {
             ctime_ns: None,
             part_hashes: None,
             priority: 0,
+            flag: None,
         }
     }
 

@@ -52,6 +52,10 @@ pub trait Destination: Send + Sync + 'static {
     fn bucket(&self) -> String;
     /// The run is over: say goodbye (the relay), bounded in time.
     fn close(&self) -> impl std::future::Future<Output = ()> + Send;
+    /// The memory budget its reads share (record checks read within it too).
+    fn budget(&self) -> Option<read::Budget> {
+        None
+    }
 }
 
 /// The destination: an S3 bucket, or a QUIC relay.
@@ -126,6 +130,13 @@ impl Destination for Sink {
         }
     }
 
+    fn budget(&self) -> Option<read::Budget> {
+        Some(match self {
+            Sink::S3(s) => s.budget().clone(),
+            Sink::Relay(r) => r.budget().clone(),
+        })
+    }
+
     async fn close(&self) {
         if let Sink::Relay(r) = self {
             // Tell the relay we are gone (streams in flight resume on the next start).
@@ -168,6 +179,8 @@ pub enum Outcome {
     Destination(DestinationError),
     /// This object can never be delivered as it is.
     Rejected(String),
+    /// It failed its record check (`validate`): not sent. The reason holds no record content.
+    Quarantined(crate::validate::Invalid),
     /// Another writer's object is at the key: left alone, the source kept, the operator told.
     Conflict(String),
     /// The source file disappeared before it was sent.

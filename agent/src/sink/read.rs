@@ -43,7 +43,7 @@ pub enum Stop {
     S3(#[from] S3Error),
     #[error(transparent)]
     Journal(#[from] JournalError),
-    #[error("source file {path}: {source}")]
+    #[error("source file {}: {source}", crate::phi::shown(.path))]
     Io {
         path: PathBuf,
         source: std::io::Error,
@@ -61,9 +61,9 @@ pub enum Stop {
         key: String,
         detail: String,
     },
-    #[error("source file {0} is a symlink that now points outside the source root")]
+    #[error("source file {} is a symlink that now points outside the source root", crate::phi::shown(.0))]
     Escaped(PathBuf),
-    #[error("source {0} is not a regular file ({1}): refused, it will not be uploaded")]
+    #[error("source {} is not a regular file ({kind}): refused, it will not be uploaded", crate::phi::shown(.0), kind = .1)]
     NotRegular(PathBuf, &'static str),
     /// Another writer's object is at the destination key (`overwrite = "own"`).
     #[error("conflict at s3://{bucket}/{key}: {detail}; the source is left untouched (set destination.overwrite = \"always\" to replace it, or move the other object away)")]
@@ -152,9 +152,9 @@ pub enum Pinned {
     },
 }
 
-/// A path for messages.
+/// A path for messages (withheld with `log_paths = "keys"`).
 fn file_path(p: &Path) -> String {
-    p.display().to_string()
+    crate::phi::shown(p).to_string()
 }
 
 impl Pinned {

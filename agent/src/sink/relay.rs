@@ -76,6 +76,11 @@ impl RelaySink {
     }
 
     /// The link.
+    /// The memory budget its reads share.
+    pub fn budget(&self) -> &Budget {
+        &self.budget
+    }
+
     pub fn client(&self) -> &Arc<RelayClient> {
         &self.client
     }

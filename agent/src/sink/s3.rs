@@ -275,6 +275,11 @@ impl S3Sink {
     }
 
     /// The bucket's client.
+    /// The memory budget its reads share.
+    pub fn budget(&self) -> &Budget {
+        &self.budget
+    }
+
     pub fn client(&self) -> &Arc<S3Client> {
         &self.client
     }
@@ -372,7 +377,9 @@ impl S3Sink {
         if let Some(done) = self.check_key_first(row, &sha).await? {
             return Ok(done);
         }
-        let meta = self.client.meta_for(&row.key, &row.source);
+        let meta = self
+            .client
+            .meta_for_row(&row.key, &row.source, row.flag.is_some());
         let upload_id = match self.client.create_multipart(&row.key, &sha, &meta).await {
             Ok(id) => id,
             // The answer was lost, but the upload may exist: find it and abort it (the journal
@@ -449,7 +456,9 @@ impl S3Sink {
             return Ok(done);
         }
         let when = self.precondition(row);
-        let meta = self.client.meta_for(&row.key, &row.source);
+        let meta = self
+            .client
+            .meta_for_row(&row.key, &row.source, row.flag.is_some());
         let answer = match self
             .client
             .put_object(&row.key, body, &sha, &when, &meta)

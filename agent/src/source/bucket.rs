@@ -255,14 +255,26 @@ impl BucketSource {
                 if !self.cfg.selects(Path::new(rest)) {
                     continue;
                 }
-                let key = match keymap::bucket_key(&self.dest_prefix, rest)
-                    .and_then(|k| keymap::unreserved(k, self.cfg.reserved_prefix.as_deref()))
-                {
+                let mapped = match self.cfg.key_template.as_ref() {
+                    None => keymap::bucket_key(&self.dest_prefix, rest),
+                    Some(t) => keymap::key_of(
+                        &self.dest_prefix,
+                        Some(t),
+                        &crate::phi::KeyInput {
+                            source: &self.cfg.name,
+                            rel: Path::new(rest),
+                            discovered: jiff::Timestamp::now(),
+                            sha256: None,
+                        },
+                    ),
+                }
+                .and_then(|k| keymap::unreserved(k, self.cfg.reserved_prefix.as_deref()));
+                let key = match mapped {
                     Ok(k) => k,
                     Err(why) => {
                         report.refused += 1;
                         if self.warned.insert(o.key.clone()) {
-                            tracing::warn!(source = %self.cfg.name, key = ?o.key, reason = %why, "refused: key cannot be carried across");
+                            tracing::warn!(source = %self.cfg.name, key = %crate::phi::shown(Path::new(&o.key)), reason = %why, "refused: key cannot be carried across");
                             self.journal
                                 .note_refused(
                                     self.cfg.name.clone(),

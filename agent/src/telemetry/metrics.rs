@@ -41,6 +41,13 @@ pub struct VersionLabel {
     pub version: &'static str,
 }
 
+/// `{source, result}`: a record check's result.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub source: String,
+    pub result: &'static str,
+}
+
 /// `{reason}`: why the relay refused an agent or an offer.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabel {
@@ -79,6 +86,8 @@ pub struct Agent {
     pub request_duration: Family<OpLabel, Histogram, fn() -> Histogram>,
     pub journal_commit: Histogram,
     pub bandwidth_limit: FloatGauge,
+    /// Record checks, by source and result (`valid`, `invalid`).
+    pub validations: Family<ResultLabels, Counter>,
     /// When the current outage's seconds were last added to `outage_seconds`.
     outage_since: Mutex<Option<Instant>>,
     /// For `/readyz`: the journal is open (a run is going) ...
@@ -103,6 +112,7 @@ impl Agent {
             request_duration: Family::new_with_constructor(request_buckets),
             journal_commit: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
             bandwidth_limit: FloatGauge::default(),
+            validations: Family::default(),
             outage_since: Mutex::new(None),
             journal_open: std::sync::atomic::AtomicBool::new(false),
             refusing: Mutex::new(None),
@@ -162,6 +172,11 @@ impl Agent {
             "The bandwidth limit in force (+Inf: none; 0: paused)",
             m.bandwidth_limit.clone(),
         );
+        r.register(
+            "ha_edge_validations",
+            "Record checks (validate) of files before they are sent, by source and result",
+            m.validations.clone(),
+        );
         m.bandwidth_limit.set(f64::INFINITY);
         m.destination_up.set(1);
         *m.registry
@@ -185,6 +200,16 @@ impl Agent {
         let _ = self.pending_objects.get_or_create(&l);
         let _ = self.pending_bytes.get_or_create(&l);
         let _ = self.oldest_pending_age.get_or_create(&l);
+    }
+
+    /// One record check of `source`: valid or not.
+    pub fn validated(&self, source: &str, valid: bool) {
+        self.validations
+            .get_or_create(&ResultLabels {
+                source: source.to_string(),
+                result: if valid { "valid" } else { "invalid" },
+            })
+            .inc();
     }
 
     /// One object of `source` finished with `outcome`.

@@ -136,6 +136,26 @@ pub fn parse_manifest(bytes: &[u8]) -> Manifest {
     Manifest::Lists(names)
 }
 
+/// What a Bulk Data manifest says of the file `name` in its directory (its `type` and
+/// `count`), if it lists it.
+pub fn manifest_expect(bytes: &[u8], name: &str) -> Option<crate::validate::fhir::Expect> {
+    if !matches!(parse_manifest(bytes), Manifest::Lists(_)) {
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_slice(bytes).ok()?;
+    v.get("output")?.as_array()?.iter().find_map(|entry| {
+        let url = entry.get("url")?.as_str()?;
+        let path = url.split(['?', '#']).next().unwrap_or(url);
+        (path.rsplit('/').next() == Some(name)).then(|| crate::validate::fhir::Expect {
+            resource_type: entry
+                .get("type")
+                .and_then(|t| t.as_str())
+                .map(str::to_string),
+            count: entry.get("count").and_then(serde_json::Value::as_u64),
+        })
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

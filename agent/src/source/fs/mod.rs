@@ -41,7 +41,7 @@ use crate::version::Version;
 /// When a file is complete (pure).
 mod complete;
 use complete::{due, next, settle, Next, Tracked};
-pub use complete::{parse_manifest, Manifest};
+pub use complete::{manifest_expect, parse_manifest, Manifest, MANIFEST};
 
 /// Candidates per journal transaction.
 const OFFER_BATCH: usize = 1000;
@@ -126,8 +126,11 @@ pub fn scan_into(
                         .path()
                         .and_then(|p| p.strip_prefix(root).ok())
                         .unwrap_or(Path::new(""));
+                    let why = e
+                        .io_error()
+                        .map_or("a filesystem loop".to_string(), |io| io.kind().to_string());
                     out.refused
-                        .push((rel.to_path_buf(), format!("cannot read: {e}")));
+                        .push((rel.to_path_buf(), format!("cannot read: {why}")));
                 }
                 continue;
             }
@@ -344,13 +347,13 @@ impl FsSource {
     fn note_settling(&mut self, rel: &Path, now: Instant) {
         let (name, settle) = (&self.cfg.name, self.cfg.settle);
         let (first, logged) = self.first_seen.entry(rel.to_path_buf()).or_insert_with(|| {
-            tracing::debug!(source = %name, path = %rel.display(), settle = %humantime::format_duration(settle), "seen; waiting for it to settle");
+            tracing::debug!(source = %name, path = %crate::phi::shown(rel), settle = %humantime::format_duration(settle), "seen; waiting for it to settle");
             (now, false)
         });
         let waited = now.saturating_duration_since(*first);
         if !*logged && waited > settle * 2 {
             *logged = true;
-            tracing::info!(source = %name, path = %rel.display(), waited_secs = waited.as_secs(), settle = %humantime::format_duration(settle), "still settling after twice its settle time (still being written?)");
+            tracing::info!(source = %name, path = %crate::phi::shown(rel), waited_secs = waited.as_secs(), settle = %humantime::format_duration(settle), "still settling after twice its settle time (still being written?)");
         }
     }
 
@@ -396,9 +399,16 @@ impl FsSource {
     async fn release_gone_held(&mut self) -> Result<(), JournalError> {
         let held = self.journal.held_paths(self.cfg.name.clone()).await?;
         let root = self.root_real.clone();
+        // A file moved to quarantine_dir is still held while it is there.
+        let quarantine = self.cfg.validation.quarantine_dir.clone();
         let gone: Vec<PathBuf> = held
             .into_iter()
-            .filter(|rel| std::fs::symlink_metadata(root.join(rel)).is_err())
+            .filter(|rel| {
+                std::fs::symlink_metadata(root.join(rel)).is_err()
+                    && quarantine
+                        .as_ref()
+                        .is_none_or(|q| std::fs::symlink_metadata(q.join(rel)).is_err())
+            })
             .collect();
         if gone.is_empty() {
             return Ok(());
@@ -408,6 +418,45 @@ impl FsSource {
         }
         tracing::info!(source = %self.cfg.name, paths = gone.len(), "held files removed by the operator: no longer held");
         self.journal.release_held(self.cfg.name.clone(), gone).await
+    }
+
+    /// The key of `rel` (with `{sha256}` in the template: of the content hashed, else a
+    /// stand-in that only checks the rest of the key).
+    fn key(&self, rel: &Path, sha256: Option<[u8; 32]>) -> Result<String, keymap::KeyError> {
+        let input = crate::phi::KeyInput {
+            source: &self.cfg.name,
+            rel,
+            discovered: jiff::Timestamp::now(),
+            sha256: sha256.or(Some([0; 32])),
+        };
+        keymap::key_of(&self.prefix, self.cfg.key_template.as_ref(), &input)
+            .and_then(|k| keymap::unreserved(k, self.cfg.reserved_prefix.as_deref()))
+    }
+
+    /// `{sha256}` templates: the key of a settled file from its content, if it is still the
+    /// version seen (else None: it changed, and is looked at again).
+    async fn content_key(&self, rel: &Path, seen: &Version) -> Option<String> {
+        let path = self.root_real.join(rel);
+        let seen = seen.clone();
+        let sha = tokio::task::spawn_blocking(move || -> std::io::Result<Option<[u8; 32]>> {
+            use std::io::Read;
+            let mut f = std::fs::File::open(&path)?;
+            let mut h = crate::hash::Sha256::new();
+            let mut buf = vec![0u8; 1 << 20];
+            loop {
+                let n = f.read(&mut buf)?;
+                if n == 0 {
+                    break;
+                }
+                h.update(&buf[..n]);
+            }
+            let now = Version::of_file(&f.metadata()?);
+            Ok((now == seen).then(|| h.finalize()))
+        })
+        .await
+        .ok()?
+        .ok()??;
+        self.key(rel, Some(sha)).ok()
     }
 
     /// Whether a path (absolute, inside the root) is a completion marker.
@@ -565,7 +614,7 @@ impl FsSource {
             for (rel, why) in chunk.refused {
                 report.refused += 1;
                 if self.warned.insert(rel.clone()) {
-                    tracing::warn!(source = %self.cfg.name, path = %rel.display(), reason = %why, "refused: will not upload");
+                    tracing::warn!(source = %self.cfg.name, path = %crate::phi::shown(&rel), reason = %why, "refused: will not upload");
                     newly.push((rel, why));
                 }
             }
@@ -575,8 +624,7 @@ impl FsSource {
                 let refusal = if self.own_files.contains(&own) {
                     Err("it is ha-edge's own live journal".to_string())
                 } else {
-                    keymap::object_key(&self.prefix, &s.rel)
-                        .and_then(|k| keymap::unreserved(k, self.cfg.reserved_prefix.as_deref()))
+                    self.key(&s.rel, None)
                         .map_err(|why| format!("name cannot be an object key: {why}"))
                 };
                 let key = match refusal {
@@ -584,7 +632,7 @@ impl FsSource {
                     Err(why) => {
                         report.refused += 1;
                         if self.warned.insert(s.rel.clone()) {
-                            tracing::warn!(source = %self.cfg.name, path = ?s.rel, reason = %why, "refused: will not upload");
+                            tracing::warn!(source = %self.cfg.name, path = %crate::phi::shown(&s.rel), reason = %why, "refused: will not upload");
                             newly.push((s.rel.clone(), why));
                         }
                         continue;
@@ -617,7 +665,7 @@ impl FsSource {
                             self.held.remove(&s.rel);
                             self.tracked.remove(&s.rel);
                             if self.warned.insert(s.rel.clone()) {
-                                tracing::error!(source = %self.cfg.name, manifest = %s.rel.display(), reason = %why, "refused: will not upload");
+                                tracing::error!(source = %self.cfg.name, manifest = %crate::phi::shown(&s.rel), reason = %why, "refused: will not upload");
                                 newly.push((s.rel.clone(), why));
                             }
                             continue;
@@ -639,6 +687,19 @@ impl FsSource {
                     }
                 }
                 if step == Next::Offer {
+                    let key = if self
+                        .cfg
+                        .key_template
+                        .as_ref()
+                        .is_some_and(crate::phi::Template::uses_sha256)
+                    {
+                        match self.content_key(&s.rel, &s.fp).await {
+                            Some(k) => k,
+                            None => continue, // changed while hashed: seen again next pass
+                        }
+                    } else {
+                        key
+                    };
                     self.tracked.remove(&s.rel);
                     self.first_seen.remove(&s.rel);
                     batch.push(Candidate {
@@ -708,6 +769,23 @@ impl FsSource {
         let listed: Vec<PathBuf> = names.iter().map(|n| dir.join(n)).collect();
         // Files it lists that will never be delivered: then neither will the manifest.
         let held = self.journal.held_paths(self.cfg.name.clone()).await?;
+        // A listed file that failed its record check holds the export back (it may be fixed
+        // and checked again), it does not end it.
+        let quarantined: Vec<&PathBuf> = self
+            .journal
+            .latest_states(self.cfg.name.clone(), listed.clone())
+            .await?
+            .into_iter()
+            .zip(&listed)
+            .filter(|(st, _)| *st == Some(crate::journal::State::Quarantined))
+            .map(|(_, p)| p)
+            .collect();
+        if !quarantined.is_empty() {
+            if self.warned.insert(rel.to_path_buf()) {
+                tracing::error!(source = %self.cfg.name, manifest = %crate::phi::shown(rel), quarantined = quarantined.len(), "FHIR export incomplete: files it lists are quarantined; holding the manifest back until they are fixed");
+            }
+            return Ok(Gate::Hold);
+        }
         for (name, p) in names.iter().zip(&listed) {
             let never = if p == rel {
                 Some("the manifest lists itself".to_string())
@@ -715,14 +793,11 @@ impl FsSource {
                 Some(format!(
                     "it lists {name}, which this source never sends (include/exclude, or a completion marker)"
                 ))
-            } else if keymap::object_key(&self.prefix, p)
-                .and_then(|k| keymap::unreserved(k, self.cfg.reserved_prefix.as_deref()))
-                .is_err()
-            {
+            } else if self.key(p, None).is_err() {
                 Some(format!(
                     "it lists {name}, whose name cannot be an object key"
                 ))
-            } else if held.contains(p) {
+            } else if held.contains(p) && !quarantined.contains(&p) {
                 Some(format!(
                     "it lists {name}, which is held back (refused, rejected or in conflict: see status)"
                 ))
@@ -746,7 +821,7 @@ impl FsSource {
         }
         if !missing.is_empty() {
             if self.warned.insert(rel.to_path_buf()) {
-                tracing::warn!(source = %self.cfg.name, manifest = %rel.display(), missing = ?missing, "FHIR manifest lists files that are not in its directory; holding the manifest back until they arrive");
+                tracing::warn!(source = %self.cfg.name, manifest = %crate::phi::shown(rel), missing = %shown_names(&missing), "FHIR manifest lists files that are not in its directory; holding the manifest back until they arrive");
             }
             return Ok(Gate::Hold);
         }
@@ -755,10 +830,10 @@ impl FsSource {
             .delivered_among(self.cfg.name.clone(), listed)
             .await?;
         if delivered.iter().all(|d| *d) {
-            tracing::info!(source = %self.cfg.name, manifest = %rel.display(), files = names.len(), "every file of the FHIR export is delivered; sending its manifest");
+            tracing::info!(source = %self.cfg.name, manifest = %crate::phi::shown(rel), files = names.len(), "every file of the FHIR export is delivered; sending its manifest");
             Ok(Gate::Release)
         } else {
-            tracing::debug!(source = %self.cfg.name, manifest = %rel.display(), waiting = delivered.iter().filter(|d| !**d).count(), "FHIR manifest waits for its files");
+            tracing::debug!(source = %self.cfg.name, manifest = %crate::phi::shown(rel), waiting = delivered.iter().filter(|d| !**d).count(), "FHIR manifest waits for its files");
             Ok(Gate::Hold)
         }
     }
@@ -777,6 +852,15 @@ impl FsSource {
             self.wake.notify_one();
         }
         Ok(stats.inserted)
+    }
+}
+
+/// File names for a log line: listed, or only counted with `log_paths = "keys"`.
+fn shown_names(names: &[&String]) -> String {
+    if crate::phi::keys_only() {
+        format!("{} file(s)", names.len())
+    } else {
+        format!("{names:?}")
     }
 }
 
