@@ -359,13 +359,13 @@ pub async fn run(
         config.agent.bandwidth.clone(),
         shutdown.clone(),
     ));
-    let receipt_tasks =
-        ReceiptTasks::start(&config, &journal_handle, receipts_client, opts, &shutdown).await?;
+    let housekeeping =
+        Housekeeping::start(&config, &journal_handle, receipts_client, opts, &shutdown).await?;
     let summary = scheduler::dispatch::run(wiring, intake, summary, shutdown).await;
     let _ = display_stop.send(true);
     let _ = display.await;
     let summary = summary?;
-    receipt_tasks.finish().await;
+    housekeeping.finish().await;
     Ok(summary)
 }
 
@@ -435,13 +435,15 @@ impl Drop for Scratch {
 }
 
 /// The receipts' housekeeping beside a run: retention, and batches in the bucket.
-struct ReceiptTasks {
+struct Housekeeping {
     tasks: JoinSet<()>,
     /// `--once`: one flush of the batches at the end of the run.
     once_flush: Option<(Journal, Arc<S3Client>, receipts::batch::Settings)>,
+    /// `--once` with `stable_dir` sources: one look at the studies at the end of the run.
+    once_studies: Option<(Journal, Arc<S3Client>, String)>,
 }
 
-impl ReceiptTasks {
+impl Housekeeping {
     /// Prunes receipts past `receipts_keep` now and hourly, and starts the batch task.
     async fn start(
         config: &Config,
@@ -449,7 +451,7 @@ impl ReceiptTasks {
         client: Option<Arc<S3Client>>,
         opts: RunOptions,
         shutdown: &watch::Receiver<bool>,
-    ) -> Result<ReceiptTasks, JournalError> {
+    ) -> Result<Housekeeping, JournalError> {
         let mut tasks = JoinSet::new();
         let to_bucket = config.receipts.is_some() && client.is_some();
         if let Some(keep) = config.agent.receipts_keep {
@@ -475,6 +477,19 @@ impl ReceiptTasks {
                 });
             }
         }
+        let mut once_studies = None;
+        let studies = config
+            .sources
+            .iter()
+            .any(|s| matches!(s.complete_when, crate::config::Completion::StableDir { .. }));
+        if let (true, Some(client)) = (studies, &client) {
+            let (j, c, agent) = (journal.clone(), client.clone(), config.agent.name.clone());
+            if opts.once {
+                once_studies = Some((j, c, agent));
+            } else {
+                tasks.spawn(crate::studies::run(j, c, agent, shutdown.clone()));
+            }
+        }
         let mut once_flush = None;
         if let (Some(r), Some(client)) = (&config.receipts, client) {
             let settings = receipts::batch::Settings {
@@ -493,11 +508,20 @@ impl ReceiptTasks {
                 ));
             }
         }
-        Ok(ReceiptTasks { tasks, once_flush })
+        Ok(Housekeeping {
+            tasks,
+            once_flush,
+            once_studies,
+        })
     }
 
     /// After the run: the last batch, and the tasks' end.
     async fn finish(mut self) {
+        if let Some((journal, client, agent)) = self.once_studies.take() {
+            if let Err(e) = crate::studies::complete_ready(&journal, &client, &agent).await {
+                tracing::warn!(error = %e, "studies not completed; the next run looks again");
+            }
+        }
         if let Some((journal, client, settings)) = self.once_flush.take() {
             match receipts::batch::flush(&journal, &client, &settings).await {
                 Ok(n) => tracing::info!(batches = n, "receipts uploaded"),

@@ -52,6 +52,8 @@ mod sink;
 mod source;
 /// `ha-edge status`.
 mod status;
+/// Completion objects of studies released whole (`stable_dir`).
+mod studies;
 /// sd_notify and the watchdog.
 mod systemd;
 /// Metrics and health endpoints.

@@ -225,3 +225,116 @@ fn pseudonymised_keys_keep_the_identifier_out_of_every_output() {
     let (none, code) = run_with(&setup, &["lookup", "fhir/no/such/key"]);
     assert_eq!(code, Some(1), "{none}");
 }
+
+/// `stable_dir = "2s"`: a study directory written slowly over 3 s (two series) is sent only as a
+/// whole, once nothing in it changed for 2 s, and its `_complete.json` (each file's key, size
+/// and SHA-256) lands after the last file.
+#[test]
+fn a_study_written_slowly_is_delivered_whole_and_its_completion_object_lands_last() {
+    use std::time::{Duration, Instant};
+    let s3 = S3Server::start();
+    s3.create_bucket("exports");
+    let proxy = Proxy::start(s3.port);
+    let setup = Setup::new("exports");
+    setup.write_config(
+        &proxy.endpoint(),
+        "",
+        "complete_when = { stable_dir = \"2s\" }\nvalidate = \"dicom\"\nwatch = \"events\"",
+    );
+    let mut daemon = setup.spawn_daemon(bin());
+    assert!(wait_until(Duration::from_secs(10), || setup
+        .daemon_log()
+        .contains("watching with inotify")));
+    let study = setup.src().join("STUDY_0815");
+    let mut written = Vec::new();
+    let start = Instant::now();
+    for i in 0..7 {
+        let rel = format!("series{}/img{i}.dcm", i % 2);
+        let bytes = corpus::dicom("1.2.3.4", &format!("1.2.3.4.{}", i % 2));
+        let p = study.join(&rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(&p, &bytes).unwrap();
+        written.push((format!("fhir/STUDY_0815/{rel}"), bytes));
+        // While it is being written, nothing of the study is sent.
+        let until = Instant::now() + Duration::from_millis(500);
+        while Instant::now() < until {
+            let sent: Vec<String> = s3
+                .keys("exports")
+                .into_iter()
+                .filter(|k| k.starts_with("fhir/STUDY"))
+                .collect();
+            assert!(
+                sent.is_empty(),
+                "sent before the study was complete: {sent:?} {}",
+                setup.daemon_log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    let last_write = Instant::now();
+    assert!(last_write - start >= Duration::from_secs(3));
+    let complete = "fhir/STUDY_0815/_complete.json";
+    assert!(
+        wait_until(Duration::from_secs(20), || s3
+            .object("exports", complete)
+            .is_some()),
+        "{}",
+        setup.daemon_log()
+    );
+    assert!(
+        last_write.elapsed() >= Duration::from_secs(2),
+        "released before its quiet time"
+    );
+    let keys: std::collections::BTreeSet<String> = s3
+        .keys("exports")
+        .into_iter()
+        .filter(|k| k.starts_with("fhir/STUDY"))
+        .collect();
+    assert_eq!(keys.len(), written.len() + 1, "{keys:?}");
+    // The completion object came after every file, and lists each with its hash.
+    let puts: Vec<String> = proxy
+        .seen()
+        .into_iter()
+        .filter(|r| r.method == "PUT" && !r.is_probe())
+        .map(|r| r.path().to_string())
+        .collect();
+    assert!(puts.last().unwrap().ends_with("_complete.json"), "{puts:?}");
+    let doc: serde_json::Value =
+        serde_json::from_slice(&s3.object("exports", complete).unwrap()).unwrap();
+    let files = doc["files"].as_array().unwrap();
+    assert_eq!(files.len(), written.len(), "{doc}");
+    for (key, bytes) in &written {
+        let f = files
+            .iter()
+            .find(|f| f["key"] == key.as_str())
+            .unwrap_or_else(|| panic!("{key} not listed: {doc}"));
+        assert_eq!(f["size"], bytes.len() as u64);
+        assert_eq!(f["sha256"], sha256(bytes));
+        assert_eq!(s3.object("exports", key).as_deref(), Some(&bytes[..]));
+    }
+    sigterm(&daemon);
+    assert!(wait_within(&mut daemon, Duration::from_secs(20)).success());
+
+    // `--once` on a study still within its quiet time sends nothing of it.
+    let fresh = setup.src().join("STUDY_0816/a.dcm");
+    std::fs::create_dir_all(fresh.parent().unwrap()).unwrap();
+    std::fs::write(&fresh, corpus::dicom("1.2.5", "1.2.5.1")).unwrap();
+    setup.write_config(
+        &proxy.endpoint(),
+        "",
+        "complete_when = { stable_dir = \"30s\" }",
+    );
+    let out = setup.run_once(bin());
+    // (Both studies are younger than 30 s now; the delivered one is not sent again either.)
+    assert!(
+        stderr_of(&out).contains("0 delivered"),
+        "{}",
+        stderr_of(&out)
+    );
+    assert!(
+        stderr_of(&out).contains("2 not yet settled"),
+        "{}",
+        stderr_of(&out)
+    );
+    assert!(s3.object("exports", "fhir/STUDY_0816/a.dcm").is_none());
+}

@@ -486,6 +486,28 @@ impl Validator<'_> {
                 );
             }
         }
+        for (s, (idx, name_span, _)) in sources.iter().zip(&places) {
+            if !matches!(s.complete_when, crate::config::Completion::StableDir { .. }) {
+                continue;
+            }
+            if matches!(destination, Some(Destination::Relay(_))) {
+                self.problem(
+                    name_span.clone(),
+                    &format!("source[{idx}].complete_when"),
+                    "stable_dir writes {dir}/_complete.json to the bucket, which needs an S3 destination",
+                );
+            }
+            if s.key_template
+                .as_ref()
+                .is_some_and(crate::phi::Template::uses_sha256)
+            {
+                self.problem(
+                    name_span.clone(),
+                    &format!("source[{idx}].key_template"),
+                    "{sha256} cannot name a study's completion object; with stable_dir use {dir} or {hmac:dir}",
+                );
+            }
+        }
         if matches!(destination, Some(Destination::Relay(_))) {
             for (s, (idx, name_span, _)) in sources.iter().zip(&places) {
                 if s.validation.on_invalid == crate::validate::OnInvalid::UploadFlagged {

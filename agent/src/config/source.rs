@@ -135,13 +135,23 @@ pub enum Completion {
     FileMarker { prefix: String, suffix: String },
     /// A marker file in its directory (e.g. `_SUCCESS`) completes every file there.
     DirMarker(String),
+    /// Study directories (`depth` levels below the root) are complete when nothing in them
+    /// changed for `quiet` (and, with a marker template such as `{dir}.done`, the marker next
+    /// to the directory exists); then all their files are released together. Files above that
+    /// depth settle one by one, with `quiet` as their settle time.
+    StableDir {
+        quiet: Duration,
+        depth: usize,
+        /// The marker's name around the directory's name (`{dir}.done`: "", ".done").
+        marker: Option<(String, String)>,
+    },
 }
 
 impl Completion {
     /// The marker that completes `file_name`, if markers are used.
     pub fn marker_for(&self, file_name: &str) -> Option<String> {
         match self {
-            Completion::Settle => None,
+            Completion::Settle | Completion::StableDir { .. } => None,
             Completion::FileMarker { prefix, suffix } => {
                 Some(format!("{prefix}{file_name}{suffix}"))
             }
@@ -159,7 +169,26 @@ impl Completion {
                     && file_name.ends_with(suffix.as_str())
             }
             Completion::DirMarker(m) => file_name == m,
+            Completion::StableDir {
+                marker: Some((prefix, suffix)),
+                ..
+            } => {
+                file_name.len() > prefix.len() + suffix.len()
+                    && file_name.starts_with(prefix.as_str())
+                    && file_name.ends_with(suffix.as_str())
+            }
+            Completion::StableDir { marker: None, .. } => false,
         }
+    }
+
+    /// With `stable_dir`: the study directory a path lies in (its first `depth` components),
+    /// if it lies below that depth.
+    pub fn study_of(&self, rel: &Path) -> Option<PathBuf> {
+        let Completion::StableDir { depth, .. } = self else {
+            return None;
+        };
+        let comps: Vec<_> = rel.components().collect();
+        (comps.len() > *depth).then(|| comps[..*depth].iter().collect())
     }
 }
 
@@ -504,6 +533,13 @@ impl Validator<'_> {
         };
         let complete_when = match s.complete_when {
             None => Completion::Settle,
+            Some(v)
+                if v.get_ref()
+                    .as_table()
+                    .is_some_and(|t| t.contains_key("stable_dir")) =>
+            {
+                self.stable_dir(i, v)
+            }
             Some(v) => {
                 let sp = v.span();
                 let marker = match v.into_inner() {
@@ -579,6 +615,74 @@ impl Validator<'_> {
             on_change,
             complete_when,
         })
+    }
+
+    /// `complete_when = { stable_dir = "60s", marker = "{dir}.done", depth = 1 }`.
+    fn stable_dir(&mut self, i: usize, v: Spanned<toml::Value>) -> Completion {
+        let key = format!("source[{i}].complete_when");
+        let sp = v.span();
+        let t = v.into_inner();
+        let t = t.as_table().cloned().unwrap_or_default();
+        for k in t.keys() {
+            if !["stable_dir", "marker", "depth"].contains(&k.as_str()) {
+                self.problem(
+                    sp.clone(),
+                    &format!("{key}.{k}"),
+                    "unknown key (stable_dir takes stable_dir, marker and depth)",
+                );
+            }
+        }
+        let quiet = self.duration(
+            t.get("stable_dir")
+                .cloned()
+                .map(|d| Spanned::new(sp.clone(), d)),
+            &format!("{key}.stable_dir"),
+            Duration::from_secs(1),
+            Duration::from_secs(60),
+        );
+        let depth = match t.get("depth") {
+            None => 1,
+            Some(toml::Value::Integer(n)) if (1..=8).contains(n) => {
+                usize::try_from(*n).unwrap_or(1)
+            }
+            Some(other) => {
+                self.problem(
+                    sp.clone(),
+                    &format!("{key}.depth"),
+                    format!("must be 1 to 8 (the directory level below the root that is one study), got {other}"),
+                );
+                1
+            }
+        };
+        let marker = match t.get("marker") {
+            None => None,
+            Some(toml::Value::String(m)) => match m.split_once("{dir}") {
+                Some((p, s)) if !(m.contains('/') || p.is_empty() && s.is_empty()) => {
+                    Some((p.to_string(), s.to_string()))
+                }
+                _ => {
+                    self.problem(
+                        sp,
+                        &format!("{key}.marker"),
+                        "must be a file name around {dir}, e.g. \"{dir}.done\" (it sits next to the study directory)",
+                    );
+                    None
+                }
+            },
+            Some(other) => {
+                self.problem(
+                    sp,
+                    &format!("{key}.marker"),
+                    format!("must be a string such as \"{{dir}}.done\", got {other}"),
+                );
+                None
+            }
+        };
+        Completion::StableDir {
+            quiet,
+            depth,
+            marker,
+        }
     }
 
     /// `after_upload`: keep, delete, or a move target that is not inside the source.

@@ -522,3 +522,71 @@ fn a_source_sharing_the_root_with_receipts_reserves_their_prefix() {
     let c = Config::parse(Path::new("t.toml"), &apart).unwrap();
     assert_eq!(c.sources[0].reserved_prefix, None);
 }
+
+/// Record checks, key templates and stable_dir: every wrong value is a problem naming its key,
+/// all reported at once.
+#[test]
+fn record_checks_templates_and_studies_report_every_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("in")).unwrap();
+    let text = good(dir.path()).replace(
+        "settle = \"2s\"",
+        &format!(
+            "settle = \"2s\"\nvalidate = [{{ include = \"**/*.ndjson\", as = \"fhir\" }}]\nmax_line = \"10\"\non_invalid = \"drop\"\nquarantine_dir = \"{}/in/q\"\nkey_template = \"{{source}}/{{name}}\"\ncomplete_when = {{ stable_dir = \"0s\", depth = 0, marker = \"done\" }}",
+            dir.path().display()
+        ),
+    );
+    let keys: Vec<String> = problems(&text).into_iter().map(|p| p.key).collect();
+    for want in [
+        "source[0].validate[0]",
+        "source[0].max_line",
+        "source[0].on_invalid",
+        "source[0].quarantine_dir",
+        "source[0].key_template",
+        "source[0].complete_when.stable_dir",
+        "source[0].complete_when.depth",
+        "source[0].complete_when.marker",
+    ] {
+        assert!(keys.iter().any(|k| k == want), "{want} not in {keys:?}");
+    }
+    // {hmac:…} without a pseudonymisation key is refused, naming where to put it.
+    let text = good(dir.path()).replace(
+        "settle = \"2s\"",
+        "settle = \"2s\"\nkey_template = \"{source}/{hmac:dir}/{name}\"",
+    );
+    let p = problems(&text);
+    assert!(
+        p.iter()
+            .any(|p| p.key == "source[0].key_template" && p.message.contains("pseudonym_key")),
+        "{p:?}"
+    );
+    // A good set parses into typed values.
+    let key = dir.path().join("k");
+    std::fs::write(&key, "0123456789abcdef0123").unwrap();
+    let text = good(dir.path())
+        .replace(
+            "settle = \"2s\"",
+            "settle = \"2s\"\nvalidate = \"dicom\"\non_invalid = \"upload-flagged\"\nkey_template = \"{source}/{hmac:dir}/{name}\"\ncomplete_when = { stable_dir = \"60s\", marker = \"{dir}.done\" }",
+        )
+        .replace(
+            "[agent]\n",
+            &format!("[agent]\nlog_paths = \"keys\"\npseudonym_key_file = \"{}\"\n", key.display()),
+        );
+    let c = Config::parse(Path::new("t.toml"), &text).unwrap();
+    let s = &c.sources[0];
+    assert!(c.agent.keys_only);
+    assert_eq!(
+        s.validation.for_path(Path::new("a/b.dcm")),
+        crate::validate::Kind::Dicom
+    );
+    assert_eq!(
+        s.validation.on_invalid,
+        crate::validate::OnInvalid::UploadFlagged
+    );
+    assert!(s.complete_when.is_marker("STUDY1.done"));
+    assert_eq!(
+        s.complete_when.study_of(Path::new("STUDY1/s/a.dcm")),
+        Some(PathBuf::from("STUDY1"))
+    );
+    assert_eq!(s.complete_when.study_of(Path::new("loose.dcm")), None);
+}

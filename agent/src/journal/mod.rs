@@ -56,6 +56,7 @@ mod receipts;
 mod schema;
 mod status;
 mod store;
+mod studies;
 mod worker;
 
 pub use model::{Custody, Landed, ObjectRow, PartRow, State};
@@ -64,3 +65,4 @@ pub use status::{ObjectFilter, ObjectItem, Status};
 #[cfg(test)]
 pub use store::{now_ms, Clock};
 pub use store::{Candidate, Hashed, Journal, JournalError};
+pub use studies::OpenStudy;

@@ -81,83 +81,17 @@ impl Journal {
         batch: Vec<Candidate>,
         reupload_changed: bool,
     ) -> Result<OfferStats, JournalError> {
-        self.call_at(move |c, now| {
-            let mut stats = OfferStats::default();
-            {
-                let mut latest = c.prepare_cached(
-                    "SELECT id, state, kind, size, mtime_ns, inode, etag FROM objects
-                     WHERE source = ?1 AND rel_path = ?2 ORDER BY id DESC LIMIT 1",
-                )?;
-                let mut insert = c.prepare_cached(
-                    "INSERT INTO objects (source, rel_path, key, size, mtime_ns, inode, state,
-                                          discovered_ms, updated_ms, etag, kind, priority)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?9, ?7, ?7, ?8, ?10,
-                             COALESCE((SELECT CAST(value AS INTEGER) FROM agent_state
-                                        WHERE name = 'priority:' || ?1), 0))",
-                )?;
-                let mut unrefuse =
-                    c.prepare_cached("DELETE FROM refused WHERE source = ?1 AND rel_path = ?2")?;
-                let mut refresh = c.prepare_cached(
-                    "UPDATE objects SET size = ?2, mtime_ns = ?3, inode = ?4, sha256 = NULL,
-                                        updated_ms = ?5, etag = ?6, kind = ?8, pinned_etag = NULL
-                     WHERE id = ?1 AND state = ?7",
-                )?;
-                for cand in &batch {
-                    let row = latest
-                        .query_row(params![source, path_bytes(&cand.rel_path)], |r| {
-                            Ok((
-                                r.get::<_, i64>(0)?,
-                                r.get::<_, State>(1)?,
-                                VersionColumns::read(r, 2)?,
-                            ))
-                        })
-                        .optional()?;
-                    let v = VersionColumns::of(&cand.version);
-                    unrefuse.execute(params![source, path_bytes(&cand.rel_path)])?;
-                    let latest = row.as_ref().map(|(_, s, v)| (*s, v));
-                    match offer_action(latest, &cand.version, reupload_changed) {
-                        OfferAction::Insert => {
-                            insert.execute(params![
-                                source,
-                                path_bytes(&cand.rel_path),
-                                cand.key,
-                                v.size,
-                                v.mtime_ns,
-                                v.inode,
-                                now,
-                                v.etag,
-                                State::Pending,
-                                v.kind
-                            ])?;
-                            stats.inserted += 1;
-                        }
-                        OfferAction::Refresh => {
-                            let id = row.as_ref().map(|(id, _, _)| *id).unwrap_or_default();
-                            refresh.execute(params![
-                                id,
-                                v.size,
-                                v.mtime_ns,
-                                v.inode,
-                                now,
-                                v.etag,
-                                State::Pending,
-                                v.kind
-                            ])?;
-                            stats.refreshed += 1;
-                        }
-                        OfferAction::Nothing => {}
-                    }
-                }
-            }
-            Ok(stats)
-        })
-        .await
-        .inspect(|stats| {
-            if stats.inserted + stats.refreshed > 0 {
-                self.offers
-                    .fetch_add(1, std::sync::atomic::Ordering::Release);
-            }
-        })
+        self.call_at(move |c, now| offer_in(c, now, &source, &batch, reupload_changed))
+            .await
+            .inspect(|stats| self.offered(stats))
+    }
+
+    /// Counts an offer that changed something (the dispatcher fetches again).
+    pub(super) fn offered(&self, stats: &OfferStats) {
+        if stats.inserted + stats.refreshed > 0 {
+            self.offers
+                .fetch_add(1, std::sync::atomic::Ordering::Release);
+        }
     }
 
     /// For each relative path of `source`: whether its newest journal row is delivered (or done).
@@ -736,6 +670,84 @@ fn row_to_object(r: &rusqlite::Row<'_>) -> rusqlite::Result<ObjectRow> {
         priority: r.get(18)?,
         flag: r.get(19)?,
     })
+}
+
+/// The offer rule applied to each candidate, in the caller's transaction.
+pub(super) fn offer_in(
+    c: &rusqlite::Connection,
+    now: i64,
+    source: &str,
+    batch: &[Candidate],
+    reupload_changed: bool,
+) -> rusqlite::Result<OfferStats> {
+    let mut stats = OfferStats::default();
+    {
+        let mut latest = c.prepare_cached(
+            "SELECT id, state, kind, size, mtime_ns, inode, etag FROM objects
+             WHERE source = ?1 AND rel_path = ?2 ORDER BY id DESC LIMIT 1",
+        )?;
+        let mut insert = c.prepare_cached(
+            "INSERT INTO objects (source, rel_path, key, size, mtime_ns, inode, state,
+                                  discovered_ms, updated_ms, etag, kind, priority)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?9, ?7, ?7, ?8, ?10,
+                     COALESCE((SELECT CAST(value AS INTEGER) FROM agent_state
+                                WHERE name = 'priority:' || ?1), 0))",
+        )?;
+        let mut unrefuse =
+            c.prepare_cached("DELETE FROM refused WHERE source = ?1 AND rel_path = ?2")?;
+        let mut refresh = c.prepare_cached(
+            "UPDATE objects SET size = ?2, mtime_ns = ?3, inode = ?4, sha256 = NULL,
+                                updated_ms = ?5, etag = ?6, kind = ?8, pinned_etag = NULL
+             WHERE id = ?1 AND state = ?7",
+        )?;
+        for cand in batch {
+            let row = latest
+                .query_row(params![source, path_bytes(&cand.rel_path)], |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, State>(1)?,
+                        VersionColumns::read(r, 2)?,
+                    ))
+                })
+                .optional()?;
+            let v = VersionColumns::of(&cand.version);
+            unrefuse.execute(params![source, path_bytes(&cand.rel_path)])?;
+            let latest = row.as_ref().map(|(_, s, v)| (*s, v));
+            match offer_action(latest, &cand.version, reupload_changed) {
+                OfferAction::Insert => {
+                    insert.execute(params![
+                        source,
+                        path_bytes(&cand.rel_path),
+                        cand.key,
+                        v.size,
+                        v.mtime_ns,
+                        v.inode,
+                        now,
+                        v.etag,
+                        State::Pending,
+                        v.kind
+                    ])?;
+                    stats.inserted += 1;
+                }
+                OfferAction::Refresh => {
+                    let id = row.as_ref().map(|(id, _, _)| *id).unwrap_or_default();
+                    refresh.execute(params![
+                        id,
+                        v.size,
+                        v.mtime_ns,
+                        v.inode,
+                        now,
+                        v.etag,
+                        State::Pending,
+                        v.kind
+                    ])?;
+                    stats.refreshed += 1;
+                }
+                OfferAction::Nothing => {}
+            }
+        }
+    }
+    Ok(stats)
 }
 
 #[cfg(test)]

@@ -389,10 +389,19 @@ impl<D: Destination> Scheduler<D> {
         // The record check a fresh row gets before its first byte is sent.
         let check = self.w.sources.get(&row.source).and_then(|s| {
             let kind = s.validation.for_path(&row.rel_path);
+            // The directory a second DICOM study is reported in: the study (stable_dir), or
+            // the file's own directory.
+            let dir = s.complete_when.study_of(&row.rel_path).unwrap_or_else(|| {
+                row.rel_path
+                    .parent()
+                    .unwrap_or(std::path::Path::new(""))
+                    .to_path_buf()
+            });
             (kind != crate::validate::Kind::None && row.state == State::Pending).then_some((
                 kind,
                 s.validation.max_line,
                 s.validation.on_invalid,
+                dir,
             ))
         });
         let budget = self.budget.clone();
@@ -404,12 +413,13 @@ impl<D: Destination> Scheduler<D> {
             board.begin(row.id, &row.key, row.version.size());
             let mut row = row;
             let checked = match (&origin, check) {
-                (Some(origin), Some((kind, max_line, on_invalid))) => {
+                (Some(origin), Some((kind, max_line, on_invalid, dir))) => {
                     let how = Check {
                         kind,
                         max_line,
                         on_invalid,
                         dry_run,
+                        dir,
                     };
                     check_row(&mut row, origin, how, &budget, &journal, &studies).await
                 }
@@ -903,12 +913,13 @@ impl<D: Destination> Scheduler<D> {
 }
 
 /// How one row is checked.
-#[derive(Clone, Copy)]
 struct Check {
     kind: crate::validate::Kind,
     max_line: usize,
     on_invalid: crate::validate::OnInvalid,
     dry_run: bool,
+    /// The directory that should hold one DICOM study.
+    dir: std::path::PathBuf,
 }
 
 /// The first DICOM study UID (its SHA-256: a UID is an identifier) seen per source directory.
@@ -976,8 +987,7 @@ async fn check_row(
         Ok(Ok(valid)) => {
             m.validated(&row.source, true);
             if let Some(uid) = valid.dicom.as_ref().and_then(|d| d.study_uid.as_deref()) {
-                let dir = row.rel_path.parent().unwrap_or(std::path::Path::new(""));
-                if studies.second_study(&row.source, dir, uid) {
+                if studies.second_study(&row.source, &how.dir, uid) {
                     let msg = format!(
                         "a directory holds files of more than one DICOM study (seen at {})",
                         row.key
@@ -1033,6 +1043,20 @@ fn millis(d: Duration) -> i64 {
 /// in milliseconds and every delay is checked exactly, not by sleeping.
 #[cfg(test)]
 mod tests {
+    /// A directory whose files belong to two DICOM studies is reported once; one study per
+    /// directory, or the same study in two directories, is not.
+    #[test]
+    fn a_second_study_in_a_directory_is_reported_once() {
+        let s = Studies::default();
+        let d = std::path::Path::new("STUDY_1");
+        assert!(!s.second_study("pacs", d, "1.2.3"));
+        assert!(!s.second_study("pacs", d, "1.2.3"));
+        assert!(!s.second_study("pacs", std::path::Path::new("STUDY_2"), "1.2.3"));
+        assert!(s.second_study("pacs", d, "1.2.4"));
+        assert!(!s.second_study("pacs", d, "1.2.5"), "reported once");
+        assert!(!s.second_study("other", d, "1.2.4"), "per source");
+    }
+
     use std::collections::VecDeque;
     use std::path::PathBuf;
     use std::sync::atomic::{AtomicUsize, Ordering};

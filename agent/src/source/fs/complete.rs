@@ -32,7 +32,11 @@ pub fn next(marked: bool, settled: bool, rule: &Completion, file_name: &str) -> 
         return Next::AwaitMarker;
     }
     // With a marker rule, the marker says the file is complete.
-    let complete = settled || *rule != Completion::Settle;
+    let complete = settled
+        || matches!(
+            rule,
+            Completion::FileMarker { .. } | Completion::DirMarker(_)
+        );
     match (complete, file_name == MANIFEST) {
         (false, _) => Next::Unsettled,
         (true, true) => Next::CheckManifest,
@@ -83,6 +87,35 @@ pub fn due(
         Err(_) => by_clock,
     };
     by_clock.min(by_mtime) + Duration::from_millis(10)
+}
+
+/// A study directory as one version: its total size, its newest mtime, and a digest of every
+/// file's path and version (in the walk's order) as the "inode", so that any file changing,
+/// appearing or disappearing is a new version. Returns it with the newest mtime.
+pub fn study_version<'a>(
+    files: impl Iterator<Item = (&'a std::path::Path, &'a Version, SystemTime)>,
+) -> (Version, SystemTime) {
+    let mut h = crate::hash::Sha256::new();
+    let (mut size, mut newest) = (0u64, SystemTime::UNIX_EPOCH);
+    for (rel, v, mtime) in files {
+        h.update(rel.as_os_str().as_encoded_bytes());
+        h.update(format!("\0{v:?}\0"));
+        size = size.saturating_add(v.size());
+        newest = newest.max(mtime);
+    }
+    let d = h.finalize();
+    let digest = u64::from_le_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]]);
+    let mtime_ns = newest
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX));
+    (
+        Version::File {
+            size,
+            mtime_ns,
+            inode: digest,
+        },
+        newest,
+    )
 }
 
 /// The file name of a FHIR Bulk Data manifest.
@@ -187,6 +220,35 @@ mod tests {
         // The marker is there: complete whether or not it has settled.
         assert_eq!(next(true, false, &marker, "a.ndjson"), Offer);
         assert_eq!(next(true, false, &marker, MANIFEST), CheckManifest);
+    }
+
+    /// A study's version changes when any file changes, appears or goes, and not otherwise.
+    #[test]
+    fn a_study_is_one_version_of_all_its_files() {
+        let t = SystemTime::UNIX_EPOCH + Duration::from_secs(100);
+        let a = (std::path::PathBuf::from("s/a.dcm"), FP, t);
+        let b = (
+            std::path::PathBuf::from("s/b.dcm"),
+            FP,
+            t + Duration::from_secs(5),
+        );
+        let v = |fs: &[&(std::path::PathBuf, Version, SystemTime)]| {
+            study_version(fs.iter().map(|(p, v, m)| (p.as_path(), v, *m)))
+        };
+        let (both, newest) = v(&[&a, &b]);
+        assert_eq!(newest, t + Duration::from_secs(5));
+        assert_eq!(both, v(&[&a, &b]).0);
+        assert_ne!(both, v(&[&a]).0);
+        let b2 = (
+            b.0.clone(),
+            Version::File {
+                size: 1,
+                mtime_ns: 1,
+                inode: 2,
+            },
+            b.2,
+        );
+        assert_ne!(both, v(&[&a, &b2]).0);
     }
 
     /// A file older than `settle` is complete at once.

@@ -33,7 +33,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::{mpsc, watch, Notify};
 
-use crate::config::{AfterUpload, OnChange, SourceConfig, WatchMode};
+use crate::config::{AfterUpload, Completion, OnChange, SourceConfig, WatchMode};
 use crate::journal::{Candidate, Journal, JournalError};
 use crate::keymap;
 use crate::version::Version;
@@ -41,8 +41,10 @@ use crate::version::Version;
 /// When a file is complete (pure).
 mod complete;
 use complete::{due, next, settle, Next, Tracked};
-pub use complete::{manifest_expect, parse_manifest, Manifest, MANIFEST};
+pub use complete::{manifest_expect, parse_manifest, study_version, Manifest, MANIFEST};
 
+/// The completion object written after the last file of a study (`{dir}/_complete.json`).
+pub const STUDY_COMPLETE: &str = "_complete.json";
 /// Candidates per journal transaction.
 const OFFER_BATCH: usize = 1000;
 /// Files handed over by the directory walk at a time.
@@ -537,9 +539,25 @@ impl FsSource {
                     } else {
                         let mut paths: HashSet<PathBuf> = HashSet::new();
                         for p in std::mem::take(&mut pending) {
-                            // A marker completes files next to it: look at its directory.
-                            match p.parent() {
-                                Some(dir) if self.is_marker(&p) => paths.insert(dir.to_path_buf()),
+                            // A study is looked at whole; a marker completes files next to it
+                            // (or, with stable_dir, the study next to it): look at its directory.
+                            let study = p
+                                .strip_prefix(&self.cfg.path)
+                                .ok()
+                                .and_then(|rel| self.cfg.complete_when.study_of(rel))
+                                .map(|d| self.cfg.path.join(d));
+                            let marker_study = match &self.cfg.complete_when {
+                                Completion::StableDir { marker: Some((pre, suf)), .. } if self.is_marker(&p) => {
+                                    p.file_name().and_then(|n| n.to_str()).and_then(|n| {
+                                        let dir = n.strip_prefix(pre.as_str())?.strip_suffix(suf.as_str())?;
+                                        Some(p.with_file_name(dir))
+                                    })
+                                }
+                                _ => None,
+                            };
+                            match (study.or(marker_study), p.parent()) {
+                                (Some(d), _) => paths.insert(d),
+                                (None, Some(dir)) if self.is_marker(&p) => paths.insert(dir.to_path_buf()),
                                 _ => paths.insert(p),
                             };
                         }
@@ -606,12 +624,19 @@ impl FsSource {
         let mut seen_now: HashSet<PathBuf> = HashSet::new();
         let mut awaiting_now: HashSet<PathBuf> = HashSet::new();
         let mut batch = Vec::new();
+        // `stable_dir`: the study being gathered (the walk is depth-first, so a study's files
+        // come together), and the studies holding a refused path in this pass.
+        let mut study: Option<(PathBuf, Vec<(Seen, String)>)> = None;
+        let mut refused_studies: HashSet<PathBuf> = HashSet::new();
         while let Some(chunk) = rx.recv().await {
             report.seen += chunk.files.len();
             // Refusals seen for the first time in this process: logged once, and journaled
             // for `status`.
             let mut newly: Vec<(PathBuf, String)> = Vec::new();
             for (rel, why) in chunk.refused {
+                if let Some(d) = self.cfg.complete_when.study_of(&rel) {
+                    refused_studies.insert(d);
+                }
                 report.refused += 1;
                 if self.warned.insert(rel.clone()) {
                     tracing::warn!(source = %self.cfg.name, path = %crate::phi::shown(&rel), reason = %why, "refused: will not upload");
@@ -627,10 +652,26 @@ impl FsSource {
                     self.key(&s.rel, None)
                         .map_err(|why| format!("name cannot be an object key: {why}"))
                 };
+                let in_study = self.cfg.complete_when.study_of(&s.rel);
+                if let Some(d) = &in_study {
+                    if study.as_ref().is_some_and(|(cur, _)| cur != d) {
+                        let (dir, files) = study.take().expect("checked");
+                        let refused = refused_studies.contains(&dir);
+                        report.offered += self
+                            .close_study(dir, files, refused, full, &mut seen_now)
+                            .await?;
+                    }
+                    if study.is_none() {
+                        study = Some((d.clone(), Vec::new()));
+                    }
+                }
                 let key = match refusal {
                     Ok(k) => k,
                     Err(why) => {
                         report.refused += 1;
+                        if let Some(d) = in_study {
+                            refused_studies.insert(d);
+                        }
                         if self.warned.insert(s.rel.clone()) {
                             tracing::warn!(source = %self.cfg.name, path = %crate::phi::shown(&s.rel), reason = %why, "refused: will not upload");
                             newly.push((s.rel.clone(), why));
@@ -638,6 +679,12 @@ impl FsSource {
                         continue;
                     }
                 };
+                if in_study.is_some() {
+                    if let Some((_, files)) = study.as_mut() {
+                        files.push((s, key));
+                    }
+                    continue;
+                }
                 if full
                     && (self.tracked.contains_key(&s.rel)
                         || self.held.contains(&s.rel)
@@ -726,6 +773,12 @@ impl FsSource {
             }
         }
         walk.await.map_err(|_| JournalError::Panicked)?;
+        if let Some((dir, files)) = study.take() {
+            let refused = refused_studies.contains(&dir);
+            report.offered += self
+                .close_study(dir, files, refused, full, &mut seen_now)
+                .await?;
+        }
         if !batch.is_empty() {
             report.offered += self.offer(batch).await?;
         }
@@ -836,6 +889,89 @@ impl FsSource {
             tracing::debug!(source = %self.cfg.name, manifest = %crate::phi::shown(rel), waiting = delivered.iter().filter(|d| !**d).count(), "FHIR manifest waits for its files");
             Ok(Gate::Hold)
         }
+    }
+
+    /// `stable_dir`: one study directory as the walk found it. Released whole (one journal
+    /// transaction with its study row) once nothing in it changed for the quiet time and its
+    /// marker (if any) is there; otherwise remembered and looked at again when due. A study
+    /// holding a refused path is never released half: it waits, reported once.
+    async fn close_study(
+        &mut self,
+        dir: PathBuf,
+        files: Vec<(Seen, String)>,
+        refused: bool,
+        full: bool,
+        seen_now: &mut HashSet<PathBuf>,
+    ) -> Result<usize, JournalError> {
+        let Completion::StableDir { quiet, marker, .. } = self.cfg.complete_when.clone() else {
+            return Ok(0);
+        };
+        let (now, now_mono) = (SystemTime::now(), Instant::now());
+        let (fp, newest) =
+            study_version(files.iter().map(|(s, _)| (s.rel.as_path(), &s.fp, s.mtime)));
+        let prev = self.tracked.get(&dir).map(|(t, _)| t);
+        let (settled, t) = settle(prev, &fp, newest, now, now_mono, quiet);
+        let marked = marker.as_ref().is_none_or(|(p, sfx)| {
+            let name = dir
+                .file_name()
+                .map(|n| n.to_string_lossy())
+                .unwrap_or_default();
+            let at = self.cfg.path.join(dir.parent().unwrap_or(Path::new("")));
+            std::fs::symlink_metadata(at.join(format!("{p}{name}{sfx}"))).is_ok()
+        });
+        if settled && marked && !refused && !files.is_empty() {
+            self.tracked.remove(&dir);
+            self.first_seen.remove(&dir);
+            let completion = match self.key(&dir.join(STUDY_COMPLETE), None) {
+                Ok(k) => k,
+                Err(why) => {
+                    if self.warned.insert(dir.clone()) {
+                        tracing::error!(source = %self.cfg.name, study = %crate::phi::shown(&dir), reason = %why, "study cannot get a completion object key; not released");
+                    }
+                    return Ok(0);
+                }
+            };
+            let n = files.len();
+            let batch: Vec<Candidate> = files
+                .into_iter()
+                .map(|(s, key)| Candidate {
+                    rel_path: s.rel,
+                    key,
+                    version: s.fp,
+                })
+                .collect();
+            let reupload = self.cfg.on_change == OnChange::Upload;
+            let stats = self
+                .journal
+                .offer_study(
+                    self.cfg.name.clone(),
+                    batch,
+                    reupload,
+                    dir,
+                    completion.clone(),
+                )
+                .await?;
+            if stats.inserted + stats.refreshed > 0 {
+                tracing::info!(source = %self.cfg.name, completion = %completion, files = n, quiet = %humantime::format_duration(quiet), "study complete (nothing changed for its quiet time): its files are released together");
+                self.wake.notify_one();
+            }
+            return Ok(stats.inserted);
+        }
+        if refused && self.warned.insert(dir.clone()) {
+            tracing::error!(source = %self.cfg.name, study = %crate::phi::shown(&dir), "study held back: a file in it is refused (see status), and a study is never sent in part");
+        }
+        let due_at = if settled {
+            // Waiting for its marker (or a refusal to be resolved): look again shortly.
+            now_mono + Duration::from_secs(1)
+        } else {
+            due(&t, newest, now, now_mono, quiet)
+        };
+        if full {
+            seen_now.insert(dir.clone());
+        }
+        self.note_settling(&dir, now_mono);
+        self.tracked.insert(dir, (t, due_at));
+        Ok(0)
     }
 
     /// Offers complete files to the journal; returns how many were new or changed, and wakes the
