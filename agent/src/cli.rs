@@ -73,6 +73,20 @@ pub enum Command {
         #[arg(long, default_value_t = 50, requires = "objects")]
         limit: usize,
     },
+    /// Check record files as `validate` would before sending them (FHIR NDJSON by default for
+    /// .ndjson, DICOM for .dcm; a manifest.json next to a file supplies its type and count).
+    /// Prints one line per file and the throughput; exits 1 if any file fails.
+    Check {
+        /// The check (default: by file extension).
+        #[arg(long = "as", value_enum)]
+        kind: Option<CheckKind>,
+        /// The longest NDJSON line accepted, in bytes.
+        #[arg(long, default_value_t = 16 << 20)]
+        max_line: usize,
+        /// The files.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
     /// Resolve a destination key to the source file it came from (on this box only: the
     /// mapping of pseudonymised keys lives in the local journal).
     Lookup {
@@ -112,6 +126,13 @@ pub enum Command {
         #[arg(long)]
         check: bool,
     },
+}
+
+/// The check `ha-edge check` runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum CheckKind {
+    FhirNdjson,
+    Dicom,
 }
 
 /// How `ha-edge receipts` prints.

@@ -107,6 +107,11 @@ fn main() -> ExitCode {
         } => run(&config, once, dry_run),
         Command::Relay { config, check } => relay_main(&config, check),
         Command::Lookup { config, key, json } => status::lookup(&config, key, json),
+        Command::Check {
+            kind,
+            max_line,
+            files,
+        } => validate::cli::check(kind, max_line, &files),
         Command::Receipts {
             config,
             since,

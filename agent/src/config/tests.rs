@@ -326,8 +326,11 @@ fn relative_paths_and_overlaps_are_refused() {
 #[test]
 fn documented_example_is_valid() {
     let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("pseudonym.key");
+    std::fs::write(&key, "0123456789abcdef0123456789abcdef").unwrap();
     let text = include_str!("../../../examples/ha-edge.toml")
-        .replace("/srv/exports/fhir", &dir.path().display().to_string());
+        .replace("/srv/exports/fhir", &dir.path().display().to_string())
+        .replace("/etc/ha-edge/pseudonym.key", &key.display().to_string());
     let c = Config::parse(Path::new("examples/ha-edge.toml"), &text).unwrap();
     let Destination::S3(d) = &c.destination else {
         panic!("an S3 destination")
@@ -350,6 +353,12 @@ fn documented_example_is_valid() {
         "[receipts]",
         "prefix = \"_receipts/\"",
         "every =",
+        "log_paths =",
+        "pseudonym_key_file =",
+        "max_line =",
+        "on_invalid =",
+        "quarantine_dir =",
+        "key_template =",
     ];
     let uncommented: String = text
         .lines()
@@ -366,6 +375,14 @@ fn documented_example_is_valid() {
     assert_eq!(c.agent.bandwidth.windows.len(), 2);
     assert!(c.receipts.is_some());
     assert_eq!(c.sources[0].priority, 10);
+    assert!(c.agent.keys_only);
+    assert!(c.sources[0].key_template.is_some());
+    assert_eq!(
+        c.sources[0]
+            .validation
+            .for_path(Path::new("a/Patient.ndjson")),
+        crate::validate::Kind::FhirNdjson
+    );
 }
 
 /// Sizes (`8 MiB`) and durations (`30s`) parse, with their bounds.

@@ -12,6 +12,7 @@
 //! Must not break: a reason (`Invalid`) never carries record content, so it may be logged,
 //! journaled and shown in `status`.
 
+pub mod cli;
 pub mod dicom;
 pub mod fhir;
 
