@@ -5,14 +5,17 @@
 # wall-clock MB/s, median of the rounds.
 #
 #   bench/validate.sh [--mib N] [--rounds N]     (default 512 MiB per resource type, 5 rounds)
+#   NETLAB=path/to/netlab.sh bench/validate.sh --link   (root: delivery over the WAN emulator,
+#       RTT 40 ms, 100 Mbit/s, 8 x 32 MiB NDJSON files, validate on and off alternating)
 #
 # Uses the static release binary the packages ship (built if missing). Scratch space:
 # /var/tmp/ha-edge-validate.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-mib=512 rounds=5
+mib=512 rounds=5 link=0
 while [ $# -gt 0 ]; do
   case "$1" in
+    --link) link=1; shift ;;
     --mib) mib="$2"; shift 2 ;;
     --rounds) rounds="$2"; shift 2 ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
@@ -77,4 +80,48 @@ for name in Patient Observation; do
   done
   med() { printf '%s\n' "$@" | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
   printf '| %s.ndjson | %d MiB | %d | %.0f | %.0f |\n' "$name" $((size >> 20)) "$lines" "$(med "${cpu[@]}")" "$(med "${wall[@]}")"
+done
+
+[ "$link" = 1 ] || exit 0
+# Delivery over the emulated link, with and without the check: the agent in the `onprem`
+# namespace, s3s-fs in `cloud`; throughput from the agent's own receipts.
+netlab="${NETLAB:?set NETLAB to the WAN emulator (netlab.sh)}"
+s3s="${S3S_FS_ROOT:-/opt/s3s-fs}/bin/s3s-fs"
+scripts/install-s3s-fs.sh >/dev/null
+run="$work/link"
+rm -rf "$run"; mkdir -p "$run/files" "$run/s3"
+split -C 32m -d -a 2 --additional-suffix=.ndjson "$work/Observation.ndjson" "$run/files/obs-"
+ls "$run/files" | tail -n +9 | sed "s|^|$run/files/|" | xargs rm -f
+touch -d '1 hour ago' "$run/files"/*
+"$netlab" up --mode wire --delay 20 --rate 100mbit >/dev/null
+trap '"$netlab" down >/dev/null 2>&1 || true; kill "${server:-0}" 2>/dev/null || true' EXIT
+ip netns exec cloud "$s3s" --host 198.18.0.2 --port 19556 --access-key AK --secret-key SKSKSKSK "$run/s3" >/dev/null 2>&1 &
+server=$!
+sleep 1
+printf '\n| over RTT 40 ms, 100 Mbit/s | round | MB delivered | seconds | Mbit/s |\n|---|---|---|---|---|\n'
+for round in 1 2; do
+  for mode in none fhir-ndjson; do
+    r="$run/$mode-$round"; mkdir -p "$r" "$run/s3/v-$round-${mode/-/}"
+    cat >"$r/agent.toml" <<TOML
+[agent]
+journal = "$r/journal.db"
+log_level = "warn"
+[[source]]
+name = "obs"
+type = "fs"
+path = "$run/files"
+validate = "$mode"
+[destination]
+type = "s3"
+endpoint = "http://198.18.0.2:19556"
+region = "eu-central-1"
+bucket = "v-$round-${mode/-/}"
+path_style = true
+TOML
+    t0=$(date +%s.%N)
+    AWS_ACCESS_KEY_ID=AK AWS_SECRET_ACCESS_KEY=SKSKSKSK ip netns exec onprem "$bin" run --once -c "$r/agent.toml" 2>"$r/log"
+    t1=$(date +%s.%N)
+    bytes=$(du -cb "$run/files"/* | tail -n 1 | cut -f1)
+    python3 -c "b=$bytes; s=$t1-$t0; print(f'| validate = \"$mode\" | $round | {b/1e6:.0f} | {s:.1f} | {b*8/s/1e6:.1f} |')"
+  done
 done

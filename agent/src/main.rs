@@ -24,6 +24,8 @@ mod bandwidth;
 mod cli;
 /// The TOML files, validated.
 mod config;
+/// Globs on relative paths.
+mod glob;
 /// SHA-256.
 mod hash;
 /// Every object and part, in SQLite.
@@ -63,7 +65,7 @@ mod validate;
 mod version;
 
 use std::io::IsTerminal;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -330,7 +332,65 @@ fn validate(file: &Path, offline: bool) -> ExitCode {
             "; credentials, buckets and endpoints answer"
         }
     ));
+    out(&template_examples(&config));
     ExitCode::SUCCESS
+}
+
+/// For `validate`: the key one example file of each source with a key_template gets (a file
+/// found in the source directory, else a made-up one). The path is shown only with
+/// `log_paths = "full"`.
+fn template_examples(config: &Config) -> String {
+    let mut text = String::new();
+    if config.sources.iter().any(|s| {
+        s.key_template
+            .as_ref()
+            .is_some_and(phi::Template::uses_hmac)
+    }) {
+        let creds = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
+        if let Ok(k) =
+            phi::read_pseudonym_key(creds.as_deref(), config.agent.pseudonym_key_file.as_deref())
+        {
+            phi::set_pseudonym_key(&k);
+        }
+    }
+    phi::set_keys_only(config.agent.keys_only);
+    for s in &config.sources {
+        let Some(t) = &s.key_template else { continue };
+        let found = s.is_dir().then(|| {
+            walkdir::WalkDir::new(&s.path)
+                .max_depth(8)
+                .into_iter()
+                .take(10_000)
+                .filter_map(Result::ok)
+                .find(|e| e.file_type().is_file())
+                .and_then(|e| e.path().strip_prefix(&s.path).ok().map(Path::to_path_buf))
+        });
+        let rel = found
+            .flatten()
+            .unwrap_or_else(|| PathBuf::from("STUDY_0001/series1/image0001.dcm"));
+        let prefix = format!("{}{}", config.destination.prefix(), s.key_prefix);
+        let input = phi::KeyInput {
+            source: &s.name,
+            rel: &rel,
+            discovered: jiff::Timestamp::now(),
+            sha256: Some([0; 32]),
+        };
+        let key =
+            keymap::key_of(&prefix, Some(t), &input).unwrap_or_else(|e| format!("(no key: {e})"));
+        let _ = std::fmt::Write::write_fmt(
+            &mut text,
+            format_args!(
+                "source {:?}: key_template gives {} the key {key}\n",
+                s.name,
+                if phi::keys_only() {
+                    "an example file".to_string()
+                } else {
+                    format!("{}", rel.display())
+                }
+            ),
+        );
+    }
+    text
 }
 
 /// What `validate` asks the servers, with the real credentials: the destination bucket
@@ -424,18 +484,36 @@ fn status(file: &Path, json: bool, stale_after: std::time::Duration) -> ExitCode
 }
 
 /// Logs to stderr (journald under systemd) as text or JSON, never panicking on a closed stderr.
+/// The filter (`RUST_LOG`, else `log_level`) is levels and `target=level` directives: tracing's
+/// `Targets`, which needs no regex engine (EnvFilter's span and field filters would cost the
+/// binary about 200 KiB for nothing an operator of this daemon uses).
 fn init_logging(format: LogFormat, level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    use tracing_subscriber::filter::{LevelFilter, Targets};
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
+    let filter: Targets = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|v| config::check_log_filter(v).is_ok())
+        .and_then(|v| v.parse().ok())
+        .or_else(|| level.parse().ok())
+        .unwrap_or_else(|| Targets::new().with_default(LevelFilter::INFO));
+    let layer = tracing_subscriber::fmt::layer()
         .with_writer(|| LogWriter)
         // Its own report of a failed write would go to stderr with eprintln!, and panic.
         .log_internal_errors(false)
         .with_target(false);
     match format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => tracing_subscriber::registry()
+            .with(layer.json().with_filter(filter))
+            .init(),
+        LogFormat::Text => tracing_subscriber::registry()
+            .with(
+                layer
+                    .with_ansi(std::io::stderr().is_terminal())
+                    .with_filter(filter),
+            )
+            .init(),
     }
 }
 

@@ -20,7 +20,7 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use globset::{Glob, GlobSet, GlobSetBuilder};
+use crate::glob::{Glob, GlobSet};
 use toml::Spanned;
 
 /// The agent's file and `[agent]`.
@@ -393,20 +393,14 @@ impl Validator<'_> {
     }
 
     fn globs(&mut self, globs: Spanned<Vec<Spanned<String>>>, key: &str) -> GlobSet {
-        let mut b = GlobSetBuilder::new();
+        let mut set = Vec::new();
         for g in globs.into_inner() {
             match Glob::new(g.get_ref()) {
-                Ok(glob) => {
-                    b.add(glob);
-                }
-                Err(e) => self.problem(
-                    g.span(),
-                    key,
-                    format!("bad glob {:?}: {}", g.get_ref(), e.kind()),
-                ),
+                Ok(glob) => set.push(glob),
+                Err(e) => self.problem(g.span(), key, format!("bad glob {:?}: {e}", g.get_ref())),
             }
         }
-        b.build().unwrap_or_else(|_| GlobSet::empty())
+        GlobSet::new(set)
     }
 }
 
@@ -428,8 +422,8 @@ pub fn check_log_filter(filter: &str) -> Result<(), String> {
             ));
         }
     }
-    tracing_subscriber::EnvFilter::builder()
-        .parse(filter)
+    filter
+        .parse::<tracing_subscriber::filter::Targets>()
         .map(drop)
         .map_err(|e| e.to_string())
 }

@@ -27,7 +27,7 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use globset::GlobSet;
+use crate::glob::GlobSet;
 use serde::Deserialize;
 use toml::Spanned;
 

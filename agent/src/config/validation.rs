@@ -52,12 +52,12 @@ impl Validator<'_> {
                             (t.len() == 2).then_some((inc.to_string(), kind))
                         });
                         match parsed {
-                            Some((inc, kind)) => match globset::Glob::new(&inc) {
-                                Ok(g) => rules.rules.push((Some(g.compile_matcher()), kind)),
+                            Some((inc, kind)) => match crate::glob::Glob::new(&inc) {
+                                Ok(g) => rules.rules.push((Some(g), kind)),
                                 Err(e) => self.problem(
                                     sp.clone(),
                                     &key,
-                                    format!("bad glob {inc:?}: {}", e.kind()),
+                                    format!("bad glob {inc:?}: {e}"),
                                 ),
                             },
                             None => self.problem(

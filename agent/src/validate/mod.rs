@@ -54,7 +54,7 @@ pub enum OnInvalid {
 /// A source's validation settings: the first rule whose glob matches a path decides.
 #[derive(Debug, Clone)]
 pub struct Rules {
-    pub rules: Vec<(Option<globset::GlobMatcher>, Kind)>,
+    pub rules: Vec<(Option<crate::glob::Glob>, Kind)>,
     /// The longest NDJSON line accepted (and the most memory one check holds).
     pub max_line: usize,
     pub on_invalid: OnInvalid,
