@@ -555,8 +555,8 @@ fn run(file: &Path, once: bool, dry_run: bool) -> ExitCode {
     }
     if dry_run {
         err_line(&format!(
-            "ha-edge: dry run: {} objects ({} bytes) would be sent, {} not yet settled, {} refused; nothing was sent or changed",
-            summary.listed, summary.listed_bytes, summary.unsettled, summary.refused
+            "ha-edge: dry run: {} objects ({} bytes) would be sent, {} would be quarantined, {} not yet settled, {} refused; nothing was sent or changed",
+            summary.listed, summary.listed_bytes, summary.quarantined, summary.unsettled, summary.refused
         ));
         return ExitCode::SUCCESS;
     }

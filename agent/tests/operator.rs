@@ -459,8 +459,9 @@ fn dry_run_lists_what_would_go_and_changes_nothing() {
         ],
         "{stdout}"
     );
-    assert!(stderr_of(&out)
-        .contains("dry run: 2 objects (2200 bytes) would be sent, 1 not yet settled"));
+    assert!(stderr_of(&out).contains(
+        "dry run: 2 objects (2200 bytes) would be sent, 0 would be quarantined, 1 not yet settled"
+    ));
     // Nothing sent, nothing changed: no request, the same objects, the journal byte for byte,
     // the source files all there.
     assert_eq!(

@@ -174,8 +174,15 @@ fn pseudonymised_keys_keep_the_identifier_out_of_every_output() {
     text.push_str("\n[receipts]\nprefix = \"_receipts/\"\n");
     std::fs::write(&cfg, text).unwrap();
 
+    // `validate` shows the key an example file gets, without the path.
+    let (shown, code) = run_with(&setup, &["validate", "--offline"]);
+    assert_eq!(code, Some(0), "{shown}");
+    assert!(
+        shown.contains("key_template gives an example file the key fhir/exports/20"),
+        "{shown}"
+    );
     let out = setup.run_once(bin());
-    let mut outputs = String::from_utf8_lossy(&out.stdout).into_owned() + &stderr_of(&out);
+    let mut outputs = shown + &String::from_utf8_lossy(&out.stdout) + &stderr_of(&out);
     assert!(outputs.contains("4 delivered"), "{outputs}");
     for args in [
         vec!["status"],
