@@ -74,6 +74,15 @@ pub fn dicom(study: &str, series: &str) -> Vec<u8> {
     );
     out.extend(meta);
     el(&mut out, 8, 0x16, b"UI", b"1.2.840.10008.5.1.4.1.1.7");
+    // A sequence of undefined length holding an item of undefined length, before the UIDs (a
+    // reader must walk it to find them).
+    out.extend([0x08, 0, 0x10, 0x11]);
+    out.extend(b"SQ");
+    out.extend([0, 0, 0xFF, 0xFF, 0xFF, 0xFF]);
+    out.extend([0xFE, 0xFF, 0x00, 0xE0, 0xFF, 0xFF, 0xFF, 0xFF]);
+    el(&mut out, 8, 0x1150, b"UI", b"1.2.3");
+    out.extend([0xFE, 0xFF, 0x0D, 0xE0, 0, 0, 0, 0]);
+    out.extend([0xFE, 0xFF, 0xDD, 0xE0, 0, 0, 0, 0]);
     el(&mut out, 0x10, 0x10, b"PN", b"Muster^Max");
     el(&mut out, 0x20, 0x0D, b"UI", study.as_bytes());
     el(&mut out, 0x20, 0x0E, b"UI", series.as_bytes());

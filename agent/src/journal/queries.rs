@@ -100,21 +100,12 @@ impl Journal {
         source: String,
         rels: Vec<PathBuf>,
     ) -> Result<Vec<bool>, JournalError> {
-        self.call(move |c| {
-            let mut q = c.prepare_cached(
-                "SELECT state FROM objects WHERE source = ?1 AND rel_path = ?2
-                 ORDER BY id DESC LIMIT 1",
-            )?;
-            rels.iter()
-                .map(|r| {
-                    let st: Option<State> = q
-                        .query_row(params![source, path_bytes(r)], |row| row.get(0))
-                        .optional()?;
-                    Ok(st.is_some_and(|st| State::LANDED.contains(&st)))
-                })
-                .collect()
-        })
-        .await
+        Ok(self
+            .latest_states(source, rels)
+            .await?
+            .into_iter()
+            .map(|st| st.is_some_and(|st| State::LANDED.contains(&st)))
+            .collect())
     }
 
     /// The newest row's state of each path of `source` (None: never seen).

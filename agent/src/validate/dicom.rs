@@ -247,56 +247,6 @@ impl Reader<'_> {
     }
 }
 
-/// Test and corpus files: a minimal Part 10 file in explicit VR little endian.
-#[cfg(test)]
-pub fn minimal(study: &str, series: &str) -> Vec<u8> {
-    fn el(out: &mut Vec<u8>, g: u16, e: u16, vr: &[u8; 2], v: &[u8]) {
-        let mut v = v.to_vec();
-        if v.len() % 2 == 1 {
-            v.push(0);
-        }
-        out.extend(g.to_le_bytes());
-        out.extend(e.to_le_bytes());
-        out.extend(vr);
-        if matches!(vr, b"OB" | b"SQ" | b"UN") {
-            out.extend([0, 0]);
-            out.extend(u32::try_from(v.len()).unwrap().to_le_bytes());
-        } else {
-            out.extend(u16::try_from(v.len()).unwrap().to_le_bytes());
-        }
-        out.extend(v);
-    }
-    let mut meta = Vec::new();
-    el(&mut meta, 2, 1, b"OB", &[0, 1]);
-    el(&mut meta, 2, 2, b"UI", b"1.2.840.10008.5.1.4.1.1.7");
-    el(&mut meta, 2, 3, b"UI", b"1.2.3.4.5.6");
-    el(&mut meta, 2, 0x10, b"UI", b"1.2.840.10008.1.2.1");
-    let mut out = vec![0u8; 128];
-    out.extend(b"DICM");
-    el(
-        &mut out,
-        2,
-        0,
-        b"UL",
-        &u32::try_from(meta.len()).unwrap().to_le_bytes(),
-    );
-    out.extend(meta);
-    el(&mut out, 8, 0x16, b"UI", b"1.2.840.10008.5.1.4.1.1.7");
-    // A sequence of undefined length with an item of undefined length, before the UIDs.
-    out.extend([0x08, 0, 0x10, 0x11]);
-    out.extend(b"SQ");
-    out.extend([0, 0, 0xFF, 0xFF, 0xFF, 0xFF]);
-    out.extend([0xFE, 0xFF, 0x00, 0xE0, 0xFF, 0xFF, 0xFF, 0xFF]);
-    el(&mut out, 8, 0x1150, b"UI", b"1.2.3");
-    out.extend([0xFE, 0xFF, 0x0D, 0xE0, 0, 0, 0, 0]);
-    out.extend([0xFE, 0xFF, 0xDD, 0xE0, 0, 0, 0, 0]);
-    el(&mut out, 0x10, 0x10, b"PN", b"Muster^Max");
-    el(&mut out, 0x20, 0x0D, b"UI", study.as_bytes());
-    el(&mut out, 0x20, 0x0E, b"UI", series.as_bytes());
-    el(&mut out, 0x7FE0, 0x10, b"OB", &[0u8; 64]);
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -304,7 +254,7 @@ mod tests {
     /// A valid file passes and its UIDs are read past a nested sequence of undefined length.
     #[test]
     fn a_valid_file_passes_and_its_uids_are_read() {
-        let f = minimal("1.2.826.0.1.1", "1.2.826.0.1.1.2");
+        let f = ha_edge_tests::corpus::dicom("1.2.826.0.1.1", "1.2.826.0.1.1.2");
         let info = check(&f).unwrap();
         assert_eq!(info.transfer_syntax, "1.2.840.10008.1.2.1");
         assert_eq!(info.study_uid.as_deref(), Some("1.2.826.0.1.1"));
@@ -315,7 +265,7 @@ mod tests {
     /// in the data set is still a valid file (its UIDs unknown).
     #[test]
     fn each_defect_is_named() {
-        let f = minimal("1.2", "1.2.3");
+        let f = ha_edge_tests::corpus::dicom("1.2", "1.2.3");
         let e = check(&f[128..]).unwrap_err();
         assert!(
             e.reason.contains("DICM") || e.reason.contains("preamble"),
