@@ -82,6 +82,11 @@ fn each_invalid_record_file_is_quarantined_with_its_reason_and_valid_ones_are_de
         // No record content in a reason: the made-up name in notfhir.ndjson stays out.
         assert!(!err.contains(corpus::MARKER), "{err}");
         assert!(qdir.join(rel).exists(), "{rel} not moved to quarantine_dir");
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(&qdir).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
         assert!(!setup.src().join(rel).exists(), "{rel} still in the source");
     }
     // The held manifest says why, once; status is degraded (files held).
@@ -344,4 +349,84 @@ fn a_study_written_slowly_is_delivered_whole_and_its_completion_object_lands_las
         stderr_of(&out)
     );
     assert!(s3.object("exports", "fhir/STUDY_0816/a.dcm").is_none());
+}
+
+/// A bucket source's objects are checked through the same pinned reads (ranged GETs): the
+/// broken one is quarantined, the valid one delivered.
+#[test]
+fn bucket_objects_are_checked_before_they_are_sent() {
+    let onprem = S3Server::start();
+    onprem.create_bucket("onprem");
+    let cloud = S3Server::start();
+    cloud.create_bucket("cloud");
+    let setup = Setup::new("cloud");
+    onprem.put(
+        "onprem",
+        "exports/ok.ndjson",
+        corpus::ndjson("Observation", 50).as_bytes(),
+    );
+    onprem.put(
+        "onprem",
+        "exports/bad.ndjson",
+        b"{\"resourceType\":\"Observation\"}\n",
+    );
+    setup.write_bucket_config(
+        &cloud.endpoint(),
+        &onprem.endpoint(),
+        "onprem",
+        "",
+        "validate = \"fhir-ndjson\"",
+    );
+    let out = setup.run_once(bin());
+    let log = stderr_of(&out);
+    assert_eq!(out.status.code(), Some(1), "{log}");
+    assert!(log.contains("1 quarantined"), "{log}");
+    assert!(cloud.object("cloud", "fhir/ok.ndjson").is_some(), "{log}");
+    assert!(cloud.object("cloud", "fhir/bad.ndjson").is_none());
+    let (text, _) = run_with(&setup, &["status", "--objects", "--state", "quarantined"]);
+    assert!(text.contains("Observation without an id"), "{text}");
+}
+
+/// `stable_dir` with a marker: a study that has long been quiet still waits for `{dir}.done`
+/// next to it; the marker is never sent. Files of two DICOM studies in one study directory are
+/// reported.
+#[test]
+fn a_study_waits_for_its_marker_and_two_studies_in_one_directory_are_reported() {
+    let s3 = S3Server::start();
+    s3.create_bucket("exports");
+    let setup = Setup::new("exports");
+    for (i, study) in ["1.2.3.1", "1.2.3.1", "1.2.3.2"].iter().enumerate() {
+        let p = setup.src().join(format!("ACC_1/img{i}.dcm"));
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        write_settled(&p, &corpus::dicom(study, &format!("{study}.1")));
+    }
+    setup.write_config(
+        &s3.endpoint(),
+        "",
+        "complete_when = { stable_dir = \"2s\", marker = \"{dir}.done\" }\nvalidate = \"dicom\"",
+    );
+    let out = setup.run_once(bin());
+    assert!(
+        stderr_of(&out).contains("0 delivered"),
+        "{}",
+        stderr_of(&out)
+    );
+    assert!(s3.keys("exports").iter().all(|k| !k.contains("ACC_1")));
+    write_settled(&setup.src().join("ACC_1.done"), b"");
+    let out = setup.run_once(bin());
+    let log = stderr_of(&out);
+    assert!(log.contains("3 delivered"), "{log}");
+    assert!(
+        s3.object("exports", "fhir/ACC_1/_complete.json").is_some(),
+        "{log}"
+    );
+    assert!(s3.keys("exports").iter().all(|k| !k.ends_with(".done")));
+    assert_eq!(log.matches("more than one DICOM study").count(), 1, "{log}");
+    let st = setup.status_json(bin());
+    assert!(
+        st["last_errors"]
+            .to_string()
+            .contains("more than one DICOM study"),
+        "{st}"
+    );
 }

@@ -827,6 +827,15 @@ impl<D: Destination> Scheduler<D> {
             return false;
         }
         let (root, rel, fp) = (root.clone(), row.rel_path.clone(), row.version.clone());
+        // Quarantined records stay readable by the agent's user only (the directory is made
+        // 0700 if it does not exist; its subdirectories follow the umask below it).
+        if !dir.exists() {
+            use std::os::unix::fs::DirBuilderExt;
+            let _ = std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&dir);
+        }
         let act = AfterUpload::MoveTo(dir);
         let res = tokio::task::spawn_blocking(move || after_upload(&root, &rel, &act, &fp)).await;
         match res {
