@@ -66,6 +66,8 @@ path = "$demo/in"
 exclude = ["**/*.tmp", "**/.*"]
 settle = "5s"
 rescan_interval = "30s"
+# FHIR Bulk Data NDJSON is checked before it leaves (a broken file is quarantined: see status).
+validate = [{ include = "**/*.ndjson", as = "fhir-ndjson" }]
 
 [destination]
 type = "s3"
