@@ -80,10 +80,14 @@ TOML
 
 "$bin" validate -c "$demo/ha-edge.toml"
 if [ -n "$once" ]; then
-  "$bin" run -c "$demo/ha-edge.toml" --once
-  "$bin" status -c "$demo/ha-edge.toml"
+  # Its exit code (1: something was held back, e.g. a quarantined file) is the script's, after
+  # the status and the bucket's contents are shown.
+  rc=0
+  "$bin" run -c "$demo/ha-edge.toml" --once || rc=$?
+  "$bin" status -c "$demo/ha-edge.toml" || true
   echo "objects in the bucket:"
   (cd "$demo/s3/$bucket" && find . -type f | sed 's|^\./|  |' | sort)
+  exit "$rc"
 else
   echo "watching $demo/in: copy files there and watch them arrive in $demo/s3/$bucket/edge/"
   echo "status from another shell: $bin status -c $demo/ha-edge.toml    (Ctrl-C stops)"

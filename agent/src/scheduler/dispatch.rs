@@ -785,19 +785,19 @@ impl<D: Destination> Scheduler<D> {
             Transition::Finish { state, message } => {
                 match state {
                     State::Rejected => {
-                        tracing::error!(error = %message, "rejected: this object will not be uploaded");
+                        tracing::error!(key = %row.key, error = %message, "rejected: this object will not be uploaded");
                     }
                     // Reported once, as an error: the object stays until the operator decides,
                     // and its source is never deleted or moved.
                     State::Conflict => {
-                        tracing::error!(error = %message, "conflict: another writer's object is at this key; not overwritten, source kept");
+                        tracing::error!(key = %row.key, error = %message, "conflict: another writer's object is at this key; not overwritten, source kept");
                     }
                     State::Quarantined => {
                         let moved = self.quarantine(&row).await;
-                        tracing::error!(error = %message, moved_to_quarantine = moved, "quarantined: failed its record check; not sent");
+                        tracing::error!(key = %row.key, error = %message, moved_to_quarantine = moved, "quarantined: failed its record check; not sent");
                     }
                     _ => {
-                        tracing::warn!(error = %message, "source file disappeared before upload; skipped");
+                        tracing::warn!(key = %row.key, error = %message, "source file disappeared before upload; skipped");
                     }
                 }
                 j.finish_with_error(row.id, state, message).await?;
