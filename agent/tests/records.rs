@@ -430,3 +430,25 @@ fn a_study_waits_for_its_marker_and_two_studies_in_one_directory_are_reported() 
         "{st}"
     );
 }
+
+/// `key_template = "{source}/{sha256}"`: content-addressed keys, hashed at discovery.
+#[test]
+fn content_addressed_keys_name_the_sha256_of_the_bytes() {
+    let s3 = S3Server::start();
+    s3.create_bucket("exports");
+    let setup = Setup::new("exports");
+    let (a, b) = (data(1, 3000), data(2, 5000));
+    write_settled(&setup.src().join("x/a.bin"), &a);
+    write_settled(&setup.src().join("y/b.bin"), &b);
+    setup.write_config(&s3.endpoint(), "", "key_template = \"{source}/{sha256}\"");
+    let out = setup.run_once(bin());
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    for bytes in [&a, &b] {
+        let key = format!("fhir/exports/{}", sha256(bytes));
+        assert_eq!(
+            s3.object("exports", &key).as_deref(),
+            Some(&bytes[..]),
+            "{key}"
+        );
+    }
+}

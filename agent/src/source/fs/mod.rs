@@ -438,11 +438,13 @@ impl FsSource {
     /// `{sha256}` templates: the key of a settled file from its content, if it is still the
     /// version seen (else None: it changed, and is looked at again).
     async fn content_key(&self, rel: &Path, seen: &Version) -> Option<String> {
-        let path = self.root_real.join(rel);
-        let seen = seen.clone();
+        let (root, rel_owned, seen) = (self.root_real.clone(), rel.to_path_buf(), seen.clone());
         let sha = tokio::task::spawn_blocking(move || -> std::io::Result<Option<[u8; 32]>> {
             use std::io::Read;
-            let mut f = std::fs::File::open(&path)?;
+            // Opened as the uploader opens it: no symlink out of the root, regular files only,
+            // never blocking on a FIFO put in its place.
+            let (mut f, _) = crate::sink::read::open_pinned(&root, &root.join(&rel_owned), &seen)
+                .map_err(std::io::Error::other)?;
             let mut h = crate::hash::Sha256::new();
             let mut buf = vec![0u8; 1 << 20];
             loop {
