@@ -147,18 +147,8 @@ pub async fn run(
         Destination::Relay(_) => None,
     };
     let a = &config.agent;
-    crate::phi::set_keys_only(a.keys_only);
-    if config.sources.iter().any(|s| {
-        s.key_template
-            .as_ref()
-            .is_some_and(crate::phi::Template::uses_hmac)
-    }) {
-        let creds = std::env::var_os("CREDENTIALS_DIRECTORY").map(std::path::PathBuf::from);
-        // Checked by the config already; read again here, where it is used (never logged).
-        let key = crate::phi::read_pseudonym_key(creds.as_deref(), a.pseudonym_key_file.as_deref())
-            .map_err(AppError::Pseudonym)?;
-        crate::phi::set_pseudonym_key(&key);
-    }
+    // The key was checked with the config; it is read again here, where it is used.
+    crate::phi::install(&config).map_err(AppError::Pseudonym)?;
     let mut origins: HashMap<String, Origin> = HashMap::new();
     for s in &config.sources {
         let origin = match &s.kind {

@@ -341,19 +341,8 @@ fn validate(file: &Path, offline: bool) -> ExitCode {
 /// `log_paths = "full"`.
 fn template_examples(config: &Config) -> String {
     let mut text = String::new();
-    if config.sources.iter().any(|s| {
-        s.key_template
-            .as_ref()
-            .is_some_and(phi::Template::uses_hmac)
-    }) {
-        let creds = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
-        if let Ok(k) =
-            phi::read_pseudonym_key(creds.as_deref(), config.agent.pseudonym_key_file.as_deref())
-        {
-            phi::set_pseudonym_key(&k);
-        }
-    }
-    phi::set_keys_only(config.agent.keys_only);
+    // Checked with the config already: a key that cannot be read was reported there.
+    let _ = phi::install(config);
     for s in &config.sources {
         let Some(t) = &s.key_template else { continue };
         let found = s.is_dir().then(|| {

@@ -61,6 +61,22 @@ pub fn set_pseudonym_key(bytes: &[u8]) {
     let _ = PSEUDONYM_KEY.set(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, bytes));
 }
 
+/// Sets this process up for `config`: `log_paths`, and the pseudonymisation key when a key
+/// template uses `{hmac:…}` (read from the credentials; never logged).
+pub fn install(config: &crate::config::Config) -> Result<(), String> {
+    set_keys_only(config.agent.keys_only);
+    let hmac = config
+        .sources
+        .iter()
+        .any(|s| s.key_template.as_ref().is_some_and(Template::uses_hmac));
+    if hmac {
+        let creds = std::env::var_os("CREDENTIALS_DIRECTORY").map(std::path::PathBuf::from);
+        let key = read_pseudonym_key(creds.as_deref(), config.agent.pseudonym_key_file.as_deref())?;
+        set_pseudonym_key(&key);
+    }
+    Ok(())
+}
+
 /// Reads the pseudonymisation key: `pseudonym_key` in `$CREDENTIALS_DIRECTORY` first, else
 /// `file`. At least 16 bytes (a trailing newline is not part of it).
 pub fn read_pseudonym_key(

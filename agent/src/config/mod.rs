@@ -486,27 +486,27 @@ pub fn check_bucket_name(b: &str) -> Result<(), String> {
 /// (a source directory, say) are currently broken.
 /// Whether `[agent] log_paths = "keys"` (read leniently, like `journal_path`: for `status`).
 pub fn keys_only(file: &Path) -> bool {
-    std::fs::read_to_string(file)
-        .ok()
-        .and_then(|t| toml::from_str::<toml::Table>(&t).ok())
-        .and_then(|t| {
-            t.get("agent")
-                .and_then(|a| a.get("log_paths"))
-                .and_then(|l| l.as_str())
-                .map(|l| l == "keys")
-        })
-        .unwrap_or(false)
+    agent_key(file, "log_paths").is_ok_and(|l| l.as_str() == Some("keys"))
 }
 
-pub fn journal_path(file: &Path) -> Result<PathBuf, String> {
+/// One `[agent]` value, read leniently (no validation of the rest of the file): what `status`
+/// and `lookup` need to find the journal and how to show paths, even beside a config the
+/// daemon would refuse.
+fn agent_key(file: &Path, key: &str) -> Result<toml::Value, String> {
     let text = std::fs::read_to_string(file)
         .map_err(|e| format!("{}: cannot read: {e}", file.display()))?;
     let table: toml::Table =
         toml::from_str(&text).map_err(|e| format!("{}: {}", file.display(), e.message()))?;
     table
         .get("agent")
-        .and_then(|a| a.get("journal"))
-        .and_then(|j| j.as_str())
+        .and_then(|a| a.get(key))
+        .cloned()
+        .ok_or_else(|| format!("{}: agent.{key} is not set", file.display()))
+}
+
+pub fn journal_path(file: &Path) -> Result<PathBuf, String> {
+    agent_key(file, "journal")?
+        .as_str()
         .map(PathBuf::from)
-        .ok_or_else(|| format!("{}: agent.journal is not set", file.display()))
+        .ok_or_else(|| format!("{}: agent.journal is not a string", file.display()))
 }

@@ -160,7 +160,7 @@ struct Scheduler<D> {
     /// What record checks read within: the sink's budget (or one part's worth without one).
     budget: crate::sink::read::Budget,
     /// The DICOM study seen first in each directory, to report a directory holding two.
-    studies: Studies,
+    studies: StudyUids,
 }
 
 /// Dispatches until the journal has nothing left (`--once`) or until `shutdown`.
@@ -184,7 +184,7 @@ pub async fn run<D: Destination>(
         w,
         summary,
         budget,
-        studies: Studies::default(),
+        studies: StudyUids::default(),
     };
     sched.preflight().await?;
     systemd::ready();
@@ -754,12 +754,13 @@ impl<D: Destination> Scheduler<D> {
                     }
                     self.summary.delivered += 1;
                     self.summary.bytes += row.version.size();
-                    m.finished(&row.source, "delivered");
+                    // Bytes first: a scrape that sees the object delivered sees its bytes too.
                     m.bytes_sent
                         .get_or_create(&crate::telemetry::metrics::SourceLabel {
                             source: row.source.clone(),
                         })
                         .inc_by(row.version.size());
+                    m.finished(&row.source, "delivered");
                     let mbps = row.version.size() as f64 / took.as_secs_f64().max(1e-6) / 1e6;
                     tracing::info!(key = %row.key, size = row.version.size(), secs = took.as_secs_f64(), mb_per_s = format!("{mbps:.1}"), "delivered and verified");
                 }
@@ -933,12 +934,12 @@ struct Check {
 
 /// The first DICOM study UID (its SHA-256: a UID is an identifier) seen per source directory.
 #[derive(Clone, Default)]
-struct Studies(Arc<std::sync::Mutex<StudyMap>>);
+struct StudyUids(Arc<std::sync::Mutex<StudyMap>>);
 
 /// (source, directory) to the SHA-256 of the first study UID seen there ([0; 32]: reported).
 type StudyMap = HashMap<(String, std::path::PathBuf), [u8; 32]>;
 
-impl Studies {
+impl StudyUids {
     /// Notes a file's study; true the first time a directory shows a second one.
     fn second_study(&self, source: &str, dir: &std::path::Path, uid: &str) -> bool {
         let h = crate::hash::Sha256::digest(uid.as_bytes());
@@ -970,7 +971,7 @@ async fn check_row(
     how: Check,
     budget: &crate::sink::read::Budget,
     journal: &Journal,
-    studies: &Studies,
+    studies: &StudyUids,
 ) -> Option<Outcome> {
     use crate::validate::{self, Kind, OnInvalid};
     let mut expect = validate::fhir::Expect::default();
@@ -1056,7 +1057,7 @@ mod tests {
     /// directory, or the same study in two directories, is not.
     #[test]
     fn a_second_study_in_a_directory_is_reported_once() {
-        let s = Studies::default();
+        let s = StudyUids::default();
         let d = std::path::Path::new("STUDY_1");
         assert!(!s.second_study("pacs", d, "1.2.3"));
         assert!(!s.second_study("pacs", d, "1.2.3"));
