@@ -49,8 +49,26 @@ fn delivers_small_and_multipart_files_byte_identical() {
         let stored = s3.object("exports", &key).expect("object stored");
         assert_eq!(sha256(&stored), sha256(bytes), "{key}");
         let meta = s3.metadata("exports", &key).expect("metadata");
-        assert_eq!(meta["user_metadata"]["sha256"], sha256(bytes), "{key}");
+        if bytes.len() < 8 * MIB {
+            // A single PUT carries its SHA-256.
+            assert_eq!(meta["user_metadata"]["sha256"], sha256(bytes), "{key}");
+        } else {
+            // A multipart upload, read once: the server computed the full-object CRC64NVME over
+            // what it assembled and checked it against the one sent with the completion.
+            assert_eq!(meta["checksum_type"], "FULL_OBJECT", "{key}: {meta}");
+            let sums = s3.checksums("exports", &key).expect("checksums");
+            assert_eq!(
+                sums["checksum_crc64nvme"],
+                crc64nvme_b64(bytes),
+                "{key}: {sums}"
+            );
+        }
     }
+    // The journal keeps the SHA-256 of every object, multipart ones included.
+    assert_eq!(
+        setup.journal_sha256("fhir/imaging/big.ndjson").as_deref(),
+        Some(sha256(&files[4].1).as_str())
+    );
     assert_eq!(s3.open_uploads(), 0);
     assert_eq!(setup.journal_counts(), vec![("done".to_string(), 5)]);
 

@@ -192,6 +192,16 @@ impl S3Server {
         let text = std::fs::read_to_string(self.data.path().join(name)).ok()?;
         serde_json::from_str(&text).ok()
     }
+
+    /// The checksums s3s-fs computed over a stored object (its `.internal.json`: e.g.
+    /// `checksum_crc64nvme` for a multipart upload created for a full-object CRC64NVME).
+    pub fn checksums(&self, bucket: &str, key: &str) -> Option<serde_json::Value> {
+        use base64::Engine as _;
+        let enc = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+        let name = format!(".bucket-{}.object-{}.internal.json", enc(bucket), enc(key));
+        let text = std::fs::read_to_string(self.data.path().join(name)).ok()?;
+        serde_json::from_str(&text).ok()
+    }
 }
 
 impl Drop for S3Server {
@@ -311,6 +321,8 @@ pub enum Fault {
 pub struct Rule {
     pub op: &'static str,
     pub target_contains: String,
+    /// Only requests with this header (name) holding this value.
+    pub header: Option<(&'static str, &'static str)>,
     pub fault: Fault,
     pub times: u32,
 }
@@ -320,9 +332,16 @@ impl Rule {
         Rule {
             op,
             target_contains: String::new(),
+            header: None,
             fault,
             times,
         }
+    }
+
+    /// Only requests whose header `name` holds `value` (e.g. a checksum algorithm).
+    pub fn with_header(mut self, name: &'static str, value: &'static str) -> Rule {
+        self.header = Some((name, value));
+        self
     }
 
     pub fn on_target(mut self, part: &str) -> Rule {
@@ -346,6 +365,8 @@ pub struct Proxy {
     /// Connections accepted while the proxy black-holed everything.
     pub swallowed: Arc<AtomicU64>,
     pub rules: Arc<Mutex<Vec<Rule>>>,
+    /// Body bytes of GetObject answers passed on to the client.
+    pub object_bytes: Arc<AtomicU64>,
     /// Client connections the proxy is serving right now.
     open: Arc<AtomicU64>,
     streams: Streams,
@@ -364,6 +385,7 @@ struct ProxyShared {
     black_hole: Arc<AtomicBool>,
     swallowed: Arc<AtomicU64>,
     rules: Arc<Mutex<Vec<Rule>>>,
+    object_bytes: Arc<AtomicU64>,
     open: Arc<AtomicU64>,
     streams: Streams,
     stop: Arc<AtomicBool>,
@@ -381,6 +403,7 @@ impl Proxy {
             black_hole: Arc::new(AtomicBool::new(false)),
             swallowed: Arc::new(AtomicU64::new(0)),
             rules: Arc::new(Mutex::new(Vec::new())),
+            object_bytes: Arc::new(AtomicU64::new(0)),
             open: Arc::new(AtomicU64::new(0)),
             streams: Arc::new(Mutex::new(Vec::new())),
             stop: Arc::new(AtomicBool::new(false)),
@@ -419,6 +442,7 @@ impl Proxy {
             refused,
             swallowed: shared.swallowed,
             rules: shared.rules,
+            object_bytes: shared.object_bytes,
             open: shared.open,
             streams: shared.streams,
             stop: shared.stop,
@@ -546,14 +570,31 @@ fn header_value<'a>(head: &'a str, name: &str) -> Option<&'a str> {
 fn relay_body(
     from: &mut TcpStream,
     buf: &mut Vec<u8>,
-    mut to: Option<&mut TcpStream>,
+    to: Option<&mut TcpStream>,
     len: u64,
 ) -> bool {
+    relay_counted(from, buf, to, len, None)
+}
+
+/// `relay_body`, adding the bytes passed on to `counted`.
+fn relay_counted(
+    from: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    mut to: Option<&mut TcpStream>,
+    len: u64,
+    counted: Option<&AtomicU64>,
+) -> bool {
+    let count = |n: usize| {
+        if let Some(c) = counted {
+            c.fetch_add(n as u64, Ordering::Relaxed);
+        }
+    };
     let take = usize::try_from(len).unwrap_or(usize::MAX).min(buf.len());
     if let Some(t) = to.as_mut() {
         if t.write_all(&buf[..take]).is_err() {
             return false;
         }
+        count(take);
     }
     buf.drain(..take);
     let mut left = len - take as u64;
@@ -567,6 +608,7 @@ fn relay_body(
                     if t.write_all(&chunk[..n]).is_err() {
                         return false;
                     }
+                    count(n);
                 }
                 left -= n as u64;
             }
@@ -682,6 +724,8 @@ fn serve_connection(mut client: TcpStream, sh: &ProxyShared) {
                 r.times > 0
                     && r.op == seen.op()
                     && seen.target.contains(&r.target_contains)
+                    && r.header
+                        .is_none_or(|(n, v)| seen.header(n).is_some_and(|h| h.contains(v)))
                     && !seen.is_probe()
             }) {
                 r.times -= 1;
@@ -690,6 +734,7 @@ fn serve_connection(mut client: TcpStream, sh: &ProxyShared) {
         }
         let fault = seen.fault.clone();
         let is_head = seen.method == "HEAD";
+        let is_object_get = seen.op() == "Get" && !seen.target.contains("list-type");
         let is_listen = seen.method == "GET" && seen.target.contains("events=");
         sh.requests.lock().expect("lock").push(seen);
         if is_listen {
@@ -819,7 +864,13 @@ fn serve_connection(mut client: TcpStream, sh: &ProxyShared) {
                     Ok(n) => sbuf.extend_from_slice(&chunk[..n]),
                 }
             }
-        } else if !relay_body(&mut server, &mut sbuf, Some(&mut client), rlen) {
+        } else if !relay_counted(
+            &mut server,
+            &mut sbuf,
+            Some(&mut client),
+            rlen,
+            is_object_get.then_some(&*sh.object_bytes),
+        ) {
             break;
         }
     }
@@ -850,6 +901,15 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 
 pub fn sha256(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
+}
+
+/// The CRC-64/NVME of `bytes` as S3 writes it (`x-amz-checksum-crc64nvme`: base64 of the 8
+/// big-endian bytes), computed here independently of the agent.
+pub fn crc64nvme_b64(bytes: &[u8]) -> String {
+    use base64::Engine as _;
+    let mut d = crc64fast_nvme::Digest::new();
+    d.write(bytes);
+    base64::engine::general_purpose::STANDARD.encode(d.sum64().to_be_bytes())
 }
 
 /// S3's checksum of an object uploaded in parts of `part` bytes with SHA-256 checksums, as
@@ -1133,6 +1193,17 @@ impl Setup {
         s.query_map([], |r| r.get(0))
             .map(|rows| rows.filter_map(Result::ok).collect())
             .unwrap_or_default()
+    }
+
+    /// The hex SHA-256 the journal holds for the newest row of `key`.
+    pub fn journal_sha256(&self, key: &str) -> Option<String> {
+        self.journal_column(&format!(
+            "SELECT hex(sha256) FROM objects WHERE key = '{}' AND sha256 IS NOT NULL
+             ORDER BY id DESC LIMIT 1",
+            key.replace('\'', "''")
+        ))
+        .pop()
+        .map(|h| h.to_lowercase())
     }
 
     /// Part numbers recorded in the journal for an object key.

@@ -50,6 +50,9 @@ pub(super) struct RawDestination {
     pub(super) key_file: Option<Spanned<String>>,
     /// "own" (default): replace only objects this agent wrote; "always": any.
     pub(super) overwrite: Option<Spanned<String>>,
+    /// "crc64nvme" (default): multipart uploads checked by a full-object CRC-64/NVME, the
+    /// source read once; "sha256": the SHA-256 hashed first and stored in the metadata.
+    pub(super) checksum: Option<Spanned<String>>,
     /// The storage class of objects written (e.g. "INTELLIGENT_TIERING").
     pub(super) storage_class: Option<Spanned<String>>,
     /// Object tags (values may hold `{source}`).
@@ -106,6 +109,19 @@ pub enum Overwrite {
     Always,
 }
 
+/// How a multipart upload's integrity is checked by the server (`destination.checksum`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Checksum {
+    /// A CRC-64/NVME per part and of the whole object (`FULL_OBJECT`), which the server checks
+    /// at completion; the source is read once, and its SHA-256 computed on the way goes to the
+    /// journal and the receipt (a multipart object's metadata is fixed before its bytes).
+    /// A server that refuses it gets `Sha256`, with one warning.
+    Crc64Nvme,
+    /// SHA-256 per part; the whole-object SHA-256, hashed in a pass before the upload, in
+    /// `x-amz-meta-sha256` (the source is read twice).
+    Sha256,
+}
+
 /// Server-side encryption asked for on every write.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Sse {
@@ -136,6 +152,8 @@ pub struct S3Destination {
     pub ca_file: Option<PathBuf>,
     /// Destinations only (bucket sources are read, never written but for `move_to_prefix`).
     pub overwrite: Overwrite,
+    /// How multipart uploads are checked (`checksum`).
+    pub checksum: Checksum,
     /// What objects are written with: storage class, tags, content types.
     pub object_meta: MetaRules,
 }
@@ -334,6 +352,13 @@ impl Validator<'_> {
                     "only applies to type = \"s3\" (the relay decides how it lands objects)",
                 );
             }
+            if let Some(o) = &d.checksum {
+                self.problem(
+                    o.span(),
+                    "destination.checksum",
+                    "only applies to type = \"s3\" (the relay decides how it lands objects)",
+                );
+            }
         }
         let (other, why) = if quic {
             (
@@ -528,7 +553,23 @@ impl Validator<'_> {
                 }
             },
         };
+        let checksum = match &d.checksum {
+            None => Checksum::Crc64Nvme,
+            Some(o) => match o.get_ref().as_str() {
+                "crc64nvme" => Checksum::Crc64Nvme,
+                "sha256" => Checksum::Sha256,
+                other => {
+                    self.problem(
+                        o.span(),
+                        "destination.checksum",
+                        format!("must be \"crc64nvme\" or \"sha256\", got {other:?}"),
+                    );
+                    Checksum::Crc64Nvme
+                }
+            },
+        };
         let dest = S3Destination {
+            checksum,
             overwrite,
             object_meta,
             endpoint: endpoint?,

@@ -39,7 +39,7 @@ mod validation;
 pub use agent::{resolve_lenient, Config, LogFormat};
 #[cfg(test)]
 pub use destination::MetaRules;
-pub use destination::{Destination, Overwrite, RelayDestination, S3Destination, Sse};
+pub use destination::{Checksum, Destination, Overwrite, RelayDestination, S3Destination, Sse};
 pub use relay::{AgentAuth, RelayConfig, StoreConfig};
 pub use source::{AfterUpload, Completion, OnChange, SourceConfig, SourceKind, WatchMode};
 

@@ -486,6 +486,7 @@ impl Validator<'_> {
                     cert_file: None,
                     key_file: None,
                     overwrite: None,
+                    checksum: None,
                     storage_class: None,
                     tags: None,
                     content_types: None,

@@ -808,6 +808,7 @@ impl Validator<'_> {
             .map(|c| self.readable_file(&c, &at("ca_file"), false));
         let conn = S3Destination {
             overwrite: Overwrite::Own,
+            checksum: super::destination::Checksum::Crc64Nvme,
             object_meta: super::destination::MetaRules::default(),
             endpoint: endpoint?,
             region: region?,

@@ -236,6 +236,11 @@ pub struct ObjectRow {
     pub priority: i64,
     /// `on_invalid = "upload-flagged"`: the check it failed (it is sent tagged).
     pub flag: Option<String>,
+    /// The multipart upload is checked by a full-object CRC-64/NVME and was started without a
+    /// hash pass: `sha256` and `crc64nvme` are fixed only once every byte was read.
+    pub streamed: bool,
+    /// The whole object's CRC-64/NVME (streamed uploads, once read).
+    pub crc64nvme: Option<u64>,
 }
 
 impl ObjectRow {

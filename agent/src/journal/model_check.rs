@@ -168,6 +168,7 @@ fn part(number: u32) -> PartRow {
         number,
         size: 5 << 20,
         sha256_b64: format!("sha-{number}"),
+        crc64nvme_b64: None,
         etag: format!("etag-{number}"),
     }
 }
@@ -243,6 +244,7 @@ fn dump(j: &Journal) -> Vec<Row> {
                     number: r.get(1)?,
                     size: r.get::<_, i64>(2)? as u64,
                     sha256_b64: r.get(3)?,
+                    crc64nvme_b64: None,
                     etag: r.get(4)?,
                 },
             ))

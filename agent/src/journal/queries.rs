@@ -27,7 +27,7 @@ static RUNNABLE_SQL: LazyLock<String> = LazyLock::new(|| {
         upload_id, part_size, attempts, pinned_etag,
         (SELECT p.dest_etag FROM objects p WHERE p.key = objects.key AND p.id < objects.id
             AND p.dest_etag IS NOT NULL ORDER BY p.id DESC LIMIT 1),
-        ctime_ns, part_hashes, kind, etag, priority, flag
+        ctime_ns, part_hashes, kind, etag, priority, flag, upload_checksum, crc64nvme
     FROM objects
     WHERE state IN ({})
       AND next_attempt_ms <= ?1
@@ -235,13 +235,74 @@ impl Journal {
         .await
     }
 
+    /// A streamed upload begins (no hash pass: see `ObjectRow::streamed`): the version (and a
+    /// file's ctime, an object's pinned ETag) is fixed before any byte is sent, the SHA-256
+    /// only once every byte was read (`set_streamed_hash`). Returns false, writing nothing, if
+    /// the row is no longer pending for that version.
+    pub async fn start_streamed(
+        &self,
+        id: i64,
+        version: Version,
+        ctime_ns: Option<i64>,
+        pinned_etag: Option<String>,
+    ) -> Result<bool, JournalError> {
+        self.call_at(move |c, now| {
+            let v = VersionColumns::of(&version);
+            let n = c.execute(
+                &format!(
+                    "UPDATE objects SET sha256 = NULL, crc64nvme = NULL, state = :uploading,
+                            upload_id = NULL, updated_ms = :now,
+                            pinned_etag = COALESCE(:pin, pinned_etag), ctime_ns = :ctime,
+                            part_hashes = NULL, upload_checksum = :streamed,
+                            started_ms = COALESCE(started_ms, :now)
+                     WHERE id = :id AND state = :pending AND {VERSION_IS}"
+                ),
+                named_params! {
+                    ":id": id,
+                    ":now": now,
+                    ":pin": pinned_etag,
+                    ":ctime": ctime_ns,
+                    ":streamed": STREAMED,
+                    ":pending": State::Pending,
+                    ":uploading": State::Uploading,
+                    ":kind": v.kind,
+                    ":size": v.size,
+                    ":mtime": v.mtime_ns,
+                    ":inode": v.inode,
+                    ":etag": v.etag,
+                },
+            )?;
+            Ok(n == 1)
+        })
+        .await
+    }
+
+    /// A streamed upload has read every byte: its SHA-256 and CRC-64/NVME, fixed before
+    /// completion is asked for.
+    pub async fn set_streamed_hash(
+        &self,
+        id: i64,
+        sha256: [u8; 32],
+        crc64nvme: u64,
+    ) -> Result<(), JournalError> {
+        self.call_at(move |c, now| {
+            c.execute(
+                "UPDATE objects SET sha256 = ?2, crc64nvme = ?3, updated_ms = ?4 WHERE id = ?1",
+                params![id, &sha256[..], crate::hash::Crc64Nvme::b64(crc64nvme), now],
+            )
+            .map(drop)
+        })
+        .await
+    }
+
     /// Conflicts are looked at again once per start: the operator may have moved the other
     /// object away (or set overwrite = "always"). Returns how many go back to pending.
     pub async fn requeue_conflicts(&self) -> Result<usize, JournalError> {
         self.call(|c| {
             c.execute(
                 "UPDATE objects SET state = ?1, next_attempt_ms = 0, sha256 = NULL,
-                        upload_id = NULL, part_size = NULL, ctime_ns = NULL, part_hashes = NULL
+                        upload_id = NULL, part_size = NULL, ctime_ns = NULL, part_hashes = NULL,
+                        upload_checksum = NULL, crc64nvme = NULL
                  WHERE state = ?2
                    AND id = (SELECT MAX(n.id) FROM objects n
                               WHERE n.source = objects.source AND n.rel_path = objects.rel_path)",
@@ -267,14 +328,16 @@ impl Journal {
     pub async fn record_part(&self, id: i64, part: PartRow) -> Result<(), JournalError> {
         self.call(move |c| {
             c.execute(
-                "INSERT OR REPLACE INTO parts (object_id, part_number, size, sha256_b64, etag)
-                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                "INSERT OR REPLACE INTO parts
+                        (object_id, part_number, size, sha256_b64, etag, crc64nvme_b64)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
                 params![
                     id,
                     part.number,
                     part.size as i64,
                     part.sha256_b64,
-                    part.etag
+                    part.etag,
+                    part.crc64nvme_b64
                 ],
             )
             .map(drop)
@@ -286,7 +349,7 @@ impl Journal {
     pub async fn parts(&self, id: i64) -> Result<Vec<PartRow>, JournalError> {
         self.call(move |c| {
             let mut stmt = c.prepare_cached(
-                "SELECT part_number, size, sha256_b64, etag FROM parts
+                "SELECT part_number, size, sha256_b64, etag, crc64nvme_b64 FROM parts
                  WHERE object_id = ?1 ORDER BY part_number",
             )?;
             let rows = stmt
@@ -296,6 +359,7 @@ impl Journal {
                         size: r.get::<_, i64>(1)? as u64,
                         sha256_b64: r.get(2)?,
                         etag: r.get(3)?,
+                        crc64nvme_b64: r.get(4)?,
                     })
                 })?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
@@ -345,7 +409,8 @@ impl Journal {
             c.execute(
                 "UPDATE objects SET state = ?4, sha256 = NULL, upload_id = NULL,
                         part_size = NULL, last_error = ?2, updated_ms = ?3, ctime_ns = NULL,
-                        part_hashes = NULL, pinned_etag = NULL
+                        part_hashes = NULL, pinned_etag = NULL, upload_checksum = NULL,
+                        crc64nvme = NULL
                  WHERE id = ?1",
                 params![id, why, now, State::Pending],
             )?;
@@ -660,7 +725,22 @@ fn row_to_object(r: &rusqlite::Row<'_>) -> rusqlite::Result<ObjectRow> {
         }),
         priority: r.get(18)?,
         flag: r.get(19)?,
+        streamed: r.get::<_, Option<String>>(20)?.as_deref() == Some(STREAMED),
+        crc64nvme: r
+            .get::<_, Option<String>>(21)?
+            .as_deref()
+            .and_then(crc_of_b64),
     })
+}
+
+/// `objects.upload_checksum` of a streamed upload (schema 8).
+const STREAMED: &str = "crc64nvme";
+
+/// A CRC-64/NVME as S3 writes it (base64 of 8 big-endian bytes).
+pub fn crc_of_b64(b64: &str) -> Option<u64> {
+    use base64::Engine as _;
+    let raw = base64::engine::general_purpose::STANDARD.decode(b64).ok()?;
+    Some(u64::from_be_bytes(raw.try_into().ok()?))
 }
 
 /// The offer rule applied to each candidate, in the caller's transaction.
@@ -933,6 +1013,7 @@ mod tests {
                     number: 1,
                     size: 5 << 20,
                     sha256_b64: "x".into(),
+                    crc64nvme_b64: None,
                     etag: "\"e\"".into(),
                 },
             )

@@ -167,6 +167,16 @@ CREATE TABLE studies (
 );
 CREATE INDEX studies_open ON studies (id) WHERE completed_ms IS NULL;
 "#,
+    // 8: single-pass uploads. `upload_checksum` = 'crc64nvme': a multipart upload checked by a
+    // full-object CRC-64/NVME, started without a hash pass; its SHA-256 and whole CRC
+    // (`crc64nvme`, base64) are fixed once every byte was read, before completion. NULL: the
+    // SHA-256 was fixed before any byte was sent (as before). Each part's CRC-64/NVME, for the
+    // completion's part list and for a resumed read to check the bytes the server holds.
+    r#"
+ALTER TABLE objects ADD COLUMN upload_checksum TEXT;
+ALTER TABLE objects ADD COLUMN crc64nvme TEXT;
+ALTER TABLE parts ADD COLUMN crc64nvme_b64 TEXT;
+"#,
 ];
 
 /// The schema this build writes.

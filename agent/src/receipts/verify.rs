@@ -209,13 +209,29 @@ async fn check_object(
             h.size, r.receipt, r.source.size
         ));
     }
-    match h.meta_sha256.as_deref() {
-        Some(s) if s == r.sha256 => {}
-        Some(s) => problems.push(format!(
+    // A multipart object checked by a full-object CRC-64/NVME carries no SHA-256 (its metadata
+    // was fixed before its bytes were read): the server's CRC, which it checked against the
+    // bytes it assembled, must be the receipt's.
+    let receipt_crc = r
+        .destination
+        .checksum
+        .as_deref()
+        .and_then(|c| c.strip_prefix("crc64nvme:"));
+    match (h.meta_sha256.as_deref(), receipt_crc) {
+        (Some(s), _) if s == r.sha256 => {}
+        (Some(s), _) => problems.push(format!(
             "{key}: stored SHA-256 {s}, receipt {} says {}",
             r.receipt, r.sha256
         )),
-        None => problems.push(format!(
+        (None, Some(want)) => match h.checksum_crc64nvme.as_deref() {
+            Some(got) if got == want => {}
+            got => problems.push(format!(
+                "{key}: stored CRC64NVME {}, receipt {} says {want}",
+                got.unwrap_or("none"),
+                r.receipt
+            )),
+        },
+        (None, None) => problems.push(format!(
             "{key}: the object carries no SHA-256 to compare with receipt {}",
             r.receipt
         )),

@@ -28,7 +28,7 @@ use bytes::Bytes;
 
 use crate::s3::multipart::{Budget, PartRow, PartSource, SendError, Upload};
 use crate::s3::verify::{self, VerifyError};
-use crate::s3::{Precondition, S3Client, S3Error};
+use crate::s3::{PartChecksum, Precondition, S3Client, S3Error};
 
 /// Parts of an object landed in S3 at a time.
 const LAND_PARALLEL: usize = 4;
@@ -474,6 +474,7 @@ async fn upload_file(
     let mut parts = None;
     if size <= part_size {
         let (body, got) = file.read(1, 0, size).await?;
+        let got = got.unwrap_or_default();
         if got != *sha {
             return Ok(Some((size, got)));
         }
@@ -488,7 +489,7 @@ async fn upload_file(
             .await?;
     } else {
         let upload_id = client
-            .create_multipart(key, sha, &client.meta_for(key, ""))
+            .create_multipart(key, PartChecksum::Sha256(sha), &client.meta_for(key, ""))
             .await?;
         let upload = Upload {
             client,
@@ -496,6 +497,7 @@ async fn upload_file(
             upload_id: &upload_id,
             size,
             part_size,
+            crc64nvme: false,
         };
         let budget = Budget::new(LAND_PARALLEL as u64 * part_size);
         let (_never, stop) = tokio::sync::watch::channel(false);
@@ -523,6 +525,7 @@ async fn upload_file(
                 &upload_id,
                 &Upload::manifest(&sent),
                 &Precondition::None,
+                None,
             )
             .await;
         if let Err(e) = done {
@@ -553,7 +556,9 @@ impl PartSource for LocalParts {
     /// Failures are the store's.
     type Error = StoreError;
     /// Read in order: the whole-file hash is computed as the parts are read.
-    const IN_ORDER: bool = true;
+    fn in_order(&self) -> bool {
+        true
+    }
 
     /// Reads one part of the partial file and adds it to the whole-file hash (parts are read in
     /// order).
@@ -562,7 +567,7 @@ impl PartSource for LocalParts {
         _number: u32,
         offset: u64,
         len: u64,
-    ) -> Result<(Bytes, [u8; 32]), StoreError> {
+    ) -> Result<(Bytes, Option<[u8; 32]>), StoreError> {
         let file = self.file.clone();
         let (body, sha) =
             tokio::task::spawn_blocking(move || -> std::io::Result<(Bytes, [u8; 32])> {
@@ -574,7 +579,7 @@ impl PartSource for LocalParts {
             .await
             .map_err(|e| std::io::Error::other(e.to_string()))??;
         self.whole.lock().expect("not poisoned").update(&body);
-        Ok((body, sha))
+        Ok((body, Some(sha)))
     }
 
     /// Nothing to record: the relay's partial file is its own journal.

@@ -295,6 +295,7 @@ mod tests {
 
     fn dest() -> S3Destination {
         S3Destination {
+            checksum: crate::config::Checksum::Crc64Nvme,
             overwrite: crate::config::Overwrite::Own,
             object_meta: crate::config::MetaRules::default(),
             endpoint: "http://127.0.0.1:9000".parse().unwrap(),

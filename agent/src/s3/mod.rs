@@ -6,13 +6,14 @@
 //! | method | S3 operation | notes |
 //! |---|---|---|
 //! | `put_object` | PutObject | with the write's condition; returns checksum, ETag, version |
-//! | `create_multipart` | CreateMultipartUpload | `x-amz-meta-sha256`, SSE; not retried when ambiguous |
-//! | `upload_part` | UploadPart | `x-amz-checksum-sha256` per part |
+//! | `create_multipart` | CreateMultipartUpload | CRC64NVME full-object, or SHA-256 with `x-amz-meta-sha256`; SSE; not retried when ambiguous |
+//! | `upload_part` | UploadPart | `x-amz-checksum-crc64nvme` or `-sha256` per part |
 //! | `list_parts` | ListParts | resume after a restart |
 //! | `complete_multipart` | CompleteMultipartUpload | with the condition; a 200 with an error body is an error |
 //! | `abort_multipart` | AbortMultipartUpload | a missing upload is fine |
 //! | `head_bucket`, `head_object` | HeadBucket, HeadObject | preflight; verification |
 //! | `get_range` | GetObject (Range) | bucket sources, If-Match on the pinned ETag |
+//! | `get_stream` | GetObject (from an offset) | a bucket source read once, in order, as it arrives |
 //! | `list_objects` | ListObjectsV2 | bucket sources, `validate` |
 //! | `copy_object`, `delete_object` | CopyObject, DeleteObject | a bucket source's after_upload |
 //!
@@ -226,6 +227,17 @@ impl ObjectMeta {
     }
 }
 
+/// How a multipart upload's parts and whole object are checked by the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PartChecksum<'a> {
+    /// SHA-256 per part (composite checksum); the whole object's SHA-256, hashed before the
+    /// upload starts, in `x-amz-meta-sha256`.
+    Sha256(&'a [u8; 32]),
+    /// CRC-64/NVME per part and of the whole object (`FULL_OBJECT`), which the server checks
+    /// at completion: no pass over the source before the upload.
+    Crc64Nvme,
+}
+
 /// What a PutObject answer tells.
 #[derive(Debug, Clone, Default)]
 pub struct PutAnswer {
@@ -251,6 +263,8 @@ pub struct Head {
     /// `x-amz-checksum-sha256`: the server's own checksum, whole or composite (`...-N`), if it
     /// keeps one.
     pub checksum_sha256: Option<String>,
+    /// `x-amz-checksum-crc64nvme`: the server's CRC-64/NVME of the whole object, if it keeps one.
+    pub checksum_crc64nvme: Option<String>,
     /// The ETag, as sent (quoted).
     pub etag: Option<String>,
     /// The `Last-Modified` header (an HTTP date).
@@ -274,6 +288,45 @@ pub struct Ranged {
     pub last_modified: Option<String>,
     /// The object's whole size (from Content-Range, or Content-Length for a whole-object read).
     pub total: Option<u64>,
+}
+
+/// An open GET whose body is read as it arrives (`S3Client::get_stream`), with what the server
+/// says about the object it comes from.
+pub struct Streamed {
+    /// The ETag of the object the bytes come from.
+    pub etag: Option<String>,
+    /// Its `Last-Modified` (an HTTP date).
+    pub last_modified: Option<String>,
+    /// The object's whole size (from Content-Range, or Content-Length from byte 0).
+    pub total: Option<u64>,
+    resp: reqwest::Response,
+    /// How long one chunk may take to arrive.
+    timeout: Duration,
+    op: &'static str,
+    bucket: String,
+    key: String,
+}
+
+impl Streamed {
+    /// The next bytes of the body, or None at its end; a stall longer than the request timeout
+    /// is an error.
+    pub async fn chunk(&mut self) -> Result<Option<Bytes>, S3Error> {
+        let transport = |detail: String| S3Error::Transport {
+            op: self.op,
+            bucket: self.bucket.clone(),
+            key: self.key.clone(),
+            detail,
+            unsent: false,
+        };
+        match tokio::time::timeout(self.timeout, self.resp.chunk()).await {
+            Ok(Ok(c)) => Ok(c),
+            Ok(Err(e)) => Err(transport(describe(&e))),
+            Err(_) => Err(transport(format!(
+                "no data for {} s while reading the object",
+                self.timeout.as_secs()
+            ))),
+        }
+    }
 }
 
 /// One request as signed and sent (a retry sends it again as it is, re-signed).
@@ -339,6 +392,11 @@ impl S3Client {
     /// Whether this destination may replace objects ha-edge did not write (`overwrite`).
     pub fn overwrite(&self) -> crate::config::Overwrite {
         self.dest.overwrite
+    }
+
+    /// How multipart uploads are checked (`destination.checksum`).
+    pub fn checksum(&self) -> crate::config::Checksum {
+        self.dest.checksum
     }
 
     /// The bucket name.
@@ -463,17 +521,25 @@ impl S3Client {
         })
     }
 
-    /// Starts a multipart upload; the whole-object SHA-256 goes into the metadata.
+    /// Starts a multipart upload. With `PartChecksum::Sha256` the whole-object SHA-256 (known
+    /// first) goes into the metadata; with `Crc64Nvme` the server is asked for a full-object
+    /// CRC-64/NVME, which completion checks against the one sent then.
     pub async fn create_multipart(
         &self,
         key: &str,
-        sha256: &[u8; 32],
+        checksum: PartChecksum<'_>,
         meta: &ObjectMeta,
     ) -> Result<String, S3Error> {
-        let mut headers = vec![
-            ("x-amz-meta-sha256", hex::encode(sha256)),
-            ("x-amz-checksum-algorithm", "SHA256".to_string()),
-        ];
+        let mut headers = match checksum {
+            PartChecksum::Sha256(sha256) => vec![
+                ("x-amz-meta-sha256", hex::encode(sha256)),
+                ("x-amz-checksum-algorithm", "SHA256".to_string()),
+            ],
+            PartChecksum::Crc64Nvme => vec![
+                ("x-amz-checksum-algorithm", "CRC64NVME".to_string()),
+                ("x-amz-checksum-type", "FULL_OBJECT".to_string()),
+            ],
+        };
         meta.add_to(&mut headers);
         self.sse_headers(&mut headers);
         let req = Request {
@@ -489,7 +555,9 @@ impl S3Client {
             .ok_or_else(|| self.protocol("CreateMultipartUpload", key, "no UploadId"))
     }
 
-    /// Sends one part; returns its ETag.
+    /// Sends one part, signed with its SHA-256 and checked by the server with its CRC-64/NVME
+    /// (`crc64nvme`, for uploads created with `PartChecksum::Crc64Nvme`) or its SHA-256 (one
+    /// checksum header per request, as S3 requires); returns its ETag.
     pub async fn upload_part(
         &self,
         key: &str,
@@ -497,12 +565,17 @@ impl S3Client {
         number: u32,
         body: Bytes,
         sha256: &[u8; 32],
+        crc64nvme: Option<u64>,
     ) -> Result<String, S3Error> {
         let n = number.to_string();
+        let checksum = match crc64nvme {
+            Some(crc) => ("x-amz-checksum-crc64nvme", crate::hash::Crc64Nvme::b64(crc)),
+            None => ("x-amz-checksum-sha256", b64(sha256)),
+        };
         let req = Request {
             method: Method::PUT,
             url: self.url(key, &[("partNumber", &n), ("uploadId", upload_id)]),
-            headers: vec![("x-amz-checksum-sha256", b64(sha256))],
+            headers: vec![checksum],
             body,
             payload_sha256_hex: hex::encode(sha256),
         };
@@ -545,18 +618,33 @@ impl S3Client {
         Ok(all)
     }
 
-    /// Completes an upload from (part number, ETag, base64 SHA-256) in order.
+    /// Completes an upload from (part number, ETag, base64 checksum) in order. With
+    /// `crc64nvme` (an upload created with `PartChecksum::Crc64Nvme`) the parts' checksums are
+    /// CRC-64/NVME and the whole object's is sent, for the server to check what it assembled.
     pub async fn complete_multipart(
         &self,
         key: &str,
         upload_id: &str,
         parts: &[(u32, String, String)],
         when: &Precondition,
+        crc64nvme: Option<u64>,
     ) -> Result<(), S3Error> {
-        let body = xml::complete_body(parts.iter().map(|(n, e, s)| (*n, e.as_str(), s.as_str())));
+        let element = if crc64nvme.is_some() {
+            "ChecksumCRC64NVME"
+        } else {
+            "ChecksumSHA256"
+        };
+        let body = xml::complete_body(
+            element,
+            parts.iter().map(|(n, e, s)| (*n, e.as_str(), s.as_str())),
+        );
         let body = Bytes::from(body);
         let sha = hex::encode(Sha256::digest(&body));
         let mut headers = vec![("content-type", "application/xml".to_string())];
+        if let Some(crc) = crc64nvme {
+            headers.push(("x-amz-checksum-crc64nvme", crate::hash::Crc64Nvme::b64(crc)));
+            headers.push(("x-amz-checksum-type", "FULL_OBJECT".to_string()));
+        }
         when.add_to(&mut headers);
         let req = Request {
             method: Method::POST,
@@ -666,6 +754,7 @@ impl S3Client {
             size,
             meta_sha256: header("x-amz-meta-sha256"),
             checksum_sha256: header("x-amz-checksum-sha256"),
+            checksum_crc64nvme: header("x-amz-checksum-crc64nvme"),
             etag: header("etag"),
             last_modified: header("last-modified"),
             version: header("x-amz-version-id"),
@@ -727,6 +816,74 @@ impl S3Client {
             total,
             body: resp.body,
         })
+    }
+
+    /// Opens a GET of the object from byte `from` to its end (pinned with `if_match`), whose
+    /// body the caller reads as it arrives (`Streamed::chunk`): one request per object instead
+    /// of one per range. Failures to open are retried like any request.
+    pub async fn get_stream(
+        &self,
+        key: &str,
+        from: u64,
+        if_match: Option<&str>,
+    ) -> Result<Streamed, S3Error> {
+        let mut headers = Vec::new();
+        if from > 0 {
+            headers.push(("range", format!("bytes={from}-")));
+        }
+        if let Some(tag) = if_match.filter(|t| !t.is_empty()) {
+            headers.push(("if-match", tag.to_string()));
+        }
+        let req = Request {
+            method: Method::GET,
+            url: self.url(key, &[]),
+            headers,
+            body: Bytes::new(),
+            payload_sha256_hex: sign::EMPTY_SHA256.to_string(),
+        };
+        let op = "GetObject";
+        let mut delay = Backoff::REQUEST.base;
+        let mut attempt = 0;
+        loop {
+            let err = match self.send_signed(op, key, &req, None).await {
+                Ok(resp) if resp.status().is_success() => {
+                    let header = |n: &str| {
+                        resp.headers()
+                            .get(n)
+                            .and_then(|v| v.to_str().ok())
+                            .map(str::to_string)
+                    };
+                    let total = match header("content-range") {
+                        Some(cr) => cr.rsplit('/').next().and_then(|t| t.trim().parse().ok()),
+                        None if from == 0 => resp.content_length(),
+                        None => None,
+                    };
+                    return Ok(Streamed {
+                        etag: header("etag"),
+                        last_modified: header("last-modified"),
+                        total,
+                        resp,
+                        timeout: self.timeout,
+                        op,
+                        bucket: self.dest.bucket.clone(),
+                        key: key.to_string(),
+                    });
+                }
+                Ok(resp) => {
+                    let status = resp.status();
+                    let headers = resp.headers().clone();
+                    let body = resp.bytes().await.unwrap_or_default();
+                    self.service_error(op, key, status, &headers, &body)
+                }
+                Err(e) => e,
+            };
+            if err.class() != Class::Transient || attempt >= self.max_retries {
+                return Err(err);
+            }
+            attempt += 1;
+            delay = Backoff::REQUEST.next(delay, fastrand::f64());
+            tokio::time::sleep(delay).await;
+        }
     }
 
     /// One page of ListObjectsV2 under `prefix`.
@@ -1089,6 +1246,7 @@ mod tests {
 
     fn client(path_style: bool) -> Arc<S3Client> {
         let dest = S3Destination {
+            checksum: crate::config::Checksum::Crc64Nvme,
             overwrite: crate::config::Overwrite::Own,
             object_meta: crate::config::MetaRules::default(),
             endpoint: if path_style {

@@ -1,18 +1,23 @@
 //! The one multipart uploader, used by the agent's sink and by the relay's S3 landing alike:
-//! sends the parts an upload still lacks, a bounded number of bytes at a time, each with its
-//! SHA-256 (`x-amz-checksum-sha256`), and reports each acknowledged part before it counts.
+//! sends the parts an upload still lacks, a bounded number of bytes at a time, each signed with
+//! its SHA-256 and checked by the server with its CRC-64/NVME (`x-amz-checksum-crc64nvme`, for a
+//! full-object checksum) or its SHA-256 (`x-amz-checksum-sha256`), and reports each
+//! acknowledged part before it counts.
 //! Where the bytes come from, and what is done with an acknowledged part (the agent journals
 //! it), is the caller's `PartSource`.
 //!
 //! # Use
 //! ```text
-//! let upload = Upload { client, key, upload_id, size, part_size };
+//! let upload = Upload { client, key, upload_id, size, part_size, crc64nvme: false };
 //! let parts = upload.send_parts(&source, &budget, already_sent, &stop).await?;
 //! client.complete_multipart(key, upload_id, &Upload::manifest(&parts), &condition).await?;
 //! verify::verify(client, key, size, &sha256, Some(&parts)).await?;
 //! ```
-//! The agent's `PartSource` reads the pinned source version in parallel and journals each part;
+//! The agent's `PartSource` reads the pinned source version once, in order, hashing it whole as
+//! it goes (or, for an upload whose hash was fixed first, in parallel), and journals each part;
 //! the relay's reads its partial file in order (hashing it whole as it goes) and records nothing.
+//! A part's own SHA-256 and CRC are computed in its task, on the blocking pool, so the in-order
+//! reader only reads and keeps the whole-object hashes.
 //!
 //! Must not break: a part is reported (`PartSource::sent`) only after the server acknowledged
 //! it, and a part's bytes are read only once their share of the budget is held; the first
@@ -26,6 +31,7 @@ use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 
 use super::{b64, S3Client, S3Error};
+use crate::hash::{Crc64Nvme, Sha256};
 
 /// One part the server acknowledged.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,8 +40,11 @@ pub struct PartRow {
     pub number: u32,
     /// Its size in bytes.
     pub size: u64,
-    /// Base64 SHA-256 of the part, as sent in x-amz-checksum-sha256.
+    /// Base64 SHA-256 of the part (the signed payload hash; the checksum header of uploads
+    /// checked by SHA-256).
     pub sha256_b64: String,
+    /// Base64 CRC-64/NVME of the part, for uploads with a full-object CRC-64/NVME.
+    pub crc64nvme_b64: Option<String>,
     /// The server's ETag for it (CompleteMultipartUpload lists it).
     pub etag: String,
 }
@@ -45,17 +54,20 @@ pub trait PartSource: Send + Sync + 'static {
     /// The caller's error type (an S3 failure converts into it).
     type Error: From<S3Error> + Send + 'static;
 
-    /// Whether parts must be read one after another, in order (the relay hashes the whole file
-    /// as it reads it). Otherwise each part is read in its own task, in parallel.
-    const IN_ORDER: bool = false;
+    /// Whether parts must be read one after another, in order (a source hashed whole as it is
+    /// read). Otherwise each part is read in its own task, in parallel.
+    fn in_order(&self) -> bool {
+        false
+    }
 
-    /// Reads part `number` (`len` bytes at `offset`): its bytes and their SHA-256.
+    /// Reads part `number` (`len` bytes at `offset`): its bytes and, if the source hashed
+    /// them already, their SHA-256 (else the part's task does).
     fn read(
         &self,
         number: u32,
         offset: u64,
         len: u64,
-    ) -> impl Future<Output = Result<(Bytes, [u8; 32]), Self::Error>> + Send;
+    ) -> impl Future<Output = Result<(Bytes, Option<[u8; 32]>), Self::Error>> + Send;
 
     /// The server acknowledged `part`; an error stops the upload.
     fn sent(&self, part: &PartRow) -> impl Future<Output = Result<(), Self::Error>> + Send;
@@ -118,6 +130,8 @@ pub struct Upload<'a> {
     pub size: u64,
     /// Every part's size but the last's.
     pub part_size: u64,
+    /// Parts carry their CRC-64/NVME (the upload was created for a full-object CRC-64/NVME).
+    pub crc64nvme: bool,
 }
 
 impl Upload<'_> {
@@ -161,7 +175,7 @@ impl Upload<'_> {
                         budget.reserve(len).await
                     }
                 };
-                let read_now = if P::IN_ORDER {
+                let read_now = if source.in_order() {
                     match source.read(n, off, len).await {
                         Ok(r) => Some(r),
                         Err(e) => {
@@ -174,17 +188,22 @@ impl Upload<'_> {
                 };
                 let (client, source) = (self.client.clone(), source.clone());
                 let (key, upload_id) = (self.key.to_string(), self.upload_id.to_string());
+                let with_crc = self.crc64nvme;
                 tasks.spawn(async move {
                     let _permit = permit;
                     let (body, sha) = match read_now {
                         Some(r) => r,
                         None => source.read(n, off, len).await?,
                     };
-                    let etag = client.upload_part(&key, &upload_id, n, body, &sha).await?;
+                    let (body, sha, crc) = part_sums(body, sha, with_crc).await;
+                    let etag = client
+                        .upload_part(&key, &upload_id, n, body, &sha, crc)
+                        .await?;
                     let part = PartRow {
                         number: n,
                         size: len,
                         sha256_b64: b64(&sha),
+                        crc64nvme_b64: crc.map(Crc64Nvme::b64),
                         etag,
                     };
                     source.sent(&part).await?;
@@ -206,12 +225,43 @@ impl Upload<'_> {
         Ok(parts.into_iter().flatten().collect())
     }
 
-    /// The list CompleteMultipartUpload takes: number, ETag, checksum of each part.
+    /// The list CompleteMultipartUpload takes: number, ETag, checksum of each part (its
+    /// CRC-64/NVME where it has one, else its SHA-256).
     pub fn manifest(parts: &[PartRow]) -> Vec<(u32, String, String)> {
         parts
             .iter()
-            .map(|p| (p.number, p.etag.clone(), p.sha256_b64.clone()))
+            .map(|p| {
+                let sum = p.crc64nvme_b64.as_ref().unwrap_or(&p.sha256_b64);
+                (p.number, p.etag.clone(), sum.clone())
+            })
             .collect()
+    }
+}
+
+/// A part's SHA-256 (unless the source gave it) and, with `with_crc`, its CRC-64/NVME, on the
+/// blocking pool: parts are hashed in parallel, off the runtime's threads.
+async fn part_sums(
+    body: Bytes,
+    sha: Option<[u8; 32]>,
+    with_crc: bool,
+) -> (Bytes, [u8; 32], Option<u64>) {
+    if sha.is_some() && !with_crc {
+        return (body, sha.unwrap_or_default(), None);
+    }
+    let work = body.clone();
+    let sums = tokio::task::spawn_blocking(move || {
+        let sha = sha.unwrap_or_else(|| Sha256::digest(&work));
+        (sha, with_crc.then(|| Crc64Nvme::digest(&work)))
+    })
+    .await;
+    match sums {
+        Ok((sha, crc)) => (body, sha, crc),
+        // The blocking pool is shutting down: hash here.
+        Err(_) => {
+            let sha = sha.unwrap_or_else(|| Sha256::digest(&body));
+            let crc = with_crc.then(|| Crc64Nvme::digest(&body));
+            (body, sha, crc)
+        }
     }
 }
 

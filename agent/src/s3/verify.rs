@@ -1,10 +1,14 @@
 //! The one check of a stored object, used by the agent's sink and by the relay's S3 landing:
-//! HEAD the key; the size must be ours, `x-amz-meta-sha256` must be our SHA-256, and a
-//! checksum the server reports (`x-amz-checksum-sha256`, whole or composite) must be the one of
-//! our bytes.
+//! HEAD the key; the size must be ours, and
+//! - an object uploaded with a full-object CRC-64/NVME (`x-amz-checksum-type: FULL_OBJECT`,
+//!   which the server checked at completion) must report that checksum, ours;
+//! - any other must carry our SHA-256 in `x-amz-meta-sha256`;
+//! - a checksum the server reports (`x-amz-checksum-sha256`, whole or composite;
+//!   `x-amz-meta-sha256` where set) must be the one of our bytes.
 //!
 //! Must not break: an object passes only if every check that the server's answer allows
-//! passes; a missing `x-amz-meta-sha256` is a failure, never a pass.
+//! passes; the checksum the upload relies on (the CRC-64/NVME asked for, or
+//! `x-amz-meta-sha256`) missing is a failure, never a pass.
 
 use crate::hash::Sha256;
 
@@ -22,6 +26,10 @@ pub enum Mismatch {
     Sha256 { server: String, ours: String },
     #[error("the server did not keep x-amz-meta-sha256")]
     NoSha256,
+    #[error("x-amz-checksum-crc64nvme is {server}, expected {ours}")]
+    Crc64 { server: String, ours: String },
+    #[error("the server reported no x-amz-checksum-crc64nvme for an upload checked by it")]
+    NoCrc64,
     #[error("x-amz-checksum-sha256 is {server}, expected {whole} or {composite:?}")]
     Checksum {
         server: String,
@@ -48,9 +56,42 @@ pub async fn verify(
     sha: &[u8; 32],
     parts: Option<&[PartRow]>,
 ) -> Result<Head, VerifyError> {
+    verify_full(client, key, size, sha, None, parts).await
+}
+
+/// `verify`, for an upload with a full-object CRC-64/NVME (`crc64nvme`): that checksum, not
+/// `x-amz-meta-sha256`, must be on the object.
+pub async fn verify_full(
+    client: &S3Client,
+    key: &str,
+    size: u64,
+    sha: &[u8; 32],
+    crc64nvme: Option<u64>,
+    parts: Option<&[PartRow]>,
+) -> Result<Head, VerifyError> {
     let head = client.head_object(key).await?.ok_or(Mismatch::Missing)?;
-    check(&head, size, sha, parts)?;
+    check(&head, size, sha, parts).or_else(|e| match (e, crc64nvme) {
+        // No metadata on a CRC-checked upload: the CRC decides (below).
+        (Mismatch::NoSha256, Some(_)) => Ok(()),
+        (e, _) => Err(e),
+    })?;
+    if let Some(crc) = crc64nvme {
+        check_crc(&head, crc)?;
+    }
     Ok(head)
+}
+
+/// The server's full-object CRC-64/NVME must be there and be ours.
+pub fn check_crc(head: &Head, crc64nvme: u64) -> Result<(), Mismatch> {
+    let ours = crate::hash::Crc64Nvme::b64(crc64nvme);
+    match &head.checksum_crc64nvme {
+        Some(cs) if *cs == ours => Ok(()),
+        Some(cs) => Err(Mismatch::Crc64 {
+            server: cs.clone(),
+            ours,
+        }),
+        None => Err(Mismatch::NoCrc64),
+    }
 }
 
 /// The checks of `verify` on an answer already at hand.
@@ -112,6 +153,7 @@ mod tests {
             number,
             size: body.len() as u64,
             sha256_b64: b64(&Sha256::digest(body)),
+            crc64nvme_b64: None,
             etag: String::new(),
         }
     }

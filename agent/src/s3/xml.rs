@@ -167,15 +167,19 @@ fn escape(s: &str) -> String {
     out
 }
 
-/// The CompleteMultipartUpload body: (part number, ETag, base64 SHA-256) in part order.
-pub fn complete_body<'a>(parts: impl IntoIterator<Item = (u32, &'a str, &'a str)>) -> String {
+/// The CompleteMultipartUpload body: (part number, ETag, base64 checksum) in part order, each
+/// checksum in `checksum_element` (`ChecksumSHA256`, `ChecksumCRC64NVME`).
+pub fn complete_body<'a>(
+    checksum_element: &str,
+    parts: impl IntoIterator<Item = (u32, &'a str, &'a str)>,
+) -> String {
     let mut s =
         String::from("<CompleteMultipartUpload xmlns=\"http://s3.amazonaws.com/doc/2006-03-01/\">");
-    for (n, etag, sha) in parts {
+    for (n, etag, sum) in parts {
         s.push_str(&format!(
-            "<Part><PartNumber>{n}</PartNumber><ETag>{}</ETag><ChecksumSHA256>{}</ChecksumSHA256></Part>",
+            "<Part><PartNumber>{n}</PartNumber><ETag>{}</ETag><{checksum_element}>{}</{checksum_element}></Part>",
             escape(etag),
-            escape(sha)
+            escape(sum)
         ));
     }
     s.push_str("</CompleteMultipartUpload>");
@@ -250,7 +254,7 @@ mod tests {
             parse_upload_id("<InitiateMultipartUploadResult><Bucket>b</Bucket><Key>k</Key><UploadId>u+1/=</UploadId></InitiateMultipartUploadResult>").as_deref(),
             Some("u+1/=")
         );
-        let b = complete_body([(1, "\"e1\"", "c2hh")]);
+        let b = complete_body("ChecksumSHA256", [(1, "\"e1\"", "c2hh")]);
         assert!(b.contains("<ETag>&quot;e1&quot;</ETag>"), "{b}");
         assert!(b.contains("<ChecksumSHA256>c2hh</ChecksumSHA256>"));
     }

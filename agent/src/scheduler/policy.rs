@@ -266,6 +266,8 @@ mod tests {
             part_hashes: None,
             priority: 0,
             flag: None,
+            streamed: false,
+            crc64nvme: None,
         }
     }
 

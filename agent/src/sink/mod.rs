@@ -22,6 +22,8 @@ pub mod read;
 pub mod relay;
 /// Delivery to an S3 bucket.
 pub mod s3;
+/// Reading a source once, in order, for a multipart upload with a full-object CRC.
+pub mod stream;
 
 use tokio::sync::watch;
 

@@ -179,6 +179,14 @@ impl Pinned {
         }
     }
 
+    /// A pinned file's ctime (fixed in the journal before a streamed upload starts).
+    pub fn ctime_ns(&self) -> Option<i64> {
+        match self {
+            Pinned::File { ctime_ns, .. } => Some(*ctime_ns),
+            Pinned::Object { .. } => None,
+        }
+    }
+
     /// The ETag this transfer pinned itself to, to record with the hash: for a bucket object
     /// listed without one (a listed ETag is part of the version already).
     pub fn pinned_etag(&self) -> Option<String> {
@@ -254,7 +262,9 @@ impl Pinned {
         Ok(r.body)
     }
 
-    /// Whether the source is still the pinned version (every object read is checked already).
+    /// Whether the source is still the pinned version, before an upload is completed: a file by
+    /// its metadata, an object by a HEAD (a GET under way may go on serving the version it
+    /// began with after the object was replaced, so the end of a read says nothing).
     pub async fn check(self: &Arc<Self>) -> Result<(), Stop> {
         match &**self {
             Pinned::File { .. } => {
@@ -265,7 +275,28 @@ impl Pinned {
                 })
                 .await
             }
-            Pinned::Object { .. } => Ok(()),
+            Pinned::Object {
+                client,
+                key,
+                fp,
+                etag,
+            } => {
+                let head = match client.head_object(key).await {
+                    Ok(Some(h)) => h,
+                    Ok(None) => return Err(Stop::Vanished(self.what())),
+                    Err(e) => return Err(self.source_error(e)),
+                };
+                if fp.matches_object(
+                    etag.as_deref(),
+                    Some(head.size),
+                    head.last_modified.as_deref(),
+                    head.etag.as_deref(),
+                ) {
+                    Ok(())
+                } else {
+                    Err(Stop::Changed(self.what()))
+                }
+            }
         }
     }
 

@@ -18,12 +18,21 @@
 //!   read and hash in one pass, PUT with `x-amz-checksum-sha256` and the write's condition, and
 //!   confirm by the server's checksum in the answer (or a HEAD: none given, or the source is
 //!   deleted or moved next). The hash is recorded with the delivery, in one commit.
-//! - **Fresh object, multipart**: pin the source version, hash it whole and per part (pass one),
-//!   commit hash, part hashes and ctime (`uploading`, no upload id yet), CreateMultipartUpload
-//!   and commit its id, send the parts (`s3::multipart`, each journaled once acknowledged), mark
-//!   `completing`, complete under the condition, verify with HEAD (`s3::verify`).
+//! - **Fresh object, multipart, `checksum = "crc64nvme"`** (the default): pin the source
+//!   version and commit it with its ctime (`uploading`, no upload id yet), CreateMultipartUpload
+//!   for a full-object CRC-64/NVME and commit its id, then read the source once, in order
+//!   (`sink::stream`), hashing it whole (SHA-256 and CRC) as the parts are cut and sent (each
+//!   journaled once acknowledged); commit the SHA-256 and CRC, mark `completing`, complete with
+//!   the CRC (the server checks it against what it assembled) under the condition, verify with
+//!   HEAD. A server that refuses CRC64NVME gets the next scheme, with one warning.
+//! - **Fresh object, multipart, `checksum = "sha256"`**: pin the source version, hash it whole
+//!   and per part (pass one), commit hash, part hashes and ctime (`uploading`, no upload id
+//!   yet), CreateMultipartUpload with the SHA-256 in its metadata and commit its id, send the
+//!   parts, mark `completing`, complete under the condition, verify with HEAD (`s3::verify`).
 //! - **Resume**: an `uploading` row with an upload id lists the parts the server holds, forgets
-//!   journaled parts it lacks, and sends the rest; without an upload id, uploads of the key that
+//!   journaled parts it lacks, and sends the rest (a streamed upload reads the parts the server
+//!   holds once more, to hash them, checking each against its journaled CRC); without an upload
+//!   id, uploads of the key that
 //!   the journal never learnt of are aborted first. `completing` asks the stored object: ours
 //!   means delivered. NoSuchUpload or a changed source starts the object over.
 //! - **Conditions** (`overwrite = "own"`): create-only for a key never delivered, replace only
@@ -41,12 +50,13 @@ use bytes::Bytes;
 use tokio::sync::watch;
 
 use super::read::{blocking, check_pinned, open_pinned, pin, Budget, Origin, Pinned, Stop};
+use super::stream::StreamParts;
 use super::{Outcome, Unrecorded};
-use crate::config::{Overwrite, Sse, MAX_PARTS, MAX_PART_SIZE};
+use crate::config::{Checksum, Overwrite, Sse, MAX_PARTS, MAX_PART_SIZE};
 use crate::journal::{Journal, JournalError, Landed, ObjectRow, PartRow, State};
 use crate::s3::multipart::{PartSource, SendError, Upload};
 use crate::s3::verify::{self, VerifyError};
-use crate::s3::{b64, Head, ObjectMeta, Precondition, S3Client, S3Error};
+use crate::s3::{b64, Head, ObjectMeta, PartChecksum, Precondition, S3Client, S3Error};
 
 /// How objects are cut into requests.
 #[derive(Debug, Clone, Copy)]
@@ -68,6 +78,9 @@ pub struct S3Sink {
     /// Whether the server honours conditional writes (found by `probe_conditional`); if not,
     /// every write is preceded by a HEAD of its key (a race remains, said once at start).
     conditional: std::sync::atomic::AtomicBool,
+    /// Multipart uploads are checked by a full-object CRC-64/NVME and read once (`checksum =
+    /// "crc64nvme"`, until the server refuses it).
+    crc64nvme: std::sync::atomic::AtomicBool,
 }
 
 impl S3Sink {
@@ -83,12 +96,29 @@ impl S3Sink {
             (parts_in_flight as u64 * params.part_size).max(params.multipart_threshold);
         S3Sink {
             overwrite: client.overwrite(),
+            crc64nvme: std::sync::atomic::AtomicBool::new(client.checksum() == Checksum::Crc64Nvme),
             client,
             journal,
             params,
             budget: Budget::new(budget_bytes),
             warned_no_listing: std::sync::atomic::AtomicBool::new(false),
             conditional: std::sync::atomic::AtomicBool::new(true),
+        }
+    }
+
+    /// Whether new multipart uploads are streamed with a full-object CRC-64/NVME.
+    fn crc64nvme(&self) -> bool {
+        self.crc64nvme.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The server refused a CRC-64/NVME upload: say so once, and use SHA-256 (a hash pass, then
+    /// the upload) from now on.
+    fn fall_back_to_sha256(&self, e: &S3Error) {
+        if self
+            .crc64nvme
+            .swap(false, std::sync::atomic::Ordering::Relaxed)
+        {
+            tracing::warn!(endpoint = %self.client.endpoint(), error = %e, "the destination refuses full-object CRC64NVME checksums on multipart uploads: using SHA-256 instead (each object is read twice: once to hash it, once to send it); set destination.checksum = \"sha256\" to say so in the config");
         }
     }
 
@@ -194,8 +224,9 @@ impl S3Sink {
         &self,
         row: &ObjectRow,
         sha: &[u8; 32],
+        crc: Option<u64>,
     ) -> Result<Option<Sent>, Stop> {
-        self.settle_key(row, sha, true).await
+        self.settle_key(row, sha, crc, true).await
     }
 
     /// After a write's condition failed (412): our bytes are there (delivered), or it is a
@@ -204,19 +235,22 @@ impl S3Sink {
         &self,
         row: &ObjectRow,
         sha: &[u8; 32],
+        crc: Option<u64>,
     ) -> Result<Sent, Stop> {
-        self.settle_key(row, sha, false)
+        self.settle_key(row, sha, crc, false)
             .await?
             .ok_or_else(|| self.conflict(row, "the write's condition failed".into()))
     }
 
     /// What is at the key decides (see `key_before_write` and `after_precondition_failed`).
     /// Our own bytes there already (an answer lost, a journal started afresh) count as
-    /// delivered; anything else is a conflict.
+    /// delivered; anything else is a conflict. Ours means our size and our SHA-256 in its
+    /// metadata, or (an upload checked by CRC-64/NVME, `crc`) the server's full-object CRC.
     async fn settle_key(
         &self,
         row: &ObjectRow,
         sha: &[u8; 32],
+        crc: Option<u64>,
         before: bool,
     ) -> Result<Option<Sent>, Stop> {
         // A server may close the connection after its 412 without reading our body: the pooled
@@ -232,9 +266,11 @@ impl S3Sink {
             Some(h) if before && h.etag.is_some() && h.etag == row.prior_etag => Ok(None),
             Some(h)
                 if h.size == size
-                    && h.meta_sha256
+                    && (h
+                        .meta_sha256
                         .as_deref()
-                        .is_some_and(|m| m.eq_ignore_ascii_case(&ours)) =>
+                        .is_some_and(|m| m.eq_ignore_ascii_case(&ours))
+                        || crc.is_some_and(|c| verify::check_crc(&h, c).is_ok())) =>
             {
                 tracing::info!(key = %row.key, "the object at the key already holds these bytes; counted as delivered");
                 Ok(Some(Sent {
@@ -271,7 +307,7 @@ impl S3Sink {
         if self.overwrite == Overwrite::Always || self.conditional() {
             return Ok(None);
         }
-        self.key_before_write(row, sha).await
+        self.key_before_write(row, sha, None).await
     }
 
     /// The bucket's client.
@@ -359,6 +395,9 @@ impl S3Sink {
         if fp.size() < self.params.multipart_threshold {
             return self.single_put(row, origin, confirm).await;
         }
+        if self.crc64nvme() {
+            return self.fresh_streamed(row, origin, confirm, stop).await;
+        }
         let pinned = pin(row, origin).await?;
         let part_size = part_size_for(fp.size(), self.params.part_size);
         // Pass one: the whole-object hash and each part's, fixed in the journal before any byte
@@ -380,17 +419,9 @@ impl S3Sink {
         let meta = self
             .client
             .meta_for_row(&row.key, &row.source, row.flag.is_some());
-        let upload_id = match self.client.create_multipart(&row.key, &sha, &meta).await {
-            Ok(id) => id,
-            // The answer was lost, but the upload may exist: find it and abort it (the journal
-            // never knew it), then start one that is recorded.
-            Err(e) if e.is_ambiguous() => {
-                tracing::warn!(key = %row.key, error = %e, "CreateMultipartUpload may have gone through without its answer; aborting what it may have left before starting again");
-                self.sweep_unrecorded_uploads(&row.key).await?;
-                self.client.create_multipart(&row.key, &sha, &meta).await?
-            }
-            Err(e) => return Err(e.into()),
-        };
+        let upload_id = self
+            .create_recorded(&row.key, PartChecksum::Sha256(&sha), &meta)
+            .await?;
         self.journal
             .begin_multipart(row.id, upload_id.clone(), part_size)
             .await?;
@@ -406,6 +437,178 @@ impl S3Sink {
             stop,
         )
         .await
+    }
+
+    /// CreateMultipartUpload, retried once after an ambiguous failure: the answer was lost, but
+    /// the upload may exist, so what the journal never knew of is found and aborted first.
+    async fn create_recorded(
+        &self,
+        key: &str,
+        checksum: PartChecksum<'_>,
+        meta: &ObjectMeta,
+    ) -> Result<String, Stop> {
+        match self.client.create_multipart(key, checksum, meta).await {
+            Ok(id) => Ok(id),
+            Err(e) if e.is_ambiguous() => {
+                tracing::warn!(key, error = %e, "CreateMultipartUpload may have gone through without its answer; aborting what it may have left before starting again");
+                self.sweep_unrecorded_uploads(key).await?;
+                Ok(self.client.create_multipart(key, checksum, meta).await?)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// A multipart upload read once: the version committed, the upload created for a
+    /// full-object CRC-64/NVME and recorded, then the parts cut from one in-order read.
+    async fn fresh_streamed(
+        &self,
+        row: &ObjectRow,
+        origin: &Origin,
+        confirm: Confirm,
+        stop: watch::Receiver<bool>,
+    ) -> Result<Sent, Stop> {
+        let fp = row.version.clone();
+        let pinned = pin(row, origin).await?;
+        let part_size = part_size_for(fp.size(), self.params.part_size);
+        if !self
+            .journal
+            .start_streamed(row.id, fp, pinned.ctime_ns(), pinned.pinned_etag())
+            .await?
+        {
+            return Err(Stop::Changed(pinned.what()));
+        }
+        // A server that ignores conditions is asked about the key before completion, once the
+        // hashes are known (`complete`): nothing is replaced before then.
+        let meta = self
+            .client
+            .meta_for_row(&row.key, &row.source, row.flag.is_some());
+        let upload_id = match self
+            .create_recorded(&row.key, PartChecksum::Crc64Nvme, &meta)
+            .await
+        {
+            Ok(id) => id,
+            Err(Stop::S3(e)) if refuses_crc64nvme(&e) => {
+                self.fall_back_to_sha256(&e);
+                return self
+                    .start_over(
+                        row,
+                        origin,
+                        confirm,
+                        stop,
+                        "the destination refused CRC64NVME",
+                    )
+                    .await;
+            }
+            Err(e) => return Err(e),
+        };
+        self.journal
+            .begin_multipart(row.id, upload_id.clone(), part_size)
+            .await?;
+        tracing::debug!(key = %row.key, %upload_id, part_size, "multipart upload started (CRC64NVME, one read)");
+        match self
+            .stream_parts(row, pinned, &upload_id, part_size, Vec::new(), stop.clone())
+            .await
+        {
+            // The first part's checksum refused (a server that took the upload's but not the
+            // parts'): the upload is aborted and the object sent with SHA-256.
+            Err(Stop::S3(e)) if refuses_crc64nvme(&e) => {
+                let _ = self.client.abort_multipart(&row.key, &upload_id).await;
+                self.fall_back_to_sha256(&e);
+                self.start_over(
+                    row,
+                    origin,
+                    confirm,
+                    stop,
+                    "the destination refused CRC64NVME",
+                )
+                .await
+            }
+            other => other,
+        }
+    }
+
+    /// Sends the parts a streamed upload lacks from one in-order read of the source, fixes the
+    /// SHA-256 and CRC of every byte in the journal, and completes.
+    #[allow(clippy::too_many_arguments)]
+    async fn stream_parts(
+        &self,
+        row: &ObjectRow,
+        pinned: Arc<Pinned>,
+        upload_id: &str,
+        part_size: u64,
+        done: Vec<PartRow>,
+        stop: watch::Receiver<bool>,
+    ) -> Result<Sent, Stop> {
+        let size = row.version.size();
+        let upload = Upload {
+            client: &self.client,
+            key: &row.key,
+            upload_id,
+            size,
+            part_size,
+            crc64nvme: true,
+        };
+        let source = Arc::new(StreamParts::new(
+            pinned.clone(),
+            &done,
+            part_size,
+            size,
+            self.journal.clone(),
+            row.id,
+        ));
+        let parts = self
+            .sent_parts(
+                row,
+                upload_id,
+                upload.send_parts(&source, &self.budget, done, &stop),
+            )
+            .await?;
+        let read = match source.finish().await {
+            // A hash fixed before (a restart after every byte was read) must be found again.
+            Ok((sha, _)) if row.sha256.is_some_and(|fixed| fixed != sha) => {
+                Err(Stop::Changed(pinned.what()))
+            }
+            other => other,
+        };
+        let (sha, crc) = match read {
+            Ok(v) => v,
+            Err(e) => {
+                if matches!(e, Stop::Changed(_)) {
+                    // Parts of another version: the upload must never complete.
+                    self.client.abort_multipart(&row.key, upload_id).await?;
+                }
+                return Err(e);
+            }
+        };
+        self.journal.set_streamed_hash(row.id, sha, crc).await?;
+        self.complete(row, &pinned, upload_id, &parts, &sha, Some(crc))
+            .await
+    }
+
+    /// The end of `send_parts`: the parts, or why the delivery stops (an upload of a changed
+    /// source is aborted: it must never complete).
+    async fn sent_parts(
+        &self,
+        row: &ObjectRow,
+        upload_id: &str,
+        sending: impl std::future::Future<Output = Result<Vec<PartRow>, SendError<Stop>>>,
+    ) -> Result<Vec<PartRow>, Stop> {
+        match sending.await {
+            Ok(parts) => Ok(parts),
+            Err(SendError::Stopped) => Err(Stop::Interrupted),
+            Err(SendError::Panicked(why)) => {
+                tracing::error!(error = %why, "a part's task failed");
+                Err(Stop::Journal(JournalError::Panicked))
+            }
+            Err(SendError::Failed(e)) => {
+                if matches!(e, Stop::Changed(_)) {
+                    // The parts sent so far are of the old version: the upload must never
+                    // complete.
+                    self.client.abort_multipart(&row.key, upload_id).await?;
+                }
+                Err(e)
+            }
+        }
     }
 
     /// One PUT: read and hash the whole object in one go (within the budget), write it create-only
@@ -466,7 +669,7 @@ impl S3Sink {
         {
             Ok(a) => a,
             Err(e) if is_precondition_failed(&e) => {
-                return self.after_precondition_failed(row, &sha).await
+                return self.after_precondition_failed(row, &sha, None).await
             }
             Err(e) => return Err(e.into()),
         };
@@ -493,7 +696,7 @@ impl S3Sink {
             // The server hashed what it stored and it is our SHA-256 (so also our size).
             Some(_) if confirm == Confirm::Answer => {}
             _ => {
-                let head = self.verify(&row.key, fp.size(), &sha, None).await?;
+                let head = self.verify(&row.key, fp.size(), &sha, None, None).await?;
                 if landed.etag.is_none() {
                     landed = Landed {
                         source_ctime_ns: ctime,
@@ -528,9 +731,12 @@ impl S3Sink {
                 .start_over(row, origin, confirm, stop, "upload start was interrupted")
                 .await;
         }
-        let (Some(upload_id), Some(sha), Some(part_size)) =
-            (&row.upload_id, row.sha256, row.part_size)
-        else {
+        // A streamed upload has its SHA-256 only once every byte was read.
+        let (Some(upload_id), Some(part_size), true) = (
+            &row.upload_id,
+            row.part_size,
+            row.sha256.is_some() || row.streamed,
+        ) else {
             return self
                 .start_over(
                     row,
@@ -575,9 +781,9 @@ impl S3Sink {
         if server.is_none() || (keep.is_empty() && !drop.is_empty()) {
             // Completion is requested only after `completing` is committed: then it may have
             // gone through before the restart, and the stored object decides.
-            if row.state == State::Completing {
+            if let (State::Completing, Some(sha)) = (row.state, row.sha256) {
                 if let Ok(head) = self
-                    .verify(&row.key, fp.size(), &sha, Some(&journaled))
+                    .verify(&row.key, fp.size(), &sha, row.crc64nvme, Some(&journaled))
                     .await
                 {
                     tracing::info!(key = %row.key, "upload had completed before the restart; verified");
@@ -607,17 +813,26 @@ impl S3Sink {
             self.journal.drop_parts(row.id, drop).await?;
         }
         tracing::info!(key = %row.key, parts_done = keep.len(), "resuming multipart upload");
-        self.upload_parts(
-            row,
-            pinned,
-            upload_id,
-            part_size,
-            &sha,
-            row.part_hashes.clone(),
-            keep,
-            stop,
-        )
-        .await
+        match row.sha256 {
+            _ if row.streamed => {
+                self.stream_parts(row, pinned, upload_id, part_size, keep, stop)
+                    .await
+            }
+            Some(sha) => {
+                self.upload_parts(
+                    row,
+                    pinned,
+                    upload_id,
+                    part_size,
+                    &sha,
+                    row.part_hashes.clone(),
+                    keep,
+                    stop,
+                )
+                .await
+            }
+            None => unreachable!("checked above: a row that is not streamed has its SHA-256"),
+        }
     }
 
     /// Aborts uploads of `key` that the journal never recorded. A server without
@@ -662,6 +877,10 @@ impl S3Sink {
             part_size: None,
             // A pin of this attempt is forgotten by the reset (a listed ETag stays).
             pinned_etag: None,
+            ctime_ns: None,
+            part_hashes: None,
+            streamed: false,
+            crc64nvme: None,
             ..row.clone()
         };
         Box::pin(self.fresh(&fresh_row, origin, confirm, stop)).await
@@ -688,6 +907,7 @@ impl S3Sink {
             upload_id,
             size,
             part_size,
+            crc64nvme: false,
         };
         let parts_source = Arc::new(SourceParts {
             source: source.clone(),
@@ -695,25 +915,30 @@ impl S3Sink {
             journal: self.journal.clone(),
             id: row.id,
         });
-        let parts = match upload
-            .send_parts(&parts_source, &self.budget, done, &stop)
+        let parts = self
+            .sent_parts(
+                row,
+                upload_id,
+                upload.send_parts(&parts_source, &self.budget, done, &stop),
+            )
+            .await?;
+        self.complete(row, &source, upload_id, &parts, sha, None)
             .await
-        {
-            Ok(parts) => parts,
-            Err(SendError::Stopped) => return Err(Stop::Interrupted),
-            Err(SendError::Panicked(why)) => {
-                tracing::error!(error = %why, "a part's task failed");
-                return Err(Stop::Journal(JournalError::Panicked));
-            }
-            Err(SendError::Failed(e)) => {
-                if matches!(e, Stop::Changed(_)) {
-                    // The parts sent so far are of the old version: the upload must never
-                    // complete.
-                    self.client.abort_multipart(&row.key, upload_id).await?;
-                }
-                return Err(e);
-            }
-        };
+    }
+
+    /// Completes an upload whose parts are all there: the source must still be the version
+    /// sent; then completion under the write's condition (with the full-object CRC, `crc`, for
+    /// a streamed upload) and the check of the stored object.
+    async fn complete(
+        &self,
+        row: &ObjectRow,
+        source: &Arc<Pinned>,
+        upload_id: &str,
+        parts: &[PartRow],
+        sha: &[u8; 32],
+        crc: Option<u64>,
+    ) -> Result<Sent, Stop> {
+        let size = row.version.size();
         if let Err(e) = source.check().await {
             self.client.abort_multipart(&row.key, upload_id).await?;
             return Err(e);
@@ -722,7 +947,7 @@ impl S3Sink {
         // completion (nor any condition, see `probe_conditional`): HEAD first in those cases.
         let when = self.precondition(row);
         if matches!(when, Precondition::Replace(_)) || !self.conditional() {
-            let found = self.key_before_write(row, sha).await;
+            let found = self.key_before_write(row, sha, crc).await;
             if !matches!(found, Ok(None)) {
                 // Someone else's object (a conflict), or ours already: this upload is not needed.
                 self.client.abort_multipart(&row.key, upload_id).await?;
@@ -730,22 +955,22 @@ impl S3Sink {
             }
         }
         self.journal.set_state(row.id, State::Completing).await?;
-        let list = Upload::manifest(&parts);
+        let list = Upload::manifest(parts);
         match self
             .client
-            .complete_multipart(&row.key, upload_id, &list, &when)
+            .complete_multipart(&row.key, upload_id, &list, &when, crc)
             .await
         {
             Ok(()) => {}
             Err(e) if is_precondition_failed(&e) => {
                 let _ = self.client.abort_multipart(&row.key, upload_id).await;
-                return self.after_precondition_failed(row, sha).await;
+                return self.after_precondition_failed(row, sha, crc).await;
             }
             // The first attempt may have gone through with its answer lost: the retry then
             // fails (NoSuchUpload on S3; some servers answer 403 for an upload id they no
             // longer know). The stored object decides.
             Err(e) => {
-                return match self.verify(&row.key, size, sha, Some(&parts)).await {
+                return match self.verify(&row.key, size, sha, crc, Some(parts)).await {
                     Ok(head) => {
                         tracing::info!(key = %row.key, error = %e, "completion had gone through before the error; object verified");
                         Ok(Sent {
@@ -761,7 +986,7 @@ impl S3Sink {
                 };
             }
         }
-        let head = self.verify(&row.key, size, sha, Some(&parts)).await?;
+        let head = self.verify(&row.key, size, sha, crc, Some(parts)).await?;
         Ok(Sent {
             sha: *sha,
             landed: landed_of(&head),
@@ -769,16 +994,18 @@ impl S3Sink {
         })
     }
 
-    /// HEAD the object: the size must match, the SHA-256 in its metadata must be ours, and a
-    /// checksum the server reports must be the one for our bytes.
+    /// HEAD the object: the size must match, the SHA-256 in its metadata (or, for a streamed
+    /// upload, the server's full-object CRC-64/NVME, `crc`) must be ours, and a checksum the
+    /// server reports must be the one for our bytes.
     async fn verify(
         &self,
         key: &str,
         size: u64,
         sha: &[u8; 32],
+        crc: Option<u64>,
         parts: Option<&[PartRow]>,
     ) -> Result<Head, Stop> {
-        verify::verify(&self.client, key, size, sha, parts)
+        verify::verify_full(&self.client, key, size, sha, crc, parts)
             .await
             .map_err(|e| match e {
                 VerifyError::S3(e) => Stop::S3(e),
@@ -806,7 +1033,12 @@ impl PartSource for SourceParts {
     type Error = Stop;
 
     /// Reads one part from the pinned source; its SHA-256 must be the one of the hash pass.
-    async fn read(&self, number: u32, offset: u64, len: u64) -> Result<(Bytes, [u8; 32]), Stop> {
+    async fn read(
+        &self,
+        number: u32,
+        offset: u64,
+        len: u64,
+    ) -> Result<(Bytes, Option<[u8; 32]>), Stop> {
         let (body, sha) = self.source.read(offset, len).await?;
         // The bytes hashed in pass one, or the source is not that version.
         if self
@@ -816,7 +1048,7 @@ impl PartSource for SourceParts {
         {
             return Err(Stop::Changed(self.source.what()));
         }
-        Ok((body, sha))
+        Ok((body, Some(sha)))
     }
 
     /// Journals an acknowledged part: after a crash it is not sent again.
@@ -832,7 +1064,11 @@ fn landed_of(head: &Head) -> Landed {
     Landed {
         etag: head.etag.clone(),
         version: head.version.clone(),
-        checksum: head.checksum_sha256.as_ref().map(|c| format!("sha256:{c}")),
+        checksum: match (&head.checksum_sha256, &head.checksum_crc64nvme) {
+            (Some(c), _) => Some(format!("sha256:{c}")),
+            (None, Some(c)) => Some(format!("crc64nvme:{c}")),
+            (None, None) => None,
+        },
         sse: head.sse.clone(),
         kms_key_id: head.kms_key_id.clone(),
         sse_confirmed: head.sse.is_some(),
@@ -853,6 +1089,16 @@ fn with_requested_sse(mut landed: Landed, sse: Option<&Sse>) -> Landed {
         }
     }
     landed
+}
+
+/// The server does not take CRC64NVME checksums (an older S3-compatible server): 501, or a
+/// 400 that names the checksum or the argument.
+fn refuses_crc64nvme(e: &S3Error) -> bool {
+    matches!(e.status(), Some(400 | 501))
+        && matches!(
+            e.code(),
+            Some("NotImplemented" | "InvalidArgument" | "InvalidRequest" | "InvalidChecksum")
+        )
 }
 
 /// 412 PreconditionFailed: the write's condition (If-None-Match, If-Match) did not hold.
