@@ -166,7 +166,7 @@ pub async fn run(
                     creds,
                     a.max_retries,
                     a.request_timeout,
-                    a.concurrency * 2,
+                    (a.concurrency + a.small_objects_in_flight) * 2,
                 )?;
                 Origin::Bucket {
                     client,
@@ -210,7 +210,7 @@ pub async fn run(
                 creds,
                 a.max_retries,
                 a.request_timeout,
-                a.concurrency * 2,
+                (a.concurrency + a.small_objects_in_flight) * 2,
             )?;
             receipts_client = Some(client.clone());
             let params = UploadParams {
@@ -378,6 +378,8 @@ fn wire<D>(
         origins,
         once: opts.once,
         concurrency: config.agent.concurrency,
+        small_objects: config.agent.small_objects_in_flight,
+        small_below: config.agent.multipart_threshold,
         shutdown_grace: config.agent.shutdown_grace,
         agent: config.agent.name.clone(),
         dry_run: opts.dry_run,

@@ -46,6 +46,9 @@ struct RawAgent {
     journal: Option<Spanned<String>>,
     /// Objects transferred at the same time.
     concurrency: Option<Spanned<i64>>,
+    /// Objects below `multipart_threshold` transferred at the same time (besides
+    /// `concurrency`), within the same memory budget.
+    small_objects_in_flight: Option<Spanned<i64>>,
     /// Multipart parts (and single-PUT bodies) held in memory at once, across all objects.
     parts_in_flight: Option<Spanned<i64>>,
     /// Size of one multipart part.
@@ -120,6 +123,10 @@ pub struct AgentConfig {
     pub journal: PathBuf,
     /// Objects in transfer at once.
     pub concurrency: usize,
+    /// Objects below `multipart_threshold` in transfer at once, besides `concurrency`: small
+    /// objects are bounded by their bytes (the shared memory budget), so that a link with a long
+    /// round trip is not idle between PUTs.
+    pub small_objects_in_flight: usize,
     /// Parts in memory at once, across all objects: with `part_size`, the memory bound.
     pub parts_in_flight: usize,
     /// Multipart part size (raised per object to stay within 10,000 parts).
@@ -585,6 +592,13 @@ impl Validator<'_> {
             }
         };
         let concurrency = self.int_in(a.concurrency, "agent.concurrency", 1, 256, 4usize);
+        let small_objects_in_flight = self.int_in(
+            a.small_objects_in_flight,
+            "agent.small_objects_in_flight",
+            1,
+            1024,
+            32usize,
+        );
         let parts_in_flight =
             self.int_in(a.parts_in_flight, "agent.parts_in_flight", 1, 256, 4usize);
         let part_size = self.size(
@@ -713,6 +727,7 @@ impl Validator<'_> {
             bandwidth,
             receipts_keep,
             concurrency,
+            small_objects_in_flight,
             parts_in_flight,
             part_size,
             multipart_threshold,

@@ -15,9 +15,13 @@
 //! ```
 //! - One loop, one `select!`: a finished object, a source that failed, the watchdog tick, a
 //!   wake-up from a source's offer, the next backed-off row (or probe) coming due, a stop.
-//! - Slots: `concurrency` objects transfer at once; an object whose upload is verified frees its
-//!   slot while its delivery waits for the journal's commit, and at most `COMMIT_BACKLOG` such
-//!   tasks wait, so a slow disk slows intake, never the link.
+//! - Slots: `concurrency` objects transfer at once, and besides them up to `small_objects`
+//!   objects below the multipart threshold (a single PUT each, its bytes reserved in the
+//!   sink's memory budget first, so small objects are bounded by bytes, not by count, and a long
+//!   round trip does not leave the link idle between PUTs). Rows go in dispatch order: a row
+//!   whose kind of slot is taken waits, and the rows after it too. An object whose upload is
+//!   verified frees its slot while its delivery waits for the journal's commit, and at most
+//!   `COMMIT_BACKLOG` such tasks wait, so a slow disk slows intake, never the link.
 //! - A paused destination gets one object at a time (`Health::probing`); a paused source's rows
 //!   are put back with the pause's delay before they take a slot.
 //! - `--once` walks the journal once by id (a cursor), ignoring backoff, and looks once more for
@@ -118,6 +122,12 @@ pub struct Wiring<D> {
     pub once: bool,
     /// Objects in transfer at once.
     pub concurrency: usize,
+    /// Objects below `small_below` bytes in transfer at once, besides `concurrency` (their
+    /// bytes are bounded by the sink's memory budget).
+    pub small_objects: usize,
+    /// The size from which an object takes one of the `concurrency` slots (the multipart
+    /// threshold).
+    pub small_below: u64,
     /// How long a stop lets parts in flight finish.
     pub shutdown_grace: Duration,
     /// `[agent] name`, for receipts.
@@ -198,7 +208,9 @@ pub async fn run<D: Destination>(
     // sent but not recorded stays within `parts_in_flight x part_size`); at most COMMIT_BACKLOG
     // of them wait at once.
     let transfers = Arc::new(tokio::sync::Semaphore::new(concurrency));
-    let max_tasks = concurrency + COMMIT_BACKLOG;
+    let small = Arc::new(tokio::sync::Semaphore::new(sched.w.small_objects));
+    let small_below = sched.w.small_below;
+    let max_tasks = concurrency + sched.w.small_objects + COMMIT_BACKLOG;
     let (obj_stop_tx, obj_stop_rx) = watch::channel(false);
     let mut inflight: JoinSet<Finished> = JoinSet::new();
     let mut inflight_ids: Vec<i64> = Vec::new();
@@ -217,14 +229,13 @@ pub async fn run<D: Destination>(
         let mut exhausted = false;
         let gate = sched.health.gate(Instant::now());
         let may_dispatch = !draining && gate != Gate::Closed;
-        if may_dispatch && transfers.available_permits() > 0 && inflight.len() < max_tasks {
+        let slots_free = transfers.available_permits() + small.available_permits();
+        if may_dispatch && slots_free > 0 && inflight.len() < max_tasks {
             // While probing a paused destination, one object at a time.
             let free = if sched.health.probing() {
                 1usize.saturating_sub(inflight.len())
             } else {
-                transfers
-                    .available_permits()
-                    .min(max_tasks - inflight.len())
+                slots_free.min(max_tasks - inflight.len())
             };
             // `--once` pages through the journal in dispatch order and visits each row once
             // (a row that failed waits for the next run); a rescan that offered more starts the
@@ -257,17 +268,24 @@ pub async fn run<D: Destination>(
                 }
             }
             exhausted = queued.is_empty() && fetched_all;
-            let take = free.min(queued.len());
-            let rows: Vec<ObjectRow> = queued.drain(..take).collect();
-            for row in rows {
+            let mut started = 0;
+            while started < free {
+                let Some(next) = queued.front() else { break };
+                let kind = if next.version.size() < small_below {
+                    &small
+                } else {
+                    &transfers
+                };
+                // In dispatch order: the next row waits for its kind of slot.
+                let Ok(slot) = kind.clone().try_acquire_owned() else {
+                    break;
+                };
+                let row = queued.pop_front().expect("looked at above");
                 if sched.defer_if_source_paused(&row).await? {
                     continue;
                 }
                 inflight_ids.push(row.id);
-                let slot = transfers
-                    .clone()
-                    .try_acquire_owned()
-                    .expect("no more objects dispatched than free transfer slots");
+                started += 1;
                 let task = sched.object_task(row, slot, obj_stop_rx.clone(), freed.clone());
                 inflight.spawn(task);
             }
@@ -1159,6 +1177,9 @@ mod tests {
         _dir: tempfile::TempDir,
         journal: Journal,
         config: Config,
+        /// Slots for small objects and the size they are below: none by default (every object
+        /// takes one of the `concurrency` slots, which the tests count).
+        small: (usize, u64),
     }
 
     /// A journal on a clock that follows tokio's (paused) time, with `objects` files offered.
@@ -1196,6 +1217,7 @@ mod tests {
             _dir: dir,
             journal,
             config,
+            small: (1, 0),
         }
     }
 
@@ -1230,6 +1252,8 @@ mod tests {
                 .collect(),
             once: false,
             concurrency: w.config.agent.concurrency,
+            small_objects: w.small.0,
+            small_below: w.small.1,
             shutdown_grace: Duration::from_secs(5),
             agent: "test".into(),
             dry_run: false,
@@ -1270,6 +1294,31 @@ mod tests {
             .unwrap();
         watcher.await.unwrap();
         summary
+    }
+
+    /// Small objects (below the multipart threshold) have slots of their own besides
+    /// `concurrency`: with 16 of them, 40 small objects go 16 at a time (and never more), so a
+    /// link's round trip is not paid 4 objects at a time.
+    #[tokio::test(start_paused = true)]
+    async fn small_objects_go_many_at_a_time_in_slots_of_their_own() {
+        let mut w = world(40).await;
+        w.small = (16, 100); // the objects are 10 bytes
+        let dest = Arc::new(Scripted::default());
+        let summary = drive(&w, dest.clone(), 40).await;
+        assert_eq!(summary.delivered, 40);
+        let peak = dest.calls.lock().unwrap().iter().map(|c| c.1).max();
+        assert_eq!(peak, Some(16), "small objects in flight at once");
+        // The same objects counted as large: 4 at a time.
+        let mut w = world(12).await;
+        w.small = (16, 10); // 10 bytes is not below 10
+        let dest = Arc::new(Scripted::default());
+        drive(&w, dest.clone(), 12).await;
+        let peak = dest.calls.lock().unwrap().iter().map(|c| c.1).max();
+        assert_eq!(
+            peak,
+            Some(4),
+            "large objects in flight at once (concurrency)"
+        );
     }
 
     /// Priorities: with a backlog of a low-priority source in flight and prefetched, an object
