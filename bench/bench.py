@@ -7,6 +7,12 @@ runs first (cold) or last. Each run uploads into a fresh bucket, is timed with /
 (wall time, peak RSS, CPU), and is verified: the bucket must then hold exactly the workload's
 files with their sizes. Medians go to stdout as a Markdown table and to results.json.
 
+What each tool read is measured too: for file workloads, `rchar` (bytes through read(2) and
+friends, sockets included) of this process, which takes in its children's counts when they are
+reaped; for the bucket workloads (`bucket-large`, `bucket-small`: a second s3s-fs plays the
+on-premise MinIO, and the tools copy bucket to bucket), the GetObject body bytes that a
+counting proxy in front of the source server passed on.
+
 Run it through bench/run.sh, which installs the tools first.
 """
 
@@ -28,6 +34,9 @@ TRANSFERS, PART_MIB, CUTOFF_MIB = 4, 8, 16
 
 WORKLOADS = {
     "big": ("one 1 GiB file", [("one.bin", 1024 * MIB)]),
+    "bucket-large": ("bucket: one 512 MiB object", [("large/one.bin", 512 * MIB)]),
+    "bucket-small": ("bucket: 2,000 objects of 20 KiB",
+                     [(f"small/d{i // 500}/f{i}.ndjson", 20 * 1024) for i in range(2000)]),
     "small": ("5,000 files of 20 KiB", [(f"d{i // 500}/f{i}.ndjson", 20 * 1024) for i in range(5000)]),
     "medium": ("200 files of 8 MiB", [(f"m{i}.bin", 8 * MIB) for i in range(200)]),
 }
@@ -59,6 +68,164 @@ def make_workload(root: Path, files):
     marker.write_text("ok")
 
 
+def is_bucket(w):
+    return w.startswith("bucket-")
+
+
+def rchar_self():
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+    return 0
+
+
+class CountingProxy:
+    """A TCP relay in front of the source server that counts the body bytes of GetObject
+    answers (listings and HEADs are told apart by the request line). Bytes move with
+    os.splice through a pipe, so the relay is not the bottleneck."""
+
+    def __init__(self, upstream_port):
+        import threading
+        self.upstream = upstream_port
+        self.lock = threading.Lock()
+        self.get_bytes = 0
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(256)
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self.accept, daemon=True).start()
+
+    def reset(self):
+        with self.lock:
+            n, self.get_bytes = self.get_bytes, 0
+        return n
+
+    def accept(self):
+        import threading
+        while True:
+            c, _ = self.sock.accept()
+            threading.Thread(target=self.serve, args=(c,), daemon=True).start()
+
+    def serve(self, client):
+        import threading
+        try:
+            server = socket.create_connection(("127.0.0.1", self.upstream))
+        except OSError:
+            client.close()
+            return
+        # Client -> server: the request heads are read here (to know which answers are object
+        # bodies); server -> client: spliced, counted while a GetObject answer is on its way.
+        kinds = []  # one per request sent, in order: True for GetObject
+        cv = threading.Condition()
+
+        def upstream():
+            buf = b""
+            try:
+                while True:
+                    data = client.recv(65536)
+                    if not data:
+                        break
+                    buf += data
+                    while b"\r\n\r\n" in buf:
+                        head, rest = buf.split(b"\r\n\r\n", 1)
+                        line = head.split(b"\r\n", 1)[0].decode("latin-1")
+                        method, target = (line.split(" ") + ["", ""])[:2]
+                        query = target.split("?", 1)[1] if "?" in target else ""
+                        get = method == "GET" and "list-type" not in query and "uploads" not in query \
+                            and target.strip("/").count("/") >= 1
+                        length = 0
+                        for h in head.split(b"\r\n")[1:]:
+                            k, _, v = h.decode("latin-1").partition(":")
+                            if k.strip().lower() == "content-length":
+                                length = int(v.strip())
+                        with cv:
+                            kinds.append((method, get))
+                            cv.notify()
+                        body, buf = rest[:length], rest[length:]
+                        server.sendall(head + b"\r\n\r\n" + body)
+                        while len(body) < length:
+                            more = client.recv(min(65536, length - len(body)))
+                            if not more:
+                                return
+                            server.sendall(more)
+                            body += more
+                    if buf and b"\r\n\r\n" not in buf and len(buf) > 65536:
+                        server.sendall(buf)
+                        buf = b""
+            except OSError:
+                pass
+            finally:
+                try:
+                    server.shutdown(socket.SHUT_WR)
+                except OSError:
+                    pass
+
+        threading.Thread(target=upstream, daemon=True).start()
+        r, w = os.pipe()
+        buf = b""
+        try:
+            while True:
+                while b"\r\n\r\n" not in buf:
+                    data = server.recv(65536)
+                    if not data:
+                        return
+                    buf += data
+                head, buf = buf.split(b"\r\n\r\n", 1)
+                head += b"\r\n\r\n"
+                client.sendall(head)
+                status = int(head.split(b" ", 2)[1])
+                if status == 100:
+                    continue
+                length, chunked = 0, False
+                for h in head.split(b"\r\n")[1:]:
+                    k, _, v = h.decode("latin-1").partition(":")
+                    k = k.strip().lower()
+                    if k == "content-length":
+                        length = int(v.strip())
+                    elif k == "transfer-encoding" and "chunked" in v.lower():
+                        chunked = True
+                with cv:
+                    while not kinds:
+                        cv.wait()
+                    method, get = kinds.pop(0)
+                if method == "HEAD" or status in (204, 304):
+                    length, chunked = 0, False
+                if chunked:
+                    # Not an object body (s3s-fs sends those with a length): pass it on.
+                    while not buf.endswith(b"0\r\n\r\n"):
+                        data = server.recv(65536)
+                        if not data:
+                            return
+                        client.sendall(data)
+                        buf += data
+                        buf = buf[-5:]
+                    buf = b""
+                    continue
+                pre, buf = buf[:length], buf[length:]
+                client.sendall(pre)
+                counted, left = len(pre), length - len(pre)
+                while left > 0:
+                    n = os.splice(server.fileno(), w, min(left, 1 << 20))
+                    if n == 0:
+                        return
+                    m = 0
+                    while m < n:
+                        m += os.splice(r, client.fileno(), n - m)
+                    left -= n
+                    counted += n
+                if get and 200 <= status < 300:
+                    with self.lock:
+                        self.get_bytes += counted
+        except (OSError, ValueError, IndexError):
+            pass
+        finally:
+            os.close(r)
+            os.close(w)
+            client.close()
+            server.close()
+
+
 def bucket_files(bucket_dir: Path):
     out = {}
     for dirpath, _, names in os.walk(bucket_dir):
@@ -79,15 +246,17 @@ def timed(cmd, env, log):
 
 
 class Tools:
-    def __init__(self, work: Path, endpoint: str, ha_edge: str):
+    def __init__(self, work: Path, endpoint: str, ha_edge: str, src_endpoint: str = ""):
         self.work, self.endpoint, self.ha_edge = work, endpoint, ha_edge
+        self.src_endpoint = src_endpoint
         self.base_env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
         rc = work / "rclone.conf"
-        rc.write_text(
-            "[bench]\ntype = s3\nprovider = Other\n"
-            f"endpoint = {endpoint}\nforce_path_style = true\nregion = us-east-1\n"
+        remote = lambda name, ep: (
+            f"[{name}]\ntype = s3\nprovider = Other\n"
+            f"endpoint = {ep}\nforce_path_style = true\nregion = us-east-1\n"
             f"access_key_id = {AK}\nsecret_access_key = {SK}\n"
         )
+        rc.write_text(remote("bench", endpoint) + (remote("src", src_endpoint) if src_endpoint else ""))
         awscfg = work / "aws.config"
         awscfg.write_text(
             "[default]\nregion = us-east-1\ns3 =\n"
@@ -97,8 +266,34 @@ class Tools:
             "  addressing_style = path\n"
         )
 
-    def command(self, tool, src: Path, bucket: str, run_dir: Path):
+    def command(self, tool, src, bucket: str, run_dir: Path):
+        """The command line of `tool` copying `src` (a directory, or for a bucket workload the
+        source bucket's prefix, "large" or "small") into `bucket`."""
         env = dict(self.base_env)
+        if isinstance(src, str):
+            if tool == "ha-edge":
+                cfg = run_dir / "ha-edge.toml"
+                cfg.write_text(
+                    f'[agent]\njournal = "{run_dir}/journal.db"\nconcurrency = {TRANSFERS}\n'
+                    f'parts_in_flight = {TRANSFERS}\npart_size = "{PART_MIB}MiB"\n'
+                    f'multipart_threshold = "{CUTOFF_MIB}MiB"\nlog_level = "warn"\n\n'
+                    f'[[source]]\nname = "minio"\ntype = "s3"\nendpoint = "{self.src_endpoint}"\n'
+                    f'bucket = "onprem"\nprefix = "{src}/"\npath_style = true\n\n'
+                    f'[destination]\ntype = "s3"\nendpoint = "{self.endpoint}"\nregion = "us-east-1"\n'
+                    f'bucket = "{bucket}"\npath_style = true\n'
+                )
+                env.update(AWS_ACCESS_KEY_ID=AK, AWS_SECRET_ACCESS_KEY=SK,
+                           ONPREM_S3_ACCESS_KEY=AK, ONPREM_S3_SECRET_KEY=SK)
+                return [self.ha_edge, "run", "-c", str(cfg), "--once"], env
+            if tool == "rclone":
+                env["RCLONE_CONFIG"] = str(self.work / "rclone.conf")
+                return [
+                    "rclone", "copy", f"src:onprem/{src}", f"bench:{bucket}",
+                    "--transfers", str(TRANSFERS), "--checkers", "8",
+                    "--s3-upload-concurrency", str(TRANSFERS),
+                    "--s3-chunk-size", f"{PART_MIB}M", "--s3-upload-cutoff", f"{CUTOFF_MIB}M",
+                ], env
+            raise ValueError(f"{tool} has no bucket-to-bucket mode here")
         if tool in ("ha-edge", "ha-edge-custody"):
             # ha-edge-custody: the same, with the metrics endpoint on and receipt batches going
             # to the bucket (what #15 adds), to measure what they cost.
@@ -221,20 +416,51 @@ def main():
         print(f"preparing workload {w}: {WORKLOADS[w][0]}", file=sys.stderr)
         make_workload(work / "data" / w, WORKLOADS[w][1])
 
-    port = free_port()
-    server = subprocess.Popen(
-        [args.s3s_fs, "--host", "127.0.0.1", "--port", str(port), "--access-key", AK, "--secret-key", SK, str(s3dir)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    t = None
-    try:
+    def start_s3s(root):
+        port = free_port()
+        proc = subprocess.Popen(
+            [args.s3s_fs, "--host", "127.0.0.1", "--port", str(port), "--access-key", AK, "--secret-key", SK, str(root)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
         for _ in range(200):
             try:
                 socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
                 break
             except OSError:
                 time.sleep(0.05)
-        t = Tools(work, f"http://127.0.0.1:{port}", args.ha_edge)
+        return proc, port
+
+    server, port = start_s3s(s3dir)
+    # The on-premise bucket of the bucket workloads: a second s3s-fs, seeded through its API
+    # (so it keeps each object's ETag instead of hashing the file on every request), behind
+    # the counting proxy.
+    source = proxy = None
+    bucket_workloads = [w for w in workloads if is_bucket(w)]
+    if bucket_workloads:
+        srcdir = work / "s3src"
+        subprocess.call(["umount", "-q", str(srcdir)], stderr=subprocess.DEVNULL)
+        shutil.rmtree(srcdir, ignore_errors=True)
+        srcdir.mkdir()
+        if storage == "tmpfs":
+            subprocess.call(["mount", "-t", "tmpfs", "-o", "size=2g", "tmpfs", str(srcdir)])
+        (srcdir / "onprem").mkdir()
+        source, src_port = start_s3s(srcdir)
+        proxy = CountingProxy(src_port)
+        seed_conf = work / "seed-rclone.conf"
+        seed_conf.write_text(
+            "[seed]\ntype = s3\nprovider = Other\n"
+            f"endpoint = http://127.0.0.1:{src_port}\nforce_path_style = true\nregion = us-east-1\n"
+            f"access_key_id = {AK}\nsecret_access_key = {SK}\n")
+        for w in bucket_workloads:
+            print(f"seeding the source bucket with {w}", file=sys.stderr)
+            subprocess.check_call(
+                ["rclone", "copy", str(work / "data" / w), "seed:onprem", "--exclude", ".complete",
+                 "--transfers", "16", "--s3-upload-cutoff", "5G", "--s3-chunk-size", "64M"],
+                env=dict(os.environ, RCLONE_CONFIG=str(seed_conf)))
+    t = None
+    try:
+        t = Tools(work, f"http://127.0.0.1:{port}", args.ha_edge,
+                  f"http://127.0.0.1:{proxy.port}" if proxy else "")
         if "ha-edge-quic" in tools:
             t.start_relay(s3dir)
         results = {w: {tool: [] for tool in tools} for w in workloads}
@@ -243,7 +469,13 @@ def main():
             for w in workloads:
                 src = work / "data" / w
                 expected = {rel: size for rel, size in WORKLOADS[w][1]}
+                if is_bucket(w):
+                    # Copied from the prefix "large/" or "small/": keys below it.
+                    src = WORKLOADS[w][1][0][0].split("/", 1)[0]
+                    expected = {rel.split("/", 1)[1]: size for rel, size in WORKLOADS[w][1]}
                 for tool in order:
+                    if is_bucket(w) and tool not in ("ha-edge", "rclone"):
+                        continue
                     bucket = f"{tool.replace('-', '')}-{w}-{r}"
                     run_dir = work / "runs" / bucket
                     shutil.rmtree(run_dir, ignore_errors=True)
@@ -254,7 +486,13 @@ def main():
                     cmd, env = t.command(tool, src, bucket, run_dir)
                     srv_before = proc_cpu(server.pid)
                     relay_before = proc_cpu(t.relay.pid) if tool == "ha-edge-quic" else 0.0
+                    if proxy:
+                        proxy.reset()
+                    rchar_before = rchar_self()
                     wall, rss, user, sys_, rc = timed(cmd, env, run_dir / "log.txt")
+                    # Bytes read from the source: the proxy's count for a bucket, else what
+                    # the tool's process read (rchar, sockets included).
+                    read = proxy.reset() if is_bucket(w) else rchar_self() - rchar_before
                     srv_cpu = proc_cpu(server.pid) - srv_before
                     relay_cpu = proc_cpu(t.relay.pid) - relay_before if tool == "ha-edge-quic" else 0.0
                     got = bucket_files(landed)
@@ -267,13 +505,15 @@ def main():
                     ok = rc == 0 and got == expected
                     print(f"round {r + 1} {w:6} {tool:7} {wall:7.2f}s rss {rss / 1024:6.1f} MiB "
                           f"cpu {user + sys_:6.2f}s server cpu {srv_cpu:6.2f}s "
+                          f"read {read / MIB:8.1f} MiB "
                           f"{'ok' if ok else 'FAILED rc=%d files=%d' % (rc, len(got))}",
                           file=sys.stderr)
                     if not ok:
                         print((run_dir / "log.txt").read_text()[-3000:], file=sys.stderr)
                         sys.exit(1)
                     results[w][tool].append({"wall": wall, "rss_kib": rss, "cpu": user + sys_,
-                                             "server_cpu": srv_cpu, "relay_cpu": relay_cpu})
+                                             "server_cpu": srv_cpu, "relay_cpu": relay_cpu,
+                                             "read_bytes": read})
                     shutil.rmtree(landed)
     finally:
         if t is not None and getattr(t, "relay", None) is not None:
@@ -281,8 +521,13 @@ def main():
             t.relay.wait()
         server.terminate()
         server.wait()
+        if source is not None:
+            source.terminate()
+            source.wait()
         if storage == "tmpfs":
             subprocess.call(["umount", str(s3dir)])
+            if source is not None:
+                subprocess.call(["umount", str(work / "s3src")])
 
     summary = report(results, workloads, tools, args)
     (work / "results.json").write_text(json.dumps({"runs": results, "summary": summary}, indent=2))
@@ -303,14 +548,16 @@ def report(results, workloads, tools, args):
     print(f"\nMedians of {args.rounds} rounds; s3s-fs on 127.0.0.1 storing on {args.storage}; "
           f"{TRANSFERS} transfers, {TRANSFERS} parts of {PART_MIB} MiB in flight, multipart from "
           f"{CUTOFF_MIB} MiB.\n")
-    print("| workload | tool | wall s | MB/s | files/s | peak RSS MiB | CPU s | CPU s/GB | server CPU s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| workload | tool | wall s | MB/s | files/s | peak RSS MiB | CPU s | CPU s/GB | server CPU s | read / size |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for w in workloads:
         files = WORKLOADS[w][1]
         total = sum(s for _, s in files)
         summary[w] = {}
         for tool in tools:
             runs = results[w][tool]
+            if not runs:
+                continue
             wall = statistics.median(x["wall"] for x in runs)
             rss = statistics.median(x["rss_kib"] for x in runs) / 1024
             cpu = statistics.median(x["cpu"] for x in runs)
@@ -319,11 +566,12 @@ def report(results, workloads, tools, args):
                 "wall_s": wall, "mb_per_s": total / wall / 1e6, "files_per_s": len(files) / wall,
                 "peak_rss_mib": rss, "cpu_s": cpu, "cpu_s_per_gb": cpu / (total / 1e9),
                 "server_cpu_s": srv,
+                "read_ratio": statistics.median(x["read_bytes"] for x in runs) / total,
             }
             summary[w][tool] = row
             print(f"| {WORKLOADS[w][0]} | {tool} | {wall:.2f} | {row['mb_per_s']:.1f} | "
                   f"{row['files_per_s']:.0f} | {rss:.1f} | {cpu:.2f} | {row['cpu_s_per_gb']:.2f} | "
-                  f"{srv:.2f} |")
+                  f"{srv:.2f} | {row['read_ratio']:.2f} |")
     if "ha-edge-quic" in tools:
         print("\nha-edge-quic: agent -> QUIC relay on 127.0.0.1 -> the same S3 server; the relay's "
               "CPU (median) was " + ", ".join(

@@ -378,12 +378,28 @@ fn wire<D>(
         origins,
         once: opts.once,
         concurrency: config.agent.concurrency,
-        small_objects: config.agent.small_objects_in_flight,
-        small_below: config.agent.multipart_threshold,
+        small_objects: small_objects(config),
+        small_below: small_below(&config.agent),
         shutdown_grace: config.agent.shutdown_grace,
         agent: config.agent.name.clone(),
         dry_run: opts.dry_run,
     }
+}
+
+/// Extra slots for small objects: direct to S3 only (a relay limits each agent's transfers
+/// itself, and answers more at once with "busy").
+fn small_objects(config: &Config) -> usize {
+    match config.destination {
+        Destination::S3(_) => config.agent.small_objects_in_flight,
+        Destination::Relay(_) => 0,
+    }
+}
+
+/// Objects below this size are small: `small_objects_in_flight` of them fit the sink's memory
+/// budget (1 MiB with the defaults), and they are single PUTs.
+fn small_below(a: &crate::config::AgentConfig) -> u64 {
+    let budget = (a.parts_in_flight as u64 * a.part_size).max(a.multipart_threshold);
+    (budget / a.small_objects_in_flight.max(1) as u64).min(a.multipart_threshold)
 }
 
 /// A private scratch directory holding a copy of the journal, removed when dropped.

@@ -93,15 +93,13 @@ fn every_delivered_version_has_one_receipt_with_what_the_server_answered() {
         assert!(r["discovered_at"].as_str() <= r["verified_at"].as_str());
         assert_eq!(r["receipt"].as_str().unwrap().len(), 32);
     }
-    // The checksum the server reported for the stored multipart object (s3s-fs keeps a whole
-    // SHA-256 of it).
-    use base64::Engine as _;
-    let whole = base64::engine::general_purpose::STANDARD
-        .encode(hex::decode(sha256(&data(2, 11 * MIB))).unwrap());
+    // The checksum the server reported for the stored multipart object: the full-object
+    // CRC64NVME it checked at completion (its SHA-256 is the receipt's `sha256`).
     assert_eq!(
         lines[1]["destination"]["checksum"],
-        format!("sha256:{whole}")
+        format!("crc64nvme:{}", crc64nvme_b64(&data(2, 11 * MIB)))
     );
+    assert_eq!(lines[1]["sha256"], sha256(&data(2, 11 * MIB)));
 
     // A second run sends nothing and writes no receipt; a changed file is a new version with a
     // receipt of its own, the first one untouched.

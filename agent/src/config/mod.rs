@@ -36,7 +36,7 @@ mod tests;
 /// `validate`, `max_line`, `on_invalid`, `quarantine_dir`.
 mod validation;
 
-pub use agent::{resolve_lenient, Config, LogFormat};
+pub use agent::{resolve_lenient, AgentConfig, Config, LogFormat};
 #[cfg(test)]
 pub use destination::MetaRules;
 pub use destination::{Checksum, Destination, Overwrite, RelayDestination, S3Destination, Sse};

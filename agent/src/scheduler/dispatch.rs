@@ -15,11 +15,13 @@
 //! ```
 //! - One loop, one `select!`: a finished object, a source that failed, the watchdog tick, a
 //!   wake-up from a source's offer, the next backed-off row (or probe) coming due, a stop.
-//! - Slots: `concurrency` objects transfer at once, and besides them up to `small_objects`
-//!   objects below the multipart threshold (a single PUT each, its bytes reserved in the
-//!   sink's memory budget first, so small objects are bounded by bytes, not by count, and a long
-//!   round trip does not leave the link idle between PUTs). Rows go in dispatch order: a row
-//!   whose kind of slot is taken waits, and the rows after it too. An object whose upload is
+//! - Slots: `concurrency` objects transfer at once. Small objects (below `small_below` bytes,
+//!   so that `small_objects` of them fit the sink's memory budget: bounded by bytes, not by
+//!   count) may also take extra slots, so that a long round trip does not leave the link idle
+//!   between PUTs. The extra slots open one per delivered object, up to `small_objects`, and
+//!   all close at the first failed attempt (`SmallSlots`): a dead link sees no more objects at
+//!   once than `concurrency`. Rows go in dispatch order: a row whose kind of slot is taken
+//!   waits, and the rows after it too. An object whose upload is
 //!   verified frees its slot while its delivery waits for the journal's commit, and at most
 //!   `COMMIT_BACKLOG` such tasks wait, so a slow disk slows intake, never the link.
 //! - A paused destination gets one object at a time (`Health::probing`); a paused source's rows
@@ -162,6 +164,68 @@ struct Finished {
     committed: Option<Result<bool, JournalError>>,
 }
 
+/// The extra slots of small objects: none at first and after a failed attempt, one more per
+/// delivered object, up to the configured number (`small_objects_in_flight`). Slots in use
+/// when they close come back to the semaphore; `excess` counts them, and they are forgotten
+/// as they return.
+struct SmallSlots {
+    sem: Arc<tokio::sync::Semaphore>,
+    open: usize,
+    max: usize,
+    excess: usize,
+}
+
+impl SmallSlots {
+    fn new(max: usize) -> SmallSlots {
+        SmallSlots {
+            sem: Arc::new(tokio::sync::Semaphore::new(0)),
+            open: 0,
+            max,
+            excess: 0,
+        }
+    }
+
+    /// Forgets slots that came back after their window closed.
+    fn absorb(&mut self) {
+        if self.excess > 0 {
+            self.excess -= self.sem.forget_permits(self.excess);
+        }
+    }
+
+    /// Extra slots free now.
+    fn available(&mut self) -> usize {
+        self.absorb();
+        self.sem.available_permits().saturating_sub(self.excess)
+    }
+
+    /// One extra slot, if one is free.
+    fn take(&mut self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        if self.available() == 0 {
+            return None;
+        }
+        self.sem.clone().try_acquire_owned().ok()
+    }
+
+    /// An object was delivered: one more extra slot (up to the maximum).
+    fn grow(&mut self) {
+        if self.open < self.max {
+            self.open += 1;
+            if self.excess > 0 {
+                self.excess -= 1;
+            } else {
+                self.sem.add_permits(1);
+            }
+        }
+    }
+
+    /// An attempt failed: no extra slots until objects are delivered again.
+    fn close(&mut self) {
+        self.excess += self.open;
+        self.open = 0;
+        self.absorb();
+    }
+}
+
 /// The driver's state: the wiring, the health machine, and what the run did.
 struct Scheduler<D> {
     w: Wiring<D>,
@@ -208,7 +272,7 @@ pub async fn run<D: Destination>(
     // sent but not recorded stays within `parts_in_flight x part_size`); at most COMMIT_BACKLOG
     // of them wait at once.
     let transfers = Arc::new(tokio::sync::Semaphore::new(concurrency));
-    let small = Arc::new(tokio::sync::Semaphore::new(sched.w.small_objects));
+    let mut small = SmallSlots::new(sched.w.small_objects);
     let small_below = sched.w.small_below;
     let max_tasks = concurrency + sched.w.small_objects + COMMIT_BACKLOG;
     let (obj_stop_tx, obj_stop_rx) = watch::channel(false);
@@ -229,7 +293,7 @@ pub async fn run<D: Destination>(
         let mut exhausted = false;
         let gate = sched.health.gate(Instant::now());
         let may_dispatch = !draining && gate != Gate::Closed;
-        let slots_free = transfers.available_permits() + small.available_permits();
+        let slots_free = transfers.available_permits() + small.available();
         if may_dispatch && slots_free > 0 && inflight.len() < max_tasks {
             // While probing a paused destination, one object at a time.
             let free = if sched.health.probing() {
@@ -271,14 +335,15 @@ pub async fn run<D: Destination>(
             let mut started = 0;
             while started < free {
                 let Some(next) = queued.front() else { break };
-                let kind = if next.version.size() < small_below {
-                    &small
-                } else {
-                    &transfers
-                };
-                // In dispatch order: the next row waits for its kind of slot.
-                let Ok(slot) = kind.clone().try_acquire_owned() else {
-                    break;
+                // In dispatch order: the next row waits for a slot it may take (a small
+                // object takes a transfer slot first, else an extra one).
+                let slot = match transfers.clone().try_acquire_owned() {
+                    Ok(slot) => slot,
+                    Err(_) if next.version.size() < small_below => match small.take() {
+                        Some(slot) => slot,
+                        None => break,
+                    },
+                    Err(_) => break,
                 };
                 let row = queued.pop_front().expect("looked at above");
                 if sched.defer_if_source_paused(&row).await? {
@@ -338,6 +403,13 @@ pub async fn run<D: Destination>(
             Some(res) = inflight.join_next(), if !inflight.is_empty() => {
                 let Ok(done) = res else { continue };
                 inflight_ids.retain(|id| *id != done.row.id);
+                match &done.outcome {
+                    Outcome::Delivered(..) => small.grow(),
+                    Outcome::Retry(_) | Outcome::Unreachable(_) | Outcome::Destination(_) => {
+                        small.close()
+                    }
+                    _ => {}
+                }
                 sched.settle(done).await?;
             }
             Some(res) = intake.running.join_next(), if !intake.running.is_empty() => {
@@ -1124,6 +1196,8 @@ mod tests {
         /// The key of each delivery asked for, in order, and who waits for the next.
         keys: Mutex<Vec<String>>,
         asked: Notify,
+        /// If set, each delivery waits for a permit before it answers (the test says when).
+        gate: Option<Arc<tokio::sync::Semaphore>>,
     }
 
     impl Scripted {
@@ -1150,7 +1224,10 @@ mod tests {
             self.calls.lock().unwrap().push((Instant::now(), n));
             self.keys.lock().unwrap().push(_row.key.clone());
             self.asked.notify_one();
-            tokio::time::sleep(TRANSFER).await;
+            match &self.gate {
+                Some(gate) => gate.acquire().await.expect("open").forget(),
+                None => tokio::time::sleep(TRANSFER).await,
+            }
             let next = self.script.lock().unwrap().pop_front();
             self.in_flight.fetch_sub(1, Ordering::SeqCst);
             let outcome = next.unwrap_or_else(|| {
@@ -1296,29 +1373,84 @@ mod tests {
         summary
     }
 
-    /// Small objects (below the multipart threshold) have slots of their own besides
-    /// `concurrency`: with 16 of them, 40 small objects go 16 at a time (and never more), so a
-    /// link's round trip is not paid 4 objects at a time.
+    /// Small objects have extra slots besides `concurrency`, opened one per delivered object:
+    /// the first four of 80 go alone (as many as `concurrency`); once they are delivered, four
+    /// more slots are open (8 at once), and so on up to 4 + 16, never more. Deliveries answer
+    /// only when the test lets them (a gate), so what is in flight is counted exactly.
     #[tokio::test(start_paused = true)]
-    async fn small_objects_go_many_at_a_time_in_slots_of_their_own() {
-        let mut w = world(40).await;
+    async fn small_objects_go_many_at_a_time_once_the_link_delivers() {
+        let mut w = world(80).await;
         w.small = (16, 100); // the objects are 10 bytes
-        let dest = Arc::new(Scripted::default());
-        let summary = drive(&w, dest.clone(), 40).await;
-        assert_eq!(summary.delivered, 40);
-        let peak = dest.calls.lock().unwrap().iter().map(|c| c.1).max();
-        assert_eq!(peak, Some(16), "small objects in flight at once");
-        // The same objects counted as large: 4 at a time.
-        let mut w = world(12).await;
-        w.small = (16, 10); // 10 bytes is not below 10
-        let dest = Arc::new(Scripted::default());
-        drive(&w, dest.clone(), 12).await;
-        let peak = dest.calls.lock().unwrap().iter().map(|c| c.1).max();
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let dest = Arc::new(Scripted {
+            gate: Some(gate.clone()),
+            ..Scripted::default()
+        });
+        let d = dest.clone();
+        let driver = tokio::spawn(async move { drive(&w, d, 80).await.delivered });
+        // Waits (real time bounded) until `n` deliveries are under way, then lets the driver
+        // dispatch whatever more it would (paused time moves on only once it is idle).
+        let in_flight_settles_at = |n: usize| {
+            let dest = dest.clone();
+            async move {
+                let started = std::time::Instant::now();
+                while dest.in_flight.load(Ordering::SeqCst) < n {
+                    assert!(
+                        started.elapsed() < std::time::Duration::from_secs(20),
+                        "{} in flight, waiting for {n}",
+                        dest.in_flight.load(Ordering::SeqCst)
+                    );
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                dest.in_flight.load(Ordering::SeqCst)
+            }
+        };
         assert_eq!(
-            peak,
-            Some(4),
-            "large objects in flight at once (concurrency)"
+            in_flight_settles_at(4).await,
+            4,
+            "no extra slot before a delivery"
         );
+        let mut delivered = 0;
+        for want in [8, 16, 20, 20] {
+            let now = dest.in_flight.load(Ordering::SeqCst);
+            gate.add_permits(now);
+            delivered += now;
+            // The answered ones leave; as many new ones as slots are open come.
+            while dest.delivered.load(Ordering::SeqCst) < delivered {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            assert_eq!(
+                in_flight_settles_at(want).await,
+                want,
+                "after {delivered} delivered"
+            );
+        }
+        gate.add_permits(1000);
+        assert_eq!(driver.await.unwrap(), 80);
+        let peak = dest.calls.lock().unwrap().iter().map(|c| c.1).max();
+        assert_eq!(peak, Some(20), "never more than concurrency + 16 at once");
+    }
+
+    /// The extra slots of small objects: one opens per delivery, up to the maximum; a failure
+    /// closes them all, also those in use (they are not free again when they come back).
+    #[test]
+    fn small_slots_open_per_delivery_and_close_on_failure() {
+        let mut s = SmallSlots::new(3);
+        assert!(s.take().is_none());
+        for _ in 0..5 {
+            s.grow();
+        }
+        assert_eq!(s.available(), 3, "at most the maximum");
+        let (a, b) = (s.take().unwrap(), s.take().unwrap());
+        assert_eq!(s.available(), 1);
+        s.close();
+        assert_eq!(s.available(), 0);
+        drop((a, b));
+        assert_eq!(s.available(), 0, "slots in use when closed stay closed");
+        s.grow();
+        assert_eq!(s.available(), 1);
+        assert!(s.take().is_some());
     }
 
     /// Priorities: with a backlog of a low-priority source in flight and prefetched, an object
