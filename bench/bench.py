@@ -37,6 +37,9 @@ WORKLOADS = {
     "bucket-large": ("bucket: one 512 MiB object", [("large/one.bin", 512 * MIB)]),
     "bucket-small": ("bucket: 2,000 objects of 20 KiB",
                      [(f"small/d{i // 500}/f{i}.ndjson", 20 * 1024) for i in range(2000)]),
+    # Peak RSS flat in object size (not in the default set).
+    "bucket-64m": ("bucket: one 64 MiB object", [("o64m/one.bin", 64 * MIB)]),
+    "bucket-2g": ("bucket: one 2 GiB object", [("o2g/one.bin", 2048 * MIB)]),
     "small": ("5,000 files of 20 KiB", [(f"d{i // 500}/f{i}.ndjson", 20 * 1024) for i in range(5000)]),
     "medium": ("200 files of 8 MiB", [(f"m{i}.bin", 8 * MIB) for i in range(200)]),
 }
@@ -442,7 +445,7 @@ def main():
         shutil.rmtree(srcdir, ignore_errors=True)
         srcdir.mkdir()
         if storage == "tmpfs":
-            subprocess.call(["mount", "-t", "tmpfs", "-o", "size=2g", "tmpfs", str(srcdir)])
+            subprocess.call(["mount", "-t", "tmpfs", "-o", "size=3g", "tmpfs", str(srcdir)])
         (srcdir / "onprem").mkdir()
         source, src_port = start_s3s(srcdir)
         proxy = CountingProxy(src_port)
@@ -488,12 +491,14 @@ def main():
                     relay_before = proc_cpu(t.relay.pid) if tool == "ha-edge-quic" else 0.0
                     if proxy:
                         proxy.reset()
+                    src_before = proc_cpu(source.pid) if source is not None else 0.0
                     rchar_before = rchar_self()
                     wall, rss, user, sys_, rc = timed(cmd, env, run_dir / "log.txt")
                     # Bytes read from the source: the proxy's count for a bucket, else what
                     # the tool's process read (rchar, sockets included).
                     read = proxy.reset() if is_bucket(w) else rchar_self() - rchar_before
                     srv_cpu = proc_cpu(server.pid) - srv_before
+                    src_cpu = proc_cpu(source.pid) - src_before if is_bucket(w) else 0.0
                     relay_cpu = proc_cpu(t.relay.pid) - relay_before if tool == "ha-edge-quic" else 0.0
                     got = bucket_files(landed)
                     if tool == "ha-edge-custody":
@@ -505,6 +510,7 @@ def main():
                     ok = rc == 0 and got == expected
                     print(f"round {r + 1} {w:6} {tool:7} {wall:7.2f}s rss {rss / 1024:6.1f} MiB "
                           f"cpu {user + sys_:6.2f}s server cpu {srv_cpu:6.2f}s "
+                          + (f"source server cpu {src_cpu:6.2f}s " if is_bucket(w) else "") +
                           f"read {read / MIB:8.1f} MiB "
                           f"{'ok' if ok else 'FAILED rc=%d files=%d' % (rc, len(got))}",
                           file=sys.stderr)
@@ -513,7 +519,7 @@ def main():
                         sys.exit(1)
                     results[w][tool].append({"wall": wall, "rss_kib": rss, "cpu": user + sys_,
                                              "server_cpu": srv_cpu, "relay_cpu": relay_cpu,
-                                             "read_bytes": read})
+                                             "read_bytes": read, "source_cpu": src_cpu})
                     shutil.rmtree(landed)
     finally:
         if t is not None and getattr(t, "relay", None) is not None:
@@ -572,6 +578,10 @@ def report(results, workloads, tools, args):
             print(f"| {WORKLOADS[w][0]} | {tool} | {wall:.2f} | {row['mb_per_s']:.1f} | "
                   f"{row['files_per_s']:.0f} | {rss:.1f} | {cpu:.2f} | {row['cpu_s_per_gb']:.2f} | "
                   f"{srv:.2f} | {row['read_ratio']:.2f} |")
+    if any(is_bucket(w) for w in workloads):
+        print("\nbucket workloads: CPU of the source server (the second s3s-fs), median: " + ", ".join(
+            f"{WORKLOADS[w][0]} / {tool}: {statistics.median(x['source_cpu'] for x in results[w][tool]):.2f} s"
+            for w in workloads if is_bucket(w) for tool in tools if results[w][tool]))
     if "ha-edge-quic" in tools:
         print("\nha-edge-quic: agent -> QUIC relay on 127.0.0.1 -> the same S3 server; the relay's "
               "CPU (median) was " + ", ".join(

@@ -2,7 +2,9 @@
 # The benchmark: ha-edge vs rclone vs the AWS CLI on one local S3 server (s3s-fs), same run,
 # alternating tools over several rounds; medians and ratios are printed as Markdown tables.
 #
-#   bench/run.sh [--rounds N] [--workloads big,small,medium] [--tools ha-edge,rclone,aws]
+#   bench/run.sh [--rounds N] [--workloads big,small,medium,bucket-large,bucket-small]
+#                [--tools ha-edge,rclone,aws]   (bucket-large, bucket-small: bucket to bucket from a
+#                second s3s-fs, ha-edge and rclone only)
 #                [--server-storage tmpfs|disk]   (tools also: ha-edge-quic, via the QUIC relay;
 #                ha-edge-custody, with metrics and receipt batches on;
 #                rclone-nohead, rclone with --s3-no-head)

@@ -263,6 +263,47 @@ fn good_config_validates_with_defaults() {
     assert!(d.path_style);
 }
 
+/// `checksum` and `small_objects_in_flight`: defaults (CRC64NVME, 32 small objects), the
+/// other scheme, and a wrong value or a number out of range named with its line.
+#[test]
+fn checksum_and_small_objects_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("in")).unwrap();
+    let c = Config::parse(Path::new("t.toml"), &good(dir.path())).unwrap();
+    let Destination::S3(d) = &c.destination else {
+        panic!("an S3 destination")
+    };
+    assert_eq!(d.checksum, Checksum::Crc64Nvme);
+    assert_eq!(c.agent.small_objects_in_flight, 32);
+    let text = good(dir.path()).replace(
+        "path_style = true",
+        "path_style = true\nchecksum = \"sha256\"",
+    );
+    let c = Config::parse(Path::new("t.toml"), &text).unwrap();
+    let Destination::S3(d) = &c.destination else {
+        panic!("an S3 destination")
+    };
+    assert_eq!(d.checksum, Checksum::Sha256);
+    let text = good(dir.path())
+        .replace("journal.db\"", "journal.db\"\nsmall_objects_in_flight = 0")
+        .replace("path_style = true", "path_style = true\nchecksum = \"md5\"");
+    let p = problems(&text);
+    let keys: Vec<_> = p.iter().map(|p| (p.key.as_str(), p.line)).collect();
+    assert_eq!(
+        keys,
+        [
+            ("agent.small_objects_in_flight", 4),
+            ("destination.checksum", 20)
+        ],
+        "{p:?}"
+    );
+    assert!(
+        p[1].message.contains("\"crc64nvme\" or \"sha256\""),
+        "{}",
+        p[1].message
+    );
+}
+
 /// A typo is reported with its line and dotted key.
 #[test]
 fn unknown_key_names_line_and_key() {

@@ -773,20 +773,8 @@ impl S3Client {
         len: u64,
         if_match: Option<&str>,
     ) -> Result<Ranged, S3Error> {
-        let mut headers = Vec::new();
-        if len > 0 {
-            headers.push(("range", format!("bytes={start}-{}", start + len - 1)));
-        }
-        if let Some(tag) = if_match.filter(|t| !t.is_empty()) {
-            headers.push(("if-match", tag.to_string()));
-        }
-        let req = Request {
-            method: Method::GET,
-            url: self.url(key, &[]),
-            headers,
-            body: Bytes::new(),
-            payload_sha256_hex: sign::EMPTY_SHA256.to_string(),
-        };
+        let range = (len > 0).then(|| format!("bytes={start}-{}", start + len - 1));
+        let req = self.get_request(key, range, if_match);
         let resp = self.execute("GetObject", key, req).await?;
         let header = |n: &str| {
             resp.headers
@@ -827,20 +815,7 @@ impl S3Client {
         from: u64,
         if_match: Option<&str>,
     ) -> Result<Streamed, S3Error> {
-        let mut headers = Vec::new();
-        if from > 0 {
-            headers.push(("range", format!("bytes={from}-")));
-        }
-        if let Some(tag) = if_match.filter(|t| !t.is_empty()) {
-            headers.push(("if-match", tag.to_string()));
-        }
-        let req = Request {
-            method: Method::GET,
-            url: self.url(key, &[]),
-            headers,
-            body: Bytes::new(),
-            payload_sha256_hex: sign::EMPTY_SHA256.to_string(),
-        };
+        let req = self.get_request(key, (from > 0).then(|| format!("bytes={from}-")), if_match);
         let op = "GetObject";
         let mut delay = Backoff::REQUEST.base;
         let mut attempt = 0;
@@ -883,6 +858,24 @@ impl S3Client {
             attempt += 1;
             delay = Backoff::REQUEST.next(delay, fastrand::f64());
             tokio::time::sleep(delay).await;
+        }
+    }
+
+    /// A GetObject request: a `range` header if given, pinned with `If-Match` if an ETag is.
+    fn get_request(&self, key: &str, range: Option<String>, if_match: Option<&str>) -> Request {
+        let mut headers = Vec::new();
+        if let Some(r) = range {
+            headers.push(("range", r));
+        }
+        if let Some(tag) = if_match.filter(|t| !t.is_empty()) {
+            headers.push(("if-match", tag.to_string()));
+        }
+        Request {
+            method: Method::GET,
+            url: self.url(key, &[]),
+            headers,
+            body: Bytes::new(),
+            payload_sha256_hex: sign::EMPTY_SHA256.to_string(),
         }
     }
 

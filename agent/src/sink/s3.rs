@@ -382,8 +382,9 @@ impl S3Sink {
         e.into_outcome()
     }
 
-    /// Delivers an object from the start: one PUT below the threshold, else hash pass, then a
-    /// recorded multipart upload.
+    /// Delivers an object from the start: one PUT below the threshold; else a multipart upload
+    /// read once (`fresh_streamed`), or with `checksum = "sha256"` a hash pass, then a recorded
+    /// multipart upload.
     async fn fresh(
         &self,
         row: &ObjectRow,
@@ -488,16 +489,7 @@ impl S3Sink {
         {
             Ok(id) => id,
             Err(Stop::S3(e)) if refuses_crc64nvme(&e) => {
-                self.fall_back_to_sha256(&e);
-                return self
-                    .start_over(
-                        row,
-                        origin,
-                        confirm,
-                        stop,
-                        "the destination refused CRC64NVME",
-                    )
-                    .await;
+                return self.crc_refused(row, origin, confirm, stop, &e, None).await
             }
             Err(e) => return Err(e),
         };
@@ -512,19 +504,36 @@ impl S3Sink {
             // The first part's checksum refused (a server that took the upload's but not the
             // parts'): the upload is aborted and the object sent with SHA-256.
             Err(Stop::S3(e)) if refuses_crc64nvme(&e) => {
-                let _ = self.client.abort_multipart(&row.key, &upload_id).await;
-                self.fall_back_to_sha256(&e);
-                self.start_over(
-                    row,
-                    origin,
-                    confirm,
-                    stop,
-                    "the destination refused CRC64NVME",
-                )
-                .await
+                self.crc_refused(row, origin, confirm, stop, &e, Some(&upload_id))
+                    .await
             }
             other => other,
         }
+    }
+
+    /// The server refused CRC64NVME: the upload it may have started is aborted, and the object
+    /// goes again from the start with SHA-256 (said once).
+    async fn crc_refused(
+        &self,
+        row: &ObjectRow,
+        origin: &Origin,
+        confirm: Confirm,
+        stop: watch::Receiver<bool>,
+        e: &S3Error,
+        upload_id: Option<&str>,
+    ) -> Result<Sent, Stop> {
+        if let Some(id) = upload_id {
+            let _ = self.client.abort_multipart(&row.key, id).await;
+        }
+        self.fall_back_to_sha256(e);
+        self.start_over(
+            row,
+            origin,
+            confirm,
+            stop,
+            "the destination refused CRC64NVME",
+        )
+        .await
     }
 
     /// Sends the parts a streamed upload lacks from one in-order read of the source, fixes the
@@ -540,14 +549,7 @@ impl S3Sink {
         stop: watch::Receiver<bool>,
     ) -> Result<Sent, Stop> {
         let size = row.version.size();
-        let upload = Upload {
-            client: &self.client,
-            key: &row.key,
-            upload_id,
-            size,
-            part_size,
-            crc64nvme: true,
-        };
+        let upload = self.upload(row, upload_id, part_size, true);
         let source = Arc::new(StreamParts::new(
             pinned.clone(),
             &done,
@@ -583,6 +585,24 @@ impl S3Sink {
         self.journal.set_streamed_hash(row.id, sha, crc).await?;
         self.complete(row, &pinned, upload_id, &parts, &sha, Some(crc))
             .await
+    }
+
+    /// The multipart upload of `row` (parts with their CRC-64/NVME if `crc64nvme`).
+    fn upload<'a>(
+        &'a self,
+        row: &'a ObjectRow,
+        upload_id: &'a str,
+        part_size: u64,
+        crc64nvme: bool,
+    ) -> Upload<'a> {
+        Upload {
+            client: &self.client,
+            key: &row.key,
+            upload_id,
+            size: row.version.size(),
+            part_size,
+            crc64nvme,
+        }
     }
 
     /// The end of `send_parts`: the parts, or why the delivery stops (an upload of a changed
@@ -900,15 +920,7 @@ impl S3Sink {
         done: Vec<PartRow>,
         stop: watch::Receiver<bool>,
     ) -> Result<Sent, Stop> {
-        let size = row.version.size();
-        let upload = Upload {
-            client: &self.client,
-            key: &row.key,
-            upload_id,
-            size,
-            part_size,
-            crc64nvme: false,
-        };
+        let upload = self.upload(row, upload_id, part_size, false);
         let parts_source = Arc::new(SourceParts {
             source: source.clone(),
             expected: expected.unwrap_or_default(),
