@@ -408,7 +408,7 @@ def main():
     s3dir.mkdir()
     storage = "disk"
     if args.server_storage == "tmpfs":
-        if subprocess.call(["mount", "-t", "tmpfs", "-o", "size=4g", "tmpfs", str(s3dir)]) == 0:
+        if subprocess.call(["mount", "-t", "tmpfs", "-o", "size=6g", "tmpfs", str(s3dir)]) == 0:
             storage = "tmpfs"
         else:
             print("cannot mount a tmpfs for the server (not root?): using the disk", file=sys.stderr)
