@@ -423,3 +423,38 @@ fn bucket_notifications_bring_new_objects_before_the_next_listing_and_survive_a_
         .count();
     assert_eq!(listings, 3, "start + one per notification");
 }
+
+/// A source GET cut off mid-body (the proxy passes on half the answer and closes): the agent
+/// opens the object again from the next byte it needs (a ranged GET, still pinned) within the
+/// same attempt, and the object arrives byte-identical.
+#[test]
+fn a_source_read_cut_short_goes_on_from_the_next_byte() {
+    let p = pair(SMALL_PARTS, "");
+    let big = data(31, 20 * MIB);
+    p.onprem.put("onprem", "exports/cut.dcm", &big);
+    p.src_proxy
+        .add_rule(Rule::new("Get", Fault::TruncateResponse, 1).on_target("cut.dcm"));
+    let out = p.setup.run_once(bin());
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert_eq!(
+        sha256(&p.cloud.object("cloud", "fhir/cut.dcm").unwrap()),
+        sha256(&big)
+    );
+    let gets: Vec<SeenRequest> = object_reads(&p.src_proxy)
+        .into_iter()
+        .filter(|r| r.target.contains("cut.dcm"))
+        .collect();
+    assert_eq!(gets.len(), 2, "the cut GET and one more");
+    let range = gets[1]
+        .header("range")
+        .expect("the second GET starts where the first ended");
+    let from: u64 = range
+        .trim_start_matches("bytes=")
+        .trim_end_matches('-')
+        .parse()
+        .expect("bytes=N-");
+    assert!(from > 0 && from < big.len() as u64, "{range}");
+    assert!(gets[1].header("if-match").is_some(), "still pinned");
+    assert_eq!(p.src_proxy.faults_injected(), 1);
+    assert_eq!(p.cloud.open_uploads(), 0);
+}
