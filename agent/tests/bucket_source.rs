@@ -458,3 +458,43 @@ fn a_source_read_cut_short_goes_on_from_the_next_byte() {
     assert_eq!(p.src_proxy.faults_injected(), 1);
     assert_eq!(p.cloud.open_uploads(), 0);
 }
+
+/// A source object that is gone when the agent reads on after a cut (404 on the second GET):
+/// the object counts as vanished and the multipart upload already started is aborted, not left
+/// open on the destination.
+#[test]
+fn a_source_object_gone_mid_read_leaves_no_upload_open() {
+    let p = pair(SMALL_PARTS, "");
+    p.onprem
+        .put("onprem", "exports/gone.dcm", &data(32, 20 * MIB));
+    p.src_proxy
+        .add_rule(Rule::new("Get", Fault::TruncateResponse, 1).on_target("gone.dcm"));
+    p.src_proxy.add_rule(
+        Rule::new(
+            "Get",
+            Fault::Status {
+                status: 404,
+                code: "NoSuchKey",
+                retry_after: None,
+            },
+            1,
+        )
+        .on_target("gone.dcm"),
+    );
+    let out = p.setup.run_once(bin());
+    let log = stderr_of(&out);
+    let seen: Vec<_> = p
+        .src_proxy
+        .seen()
+        .iter()
+        .map(|r| (r.method.clone(), r.target.clone(), r.fault.clone()))
+        .collect();
+    assert_eq!(p.src_proxy.faults_injected(), 2, "{seen:?}");
+    assert_eq!(p.cloud.open_uploads(), 0, "{log}");
+    assert!(p.cloud.object("cloud", "fhir/gone.dcm").is_none());
+    assert_eq!(
+        p.setup.journal_keys("state = 'vanished'"),
+        vec!["fhir/gone.dcm".to_string()],
+        "{log}"
+    );
+}

@@ -373,13 +373,27 @@ impl S3Sink {
         }
     }
 
-    /// Maps why a delivery stopped to its outcome; a vanished source's upload is aborted first.
+    /// Maps why a delivery stopped to its outcome; the upload of a version that will never be
+    /// completed is aborted first.
     async fn outcome(&self, row: &ObjectRow, e: Stop) -> Outcome {
-        if let (Stop::Vanished(_), Some(id)) = (&e, &row.upload_id) {
-            // Whatever the server holds of a started upload is useless now.
-            let _ = self.client.abort_multipart(&row.key, id).await;
+        let outcome = e.into_outcome();
+        // This version will never be completed (gone, refused, or another version now):
+        // whatever the server holds of its upload is useless, and would stay open (and billed).
+        // The journal knows the upload (the row given may have been read before this attempt
+        // created one); an upload aborted already counts as aborted.
+        if matches!(
+            outcome,
+            Outcome::Vanished(_) | Outcome::Rejected(_) | Outcome::Changed(_)
+        ) {
+            let id = match self.journal.upload_id(row.id).await {
+                Ok(Some(id)) => Some(id),
+                _ => row.upload_id.clone(),
+            };
+            if let Some(id) = id {
+                let _ = self.client.abort_multipart(&row.key, &id).await;
+            }
         }
-        e.into_outcome()
+        outcome
     }
 
     /// Delivers an object from the start: one PUT below the threshold; else a multipart upload
