@@ -820,7 +820,16 @@ fn serve_connection(mut client: TcpStream, sh: &ProxyShared) {
             return hold(client, &sh.stop);
         }
         if fault == Some(Fault::TruncateResponse) {
-            // Half the head if there is no body, else the head and half the body.
+            // Half the head if there is no body, else the head and half the body (read from
+            // the server first, so the cut does not depend on how the answer arrived).
+            let half = usize::try_from(rlen / 2).unwrap_or(usize::MAX);
+            while rlen > 0 && sbuf.len() - resp_end < half {
+                let mut chunk = [0u8; 64 * 1024];
+                match server.read(&mut chunk) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => sbuf.extend_from_slice(&chunk[..n]),
+                }
+            }
             let cut = if rlen == 0 && !chunked {
                 resp_end / 2
             } else {
