@@ -208,6 +208,24 @@ impl Pinned {
         }
     }
 
+    /// What the source's server said of a pinned object (its size, Last-Modified, ETag) must be
+    /// of the version sent; anything else (or a file) is `Changed`.
+    pub fn answer_pinned(
+        &self,
+        total: Option<u64>,
+        last_modified: Option<&str>,
+        answered_etag: Option<&str>,
+    ) -> Result<(), Stop> {
+        match self {
+            Pinned::Object { fp, etag, .. }
+                if fp.matches_object(etag.as_deref(), total, last_modified, answered_etag) =>
+            {
+                Ok(())
+            }
+            _ => Err(Stop::Changed(self.what())),
+        }
+    }
+
     /// Reads `len` bytes at `off` and their SHA-256, after checking the version.
     pub async fn read(self: &Arc<Self>, off: u64, len: u64) -> Result<(Bytes, [u8; 32]), Stop> {
         let bytes = match &**self {
@@ -239,10 +257,7 @@ impl Pinned {
     /// A ranged GET of a pinned object, its answer checked against the pinned version.
     pub async fn fetch(&self, off: u64, len: u64) -> Result<Bytes, Stop> {
         let Pinned::Object {
-            client,
-            key,
-            fp,
-            etag,
+            client, key, etag, ..
         } = self
         else {
             unreachable!("fetch is for objects")
@@ -251,14 +266,7 @@ impl Pinned {
             .get_range(key, off, len, etag.as_deref())
             .await
             .map_err(|e| self.source_error(e))?;
-        if !fp.matches_object(
-            etag.as_deref(),
-            r.total,
-            r.last_modified.as_deref(),
-            r.etag.as_deref(),
-        ) {
-            return Err(Stop::Changed(self.what()));
-        }
+        self.answer_pinned(r.total, r.last_modified.as_deref(), r.etag.as_deref())?;
         Ok(r.body)
     }
 
@@ -275,27 +283,17 @@ impl Pinned {
                 })
                 .await
             }
-            Pinned::Object {
-                client,
-                key,
-                fp,
-                etag,
-            } => {
+            Pinned::Object { client, key, .. } => {
                 let head = match client.head_object(key).await {
                     Ok(Some(h)) => h,
                     Ok(None) => return Err(Stop::Vanished(self.what())),
                     Err(e) => return Err(self.source_error(e)),
                 };
-                if fp.matches_object(
-                    etag.as_deref(),
+                self.answer_pinned(
                     Some(head.size),
                     head.last_modified.as_deref(),
                     head.etag.as_deref(),
-                ) {
-                    Ok(())
-                } else {
-                    Err(Stop::Changed(self.what()))
-                }
+                )
             }
         }
     }

@@ -1079,9 +1079,7 @@ impl PartSource for SourceParts {
 
     /// Journals an acknowledged part: after a crash it is not sent again.
     async fn sent(&self, part: &PartRow) -> Result<(), Stop> {
-        self.journal.record_part(self.id, part.clone()).await?;
-        crate::progress::board().advance(self.id, part.size);
-        Ok(())
+        super::stream::journal_part(&self.journal, self.id, part).await
     }
 }
 

@@ -206,10 +206,7 @@ impl StreamParts {
     /// the version being sent.
     async fn open(&self, from: u64) -> Result<Streamed, Stop> {
         let Pinned::Object {
-            client,
-            key,
-            fp,
-            etag,
+            client, key, etag, ..
         } = &*self.pinned
         else {
             unreachable!("opened for objects only")
@@ -218,14 +215,8 @@ impl StreamParts {
             .get_stream(key, from, etag.as_deref())
             .await
             .map_err(|e| self.pinned.source_error(e))?;
-        if !fp.matches_object(
-            etag.as_deref(),
-            s.total,
-            s.last_modified.as_deref(),
-            s.etag.as_deref(),
-        ) {
-            return Err(Stop::Changed(self.pinned.what()));
-        }
+        self.pinned
+            .answer_pinned(s.total, s.last_modified.as_deref(), s.etag.as_deref())?;
         Ok(s)
     }
 }
@@ -260,10 +251,16 @@ impl PartSource for StreamParts {
         Ok((buf.freeze(), None))
     }
 
-    /// Journals an acknowledged part: after a crash it is not sent again.
+    /// Journals an acknowledged part (`journal_part`).
     async fn sent(&self, part: &PartRow) -> Result<(), Stop> {
-        self.journal.record_part(self.id, part.clone()).await?;
-        crate::progress::board().advance(self.id, part.size);
-        Ok(())
+        journal_part(&self.journal, self.id, part).await
     }
+}
+
+/// An acknowledged part of object `id`, journaled (after a crash it is not sent again) and
+/// shown on the progress board; shared by both ways of reading the parts.
+pub async fn journal_part(journal: &Journal, id: i64, part: &PartRow) -> Result<(), Stop> {
+    journal.record_part(id, part.clone()).await?;
+    crate::progress::board().advance(id, part.size);
+    Ok(())
 }
