@@ -1,24 +1,35 @@
 #!/usr/bin/env bash
-# The direct path over an emulated VPN link, side by side with rclone in the same run: one
-# 256 MiB file (throughput against the link rate) and 1,000 files of 20 KiB (files/s). The
-# agent and rclone run in the `onprem` network namespace, s3s-fs in `cloud`, joined by the WAN
-# emulator (netlab: userspace delay, kernel loss and rate limit). Root only.
+# Over an emulated VPN link: the direct S3 path, the QUIC relay and rclone side by side in one
+# run, on a grid of round-trip times and loss rates. Each cell moves one large file (throughput
+# against the link rate) and many 20 KiB files (files/s). The agent and rclone run in the
+# `onprem` network namespace; s3s-fs and the relay (landing in that s3s-fs) in `cloud`, joined by
+# the WAN emulator (netlab: userspace delay, kernel loss, tbf rate limit). Root only.
 #
-#   NETLAB=path/to/netlab.sh bench/link.sh [--delay MS] [--loss PCT] [--rate RATE] [--rounds N]
+#   NETLAB=path/to/netlab.sh bench/link.sh [--rtt 5,20,40] [--loss 0,0.5,1] [--rate 100mbit]
+#        [--rounds 1] [--tools ha-edge,ha-edge-quic,rclone] [--size-mib 256] [--files 1000]
+#        [--congestion bbr|cubic]   (both ends of the QUIC link; default: the built-in one)
+#   bench/run.sh --link ...          (the same)
 #
-# Defaults: --delay 20 (RTT ~40 ms) --loss 1 (each way) --rate 100mbit --rounds 2. Settings as
-# in bench/run.sh: 4 objects and 4 parts of 8 MiB in flight, multipart from 16 MiB (rclone
-# --transfers 4 --s3-upload-concurrency 4 --s3-chunk-size 8M --s3-upload-cutoff 16M).
+# Loss is each way; RTT is twice netlab's one-way delay. Settings as in bench/run.sh: 4 objects
+# and 4 parts of 8 MiB in flight, multipart from 16 MiB (rclone --transfers 4
+# --s3-upload-concurrency 4 --s3-chunk-size 8M --s3-upload-cutoff 16M). A run ends when every
+# object is in the bucket (for the relay: landed and verified by it). Prints a Markdown table per
+# cell and tool, the ratios of QUIC to direct, and the relay's CPU seconds per GB.
 # Builds the static release binary first; scratch space in /var/tmp/ha-edge-link.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-delay=20 loss=1 rate=100mbit rounds=2
+rtts=5,20,40 losses=0,0.5,1 rate=100mbit rounds=1 tools=ha-edge,ha-edge-quic,rclone
+size_mib=256 files=1000 congestion=
 while [ $# -gt 0 ]; do
   case "$1" in
-    --delay) delay="$2"; shift 2 ;;
-    --loss) loss="$2"; shift 2 ;;
+    --rtt) rtts="$2"; shift 2 ;;
+    --loss) losses="$2"; shift 2 ;;
     --rate) rate="$2"; shift 2 ;;
     --rounds) rounds="$2"; shift 2 ;;
+    --tools) tools="$2"; shift 2 ;;
+    --size-mib) size_mib="$2"; shift 2 ;;
+    --files) files="$2"; shift 2 ;;
+    --congestion) congestion="$2"; shift 2 ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -31,18 +42,62 @@ bin="$PWD/dist/ha-edge-$version-x86_64-unknown-linux-musl"
 s3s="${S3S_FS_ROOT:-/opt/s3s-fs}/bin/s3s-fs"
 unset AWS_CA_BUNDLE
 work=/var/tmp/ha-edge-link
-rm -rf "$work/s3" "$work/runs"; mkdir -p "$work/big" "$work/small" "$work/s3" "$work/runs"
-[ -f "$work/big/one.bin" ] || head -c $((256 << 20)) /dev/urandom >"$work/big/one.bin"
-if [ "$(ls "$work/small" | wc -l)" != 1000 ]; then
-  for i in $(seq 0 999); do head -c 20480 /dev/urandom >"$work/small/f$i.ndjson"; done
+rm -rf "$work/s3" "$work/runs" "$work/relay-state"
+mkdir -p "$work/big" "$work/small" "$work/s3/quic" "$work/runs" "$work/pki"
+if [ "$(stat -c %s "$work/big/one.bin" 2>/dev/null || echo 0)" != $((size_mib << 20)) ]; then
+  head -c $((size_mib << 20)) /dev/urandom >"$work/big/one.bin"
+fi
+if [ "$(ls "$work/small" | wc -l)" != "$files" ]; then
+  rm -f "$work/small"/*
+  for i in $(seq 0 $((files - 1))); do head -c 20480 /dev/urandom >"$work/small/f$i.ndjson"; done
 fi
 touch -d '1 hour ago' "$work/big/one.bin" "$work/small"/*
 
-"$netlab" up --mode wire --delay "$delay" --loss "$loss" --rate "$rate" >/dev/null
-trap '"$netlab" down >/dev/null 2>&1 || true; kill "${server:-0}" 2>/dev/null || true' EXIT
+# Certificates for the relay and the agent (openssl), as an operator would make them.
+(
+  cd "$work/pki"
+  o() { openssl "$@" >/dev/null 2>&1; }
+  o req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout ca.key -out ca.pem \
+    -days 2 -subj "/CN=bench CA" -addext basicConstraints=critical,CA:TRUE \
+    -addext keyUsage=critical,keyCertSign
+  for n in relay agent; do
+    o req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout $n.key -out $n.csr -subj "/CN=$n.bench"
+    echo "subjectAltName=DNS:$n.bench" >$n.ext
+    o x509 -req -in $n.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out $n.pem -days 2 -extfile $n.ext
+  done
+)
+cc_line=""
+[ -n "$congestion" ] && cc_line="congestion = \"$congestion\""
+
+first_rtt=${rtts%%,*} first_loss=${losses%%,*}
+"$netlab" up --mode wire --delay "$(python3 -c "print($first_rtt / 2)")" --loss "$first_loss" --rate "$rate" >/dev/null
+trap '"$netlab" down >/dev/null 2>&1 || true; kill "${server:-0}" "${relay:-0}" 2>/dev/null || true' EXIT
 ip netns exec cloud "$s3s" --host 198.18.0.2 --port 19557 --access-key AK --secret-key SKSKSKSK "$work/s3" >/dev/null 2>&1 &
 server=$!
+cat >"$work/relay.toml" <<TOML
+[relay]
+listen = "198.18.0.2:4433"
+cert_file = "$work/pki/relay.pem"
+key_file = "$work/pki/relay.key"
+client_ca_file = "$work/pki/ca.pem"
+state_dir = "$work/relay-state"
+log_level = "warn"
+$cc_line
+[[agent]]
+identity = "agent.bench"
+prefix = "bench/"
+[store]
+type = "s3"
+endpoint = "http://198.18.0.2:19557"
+region = "us-east-1"
+bucket = "quic"
+path_style = true
+part_size = "8MiB"
+TOML
+AWS_ACCESS_KEY_ID=AK AWS_SECRET_ACCESS_KEY=SKSKSKSK ip netns exec cloud "$bin" relay -c "$work/relay.toml" 2>"$work/relay.log" &
+relay=$!
 sleep 1
+kill -0 "$relay" || { cat "$work/relay.log" >&2; exit 1; }
 cat >"$work/rclone.conf" <<EOF
 [cloud]
 type = s3
@@ -54,14 +109,31 @@ access_key_id = AK
 secret_access_key = SKSKSKSK
 EOF
 
-# One run: prints "seconds objects" after checking the bucket holds every file.
+cpu() { awk '{print ($14 + $15) / 100}' "/proc/$1/stat"; }
+
+# One run: prints "seconds relay-cpu-seconds" after checking the bucket holds every file.
 run() {
-  local tool="$1" w="$2" bucket="$3" r="$work/runs/$3"
-  mkdir -p "$r" "$work/s3/$bucket"
-  local t0 t1
-  t0=$(date +%s.%N)
-  if [ "$tool" = ha-edge ]; then
-    cat >"$r/agent.toml" <<TOML
+  local tool="$1" w="$2" name="$3" r="$work/runs/$3" landed
+  mkdir -p "$r"
+  if [ "$tool" = ha-edge-quic ]; then landed="$work/s3/quic/bench/$name"; else landed="$work/s3/$name"; mkdir -p "$landed"; fi
+  local dest
+  if [ "$tool" = ha-edge-quic ]; then
+    dest="type = \"quic\"
+relay = \"198.18.0.2:4433\"
+server_name = \"relay.bench\"
+ca_file = \"$work/pki/ca.pem\"
+cert_file = \"$work/pki/agent.pem\"
+key_file = \"$work/pki/agent.key\"
+prefix = \"bench/$name/\"
+$cc_line"
+  else
+    dest="type = \"s3\"
+endpoint = \"http://198.18.0.2:19557\"
+region = \"us-east-1\"
+bucket = \"$name\"
+path_style = true"
+  fi
+  cat >"$r/agent.toml" <<TOML
 [agent]
 journal = "$r/journal.db"
 log_level = "warn"
@@ -74,56 +146,85 @@ name = "bench"
 type = "fs"
 path = "$work/$w"
 [destination]
-type = "s3"
-endpoint = "http://198.18.0.2:19557"
-region = "us-east-1"
-bucket = "$bucket"
-path_style = true
+$dest
 TOML
-    AWS_ACCESS_KEY_ID=AK AWS_SECRET_ACCESS_KEY=SKSKSKSK ip netns exec onprem "$bin" run --once -c "$r/agent.toml" >"$r/log" 2>&1
-  else
-    RCLONE_CONFIG="$work/rclone.conf" ip netns exec onprem rclone copy "$work/$w" "cloud:$bucket" \
-      --transfers 4 --checkers 8 --s3-upload-concurrency 4 --s3-chunk-size 8M \
-      --s3-upload-cutoff 16M >"$r/log" 2>&1
-  fi
+  local t0 t1 c0 c1
+  c0=$(cpu "$relay")
+  t0=$(date +%s.%N)
+  case "$tool" in
+    ha-edge | ha-edge-quic)
+      AWS_ACCESS_KEY_ID=AK AWS_SECRET_ACCESS_KEY=SKSKSKSK ip netns exec onprem "$bin" run --once -c "$r/agent.toml" >"$r/log" 2>&1 ;;
+    rclone)
+      RCLONE_CONFIG="$work/rclone.conf" ip netns exec onprem rclone copy "$work/$w" "cloud:$name" \
+        --transfers 4 --checkers 8 --s3-upload-concurrency 4 --s3-chunk-size 8M \
+        --s3-upload-cutoff 16M >"$r/log" 2>&1 ;;
+  esac
   t1=$(date +%s.%N)
+  c1=$(cpu "$relay")
   local want got
   want=$(ls "$work/$w" | wc -l)
-  got=$(find "$work/s3/$bucket" -type f | wc -l)
+  got=$(find "$landed" -type f 2>/dev/null | wc -l)
   [ "$want" = "$got" ] || { echo "$tool $w: $got of $want objects" >&2; cat "$r/log" >&2; exit 1; }
-  echo "$(python3 -c "print($t1 - $t0)") $want"
+  cmp -s "$work/big/one.bin" "$landed/one.bin" 2>/dev/null || [ "$w" = small ] || { echo "$tool: landed object differs" >&2; exit 1; }
+  rm -rf "$landed"
+  echo "$(python3 -c "print($t1 - $t0)") $(python3 -c "print($c1 - $c0)")"
 }
 
 med() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
-declare -A secs
-for round in $(seq 1 "$rounds"); do
-  for w in big small; do
-    for tool in ha-edge rclone; do
-      [ $((round % 2)) = 0 ] && tool=$([ "$tool" = ha-edge ] && echo rclone || echo ha-edge)
-      read -r s n < <(run "$tool" "$w" "${tool//-/}-$w-$round")
-      echo "round $round $w $tool ${s}s" >&2
-      secs[$tool-$w]="${secs[$tool-$w]:-} $s"
+IFS=, read -ra tool_list <<<"$tools"
+IFS=, read -ra rtt_list <<<"$rtts"
+IFS=, read -ra loss_list <<<"$losses"
+declare -A secs relay_cpu
+n=0
+for rtt in "${rtt_list[@]}"; do
+  for loss in "${loss_list[@]}"; do
+    "$netlab" set --delay "$(python3 -c "print($rtt / 2)")" --loss "$loss" --rate "$rate" >/dev/null
+    for round in $(seq 1 "$rounds"); do
+      for w in big small; do
+        # Alternate the order of the tools from one round (and cell) to the next.
+        order=("${tool_list[@]}")
+        [ $(((round + n) % 2)) = 0 ] && order=($(printf '%s\n' "${tool_list[@]}" | tac))
+        for tool in "${order[@]}"; do
+          read -r s c < <(run "$tool" "$w" "${tool//-/}-$w-$rtt-${loss/./}-$round")
+          echo "RTT $rtt ms, loss $loss %, round $round, $w, $tool: ${s}s" >&2
+          secs[$rtt/$loss/$tool/$w]="${secs[$rtt/$loss/$tool/$w]:-} $s"
+          [ "$tool" = ha-edge-quic ] && relay_cpu[$rtt/$loss/$w]="${relay_cpu[$rtt/$loss/$w]:-} $c"
+        done
+      done
+    done
+    n=$((n + 1))
+  done
+done
+
+rate_mbit=$(python3 -c "import re; m=re.match(r'([0-9.]+)([kmg]?)bit', '$rate'); print(float(m[1]) * {'k': 1e-3, 'm': 1, 'g': 1e3, '': 1e-6}[m[2]])")
+echo
+echo "Link: netlab, $rate, loss each way; ${size_mib} MiB file and $files files of 20 KiB;"
+echo "medians of $rounds round(s); QUIC congestion: ${congestion:-default}; $(nproc) cores, $(uname -r)."
+echo
+echo "| RTT | loss | tool | ${size_mib} MiB: s | Mbit/s | of link | $files files: s | files/s |"
+echo "|---|---|---|---|---|---|---|---|"
+for rtt in "${rtt_list[@]}"; do
+  for loss in "${loss_list[@]}"; do
+    for tool in "${tool_list[@]}"; do
+      # shellcheck disable=SC2086
+      b=$(med ${secs[$rtt/$loss/$tool/big]}) s=$(med ${secs[$rtt/$loss/$tool/small]})
+      python3 -c "b=$b; s=$s; m=$size_mib*2**20*8/b/1e6
+print(f'| $rtt ms | $loss % | $tool | {b:.1f} | {m:.1f} | {m/$rate_mbit:.0%} | {s:.1f} | {$files/s:.0f} |')"
     done
   done
 done
-rate_mbit=$(python3 -c "import re; m=re.match(r'([0-9.]+)([kmg]?)bit', '$rate'); print(float(m[1]) * {'k': 1e-3, 'm': 1, 'g': 1e3, '': 1e-6}[m[2]])")
-echo
-echo "Link: RTT $((2 * delay)) ms, ${loss} % loss each way, $rate (netlab); medians of $rounds rounds."
-echo
-echo "| workload | tool | seconds | Mbit/s | share of the link | files/s |"
-echo "|---|---|---|---|---|---|"
-for w in big small; do
-  for tool in ha-edge rclone; do
-    # shellcheck disable=SC2086
-    s=$(med ${secs[$tool-$w]})
-    if [ "$w" = big ]; then
-      python3 -c "s=$s; b=256*2**20; print(f'| one 256 MiB file | $tool | {s:.1f} | {b*8/s/1e6:.1f} | {b*8/s/1e6/$rate_mbit:.0%} | |')"
-    else
-      python3 -c "s=$s; print(f'| 1,000 files of 20 KiB | $tool | {s:.1f} | | | {1000/s:.0f} |')"
-    fi
+if [[ ",$tools," == *,ha-edge-quic,* && ",$tools," == *,ha-edge,* ]]; then
+  echo
+  echo "| RTT | loss | QUIC / direct, large file throughput | QUIC / direct, files/s | relay CPU s per GB (large) |"
+  echo "|---|---|---|---|---|"
+  for rtt in "${rtt_list[@]}"; do
+    for loss in "${loss_list[@]}"; do
+      # shellcheck disable=SC2086
+      python3 -c "
+db=$(med ${secs[$rtt/$loss/ha-edge/big]}); qb=$(med ${secs[$rtt/$loss/ha-edge-quic/big]})
+ds=$(med ${secs[$rtt/$loss/ha-edge/small]}); qs=$(med ${secs[$rtt/$loss/ha-edge-quic/small]})
+c=$(med ${relay_cpu[$rtt/$loss/big]})
+print(f'| $rtt ms | $loss % | {db/qb:.2f}x | {ds/qs:.2f}x | {c/($size_mib/1024):.1f} |')"
+    done
   done
-done
-# shellcheck disable=SC2086
-python3 -c "
-h=$(med ${secs[ha-edge-small]}); r=$(med ${secs[rclone-small]})
-print(f'\nfiles/s ha-edge / rclone: {r/h:.2f}')"
+fi

@@ -12,8 +12,13 @@
 # Installs what it needs: s3s-fs (cargo), rclone and awscli (apt), and builds the static
 # release binary of ha-edge that the packages ship. Scratch space: /var/tmp/ha-edge-bench
 # (about 4 GiB; override with --work DIR).
+#   bench/run.sh --link [...]        the grid over an emulated VPN link: see bench/link.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [ "${1:-}" = --link ]; then
+  shift
+  exec bench/link.sh "$@"
+fi
 scripts/install-s3s-fs.sh
 if ! command -v rclone >/dev/null || [ ! -x /usr/bin/aws ]; then
   apt-get update -qq && apt-get install -y -qq rclone awscli

@@ -386,13 +386,10 @@ fn wire<D>(
     }
 }
 
-/// Extra slots for small objects: direct to S3 only (a relay limits each agent's transfers
-/// itself, and answers more at once with "busy").
+/// Extra slots for small objects, direct to S3 and through a relay alike (a relay bounds each
+/// agent's streams itself: QUIC's stream limit holds back what is over `max_streams_per_agent`).
 fn small_objects(config: &Config) -> usize {
-    match config.destination {
-        Destination::S3(_) => config.agent.small_objects_in_flight,
-        Destination::Relay(_) => 0,
-    }
+    config.agent.small_objects_in_flight
 }
 
 /// Objects below this size are small: `small_objects_in_flight` of them fit the sink's memory

@@ -279,8 +279,14 @@ fn validate(file: &Path, offline: bool) -> ExitCode {
         }
         config::Destination::Relay(r) => {
             if let Err(e) = relay::client::cert_and_key(r).and_then(|(c, k)| {
-                relay::tls::client_config(&r.ca_file, &c, &k, std::time::Duration::from_secs(30))
-                    .map_err(Into::into)
+                relay::tls::client_config(
+                    &r.ca_file,
+                    &c,
+                    &k,
+                    std::time::Duration::from_secs(30),
+                    r.congestion,
+                )
+                .map_err(Into::into)
             }) {
                 return fail(EXIT_CONFIG, format!("{}: destination: {e}", file.display()));
             }

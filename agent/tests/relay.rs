@@ -246,6 +246,18 @@ impl World {
         Relay::start(self.setup.dir.path())
     }
 
+    /// Turns the relay's metrics endpoint on (before `relay()`); its port.
+    fn relay_metrics(&self) -> u16 {
+        let port = free_port();
+        let cfg = self.setup.dir.path().join("relay.toml");
+        let text = std::fs::read_to_string(&cfg).unwrap().replace(
+            "partial_ttl = \"1h\"\n",
+            &format!("partial_ttl = \"1h\"\nmetrics = \"127.0.0.1:{port}\"\n"),
+        );
+        std::fs::write(&cfg, text).unwrap();
+        port
+    }
+
     /// Writes `name`, starts the agent daemon, and returns once the relay holds `held` bytes
     /// of it (the transfer is under way).
     fn send_until_held(&self, relay: &Relay, name: &str, bytes: &[u8], held: u64) -> Child {
@@ -266,14 +278,7 @@ fn many_files_and_a_large_one_land_in_s3_through_the_relay_verified_and_only_onc
     let s3 = S3Server::start();
     s3.create_bucket("cloud");
     let w = world(Some(&s3_store(&s3)));
-    // The relay's metrics endpoint.
-    let metrics_port = free_port();
-    let cfg = w.setup.dir.path().join("relay.toml");
-    let text = std::fs::read_to_string(&cfg).unwrap().replace(
-        "partial_ttl = \"1h\"\n",
-        &format!("partial_ttl = \"1h\"\nmetrics = \"127.0.0.1:{metrics_port}\"\n"),
-    );
-    std::fs::write(&cfg, text).unwrap();
+    let metrics_port = w.relay_metrics();
     let relay = w.relay();
     w.agent_config(w.relay_port, "agent", "fhir/dkfz/", "");
     let mut files = mixed_workload(5, 40);
@@ -341,6 +346,7 @@ fn many_files_and_a_large_one_land_in_s3_through_the_relay_verified_and_only_onc
 #[test]
 fn a_dropped_connection_resumes_from_the_offset_the_relay_confirms() {
     let w = world(None);
+    let metrics_port = w.relay_metrics();
     let relay = w.relay();
     let link = UdpProxy::start(w.relay_port);
     // request_timeout bounds the QUIC idle timeout: a cut link is noticed within 3 s.
@@ -375,8 +381,17 @@ fn a_dropped_connection_resumes_from_the_offset_the_relay_confirms() {
         "{log}"
     );
     assert!(relay.log().contains("resuming a partial transfer"));
-    // Bytes sent towards the relay: the file once, plus QUIC overhead and what was in flight
-    // when the link went down; far from the 2x of a restart from zero.
+    // Object bytes the relay took: the file exactly once (what was in flight at the cut never
+    // arrived; the resume starts at what the relay held).
+    let (_, m) = http_get(metrics_port, "/metrics", None).expect("relay /metrics");
+    assert_eq!(
+        metric(&m, "ha_edge_relay_bytes_received_total"),
+        Some(big.len() as f64),
+        "object bytes received more than once"
+    );
+    // Bytes on the wire towards the relay: the file once, plus QUIC overhead, what was in
+    // flight when the link went down, and retransmissions (BBR does not slow down for the
+    // datagrams this proxy's socket drops: 10 to 30 % here); far from the 2x of two whole sends.
     let sent = link.bytes_up.load(Ordering::Relaxed);
     let resent = sent.saturating_sub(big.len() as u64);
     eprintln!(
@@ -385,7 +400,7 @@ fn a_dropped_connection_resumes_from_the_offset_the_relay_confirms() {
     );
     assert!(held >= 16 * MIB as u64);
     assert!(
-        sent < big.len() as u64 * 11 / 10,
+        sent < big.len() as u64 * 3 / 2,
         "{sent} bytes sent for a {} byte file",
         big.len()
     );

@@ -17,8 +17,8 @@ mod message;
 mod session;
 
 pub use message::{
-    decode_one, encode, Decoder, FrameError, Message, Refusal, CAPABILITIES, MAX_DATA, MAX_FRAME,
-    VERSION,
+    decode_one, encode, Decoder, FrameError, Message, Refusal, CAPABILITIES, CAP_EAGER, MAX_DATA,
+    MAX_FRAME, VERSION,
 };
 pub use session::{
     ClientHandshake, Handshake, Receive, ReceiveEvent, ServerHandshake, SessionError, Upload,

@@ -11,8 +11,11 @@ pub const VERSION: u16 = 1;
 pub const MAX_FRAME: usize = 1 << 20;
 /// The most file bytes one `Data` message carries (leaves room for the header in a frame).
 pub const MAX_DATA: usize = 512 * 1024;
-/// Capability bits exchanged in the handshake (none defined yet; unknown bits are ignored).
-pub const CAPABILITIES: u64 = 0;
+/// Capability bit: the relay takes `EagerOffer` (an offer whose data and commit follow at once,
+/// without waiting for its answer: one round trip per object instead of two).
+pub const CAP_EAGER: u64 = 1;
+/// Capability bits this build announces in the handshake (unknown bits are ignored).
+pub const CAPABILITIES: u64 = CAP_EAGER;
 
 /// Why the relay refuses an offer (or a handshake).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Encode, Decode)]
@@ -78,6 +81,16 @@ pub enum Message {
     Mismatch { message: String },
     /// Either way: a protocol violation; the stream ends.
     Error { message: String },
+    /// Agent -> relay, first on an object stream, only to a relay that announced `CAP_EAGER`:
+    /// this object, whole, with `Data` from offset 0 and `Commit` following without waiting
+    /// for the answer. The relay answers `Accept{0}` (it holds nothing of the object, whatever
+    /// a partial held) then `Stored` | `Mismatch`, or `AlreadyHave` | `Refuse` and ignores the
+    /// rest of the stream. Appended last, so the encoding of the others is unchanged.
+    EagerOffer {
+        key: String,
+        size: u64,
+        sha256: [u8; 32],
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -16,6 +16,11 @@
 //! Commit                 --->
 //!                        <---   Stored | Mismatch
 //! ```
+//!
+//! To a relay that announced `CAP_EAGER`, the agent may instead send `EagerOffer`, its data from
+//! offset 0 and `Commit` at once; the relay answers `Accept{0}` then `Stored` | `Mismatch`, or
+//! `AlreadyHave` | `Refuse` and ignores the rest of the stream. One round trip per object
+//! instead of two (the agent uses it for small objects, whose bytes fit the stream's window).
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -60,6 +65,7 @@ fn name(m: &Message) -> &'static str {
         Message::Stored => "Stored",
         Message::Mismatch { .. } => "Mismatch",
         Message::Error { .. } => "Error",
+        Message::EagerOffer { .. } => "EagerOffer",
     }
 }
 
@@ -286,6 +292,10 @@ pub struct Upload {
     size: u64,
     state: UpState,
     ack_wait: Duration,
+    /// An eager offer: data follows at once; `Accept{0}` is expected before `Stored`.
+    eager: bool,
+    /// The relay's `Accept{0}` to an eager offer has arrived.
+    accepted: bool,
 }
 
 impl Upload {
@@ -302,6 +312,34 @@ impl Upload {
             size,
             state: UpState::AwaitAnswer,
             ack_wait: idle,
+            eager: false,
+            accepted: false,
+        }
+    }
+
+    /// An eager offer (only to a relay that announced `CAP_EAGER`): `send_data` from offset 0
+    /// and `commit` may follow at once; the answers are read after the commit.
+    pub fn new_eager(
+        key: &str,
+        size: u64,
+        sha256: [u8; 32],
+        now: Instant,
+        idle: Duration,
+    ) -> Upload {
+        let mut io = Io::new(idle);
+        io.send(&Message::EagerOffer {
+            key: key.to_string(),
+            size,
+            sha256,
+        });
+        io.wait(now);
+        Upload {
+            io,
+            size,
+            state: UpState::Sending { next: 0 },
+            ack_wait: idle,
+            eager: true,
+            accepted: false,
         }
     }
 
@@ -374,14 +412,27 @@ impl Upload {
         }
     }
 
+    /// Takes what the relay sent; its answer, once one is in. Several messages in one read are
+    /// taken in order (an eager offer's `Accept{0}` and `Stored` may come together).
     pub fn handle_input(
         &mut self,
         bytes: &[u8],
         now: Instant,
     ) -> Result<Option<UploadEvent>, SessionError> {
-        let Some(m) = self.io.receive(bytes)? else {
-            return Ok(None);
-        };
+        self.io.decoder.push(bytes)?;
+        while let Some(m) = self.io.decoder.next_message()? {
+            if let Some(ev) = self.message(m, now)? {
+                return Ok(Some(ev));
+            }
+        }
+        Ok(None)
+    }
+
+    /// One message from the relay: an event, or nothing yet (an eager offer's `Accept{0}`).
+    fn message(&mut self, m: Message, now: Instant) -> Result<Option<UploadEvent>, SessionError> {
+        if self.eager {
+            return self.eager_message(m, now);
+        }
         let ev = match (self.state, m) {
             (UpState::AwaitAnswer, Message::Accept { offset }) if offset <= self.size => {
                 self.state = UpState::Sending { next: offset };
@@ -430,6 +481,51 @@ impl Upload {
         };
         Ok(Some(ev))
     }
+
+    /// The answers to an eager offer: `Accept{0}` (while sending or after the commit) then
+    /// `Stored` | `Mismatch`; or `AlreadyHave` | `Refuse` at any point.
+    fn eager_message(
+        &mut self,
+        m: Message,
+        _now: Instant,
+    ) -> Result<Option<UploadEvent>, SessionError> {
+        let live = !matches!(self.state, UpState::Finished);
+        let ev = match m {
+            Message::Accept { offset: 0 } if live && !self.accepted => {
+                self.accepted = true;
+                return Ok(None);
+            }
+            Message::Accept { offset } if live && !self.accepted => {
+                self.state = UpState::Finished;
+                return Err(SessionError::BadOffset {
+                    offset,
+                    size: self.size,
+                });
+            }
+            Message::AlreadyHave if live && !self.accepted => UploadEvent::AlreadyStored,
+            Message::Refuse { reason, message } if live => UploadEvent::Refused { reason, message },
+            Message::Stored if self.state == UpState::AwaitAck && self.accepted => {
+                UploadEvent::Stored
+            }
+            Message::Mismatch { message } if self.state == UpState::AwaitAck && self.accepted => {
+                UploadEvent::Mismatch(message)
+            }
+            Message::Error { message } => {
+                self.state = UpState::Finished;
+                return Err(SessionError::Peer(message));
+            }
+            other => {
+                let state = up_state_name(self.state);
+                self.state = UpState::Finished;
+                return Err(SessionError::Unexpected {
+                    got: name(&other),
+                    state,
+                });
+            }
+        };
+        self.state = UpState::Finished;
+        Ok(Some(ev))
+    }
 }
 
 fn up_state_name(s: UpState) -> &'static str {
@@ -444,11 +540,14 @@ fn up_state_name(s: UpState) -> &'static str {
 /// What the relay's caller must act on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReceiveEvent {
-    /// Decide: `accept(offset)`, `already_have()` or `refuse(..)`.
+    /// Decide: `accept(offset)`, `already_have()` or `refuse(..)`. For an eager offer
+    /// (`eager`), data from offset 0 follows at once: accept only from 0. Until the decision,
+    /// no later message is decoded; call `handle_input(&[])` after it for the buffered ones.
     Offered {
         key: String,
         size: u64,
         sha256: [u8; 32],
+        eager: bool,
     },
     /// Bytes at `offset` (contiguous from the accepted offset, within the size): store them.
     Data { offset: u64, bytes: Vec<u8> },
@@ -470,6 +569,8 @@ enum RxState {
 pub struct Receive {
     io: Io,
     state: RxState,
+    /// The offer was eager: what follows a refusal is ignored, not an error.
+    eager: bool,
 }
 
 impl Receive {
@@ -479,6 +580,7 @@ impl Receive {
         Receive {
             io,
             state: RxState::AwaitOffer,
+            eager: false,
         }
     }
 
@@ -509,7 +611,7 @@ impl Receive {
                 state: "not deciding",
             });
         };
-        if offset > size {
+        if offset > size || (self.eager && offset != 0) {
             return Err(SessionError::BadOffset { offset, size });
         }
         self.io.send(&Message::Accept { offset });
@@ -546,12 +648,35 @@ impl Receive {
     ) -> Result<Vec<ReceiveEvent>, SessionError> {
         self.io.decoder.push(bytes)?;
         let mut events = Vec::new();
-        while let Some(m) = self.io.decoder.next_message()? {
+        // Nothing after an offer is decoded before the caller decides on it.
+        while !matches!(self.state, RxState::Deciding { .. }) {
+            let Some(m) = self.io.decoder.next_message()? else {
+                break;
+            };
             self.io.wait(now);
             let ev = match (self.state, m) {
                 (RxState::AwaitOffer, Message::Offer { key, size, sha256 }) => {
                     self.state = RxState::Deciding { size };
-                    ReceiveEvent::Offered { key, size, sha256 }
+                    ReceiveEvent::Offered {
+                        key,
+                        size,
+                        sha256,
+                        eager: false,
+                    }
+                }
+                (RxState::AwaitOffer, Message::EagerOffer { key, size, sha256 }) => {
+                    self.state = RxState::Deciding { size };
+                    self.eager = true;
+                    ReceiveEvent::Offered {
+                        key,
+                        size,
+                        sha256,
+                        eager: true,
+                    }
+                }
+                // The rest of an eager offer that was answered already (refused, already had).
+                (RxState::Finished, Message::Data { .. } | Message::Commit) if self.eager => {
+                    continue
                 }
                 (RxState::Receiving { next, size }, Message::Data { offset, bytes }) => {
                     if offset != next {

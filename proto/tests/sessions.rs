@@ -104,7 +104,8 @@ fn transfer(offset: u64, data: &[u8], bytewise: bool) -> Vec<u8> {
         [ReceiveEvent::Offered {
             key: "fhir/dkfz/a.ndjson".into(),
             size,
-            sha256: sha(1)
+            sha256: sha(1),
+            eager: false,
         }]
     );
     rx.accept(offset, now).unwrap();
@@ -401,4 +402,149 @@ fn a_refusal_after_commit_is_an_answer() {
         );
         assert!(!reason.is_temporary() || reason == Refusal::Unavailable);
     }
+}
+
+/// An eager offer: offer, data and commit in one flight, the answers in one read.
+fn eager_transfer(data: &[u8], bytewise: bool) -> (Vec<u8>, Option<UploadEvent>) {
+    let now = Instant::now();
+    let size = data.len() as u64;
+    let mut up = Upload::new_eager("fhir/dkfz/e.ndjson", size, sha(2), now, IDLE);
+    assert_eq!(up.poll_timeout(), None, "sending: no deadline");
+    let mut off = 0;
+    for chunk in data.chunks(5) {
+        up.send_data(off, chunk.to_vec()).unwrap();
+        off += chunk.len() as u64;
+    }
+    up.commit(now, IDLE).unwrap();
+    let mut rx = Receive::new(now, IDLE);
+    let mut events = Vec::new();
+    pump(
+        || up.poll_transmit(),
+        |b| events.extend(rx.handle_input(b, now).unwrap()),
+        bytewise,
+    );
+    // Nothing past the offer is decoded before the decision.
+    assert_eq!(
+        events,
+        [ReceiveEvent::Offered {
+            key: "fhir/dkfz/e.ndjson".into(),
+            size,
+            sha256: sha(2),
+            eager: true,
+        }]
+    );
+    assert!(
+        rx.accept(3, now).is_err() || size < 3,
+        "an eager offer is accepted from 0 only"
+    );
+    let mut rx = Receive::new(now, IDLE);
+    let mut up2 = Upload::new_eager("fhir/dkfz/e.ndjson", size, sha(2), now, IDLE);
+    let mut off = 0;
+    for chunk in data.chunks(5) {
+        up2.send_data(off, chunk.to_vec()).unwrap();
+        off += chunk.len() as u64;
+    }
+    up2.commit(now, IDLE).unwrap();
+    let mut wire = Vec::new();
+    while let Some(f) = up2.poll_transmit() {
+        wire.extend(f);
+    }
+    let first = rx.handle_input(&wire, now).unwrap();
+    assert_eq!(first.len(), 1);
+    rx.accept(0, now).unwrap();
+    let mut received = Vec::new();
+    let mut committed = false;
+    for e in rx.handle_input(&[], now).unwrap() {
+        match e {
+            ReceiveEvent::Data { offset, bytes } => {
+                assert_eq!(offset, received.len() as u64);
+                received.extend(bytes);
+            }
+            ReceiveEvent::Committed => committed = true,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(committed);
+    rx.stored();
+    let mut answer = None;
+    // Accept{0} and Stored in one read: the one event is Stored.
+    let mut back = Vec::new();
+    while let Some(f) = rx.poll_transmit() {
+        back.extend(f);
+    }
+    pump(
+        || (!back.is_empty()).then(|| std::mem::take(&mut back)),
+        |b| {
+            if let Some(e) = up2.handle_input(b, now).unwrap() {
+                assert!(answer.is_none(), "one answer");
+                answer = Some(e);
+            }
+        },
+        bytewise,
+    );
+    (received, answer)
+}
+
+#[test]
+fn an_eager_offer_lands_in_one_flight() {
+    let data: Vec<u8> = (0..100u8).collect();
+    for bytewise in [false, true] {
+        let (got, answer) = eager_transfer(&data, bytewise);
+        assert_eq!(got, data);
+        assert_eq!(answer, Some(UploadEvent::Stored));
+    }
+}
+
+#[test]
+fn a_refused_eager_offer_ignores_the_rest_of_the_stream() {
+    let now = Instant::now();
+    let mut up = Upload::new_eager("fhir/dkfz/e.ndjson", 10, sha(3), now, IDLE);
+    up.send_data(0, vec![7; 10]).unwrap();
+    up.commit(now, IDLE).unwrap();
+    let mut wire = Vec::new();
+    while let Some(f) = up.poll_transmit() {
+        wire.extend(f);
+    }
+    let mut rx = Receive::new(now, IDLE);
+    // Already had: the data and commit after it are no protocol violation.
+    let ev = rx.handle_input(&wire[..5], now).unwrap();
+    assert!(ev.is_empty());
+    let ev = rx.handle_input(&wire[5..], now).unwrap();
+    assert_eq!(ev.len(), 1);
+    rx.already_have();
+    assert_eq!(rx.handle_input(&[], now).unwrap(), []);
+    assert!(rx.poll_transmit().is_some());
+    assert_eq!(rx.poll_transmit(), None, "no Error after AlreadyHave");
+    let answer = up
+        .handle_input(&encode(&Message::AlreadyHave), now)
+        .unwrap();
+    assert_eq!(answer, Some(UploadEvent::AlreadyStored));
+}
+
+#[test]
+fn an_eager_upload_refuses_stored_before_accept_and_a_resume_offset() {
+    let now = Instant::now();
+    let mk = || {
+        let mut up = Upload::new_eager("k", 4, sha(4), now, IDLE);
+        up.send_data(0, vec![1; 4]).unwrap();
+        up.commit(now, IDLE).unwrap();
+        up
+    };
+    // Stored without Accept{0}: the relay cannot have verified what it never accepted.
+    assert!(mk().handle_input(&encode(&Message::Stored), now).is_err());
+    // An eager offer is never resumed: Accept{2} is a violation.
+    assert!(matches!(
+        mk().handle_input(&encode(&Message::Accept { offset: 2 }), now),
+        Err(SessionError::BadOffset { .. })
+    ));
+}
+
+#[test]
+fn a_plain_offer_still_waits_for_its_answer() {
+    let now = Instant::now();
+    let mut up = Upload::new("k", 4, sha(5), now, IDLE);
+    assert!(
+        up.send_data(0, vec![1; 4]).is_err(),
+        "no data before Accept"
+    );
 }

@@ -48,6 +48,8 @@ pub(super) struct RawDestination {
     pub(super) cert_file: Option<Spanned<String>>,
     /// Its key (PEM).
     pub(super) key_file: Option<Spanned<String>>,
+    /// QUIC congestion controller: "bbr" (default) or "cubic".
+    pub(super) congestion: Option<Spanned<String>>,
     /// "own" (default): replace only objects this agent wrote; "always": any.
     pub(super) overwrite: Option<Spanned<String>>,
     /// "crc64nvme" (default): multipart uploads checked by a full-object CRC-64/NVME, the
@@ -96,6 +98,41 @@ pub struct RelayDestination {
     pub key_file: Option<PathBuf>,
     /// The key prefix under which this agent's objects land (ends in '/', or empty).
     pub prefix: String,
+    /// The QUIC congestion controller of the connection (the agent is the sender).
+    pub congestion: Congestion,
+}
+
+/// A QUIC congestion controller (`congestion`, on the agent's `[destination]` and `[relay]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Congestion {
+    /// BBR: paces at the measured bottleneck rate, and does not take random loss (a lossy
+    /// tunnel) for congestion. The default: measured fastest on every lossy link of the grid.
+    #[default]
+    Bbr,
+    /// CUBIC: halves on loss like TCP; on a lossy link one connection is held to what the
+    /// Mathis formula allows.
+    Cubic,
+}
+
+impl Validator<'_> {
+    /// `congestion = "bbr" | "cubic"` at `key` (BBR if unset).
+    pub(super) fn congestion(&mut self, v: Option<Spanned<String>>, key: &str) -> Congestion {
+        match v {
+            None => Congestion::default(),
+            Some(c) => match c.get_ref().as_str() {
+                "bbr" => Congestion::Bbr,
+                "cubic" => Congestion::Cubic,
+                other => {
+                    self.problem(
+                        c.span(),
+                        key,
+                        format!("must be \"bbr\" or \"cubic\", got {other:?}"),
+                    );
+                    Congestion::default()
+                }
+            },
+        }
+    }
 }
 
 /// Which objects at a destination key the agent may replace.
@@ -342,6 +379,7 @@ impl Validator<'_> {
                 ("server_name", d.server_name.as_ref().map(Spanned::span)),
                 ("cert_file", d.cert_file.as_ref().map(Spanned::span)),
                 ("key_file", d.key_file.as_ref().map(Spanned::span)),
+                ("congestion", d.congestion.as_ref().map(Spanned::span)),
             ]
         };
         if quic {
@@ -450,7 +488,9 @@ impl Validator<'_> {
             None => String::new(),
             Some(p) => self.key_prefix(p, "destination.prefix"),
         };
+        let congestion = self.congestion(d.congestion, "destination.congestion");
         Some(RelayDestination {
+            congestion,
             relay: relay?.0,
             server_name: server_name?,
             ca_file: ca_file?,

@@ -39,7 +39,9 @@ mod validation;
 pub use agent::{resolve_lenient, AgentConfig, Config, LogFormat};
 #[cfg(test)]
 pub use destination::MetaRules;
-pub use destination::{Checksum, Destination, Overwrite, RelayDestination, S3Destination, Sse};
+pub use destination::{
+    Checksum, Congestion, Destination, Overwrite, RelayDestination, S3Destination, Sse,
+};
 pub use relay::{AgentAuth, RelayConfig, StoreConfig};
 pub use source::{AfterUpload, Completion, OnChange, SourceConfig, SourceKind, WatchMode};
 

@@ -44,6 +44,8 @@ struct RawRelay {
     log_level: Option<Spanned<String>>,
     /// Address of the metrics endpoint; off if unset.
     metrics: Option<Spanned<String>>,
+    /// QUIC congestion controller: "bbr" (default) or "cubic".
+    congestion: Option<Spanned<String>>,
 }
 
 /// One `[[agent]]` as written.
@@ -115,6 +117,8 @@ pub struct RelayConfig {
     pub log_level: String,
     /// Where `/metrics`, `/healthz` and `/readyz` are served (None: off).
     pub metrics: Option<std::net::SocketAddr>,
+    /// The QUIC congestion controller for what the relay sends.
+    pub congestion: super::Congestion,
 }
 
 /// One agent identity (a DNS name in its certificate) and the key prefix it may write.
@@ -242,7 +246,7 @@ impl Validator<'_> {
             "relay.max_streams_per_agent",
             1,
             1024,
-            16u32,
+            64u32,
         );
         let max_partials = self.int_in(r.max_partials, "relay.max_partials", 1, 1_000_000, 64usize);
         let max_handshakes = self.int_in(
@@ -311,6 +315,7 @@ impl Validator<'_> {
                 None
             }
         });
+        let congestion = self.congestion(r.congestion, "relay.congestion");
         let mut agents = Vec::new();
         if raw.agent.is_empty() {
             self.problem(
@@ -438,6 +443,7 @@ impl Validator<'_> {
             log_format,
             log_level,
             metrics,
+            congestion,
         })
     }
 
@@ -485,6 +491,7 @@ impl Validator<'_> {
                     server_name: None,
                     cert_file: None,
                     key_file: None,
+                    congestion: None,
                     overwrite: None,
                     checksum: None,
                     storage_class: None,

@@ -180,6 +180,8 @@ fn relay_example_is_valid_and_mistakes_name_their_key() {
         matches!(&c.store, StoreConfig::S3 { bucket, part_size } if bucket.bucket == "healthalliance-fhir" && *part_size == 16 << 20)
     );
     assert_eq!(c.stream_buffer, 4 << 20);
+    assert_eq!(c.congestion, crate::config::Congestion::Bbr);
+    assert_eq!(c.max_streams_per_agent, 64);
 
     let bad = text
         .replace("listen = \"0.0.0.0:4433\"", "listen = \"anywhere\"")
@@ -236,6 +238,20 @@ fn quic_destination_needs_its_ca_and_refuses_s3_keys() {
     };
     assert_eq!(r.server_name, "relay.example.org");
     assert_eq!(c.destination.prefix(), "fhir/dkfz/");
+    assert_eq!(r.congestion, crate::config::Congestion::Bbr, "the default");
+    let cubic = format!("{}{quic}congestion = \"cubic\"\n", &base[..at]);
+    let c = Config::parse(Path::new("t.toml"), &cubic).unwrap();
+    assert!(
+        matches!(&c.destination, Destination::Relay(r) if r.congestion == crate::config::Congestion::Cubic)
+    );
+    let reno = format!("{}{quic}congestion = \"reno\"\n", &base[..at]);
+    let p = problems(&reno);
+    assert_eq!(p[0].key, "destination.congestion");
+    assert!(p[0].message.contains("\"bbr\" or \"cubic\""), "{}", p[0].message);
+    // On an S3 destination the key means nothing: named as misplaced.
+    let s3 = base.replace("[destination]\n", "[destination]\ncongestion = \"bbr\"\n");
+    let keys: Vec<String> = problems(&s3).into_iter().map(|p| p.key).collect();
+    assert_eq!(keys, ["destination.congestion"]);
     let text = format!(
         "{}{}bucket = \"b-c-d\"\n",
         &base[..at],

@@ -57,6 +57,8 @@ pub struct RelayClient {
     agent: String,
     idle: Duration,
     conn: Mutex<Option<quinn::Connection>>,
+    /// The capability bits the relay announced in its last handshake.
+    capabilities: std::sync::atomic::AtomicU64,
 }
 
 /// Where the agent's certificate and key come from.
@@ -83,7 +85,7 @@ impl RelayClient {
         idle: Duration,
     ) -> Result<Arc<RelayClient>, LinkError> {
         let (cert, key) = cert_and_key(dest)?;
-        let cfg = tls::client_config(&dest.ca_file, &cert, &key, idle)?;
+        let cfg = tls::client_config(&dest.ca_file, &cert, &key, idle, dest.congestion)?;
         let bind: std::net::SocketAddr = "[::]:0".parse().expect("literal");
         let mut endpoint = quinn::Endpoint::client(bind)
             .or_else(|_| quinn::Endpoint::client("0.0.0.0:0".parse().expect("literal")))
@@ -96,12 +98,18 @@ impl RelayClient {
             agent: agent.to_string(),
             idle,
             conn: Mutex::new(None),
+            capabilities: std::sync::atomic::AtomicU64::new(0),
         }))
     }
 
     /// host:port of the relay.
     pub fn relay(&self) -> &str {
         &self.relay
+    }
+
+    /// Whether the relay takes eager offers (data and commit without waiting for the answer).
+    pub fn eager(&self) -> bool {
+        self.capabilities.load(std::sync::atomic::Ordering::Relaxed) & ha_edge_proto::CAP_EAGER != 0
     }
 
     /// The QUIC idle timeout.
@@ -210,8 +218,10 @@ impl RelayClient {
                     })?;
             match out {
                 None => continue,
-                Some(Handshake::Done { peer, .. }) => {
-                    tracing::debug!(relay = %self.relay, peer = %peer, "relay handshake done");
+                Some(Handshake::Done { peer, capabilities }) => {
+                    tracing::debug!(relay = %self.relay, peer = %peer, capabilities, "relay handshake done");
+                    self.capabilities
+                        .store(capabilities, std::sync::atomic::Ordering::Relaxed);
                     let _ = send.finish();
                     return Ok(());
                 }
@@ -232,6 +242,7 @@ impl RelayClient {
             .as_ref()
             .is_some_and(|c| c.stable_id() == conn.stable_id())
         {
+            log_stats(conn);
             *guard = None;
         }
     }
@@ -257,8 +268,24 @@ impl RelayClient {
     /// Closes the connection (at shutdown).
     pub async fn close(&self) {
         if let Some(c) = self.conn.lock().await.take() {
+            log_stats(&c);
             c.close(quinn::VarInt::from_u32(CLOSE_SHUTDOWN), b"agent stopping");
         }
         self.endpoint.wait_idle().await;
     }
+}
+
+/// What a connection moved and lost, when it ends (sizing windows and choosing `congestion`).
+fn log_stats(conn: &quinn::Connection) {
+    let s = conn.stats();
+    tracing::info!(
+        sent_bytes = s.udp_tx.bytes,
+        sent_packets = s.path.sent_packets,
+        lost_packets = s.path.lost_packets,
+        lost_bytes = s.path.lost_bytes,
+        congestion_events = s.path.congestion_events,
+        rtt_ms = u64::try_from(s.path.rtt.as_millis()).unwrap_or(u64::MAX),
+        cwnd = s.path.cwnd,
+        "relay connection statistics"
+    );
 }

@@ -164,6 +164,7 @@ pub async fn serve(
         cfg.idle_timeout,
         cfg.stream_buffer,
         cfg.max_streams_per_agent,
+        cfg.congestion,
     );
     let server_cfg = tls::server_config(
         &cfg.cert_file,
@@ -430,66 +431,93 @@ async fn object_stream(
                 return;
             }
         };
-        let events = match rx.handle_input(&buf[..n], Instant::now()) {
-            Ok(ev) => ev,
-            Err(e) => {
-                tracing::warn!(identity = %agent.identity, error = %e, "protocol violation; stream closed");
-                finished = true;
-                continue;
-            }
-        };
-        for ev in events {
-            match ev {
-                ReceiveEvent::Offered { key, size, sha256 } => {
-                    finished =
-                        decide(&mut rx, &mut partial, agent, shared, &key, size, &sha256).await;
-                    offer = Some((key, size, sha256));
-                }
-                ReceiveEvent::Data { offset, bytes } => {
-                    let Some(p) = partial.as_mut() else {
-                        metrics::relay().refused("unavailable");
-                        rx.refuse(Refusal::Unavailable, "no partial transfer open".into());
-                        finished = true;
-                        break;
-                    };
-                    let len = bytes.len() as u64;
-                    if let Err(e) = p.append(offset, bytes).await {
-                        tracing::error!(error = %e, "cannot write a partial transfer");
-                        metrics::relay().refused("unavailable");
-                        rx.refuse(Refusal::Unavailable, format!("the relay cannot write: {e}"));
-                        finished = true;
-                        break;
-                    }
-                    received += len;
-                }
-                ReceiveEvent::Committed => {
-                    let (Some(p), Some((key, size, sha))) = (partial.take(), offer.as_ref()) else {
-                        metrics::relay().refused("unavailable");
-                        rx.refuse(Refusal::Unavailable, "no partial transfer open".into());
-                        finished = true;
-                        break;
-                    };
+        let mut input = &buf[..n];
+        // Until a decision, the machine holds back what follows an offer (an eager offer's
+        // data): decode again after each batch of events.
+        while !finished {
+            let events = match rx.handle_input(input, Instant::now()) {
+                Ok(ev) => ev,
+                Err(e) => {
+                    tracing::warn!(identity = %agent.identity, error = %e, "protocol violation; stream closed");
                     finished = true;
-                    match shared.store.land(p, key, *size, sha).await {
-                        Ok(Landed::Stored) => {
-                            tracing::info!(identity = %agent.identity, key = %key, size, received, "stored and verified");
-                            metrics::relay().objects_landed.inc();
-                            metrics::relay().bytes_landed.inc_by(*size);
-                            rx.stored();
+                    break;
+                }
+            };
+            input = &[];
+            if events.is_empty() {
+                break;
+            }
+            for ev in events {
+                match ev {
+                    ReceiveEvent::Offered {
+                        key,
+                        size,
+                        sha256,
+                        eager,
+                    } => {
+                        finished = decide(
+                            &mut rx,
+                            &mut partial,
+                            agent,
+                            shared,
+                            (&key, size, &sha256),
+                            eager,
+                        )
+                        .await;
+                        offer = Some((key, size, sha256));
+                        if finished && eager {
+                            // Answered without the data: the rest of the stream is not wanted.
+                            let _ = recv.stop(quinn::VarInt::from_u32(0));
                         }
-                        Ok(Landed::Mismatch(detail)) => {
-                            tracing::warn!(identity = %agent.identity, key = %key, %detail, "received bytes do not match the offer; dropped, the agent sends again");
-                            rx.mismatch(detail);
-                        }
-                        Err(e) if e.is_permanent() => {
-                            tracing::error!(identity = %agent.identity, key = %key, error = %e, "cannot land the object, and never will as it is: refused (partial transfer removed)");
-                            metrics::relay().refused("rejected");
-                            rx.refuse(Refusal::Rejected, e.to_string());
-                        }
-                        Err(e) => {
-                            tracing::error!(identity = %agent.identity, key = %key, error = %e, "cannot land the object; the agent will try again");
+                    }
+                    ReceiveEvent::Data { offset, bytes } => {
+                        let Some(p) = partial.as_mut() else {
                             metrics::relay().refused("unavailable");
-                            rx.refuse(Refusal::Unavailable, e.to_string());
+                            rx.refuse(Refusal::Unavailable, "no partial transfer open".into());
+                            finished = true;
+                            break;
+                        };
+                        let len = bytes.len() as u64;
+                        if let Err(e) = p.append(offset, bytes).await {
+                            tracing::error!(error = %e, "cannot write a partial transfer");
+                            metrics::relay().refused("unavailable");
+                            rx.refuse(Refusal::Unavailable, format!("the relay cannot write: {e}"));
+                            finished = true;
+                            break;
+                        }
+                        received += len;
+                        metrics::relay().bytes_received.inc_by(len);
+                    }
+                    ReceiveEvent::Committed => {
+                        let (Some(p), Some((key, size, sha))) = (partial.take(), offer.as_ref())
+                        else {
+                            metrics::relay().refused("unavailable");
+                            rx.refuse(Refusal::Unavailable, "no partial transfer open".into());
+                            finished = true;
+                            break;
+                        };
+                        finished = true;
+                        match shared.store.land(p, key, *size, sha).await {
+                            Ok(Landed::Stored) => {
+                                tracing::info!(identity = %agent.identity, key = %key, size, received, "stored and verified");
+                                metrics::relay().objects_landed.inc();
+                                metrics::relay().bytes_landed.inc_by(*size);
+                                rx.stored();
+                            }
+                            Ok(Landed::Mismatch(detail)) => {
+                                tracing::warn!(identity = %agent.identity, key = %key, %detail, "received bytes do not match the offer; dropped, the agent sends again");
+                                rx.mismatch(detail);
+                            }
+                            Err(e) if e.is_permanent() => {
+                                tracing::error!(identity = %agent.identity, key = %key, error = %e, "cannot land the object, and never will as it is: refused (partial transfer removed)");
+                                metrics::relay().refused("rejected");
+                                rx.refuse(Refusal::Rejected, e.to_string());
+                            }
+                            Err(e) => {
+                                tracing::error!(identity = %agent.identity, key = %key, error = %e, "cannot land the object; the agent will try again");
+                                metrics::relay().refused("unavailable");
+                                rx.refuse(Refusal::Unavailable, e.to_string());
+                            }
                         }
                     }
                 }
@@ -498,15 +526,15 @@ async fn object_stream(
     }
 }
 
-/// Answers an offer; returns whether the stream is finished.
+/// Answers an offer (`eager`: its data from 0 follows at once, so it is accepted from 0 only);
+/// returns whether the stream is finished.
 async fn decide(
     rx: &mut Receive,
     partial: &mut Option<Partial>,
     agent: &AgentAuth,
     shared: &Shared,
-    key: &str,
-    size: u64,
-    sha: &[u8; 32],
+    (key, size, sha): (&str, u64, &[u8; 32]),
+    eager: bool,
 ) -> bool {
     if let Err(e) = keymap::bucket_key("", key) {
         tracing::warn!(identity = %agent.identity, key = ?key, reason = %e, "refused: bad key");
@@ -538,7 +566,15 @@ async fn decide(
         }
     }
     match shared.store.open_partial(&agent.identity, key, size, sha) {
-        Ok(p) => {
+        Ok(mut p) => {
+            if eager && p.len > 0 {
+                if let Err(e) = p.restart().await {
+                    tracing::error!(error = %e, "cannot write a partial transfer");
+                    metrics::relay().refused("unavailable");
+                    rx.refuse(Refusal::Unavailable, format!("the relay cannot write: {e}"));
+                    return true;
+                }
+            }
             let offset = p.len;
             if offset > 0 {
                 tracing::info!(identity = %agent.identity, key = %key, offset, size, "resuming a partial transfer");

@@ -126,6 +126,16 @@ impl Drop for Partial {
 }
 
 impl Partial {
+    /// Drops what the partial holds (an eager offer sends from 0 whatever was kept).
+    pub async fn restart(&mut self) -> Result<(), StoreError> {
+        let file = self.file.clone();
+        tokio::task::spawn_blocking(move || file.set_len(0))
+            .await
+            .map_err(|e| std::io::Error::other(e.to_string()))??;
+        self.len = 0;
+        Ok(())
+    }
+
     /// Appends `bytes` (which the session checked to start at the current end).
     pub async fn append(&mut self, offset: u64, bytes: Vec<u8>) -> Result<(), StoreError> {
         let file = self.file.clone();

@@ -16,6 +16,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rustls::RootCertStore;
+
+use crate::config::Congestion;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
@@ -73,10 +75,24 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// Transport limits both sides use: idle timeout, keep-alive, and the flow-control windows that
-/// bound how much one stream (and one connection) may have in flight.
-pub fn transport(idle: Duration, stream_window: u64, streams: u32) -> quinn::TransportConfig {
+/// Transport limits both sides use: idle timeout, keep-alive, the flow-control windows that
+/// bound how much one stream (and one connection) may have in flight, and the congestion
+/// controller of what this side sends.
+pub fn transport(
+    idle: Duration,
+    stream_window: u64,
+    streams: u32,
+    congestion: Congestion,
+) -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
+    match congestion {
+        Congestion::Bbr => {
+            t.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()))
+        }
+        Congestion::Cubic => {
+            t.congestion_controller_factory(Arc::new(quinn::congestion::CubicConfig::default()))
+        }
+    };
     let keep_alive = (idle / 3).max(Duration::from_millis(200));
     let idle = quinn::IdleTimeout::try_from(idle).unwrap_or(quinn::VarInt::from_u32(30_000).into());
     t.max_idle_timeout(Some(idle));
@@ -85,7 +101,11 @@ pub fn transport(idle: Duration, stream_window: u64, streams: u32) -> quinn::Tra
     t.keep_alive_interval(Some(keep_alive));
     let window = quinn::VarInt::from_u64(stream_window).unwrap_or(quinn::VarInt::MAX);
     t.stream_receive_window(window);
-    let conn_window = stream_window.saturating_mul(u64::from(streams.max(1)));
+    // The whole connection's window: all streams' windows, but at most 64 MiB (or one stream's),
+    // which covers the bandwidth-delay product of a 1 Gbit/s link at 500 ms.
+    let conn_window = stream_window
+        .saturating_mul(u64::from(streams.max(1)))
+        .min((64 << 20u64).max(stream_window));
     t.receive_window(quinn::VarInt::from_u64(conn_window).unwrap_or(quinn::VarInt::MAX));
     t.send_window(conn_window);
     t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(streams.saturating_add(1)));
@@ -99,6 +119,7 @@ pub fn client_config(
     cert: &Path,
     key: &Path,
     idle: Duration,
+    congestion: Congestion,
 ) -> Result<quinn::ClientConfig, TlsError> {
     let setup = |e: String| TlsError::Setup(e);
     let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
@@ -111,7 +132,7 @@ pub fn client_config(
     let quic =
         quinn::crypto::rustls::QuicClientConfig::try_from(cfg).map_err(|e| setup(e.to_string()))?;
     let mut c = quinn::ClientConfig::new(Arc::new(quic));
-    c.transport_config(Arc::new(transport(idle, 8 << 20, 64)));
+    c.transport_config(Arc::new(transport(idle, 8 << 20, 64, congestion)));
     Ok(c)
 }
 

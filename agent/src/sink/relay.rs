@@ -62,6 +62,10 @@ enum RStop {
     Mismatch { key: String, message: String },
 }
 
+/// Objects up to this size go in one flight (an eager offer): well inside one stream's
+/// flow-control window, so the whole object is written before any answer is read.
+const EAGER_MAX: u64 = 2 * MAX_DATA as u64;
+
 /// What the relay answered, or that the stream ended without an answer.
 type Answer = Result<UploadEvent, RStop>;
 
@@ -173,12 +177,67 @@ impl RelaySink {
             }
         };
         let conn = self.client.connection().await?;
-        match self.offer(&conn, row, &pinned, sha, stop).await {
+        let sent = if self.client.eager() && size <= EAGER_MAX {
+            self.eager(&conn, row, &pinned, sha).await
+        } else {
+            self.offer(&conn, row, &pinned, sha, stop).await
+        };
+        match sent {
             Err(RStop::Link(e @ LinkError::Unreachable { .. })) => {
                 self.client.forget(&conn).await;
                 Err(RStop::Link(e))
             }
             other => other,
+        }
+    }
+
+    /// A small object in one flight: offer, data and commit at once (the relay announced
+    /// `CAP_EAGER`), then its answers: one round trip instead of two.
+    async fn eager(
+        &self,
+        conn: &quinn::Connection,
+        row: &ObjectRow,
+        pinned: &Arc<Pinned>,
+        sha: [u8; 32],
+    ) -> Result<[u8; 32], RStop> {
+        let size = row.version.size();
+        let idle = self.client.idle();
+        let (mut send, mut recv) = conn
+            .open_bi()
+            .await
+            .map_err(|e| self.client.connection_error(&e))?;
+        let mut up = Upload::new_eager(&row.key, size, sha, Instant::now(), idle);
+        let _permit = self.budget.reserve(size).await;
+        let mut off = 0;
+        while off < size {
+            let len = (size - off).min(MAX_DATA as u64);
+            let (bytes, _) = pinned.read(off, len).await?;
+            up.send_data(off, bytes.to_vec())?;
+            off += len;
+        }
+        pinned.check().await?;
+        up.commit(Instant::now(), idle)?;
+        match write_frames(&mut up, &mut send).await {
+            Ok(()) => {
+                let _ = send.finish();
+                crate::progress::board().advance(row.id, size);
+            }
+            // The relay answered without the data (already had it, refused) and stopped the
+            // stream: its answer says which.
+            Err(quinn::WriteError::Stopped(_)) => {}
+            Err(e) => return Err(self.client.write_error(conn, e).into()),
+        }
+        let mut buf = vec![0u8; 4096];
+        match self.answer(conn, &mut up, &mut recv, &mut buf).await? {
+            UploadEvent::Stored => {
+                tracing::debug!(key = %row.key, sent = size, "stored by the relay (eager)");
+                Ok(sha)
+            }
+            UploadEvent::AlreadyStored => {
+                tracing::info!(key = %row.key, "the relay already stores this object (same SHA-256)");
+                Ok(sha)
+            }
+            other => self.ended(row, other),
         }
     }
 
@@ -275,19 +334,9 @@ impl RelaySink {
         up: &mut Upload,
         send: &mut quinn::SendStream,
     ) -> Result<(), RStop> {
-        let limiter = crate::bandwidth::limiter();
-        while let Some(frame) = up.poll_transmit() {
-            // Object data is metered by the process's bandwidth limit, as on the S3 path.
-            if limiter.is_limited() {
-                for chunk in frame.chunks(crate::bandwidth::CHUNK) {
-                    limiter.acquire(chunk.len()).await;
-                }
-            }
-            send.write_all(&frame)
-                .await
-                .map_err(|e| self.client.write_error(conn, e))?;
-        }
-        Ok(())
+        write_frames(up, send)
+            .await
+            .map_err(|e| self.client.write_error(conn, e).into())
     }
 
     /// Reads until the machine reports the relay's answer (or its deadline passes).
@@ -321,6 +370,24 @@ impl RelaySink {
             }
         }
     }
+}
+
+/// Writes what the protocol machine has to send, metered by the process's bandwidth limit (as
+/// on the S3 path).
+async fn write_frames(
+    up: &mut Upload,
+    send: &mut quinn::SendStream,
+) -> Result<(), quinn::WriteError> {
+    let limiter = crate::bandwidth::limiter();
+    while let Some(frame) = up.poll_transmit() {
+        if limiter.is_limited() {
+            for chunk in frame.chunks(crate::bandwidth::CHUNK) {
+                limiter.acquire(chunk.len()).await;
+            }
+        }
+        send.write_all(&frame).await?;
+    }
+    Ok(())
 }
 
 /// What to check when the relay refuses a key.

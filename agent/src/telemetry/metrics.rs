@@ -287,6 +287,7 @@ pub struct Relay {
     pub connections: Gauge,
     pub streams: Counter,
     pub bytes_landed: Counter,
+    pub bytes_received: Counter,
     pub objects_landed: Counter,
     pub refusals: Family<ReasonLabel, Counter>,
     pub partials: Gauge,
@@ -301,6 +302,7 @@ impl Relay {
             connections: Gauge::default(),
             streams: Counter::default(),
             bytes_landed: Counter::default(),
+            bytes_received: Counter::default(),
             objects_landed: Counter::default(),
             refusals: Family::default(),
             partials: Gauge::default(),
@@ -320,6 +322,11 @@ impl Relay {
             "ha_edge_relay_bytes_landed",
             "Bytes of objects verified and stored",
             m.bytes_landed.clone(),
+        );
+        r.register(
+            "ha_edge_relay_bytes_received",
+            "Bytes of object data received from agents (a resumed transfer counts only what it sends again)",
+            m.bytes_received.clone(),
         );
         r.register(
             "ha_edge_relay_objects_landed",
