@@ -14,6 +14,10 @@ fi
 if ! command -v promtool >/dev/null || ! command -v tmux >/dev/null; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus tmux
 fi
+# The web identity tests ask a local STS (moto's server, PyPI; boto3 comes with it).
+if ! python3 -c "import moto.server, boto3" 2>/dev/null; then
+  pip install -q "moto[server]==5.*"
+fi
 export HA_EDGE_S3S_FS="${HA_EDGE_S3S_FS:-${S3S_FS_ROOT:-/opt/s3s-fs}/bin/s3s-fs}"
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT

@@ -8,7 +8,10 @@
 //!    directory `/etc/ha-edge/credentials` under the ID `ha-edge`, which systemd names
 //!    `ha-edge_aws_access_key_id` and so on; both spellings are accepted;
 //! 3. the AWS shared credentials file (`$AWS_SHARED_CREDENTIALS_FILE` or `~/.aws/credentials`),
-//!    profile `$AWS_PROFILE` or `default`.
+//!    profile `$AWS_PROFILE` or `default`, if it exists;
+//! 4. temporary keys, fetched and renewed before they expire (`refresh.rs`): web identity
+//!    (`AWS_WEB_IDENTITY_TOKEN_FILE` + `AWS_ROLE_ARN`, IAM roles for service accounts), then a
+//!    container credentials endpoint (`AWS_CONTAINER_CREDENTIALS_FULL_URI`, EKS Pod Identity).
 //!
 //! Must not break: no key or token ever reaches a log line or an error message (only the access
 //! key ID and where it came from).
@@ -16,9 +19,13 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+use std::sync::Arc;
+
+use super::refresh::{self, Refreshing};
 use crate::config::S3Destination;
 
 /// A key pair (and session token), with where it came from; its Debug never shows the secret.
+/// Temporary keys (`refresh` set) are fetched when first used and renewed before they expire.
 #[derive(Clone)]
 pub struct Credentials {
     access_key_id: String,
@@ -26,6 +33,7 @@ pub struct Credentials {
     session_token: Option<String>,
     /// Where they came from, for logs ("environment", "systemd credentials", "profile x in F").
     pub origin: String,
+    refresh: Option<Arc<Refreshing>>,
 }
 
 impl fmt::Debug for Credentials {
@@ -51,6 +59,27 @@ impl Credentials {
             secret_access_key: sk.to_string(),
             session_token: token.map(str::to_string),
             origin: "given".into(),
+            refresh: None,
+        }
+    }
+
+    /// Temporary keys from `fetch`, fetched at first use.
+    pub fn refreshing(fetch: refresh::Fetch) -> Result<Credentials, CredentialsError> {
+        let r = Refreshing::new(fetch)?;
+        Ok(Credentials {
+            access_key_id: "(temporary, fetched at first use)".into(),
+            secret_access_key: String::new(),
+            session_token: None,
+            origin: r.origin(),
+            refresh: Some(Arc::new(r)),
+        })
+    }
+
+    /// The keys to sign with now (temporary ones fetched or renewed as needed).
+    pub async fn current(&self) -> Result<Credentials, CredentialsError> {
+        match &self.refresh {
+            None => Ok(self.clone()),
+            Some(r) => r.current().await,
         }
     }
 
@@ -85,7 +114,9 @@ pub enum CredentialsError {
     Empty(PathBuf),
     #[error("profile {profile:?} not found in {file} (or it lacks aws_access_key_id / aws_secret_access_key)")]
     NoProfile { profile: String, file: PathBuf },
-    #[error("no S3 credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, provide aws_access_key_id and aws_secret_access_key via systemd LoadCredential=, or use an AWS shared credentials file")]
+    #[error("cannot get temporary credentials from {origin}: {detail}")]
+    Fetch { origin: String, detail: String },
+    #[error("no S3 credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, provide aws_access_key_id and aws_secret_access_key via systemd LoadCredential=, use an AWS shared credentials file, or web identity (AWS_WEB_IDENTITY_TOKEN_FILE and AWS_ROLE_ARN)")]
     NotFound,
     #[error("no keys for the source bucket: set ONPREM_S3_ACCESS_KEY and ONPREM_S3_SECRET_KEY, provide onprem_s3_access_key and onprem_s3_secret_key via systemd LoadCredential=, or name a profile / credentials_file in the source")]
     SourceNotFound,
@@ -225,6 +256,9 @@ fn resolve_chain(
                 let profile = non_empty("AWS_PROFILE").unwrap_or_else(|| "default".into());
                 return from_shared_file(&file, &profile);
             }
+        }
+        if let Some(fetch) = refresh::from_env(env, &dest.region)? {
+            return Credentials::refreshing(fetch);
         }
     }
     Err((chain.not_found)())

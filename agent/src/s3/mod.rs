@@ -24,6 +24,8 @@
 pub mod credentials;
 /// The one multipart uploader, shared by the agent's sink and the relay's landing.
 pub mod multipart;
+/// Temporary credentials (web identity, container endpoint), renewed before they expire.
+pub mod refresh;
 /// SigV4.
 mod sign;
 /// The one check of a stored object against what was sent.
@@ -1073,8 +1075,13 @@ impl S3Client {
         };
         let mut to_sign: Vec<(&str, &str)> = vec![("host", host.as_str())];
         to_sign.extend(req.headers.iter().map(|(k, v)| (*k, v.as_str())));
+        let creds = self
+            .creds
+            .current()
+            .await
+            .map_err(|e| transport(e.to_string(), true))?;
         let signed = sign::signing_headers(
-            &self.creds,
+            &creds,
             &self.dest.region,
             req.method.as_str(),
             req.url.as_str(),
