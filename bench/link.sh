@@ -213,6 +213,8 @@ print(f'| $rtt ms | $loss % | $tool | {b:.1f} | {m:.1f} | {m/$rate_mbit:.0%} | {
     done
   done
 done
+echo
+echo "Relay peak RSS over the run: $(awk '/VmHWM/ {printf "%.1f MiB", $2 / 1024}' "/proc/$relay/status")."
 if [[ ",$tools," == *,ha-edge-quic,* && ",$tools," == *,ha-edge,* ]]; then
   echo
   echo "| RTT | loss | QUIC / direct, large file throughput | QUIC / direct, files/s | relay CPU s per GB (large) |"

@@ -664,3 +664,27 @@ fn record_checks_templates_and_studies_report_every_problem() {
     );
     assert_eq!(s.complete_when.study_of(Path::new("loose.dcm")), None);
 }
+
+/// The Kubernetes manifests' config files (deploy/k8s) are valid as shipped (only the mounted
+/// files' paths are replaced).
+#[test]
+fn kubernetes_config_files_are_valid() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = |name: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, "x").unwrap();
+        p.display().to_string()
+    };
+    let relay = include_str!("../../../deploy/k8s/relay/relay.toml")
+        .replace("/etc/ha-edge/tls/tls.crt", &file("tls.crt"))
+        .replace("/etc/ha-edge/tls/tls.key", &file("tls.key"))
+        .replace("/etc/ha-edge/agents-ca/ca.crt", &file("agents-ca.crt"));
+    let r = RelayConfig::parse(Path::new("relay.toml"), &relay).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(r.agents.len(), 2);
+    assert!(r.metrics.is_some(), "the probes need the health port");
+    let agent = include_str!("../../../deploy/k8s/agent/ha-edge.toml")
+        .replace("/etc/ha-edge/relay-ca/ca.crt", &file("relay-ca.crt"));
+    let c = Config::parse(Path::new("ha-edge.toml"), &agent).unwrap_or_else(|e| panic!("{e}"));
+    assert!(matches!(c.destination, Destination::Relay(_)));
+    assert!(c.agent.metrics.is_some(), "the probes need the metrics port");
+}
