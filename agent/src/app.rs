@@ -225,7 +225,7 @@ pub async fn run(
             )))
         }
         (Destination::Relay(r), _) => {
-            tracing::info!(relay = %r.relay, server_name = %r.server_name, prefix = %r.prefix, "destination: QUIC relay");
+            tracing::info!(relay = %r.relays.join(", "), server_name = %r.server_name, prefix = %r.prefix, "destination: QUIC relay");
             let client = RelayClient::new(
                 r,
                 &a.name,

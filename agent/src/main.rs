@@ -325,7 +325,9 @@ fn validate(file: &Path, offline: bool) -> ExitCode {
     }
     let to = match &config.destination {
         config::Destination::S3(d) => format!("s3://{}/{} at {}", d.bucket, d.prefix, d.endpoint),
-        config::Destination::Relay(r) => format!("relay {} (prefix {:?})", r.relay, r.prefix),
+        config::Destination::Relay(r) => {
+            format!("relay {} (prefix {:?})", r.relays.join(", "), r.prefix)
+        }
     };
     out(&format!(
         "{}: ok ({} source{} -> {to}){}\n",
@@ -423,7 +425,7 @@ async fn check_online(config: &Config) -> Vec<String> {
             match relay::client::RelayClient::new(r, "validate", timeout) {
                 Ok(client) => {
                     if let Err(e) = client.connection().await {
-                        problems.push(format!("destination: relay {}: {e}", r.relay));
+                        problems.push(format!("destination: relay {}: {e}", r.relays.join(", ")));
                     }
                 }
                 Err(e) => problems.push(format!("destination: {e}")),

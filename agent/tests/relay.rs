@@ -231,8 +231,28 @@ impl World {
         prefix: &str,
         agent_extra: &str,
     ) {
+        self.agent_config_to(
+            &format!("\"127.0.0.1:{port}\""),
+            cert,
+            key,
+            ca,
+            prefix,
+            agent_extra,
+        );
+    }
+
+    /// The agent's config with `relay = <relay>` as written (a string or a list).
+    fn agent_config_to(
+        &self,
+        relay: &str,
+        cert: &Path,
+        key: &Path,
+        ca: &Path,
+        prefix: &str,
+        agent_extra: &str,
+    ) {
         let dest = format!(
-            "[destination]\ntype = \"quic\"\nrelay = \"127.0.0.1:{port}\"\nserver_name = \"{RELAY_NAME}\"\n\
+            "[destination]\ntype = \"quic\"\nrelay = {relay}\nserver_name = \"{RELAY_NAME}\"\n\
              ca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\nprefix = \"{prefix}\"\n",
             ca.display(),
             cert.display(),
@@ -1039,4 +1059,51 @@ fn f13_validate_asks_the_relay() {
         "{}",
         stderr_of(&out)
     );
+}
+
+#[test]
+fn the_agent_fails_over_to_the_next_relay_and_completes_there() {
+    let s3 = S3Server::start();
+    s3.create_bucket("cloud");
+    let w = world(Some(&s3_store(&s3)));
+    let mut first = w.relay();
+    // A second relay in front of the same bucket, in its own directory (its own state).
+    let dir_b = w.setup.dir.path().join("relay-b");
+    std::fs::create_dir_all(&dir_b).unwrap();
+    let port_b = free_udp_port();
+    Relay::config(&dir_b, port_b, &w.ca, &s3_store(&s3), DKFZ_AGENT);
+    let second = Relay::start(&dir_b);
+    let (c, k) = w.ca.issue("agent", DKFZ, false);
+    w.agent_config_to(
+        &format!("[\"127.0.0.1:{}\", \"127.0.0.1:{port_b}\"]", w.relay_port),
+        &c,
+        &k,
+        &w.ca.pem(),
+        "fhir/dkfz/",
+        "request_timeout = \"3s\"",
+    );
+    let big = data(31, 48 * MIB);
+    let mut daemon = w.send_until_held(&first, "big.dcm", &big, 8 * MIB as u64);
+    // The relay serving the transfer dies (kill -9): no goodbye on the connection.
+    let _ = first.child.kill();
+    let _ = first.child.wait();
+    let key = "fhir/dkfz/big.dcm";
+    assert!(
+        wait_until(Duration::from_secs(90), || s3
+            .object("cloud", key)
+            .is_some()),
+        "{}\n{}",
+        w.setup.daemon_log(),
+        second.log()
+    );
+    sigterm(&daemon);
+    assert!(wait_within(&mut daemon, Duration::from_secs(20)).success());
+    assert_eq!(sha256(&s3.object("cloud", key).unwrap()), sha256(&big));
+    assert!(second.log().contains("stored and verified"));
+    let log = w.setup.daemon_log();
+    assert!(
+        log.contains("connected to another relay (fail-over)"),
+        "{log}"
+    );
+    assert_eq!(s3.open_uploads(), 0, "no upload left open");
 }

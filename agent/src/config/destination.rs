@@ -40,8 +40,8 @@ pub(super) struct RawDestination {
     /// that signed the relay's certificate (the only one trusted).
     pub(super) ca_file: Option<Spanned<String>>,
     // type = "quic": a relay inside the cloud VPC that lands objects with its own credentials.
-    /// `type = "quic"`: host:port of the relay.
-    pub(super) relay: Option<Spanned<String>>,
+    /// `type = "quic"`: host:port of the relay, or a list of them (fail-over in order).
+    pub(super) relay: Option<Spanned<toml::Value>>,
     /// The name the relay's certificate must carry.
     pub(super) server_name: Option<Spanned<String>>,
     /// This agent's certificate (PEM).
@@ -85,8 +85,9 @@ impl Destination {
 /// `[destination] type = "quic"`.
 #[derive(Debug, Clone)]
 pub struct RelayDestination {
-    /// host:port of the relay.
-    pub relay: String,
+    /// host:port of each relay, in the order they are tried (a name may resolve to several
+    /// addresses: each is tried).
+    pub relays: Vec<String>,
     /// The name the relay's certificate must carry.
     pub server_name: String,
     /// The CA that signed the relay's certificate.
@@ -429,24 +430,55 @@ impl Validator<'_> {
         span: Range<usize>,
     ) -> Option<RelayDestination> {
         let relay = match d.relay {
-            Some(r) => match r.get_ref().rsplit_once(':') {
-                Some((host, port))
-                    if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) =>
-                {
-                    Some((
-                        r.get_ref().clone(),
-                        host.trim_matches(['[', ']']).to_string(),
-                    ))
+            Some(r) => {
+                let span = r.span();
+                let entries: Option<Vec<String>> = match r.into_inner() {
+                    toml::Value::String(one) => Some(vec![one]),
+                    toml::Value::Array(list) if !list.is_empty() => list
+                        .into_iter()
+                        .map(|v| match v {
+                            toml::Value::String(s) => Some(s),
+                            _ => None,
+                        })
+                        .collect(),
+                    _ => None,
+                };
+                match entries {
+                    None => {
+                        self.problem(
+                            span,
+                            "destination.relay",
+                            "must be \"host:port\" or a list of them (e.g. [\"relay-a:4433\", \"relay-b:4433\"])",
+                        );
+                        None
+                    }
+                    Some(entries) => {
+                        let bad: Vec<&String> = entries
+                            .iter()
+                            .filter(|e| match e.rsplit_once(':') {
+                                Some((host, port)) => {
+                                    host.is_empty() || !port.parse::<u16>().is_ok_and(|p| p > 0)
+                                }
+                                None => true,
+                            })
+                            .collect();
+                        if bad.is_empty() {
+                            let host = entries[0]
+                                .rsplit_once(':')
+                                .map(|(h, _)| h.trim_matches(['[', ']']).to_string())
+                                .unwrap_or_default();
+                            Some((entries, host))
+                        } else {
+                            self.problem(
+                                span,
+                                "destination.relay",
+                                format!("must be host:port, got {:?}", bad[0]),
+                            );
+                            None
+                        }
+                    }
                 }
-                _ => {
-                    self.problem(
-                        r.span(),
-                        "destination.relay",
-                        format!("must be host:port, got {:?}", r.get_ref()),
-                    );
-                    None
-                }
-            },
+            }
             None => {
                 self.problem(
                     span.clone(),
@@ -491,7 +523,7 @@ impl Validator<'_> {
         let congestion = self.congestion(d.congestion, "destination.congestion");
         Some(RelayDestination {
             congestion,
-            relay: relay?.0,
+            relays: relay?.0,
             server_name: server_name?,
             ca_file: ca_file?,
             cert_file,

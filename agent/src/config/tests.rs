@@ -239,6 +239,31 @@ fn quic_destination_needs_its_ca_and_refuses_s3_keys() {
     assert_eq!(r.server_name, "relay.example.org");
     assert_eq!(c.destination.prefix(), "fhir/dkfz/");
     assert_eq!(r.congestion, crate::config::Congestion::Bbr, "the default");
+    assert_eq!(r.relays, ["relay.example.org:4433"]);
+    // Several relays: tried in order; the server name defaults to the first one's host.
+    let two = format!(
+        "{}{}",
+        &base[..at],
+        quic.replace(
+            "\"relay.example.org:4433\"",
+            "[\"relay-a.example.org:4433\", \"10.0.0.7:4433\"]"
+        )
+    );
+    let c = Config::parse(Path::new("t.toml"), &two).unwrap();
+    let Destination::Relay(r) = &c.destination else {
+        panic!("a relay destination")
+    };
+    assert_eq!(r.relays, ["relay-a.example.org:4433", "10.0.0.7:4433"]);
+    assert_eq!(r.server_name, "relay-a.example.org");
+    for bad in ["[]", "[\"a:1\", \"no-port\"]", "[1, 2]"] {
+        let text = format!(
+            "{}{}",
+            &base[..at],
+            quic.replace("\"relay.example.org:4433\"", bad)
+        );
+        let keys: Vec<String> = problems(&text).into_iter().map(|p| p.key).collect();
+        assert_eq!(keys, ["destination.relay"], "{bad}");
+    }
     let cubic = format!("{}{quic}congestion = \"cubic\"\n", &base[..at]);
     let c = Config::parse(Path::new("t.toml"), &cubic).unwrap();
     assert!(
@@ -247,7 +272,11 @@ fn quic_destination_needs_its_ca_and_refuses_s3_keys() {
     let reno = format!("{}{quic}congestion = \"reno\"\n", &base[..at]);
     let p = problems(&reno);
     assert_eq!(p[0].key, "destination.congestion");
-    assert!(p[0].message.contains("\"bbr\" or \"cubic\""), "{}", p[0].message);
+    assert!(
+        p[0].message.contains("\"bbr\" or \"cubic\""),
+        "{}",
+        p[0].message
+    );
     // On an S3 destination the key means nothing: named as misplaced.
     let s3 = base.replace("[destination]\n", "[destination]\ncongestion = \"bbr\"\n");
     let keys: Vec<String> = problems(&s3).into_iter().map(|p| p.key).collect();
@@ -686,5 +715,8 @@ fn kubernetes_config_files_are_valid() {
         .replace("/etc/ha-edge/relay-ca/ca.crt", &file("relay-ca.crt"));
     let c = Config::parse(Path::new("ha-edge.toml"), &agent).unwrap_or_else(|e| panic!("{e}"));
     assert!(matches!(c.destination, Destination::Relay(_)));
-    assert!(c.agent.metrics.is_some(), "the probes need the metrics port");
+    assert!(
+        c.agent.metrics.is_some(),
+        "the probes need the metrics port"
+    );
 }

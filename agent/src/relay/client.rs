@@ -4,6 +4,10 @@
 //! # Design
 //! - `connection()` returns the live connection or opens one (under a lock, so concurrent objects
 //!   share one handshake); a lost connection is noticed by the next stream and opened again.
+//! - Fail-over: `destination.relay` may list several relays, and a name may resolve to several
+//!   addresses. They are tried in order from the one last used; a connection that failed moves
+//!   the agent on to the next one, where its transfers resume (a relay keeping partial state in
+//!   S3 answers the offset any replica holds).
 //! - Errors are classified for the scheduler: no answer is `Unreachable` (an outage, probed
 //!   gently), a refusal of this agent is `Refused` (a destination refusal, reported once), bad
 //!   certificates or keys are `Setup`.
@@ -52,7 +56,11 @@ impl From<TlsError> for LinkError {
 /// The agent's connection to one relay, shared by every object task.
 pub struct RelayClient {
     endpoint: quinn::Endpoint,
+    /// The relays as configured, for messages ("a:4433, b:4433").
     relay: String,
+    relays: Vec<String>,
+    /// Where the next connection attempt starts, in the list of resolved addresses.
+    next: std::sync::atomic::AtomicUsize,
     server_name: String,
     agent: String,
     idle: Duration,
@@ -93,7 +101,9 @@ impl RelayClient {
         endpoint.set_default_client_config(cfg);
         Ok(Arc::new(RelayClient {
             endpoint,
-            relay: dest.relay.clone(),
+            relay: dest.relays.join(", "),
+            relays: dest.relays.clone(),
+            next: std::sync::atomic::AtomicUsize::new(0),
             server_name: dest.server_name.clone(),
             agent: agent.to_string(),
             idle,
@@ -159,8 +169,10 @@ impl RelayClient {
         }
     }
 
-    /// The open connection, or a new one (connect, TLS, handshake).
+    /// The open connection, or a new one (connect, TLS, handshake) to the first relay address
+    /// that answers, from the one last used on.
     pub async fn connection(&self) -> Result<quinn::Connection, LinkError> {
+        use std::sync::atomic::Ordering;
         let mut guard = self.conn.lock().await;
         if let Some(c) = guard.as_ref() {
             if c.close_reason().is_none() {
@@ -168,22 +180,61 @@ impl RelayClient {
             }
         }
         *guard = None;
-        let addr = tokio::net::lookup_host(&self.relay)
-            .await
-            .map_err(|e| self.unreachable(format!("cannot resolve: {e}")))?
-            .next()
-            .ok_or_else(|| self.unreachable("the name resolves to no address"))?;
+        let mut candidates = Vec::new();
+        let mut unresolved = Vec::new();
+        for relay in &self.relays {
+            match tokio::net::lookup_host(relay).await {
+                Ok(addrs) => candidates.extend(addrs.map(|a| (relay.as_str(), a))),
+                Err(e) => unresolved.push(format!("{relay}: cannot resolve: {e}")),
+            }
+        }
+        if candidates.is_empty() {
+            return Err(self.unreachable(if unresolved.is_empty() {
+                "the names resolve to no address".to_string()
+            } else {
+                unresolved.join("; ")
+            }));
+        }
+        let start = self.next.load(Ordering::Relaxed) % candidates.len();
+        let mut last = None;
+        for i in 0..candidates.len() {
+            let at = (start + i) % candidates.len();
+            let (relay, addr) = candidates[at];
+            match self.connect(addr).await {
+                Ok(conn) => {
+                    self.next.store(at, Ordering::Relaxed);
+                    if i > 0 || start > 0 {
+                        tracing::warn!(relay, remote = %addr, "connected to another relay (fail-over)");
+                    } else {
+                        tracing::info!(relay, remote = %addr, "connected to the relay");
+                    }
+                    *guard = Some(conn.clone());
+                    return Ok(conn);
+                }
+                // Another relay may take this agent; a refusal of the agent itself is final.
+                Err(e @ LinkError::Unreachable { .. }) => {
+                    if candidates.len() > 1 {
+                        tracing::warn!(relay, remote = %addr, error = %e, "relay unreachable; trying the next");
+                    }
+                    last = Some(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| self.unreachable("no relay answered")))
+    }
+
+    /// One connection attempt to `addr`: QUIC, TLS, then the protocol's handshake.
+    async fn connect(&self, addr: std::net::SocketAddr) -> Result<quinn::Connection, LinkError> {
         let connecting = self
             .endpoint
             .connect(addr, &self.server_name)
             .map_err(|e| LinkError::Setup(e.to_string()))?;
         let conn = tokio::time::timeout(self.idle, connecting)
             .await
-            .map_err(|_| self.unreachable(format!("no answer within {:?}", self.idle)))?
+            .map_err(|_| self.unreachable(format!("{addr}: no answer within {:?}", self.idle)))?
             .map_err(|e| self.connection_error(&e))?;
         self.handshake(&conn).await?;
-        tracing::info!(relay = %self.relay, remote = %conn.remote_address(), "connected to the relay");
-        *guard = Some(conn.clone());
         Ok(conn)
     }
 
@@ -244,6 +295,8 @@ impl RelayClient {
         {
             log_stats(conn);
             *guard = None;
+            // The next attempt starts with the next relay address.
+            self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
     }
 
