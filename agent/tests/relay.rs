@@ -523,15 +523,85 @@ fn corrupted_bytes_at_the_relay_are_detected_and_the_object_sent_again() {
     corrupt_mid_transfer(&w, &relay, &|| std::fs::read(&path).ok());
 }
 
+/// Landing in S3, the relay streams each part into the multipart upload as it arrives and
+/// keeps only the part being assembled on its disk: a byte flipped there is caught by S3
+/// itself (the part's SHA-256 was computed as the bytes arrived), that part is not recorded,
+/// and the agent resends from the last part S3 holds; the rest is not sent again.
 #[test]
-fn corrupted_bytes_never_reach_s3_the_landing_upload_is_aborted() {
+fn corrupted_bytes_never_reach_s3_the_part_is_sent_again() {
     let s3 = S3Server::start();
     s3.create_bucket("cloud");
     let w = world(Some(&s3_store(&s3)));
     let relay = w.relay();
-    corrupt_mid_transfer(&w, &relay, &|| s3.object("cloud", "fhir/dkfz/scan.dcm"));
-    assert_eq!(s3.open_uploads(), 0, "the corrupted landing was aborted");
-    assert_eq!(s3.keys("cloud"), ["fhir/dkfz/scan.dcm"]);
+    let link = UdpProxy::start(w.relay_port);
+    w.agent_config(link.port, "agent", "fhir/dkfz/", "request_timeout = \"3s\"");
+    let big = data(23, 24 * MIB);
+    // Part 1 (5 MiB) is in S3, part 2 is being assembled on the relay's disk.
+    let mut daemon = w.send_until_held(&relay, "scan.dcm", &big, 2 * MIB as u64);
+    assert!(
+        wait_until(Duration::from_secs(60), || state_parts(&s3) == Some(1)
+            && relay.partial_bytes() >= MIB as u64),
+        "{:?}\n{}",
+        s3.keys("cloud"),
+        relay.log()
+    );
+    let part = relay.partial_files().pop().unwrap();
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .read(true)
+            .open(&part)
+            .unwrap();
+        let mut b = [0u8; 1];
+        f.read_exact_at(&mut b, 1000).unwrap();
+        f.write_all_at(&[b[0] ^ 0xff], 1000).unwrap();
+    }
+    let key = "fhir/dkfz/scan.dcm";
+    assert!(
+        wait_until(Duration::from_secs(120), || s3
+            .object("cloud", key)
+            .is_some()),
+        "{}\n{}",
+        w.setup.daemon_log(),
+        relay.log()
+    );
+    sigterm(&daemon);
+    assert!(wait_within(&mut daemon, Duration::from_secs(20)).success());
+    assert_eq!(sha256(&s3.object("cloud", key).unwrap()), sha256(&big));
+    assert!(relay.log().contains("S3 refused part"), "{}", relay.log());
+    assert!(
+        w.setup
+            .daemon_log()
+            .contains("the relay holds the first bytes already"),
+        "{}",
+        w.setup.daemon_log()
+    );
+    assert_eq!(s3.open_uploads(), 0);
+    // The state object is gone with the transfer: the bucket holds the object only.
+    assert_eq!(s3.keys("cloud"), [key]);
+    // Part 1 was not sent again: the agent resumed after it, at 5 MiB.
+    let log = w.setup.daemon_log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("the relay holds the first bytes already")
+                && l.contains("offset=5242880")),
+        "{log}"
+    );
+    assert!(link.bytes_up.load(Ordering::Relaxed) < 2 * big.len() as u64);
+}
+
+/// The parts recorded in the relay's one transfer state object in bucket "cloud", if there is
+/// one.
+fn state_parts(s3: &S3Server) -> Option<usize> {
+    let keys: Vec<String> = s3
+        .keys("cloud")
+        .into_iter()
+        .filter(|k| k.starts_with(".ha-edge-relay/transfers/"))
+        .collect();
+    let [one] = keys.as_slice() else { return None };
+    let state: serde_json::Value = serde_json::from_slice(&s3.object("cloud", one)?).ok()?;
+    Some(state["parts"].as_array()?.len())
 }
 
 #[test]
@@ -1061,17 +1131,27 @@ fn f13_validate_asks_the_relay() {
     );
 }
 
+/// Two relays in front of one S3 bucket; the one serving a 200 MiB transfer is killed (-9)
+/// mid-way. The agent moves to the other, which finds the transfer's state in S3 and answers
+/// the offset S3 holds: what the first relay had on its disk (less than one part) is all that
+/// is sent again. The object is byte-identical and no upload is left open.
 #[test]
-fn the_agent_fails_over_to_the_next_relay_and_completes_there() {
+fn the_agent_fails_over_to_the_next_relay_and_resumes_from_what_s3_holds() {
     let s3 = S3Server::start();
     s3.create_bucket("cloud");
     let w = world(Some(&s3_store(&s3)));
-    let mut first = w.relay();
-    // A second relay in front of the same bucket, in its own directory (its own state).
+    let first = w.relay();
+    // A second relay in front of the same bucket, in its own directory (its own disk).
     let dir_b = w.setup.dir.path().join("relay-b");
     std::fs::create_dir_all(&dir_b).unwrap();
     let port_b = free_udp_port();
-    Relay::config(&dir_b, port_b, &w.ca, &s3_store(&s3), DKFZ_AGENT);
+    let cfg_b = Relay::config(&dir_b, port_b, &w.ca, &s3_store(&s3), DKFZ_AGENT);
+    let metrics_b = free_port();
+    let text = std::fs::read_to_string(&cfg_b).unwrap().replace(
+        "partial_ttl = \"1h\"\n",
+        &format!("partial_ttl = \"1h\"\nmetrics = \"127.0.0.1:{metrics_b}\"\n"),
+    );
+    std::fs::write(&cfg_b, text).unwrap();
     let second = Relay::start(&dir_b);
     let (c, k) = w.ca.issue("agent", DKFZ, false);
     w.agent_config_to(
@@ -1082,14 +1162,31 @@ fn the_agent_fails_over_to_the_next_relay_and_completes_there() {
         "fhir/dkfz/",
         "request_timeout = \"3s\"",
     );
-    let big = data(31, 48 * MIB);
-    let mut daemon = w.send_until_held(&first, "big.dcm", &big, 8 * MIB as u64);
-    // The relay serving the transfer dies (kill -9): no goodbye on the connection.
+    let part = 5 * MIB as u64;
+    let big = data(31, 200 * MIB);
+    write_settled(&w.setup.src().join("big.dcm"), &big);
+    let mut daemon = w.setup.spawn_daemon(bin());
+    assert!(
+        wait_until(Duration::from_secs(120), || state_parts(&s3)
+            .is_some_and(|n| n >= 16)),
+        "{}\n{}",
+        w.setup.daemon_log(),
+        first.log()
+    );
+    // Freeze the first relay, note what it holds, then kill it: no goodbye on the connection.
+    send_signal(&first.child, "STOP");
+    let recorded = state_parts(&s3).unwrap() as u64;
+    let on_disk = first.partial_bytes();
+    assert!(
+        on_disk < part,
+        "the disk holds at most the part being assembled"
+    );
+    let mut first = first;
     let _ = first.child.kill();
     let _ = first.child.wait();
     let key = "fhir/dkfz/big.dcm";
     assert!(
-        wait_until(Duration::from_secs(90), || s3
+        wait_until(Duration::from_secs(120), || s3
             .object("cloud", key)
             .is_some()),
         "{}\n{}",
@@ -1105,5 +1202,52 @@ fn the_agent_fails_over_to_the_next_relay_and_completes_there() {
         log.contains("connected to another relay (fail-over)"),
         "{log}"
     );
+    // The second relay took the rest from the offset S3 holds: every recorded part stayed.
+    let (_, m) = http_get(metrics_b, "/metrics", None).expect("relay /metrics");
+    let took = metric(&m, "ha_edge_relay_bytes_received_total").unwrap();
+    assert_eq!(
+        took,
+        (big.len() as u64 - recorded * part) as f64,
+        "resumed at the {recorded} parts S3 holds"
+    );
+    eprintln!(
+        "killed with {recorded} parts in S3 and {on_disk} bytes on its disk: re-sent {on_disk} bytes"
+    );
     assert_eq!(s3.open_uploads(), 0, "no upload left open");
+    assert_eq!(s3.keys("cloud"), [key], "no state object left");
+}
+
+/// A transfer kept in S3 whose agent never comes back is given up after `partial_ttl`: its
+/// upload aborted and its state object deleted (by whichever replica sweeps first).
+#[test]
+fn an_abandoned_transfer_in_s3_is_aborted_after_the_partial_ttl() {
+    let s3 = S3Server::start();
+    s3.create_bucket("cloud");
+    let w = world(Some(&s3_store(&s3)));
+    let cfg = w.setup.dir.path().join("relay.toml");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("partial_ttl = \"1h\"", "partial_ttl = \"3s\"");
+    std::fs::write(&cfg, text).unwrap();
+    let relay = w.relay();
+    w.agent_config(w.relay_port, "agent", "fhir/dkfz/", "");
+    write_settled(&w.setup.src().join("big.dcm"), &data(41, 40 * MIB));
+    let mut daemon = w.setup.spawn_daemon(bin());
+    assert!(
+        wait_until(Duration::from_secs(60), || state_parts(&s3)
+            .is_some_and(|n| n >= 1)),
+        "{}",
+        relay.log()
+    );
+    // The agent is gone for good.
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    assert!(
+        wait_until(Duration::from_secs(30), || state_parts(&s3).is_none()
+            && s3.open_uploads() == 0),
+        "{}",
+        relay.log()
+    );
+    assert!(relay.log().contains("aborted idle transfers kept in S3"));
+    assert!(s3.keys("cloud").is_empty(), "{:?}", s3.keys("cloud"));
 }

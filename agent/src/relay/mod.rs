@@ -6,6 +6,8 @@
 
 /// The agent's end.
 pub mod client;
+/// Partial transfers kept in S3, resumable by any replica.
+pub mod remote;
 /// `ha-edge relay`.
 pub mod server;
 /// Partial transfers and landing.

@@ -194,6 +194,24 @@ pub async fn serve(
     crate::systemd::ready();
     let sweep = (cfg.partial_ttl / 10).clamp(Duration::from_secs(1), Duration::from_secs(60));
     let mut expiry = tokio::time::interval(sweep);
+    // Transfers kept in S3 are swept apart from the accept loop (a listing takes round trips).
+    {
+        let (shared, ttl, mut stop) = (shared.clone(), cfg.partial_ttl, shutdown.clone());
+        let every = (ttl / 10).clamp(Duration::from_secs(1), Duration::from_secs(600));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tokio::select! {
+                    _ = stop.changed() => return,
+                    _ = tick.tick() => {}
+                }
+                let n = shared.store.expire_remote(ttl).await;
+                if n > 0 {
+                    tracing::info!(expired = n, ttl = %humantime::format_duration(ttl), "aborted idle transfers kept in S3");
+                }
+            }
+        });
+    }
     loop {
         tokio::select! {
             _ = shutdown.changed() => break,
@@ -565,7 +583,11 @@ async fn decide(
             return true;
         }
     }
-    match shared.store.open_partial(&agent.identity, key, size, sha) {
+    match shared
+        .store
+        .open_transfer(&agent.identity, key, size, sha)
+        .await
+    {
         Ok(mut p) => {
             if eager && p.len > 0 {
                 if let Err(e) = p.restart().await {

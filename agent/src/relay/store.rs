@@ -26,6 +26,7 @@ use std::time::{Duration, SystemTime};
 use crate::hash::Sha256;
 use bytes::Bytes;
 
+use super::remote::Remote;
 use crate::s3::multipart::{Budget, PartRow, PartSource, SendError, Upload};
 use crate::s3::verify::{self, VerifyError};
 use crate::s3::{PartChecksum, Precondition, S3Client, S3Error};
@@ -114,6 +115,9 @@ pub struct Partial {
     pub len: u64,
     /// Partial transfers held by a stream, with the size offered (reserved against limits).
     in_use: Arc<Mutex<HashMap<PathBuf, u64>>>,
+    /// For an S3 landing of a multipart object: the transfer streamed into a multipart upload,
+    /// its state in the bucket (then the file holds only the part being assembled).
+    remote: Option<Remote>,
 }
 
 impl Drop for Partial {
@@ -126,8 +130,14 @@ impl Drop for Partial {
 }
 
 impl Partial {
-    /// Drops what the partial holds (an eager offer sends from 0 whatever was kept).
+    /// Drops what the partial holds (an eager offer sends from 0 whatever was kept). Eager
+    /// offers are small objects, never streamed into S3.
     pub async fn restart(&mut self) -> Result<(), StoreError> {
+        if self.remote.is_some() {
+            return Err(StoreError::Io(std::io::Error::other(
+                "a transfer kept in S3 cannot restart from 0",
+            )));
+        }
         let file = self.file.clone();
         tokio::task::spawn_blocking(move || file.set_len(0))
             .await
@@ -138,8 +148,13 @@ impl Partial {
 
     /// Appends `bytes` (which the session checked to start at the current end).
     pub async fn append(&mut self, offset: u64, bytes: Vec<u8>) -> Result<(), StoreError> {
-        let file = self.file.clone();
         let end = offset + bytes.len() as u64;
+        if let Some(r) = self.remote.as_mut() {
+            r.append(&bytes).await?;
+            self.len = end;
+            return Ok(());
+        }
+        let file = self.file.clone();
         tokio::task::spawn_blocking(move || file.write_all_at(&bytes, offset))
             .await
             .map_err(|e| std::io::Error::other(e.to_string()))??;
@@ -245,12 +260,26 @@ impl Store {
 
     /// Opens (or creates) the partial transfer of (agent, key, SHA-256); its length is the
     /// offset the agent resumes from.
+    #[cfg(test)]
     pub fn open_partial(
         &self,
         agent: &str,
         key: &str,
         size: u64,
         sha: &[u8; 32],
+    ) -> Result<Partial, StoreError> {
+        self.open_local(agent, key, size, sha, size)
+    }
+
+    /// `open_partial`, with at most `on_disk` bytes of the object ever on this disk (all of
+    /// it, or one part when the rest goes to S3 as it arrives).
+    fn open_local(
+        &self,
+        agent: &str,
+        key: &str,
+        size: u64,
+        sha: &[u8; 32],
+        on_disk: u64,
     ) -> Result<Partial, StoreError> {
         // Named by the agent's identity first, so its share is counted by name.
         let tag = agent_tag(agent);
@@ -289,7 +318,7 @@ impl Store {
                 limit,
             });
         }
-        let needed = size - have;
+        let needed = on_disk.saturating_sub(have);
         if let Some(free) = free_bytes(&self.partial_dir) {
             if free < needed + DISK_RESERVE {
                 return Err(StoreError::Full { needed, free });
@@ -316,7 +345,39 @@ impl Store {
             file: Arc::new(file),
             len,
             in_use: self.in_use.clone(),
+            remote: None,
         })
+    }
+
+    /// Opens the transfer of (agent, key, SHA-256): for an S3 landing of an object larger than
+    /// one part, streamed into a multipart upload whose state is kept in the bucket (any relay
+    /// replica resumes it); otherwise a partial file on this relay's disk.
+    pub async fn open_transfer(
+        &self,
+        agent: &str,
+        key: &str,
+        size: u64,
+        sha: &[u8; 32],
+    ) -> Result<Partial, StoreError> {
+        let streamed = match &self.landing {
+            Landing::S3 { part_size, .. } if size > *part_size => Some(*part_size),
+            _ => None,
+        };
+        let mut p = self.open_local(agent, key, size, sha, streamed.unwrap_or(size))?;
+        if let Landing::S3 {
+            client,
+            prefix,
+            part_size,
+        } = &self.landing
+        {
+            if size > *part_size {
+                let r = Remote::open(client, prefix, agent, key, size, sha, *part_size, &p.path)
+                    .await?;
+                p.len = r.held();
+                p.remote = Some(r);
+            }
+        }
+        Ok(p)
     }
 
     /// Verifies a complete partial against the offer and lands it. On a mismatch the partial
@@ -331,6 +392,11 @@ impl Store {
         sha: &[u8; 32],
     ) -> Result<Landed, StoreError> {
         let path = partial.path.clone();
+        let mut partial = partial;
+        if let Some(r) = partial.remote.take() {
+            drop(partial);
+            return r.finish().await;
+        }
         let landed = self.land_verified(partial, key, size, sha).await;
         if let Err(e) = &landed {
             if e.is_permanent() {
@@ -434,6 +500,15 @@ impl Store {
         }
         drop(partial);
         Ok(Landed::Stored)
+    }
+
+    /// Gives up transfers kept in S3 whose state has not changed for `ttl` (their uploads
+    /// aborted). Returns how many.
+    pub async fn expire_remote(&self, ttl: Duration) -> usize {
+        match &self.landing {
+            Landing::S3 { client, prefix, .. } => super::remote::expire(client, prefix, ttl).await,
+            Landing::Dir(_) => 0,
+        }
     }
 
     /// Deletes partial transfers untouched for `ttl` (not those in use). Returns how many.

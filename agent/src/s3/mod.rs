@@ -210,6 +210,8 @@ pub struct ObjectMeta {
     pub tagging: Option<String>,
     /// `x-amz-storage-class`.
     pub storage_class: Option<String>,
+    /// `x-amz-meta-agent-identity`: the agent a relay landed the object for.
+    pub agent_identity: Option<String>,
 }
 
 impl ObjectMeta {
@@ -225,6 +227,9 @@ impl ObjectMeta {
         }
         if let Some(c) = &self.storage_class {
             headers.push(("x-amz-storage-class", c.clone()));
+        }
+        if let Some(a) = &self.agent_identity {
+            headers.push(("x-amz-meta-agent-identity", a.clone()));
         }
     }
 }
@@ -413,6 +418,7 @@ impl S3Client {
             content_type: Some(rules.content_type(key).to_string()),
             tagging: rules.tagging(source),
             storage_class: rules.storage_class.clone(),
+            agent_identity: None,
         }
     }
 

@@ -274,7 +274,15 @@ impl RelaySink {
                     let _permit = self.budget.reserve(len).await;
                     let (bytes, _) = pinned.read(off, len).await?;
                     up.send_data(off, bytes.to_vec())?;
-                    self.flush(conn, &mut up, &mut send).await?;
+                    match write_frames(&mut up, &mut send).await {
+                        Ok(()) => {}
+                        // The relay stopped reading: it has answered (a refusal); read it.
+                        Err(quinn::WriteError::Stopped(_)) => {
+                            let answer = self.answer(conn, &mut up, &mut recv, &mut buf).await?;
+                            return self.ended(row, answer);
+                        }
+                        Err(e) => return Err(self.client.write_error(conn, e).into()),
+                    }
                     off += len;
                     // Written to the stream (QUIC's flow control holds it to what the relay
                     // takes): the live display's progress for this object.

@@ -1,0 +1,482 @@
+//! Partial transfers kept in S3, so that any relay replica can resume them: a large object is
+//! streamed into a multipart upload as its bytes arrive, and what the relay holds of it is
+//! described by a small state object in the bucket, not by the relay's disk.
+//!
+//! # Design
+//! - **One state object per transfer**, under the relay-private prefix `.ha-edge-relay/transfers/`
+//!   (beneath the store's prefix), named by a hash of (agent identity, key, SHA-256): the
+//!   upload ID, the parts uploaded (number, ETag, SHA-256), and the SHA-256 midstate after
+//!   them. It is created once (`If-None-Match: *`; a replica that loses the race uses the
+//!   winner's upload) and rewritten after each part. We chose this over ListMultipartUploads
+//!   because s3s-fs (and some other stores) do not implement it, and because the midstate has to
+//!   be kept somewhere: parts of an open upload cannot be read back to hash them again.
+//! - **Resume:** an offer for the same (identity, key, SHA-256) reads the state, checks with
+//!   ListParts that the upload still holds those parts, and is answered `Accept{parts ×
+//!   part_size}`. A state whose upload is gone starts over.
+//! - **Receiving:** bytes go to one part file on the relay's disk (0600; the part being
+//!   assembled, at most `part_size`) and into the whole-object hash and the part's hash; a full
+//!   part is uploaded (at most `PART_UPLOADS` at once across the relay, so memory is bounded),
+//!   then the state is rewritten. A relay killed mid-transfer loses at most that part.
+//! - **Commit:** the last part is uploaded, the whole-object SHA-256 (midstate and the bytes
+//!   since) is checked against the offer *before* CompleteMultipartUpload; a mismatch aborts the
+//!   upload. The completed object is verified (size, composite checksum), then the state
+//!   object is deleted and `Stored` sent.
+//!
+//! Must not break: nothing is completed whose SHA-256 differs from the offer, and a part is
+//! recorded in the state only once S3 has acknowledged it.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use super::store::{Landed, StoreError};
+use crate::hash::{Sha256, Sha256Resumable};
+use crate::s3::multipart::PartRow;
+use crate::s3::verify::{self, VerifyError};
+use crate::s3::{PartChecksum, Precondition, S3Client};
+
+/// Part uploads in flight across the relay (each holds one part in memory).
+const PART_UPLOADS: usize = 8;
+
+/// The bounded number of part uploads at once.
+fn uploads() -> &'static tokio::sync::Semaphore {
+    static S: std::sync::OnceLock<tokio::sync::Semaphore> = std::sync::OnceLock::new();
+    S.get_or_init(|| tokio::sync::Semaphore::new(PART_UPLOADS))
+}
+
+/// The state object of one transfer, as stored (JSON).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+struct State {
+    v: u32,
+    identity: String,
+    key: String,
+    size: u64,
+    sha256: String,
+    part_size: u64,
+    upload_id: String,
+    parts: Vec<StatePart>,
+    /// SHA-256 midstate after the parts (8 words, hex), and the bytes it covers.
+    midstate: String,
+    hashed: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+struct StatePart {
+    n: u32,
+    etag: String,
+    sha256: String,
+}
+
+/// A transfer whose partial state is in S3.
+pub struct Remote {
+    client: Arc<S3Client>,
+    dest_key: String,
+    state_key: String,
+    state: State,
+    whole: Sha256Resumable,
+    part: Sha256,
+    part_file: Arc<File>,
+    part_path: PathBuf,
+    part_len: u64,
+}
+
+/// The state object's key for a transfer.
+fn state_key(prefix: &str, identity: &str, key: &str, sha: &[u8; 32]) -> String {
+    let mut h = Sha256::new();
+    for p in [identity.as_bytes(), key.as_bytes(), sha] {
+        h.update(p);
+        h.update([0]);
+    }
+    format!(
+        "{prefix}.ha-edge-relay/transfers/{}.json",
+        hex::encode(h.finalize())
+    )
+}
+
+fn midstate_hex(state: &[u32; 8]) -> String {
+    state.iter().map(|w| format!("{w:08x}")).collect()
+}
+
+fn midstate_parse(s: &str) -> Option<[u32; 8]> {
+    if s.len() != 64 {
+        return None;
+    }
+    let mut out = [0u32; 8];
+    for (i, w) in out.iter_mut().enumerate() {
+        *w = u32::from_str_radix(s.get(i * 8..i * 8 + 8)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+impl Remote {
+    /// The transfer of (`identity`, `key`, `sha`) into the bucket: resumed from its state
+    /// object if one is there and its upload still holds the parts, else a new upload. The part
+    /// being assembled goes to `part_path`.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn open(
+        client: &Arc<S3Client>,
+        prefix: &str,
+        identity: &str,
+        key: &str,
+        size: u64,
+        sha: &[u8; 32],
+        part_size: u64,
+        part_path: &Path,
+    ) -> Result<Remote, StoreError> {
+        let dest_key = format!("{prefix}{key}");
+        let state_key = state_key(prefix, identity, key, sha);
+        let want = |s: &State| {
+            s.v == 1
+                && s.identity == identity
+                && s.key == dest_key
+                && s.size == size
+                && s.sha256 == hex::encode(sha)
+                && s.part_size == part_size
+        };
+        let mut state = None;
+        if let Some(s) = read_state(client, &state_key).await? {
+            if want(&s) && holds(client, &s).await? {
+                state = Some(s);
+            } else {
+                // Another transfer's or a dead upload's: replaced below.
+                let _ = client.abort_multipart(&s.key, &s.upload_id).await;
+                client.delete_object(&state_key).await?;
+            }
+        }
+        let state = match state {
+            Some(s) => s,
+            None => {
+                let mut meta = client.meta_for(&dest_key, "");
+                meta.agent_identity = Some(identity.to_string());
+                let upload_id = client
+                    .create_multipart(&dest_key, PartChecksum::Sha256(sha), &meta)
+                    .await?;
+                let fresh = State {
+                    v: 1,
+                    identity: identity.to_string(),
+                    key: dest_key.clone(),
+                    size,
+                    sha256: hex::encode(sha),
+                    part_size,
+                    upload_id: upload_id.clone(),
+                    parts: Vec::new(),
+                    midstate: midstate_hex(&Sha256Resumable::new().midstate().expect("empty").0),
+                    hashed: 0,
+                };
+                match write_state(client, &state_key, &fresh, &Precondition::Create).await {
+                    Ok(()) => fresh,
+                    // Another replica created it first: take its upload.
+                    Err(e) if e.status() == Some(412) => {
+                        let _ = client.abort_multipart(&dest_key, &upload_id).await;
+                        read_state(client, &state_key)
+                            .await?
+                            .filter(want)
+                            .ok_or(StoreError::InUse)?
+                    }
+                    Err(e) => {
+                        let _ = client.abort_multipart(&dest_key, &upload_id).await;
+                        return Err(e.into());
+                    }
+                }
+            }
+        };
+        let words = midstate_parse(&state.midstate).ok_or_else(|| {
+            StoreError::Io(std::io::Error::other("unreadable transfer state object"))
+        })?;
+        let whole = Sha256Resumable::from_midstate(words, state.hashed);
+        let part_file = {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(part_path)?
+        };
+        Ok(Remote {
+            client: client.clone(),
+            dest_key,
+            state_key,
+            state,
+            whole,
+            part: Sha256::new(),
+            part_file: Arc::new(part_file),
+            part_path: part_path.to_path_buf(),
+            part_len: 0,
+        })
+    }
+
+    /// The bytes S3 holds of the object: where the agent goes on.
+    pub fn held(&self) -> u64 {
+        self.state.parts.len() as u64 * self.state.part_size
+    }
+
+    /// Takes the next bytes; a full part is uploaded and recorded before this returns.
+    pub async fn append(&mut self, mut bytes: &[u8]) -> Result<(), StoreError> {
+        while !bytes.is_empty() {
+            let room = usize::try_from(self.state.part_size - self.part_len).unwrap_or(usize::MAX);
+            let (now, rest) = bytes.split_at(room.min(bytes.len()));
+            self.whole.update(now);
+            self.part.update(now);
+            let (file, at, buf) = (self.part_file.clone(), self.part_len, now.to_vec());
+            tokio::task::spawn_blocking(move || file.write_all_at(&buf, at))
+                .await
+                .map_err(|e| std::io::Error::other(e.to_string()))??;
+            self.part_len += now.len() as u64;
+            bytes = rest;
+            if self.part_len == self.state.part_size {
+                self.upload_part().await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Uploads the part being assembled and records it in the state object.
+    async fn upload_part(&mut self) -> Result<(), StoreError> {
+        let _slot = uploads().acquire().await.expect("never closed");
+        let len = usize::try_from(self.part_len).map_err(std::io::Error::other)?;
+        let file = self.part_file.clone();
+        let body = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
+            let mut buf = vec![0u8; len];
+            file.read_exact_at(&mut buf, 0)?;
+            Ok(buf)
+        })
+        .await
+        .map_err(|e| std::io::Error::other(e.to_string()))??;
+        let sha = std::mem::take(&mut self.part).finalize();
+        let n = u32::try_from(self.state.parts.len() + 1).map_err(std::io::Error::other)?;
+        let etag = match self
+            .client
+            .upload_part(
+                &self.dest_key,
+                &self.state.upload_id,
+                n,
+                Bytes::from(body),
+                &sha,
+                None,
+            )
+            .await
+        {
+            Ok(etag) => etag,
+            // The upload is gone (aborted, expired by a lifecycle rule): so is the state, and
+            // the agent's next offer starts over.
+            Err(e) if e.code() == Some("NoSuchUpload") => {
+                let _ = self.client.delete_object(&self.state_key).await;
+                return Err(e.into());
+            }
+            // S3 computed another SHA-256 than the bytes had when they arrived: they changed on
+            // this disk. The part is not recorded; the agent's next offer resends it.
+            Err(e)
+                if matches!(
+                    e.code(),
+                    Some("BadDigest" | "InvalidDigest" | "XAmzContentSHA256Mismatch")
+                ) =>
+            {
+                self.part_len = 0;
+                return Err(StoreError::Verify {
+                    key: self.dest_key.clone(),
+                    detail: format!(
+                        "S3 refused part {n} ({e}): its bytes changed on the relay's disk after they arrived; the agent sends it again"
+                    ),
+                });
+            }
+            Err(e) => return Err(e.into()),
+        };
+        self.state.parts.push(StatePart {
+            n,
+            etag,
+            sha256: crate::s3::b64(&sha),
+        });
+        self.part_len = 0;
+        // The disk holds the part being assembled, nothing of those before.
+        self.part_file.set_len(0)?;
+        if let Some((words, hashed)) = self.whole.midstate() {
+            self.state.midstate = midstate_hex(&words);
+            self.state.hashed = hashed;
+        }
+        // The last part is not recorded: completion follows at once.
+        if self.held() < self.state.size {
+            write_state(
+                &self.client,
+                &self.state_key,
+                &self.state,
+                &Precondition::None,
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Every byte is in: the last part, the whole-object SHA-256 checked against the offer,
+    /// then completion and verification; a mismatch aborts the upload and lands nothing.
+    pub async fn finish(mut self) -> Result<Landed, StoreError> {
+        if self.part_len > 0 {
+            self.upload_part().await?;
+        }
+        let got_len = self.whole.len();
+        let got = self.whole.clone().finalize();
+        let size = self.state.size;
+        if got_len != size || hex::encode(got) != self.state.sha256 {
+            let detail = format!(
+                "received {got_len} bytes with SHA-256 {}, offered {size} bytes with {}",
+                hex::encode(got),
+                self.state.sha256
+            );
+            self.abandon().await;
+            return Ok(Landed::Mismatch(detail));
+        }
+        let manifest: Vec<(u32, String, String)> = self
+            .state
+            .parts
+            .iter()
+            .map(|p| (p.n, p.etag.clone(), p.sha256.clone()))
+            .collect();
+        let client = self.client.clone();
+        if let Err(e) = client
+            .complete_multipart(
+                &self.dest_key,
+                &self.state.upload_id,
+                &manifest,
+                &Precondition::None,
+                None,
+            )
+            .await
+        {
+            return Err(e.into());
+        }
+        let rows: Vec<PartRow> = self
+            .state
+            .parts
+            .iter()
+            .map(|p| PartRow {
+                number: p.n,
+                etag: p.etag.clone(),
+                size: self
+                    .state
+                    .part_size
+                    .min(size - u64::from(p.n - 1) * self.state.part_size),
+                sha256_b64: p.sha256.clone(),
+                crc64nvme_b64: None,
+            })
+            .collect();
+        let mut sha = [0u8; 32];
+        hex::decode_to_slice(&self.state.sha256, &mut sha).map_err(std::io::Error::other)?;
+        verify::verify(&client, &self.dest_key, size, &sha, Some(&rows))
+            .await
+            .map_err(|e| match e {
+                VerifyError::S3(e) => StoreError::S3(e),
+                VerifyError::Mismatch(m) => StoreError::Verify {
+                    key: self.dest_key.clone(),
+                    detail: m.to_string(),
+                },
+            })?;
+        client.delete_object(&self.state_key).await?;
+        let _ = std::fs::remove_file(&self.part_path);
+        Ok(Landed::Stored)
+    }
+
+    /// Gives the transfer up: the upload aborted, the state object and the part file deleted.
+    pub async fn abandon(self) {
+        let _ = self
+            .client
+            .abort_multipart(&self.dest_key, &self.state.upload_id)
+            .await;
+        let _ = self.client.delete_object(&self.state_key).await;
+        let _ = std::fs::remove_file(&self.part_path);
+    }
+}
+
+/// Gives up transfers whose state object has not changed for `ttl` (an agent that never came
+/// back): their uploads aborted, their state objects deleted. An active transfer rewrites its
+/// state after every part. Returns how many.
+pub async fn expire(client: &S3Client, prefix: &str, ttl: std::time::Duration) -> usize {
+    let dir = format!("{prefix}.ha-edge-relay/transfers/");
+    let now = std::time::SystemTime::now();
+    let mut token: Option<String> = None;
+    let mut n = 0;
+    loop {
+        let Ok(page) = client.list_objects(&dir, token.as_deref()).await else {
+            return n;
+        };
+        for o in &page.objects {
+            let old = o
+                .last_modified
+                .as_deref()
+                .and_then(|t| humantime::parse_rfc3339_weak(t.trim_end_matches('Z')).ok())
+                .is_some_and(|t| now.duration_since(t).is_ok_and(|age| age >= ttl));
+            if !old {
+                continue;
+            }
+            if let Ok(Some(s)) = read_state(client, &o.key).await {
+                if client.abort_multipart(&s.key, &s.upload_id).await.is_err() {
+                    continue;
+                }
+            }
+            if client.delete_object(&o.key).await.is_ok() {
+                n += 1;
+            }
+        }
+        match page.next_token {
+            Some(t) if Some(&t) != token.as_ref() => token = Some(t),
+            _ => return n,
+        }
+    }
+}
+
+/// The state object at `key`, if there is one.
+async fn read_state(client: &S3Client, key: &str) -> Result<Option<State>, StoreError> {
+    let mut stream = match client.get_stream(key, 0, None).await {
+        Ok(s) => s,
+        Err(e) if e.status() == Some(404) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let mut body = Vec::new();
+    while let Some(chunk) = stream.chunk().await? {
+        body.extend_from_slice(&chunk);
+        if body.len() > 1 << 20 {
+            return Err(StoreError::Io(std::io::Error::other(
+                "transfer state object over 1 MiB",
+            )));
+        }
+    }
+    Ok(serde_json::from_slice(&body).ok())
+}
+
+/// Writes the state object.
+async fn write_state(
+    client: &S3Client,
+    key: &str,
+    state: &State,
+    when: &Precondition,
+) -> Result<(), crate::s3::S3Error> {
+    let body = serde_json::to_vec(state).expect("serializable");
+    let sha = Sha256::digest(&body);
+    client
+        .put_object(
+            key,
+            Bytes::from(body),
+            &sha,
+            when,
+            &crate::s3::ObjectMeta::default(),
+        )
+        .await
+        .map(|_| ())
+}
+
+/// Whether the upload still holds exactly the parts the state records.
+async fn holds(client: &S3Client, s: &State) -> Result<bool, StoreError> {
+    match client.list_parts(&s.key, &s.upload_id).await {
+        Ok(parts) => Ok(s.parts.iter().all(|p| {
+            parts
+                .iter()
+                .any(|q| q.number == p.n && q.etag.trim_matches('"') == p.etag.trim_matches('"'))
+        }) && (!s.parts.is_empty() || parts.is_empty())),
+        Err(e) if e.code() == Some("NoSuchUpload") || e.status() == Some(404) => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
