@@ -1231,7 +1231,8 @@ fn an_abandoned_transfer_in_s3_is_aborted_after_the_partial_ttl() {
     std::fs::write(&cfg, text).unwrap();
     let relay = w.relay();
     w.agent_config(w.relay_port, "agent", "fhir/dkfz/", "");
-    write_settled(&w.setup.src().join("big.dcm"), &data(41, 40 * MIB));
+    // Large enough that it cannot finish between the first recorded part and the kill.
+    write_settled(&w.setup.src().join("big.dcm"), &data(41, 200 * MIB));
     let mut daemon = w.setup.spawn_daemon(bin());
     assert!(
         wait_until(Duration::from_secs(60), || state_parts(&s3)
@@ -1242,6 +1243,7 @@ fn an_abandoned_transfer_in_s3_is_aborted_after_the_partial_ttl() {
     // The agent is gone for good.
     let _ = daemon.kill();
     let _ = daemon.wait();
+    assert!(s3.object("cloud", "fhir/dkfz/big.dcm").is_none());
     assert!(
         wait_until(Duration::from_secs(30), || state_parts(&s3).is_none()
             && s3.open_uploads() == 0),
