@@ -344,7 +344,7 @@ class Tools:
                 f'[[source]]\nname = "bench"\ntype = "fs"\npath = "{src}"\nexclude = ["**/.*"]\n\n'
                 f'[destination]\ntype = "quic"\nrelay = "127.0.0.1:{self.relay_port}"\n'
                 f'server_name = "relay.bench"\nca_file = "{pki}/ca.pem"\n'
-                f'cert_file = "{pki}/agent.pem"\nkey_file = "{pki}/agent.key"\nprefix = "{bucket}/"\n'
+                f'cert_file = "{pki}/agent.pem"\nkey_file = "{pki}/agent.key"\nprefix = "bench/{bucket}/"\n'
             )
             return [self.ha_edge, "run", "-c", str(cfg), "--once"], env
         raise ValueError(tool)
@@ -373,7 +373,7 @@ class Tools:
         cfg.write_text(
             f'[relay]\nlisten = "127.0.0.1:{self.relay_port}"\ncert_file = "{pki}/relay.pem"\n'
             f'key_file = "{pki}/relay.key"\nclient_ca_file = "{pki}/ca.pem"\nstate_dir = "{state}"\n'
-            f'log_level = "warn"\n\n[[agent]]\nidentity = "agent.bench"\nprefix = ""\n\n'
+            f'log_level = "warn"\n\n[[agent]]\nidentity = "agent.bench"\nprefix = "bench/"\n\n'
             f'[store]\ntype = "s3"\nendpoint = "{self.endpoint}"\nregion = "us-east-1"\n'
             f'bucket = "quic"\npath_style = true\npart_size = "{PART_MIB}MiB"\n'
         )
@@ -483,8 +483,8 @@ def main():
                     run_dir = work / "runs" / bucket
                     shutil.rmtree(run_dir, ignore_errors=True)
                     run_dir.mkdir(parents=True)
-                    landed = s3dir / "quic" / bucket if tool == "ha-edge-quic" else s3dir / bucket
-                    landed.mkdir()
+                    landed = s3dir / "quic" / "bench" / bucket if tool == "ha-edge-quic" else s3dir / bucket
+                    landed.mkdir(parents=True)
                     subprocess.call(["sync"])
                     cmd, env = t.command(tool, src, bucket, run_dir)
                     srv_before = proc_cpu(server.pid)

@@ -14,9 +14,11 @@
 //!   ListParts that the upload still holds those parts, and is answered `Accept{parts ×
 //!   part_size}`. A state whose upload is gone starts over.
 //! - **Receiving:** bytes go to one part file on the relay's disk (0600; the part being
-//!   assembled, at most `part_size`) and into the whole-object hash and the part's hash; a full
-//!   part is uploaded (at most `PART_UPLOADS` at once across the relay, so memory is bounded),
-//!   then the state is rewritten. A relay killed mid-transfer loses at most that part.
+//!   assembled, at most `part_size`) and into the whole-object hash and the part's hash. A full
+//!   part is read into memory and uploaded in the background (at most one per transfer, and
+//!   `PART_UPLOADS` across the relay, so memory is bounded), and the state object is rewritten
+//!   as soon as S3 has it, while the next part is assembled. A relay killed mid-transfer loses
+//!   the part in flight to S3 and the one being assembled, nothing recorded.
 //! - **Commit:** the last part is uploaded, the whole-object SHA-256 (midstate and the bytes
 //!   since) is checked against the offer *before* CompleteMultipartUpload; a mismatch aborts the
 //!   upload. The completed object is verified (size, composite checksum), then the state
@@ -82,7 +84,12 @@ pub struct Remote {
     part_file: Arc<File>,
     part_path: PathBuf,
     part_len: u64,
+    /// The part being uploaded (its number and task), recorded when it is done.
+    pending: Option<(u32, tokio::task::JoinHandle<PartDone>)>,
 }
+
+/// What a part's upload task gives back: the part, and the whole hash's midstate after it.
+type PartDone = Result<(StatePart, Option<([u32; 8], u64)>), crate::s3::S3Error>;
 
 /// The state object's key for a transfer.
 fn state_key(prefix: &str, identity: &str, key: &str, sha: &[u8; 32]) -> String {
@@ -208,6 +215,7 @@ impl Remote {
             part_file: Arc::new(part_file),
             part_path: part_path.to_path_buf(),
             part_len: 0,
+            pending: None,
         })
     }
 
@@ -216,7 +224,10 @@ impl Remote {
         self.state.parts.len() as u64 * self.state.part_size
     }
 
-    /// Takes the next bytes; a full part is uploaded and recorded before this returns.
+    /// Takes the next bytes. A full part is read into memory and uploaded in the background
+    /// (recorded in the state object once S3 has it) while the next one is assembled; at most
+    /// one part per transfer is in flight, so a slow upload holds back the stream (QUIC flow
+    /// control) rather than growing memory.
     pub async fn append(&mut self, mut bytes: &[u8]) -> Result<(), StoreError> {
         while !bytes.is_empty() {
             let room = usize::try_from(self.state.part_size - self.part_len).unwrap_or(usize::MAX);
@@ -230,44 +241,95 @@ impl Remote {
             self.part_len += now.len() as u64;
             bytes = rest;
             if self.part_len == self.state.part_size {
-                self.upload_part().await?;
+                self.cut_part(false).await?;
             }
         }
         Ok(())
     }
 
-    /// Uploads the part being assembled and records it in the state object.
-    async fn upload_part(&mut self) -> Result<(), StoreError> {
-        let _slot = uploads().acquire().await.expect("never closed");
+    /// The part being assembled is complete: wait for the one before it to be recorded, then
+    /// upload this one in the background (`last`: inline, and not recorded, since completion
+    /// follows at once).
+    async fn cut_part(&mut self, last: bool) -> Result<(), StoreError> {
         let len = usize::try_from(self.part_len).map_err(std::io::Error::other)?;
         let file = self.part_file.clone();
         let body = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
             let mut buf = vec![0u8; len];
             file.read_exact_at(&mut buf, 0)?;
+            // The disk holds the part being assembled, nothing of those before.
+            file.set_len(0)?;
             Ok(buf)
         })
         .await
         .map_err(|e| std::io::Error::other(e.to_string()))??;
+        self.part_len = 0;
         let sha = std::mem::take(&mut self.part).finalize();
+        let midstate = self.whole.midstate();
+        self.settle().await?;
         let n = u32::try_from(self.state.parts.len() + 1).map_err(std::io::Error::other)?;
-        let etag = match self
-            .client
-            .upload_part(
-                &self.dest_key,
-                &self.state.upload_id,
+        let slot = uploads().acquire().await.expect("never closed");
+        let mut recorded = self.state.clone();
+        let (client, key, state_key) = (
+            self.client.clone(),
+            self.dest_key.clone(),
+            self.state_key.clone(),
+        );
+        let task = async move {
+            let _slot = slot;
+            let etag = client
+                .upload_part(&key, &recorded.upload_id, n, Bytes::from(body), &sha, None)
+                .await?;
+            let part = StatePart {
                 n,
-                Bytes::from(body),
-                &sha,
-                None,
-            )
+                etag,
+                sha256: crate::s3::b64(&sha),
+            };
+            if !last {
+                recorded.parts.push(part.clone());
+                if let Some((words, hashed)) = midstate {
+                    recorded.midstate = midstate_hex(&words);
+                    recorded.hashed = hashed;
+                }
+                write_state(&client, &state_key, &recorded, &Precondition::None).await?;
+            }
+            Ok::<_, crate::s3::S3Error>((part, midstate))
+        };
+        if last {
+            let done = task.await;
+            self.record(n, done).await
+        } else {
+            self.pending = Some((n, tokio::spawn(task)));
+            Ok(())
+        }
+    }
+
+    /// Waits for the part in flight, if any, and takes it into the state.
+    async fn settle(&mut self) -> Result<(), StoreError> {
+        let Some((n, task)) = self.pending.take() else {
+            return Ok(());
+        };
+        let done = task
             .await
-        {
-            Ok(etag) => etag,
+            .map_err(|e| std::io::Error::other(format!("part upload task: {e}")))?;
+        self.record(n, done).await
+    }
+
+    /// Takes an uploaded part into the state, or turns its failure into the store's error.
+    async fn record(&mut self, n: u32, done: PartDone) -> Result<(), StoreError> {
+        match done {
+            Ok((part, midstate)) => {
+                self.state.parts.push(part);
+                if let Some((words, hashed)) = midstate {
+                    self.state.midstate = midstate_hex(&words);
+                    self.state.hashed = hashed;
+                }
+                Ok(())
+            }
             // The upload is gone (aborted, expired by a lifecycle rule): so is the state, and
             // the agent's next offer starts over.
             Err(e) if e.code() == Some("NoSuchUpload") => {
                 let _ = self.client.delete_object(&self.state_key).await;
-                return Err(e.into());
+                Err(e.into())
             }
             // S3 computed another SHA-256 than the bytes had when they arrived: they changed on
             // this disk. The part is not recorded; the agent's next offer resends it.
@@ -277,46 +339,24 @@ impl Remote {
                     Some("BadDigest" | "InvalidDigest" | "XAmzContentSHA256Mismatch")
                 ) =>
             {
-                self.part_len = 0;
-                return Err(StoreError::Verify {
+                Err(StoreError::Verify {
                     key: self.dest_key.clone(),
                     detail: format!(
                         "S3 refused part {n} ({e}): its bytes changed on the relay's disk after they arrived; the agent sends it again"
                     ),
-                });
+                })
             }
-            Err(e) => return Err(e.into()),
-        };
-        self.state.parts.push(StatePart {
-            n,
-            etag,
-            sha256: crate::s3::b64(&sha),
-        });
-        self.part_len = 0;
-        // The disk holds the part being assembled, nothing of those before.
-        self.part_file.set_len(0)?;
-        if let Some((words, hashed)) = self.whole.midstate() {
-            self.state.midstate = midstate_hex(&words);
-            self.state.hashed = hashed;
+            Err(e) => Err(e.into()),
         }
-        // The last part is not recorded: completion follows at once.
-        if self.held() < self.state.size {
-            write_state(
-                &self.client,
-                &self.state_key,
-                &self.state,
-                &Precondition::None,
-            )
-            .await?;
-        }
-        Ok(())
     }
 
     /// Every byte is in: the last part, the whole-object SHA-256 checked against the offer,
     /// then completion and verification; a mismatch aborts the upload and lands nothing.
     pub async fn finish(mut self) -> Result<Landed, StoreError> {
         if self.part_len > 0 {
-            self.upload_part().await?;
+            self.cut_part(true).await?;
+        } else {
+            self.settle().await?;
         }
         let got_len = self.whole.len();
         let got = self.whole.clone().finalize();
@@ -381,7 +421,10 @@ impl Remote {
     }
 
     /// Gives the transfer up: the upload aborted, the state object and the part file deleted.
-    pub async fn abandon(self) {
+    pub async fn abandon(mut self) {
+        if let Some((_, task)) = self.pending.take() {
+            task.abort();
+        }
         let _ = self
             .client
             .abort_multipart(&self.dest_key, &self.state.upload_id)
