@@ -558,17 +558,7 @@ fn corrupted_bytes_never_reach_s3_the_part_is_sent_again() {
         f.write_all_at(&[b[0] ^ 0xff], 1000).unwrap();
     }
     let key = "fhir/dkfz/scan.dcm";
-    assert!(
-        wait_until(Duration::from_secs(120), || s3
-            .object("cloud", key)
-            .is_some()),
-        "{}\n{}",
-        w.setup.daemon_log(),
-        relay.log()
-    );
-    sigterm(&daemon);
-    assert!(wait_within(&mut daemon, Duration::from_secs(20)).success());
-    assert_eq!(sha256(&s3.object("cloud", key).unwrap()), sha256(&big));
+    landed_then_stop(&w, &s3, key, &big, &relay, &mut daemon);
     assert!(relay.log().contains("S3 refused part"), "{}", relay.log());
     assert!(
         w.setup
@@ -1185,17 +1175,7 @@ fn the_agent_fails_over_to_the_next_relay_and_resumes_from_what_s3_holds() {
     let _ = first.child.kill();
     let _ = first.child.wait();
     let key = "fhir/dkfz/big.dcm";
-    assert!(
-        wait_until(Duration::from_secs(120), || s3
-            .object("cloud", key)
-            .is_some()),
-        "{}\n{}",
-        w.setup.daemon_log(),
-        second.log()
-    );
-    sigterm(&daemon);
-    assert!(wait_within(&mut daemon, Duration::from_secs(20)).success());
-    assert_eq!(sha256(&s3.object("cloud", key).unwrap()), sha256(&big));
+    landed_then_stop(&w, &s3, key, &big, &second, &mut daemon);
     assert!(second.log().contains("stored and verified"));
     let log = w.setup.daemon_log();
     assert!(
@@ -1252,4 +1232,27 @@ fn an_abandoned_transfer_in_s3_is_aborted_after_the_partial_ttl() {
     );
     assert!(relay.log().contains("aborted idle transfers kept in S3"));
     assert!(s3.keys("cloud").is_empty(), "{:?}", s3.keys("cloud"));
+}
+
+/// Waits until `key` is in bucket "cloud", stops the agent (SIGTERM, a clean exit) and checks
+/// the object is `bytes`, byte for byte.
+fn landed_then_stop(
+    w: &World,
+    s3: &S3Server,
+    key: &str,
+    bytes: &[u8],
+    relay: &Relay,
+    daemon: &mut Child,
+) {
+    assert!(
+        wait_until(Duration::from_secs(120), || s3
+            .object("cloud", key)
+            .is_some()),
+        "{}\n{}",
+        w.setup.daemon_log(),
+        relay.log()
+    );
+    sigterm(daemon);
+    assert!(wait_within(daemon, Duration::from_secs(20)).success());
+    assert_eq!(sha256(&s3.object("cloud", key).unwrap()), sha256(bytes));
 }

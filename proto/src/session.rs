@@ -300,21 +300,12 @@ pub struct Upload {
 
 impl Upload {
     pub fn new(key: &str, size: u64, sha256: [u8; 32], now: Instant, idle: Duration) -> Upload {
-        let mut io = Io::new(idle);
-        io.send(&Message::Offer {
+        let offer = Message::Offer {
             key: key.to_string(),
             size,
             sha256,
-        });
-        io.wait(now);
-        Upload {
-            io,
-            size,
-            state: UpState::AwaitAnswer,
-            ack_wait: idle,
-            eager: false,
-            accepted: false,
-        }
+        };
+        Upload::offering(&offer, size, UpState::AwaitAnswer, now, idle)
     }
 
     /// An eager offer (only to a relay that announced `CAP_EAGER`): `send_data` from offset 0
@@ -326,19 +317,31 @@ impl Upload {
         now: Instant,
         idle: Duration,
     ) -> Upload {
-        let mut io = Io::new(idle);
-        io.send(&Message::EagerOffer {
+        let offer = Message::EagerOffer {
             key: key.to_string(),
             size,
             sha256,
-        });
+        };
+        Upload::offering(&offer, size, UpState::Sending { next: 0 }, now, idle)
+    }
+
+    /// An upload that has queued `offer` and waits from `now`, starting in `state`.
+    fn offering(
+        offer: &Message,
+        size: u64,
+        state: UpState,
+        now: Instant,
+        idle: Duration,
+    ) -> Upload {
+        let mut io = Io::new(idle);
+        io.send(offer);
         io.wait(now);
         Upload {
             io,
             size,
-            state: UpState::Sending { next: 0 },
+            state,
             ack_wait: idle,
-            eager: true,
+            eager: matches!(offer, Message::EagerOffer { .. }),
             accepted: false,
         }
     }

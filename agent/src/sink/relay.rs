@@ -202,10 +202,7 @@ impl RelaySink {
     ) -> Result<[u8; 32], RStop> {
         let size = row.version.size();
         let idle = self.client.idle();
-        let (mut send, mut recv) = conn
-            .open_bi()
-            .await
-            .map_err(|e| self.client.connection_error(&e))?;
+        let (mut send, mut recv) = self.open_stream(conn).await?;
         let mut up = Upload::new_eager(&row.key, size, sha, Instant::now(), idle);
         let _permit = self.budget.reserve(size).await;
         let mut off = 0;
@@ -252,10 +249,7 @@ impl RelaySink {
     ) -> Result<[u8; 32], RStop> {
         let size = row.version.size();
         let idle = self.client.idle();
-        let (mut send, mut recv) = conn
-            .open_bi()
-            .await
-            .map_err(|e| self.client.connection_error(&e))?;
+        let (mut send, mut recv) = self.open_stream(conn).await?;
         let mut up = Upload::new(&row.key, size, sha, Instant::now(), idle);
         self.flush(conn, &mut up, &mut send).await?;
         let mut buf = vec![0u8; 16 * 1024];
@@ -310,6 +304,16 @@ impl RelaySink {
             }
             other => self.ended(row, other),
         }
+    }
+
+    /// A new object stream on the connection.
+    async fn open_stream(
+        &self,
+        conn: &quinn::Connection,
+    ) -> Result<(quinn::SendStream, quinn::RecvStream), RStop> {
+        conn.open_bi()
+            .await
+            .map_err(|e| self.client.connection_error(&e).into())
     }
 
     /// The relay's last word on a stream.
