@@ -138,16 +138,17 @@ fn web_identity_keys_are_fetched_used_and_renewed_before_they_expire() {
         .stderr(log)
         .spawn()
         .unwrap();
-    assert!(
-        wait_until(Duration::from_secs(30), || setup.journal().exists()),
-        "{}",
-        setup.daemon_log()
-    );
-    let delivered = |n: u64| {
-        wait_until(Duration::from_secs(60), || {
-            setup.status_json(bin())["objects"]["done"].as_u64() == Some(n)
-        })
+    // Objects delivered, from `status --json`; None while the daemon is still opening its
+    // journal (the file may exist before its schema does).
+    let done = || {
+        let out = setup
+            .command(bin(), &["status", "-c", cfg.to_str().unwrap(), "--json"])
+            .output()
+            .ok()?;
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        v["objects"]["done"].as_u64()
     };
+    let delivered = |n: u64| wait_until(Duration::from_secs(60), || done() == Some(n));
     let first = data(1, 3000);
     write_settled(&setup.src().join("a.ndjson"), &first);
     assert!(delivered(1), "{}", setup.daemon_log());
