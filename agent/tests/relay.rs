@@ -474,18 +474,7 @@ fn corrupt_mid_transfer(w: &World, relay: &Relay, landed: &dyn Fn() -> Option<Ve
     w.agent_config(link.port, "agent", "fhir/dkfz/", "request_timeout = \"3s\"");
     let big = data(23, 24 * MIB);
     let mut daemon = w.send_until_held(relay, "scan.dcm", &big, 2 * MIB as u64);
-    let part = relay.partial_files().pop().unwrap();
-    {
-        use std::os::unix::fs::FileExt;
-        let f = std::fs::OpenOptions::new()
-            .write(true)
-            .read(true)
-            .open(&part)
-            .unwrap();
-        let mut b = [0u8; 1];
-        f.read_exact_at(&mut b, 1000).unwrap();
-        f.write_all_at(&[b[0] ^ 0xff], 1000).unwrap();
-    }
+    flip_byte(&relay.partial_files().pop().unwrap(), 1000);
     assert!(
         wait_until(Duration::from_secs(120), || landed().is_some()),
         "{}\n{}",
@@ -545,18 +534,7 @@ fn corrupted_bytes_never_reach_s3_the_part_is_sent_again() {
         s3.keys("cloud"),
         relay.log()
     );
-    let part = relay.partial_files().pop().unwrap();
-    {
-        use std::os::unix::fs::FileExt;
-        let f = std::fs::OpenOptions::new()
-            .write(true)
-            .read(true)
-            .open(&part)
-            .unwrap();
-        let mut b = [0u8; 1];
-        f.read_exact_at(&mut b, 1000).unwrap();
-        f.write_all_at(&[b[0] ^ 0xff], 1000).unwrap();
-    }
+    flip_byte(&relay.partial_files().pop().unwrap(), 1000);
     let key = "fhir/dkfz/scan.dcm";
     landed_then_stop(&w, &s3, key, &big, &relay, &mut daemon);
     assert!(relay.log().contains("S3 refused part"), "{}", relay.log());
@@ -1258,4 +1236,17 @@ fn landed_then_stop(
     sigterm(daemon);
     assert!(wait_within(daemon, Duration::from_secs(20)).success());
     assert_eq!(sha256(&s3.object("cloud", key).unwrap()), sha256(bytes));
+}
+
+/// Flips the byte at `at` in the file at `path` (a bad disk, a bad copy).
+fn flip_byte(path: &Path, at: u64) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .read(true)
+        .open(path)
+        .unwrap();
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, at).unwrap();
+    f.write_all_at(&[b[0] ^ 0xff], at).unwrap();
 }
