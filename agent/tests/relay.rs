@@ -268,14 +268,7 @@ impl World {
 
     /// Turns the relay's metrics endpoint on (before `relay()`); its port.
     fn relay_metrics(&self) -> u16 {
-        let port = free_port();
-        let cfg = self.setup.dir.path().join("relay.toml");
-        let text = std::fs::read_to_string(&cfg).unwrap().replace(
-            "partial_ttl = \"1h\"\n",
-            &format!("partial_ttl = \"1h\"\nmetrics = \"127.0.0.1:{port}\"\n"),
-        );
-        std::fs::write(&cfg, text).unwrap();
-        port
+        metrics_on(&self.setup.dir.path().join("relay.toml"))
     }
 
     /// Writes `name`, starts the agent daemon, and returns once the relay holds `held` bytes
@@ -1104,8 +1097,9 @@ fn f13_validate_asks_the_relay() {
 
 /// Two relays in front of one S3 bucket; the one serving a 200 MiB transfer is killed (-9)
 /// mid-way. The agent moves to the other, which finds the transfer's state in S3 and answers
-/// the offset S3 holds: what the first relay had on its disk (less than one part) is all that
-/// is sent again. The object is byte-identical and no upload is left open.
+/// the offset S3 holds: only what the first relay had not recorded there (the part in flight to
+/// S3 and the one on its disk) is sent again. The object is byte-identical and no upload is
+/// left open.
 #[test]
 fn the_agent_fails_over_to_the_next_relay_and_resumes_from_what_s3_holds() {
     let s3 = S3Server::start();
@@ -1117,12 +1111,7 @@ fn the_agent_fails_over_to_the_next_relay_and_resumes_from_what_s3_holds() {
     std::fs::create_dir_all(&dir_b).unwrap();
     let port_b = free_udp_port();
     let cfg_b = Relay::config(&dir_b, port_b, &w.ca, &s3_store(&s3), DKFZ_AGENT);
-    let metrics_b = free_port();
-    let text = std::fs::read_to_string(&cfg_b).unwrap().replace(
-        "partial_ttl = \"1h\"\n",
-        &format!("partial_ttl = \"1h\"\nmetrics = \"127.0.0.1:{metrics_b}\"\n"),
-    );
-    std::fs::write(&cfg_b, text).unwrap();
+    let metrics_b = metrics_on(&cfg_b);
     let second = Relay::start(&dir_b);
     let (c, k) = w.ca.issue("agent", DKFZ, false);
     w.agent_config_to(
@@ -1172,7 +1161,7 @@ fn the_agent_fails_over_to_the_next_relay_and_resumes_from_what_s3_holds() {
         "resumed at the {recorded} parts S3 holds"
     );
     eprintln!(
-        "killed with {recorded} parts in S3 and {on_disk} bytes on its disk: re-sent {on_disk} bytes"
+        "killed with {recorded} parts recorded in S3 and {on_disk} bytes on its disk: the second relay took everything after part {recorded}"
     );
     assert_eq!(s3.open_uploads(), 0, "no upload left open");
     assert_eq!(s3.keys("cloud"), [key], "no state object left");
@@ -1249,4 +1238,16 @@ fn flip_byte(path: &Path, at: u64) {
     let mut b = [0u8; 1];
     f.read_exact_at(&mut b, at).unwrap();
     f.write_all_at(&[b[0] ^ 0xff], at).unwrap();
+}
+
+/// Turns the metrics endpoint on in the relay config at `cfg` (before the relay starts); its
+/// port.
+fn metrics_on(cfg: &Path) -> u16 {
+    let port = free_port();
+    let text = std::fs::read_to_string(cfg).unwrap().replace(
+        "partial_ttl = \"1h\"\n",
+        &format!("partial_ttl = \"1h\"\nmetrics = \"127.0.0.1:{port}\"\n"),
+    );
+    std::fs::write(cfg, text).unwrap();
+    port
 }
