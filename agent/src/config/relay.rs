@@ -64,6 +64,7 @@ struct RawStore {
     kind: Option<Spanned<String>>,
     path: Option<Spanned<String>>,
     part_size: Option<Spanned<toml::Value>>,
+    assembly_memory: Option<Spanned<toml::Value>>,
     endpoint: Option<Spanned<String>>,
     region: Option<Spanned<String>>,
     bucket: Option<Spanned<String>>,
@@ -137,6 +138,9 @@ pub enum StoreConfig {
     S3 {
         bucket: Box<S3Destination>,
         part_size: u64,
+        /// Memory for parts being assembled, across all transfers; beyond it, parts are
+        /// assembled in a file in the state directory.
+        assembly_memory: u64,
     },
 }
 
@@ -456,6 +460,21 @@ impl Validator<'_> {
             MAX_PART_SIZE,
             16 << 20,
         );
+        let is_s3 = st.kind.as_ref().is_some_and(|k| k.get_ref() == "s3");
+        if let (Some(m), false) = (&st.assembly_memory, is_s3) {
+            self.problem(
+                m.span(),
+                "store.assembly_memory",
+                "only applies to type = \"s3\"",
+            );
+        }
+        let assembly_memory = self.size(
+            st.assembly_memory,
+            "store.assembly_memory",
+            0,
+            64 << 30,
+            128 << 20,
+        );
         match st.kind.as_ref().map(|k| k.get_ref().as_str()) {
             Some("dir") => match st.path {
                 Some(p) if Path::new(p.get_ref()).is_absolute() => {
@@ -507,6 +526,7 @@ impl Validator<'_> {
                 Some(StoreConfig::S3 {
                     bucket: Box::new(d?),
                     part_size,
+                    assembly_memory,
                 })
             }
             _ => {

@@ -177,11 +177,26 @@ fn relay_example_is_valid_and_mistakes_name_their_key() {
     assert_eq!(c.agents.len(), 2);
     assert_eq!(c.agents[1].prefix.as_str(), "fhir/embl/");
     assert!(
-        matches!(&c.store, StoreConfig::S3 { bucket, part_size } if bucket.bucket == "healthalliance-fhir" && *part_size == 16 << 20)
+        matches!(&c.store, StoreConfig::S3 { bucket, part_size, assembly_memory } if bucket.bucket == "healthalliance-fhir" && *part_size == 16 << 20 && *assembly_memory == 128 << 20)
     );
     assert_eq!(c.stream_buffer, 4 << 20);
     assert_eq!(c.congestion, crate::config::Congestion::Bbr);
     assert_eq!(c.max_streams_per_agent, 64);
+    let on_disk = text.replace("assembly_memory = \"128MiB\"", "assembly_memory = \"0\"");
+    let c = RelayConfig::parse(Path::new("relay.toml"), &on_disk).unwrap();
+    assert!(matches!(
+        &c.store,
+        StoreConfig::S3 {
+            assembly_memory: 0,
+            ..
+        }
+    ));
+    let err = RelayConfig::parse(
+        Path::new("relay.toml"),
+        &text.replace("assembly_memory = \"128MiB\"", "assembly_memory = \"lots\""),
+    )
+    .unwrap_err();
+    assert_eq!(err.problems[0].key, "store.assembly_memory");
 
     let bad = text
         .replace("listen = \"0.0.0.0:4433\"", "listen = \"anywhere\"")

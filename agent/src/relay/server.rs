@@ -135,13 +135,18 @@ pub async fn serve(
 ) -> Result<(), RelayError> {
     let landing = match &cfg.store {
         StoreConfig::Dir(p) => Landing::Dir(p.clone()),
-        StoreConfig::S3 { bucket, part_size } => {
+        StoreConfig::S3 {
+            bucket,
+            part_size,
+            assembly_memory,
+        } => {
             let creds = credentials::resolve(bucket)?;
             let client = S3Client::new(bucket, creds, 5, Duration::from_secs(120), 16)?;
             Landing::S3 {
                 client,
                 prefix: bucket.prefix.clone(),
                 part_size: *part_size,
+                assembly: super::remote::Budget::new(*assembly_memory),
             }
         }
     };

@@ -80,6 +80,8 @@ pub enum Landing {
         client: Arc<S3Client>,
         prefix: String,
         part_size: u64,
+        /// The memory parts being assembled may take (see `remote`).
+        assembly: super::remote::Budget,
     },
 }
 
@@ -368,11 +370,19 @@ impl Store {
             client,
             prefix,
             part_size,
+            assembly,
         } = &self.landing
         {
             if size > *part_size {
-                let r = Remote::open(client, prefix, agent, key, size, sha, *part_size, &p.path)
-                    .await?;
+                let at = super::remote::At {
+                    prefix,
+                    identity: agent,
+                    key,
+                    size,
+                    sha,
+                    part_size: *part_size,
+                };
+                let r = Remote::open(client, at, assembly, &p.path).await?;
                 p.len = r.held();
                 p.remote = Some(r);
             }
@@ -429,6 +439,7 @@ impl Store {
             client,
             prefix,
             part_size,
+            ..
         } = &self.landing
         {
             // No fsync: what lands is read back and hashed now, and S3 holds it durably; a
