@@ -16,6 +16,12 @@
 //! Must not break: the exit codes above (scripts and systemd depend on them), and no secret in any
 //! output.
 
+/// The static (musl) binary's allocator: musl's own hands large blocks back to the kernel on
+/// every free, and the next allocation faults them in again (see agent/Cargo.toml).
+#[cfg(target_env = "musl")]
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Wiring and reload.
 mod app;
 /// The bandwidth limit and its timetable.
