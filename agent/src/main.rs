@@ -16,11 +16,12 @@
 //! Must not break: the exit codes above (scripts and systemd depend on them), and no secret in any
 //! output.
 
-/// The static (musl) binary's allocator: musl's own hands large blocks back to the kernel on
-/// every free, and the next allocation faults them in again (see agent/Cargo.toml).
+/// The allocator, per command: musl's for the agent, mimalloc for the relay.
+#[allow(unsafe_code)]
+mod alloc;
 #[cfg(target_env = "musl")]
 #[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOC: alloc::Switch = alloc::Switch;
 
 /// Wiring and reload.
 mod app;
@@ -90,7 +91,7 @@ const EXIT_JOURNAL: u8 = 4;
 
 /// Parses the command line and runs the command.
 fn main() -> ExitCode {
-    tune_allocator();
+    alloc::tune();
     let cli = Cli::parse();
     match cli.command {
         Command::Validate { config, offline } => validate(&config, offline),
@@ -113,7 +114,11 @@ fn main() -> ExitCode {
             once,
             dry_run,
         } => run(&config, once, dry_run),
-        Command::Relay { config, check } => relay_main(&config, check),
+        Command::Relay { config, check } => {
+            // Before the runtime starts a thread (see alloc).
+            alloc::use_mimalloc();
+            relay_main(&config, check)
+        }
         Command::Lookup { config, key, json } => status::lookup(&config, key, json),
         Command::Check {
             kind,
@@ -186,24 +191,6 @@ fn relay_main(file: &Path, check: bool) -> ExitCode {
         Err(e) => fail(EXIT_CONFIG, e),
     }
 }
-
-/// glibc raises its mmap threshold after the first large buffer is freed; from then on freed
-/// part buffers stay in per-thread arenas, and peak RSS reached about 2.5 times the part budget
-/// (82 MiB for a 32 MiB budget on a 1 GiB upload). A fixed threshold keeps part-sized buffers
-/// in their own mappings, returned to the system when a part is done (42 MiB on the same run).
-/// musl's allocator does this already.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-#[allow(unsafe_code)]
-fn tune_allocator() {
-    // SAFETY: mallopt only changes allocator parameters; it runs before any other thread exists.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
-    }
-}
-
-/// Nothing to tune outside musl.
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn tune_allocator() {}
 
 /// Writes to stdout; a closed pipe (`ha-edge status | head -1`) ends the output quietly instead
 /// of panicking as `println!` would.
