@@ -117,10 +117,15 @@ pub fn encode(msg: &Message) -> Vec<u8> {
     out
 }
 
-/// Reassembles frames from a byte stream, however it is split.
+/// Reassembles frames from a byte stream, however it is split. Decoded frames are skipped, not
+/// moved out: the bytes after them are moved to the front only once they are all that is
+/// left of a read, so each byte is copied in once (a memmove per message had cost as much as
+/// the copy in).
 #[derive(Debug, Default)]
 pub struct Decoder {
     buf: Vec<u8>,
+    /// Where the undecoded bytes begin in `buf`.
+    start: usize,
 }
 
 impl Decoder {
@@ -130,17 +135,28 @@ impl Decoder {
 
     /// Bytes received and not yet part of a decoded message.
     pub fn buffered(&self) -> usize {
-        self.buf.len()
+        self.buf.len() - self.start
+    }
+
+    /// The undecoded bytes.
+    fn pending(&self) -> &[u8] {
+        &self.buf[self.start..]
     }
 
     /// Takes received bytes. A frame whose length exceeds the limit is refused before its body
     /// is buffered: at most one limit's worth of bytes is ever held.
     pub fn push(&mut self, bytes: &[u8]) -> Result<(), FrameError> {
-        if self.buf.len() >= 4 {
-            let len = frame_len(&self.buf);
+        if self.buffered() >= 4 {
+            let len = frame_len(self.pending());
             if len > MAX_FRAME {
                 return Err(FrameError::TooLarge(len));
             }
+        }
+        if self.start > 0 {
+            // What is left of earlier reads (less than a frame, or frames not yet asked for)
+            // goes to the front before the new bytes are appended.
+            self.buf.drain(..self.start);
+            self.start = 0;
         }
         self.buf.extend_from_slice(bytes);
         if self.buf.len() >= 4 {
@@ -154,23 +170,28 @@ impl Decoder {
 
     /// The next whole message, if one has arrived.
     pub fn next_message(&mut self) -> Result<Option<Message>, FrameError> {
-        if self.buf.len() < 4 {
+        let pending = self.pending();
+        if pending.len() < 4 {
             return Ok(None);
         }
-        let len = frame_len(&self.buf);
+        let len = frame_len(pending);
         if len > MAX_FRAME {
             return Err(FrameError::TooLarge(len));
         }
-        if self.buf.len() < 4 + len {
+        if pending.len() < 4 + len {
             return Ok(None);
         }
         let (msg, used): (Message, usize) =
-            bincode::decode_from_slice(&self.buf[4..4 + len], config())
+            bincode::decode_from_slice(&pending[4..4 + len], config())
                 .map_err(|e| FrameError::Decode(e.to_string()))?;
         if used != len {
             return Err(FrameError::Trailing(len - used));
         }
-        self.buf.drain(..4 + len);
+        self.start += 4 + len;
+        if self.start == self.buf.len() {
+            self.buf.clear();
+            self.start = 0;
+        }
         Ok(Some(msg))
     }
 }

@@ -415,7 +415,6 @@ async fn object_stream(
     let mut partial: Option<Partial> = None;
     let mut offer: Option<(String, u64, [u8; 32])> = None;
     let mut received = 0u64;
-    let mut buf = vec![0u8; 256 * 1024];
     let mut finished = false;
     loop {
         while let Some(f) = rx.poll_transmit() {
@@ -431,7 +430,9 @@ async fn object_stream(
         }
         let read = match rx.poll_timeout() {
             Some(deadline) => {
-                match tokio::time::timeout_at(deadline.into(), recv.read(&mut buf)).await {
+                match tokio::time::timeout_at(deadline.into(), recv.read_chunk(usize::MAX, true))
+                    .await
+                {
                     Ok(r) => r,
                     Err(_) => {
                         if let Err(e) = rx.handle_timeout(Instant::now()) {
@@ -442,10 +443,11 @@ async fn object_stream(
                     }
                 }
             }
-            None => recv.read(&mut buf).await,
+            // Chunks as quinn holds them: no copy into a buffer of ours first.
+            None => recv.read_chunk(usize::MAX, true).await,
         };
-        let n = match read {
-            Ok(Some(n)) => n,
+        let chunk = match read {
+            Ok(Some(c)) => c.bytes,
             // The agent went away (connection lost, stopped): what arrived stays for a resume.
             Ok(None) | Err(_) => {
                 if let Some((key, _, _)) = &offer {
@@ -454,7 +456,7 @@ async fn object_stream(
                 return;
             }
         };
-        let mut input = &buf[..n];
+        let mut input = &chunk[..];
         // Until a decision, the machine holds back what follows an offer (an eager offer's
         // data): decode again after each batch of events.
         while !finished {
