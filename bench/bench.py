@@ -510,7 +510,8 @@ def main():
                     ok = rc == 0 and got == expected
                     print(f"round {r + 1} {w:6} {tool:7} {wall:7.2f}s rss {rss / 1024:6.1f} MiB "
                           f"cpu {user + sys_:6.2f}s server cpu {srv_cpu:6.2f}s "
-                          + (f"source server cpu {src_cpu:6.2f}s " if is_bucket(w) else "") +
+                          + (f"source server cpu {src_cpu:6.2f}s " if is_bucket(w) else "")
+                          + (f"relay cpu {relay_cpu:6.2f}s " if tool == "ha-edge-quic" else "") +
                           f"read {read / MIB:8.1f} MiB "
                           f"{'ok' if ok else 'FAILED rc=%d files=%d' % (rc, len(got))}",
                           file=sys.stderr)
@@ -523,6 +524,10 @@ def main():
                     shutil.rmtree(landed)
     finally:
         if t is not None and getattr(t, "relay", None) is not None:
+            hwm = [l for l in Path(f"/proc/{t.relay.pid}/status").read_text().splitlines()
+                   if l.startswith("VmHWM:")]
+            if hwm:
+                print(f"relay peak RSS {int(hwm[0].split()[1]) / 1024:.1f} MiB", file=sys.stderr)
             t.relay.terminate()
             t.relay.wait()
         server.terminate()
