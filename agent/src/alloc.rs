@@ -7,9 +7,10 @@
 //! - **The relay runs on mimalloc** (static musl binary only). Every byte the relay receives goes
 //!   through a 64 KiB protocol message and into a part of several MiB, and musl mapped and
 //!   unmapped each of those afresh: 375,000 page faults in 10 s, a third of the relay's CPU.
-//!   mimalloc keeps freed memory for reuse: 21,000 page faults, and the relay's CPU per GB on
-//!   loopback fell from about 8 to 5.5 s. Its peak RSS rises with what it keeps (the assembly
-//!   budget and the parts in flight bound it). The same allocator in the agent took its peak
+//!   mimalloc keeps freed memory for reuse: 21,000 page faults, and the relay's CPU for a 1 GiB
+//!   file on loopback fell from about 10 s to 7.6 s (with the other changes of issue 17, to
+//!   5.5 s). Its peak RSS rises with what it keeps (the assembly budget and the parts in
+//!   flight bound it). The same allocator in the agent took its peak
 //!   RSS on small files from 7.6 to 50 MiB, hence the choice per command.
 //! - **The switch** happens once, in `main`, once the command line says `relay` and before
 //!   the runtime starts any thread. Blocks allocated before it are musl's and stay so: a block
