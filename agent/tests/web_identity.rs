@@ -1,9 +1,12 @@
-//! Temporary credentials for the S3 destination (IAM roles for service accounts): the agent
-//! takes `AWS_WEB_IDENTITY_TOKEN_FILE` + `AWS_ROLE_ARN`, asks a local STS for keys
-//! (AssumeRoleWithWebIdentity, moto's server), signs with them and their session token, and asks
-//! again before they expire. moto's S3 runs with request authentication on, so it verifies each
-//! SigV4 signature against the keys its STS issued (a wrong secret is refused: checked first).
-//! `tests/moto/server.py` runs it, taking AssumeRoleWithWebIdentity unsigned as AWS does.
+//! Temporary credentials for the S3 destination: IAM roles for service accounts (the agent
+//! takes `AWS_WEB_IDENTITY_TOKEN_FILE` + `AWS_ROLE_ARN` and asks a local STS for keys,
+//! AssumeRoleWithWebIdentity on moto's server) and EKS Pod Identity's container credentials
+//! endpoint (`AWS_CONTAINER_CREDENTIALS_FULL_URI` + `AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE`,
+//! served by `tests/moto/container_credentials.py` with keys from the same STS). The agent signs
+//! with the keys and their session token, and asks again before they expire. moto's S3 runs with
+//! request authentication on, so it verifies each SigV4 signature against the keys its STS
+//! issued (a wrong secret is refused: checked first). `tests/moto/server.py` runs it, taking
+//! AssumeRoleWithWebIdentity unsigned as AWS does.
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -98,20 +101,18 @@ fn signed_with(r: &SeenRequest) -> Option<String> {
     Some(cred.split('/').next()?.to_string())
 }
 
-#[test]
-fn web_identity_keys_are_fetched_used_and_renewed_before_they_expire() {
-    let moto = moto();
-    // Proxies in front of moto: one for S3 (to see what signed each request), one for STS (to
-    // count the fetches).
+/// A daemon whose keys come from `source` (the environment naming it, with `source_proxy`
+/// in front of the credentials' server) delivers one object, then another after its 8-second
+/// keys were renewed: both signed with keys moto issued, the second with other ones, every
+/// request with the session token, and no token or secret in the log.
+fn keys_are_fetched_used_and_renewed(
+    moto: &Moto,
+    source_proxy: &Proxy,
+    source: &dyn Fn(&mut Command, &Path),
+) {
+    // A proxy in front of moto's S3, to see what signed each request.
     let s3 = Proxy::start(moto.port);
-    let sts = Proxy::start(moto.port);
     let setup = Setup::new("landing");
-    let token = setup.dir.path().join("token");
-    std::fs::write(
-        &token,
-        "eyJhbGciOiJSUzI1NiJ9.test-service-account-token.sig",
-    )
-    .unwrap();
     setup.write_config_with(
         &format!(
             "[destination]\ntype = \"s3\"\nendpoint = \"{}\"\nregion = \"us-east-1\"\n\
@@ -123,21 +124,15 @@ fn web_identity_keys_are_fetched_used_and_renewed_before_they_expire() {
     );
     let cfg = setup.config_path();
     let log = std::fs::File::create(setup.dir.path().join("daemon.log")).unwrap();
-    let mut daemon = setup
-        .command(bin(), &["run", "-c", cfg.to_str().unwrap()])
+    let mut command = setup.command(bin(), &["run", "-c", cfg.to_str().unwrap()]);
+    command
         .env_remove("AWS_ACCESS_KEY_ID")
         .env_remove("AWS_SECRET_ACCESS_KEY")
         .env("HOME", setup.dir.path())
-        .env("AWS_WEB_IDENTITY_TOKEN_FILE", &token)
-        .env("AWS_ROLE_ARN", ROLE)
-        .env("AWS_ROLE_SESSION_NAME", "relay-0")
-        .env("AWS_ENDPOINT_URL_STS", sts.endpoint())
-        // Keys valid for 8 s: renewed when 2 s are left.
-        .env("AWS_ROLE_SESSION_DURATION", "8")
         .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
+        .stderr(log);
+    source(&mut command, setup.dir.path());
+    let mut daemon = command.spawn().unwrap();
     // Objects delivered, from `status --json`; None while the daemon is still opening its
     // journal (the file may exist before its schema does).
     let done = || {
@@ -152,7 +147,7 @@ fn web_identity_keys_are_fetched_used_and_renewed_before_they_expire() {
     let first = data(1, 3000);
     write_settled(&setup.src().join("a.ndjson"), &first);
     assert!(delivered(1), "{}", setup.daemon_log());
-    let fetches_then = sts.seen().len();
+    let fetches_then = source_proxy.seen().len();
     assert!(fetches_then >= 1);
     // Past the renewal point of the first keys.
     std::thread::sleep(Duration::from_secs(7));
@@ -163,7 +158,7 @@ fn web_identity_keys_are_fetched_used_and_renewed_before_they_expire() {
     let _ = daemon.wait();
 
     assert!(
-        sts.seen().len() > fetches_then,
+        source_proxy.seen().len() > fetches_then,
         "the keys were asked for again before they expired"
     );
     let puts: Vec<SeenRequest> = s3
@@ -202,8 +197,130 @@ fn web_identity_keys_are_fetched_used_and_renewed_before_they_expire() {
     // No token, secret or session token in the log.
     let log = setup.daemon_log();
     assert!(log.contains("temporary credentials fetched"), "{log}");
-    assert!(!log.contains("test-service-account-token"));
-    assert!(!log.contains("SecretAccessKey"));
+    assert!(!log.contains("test-service-account-token"), "{log}");
+    assert!(!log.contains("SecretAccessKey"), "{log}");
+}
+
+#[test]
+fn web_identity_keys_are_fetched_used_and_renewed_before_they_expire() {
+    let moto = moto();
+    // A proxy in front of moto's STS, to count the fetches.
+    let sts = Proxy::start(moto.port);
+    let sts_endpoint = sts.endpoint();
+    keys_are_fetched_used_and_renewed(&moto, &sts, &|cmd, dir| {
+        let token = dir.join("token");
+        std::fs::write(
+            &token,
+            "eyJhbGciOiJSUzI1NiJ9.test-service-account-token.sig",
+        )
+        .unwrap();
+        cmd.env("AWS_WEB_IDENTITY_TOKEN_FILE", &token)
+            .env("AWS_ROLE_ARN", ROLE)
+            .env("AWS_ROLE_SESSION_NAME", "relay-0")
+            .env("AWS_ENDPOINT_URL_STS", &sts_endpoint)
+            // Keys valid for 8 s: renewed when 2 s are left.
+            .env("AWS_ROLE_SESSION_DURATION", "8");
+    });
+}
+
+/// The container credentials endpoint of `tests/moto/container_credentials.py` on 127.0.0.1,
+/// handing out 8-second keys from moto's STS to whoever shows `POD_TOKEN`.
+struct Endpoint {
+    child: Child,
+    port: u16,
+}
+
+impl Drop for Endpoint {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+const POD_TOKEN: &str = "eyJhbGciOiJSUzI1NiJ9.test-service-account-token.pod";
+
+fn container_endpoint(moto: &Moto) -> Endpoint {
+    let port = free_port();
+    let server =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/moto/container_credentials.py");
+    let child = Command::new("python3")
+        .arg(server)
+        .arg(port.to_string())
+        .arg(format!("http://127.0.0.1:{}/", moto.port))
+        .arg(ROLE)
+        .arg(POD_TOKEN)
+        .arg("8")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("python3");
+    assert!(
+        wait_until(Duration::from_secs(30), || std::net::TcpStream::connect((
+            "127.0.0.1",
+            port
+        ))
+        .is_ok()),
+        "the container credentials endpoint did not start"
+    );
+    Endpoint { child, port }
+}
+
+#[test]
+fn container_endpoint_keys_are_fetched_with_the_pod_token_used_and_renewed() {
+    let moto = moto();
+    let endpoint = container_endpoint(&moto);
+    let proxy = Proxy::start(endpoint.port);
+    let uri = format!("{}/v1/credentials", proxy.endpoint());
+    keys_are_fetched_used_and_renewed(&moto, &proxy, &|cmd, dir| {
+        // EKS Pod Identity: the URI, and the file of the pod's token (read at every fetch).
+        let token = dir.join("eks-pod-identity-token");
+        std::fs::write(&token, format!("{POD_TOKEN}\n")).unwrap();
+        cmd.env("AWS_CONTAINER_CREDENTIALS_FULL_URI", &uri)
+            .env("AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE", &token);
+    });
+    assert!(
+        proxy
+            .seen()
+            .iter()
+            .all(|r| r.method == "GET" && r.header("authorization") == Some(POD_TOKEN)),
+        "every fetch shows the pod's token"
+    );
+}
+
+#[test]
+fn a_container_endpoint_that_refuses_the_token_is_a_clear_error() {
+    let moto = moto();
+    let endpoint = container_endpoint(&moto);
+    let setup = Setup::new("landing");
+    setup.write_config_with(
+        &format!(
+            "[destination]\ntype = \"s3\"\nendpoint = \"http://127.0.0.1:{}\"\nregion = \"us-east-1\"\n\
+             bucket = \"landing\"\npath_style = true\n",
+            moto.port
+        ),
+        "",
+        "",
+    );
+    let token = setup.dir.path().join("token");
+    std::fs::write(&token, "another-pods-token").unwrap();
+    let cfg = setup.config_path();
+    let out = setup
+        .command(bin(), &["validate", "-c", cfg.to_str().unwrap()])
+        .env_remove("AWS_ACCESS_KEY_ID")
+        .env_remove("AWS_SECRET_ACCESS_KEY")
+        .env("HOME", setup.dir.path())
+        .env(
+            "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+            format!("http://127.0.0.1:{}/v1/credentials", endpoint.port),
+        )
+        .env("AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE", &token)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("container credentials endpoint"), "{err}");
+    assert!(err.contains("401"), "{err}");
+    assert!(!err.contains("another-pods-token"), "{err}");
 }
 
 #[test]

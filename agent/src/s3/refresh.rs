@@ -358,14 +358,46 @@ pub fn from_env(
         }
         (None, None) => {}
     }
-    let uri = get("AWS_CONTAINER_CREDENTIALS_FULL_URI").or_else(|| {
-        get("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI").map(|r| format!("http://169.254.170.2{r}"))
-    });
+    let uri = match get("AWS_CONTAINER_CREDENTIALS_FULL_URI") {
+        Some(full) => Some(allowed_full_uri(full)?),
+        None => get("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI")
+            .map(|r| format!("http://169.254.170.2{r}")),
+    };
     Ok(uri.map(|uri| Fetch::Container {
         uri,
         token_file: get("AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE").map(PathBuf::from),
         token: get("AWS_CONTAINER_AUTHORIZATION_TOKEN"),
     }))
+}
+
+/// `AWS_CONTAINER_CREDENTIALS_FULL_URI` if the pod's token may go there, as the AWS SDKs
+/// decide: https anywhere, http only to a loopback address or the ECS (169.254.170.2) and EKS Pod
+/// Identity (169.254.170.23, fd00:ec2::23) endpoints, so that a wrong value never sends the token
+/// in clear across the network.
+fn allowed_full_uri(full: String) -> Result<String, CredentialsError> {
+    let refuse = |why: &str| CredentialsError::Fetch {
+        origin: "AWS_CONTAINER_CREDENTIALS_FULL_URI".to_string(),
+        detail: format!("{why}, got {full:?}"),
+    };
+    let url = url::Url::parse(&full).map_err(|e| refuse(&format!("not a URL ({e})")))?;
+    let ok = match (url.scheme(), url.host()) {
+        ("https", Some(_)) => true,
+        ("http", Some(url::Host::Domain(d))) => d.eq_ignore_ascii_case("localhost"),
+        ("http", Some(url::Host::Ipv4(a))) => {
+            a.is_loopback() || [[169, 254, 170, 2], [169, 254, 170, 23]].contains(&a.octets())
+        }
+        ("http", Some(url::Host::Ipv6(a))) => {
+            a.is_loopback() || a == std::net::Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x23)
+        }
+        _ => false,
+    };
+    if !ok {
+        return Err(refuse(
+            "must be https, or http to a loopback address or the ECS/EKS endpoint \
+             (169.254.170.2, 169.254.170.23, fd00:ec2::23)",
+        ));
+    }
+    Ok(full)
 }
 
 #[cfg(test)]
@@ -444,5 +476,43 @@ mod tests {
             Some(Fetch::Container { .. })
         ));
         assert!(from_env(&env(&[]), "eu-central-1").unwrap().is_none());
+    }
+
+    #[test]
+    fn a_full_uri_that_would_send_the_token_in_clear_off_the_box_is_refused() {
+        let full = |uri: &str| {
+            let uri = uri.to_string();
+            from_env(
+                &move |k: &str| (k == "AWS_CONTAINER_CREDENTIALS_FULL_URI").then(|| uri.clone()),
+                "eu-central-1",
+            )
+        };
+        // As the AWS SDKs allow: https anywhere; http only to loopback or the ECS and EKS
+        // Pod Identity link-local endpoints.
+        for ok in [
+            "https://creds.example.org/v1",
+            "http://127.0.0.1:8080/v1/credentials",
+            "http://127.3.4.5/v1",
+            "http://localhost:9911/",
+            "http://[::1]:80/x",
+            "http://169.254.170.2/v2/credentials/abc",
+            "http://169.254.170.23/v1/credentials",
+            "http://[fd00:ec2::23]/v1/credentials",
+        ] {
+            assert!(
+                matches!(full(ok), Ok(Some(Fetch::Container { .. }))),
+                "{ok}"
+            );
+        }
+        for bad in [
+            "http://10.0.0.7/v1/credentials",
+            "http://creds.example.org/v1",
+            "http://169.254.169.254/latest",
+            "ftp://127.0.0.1/x",
+            "not a url",
+        ] {
+            let err = full(bad).expect_err(bad).to_string();
+            assert!(err.contains("AWS_CONTAINER_CREDENTIALS_FULL_URI"), "{err}");
+        }
     }
 }
