@@ -21,17 +21,48 @@ fn bin() -> &'static Path {
     Path::new(BIN)
 }
 
-/// moto's server on 127.0.0.1 with request authentication on after the set-up's three calls.
-struct Moto {
+/// A Python server of `tests/moto/` on 127.0.0.1 (its first argument the port), killed when
+/// dropped: moto's, or the container credentials endpoint.
+struct Server {
     child: Child,
     port: u16,
 }
 
-impl Drop for Moto {
+/// moto's server with request authentication on after the set-up's three calls.
+type Moto = Server;
+
+impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Starts `tests/moto/<script>` with `args` after the port, and waits until it listens.
+fn server(script: &str, args: &[String], env: &[(&str, &str)]) -> Server {
+    let port = free_port();
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/moto")
+        .join(script);
+    let child = Command::new("python3")
+        .arg(path)
+        .arg(port.to_string())
+        .args(args)
+        .envs(env.iter().copied())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("python3 (and pip install \"moto[server]\")");
+    let s = Server { child, port };
+    assert!(
+        wait_until(Duration::from_secs(30), || std::net::TcpStream::connect((
+            "127.0.0.1",
+            port
+        ))
+        .is_ok()),
+        "{script} did not start"
+    );
+    s
 }
 
 /// Runs a boto3 snippet against moto (`EP` is its endpoint); panics with its output if it fails.
@@ -56,27 +87,10 @@ fn boto(port: u16, code: &str) -> String {
 }
 
 fn moto() -> Moto {
-    let port = free_port();
-    let server = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/moto/server.py");
-    let child = Command::new("python3")
-        .arg(server)
-        .arg(port.to_string())
-        // The set-up's CreateRole, PutRolePolicy and CreateBucket go unauthenticated; every
-        // later request must be signed with keys moto knows.
-        .env("INITIAL_NO_AUTH_ACTION_COUNT", "3")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("moto_server (pip install \"moto[server]\")");
-    let m = Moto { child, port };
-    assert!(
-        wait_until(Duration::from_secs(30), || std::net::TcpStream::connect((
-            "127.0.0.1",
-            port
-        ))
-        .is_ok()),
-        "moto_server did not start"
-    );
+    // The set-up's CreateRole, PutRolePolicy and CreateBucket go unauthenticated; every later
+    // request must be signed with keys moto knows.
+    let m = server("server.py", &[], &[("INITIAL_NO_AUTH_ACTION_COUNT", "3")]);
+    let port = m.port;
     boto(
         port,
         &format!(
@@ -223,46 +237,18 @@ fn web_identity_keys_are_fetched_used_and_renewed_before_they_expire() {
     });
 }
 
-/// The container credentials endpoint of `tests/moto/container_credentials.py` on 127.0.0.1,
-/// handing out 8-second keys from moto's STS to whoever shows `POD_TOKEN`.
-struct Endpoint {
-    child: Child,
-    port: u16,
-}
-
-impl Drop for Endpoint {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 const POD_TOKEN: &str = "eyJhbGciOiJSUzI1NiJ9.test-service-account-token.pod";
 
-fn container_endpoint(moto: &Moto) -> Endpoint {
-    let port = free_port();
-    let server =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/moto/container_credentials.py");
-    let child = Command::new("python3")
-        .arg(server)
-        .arg(port.to_string())
-        .arg(format!("http://127.0.0.1:{}/", moto.port))
-        .arg(ROLE)
-        .arg(POD_TOKEN)
-        .arg("8")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("python3");
-    assert!(
-        wait_until(Duration::from_secs(30), || std::net::TcpStream::connect((
-            "127.0.0.1",
-            port
-        ))
-        .is_ok()),
-        "the container credentials endpoint did not start"
-    );
-    Endpoint { child, port }
+/// The container credentials endpoint of `tests/moto/container_credentials.py`, handing out
+/// 8-second keys from moto's STS to whoever shows `POD_TOKEN`.
+fn container_endpoint(moto: &Moto) -> Server {
+    let args = [
+        format!("http://127.0.0.1:{}/", moto.port),
+        ROLE.to_string(),
+        POD_TOKEN.to_string(),
+        "8".to_string(),
+    ];
+    server("container_credentials.py", &args, &[])
 }
 
 #[test]
@@ -287,10 +273,9 @@ fn container_endpoint_keys_are_fetched_with_the_pod_token_used_and_renewed() {
     );
 }
 
-#[test]
-fn a_container_endpoint_that_refuses_the_token_is_a_clear_error() {
-    let moto = moto();
-    let endpoint = container_endpoint(&moto);
+/// `ha-edge validate` against moto's S3 with no keys but what `source` puts in the environment
+/// (given the set-up's directory): whether it succeeded, and its stderr.
+fn validate_with(moto: &Moto, source: &dyn Fn(&mut Command, &Path)) -> (bool, String) {
     let setup = Setup::new("landing");
     setup.write_config_with(
         &format!(
@@ -301,23 +286,34 @@ fn a_container_endpoint_that_refuses_the_token_is_a_clear_error() {
         "",
         "",
     );
-    let token = setup.dir.path().join("token");
-    std::fs::write(&token, "another-pods-token").unwrap();
     let cfg = setup.config_path();
-    let out = setup
-        .command(bin(), &["validate", "-c", cfg.to_str().unwrap()])
+    let mut command = setup.command(bin(), &["validate", "-c", cfg.to_str().unwrap()]);
+    command
         .env_remove("AWS_ACCESS_KEY_ID")
         .env_remove("AWS_SECRET_ACCESS_KEY")
-        .env("HOME", setup.dir.path())
-        .env(
+        .env("HOME", setup.dir.path());
+    source(&mut command, setup.dir.path());
+    let out = command.output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn a_container_endpoint_that_refuses_the_token_is_a_clear_error() {
+    let moto = moto();
+    let endpoint = container_endpoint(&moto);
+    let (ok, err) = validate_with(&moto, &|cmd, dir| {
+        let token = dir.join("token");
+        std::fs::write(&token, "another-pods-token").unwrap();
+        cmd.env(
             "AWS_CONTAINER_CREDENTIALS_FULL_URI",
             format!("http://127.0.0.1:{}/v1/credentials", endpoint.port),
         )
-        .env("AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE", &token)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{err}");
+        .env("AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE", &token);
+    });
+    assert!(!ok, "{err}");
     assert!(err.contains("container credentials endpoint"), "{err}");
     assert!(err.contains("401"), "{err}");
     assert!(!err.contains("another-pods-token"), "{err}");
@@ -326,35 +322,15 @@ fn a_container_endpoint_that_refuses_the_token_is_a_clear_error() {
 #[test]
 fn a_refused_token_is_a_clear_error() {
     let moto = moto();
-    let setup = Setup::new("landing");
-    setup.write_config_with(
-        &format!(
-            "[destination]\ntype = \"s3\"\nendpoint = \"http://127.0.0.1:{}\"\nregion = \"us-east-1\"\n\
-             bucket = \"landing\"\npath_style = true\n",
-            moto.port
-        ),
-        "",
-        "",
-    );
     // No token file where the environment says: named in the error, nothing sent.
-    let cfg = setup.config_path();
-    let out = setup
-        .command(bin(), &["validate", "-c", cfg.to_str().unwrap()])
-        .env_remove("AWS_ACCESS_KEY_ID")
-        .env_remove("AWS_SECRET_ACCESS_KEY")
-        .env("HOME", setup.dir.path())
-        .env(
-            "AWS_WEB_IDENTITY_TOKEN_FILE",
-            setup.dir.path().join("missing-token"),
-        )
-        .env("AWS_ROLE_ARN", ROLE)
-        .env(
-            "AWS_ENDPOINT_URL_STS",
-            format!("http://127.0.0.1:{}", moto.port),
-        )
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{err}");
+    let (ok, err) = validate_with(&moto, &|cmd, dir| {
+        cmd.env("AWS_WEB_IDENTITY_TOKEN_FILE", dir.join("missing-token"))
+            .env("AWS_ROLE_ARN", ROLE)
+            .env(
+                "AWS_ENDPOINT_URL_STS",
+                format!("http://127.0.0.1:{}", moto.port),
+            );
+    });
+    assert!(!ok, "{err}");
     assert!(err.contains("missing-token"), "{err}");
 }
