@@ -36,6 +36,8 @@ done
 netlab="${NETLAB:?set NETLAB to the WAN emulator (netlab.sh)}"
 scripts/install-s3s-fs.sh >/dev/null
 command -v rclone >/dev/null || { apt-get update -qq && apt-get install -y -qq rclone; }
+# netlab's random loss is an nftables rule.
+command -v nft >/dev/null || { apt-get update -qq && apt-get install -y -qq nftables; }
 packaging/build.sh --no-package x86_64-unknown-linux-musl >/dev/null
 version="$(sed -n 's/^version = "\(.*\)"$/\1/p' Cargo.toml | head -n 1)"
 bin="$PWD/dist/ha-edge-$version-x86_64-unknown-linux-musl"
