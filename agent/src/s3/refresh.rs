@@ -14,8 +14,11 @@
 //!   fetch); with no valid keys, the request fails as a transport error (retried, then an
 //!   outage), since STS or the endpoint being unreachable is not a bad key.
 //! - The token files are read at every fetch: Kubernetes rotates them.
+//! - An http full URI must name a loopback address or the ECS/EKS endpoint, as in the AWS SDKs
+//!   (`allowed_full_uri`): the token goes in clear over http.
 //!
-//! Must not break: no token, key or session token reaches a log line or an error message.
+//! Must not break: no token, key or session token reaches a log line or an error message, nor
+//! goes in clear to another host.
 
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
