@@ -221,6 +221,96 @@ fn fastrand_name() -> String {
     )
 }
 
+/// An https front for a plain-HTTP server on 127.0.0.1 (stunnel, Debian's `stunnel4`): TLS
+/// terminated with a certificate for `localhost` and 127.0.0.1 from a CA made for it, the bytes
+/// passed on unchanged. S3 over https is what the agent and the relay speak in production.
+pub struct TlsFront {
+    child: Child,
+    pub port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl TlsFront {
+    /// Starts a front for `upstream` (e.g. an `S3Server`'s or a `Proxy`'s port).
+    pub fn start(upstream: u16) -> TlsFront {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, SanType};
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut ca = CertificateParams::new(Vec::<String>::new()).expect("params");
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.distinguished_name
+            .push(DnType::CommonName, "ha-edge test S3 CA");
+        let ca_key = KeyPair::generate().expect("key");
+        let ca_cert = ca.self_signed(&ca_key).expect("CA");
+        std::fs::write(dir.path().join("ca.pem"), ca_cert.pem()).expect("write CA");
+        let mut leaf = CertificateParams::new(vec!["localhost".to_string()]).expect("params");
+        leaf.subject_alt_names
+            .push(SanType::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()));
+        leaf.distinguished_name
+            .push(DnType::CommonName, "localhost");
+        let leaf_key = KeyPair::generate().expect("key");
+        let issuer = Issuer::new(ca, ca_key);
+        let leaf_cert = leaf.signed_by(&leaf_key, &issuer).expect("leaf");
+        let (cert, key) = (dir.path().join("s3.pem"), dir.path().join("s3.key"));
+        std::fs::write(&cert, leaf_cert.pem()).expect("write cert");
+        std::fs::write(&key, leaf_key.serialize_pem()).expect("write key");
+        let bin = ["stunnel4", "stunnel"]
+            .into_iter()
+            .flat_map(|b| {
+                let path = std::env::var("PATH").unwrap_or_default();
+                path.split(':')
+                    .map(|d| Path::new(d).join(b))
+                    .collect::<Vec<_>>()
+            })
+            .find(|p| p.is_file())
+            .expect("stunnel not found: install Debian's stunnel4 (scripts/test.sh does)");
+        for _ in 0..5 {
+            let port = free_port();
+            let conf = dir.path().join("stunnel.conf");
+            std::fs::write(
+                &conf,
+                format!(
+                    "foreground = yes\npid =\noutput = {log}\ndebug = 4\n\n[s3]\n\
+                     accept = 127.0.0.1:{port}\nconnect = 127.0.0.1:{upstream}\n\
+                     cert = {cert}\nkey = {key}\n",
+                    log = dir.path().join("stunnel.log").display(),
+                    cert = cert.display(),
+                    key = key.display()
+                ),
+            )
+            .expect("write stunnel.conf");
+            let mut child = Command::new(&bin)
+                .arg(&conf)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start stunnel");
+            if wait_for_port(port, Duration::from_secs(10)) {
+                return TlsFront { child, port, dir };
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        panic!("stunnel did not start");
+    }
+
+    /// `https://localhost:PORT`.
+    pub fn endpoint(&self) -> String {
+        format!("https://localhost:{}", self.port)
+    }
+
+    /// The CA that issued the front's certificate (for `ca_file`).
+    pub fn ca(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+}
+
+impl Drop for TlsFront {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// One HTTP request the proxy saw going to the server.
 #[derive(Debug, Clone)]
 pub struct SeenRequest {
@@ -313,6 +403,10 @@ pub enum Fault {
         name: &'static str,
         value: Option<&'static str>,
     },
+    /// Forward the request with one byte of its body changed (the middle one), as a faulty
+    /// disk, memory or middlebox behind the TLS would: only a checksum the server checks
+    /// catches it.
+    CorruptBody,
 }
 
 /// Injects `fault` into the next `times` requests of operation `op` (see `SeenRequest::op`)
@@ -777,6 +871,23 @@ fn serve_connection(mut client: TcpStream, sh: &ProxyShared) {
                 relay_body(&mut client, &mut cbuf, None, half);
                 reset(client);
                 return;
+            }
+            Some(Fault::CorruptBody) => {
+                // The whole body is read, one byte changed, and put back to be forwarded.
+                let want = usize::try_from(body_len).unwrap_or(usize::MAX);
+                let mut chunk = vec![0u8; 64 * 1024];
+                while cbuf.len() < want {
+                    match client.read(&mut chunk) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => cbuf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                if cbuf.len() < want {
+                    break;
+                }
+                if let Some(b) = cbuf.get_mut(want / 2) {
+                    *b ^= 0x5a;
+                }
             }
             Some(
                 Fault::TruncateResponse | Fault::RewriteHeader { .. } | Fault::ForwardThenHold,

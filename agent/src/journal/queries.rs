@@ -335,7 +335,8 @@ impl Journal {
                     id,
                     part.number,
                     part.size as i64,
-                    part.sha256_b64,
+                    // '' for a part sent unsigned, without its SHA-256 (the column is NOT NULL).
+                    part.sha256_b64.as_deref().unwrap_or_default(),
                     part.etag,
                     part.crc64nvme_b64
                 ],
@@ -357,7 +358,7 @@ impl Journal {
                     Ok(PartRow {
                         number: r.get(0)?,
                         size: r.get::<_, i64>(1)? as u64,
-                        sha256_b64: r.get(2)?,
+                        sha256_b64: Some(r.get::<_, String>(2)?).filter(|s| !s.is_empty()),
                         etag: r.get(3)?,
                         crc64nvme_b64: r.get(4)?,
                     })

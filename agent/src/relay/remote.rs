@@ -396,7 +396,7 @@ impl Remote {
             let _slot = slot;
             let kept = permit.is_some().then(|| body.clone());
             let sent = client
-                .upload_part(&key, &recorded.upload_id, n, body, &sha, None)
+                .upload_part(&key, &recorded.upload_id, n, body, Some(&sha), None)
                 .await;
             if let (Some(bytes), Some(share)) = (kept, permit) {
                 budget.give_back(bytes, share);
@@ -523,7 +523,7 @@ impl Remote {
                     .state
                     .part_size
                     .min(size - u64::from(p.n - 1) * self.state.part_size),
-                sha256_b64: p.sha256.clone(),
+                sha256_b64: Some(p.sha256.clone()),
                 crc64nvme_b64: None,
             })
             .collect();

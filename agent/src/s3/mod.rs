@@ -359,6 +359,8 @@ pub struct S3Client {
     creds: Credentials,
     max_retries: u32,
     timeout: Duration,
+    /// The endpoint is https: parts checked by CRC-64/NVME go with an unsigned payload.
+    tls: bool,
 }
 
 impl S3Client {
@@ -388,7 +390,18 @@ impl S3Client {
             creds,
             max_retries,
             timeout,
+            tls: dest.endpoint.scheme() == "https",
         }))
+    }
+
+    /// Whether a part of an upload checked by CRC-64/NVME (`with_crc`) is signed with its
+    /// SHA-256. Over https it is not: the body is sent with `UNSIGNED-PAYLOAD`, protected on
+    /// the way by TLS and checked by the server against its signed CRC-64/NVME header, as the
+    /// AWS SDKs do. That spares one SHA-256 pass over every byte of a multipart object (the
+    /// whole-object SHA-256 is still computed, for the journal and the receipt). Over plain
+    /// http the SHA-256 signature is what keeps a changed body from being accepted.
+    pub fn signs_part_payload(&self, with_crc: bool) -> bool {
+        !(self.tls && with_crc)
     }
 
     /// The key prefix of this bucket's configuration (the destination's `prefix`).
@@ -563,29 +576,41 @@ impl S3Client {
             .ok_or_else(|| self.protocol("CreateMultipartUpload", key, "no UploadId"))
     }
 
-    /// Sends one part, signed with its SHA-256 and checked by the server with its CRC-64/NVME
-    /// (`crc64nvme`, for uploads created with `PartChecksum::Crc64Nvme`) or its SHA-256 (one
-    /// checksum header per request, as S3 requires); returns its ETag.
+    /// Sends one part, checked by the server with its CRC-64/NVME (`crc64nvme`, for uploads
+    /// created with `PartChecksum::Crc64Nvme`) or its SHA-256 (one checksum header per request,
+    /// as S3 requires), and signed with its SHA-256 unless `signs_part_payload` says it goes
+    /// unsigned; returns its ETag. A SHA-256 that is needed and not given is computed here.
     pub async fn upload_part(
         &self,
         key: &str,
         upload_id: &str,
         number: u32,
         body: Bytes,
-        sha256: &[u8; 32],
+        sha256: Option<&[u8; 32]>,
         crc64nvme: Option<u64>,
     ) -> Result<String, S3Error> {
         let n = number.to_string();
-        let checksum = match crc64nvme {
-            Some(crc) => ("x-amz-checksum-crc64nvme", crate::hash::Crc64Nvme::b64(crc)),
-            None => ("x-amz-checksum-sha256", b64(sha256)),
+        let sha = || sha256.copied().unwrap_or_else(|| Sha256::digest(&body));
+        let (checksum, payload) = match crc64nvme {
+            Some(crc) => (
+                ("x-amz-checksum-crc64nvme", crate::hash::Crc64Nvme::b64(crc)),
+                if self.signs_part_payload(true) {
+                    hex::encode(sha())
+                } else {
+                    sign::UNSIGNED_PAYLOAD.to_string()
+                },
+            ),
+            None => {
+                let sha = sha();
+                (("x-amz-checksum-sha256", b64(&sha)), hex::encode(sha))
+            }
         };
         let req = Request {
             method: Method::PUT,
             url: self.url(key, &[("partNumber", &n), ("uploadId", upload_id)]),
             headers: vec![checksum],
             body,
-            payload_sha256_hex: hex::encode(sha256),
+            payload_sha256_hex: payload,
         };
         let resp = self.execute("UploadPart", key, req).await?;
         resp.headers

@@ -41,8 +41,9 @@ pub struct PartRow {
     /// Its size in bytes.
     pub size: u64,
     /// Base64 SHA-256 of the part (the signed payload hash; the checksum header of uploads
-    /// checked by SHA-256).
-    pub sha256_b64: String,
+    /// checked by SHA-256). None for a part sent unsigned over https with its CRC-64/NVME,
+    /// which no one hashed with SHA-256 (`S3Client::signs_part_payload`).
+    pub sha256_b64: Option<String>,
     /// Base64 CRC-64/NVME of the part, for uploads with a full-object CRC-64/NVME.
     pub crc64nvme_b64: Option<String>,
     /// The server's ETag for it (CompleteMultipartUpload lists it).
@@ -189,20 +190,21 @@ impl Upload<'_> {
                 let (client, source) = (self.client.clone(), source.clone());
                 let (key, upload_id) = (self.key.to_string(), self.upload_id.to_string());
                 let with_crc = self.crc64nvme;
+                let with_sha = client.signs_part_payload(with_crc);
                 tasks.spawn(async move {
                     let _permit = permit;
                     let (body, sha) = match read_now {
                         Some(r) => r,
                         None => source.read(n, off, len).await?,
                     };
-                    let (body, sha, crc) = part_sums(body, sha, with_crc).await;
+                    let (body, sha, crc) = part_sums(body, sha, with_sha, with_crc).await;
                     let etag = client
-                        .upload_part(&key, &upload_id, n, body, &sha, crc)
+                        .upload_part(&key, &upload_id, n, body, sha.as_ref(), crc)
                         .await?;
                     let part = PartRow {
                         number: n,
                         size: len,
-                        sha256_b64: b64(&sha),
+                        sha256_b64: sha.as_ref().map(|s| b64(s)),
                         crc64nvme_b64: crc.map(Crc64Nvme::b64),
                         etag,
                     };
@@ -231,35 +233,39 @@ impl Upload<'_> {
         parts
             .iter()
             .map(|p| {
-                let sum = p.crc64nvme_b64.as_ref().unwrap_or(&p.sha256_b64);
-                (p.number, p.etag.clone(), sum.clone())
+                let sum = p.crc64nvme_b64.as_ref().or(p.sha256_b64.as_ref());
+                (p.number, p.etag.clone(), sum.cloned().unwrap_or_default())
             })
             .collect()
     }
 }
 
-/// A part's SHA-256 (unless the source gave it) and, with `with_crc`, its CRC-64/NVME, on the
-/// blocking pool: parts are hashed in parallel, off the runtime's threads.
+/// With `with_sha`, a part's SHA-256 (unless the source gave it), and with `with_crc` its
+/// CRC-64/NVME, on the blocking pool: parts are hashed in parallel, off the runtime's threads.
 async fn part_sums(
     body: Bytes,
     sha: Option<[u8; 32]>,
+    with_sha: bool,
     with_crc: bool,
-) -> (Bytes, [u8; 32], Option<u64>) {
-    if sha.is_some() && !with_crc {
-        return (body, sha.unwrap_or_default(), None);
+) -> (Bytes, Option<[u8; 32]>, Option<u64>) {
+    let hash_sha = with_sha && sha.is_none();
+    if !hash_sha && !with_crc {
+        return (body, sha, None);
     }
+    let sums = move |body: &[u8]| {
+        let sha = if hash_sha {
+            Some(Sha256::digest(body))
+        } else {
+            sha
+        };
+        (sha, with_crc.then(|| Crc64Nvme::digest(body)))
+    };
     let work = body.clone();
-    let sums = tokio::task::spawn_blocking(move || {
-        let sha = sha.unwrap_or_else(|| Sha256::digest(&work));
-        (sha, with_crc.then(|| Crc64Nvme::digest(&work)))
-    })
-    .await;
-    match sums {
+    match tokio::task::spawn_blocking(move || sums(&work)).await {
         Ok((sha, crc)) => (body, sha, crc),
         // The blocking pool is shutting down: hash here.
         Err(_) => {
-            let sha = sha.unwrap_or_else(|| Sha256::digest(&body));
-            let crc = with_crc.then(|| Crc64Nvme::digest(&body));
+            let (sha, crc) = sums(&body);
             (body, sha, crc)
         }
     }

@@ -1,8 +1,9 @@
 //! SigV4 signing of one request (aws-sigv4), with the S3-specific settings: single percent
 //! encoding, no path normalisation, and the payload SHA-256 in `x-amz-content-sha256`.
 //!
-//! Must not break: the signed payload hash is the body's SHA-256 (never UNSIGNED-PAYLOAD), and
-//! keys are encoded exactly once.
+//! Must not break: the signed payload hash is the body's SHA-256, or `UNSIGNED-PAYLOAD` only
+//! for a request sent over TLS whose body carries a checksum header the server checks (the
+//! AWS SDKs' rule; `S3Client::upload_part` decides), and keys are encoded exactly once.
 
 use std::time::SystemTime;
 
@@ -16,6 +17,10 @@ use super::credentials::Credentials;
 
 /// SHA-256 of the empty payload.
 pub const EMPTY_SHA256: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+
+/// The payload "hash" of a request whose body is not signed: its integrity rests on TLS and on
+/// the `x-amz-checksum-*` header, which is signed and which the server checks.
+pub const UNSIGNED_PAYLOAD: &str = "UNSIGNED-PAYLOAD";
 
 /// A request that could not be signed (a bug or bad credentials' format).
 #[derive(Debug, thiserror::Error)]
@@ -51,7 +56,11 @@ pub fn signing_headers(
         method,
         url,
         headers.iter().copied(),
-        SignableBody::Precomputed(payload_sha256_hex.to_string()),
+        if payload_sha256_hex == UNSIGNED_PAYLOAD {
+            SignableBody::UnsignedPayload
+        } else {
+            SignableBody::Precomputed(payload_sha256_hex.to_string())
+        },
     )
     .map_err(|e| SignError(e.to_string()))?;
     let (instructions, _signature) = sign(signable, &params)

@@ -120,7 +120,7 @@ pub fn check(
     }
     if let Some(cs) = &head.checksum_sha256 {
         let whole = b64(sha);
-        let composite = parts.map(composite_checksum);
+        let composite = parts.and_then(composite_checksum);
         if *cs != whole && composite.as_deref() != Some(cs.as_str()) {
             return Err(Mismatch::Checksum {
                 server: cs.clone(),
@@ -132,16 +132,18 @@ pub fn check(
     Ok(())
 }
 
-/// S3's checksum of a multipart object: SHA-256 over the parts' SHA-256s, then "-N".
-pub fn composite_checksum(parts: &[PartRow]) -> String {
+/// S3's checksum of a multipart object: SHA-256 over the parts' SHA-256s, then "-N" (None if
+/// a part was sent without its SHA-256: then the upload was not checked by SHA-256).
+pub fn composite_checksum(parts: &[PartRow]) -> Option<String> {
     use base64::Engine as _;
     let mut h = Sha256::new();
     for p in parts {
-        if let Ok(raw) = base64::engine::general_purpose::STANDARD.decode(&p.sha256_b64) {
-            h.update(raw);
-        }
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(p.sha256_b64.as_ref()?)
+            .ok()?;
+        h.update(raw);
     }
-    format!("{}-{}", b64(&h.finalize()), parts.len())
+    Some(format!("{}-{}", b64(&h.finalize()), parts.len()))
 }
 
 #[cfg(test)]
@@ -152,7 +154,7 @@ mod tests {
         PartRow {
             number,
             size: body.len() as u64,
-            sha256_b64: b64(&Sha256::digest(body)),
+            sha256_b64: Some(b64(&Sha256::digest(body))),
             crc64nvme_b64: None,
             etag: String::new(),
         }
@@ -167,7 +169,7 @@ mod tests {
         h.update(Sha256::digest(b"b"));
         assert_eq!(
             composite_checksum(&parts),
-            format!("{}-2", b64(&h.finalize()))
+            Some(format!("{}-2", b64(&h.finalize())))
         );
     }
 
