@@ -14,6 +14,10 @@ fi
 if ! command -v promtool >/dev/null || ! command -v tmux >/dev/null; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus tmux
 fi
+# The https tests put a TLS front (stunnel) before s3s-fs.
+if ! command -v stunnel4 >/dev/null && ! command -v stunnel >/dev/null; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq stunnel4
+fi
 # The web identity tests ask a local STS (moto's server, PyPI; boto3 comes with it).
 if ! python3 -c "import moto.server, boto3" 2>/dev/null; then
   pip install -q "moto[server]==5.*"

@@ -167,7 +167,7 @@ fn part(number: u32) -> PartRow {
     PartRow {
         number,
         size: 5 << 20,
-        sha256_b64: format!("sha-{number}"),
+        sha256_b64: Some(format!("sha-{number}")),
         crc64nvme_b64: None,
         etag: format!("etag-{number}"),
     }
@@ -243,7 +243,7 @@ fn dump(j: &Journal) -> Vec<Row> {
                 PartRow {
                     number: r.get(1)?,
                     size: r.get::<_, i64>(2)? as u64,
-                    sha256_b64: r.get(3)?,
+                    sha256_b64: Some(r.get::<_, String>(3)?).filter(|s| !s.is_empty()),
                     crc64nvme_b64: None,
                     etag: r.get(4)?,
                 },

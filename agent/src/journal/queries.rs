@@ -1013,9 +1013,22 @@ mod tests {
                 PartRow {
                     number: 1,
                     size: 5 << 20,
-                    sha256_b64: "x".into(),
+                    sha256_b64: Some("x".into()),
                     crc64nvme_b64: None,
                     etag: "\"e\"".into(),
+                },
+            )
+            .await
+            .unwrap();
+            // A part sent unsigned over https has no SHA-256 of its own.
+            j.record_part(
+                id,
+                PartRow {
+                    number: 2,
+                    size: 1,
+                    sha256_b64: None,
+                    crc64nvme_b64: Some("c".into()),
+                    etag: "\"f\"".into(),
                 },
             )
             .await
@@ -1027,7 +1040,11 @@ mod tests {
         assert_eq!(rows[0].state, State::Uploading);
         assert_eq!(rows[0].upload_id.as_deref(), Some("up-1"));
         assert_eq!(rows[0].sha256, Some([1; 32]));
-        assert_eq!(j.parts(rows[0].id).await.unwrap().len(), 1);
+        let parts = j.parts(rows[0].id).await.unwrap();
+        assert_eq!(parts.len(), 2);
+        assert_eq!(parts[0].sha256_b64.as_deref(), Some("x"));
+        assert_eq!(parts[1].sha256_b64, None);
+        assert_eq!(parts[1].crc64nvme_b64.as_deref(), Some("c"));
         j.reset(rows[0].id, None, "gone".into()).await.unwrap();
         assert!(j.parts(rows[0].id).await.unwrap().is_empty());
         j.check_integrity().unwrap();
