@@ -3,8 +3,9 @@
 //! carries, so the binary holds one SHA-256 for files and parts rather than two.
 //!
 //! CRC-64/NVME (S3's `CRC64NVME`, the full-object checksum of multipart uploads) through
-//! crc64fast-nvme: carry-less multiplication (PCLMULQDQ, PMULL) where the CPU has it, a table
-//! elsewhere (armv7).
+//! crc-fast (the AWS SDK for Rust's): carry-less multiplication (PCLMULQDQ, VPCLMULQDQ, PMULL)
+//! where the CPU has it, a table elsewhere (armv7), and the combination of two checksums, which
+//! gives a whole object's from its parts'.
 //!
 //! Must not break: one SHA-256 implementation for files, parts and the signature.
 
@@ -146,7 +147,7 @@ impl Sha256Resumable {
 
 /// A streaming CRC-64/NVME, as S3 computes `x-amz-checksum-crc64nvme`.
 #[derive(Clone)]
-pub struct Crc64Nvme(crc64fast_nvme::Digest);
+pub struct Crc64Nvme(crc_fast::Digest);
 
 impl Default for Crc64Nvme {
     /// An empty checksum.
@@ -158,17 +159,23 @@ impl Default for Crc64Nvme {
 impl Crc64Nvme {
     /// An empty checksum.
     pub fn new() -> Crc64Nvme {
-        Crc64Nvme(crc64fast_nvme::Digest::new())
+        Crc64Nvme(crc_fast::Digest::new(crc_fast::CrcAlgorithm::Crc64Nvme))
     }
 
     /// Adds the next bytes.
     pub fn update(&mut self, data: impl AsRef<[u8]>) {
-        self.0.write(data.as_ref());
+        self.0.update(data.as_ref());
     }
 
     /// The checksum of the bytes so far.
     pub fn sum(&self) -> u64 {
-        self.0.sum64()
+        self.0.finalize()
+    }
+
+    /// The checksum of `a` followed by `b`, from the checksum of each and the length of `b`
+    /// (a whole object's from its parts').
+    pub fn combine(a: u64, b: u64, b_len: u64) -> u64 {
+        crc_fast::checksum_combine(crc_fast::CrcAlgorithm::Crc64Nvme, a, b, b_len)
     }
 
     /// The checksum of `data` in one call.
@@ -197,6 +204,20 @@ mod tests {
         assert_eq!(c.sum(), 0xae8b_1486_0a79_9888);
         assert_eq!(Crc64Nvme::digest(b"123456789"), c.sum());
         assert_eq!(Crc64Nvme::b64(0xae8b_1486_0a79_9888), "rosUhgp5mIg=");
+    }
+
+    /// The checksums of parts combine into the whole's, whatever the cut.
+    #[test]
+    fn crc64nvme_of_parts_combine_into_the_whole() {
+        let data: Vec<u8> = (0..100_000u32)
+            .map(|i| (i * 31 + i / 7).to_le_bytes()[0])
+            .collect();
+        for cut in [0, 1, 8, 4095, 50_000, 99_999, 100_000] {
+            let (a, b) = data.split_at(cut);
+            let whole =
+                Crc64Nvme::combine(Crc64Nvme::digest(a), Crc64Nvme::digest(b), b.len() as u64);
+            assert_eq!(whole, Crc64Nvme::digest(&data), "cut at {cut}");
+        }
     }
 
     /// The resumable SHA-256 agrees with ring on every length around the block and padding

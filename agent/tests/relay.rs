@@ -190,9 +190,16 @@ const DKFZ_AGENT: &str =
 
 /// A `[store]` landing in bucket "cloud" of `s3` (5 MiB parts).
 fn s3_store(s3: &S3Server) -> String {
+    s3_store_at(&s3.endpoint(), None)
+}
+
+/// A `[store]` landing in bucket "cloud" at `endpoint`, trusting `ca` (an https front).
+fn s3_store_at(endpoint: &str, ca: Option<&Path>) -> String {
+    let ca = ca.map_or(String::new(), |c| {
+        format!("\nca_file = \"{}\"", c.display())
+    });
     format!(
-        "type = \"s3\"\nendpoint = \"{}\"\nregion = \"eu-central-1\"\nbucket = \"cloud\"\npath_style = true\npart_size = \"5MiB\"",
-        s3.endpoint()
+        "type = \"s3\"\nendpoint = \"{endpoint}\"\nregion = \"eu-central-1\"\nbucket = \"cloud\"\npath_style = true\npart_size = \"5MiB\"{ca}"
     )
 }
 
@@ -559,14 +566,18 @@ fn corrupted_bytes_never_reach_s3_the_part_is_sent_again() {
 /// The parts recorded in the relay's one transfer state object in bucket "cloud", if there is
 /// one.
 fn state_parts(s3: &S3Server) -> Option<usize> {
+    Some(state_object(s3)?["parts"].as_array()?.len())
+}
+
+/// The relay's one transfer state object in bucket "cloud", if there is one.
+fn state_object(s3: &S3Server) -> Option<serde_json::Value> {
     let keys: Vec<String> = s3
         .keys("cloud")
         .into_iter()
         .filter(|k| k.starts_with(".ha-edge-relay/transfers/"))
         .collect();
     let [one] = keys.as_slice() else { return None };
-    let state: serde_json::Value = serde_json::from_slice(&s3.object("cloud", one)?).ok()?;
-    Some(state["parts"].as_array()?.len())
+    serde_json::from_slice(&s3.object("cloud", one)?).ok()
 }
 
 #[test]
@@ -1103,15 +1114,32 @@ fn f13_validate_asks_the_relay() {
 /// left open.
 #[test]
 fn the_agent_fails_over_to_the_next_relay_and_resumes_from_what_s3_holds() {
+    fails_over_and_resumes(false);
+}
+
+/// The same over https: the upload is checked by CRC-64/NVME, its parts sent unsigned; the
+/// second relay takes the parts' CRCs from the state object and the server confirms the whole
+/// object's, combined from them.
+#[test]
+fn over_https_the_next_relay_resumes_a_crc64nvme_upload_from_what_s3_holds() {
+    fails_over_and_resumes(true);
+}
+
+fn fails_over_and_resumes(tls: bool) {
     let s3 = S3Server::start();
     s3.create_bucket("cloud");
-    let w = world(Some(&s3_store(&s3)));
+    let front = tls.then(|| TlsFront::start(s3.port));
+    let store = match &front {
+        Some(f) => s3_store_at(&f.endpoint(), Some(&f.ca())),
+        None => s3_store(&s3),
+    };
+    let w = world(Some(&store));
     let first = w.relay();
     // A second relay in front of the same bucket, in its own directory (its own disk).
     let dir_b = w.setup.dir.path().join("relay-b");
     std::fs::create_dir_all(&dir_b).unwrap();
     let port_b = free_udp_port();
-    let cfg_b = Relay::config(&dir_b, port_b, &w.ca, &s3_store(&s3), DKFZ_AGENT);
+    let cfg_b = Relay::config(&dir_b, port_b, &w.ca, &store, DKFZ_AGENT);
     let metrics_b = metrics_on(&cfg_b);
     let second = Relay::start(&dir_b);
     let (c, k) = w.ca.issue("agent", DKFZ, false);
@@ -1137,6 +1165,12 @@ fn the_agent_fails_over_to_the_next_relay_and_resumes_from_what_s3_holds() {
     // Freeze the first relay, note what it holds, then kill it: no goodbye on the connection.
     send_signal(&first.child, "STOP");
     let recorded = state_parts(&s3).unwrap() as u64;
+    let state = state_object(&s3).unwrap();
+    assert_eq!(state["crc64nvme"], tls, "{state}");
+    for p in state["parts"].as_array().unwrap() {
+        assert_eq!(p["crc64nvme"].is_string(), tls, "{p}");
+        assert_eq!(p["sha256"].is_string(), !tls, "{p}");
+    }
     let on_disk = first.partial_bytes();
     assert_eq!(
         on_disk, 0,
@@ -1166,6 +1200,109 @@ fn the_agent_fails_over_to_the_next_relay_and_resumes_from_what_s3_holds() {
     );
     assert_eq!(s3.open_uploads(), 0, "no upload left open");
     assert_eq!(s3.keys("cloud"), [key], "no state object left");
+    let meta = s3.metadata("cloud", key).unwrap();
+    assert_eq!(meta["user_metadata"]["sha256"], sha256(&big), "{meta}");
+    if tls {
+        assert_eq!(meta["checksum_type"], "FULL_OBJECT", "{meta}");
+        let sums = s3.checksums("cloud", key).unwrap();
+        assert_eq!(sums["checksum_crc64nvme"], crc64nvme_b64(&big), "{sums}");
+    }
+}
+
+/// Over https the relay lands a large object as the agent's direct path does: its parts go
+/// with `UNSIGNED-PAYLOAD` and their CRC-64/NVME (no SHA-256 of each part), the server checks
+/// the whole object's CRC-64/NVME, and the object keeps its SHA-256 in its metadata.
+#[test]
+fn over_https_the_relay_sends_parts_unsigned_with_their_crc64nvme() {
+    let s3 = S3Server::start();
+    s3.create_bucket("cloud");
+    let proxy = Proxy::start(s3.port);
+    let front = TlsFront::start(proxy.port);
+    let w = world(Some(&s3_store_at(&front.endpoint(), Some(&front.ca()))));
+    let relay = w.relay();
+    w.agent_config(w.relay_port, "agent", "fhir/dkfz/", "");
+    let big = data(33, 23 * MIB);
+    write_settled(&w.setup.src().join("ct.dcm"), &big);
+    let out = w.setup.run_once(bin());
+    assert!(out.status.success(), "{}\n{}", stderr_of(&out), relay.log());
+    let key = "fhir/dkfz/ct.dcm";
+    assert_eq!(sha256(&s3.object("cloud", key).unwrap()), sha256(&big));
+    let meta = s3.metadata("cloud", key).unwrap();
+    assert_eq!(meta["user_metadata"]["sha256"], sha256(&big), "{meta}");
+    assert_eq!(meta["checksum_type"], "FULL_OBJECT", "{meta}");
+    let sums = s3.checksums("cloud", key).unwrap();
+    assert_eq!(sums["checksum_crc64nvme"], crc64nvme_b64(&big), "{sums}");
+    let seen = proxy.seen();
+    let parts: Vec<&SeenRequest> = seen.iter().filter(|r| r.op() == "UploadPart").collect();
+    assert_eq!(parts.len(), 5, "{parts:?}");
+    for p in parts {
+        let n = p.part_number().unwrap() as usize;
+        let part = &big[(n - 1) * 5 * MIB..(n * 5 * MIB).min(big.len())];
+        assert_eq!(p.header("x-amz-content-sha256"), Some("UNSIGNED-PAYLOAD"));
+        assert_eq!(
+            p.header("x-amz-checksum-crc64nvme"),
+            Some(crc64nvme_b64(part).as_str())
+        );
+    }
+    assert_eq!(s3.open_uploads(), 0);
+}
+
+/// A store behind https that refuses CRC-64/NVME uploads (an older S3-compatible server): the
+/// relay says so once and lands every object with SHA-256 parts, verified.
+#[test]
+fn over_https_a_store_that_refuses_crc64nvme_gets_sha256_parts_with_one_warning() {
+    let s3 = S3Server::start();
+    s3.create_bucket("cloud");
+    let proxy = Proxy::start(s3.port);
+    proxy.add_rule(
+        Rule::new(
+            "CreateMultipartUpload",
+            Fault::Status {
+                status: 501,
+                code: "NotImplemented",
+                retry_after: None,
+            },
+            100,
+        )
+        .with_header("x-amz-checksum-algorithm", "CRC64NVME"),
+    );
+    let front = TlsFront::start(proxy.port);
+    let w = world(Some(&s3_store_at(&front.endpoint(), Some(&front.ca()))));
+    let relay = w.relay();
+    w.agent_config(w.relay_port, "agent", "fhir/dkfz/", "concurrency = 1");
+    let files: Vec<(String, Vec<u8>)> = (0..2)
+        .map(|i| (format!("ct{i}.dcm"), data(60 + i, 11 * MIB)))
+        .collect();
+    for (name, body) in &files {
+        write_settled(&w.setup.src().join(name), body);
+    }
+    let out = w.setup.run_once(bin());
+    assert!(out.status.success(), "{}\n{}", stderr_of(&out), relay.log());
+    for (name, body) in &files {
+        let key = format!("fhir/dkfz/{name}");
+        assert_eq!(sha256(&s3.object("cloud", &key).unwrap()), sha256(body));
+        let meta = s3.metadata("cloud", &key).unwrap();
+        assert_eq!(meta["user_metadata"]["sha256"], sha256(body), "{meta}");
+    }
+    assert_eq!(proxy.faults_injected(), 1, "asked once, then SHA-256");
+    let parts: Vec<SeenRequest> = proxy
+        .seen()
+        .into_iter()
+        .filter(|r| r.op() == "UploadPart")
+        .collect();
+    assert_eq!(parts.len(), 6);
+    assert!(parts
+        .iter()
+        .all(|p| p.header("x-amz-checksum-sha256").is_some()
+            && p.header("x-amz-content-sha256") != Some("UNSIGNED-PAYLOAD")));
+    assert_eq!(
+        relay
+            .log()
+            .matches("the store refuses full-object CRC64NVME checksums")
+            .count(),
+        1
+    );
+    assert_eq!(s3.open_uploads(), 0);
 }
 
 /// A transfer kept in S3 whose agent never comes back is given up after `partial_ttl`: its

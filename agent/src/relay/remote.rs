@@ -5,15 +5,23 @@
 //! # Design
 //! - **One state object per transfer**, under the relay-private prefix `.ha-edge-relay/transfers/`
 //!   (beneath the store's prefix), named by a hash of (agent identity, key, SHA-256): the
-//!   upload ID, the parts uploaded (number, ETag, SHA-256), and the SHA-256 midstate after
-//!   them. It is created once (`If-None-Match: *`; a replica that loses the race uses the
+//!   upload ID, how it is checked, the parts uploaded (number, ETag, and SHA-256 or
+//!   CRC-64/NVME), and the SHA-256 midstate after them. It is created once (`If-None-Match: *`; a replica that loses the race uses the
 //!   winner's upload) and rewritten after each part. We chose this over ListMultipartUploads
 //!   because s3s-fs (and some other stores) do not implement it, and because the midstate has to
 //!   be kept somewhere: parts of an open upload cannot be read back to hash them again.
 //! - **Resume:** an offer for the same (identity, key, SHA-256) reads the state, checks with
 //!   ListParts that the upload still holds those parts, and is answered `Accept{parts ×
 //!   part_size}`. A state whose upload is gone starts over.
-//! - **Receiving:** bytes go into the whole-object hash, the part's hash, and the part being
+//! - **Checksums:** over https the upload is checked by CRC-64/NVME, per part and of the whole
+//!   object (`FULL_OBJECT`, combined from the parts' at completion, so a replica resuming it
+//!   needs only the state object), and its parts go with `UNSIGNED-PAYLOAD`: TLS protects
+//!   them on the way and S3 checks each against its signed CRC, as the AWS SDKs do. That spares
+//!   the relay a SHA-256 of every part, a third of its CPU. Over http (and on a store that
+//!   refuses CRC-64/NVME, said once) each part is signed with its SHA-256, which is also its
+//!   checksum (composite). Either way the whole-object SHA-256 is computed as the bytes
+//!   arrive, checked against the offer, and kept in `x-amz-meta-sha256`.
+//! - **Receiving:** bytes go into the whole-object hash, the part's checksum, and the part being
 //!   assembled (at most `part_size`): in memory while the relay's assembly budget
 //!   (`store.assembly_memory`, shared by all transfers) has room for the whole part, else in
 //!   one part file on the relay's disk (0600). A full part is uploaded in the background (at
@@ -27,7 +35,8 @@
 //!   to 5.5 s (README, "QUIC relay").
 //! - **Commit:** the last part is uploaded, the whole-object SHA-256 (midstate and the bytes
 //!   since) is checked against the offer *before* CompleteMultipartUpload; a mismatch aborts the
-//!   upload. The completed object is verified (size, composite checksum), then the state
+//!   upload. The completed object is verified (size, `x-amz-meta-sha256`, and the composite
+//!   SHA-256 or the full-object CRC-64/NVME), then the state
 //!   object is deleted and `Stored` sent.
 //!
 //! Must not break: nothing is completed whose SHA-256 differs from the offer, and a part is
@@ -42,7 +51,7 @@ use bytes::{Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 
 use super::store::{Landed, StoreError};
-use crate::hash::{Sha256, Sha256Resumable};
+use crate::hash::{Crc64Nvme, Sha256, Sha256Resumable};
 use crate::s3::multipart::PartRow;
 use crate::s3::verify::{self, VerifyError};
 use crate::s3::{PartChecksum, Precondition, S3Client};
@@ -151,13 +160,66 @@ struct State {
     /// SHA-256 midstate after the parts (8 words, hex), and the bytes it covers.
     midstate: String,
     hashed: u64,
+    /// The upload is checked by CRC-64/NVME, per part and of the whole object, its parts sent
+    /// unsigned (https); else by SHA-256 per part (composite). Older state objects: SHA-256.
+    #[serde(default)]
+    crc64nvme: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 struct StatePart {
     n: u32,
     etag: String,
-    sha256: String,
+    /// Base64 SHA-256 of the part (SHA-256 uploads).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    sha256: Option<String>,
+    /// Base64 CRC-64/NVME of the part (CRC-64/NVME uploads).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    crc64nvme: Option<String>,
+}
+
+/// The checksum of the part being assembled, as its upload is checked.
+enum PartSum {
+    Sha256(Sha256),
+    Crc64Nvme(Crc64Nvme),
+}
+
+impl PartSum {
+    fn new(crc64nvme: bool) -> PartSum {
+        if crc64nvme {
+            PartSum::Crc64Nvme(Crc64Nvme::new())
+        } else {
+            PartSum::Sha256(Sha256::new())
+        }
+    }
+
+    fn update(&mut self, bytes: &[u8]) {
+        match self {
+            PartSum::Sha256(h) => h.update(bytes),
+            PartSum::Crc64Nvme(c) => c.update(bytes),
+        }
+    }
+
+    /// The part's SHA-256 or CRC-64/NVME.
+    fn finish(self) -> (Option<[u8; 32]>, Option<u64>) {
+        match self {
+            PartSum::Sha256(h) => (Some(h.finalize()), None),
+            PartSum::Crc64Nvme(c) => (None, Some(c.sum())),
+        }
+    }
+}
+
+/// A store that refused CRC-64/NVME uploads: said once, then SHA-256 for the relay's life.
+static CRC_REFUSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether a new upload to `client` is checked by CRC-64/NVME: over https, where its parts
+/// then go unsigned (one SHA-256 pass fewer over every byte), unless the store refused it.
+/// Over http each part is hashed with SHA-256 for its signature anyway, so it is also the
+/// part's checksum, as before.
+fn new_upload_uses_crc(client: &S3Client) -> bool {
+    client.checksum() == crate::config::Checksum::Crc64Nvme
+        && !client.signs_part_payload(true)
+        && !CRC_REFUSED.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// A transfer whose partial state is in S3.
@@ -167,7 +229,7 @@ pub struct Remote {
     state_key: String,
     state: State,
     whole: Sha256Resumable,
-    part: Sha256,
+    part: PartSum,
     budget: Budget,
     assembly: Assembly,
     part_file: Arc<File>,
@@ -251,9 +313,32 @@ impl Remote {
             None => {
                 let mut meta = client.meta_for(&dest_key, "");
                 meta.agent_identity = Some(identity.to_string());
-                let upload_id = client
-                    .create_multipart(&dest_key, PartChecksum::Sha256(sha), &meta)
-                    .await?;
+                let mut crc64nvme = new_upload_uses_crc(client);
+                let created = if crc64nvme {
+                    let r = client
+                        .create_multipart(&dest_key, PartChecksum::Crc64Nvme(Some(sha)), &meta)
+                        .await;
+                    match r {
+                        Err(e) if e.refuses_crc64nvme() => {
+                            if !CRC_REFUSED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                                tracing::warn!(endpoint = %client.endpoint(), error = %e, "the store refuses full-object CRC64NVME checksums on multipart uploads: using SHA-256 per part instead (each part hashed twice)");
+                            }
+                            crc64nvme = false;
+                            None
+                        }
+                        r => Some(r?),
+                    }
+                } else {
+                    None
+                };
+                let upload_id = match created {
+                    Some(id) => id,
+                    None => {
+                        client
+                            .create_multipart(&dest_key, PartChecksum::Sha256(sha), &meta)
+                            .await?
+                    }
+                };
                 let fresh = State {
                     v: 1,
                     identity: identity.to_string(),
@@ -265,6 +350,7 @@ impl Remote {
                     parts: Vec::new(),
                     midstate: midstate_hex(&Sha256Resumable::new().midstate().expect("empty").0),
                     hashed: 0,
+                    crc64nvme,
                 };
                 match write_state(client, &state_key, &fresh, &Precondition::Create).await {
                     Ok(()) => fresh,
@@ -287,6 +373,7 @@ impl Remote {
             StoreError::Io(std::io::Error::other("unreadable transfer state object"))
         })?;
         let whole = Sha256Resumable::from_midstate(words, state.hashed);
+        let part = PartSum::new(state.crc64nvme);
         let part_file = {
             use std::os::unix::fs::OpenOptionsExt;
             std::fs::OpenOptions::new()
@@ -303,7 +390,7 @@ impl Remote {
             state_key,
             state,
             whole,
-            part: Sha256::new(),
+            part,
             budget: budget.clone(),
             assembly: Assembly::Empty,
             part_file: Arc::new(part_file),
@@ -380,7 +467,8 @@ impl Remote {
             }
         };
         self.part_len = 0;
-        let sha = std::mem::take(&mut self.part).finalize();
+        let (sha, crc) =
+            std::mem::replace(&mut self.part, PartSum::new(self.state.crc64nvme)).finish();
         let midstate = self.whole.midstate();
         self.settle().await?;
         let n = u32::try_from(self.state.parts.len() + 1).map_err(std::io::Error::other)?;
@@ -396,7 +484,7 @@ impl Remote {
             let _slot = slot;
             let kept = permit.is_some().then(|| body.clone());
             let sent = client
-                .upload_part(&key, &recorded.upload_id, n, body, Some(&sha), None)
+                .upload_part(&key, &recorded.upload_id, n, body, sha.as_ref(), crc)
                 .await;
             if let (Some(bytes), Some(share)) = (kept, permit) {
                 budget.give_back(bytes, share);
@@ -405,7 +493,8 @@ impl Remote {
             let part = StatePart {
                 n,
                 etag,
-                sha256: crate::s3::b64(&sha),
+                sha256: sha.as_ref().map(|s| crate::s3::b64(s)),
+                crc64nvme: crc.map(Crc64Nvme::b64),
             };
             if !last {
                 recorded.parts.push(part.clone());
@@ -493,25 +582,6 @@ impl Remote {
             self.abandon().await;
             return Ok(Landed::Mismatch(detail));
         }
-        let manifest: Vec<(u32, String, String)> = self
-            .state
-            .parts
-            .iter()
-            .map(|p| (p.n, p.etag.clone(), p.sha256.clone()))
-            .collect();
-        let client = self.client.clone();
-        if let Err(e) = client
-            .complete_multipart(
-                &self.dest_key,
-                &self.state.upload_id,
-                &manifest,
-                &Precondition::None,
-                None,
-            )
-            .await
-        {
-            return Err(e.into());
-        }
         let rows: Vec<PartRow> = self
             .state
             .parts
@@ -523,13 +593,33 @@ impl Remote {
                     .state
                     .part_size
                     .min(size - u64::from(p.n - 1) * self.state.part_size),
-                sha256_b64: Some(p.sha256.clone()),
-                crc64nvme_b64: None,
+                sha256_b64: p.sha256.clone(),
+                crc64nvme_b64: p.crc64nvme.clone(),
             })
             .collect();
+        let whole_crc = if self.state.crc64nvme {
+            Some(whole_crc(&rows).ok_or_else(|| {
+                std::io::Error::other("a part of the transfer state has no CRC-64/NVME")
+            })?)
+        } else {
+            None
+        };
+        let client = self.client.clone();
+        if let Err(e) = client
+            .complete_multipart(
+                &self.dest_key,
+                &self.state.upload_id,
+                &crate::s3::multipart::Upload::manifest(&rows),
+                &Precondition::None,
+                whole_crc,
+            )
+            .await
+        {
+            return Err(e.into());
+        }
         let mut sha = [0u8; 32];
         hex::decode_to_slice(&self.state.sha256, &mut sha).map_err(std::io::Error::other)?;
-        verify::verify(&client, &self.dest_key, size, &sha, Some(&rows))
+        verify::verify_full(&client, &self.dest_key, size, &sha, whole_crc, Some(&rows))
             .await
             .map_err(|e| match e {
                 VerifyError::S3(e) => StoreError::S3(e),
@@ -555,6 +645,18 @@ impl Remote {
         let _ = self.client.delete_object(&self.state_key).await;
         let _ = std::fs::remove_file(&self.part_path);
     }
+}
+
+/// The whole object's CRC-64/NVME from its parts' (None if one has none).
+fn whole_crc(parts: &[PartRow]) -> Option<u64> {
+    use base64::Engine as _;
+    parts.iter().try_fold(Crc64Nvme::new().sum(), |whole, p| {
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(p.crc64nvme_b64.as_ref()?)
+            .ok()?;
+        let part = u64::from_be_bytes(raw.try_into().ok()?);
+        Some(Crc64Nvme::combine(whole, part, p.size))
+    })
 }
 
 /// Gives up transfers whose state object has not changed for `ttl` (an agent that never came

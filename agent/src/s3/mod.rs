@@ -161,6 +161,16 @@ impl S3Error {
         }
     }
 
+    /// The server does not take CRC64NVME checksums (an older S3-compatible server): 501, or
+    /// a 400 that names the checksum or the argument.
+    pub fn refuses_crc64nvme(&self) -> bool {
+        matches!(self.status(), Some(400 | 501))
+            && matches!(
+                self.code(),
+                Some("NotImplemented" | "InvalidArgument" | "InvalidRequest" | "InvalidChecksum")
+            )
+    }
+
     /// A sentence for the operator on destination-level errors: what is wrong and what to check.
     pub fn advice(&self) -> Option<&'static str> {
         let S3Error::Service(e) = self else {
@@ -241,8 +251,9 @@ pub enum PartChecksum<'a> {
     /// upload starts, in `x-amz-meta-sha256`.
     Sha256(&'a [u8; 32]),
     /// CRC-64/NVME per part and of the whole object (`FULL_OBJECT`), which the server checks
-    /// at completion: no pass over the source before the upload.
-    Crc64Nvme,
+    /// at completion: no pass over the source before the upload. The whole object's SHA-256
+    /// goes into the metadata if it is known first (the relay has it from the agent's offer).
+    Crc64Nvme(Option<&'a [u8; 32]>),
 }
 
 /// What a PutObject answer tells.
@@ -556,10 +567,16 @@ impl S3Client {
                 ("x-amz-meta-sha256", hex::encode(sha256)),
                 ("x-amz-checksum-algorithm", "SHA256".to_string()),
             ],
-            PartChecksum::Crc64Nvme => vec![
-                ("x-amz-checksum-algorithm", "CRC64NVME".to_string()),
-                ("x-amz-checksum-type", "FULL_OBJECT".to_string()),
-            ],
+            PartChecksum::Crc64Nvme(sha256) => {
+                let mut h = vec![
+                    ("x-amz-checksum-algorithm", "CRC64NVME".to_string()),
+                    ("x-amz-checksum-type", "FULL_OBJECT".to_string()),
+                ];
+                if let Some(sha256) = sha256 {
+                    h.push(("x-amz-meta-sha256", hex::encode(sha256)));
+                }
+                h
+            }
         };
         meta.add_to(&mut headers);
         self.sse_headers(&mut headers);

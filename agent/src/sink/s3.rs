@@ -498,11 +498,11 @@ impl S3Sink {
             .client
             .meta_for_row(&row.key, &row.source, row.flag.is_some());
         let upload_id = match self
-            .create_recorded(&row.key, PartChecksum::Crc64Nvme, &meta)
+            .create_recorded(&row.key, PartChecksum::Crc64Nvme(None), &meta)
             .await
         {
             Ok(id) => id,
-            Err(Stop::S3(e)) if refuses_crc64nvme(&e) => {
+            Err(Stop::S3(e)) if e.refuses_crc64nvme() => {
                 return self.crc_refused(row, origin, confirm, stop, &e, None).await
             }
             Err(e) => return Err(e),
@@ -517,7 +517,7 @@ impl S3Sink {
         {
             // The first part's checksum refused (a server that took the upload's but not the
             // parts'): the upload is aborted and the object sent with SHA-256.
-            Err(Stop::S3(e)) if refuses_crc64nvme(&e) => {
+            Err(Stop::S3(e)) if e.refuses_crc64nvme() => {
                 self.crc_refused(row, origin, confirm, stop, &e, Some(&upload_id))
                     .await
             }
@@ -1113,16 +1113,6 @@ fn with_requested_sse(mut landed: Landed, sse: Option<&Sse>) -> Landed {
         }
     }
     landed
-}
-
-/// The server does not take CRC64NVME checksums (an older S3-compatible server): 501, or a
-/// 400 that names the checksum or the argument.
-fn refuses_crc64nvme(e: &S3Error) -> bool {
-    matches!(e.status(), Some(400 | 501))
-        && matches!(
-            e.code(),
-            Some("NotImplemented" | "InvalidArgument" | "InvalidRequest" | "InvalidChecksum")
-        )
 }
 
 /// 412 PreconditionFailed: the write's condition (If-None-Match, If-Match) did not hold.
