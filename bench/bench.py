@@ -13,6 +13,10 @@ reaped; for the bucket workloads (`bucket-large`, `bucket-small`: a second s3s-f
 on-premise MinIO, and the tools copy bucket to bucket), the GetObject body bytes that a
 counting proxy in front of the source server passed on.
 
+With --tls the destination is reached over https, as in production: stunnel (Debian's
+stunnel4) terminates TLS in front of the destination s3s-fs with a certificate from a CA made
+for the run, which every tool is told to trust. Its CPU is reported apart ("tls front cpu").
+
 Run it through bench/run.sh, which installs the tools first.
 """
 
@@ -248,10 +252,47 @@ def timed(cmd, env, log):
     return float(wall), int(rss), float(user), float(sys_), rc
 
 
+def start_tls_front(work: Path, upstream: int):
+    """stunnel before 127.0.0.1:upstream, with a certificate for localhost from a fresh CA:
+    (process, https endpoint, CA file)."""
+    pki = work / "pki-s3"
+    shutil.rmtree(pki, ignore_errors=True)
+    pki.mkdir(parents=True)
+    def ossl(*a):
+        subprocess.check_call(["openssl", *a], cwd=pki, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ossl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+         "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=bench S3 CA",
+         "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign")
+    ossl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+         "-keyout", "s3.key", "-out", "s3.csr", "-subj", "/CN=localhost")
+    (pki / "s3.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    ossl("x509", "-req", "-in", "s3.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+         "-CAcreateserial", "-out", "s3.pem", "-days", "2", "-extfile", "s3.ext")
+    port = free_port()
+    conf = pki / "stunnel.conf"
+    conf.write_text(f"foreground = yes\npid =\noutput = {pki}/stunnel.log\n\n[s3]\n"
+                    f"accept = 127.0.0.1:{port}\nconnect = 127.0.0.1:{upstream}\n"
+                    f"cert = {pki}/s3.pem\nkey = {pki}/s3.key\n")
+    proc = subprocess.Popen([shutil.which("stunnel4") or "stunnel", str(conf)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(200):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            time.sleep(0.05)
+    return proc, f"https://localhost:{port}", pki / "ca.pem"
+
+
 class Tools:
-    def __init__(self, work: Path, endpoint: str, ha_edge: str, src_endpoint: str = ""):
+    def __init__(self, work: Path, endpoint: str, ha_edge: str, src_endpoint: str = "",
+                 ca: Path = None):
         self.work, self.endpoint, self.ha_edge = work, endpoint, ha_edge
         self.src_endpoint = src_endpoint
+        # The destination's CA (--tls): a line of the ha-edge configs, a flag of the others.
+        self.ca_line = f'ca_file = "{ca}"\n' if ca else ""
+        self.rclone_ca = ["--ca-cert", str(ca)] if ca else []
+        self.aws_ca = ["--ca-bundle", str(ca)] if ca else []
         self.base_env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
         rc = work / "rclone.conf"
         remote = lambda name, ep: (
@@ -283,7 +324,7 @@ class Tools:
                     f'[[source]]\nname = "minio"\ntype = "s3"\nendpoint = "{self.src_endpoint}"\n'
                     f'bucket = "onprem"\nprefix = "{src}/"\npath_style = true\n\n'
                     f'[destination]\ntype = "s3"\nendpoint = "{self.endpoint}"\nregion = "us-east-1"\n'
-                    f'bucket = "{bucket}"\npath_style = true\n'
+                    f'bucket = "{bucket}"\npath_style = true\n{self.ca_line}'
                 )
                 env.update(AWS_ACCESS_KEY_ID=AK, AWS_SECRET_ACCESS_KEY=SK,
                            ONPREM_S3_ACCESS_KEY=AK, ONPREM_S3_SECRET_KEY=SK)
@@ -295,7 +336,7 @@ class Tools:
                     "--transfers", str(TRANSFERS), "--checkers", "8",
                     "--s3-upload-concurrency", str(TRANSFERS),
                     "--s3-chunk-size", f"{PART_MIB}M", "--s3-upload-cutoff", f"{CUTOFF_MIB}M",
-                ], env
+                ] + self.rclone_ca, env
             raise ValueError(f"{tool} has no bucket-to-bucket mode here")
         if tool in ("ha-edge", "ha-edge-custody"):
             # ha-edge-custody: the same, with the metrics endpoint on and receipt batches going
@@ -310,7 +351,7 @@ class Tools:
                 f'multipart_threshold = "{CUTOFF_MIB}MiB"\nlog_level = "warn"\n{extra}\n'
                 f'[[source]]\nname = "bench"\ntype = "fs"\npath = "{src}"\nexclude = ["**/.*"]\n\n'
                 f'[destination]\ntype = "s3"\nendpoint = "{self.endpoint}"\nregion = "us-east-1"\n'
-                f'bucket = "{bucket}"\npath_style = true\n{receipts}'
+                f'bucket = "{bucket}"\npath_style = true\n{self.ca_line}{receipts}'
             )
             env.update(AWS_ACCESS_KEY_ID=AK, AWS_SECRET_ACCESS_KEY=SK)
             return [self.ha_edge, "run", "-c", str(cfg), "--once"], env
@@ -324,14 +365,14 @@ class Tools:
                 "--s3-upload-concurrency", str(TRANSFERS),
                 "--s3-chunk-size", f"{PART_MIB}M", "--s3-upload-cutoff", f"{CUTOFF_MIB}M",
                 "--exclude", ".complete",
-            ] + (["--s3-no-head"] if tool == "rclone-nohead" else []), env
+            ] + (["--s3-no-head"] if tool == "rclone-nohead" else []) + self.rclone_ca, env
         if tool == "aws":
             env.update(AWS_ACCESS_KEY_ID=AK, AWS_SECRET_ACCESS_KEY=SK,
                        AWS_CONFIG_FILE=str(self.work / "aws.config"))
             return [
                 "/usr/bin/aws", "s3", "cp", str(src), f"s3://{bucket}/", "--recursive",
                 "--endpoint-url", self.endpoint, "--only-show-errors", "--exclude", ".complete",
-            ], env
+            ] + self.aws_ca, env
         if tool == "ha-edge-quic":
             # The same agent, through the QUIC relay, which lands in the same server: the wall
             # time ends when the relay has verified and stored every object in S3.
@@ -375,7 +416,7 @@ class Tools:
             f'key_file = "{pki}/relay.key"\nclient_ca_file = "{pki}/ca.pem"\nstate_dir = "{state}"\n'
             f'log_level = "warn"\n\n[[agent]]\nidentity = "agent.bench"\nprefix = "bench/"\n\n'
             f'[store]\ntype = "s3"\nendpoint = "{self.endpoint}"\nregion = "us-east-1"\n'
-            f'bucket = "quic"\npath_style = true\npart_size = "{PART_MIB}MiB"\n'
+            f'bucket = "quic"\npath_style = true\npart_size = "{PART_MIB}MiB"\n{self.ca_line}'
         )
         env = dict(self.base_env, AWS_ACCESS_KEY_ID=AK, AWS_SECRET_ACCESS_KEY=SK)
         self.relay_log = open(self.work / "relay.log", "w")
@@ -398,6 +439,8 @@ def main():
                     help="where s3s-fs keeps objects: tmpfs (default, as root) keeps the server's "
                          "file system work (ext4 inode allocation dominated it) out of the client "
                          "comparison; disk uses the scratch dir")
+    ap.add_argument("--tls", action="store_true",
+                    help="reach the destination over https (stunnel in front of its s3s-fs)")
     args = ap.parse_args()
 
     work = Path(args.work)
@@ -434,6 +477,9 @@ def main():
         return proc, port
 
     server, port = start_s3s(s3dir)
+    front, endpoint, ca = None, f"http://127.0.0.1:{port}", None
+    if args.tls:
+        front, endpoint, ca = start_tls_front(work, port)
     # The on-premise bucket of the bucket workloads: a second s3s-fs, seeded through its API
     # (so it keeps each object's ETag instead of hashing the file on every request), behind
     # the counting proxy.
@@ -462,8 +508,8 @@ def main():
                 env=dict(os.environ, RCLONE_CONFIG=str(seed_conf)))
     t = None
     try:
-        t = Tools(work, f"http://127.0.0.1:{port}", args.ha_edge,
-                  f"http://127.0.0.1:{proxy.port}" if proxy else "")
+        t = Tools(work, endpoint, args.ha_edge,
+                  f"http://127.0.0.1:{proxy.port}" if proxy else "", ca)
         if "ha-edge-quic" in tools:
             t.start_relay(s3dir)
         results = {w: {tool: [] for tool in tools} for w in workloads}
@@ -488,6 +534,7 @@ def main():
                     subprocess.call(["sync"])
                     cmd, env = t.command(tool, src, bucket, run_dir)
                     srv_before = proc_cpu(server.pid)
+                    tls_before = proc_cpu(front.pid) if front else 0.0
                     relay_before = proc_cpu(t.relay.pid) if tool == "ha-edge-quic" else 0.0
                     if proxy:
                         proxy.reset()
@@ -498,6 +545,7 @@ def main():
                     # the tool's process read (rchar, sockets included).
                     read = proxy.reset() if is_bucket(w) else rchar_self() - rchar_before
                     srv_cpu = proc_cpu(server.pid) - srv_before
+                    tls_cpu = proc_cpu(front.pid) - tls_before if front else 0.0
                     src_cpu = proc_cpu(source.pid) - src_before if is_bucket(w) else 0.0
                     relay_cpu = proc_cpu(t.relay.pid) - relay_before if tool == "ha-edge-quic" else 0.0
                     got = bucket_files(landed)
@@ -511,7 +559,8 @@ def main():
                     print(f"round {r + 1} {w:6} {tool:7} {wall:7.2f}s rss {rss / 1024:6.1f} MiB "
                           f"cpu {user + sys_:6.2f}s server cpu {srv_cpu:6.2f}s "
                           + (f"source server cpu {src_cpu:6.2f}s " if is_bucket(w) else "")
-                          + (f"relay cpu {relay_cpu:6.2f}s " if tool == "ha-edge-quic" else "") +
+                          + (f"relay cpu {relay_cpu:6.2f}s " if tool == "ha-edge-quic" else "")
+                          + (f"tls front cpu {tls_cpu:6.2f}s " if front else "") +
                           f"read {read / MIB:8.1f} MiB "
                           f"{'ok' if ok else 'FAILED rc=%d files=%d' % (rc, len(got))}",
                           file=sys.stderr)
@@ -520,7 +569,8 @@ def main():
                         sys.exit(1)
                     results[w][tool].append({"wall": wall, "rss_kib": rss, "cpu": user + sys_,
                                              "server_cpu": srv_cpu, "relay_cpu": relay_cpu,
-                                             "read_bytes": read, "source_cpu": src_cpu})
+                                             "read_bytes": read, "source_cpu": src_cpu,
+                                             "tls_cpu": tls_cpu})
                     shutil.rmtree(landed)
     finally:
         if t is not None and getattr(t, "relay", None) is not None:
@@ -532,6 +582,9 @@ def main():
             t.relay.wait()
         server.terminate()
         server.wait()
+        if front is not None:
+            front.terminate()
+            front.wait()
         if source is not None:
             source.terminate()
             source.wait()
