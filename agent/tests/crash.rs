@@ -19,24 +19,56 @@ fn bin() -> &'static Path {
 /// A 6-part object (5 MiB parts), uploaded through a proxy that delays each request so the
 /// upload takes long enough to be interrupted at a chosen point.
 fn slow_setup(bucket: &str, parts_in_flight: u32) -> (S3Server, Proxy, Setup, Vec<u8>) {
+    let (s3, proxy, setup, bytes, _) = slow_setup_with(bucket, parts_in_flight, false);
+    (s3, proxy, setup, bytes)
+}
+
+/// `slow_setup`, with `tls` over https: a TLS front before the proxy (parts then go unsigned,
+/// with their CRC-64/NVME, and the journal holds no SHA-256 of each part).
+fn slow_setup_with(
+    bucket: &str,
+    parts_in_flight: u32,
+    tls: bool,
+) -> (S3Server, Proxy, Setup, Vec<u8>, Option<TlsFront>) {
     let s3 = S3Server::start();
     s3.create_bucket(bucket);
     let proxy = Proxy::start(s3.port);
     proxy.delay_ms.store(250, Ordering::Relaxed);
+    let front = tls.then(|| TlsFront::start(proxy.port));
     let setup = Setup::new(bucket);
     let bytes = data(42, 6 * 5 * MIB - 1000);
     write_settled(&setup.src().join("scan/big.dcm"), &bytes);
-    setup.write_config(
-        &proxy.endpoint(),
+    let destination = match &front {
+        Some(f) => format!(
+            "{}ca_file = \"{}\"\n",
+            setup.destination_toml(&f.endpoint()),
+            f.ca().display()
+        ),
+        None => setup.destination_toml(&proxy.endpoint()),
+    };
+    setup.write_config_with(
+        &destination,
         &format!("part_size = \"5MiB\"\nmultipart_threshold = \"5MiB\"\nconcurrency = 1\nparts_in_flight = {parts_in_flight}\nshutdown_grace = \"20s\""),
         "",
     );
-    (s3, proxy, setup, bytes)
+    (s3, proxy, setup, bytes, front)
 }
 
 #[test]
 fn kill_9_mid_multipart_resumes_without_resending_recorded_parts() {
-    let (s3, proxy, setup, bytes) = slow_setup("crash", 1);
+    kill_9_mid_multipart(false);
+}
+
+/// The same over https, where the parts went unsigned and the journal keeps only their CRCs:
+/// the resumed upload's full-object CRC-64/NVME, combined with the recorded parts', is the one
+/// the server confirms.
+#[test]
+fn kill_9_mid_multipart_over_https_resumes_without_resending_recorded_parts() {
+    kill_9_mid_multipart(true);
+}
+
+fn kill_9_mid_multipart(tls: bool) {
+    let (s3, proxy, setup, bytes, _front) = slow_setup_with("crash", 1, tls);
     let mut agent = setup.spawn_daemon(bin());
     let reached = wait_until(Duration::from_secs(60), || {
         setup.journal_parts(KEY).len() >= 2
@@ -87,6 +119,15 @@ fn kill_9_mid_multipart_resumes_without_resending_recorded_parts() {
     );
     assert_eq!(s3.open_uploads(), 0, "no multipart upload may be left open");
     assert_eq!(setup.journal_counts(), vec![("done".to_string(), 1)]);
+    let sums = s3.checksums("crash", KEY).expect("checksums");
+    assert_eq!(sums["checksum_crc64nvme"], crc64nvme_b64(&bytes), "{sums}");
+    if tls {
+        assert!(proxy
+            .seen()
+            .iter()
+            .filter(|r| r.op() == "UploadPart")
+            .all(|r| r.header("x-amz-content-sha256") == Some("UNSIGNED-PAYLOAD")));
+    }
 }
 
 #[test]
