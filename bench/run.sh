@@ -8,6 +8,7 @@
 #                [--server-storage tmpfs|disk]   (tools also: ha-edge-quic, via the QUIC relay;
 #                ha-edge-custody, with metrics and receipt batches on;
 #                rclone-nohead, rclone with --s3-no-head)
+#                [--tls]   (the destination over https: stunnel in front of its s3s-fs)
 #
 # Installs what it needs: s3s-fs (cargo), rclone and awscli (apt), and builds the static
 # release binary of ha-edge that the packages ship. Scratch space: /var/tmp/ha-edge-bench
@@ -20,8 +21,8 @@ if [ "${1:-}" = --link ]; then
   exec bench/link.sh "$@"
 fi
 scripts/install-s3s-fs.sh
-if ! command -v rclone >/dev/null || [ ! -x /usr/bin/aws ]; then
-  apt-get update -qq && apt-get install -y -qq rclone awscli
+if ! command -v rclone >/dev/null || [ ! -x /usr/bin/aws ] || ! command -v stunnel4 >/dev/null; then
+  apt-get update -qq && apt-get install -y -qq rclone awscli stunnel4
 fi
 packaging/build.sh --no-package x86_64-unknown-linux-musl >/dev/null
 version="$(sed -n 's/^version = "\(.*\)"$/\1/p' Cargo.toml | head -n 1)"
