@@ -252,36 +252,49 @@ def timed(cmd, env, log):
     return float(wall), int(rss), float(user), float(sys_), rc
 
 
-def start_tls_front(work: Path, upstream: int):
-    """stunnel before 127.0.0.1:upstream, with a certificate for localhost from a fresh CA:
-    (process, https endpoint, CA file)."""
-    pki = work / "pki-s3"
+def make_pki(pki: Path, ca_name: str, leaves):
+    """A fresh CA (`ca.pem`) in `pki`, and for each (name, subjectAltName) of `leaves` a P-256
+    certificate `name.pem` with its key `name.key`, issued by it (openssl)."""
     shutil.rmtree(pki, ignore_errors=True)
     pki.mkdir(parents=True)
     def ossl(*a):
         subprocess.check_call(["openssl", *a], cwd=pki, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ossl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-         "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=bench S3 CA",
+         "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", f"/CN={ca_name}",
          "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign")
-    ossl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-         "-keyout", "s3.key", "-out", "s3.csr", "-subj", "/CN=localhost")
-    (pki / "s3.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
-    ossl("x509", "-req", "-in", "s3.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-         "-CAcreateserial", "-out", "s3.pem", "-days", "2", "-extfile", "s3.ext")
+    for name, san in leaves:
+        cn = san.split(",")[0].split(":", 1)[1]
+        ossl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+             "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={cn}")
+        (pki / f"{name}.ext").write_text(f"subjectAltName={san}\n")
+        ossl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+             "-CAcreateserial", "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext")
+
+
+def start_tls_front(work: Path, upstream: int):
+    """stunnel before 127.0.0.1:upstream, with a certificate for localhost from a fresh CA:
+    (process, https endpoint, CA file)."""
+    pki = work / "pki-s3"
+    make_pki(pki, "bench S3 CA", [("s3", "DNS:localhost,IP:127.0.0.1")])
     port = free_port()
     conf = pki / "stunnel.conf"
     conf.write_text(f"foreground = yes\npid =\noutput = {pki}/stunnel.log\n\n[s3]\n"
                     f"accept = 127.0.0.1:{port}\nconnect = 127.0.0.1:{upstream}\n"
                     f"cert = {pki}/s3.pem\nkey = {pki}/s3.key\n")
-    proc = subprocess.Popen([shutil.which("stunnel4") or "stunnel", str(conf)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = start_listening([shutil.which("stunnel4") or "stunnel", str(conf)], port)
+    return proc, f"https://localhost:{port}", pki / "ca.pem"
+
+
+def start_listening(cmd, port: int):
+    """Starts the server `cmd` and waits (up to 10 s) until it listens on 127.0.0.1:port."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     for _ in range(200):
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
             break
         except OSError:
             time.sleep(0.05)
-    return proc, f"https://localhost:{port}", pki / "ca.pem"
+    return proc
 
 
 class Tools:
@@ -393,19 +406,7 @@ class Tools:
     def start_relay(self, s3dir: Path):
         """Certificates (openssl), a relay landing in bucket "quic" of the same server."""
         pki = self.work / "pki"
-        shutil.rmtree(pki, ignore_errors=True)
-        pki.mkdir(parents=True)
-        def ossl(*a):
-            subprocess.check_call(["openssl", *a], cwd=pki, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        ossl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-             "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=bench CA",
-             "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign")
-        for name, dns in (("relay", "relay.bench"), ("agent", "agent.bench")):
-            ossl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-                 "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={dns}")
-            (pki / f"{name}.ext").write_text(f"subjectAltName=DNS:{dns}\n")
-            ossl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-                 "-CAcreateserial", "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext")
+        make_pki(pki, "bench CA", [("relay", "DNS:relay.bench"), ("agent", "DNS:agent.bench")])
         (s3dir / "quic").mkdir(exist_ok=True)
         self.relay_port = free_port()
         state = self.work / "relay-state"
@@ -464,16 +465,9 @@ def main():
 
     def start_s3s(root):
         port = free_port()
-        proc = subprocess.Popen(
+        proc = start_listening(
             [args.s3s_fs, "--host", "127.0.0.1", "--port", str(port), "--access-key", AK, "--secret-key", SK, str(root)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        for _ in range(200):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                time.sleep(0.05)
+            port)
         return proc, port
 
     server, port = start_s3s(s3dir)
@@ -644,7 +638,7 @@ def report(results, workloads, tools, args):
         print("\nha-edge-quic: agent -> QUIC relay on 127.0.0.1 -> the same S3 server; the relay's "
               "CPU (median) was " + ", ".join(
                   f"{WORKLOADS[w][0]}: {statistics.median(x['relay_cpu'] for x in results[w]['ha-edge-quic']):.2f} s"
-                  for w in workloads))
+                  for w in workloads if results[w]["ha-edge-quic"]))
     if "ha-edge" in tools and "rclone" in tools:
         print("\n| workload | throughput ha-edge/rclone | peak RSS ha-edge/rclone | CPU ha-edge/rclone |")
         print("|---|---|---|---|")

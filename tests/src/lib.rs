@@ -59,6 +59,25 @@ fn wait_for_port(port: u16, timeout: Duration) -> bool {
     false
 }
 
+/// Starts the server `command(port)` makes on a free port, trying another port if it does not
+/// listen within 10 s (another process took it meanwhile); its process and port.
+fn spawn_listening(what: &str, mut command: impl FnMut(u16) -> Command) -> (Child, u16) {
+    for _ in 0..5 {
+        let port = free_port();
+        let mut child = command(port)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {what}: {e}"));
+        if wait_for_port(port, Duration::from_secs(10)) {
+            return (child, port);
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    panic!("{what} did not start");
+}
+
 /// A running s3s-fs with its own data directory.
 pub struct S3Server {
     child: Child,
@@ -69,23 +88,14 @@ pub struct S3Server {
 impl S3Server {
     pub fn start() -> S3Server {
         let data = tempfile::tempdir().expect("temp dir");
-        for _ in 0..5 {
-            let port = free_port();
-            let mut child = Command::new(s3s_fs_bin())
-                .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+        let (child, port) = spawn_listening("s3s-fs", |port| {
+            let mut c = Command::new(s3s_fs_bin());
+            c.args(["--host", "127.0.0.1", "--port", &port.to_string()])
                 .args(["--access-key", ACCESS_KEY, "--secret-key", SECRET_KEY])
-                .arg(data.path())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("start s3s-fs");
-            if wait_for_port(port, Duration::from_secs(10)) {
-                return S3Server { child, port, data };
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        panic!("s3s-fs did not start");
+                .arg(data.path());
+            c
+        });
+        S3Server { child, port, data }
     }
 
     pub fn endpoint(&self) -> String {
@@ -263,8 +273,7 @@ impl TlsFront {
             })
             .find(|p| p.is_file())
             .expect("stunnel not found: install Debian's stunnel4 (scripts/test.sh does)");
-        for _ in 0..5 {
-            let port = free_port();
+        let (child, port) = spawn_listening("stunnel", |port| {
             let conf = dir.path().join("stunnel.conf");
             std::fs::write(
                 &conf,
@@ -278,19 +287,11 @@ impl TlsFront {
                 ),
             )
             .expect("write stunnel.conf");
-            let mut child = Command::new(&bin)
-                .arg(&conf)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("start stunnel");
-            if wait_for_port(port, Duration::from_secs(10)) {
-                return TlsFront { child, port, dir };
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        panic!("stunnel did not start");
+            let mut c = Command::new(&bin);
+            c.arg(&conf);
+            c
+        });
+        TlsFront { child, port, dir }
     }
 
     /// `https://localhost:PORT`.
