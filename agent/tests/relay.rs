@@ -1247,6 +1247,34 @@ fn over_https_the_relay_sends_parts_unsigned_with_their_crc64nvme() {
     assert_eq!(s3.open_uploads(), 0);
 }
 
+/// The relay keeps its https connections to S3 for the next request: many small objects
+/// through it open no more connections than were ever busy at once. (A TLS handshake per PUT
+/// costs CPU on both sides and a round trip, and S3 throttles new connections.)
+#[test]
+fn over_https_the_relay_reuses_its_connections_to_s3() {
+    let s3 = S3Server::start();
+    s3.create_bucket("cloud");
+    let proxy = Proxy::start(s3.port);
+    let front = TlsFront::start(proxy.port);
+    let w = world(Some(&s3_store_at(&front.endpoint(), Some(&front.ca()))));
+    let relay = w.relay();
+    w.agent_config(w.relay_port, "agent", "fhir/dkfz/", "");
+    let files = w.setup.write_files("obs", 400, 70, 20 * 1024);
+    let out = w.setup.run_once(bin());
+    assert!(out.status.success(), "{}\n{}", stderr_of(&out), relay.log());
+    for (name, bytes) in &files {
+        let got = s3.object("cloud", &format!("fhir/dkfz/{name}")).unwrap();
+        assert_eq!(sha256(&got), sha256(bytes), "{name}");
+    }
+    let accepted = proxy.accepted.load(std::sync::atomic::Ordering::SeqCst);
+    let peak = proxy.peak_open.load(std::sync::atomic::Ordering::SeqCst);
+    eprintln!("{accepted} connections to S3 for 400 objects, at most {peak} open at once");
+    assert!(
+        accepted <= peak + 4,
+        "{accepted} connections opened for at most {peak} open at once: connections are not kept"
+    );
+}
+
 /// A store behind https that refuses CRC-64/NVME uploads (an older S3-compatible server): the
 /// relay says so once and lands every object with SHA-256 parts, verified.
 #[test]

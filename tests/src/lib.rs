@@ -464,6 +464,9 @@ pub struct Proxy {
     pub object_bytes: Arc<AtomicU64>,
     /// Client connections the proxy is serving right now.
     open: Arc<AtomicU64>,
+    /// Client connections accepted in all, and the most open at once.
+    pub accepted: Arc<AtomicU64>,
+    pub peak_open: Arc<AtomicU64>,
     streams: Streams,
     stop: Arc<AtomicBool>,
 }
@@ -482,6 +485,8 @@ struct ProxyShared {
     rules: Arc<Mutex<Vec<Rule>>>,
     object_bytes: Arc<AtomicU64>,
     open: Arc<AtomicU64>,
+    accepted: Arc<AtomicU64>,
+    peak_open: Arc<AtomicU64>,
     streams: Streams,
     stop: Arc<AtomicBool>,
 }
@@ -500,6 +505,8 @@ impl Proxy {
             rules: Arc::new(Mutex::new(Vec::new())),
             object_bytes: Arc::new(AtomicU64::new(0)),
             open: Arc::new(AtomicU64::new(0)),
+            accepted: Arc::new(AtomicU64::new(0)),
+            peak_open: Arc::new(AtomicU64::new(0)),
             streams: Arc::new(Mutex::new(Vec::new())),
             stop: Arc::new(AtomicBool::new(false)),
         };
@@ -517,7 +524,9 @@ impl Proxy {
                             continue;
                         }
                         let sh = sh.clone();
-                        sh.open.fetch_add(1, Ordering::SeqCst);
+                        let now_open = sh.open.fetch_add(1, Ordering::SeqCst) + 1;
+                        sh.accepted.fetch_add(1, Ordering::SeqCst);
+                        sh.peak_open.fetch_max(now_open, Ordering::SeqCst);
                         thread::spawn(move || {
                             let open = sh.open.clone();
                             serve_connection(client, &sh);
@@ -539,6 +548,8 @@ impl Proxy {
             rules: shared.rules,
             object_bytes: shared.object_bytes,
             open: shared.open,
+            accepted: shared.accepted,
+            peak_open: shared.peak_open,
             streams: shared.streams,
             stop: shared.stop,
         }

@@ -57,7 +57,7 @@ use crate::s3::verify::{self, VerifyError};
 use crate::s3::{PartChecksum, Precondition, S3Client};
 
 /// Part uploads in flight across the relay (each holds one part in memory).
-const PART_UPLOADS: usize = 8;
+pub const PART_UPLOADS: usize = 8;
 
 /// The bounded number of part uploads at once.
 fn uploads() -> &'static tokio::sync::Semaphore {

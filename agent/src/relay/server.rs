@@ -39,6 +39,10 @@ use crate::keymap;
 use crate::s3::{credentials, S3Client};
 use crate::telemetry::{metrics, serve as endpoint};
 
+/// The most idle connections to S3 the relay keeps (each holds a socket and its TLS buffers,
+/// some tens of KiB).
+const MAX_IDLE_S3_CONNECTIONS: usize = 256;
+
 /// Why the relay cannot start (certificates, listen address, store).
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
@@ -141,7 +145,15 @@ pub async fn serve(
             assembly_memory,
         } => {
             let creds = credentials::resolve(bucket)?;
-            let client = S3Client::new(bucket, creds, 5, Duration::from_secs(120), 16)?;
+            // Idle connections kept for reuse: as many as the agents' streams and the part
+            // uploads may use at once (bounded), so that small objects landing side by side
+            // do not open, and TLS-handshake, a connection each once the pool is full.
+            let pool = usize::try_from(cfg.max_streams_per_agent)
+                .unwrap_or(usize::MAX)
+                .saturating_mul(cfg.agents.len().max(1))
+                .saturating_add(super::remote::PART_UPLOADS)
+                .min(MAX_IDLE_S3_CONNECTIONS);
+            let client = S3Client::new(bucket, creds, 5, Duration::from_secs(120), pool)?;
             Landing::S3 {
                 client,
                 prefix: bucket.prefix.clone(),
