@@ -1209,18 +1209,50 @@ fn fails_over_and_resumes(tls: bool) {
     }
 }
 
+/// A relay landing in bucket "cloud" over https: s3s-fs, the recording proxy in front of it
+/// (which sees each request as sent), and a TLS front before both; the agent set up for the
+/// relay with `agent_extra`.
+/// (Bind `_front` when taking it apart: a field left out is dropped at once, and the front
+/// with it.)
+struct OverHttps {
+    s3: S3Server,
+    proxy: Proxy,
+    _front: TlsFront,
+    w: World,
+    relay: Relay,
+}
+
+impl OverHttps {
+    fn start(agent_extra: &str) -> OverHttps {
+        let s3 = S3Server::start();
+        s3.create_bucket("cloud");
+        let proxy = Proxy::start(s3.port);
+        let front = TlsFront::start(proxy.port);
+        let w = world(Some(&s3_store_at(&front.endpoint(), Some(&front.ca()))));
+        let relay = w.relay();
+        w.agent_config(w.relay_port, "agent", "fhir/dkfz/", agent_extra);
+        OverHttps {
+            s3,
+            proxy,
+            _front: front,
+            w,
+            relay,
+        }
+    }
+}
+
 /// Over https the relay lands a large object as the agent's direct path does: its parts go
 /// with `UNSIGNED-PAYLOAD` and their CRC-64/NVME (no SHA-256 of each part), the server checks
 /// the whole object's CRC-64/NVME, and the object keeps its SHA-256 in its metadata.
 #[test]
 fn over_https_the_relay_sends_parts_unsigned_with_their_crc64nvme() {
-    let s3 = S3Server::start();
-    s3.create_bucket("cloud");
-    let proxy = Proxy::start(s3.port);
-    let front = TlsFront::start(proxy.port);
-    let w = world(Some(&s3_store_at(&front.endpoint(), Some(&front.ca()))));
-    let relay = w.relay();
-    w.agent_config(w.relay_port, "agent", "fhir/dkfz/", "");
+    let OverHttps {
+        s3,
+        proxy,
+        w,
+        relay,
+        _front: _tls,
+    } = OverHttps::start("");
     let big = data(33, 23 * MIB);
     write_settled(&w.setup.src().join("ct.dcm"), &big);
     let out = w.setup.run_once(bin());
@@ -1252,13 +1284,13 @@ fn over_https_the_relay_sends_parts_unsigned_with_their_crc64nvme() {
 /// costs CPU on both sides and a round trip, and S3 throttles new connections.)
 #[test]
 fn over_https_the_relay_reuses_its_connections_to_s3() {
-    let s3 = S3Server::start();
-    s3.create_bucket("cloud");
-    let proxy = Proxy::start(s3.port);
-    let front = TlsFront::start(proxy.port);
-    let w = world(Some(&s3_store_at(&front.endpoint(), Some(&front.ca()))));
-    let relay = w.relay();
-    w.agent_config(w.relay_port, "agent", "fhir/dkfz/", "");
+    let OverHttps {
+        s3,
+        proxy,
+        w,
+        relay,
+        _front: _tls,
+    } = OverHttps::start("");
     let files = w.setup.write_files("obs", 400, 70, 20 * 1024);
     let out = w.setup.run_once(bin());
     assert!(out.status.success(), "{}\n{}", stderr_of(&out), relay.log());
@@ -1279,9 +1311,13 @@ fn over_https_the_relay_reuses_its_connections_to_s3() {
 /// relay says so once and lands every object with SHA-256 parts, verified.
 #[test]
 fn over_https_a_store_that_refuses_crc64nvme_gets_sha256_parts_with_one_warning() {
-    let s3 = S3Server::start();
-    s3.create_bucket("cloud");
-    let proxy = Proxy::start(s3.port);
+    let OverHttps {
+        s3,
+        proxy,
+        w,
+        relay,
+        _front: _tls,
+    } = OverHttps::start("concurrency = 1");
     proxy.add_rule(
         Rule::new(
             "CreateMultipartUpload",
@@ -1294,10 +1330,6 @@ fn over_https_a_store_that_refuses_crc64nvme_gets_sha256_parts_with_one_warning(
         )
         .with_header("x-amz-checksum-algorithm", "CRC64NVME"),
     );
-    let front = TlsFront::start(proxy.port);
-    let w = world(Some(&s3_store_at(&front.endpoint(), Some(&front.ca()))));
-    let relay = w.relay();
-    w.agent_config(w.relay_port, "agent", "fhir/dkfz/", "concurrency = 1");
     let files: Vec<(String, Vec<u8>)> = (0..2)
         .map(|i| (format!("ct{i}.dcm"), data(60 + i, 11 * MIB)))
         .collect();

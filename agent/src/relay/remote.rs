@@ -272,6 +272,35 @@ fn midstate_parse(s: &str) -> Option<[u32; 8]> {
     Some(out)
 }
 
+/// Starts the multipart upload of a new transfer: checked by CRC-64/NVME where
+/// `new_upload_uses_crc` says so and the store takes it, else by SHA-256 per part (a refusal is
+/// said once and remembered). Its upload ID, and whether it is checked by CRC-64/NVME.
+async fn create_upload(
+    client: &S3Client,
+    key: &str,
+    sha: &[u8; 32],
+    meta: &crate::s3::ObjectMeta,
+) -> Result<(String, bool), crate::s3::S3Error> {
+    if new_upload_uses_crc(client) {
+        match client
+            .create_multipart(key, PartChecksum::Crc64Nvme(Some(sha)), meta)
+            .await
+        {
+            Ok(id) => return Ok((id, true)),
+            Err(e) if e.refuses_crc64nvme() => {
+                if !CRC_REFUSED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                    tracing::warn!(endpoint = %client.endpoint(), error = %e, "the store refuses full-object CRC64NVME checksums on multipart uploads: using SHA-256 per part instead (every byte then hashed twice with SHA-256)");
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    let id = client
+        .create_multipart(key, PartChecksum::Sha256(sha), meta)
+        .await?;
+    Ok((id, false))
+}
+
 impl Remote {
     /// The transfer `at` into the bucket: resumed from its state object if one is there and
     /// its upload still holds the parts, else a new upload. The part being assembled takes
@@ -315,32 +344,7 @@ impl Remote {
             None => {
                 let mut meta = client.meta_for(&dest_key, "");
                 meta.agent_identity = Some(identity.to_string());
-                let mut crc64nvme = new_upload_uses_crc(client);
-                let created = if crc64nvme {
-                    let r = client
-                        .create_multipart(&dest_key, PartChecksum::Crc64Nvme(Some(sha)), &meta)
-                        .await;
-                    match r {
-                        Err(e) if e.refuses_crc64nvme() => {
-                            if !CRC_REFUSED.swap(true, std::sync::atomic::Ordering::Relaxed) {
-                                tracing::warn!(endpoint = %client.endpoint(), error = %e, "the store refuses full-object CRC64NVME checksums on multipart uploads: using SHA-256 per part instead (each part hashed twice)");
-                            }
-                            crc64nvme = false;
-                            None
-                        }
-                        r => Some(r?),
-                    }
-                } else {
-                    None
-                };
-                let upload_id = match created {
-                    Some(id) => id,
-                    None => {
-                        client
-                            .create_multipart(&dest_key, PartChecksum::Sha256(sha), &meta)
-                            .await?
-                    }
-                };
+                let (upload_id, crc64nvme) = create_upload(client, &dest_key, sha, &meta).await?;
                 let fresh = State {
                     v: 1,
                     identity: identity.to_string(),

@@ -1,7 +1,8 @@
 //! The one multipart uploader, used by the agent's sink and by the relay's S3 landing alike:
-//! sends the parts an upload still lacks, a bounded number of bytes at a time, each signed with
-//! its SHA-256 and checked by the server with its CRC-64/NVME (`x-amz-checksum-crc64nvme`, for a
-//! full-object checksum) or its SHA-256 (`x-amz-checksum-sha256`), and reports each
+//! sends the parts an upload still lacks, a bounded number of bytes at a time, each checked by
+//! the server with its CRC-64/NVME (`x-amz-checksum-crc64nvme`, for a full-object checksum) or
+//! its SHA-256 (`x-amz-checksum-sha256`) and signed with its SHA-256 (a CRC-checked part over
+//! https goes unsigned, and is then not hashed with SHA-256 at all), and reports each
 //! acknowledged part before it counts.
 //! Where the bytes come from, and what is done with an acknowledged part (the agent journals
 //! it), is the caller's `PartSource`.
