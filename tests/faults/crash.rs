@@ -40,7 +40,8 @@ struct Rig {
     files: Vec<(String, Vec<u8>)>,
 }
 
-fn rig(bucket: &str, seed: u64, count: usize, delay_ms: u64) -> Rig {
+/// `agent_extra`: more `[agent]` lines (e.g. a bandwidth limit).
+fn rig(bucket: &str, seed: u64, count: usize, delay_ms: u64, agent_extra: &str) -> Rig {
     let s3 = S3Server::start();
     s3.create_bucket(bucket);
     let proxy = Proxy::start(s3.port);
@@ -57,7 +58,7 @@ fn rig(bucket: &str, seed: u64, count: usize, delay_ms: u64) -> Rig {
         &format!(
             "part_size = \"5MiB\"\nmultipart_threshold = \"5MiB\"\nconcurrency = 4\n\
              parts_in_flight = {PARTS_IN_FLIGHT}\nshutdown_grace = \"60s\"\n\
-             small_objects_in_flight = 8"
+             small_objects_in_flight = 8\n{agent_extra}"
         ),
         "rescan_interval = \"1s\"",
     );
@@ -209,7 +210,7 @@ fn sigkill_at_random_moments_loses_nothing_and_resends_within_bounds() {
         (20, 200, 100)
     };
     let mut rng = fastrand::Rng::with_seed(seed);
-    let r = rig("kill", seed, count, delay);
+    let r = rig("kill", seed, count, delay, "");
     eprintln!(
         "seed {seed}: {count} files, {:.1} MiB, {kills_wanted} kills",
         r.workload_bytes() as f64 / MIB as f64
@@ -344,7 +345,18 @@ fn sigterm_at_random_moments_resends_nothing() {
     let seed = seed() + 1;
     let (stops_wanted, count, delay) = if full() { (20, 400, 60) } else { (6, 300, 10) };
     let mut rng = fastrand::Rng::with_seed(seed);
-    let r = rig("term", seed, count, delay);
+    // The agent's bandwidth limit paces the workload, so that it outlasts the stops on any
+    // machine: each run lasts at most 0.9 s plus the drain of its budget (10 MiB), so 6 runs
+    // move at most about 170 MB at 20 MB/s of the 310 MB (20 runs, 140 MB at 5 MB/s, of the
+    // full run's). The proxy's delay alone let a fast machine finish in 5 runs.
+    let rate = if full() { "40Mbit" } else { "160Mbit" };
+    let r = rig(
+        "term",
+        seed,
+        count,
+        delay,
+        &format!("bandwidth = \"{rate}\""),
+    );
     let mut stops_mid_work = 0;
     let mut cycles = 0;
     while stops_mid_work < stops_wanted {
