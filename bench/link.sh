@@ -7,6 +7,7 @@
 #
 #   NETLAB=path/to/netlab.sh bench/link.sh [--rtt 5,20,40] [--loss 0,0.5,1] [--rate 100mbit]
 #        [--rounds 1] [--tools ha-edge,ha-edge-quic,rclone] [--size-mib 256] [--files 1000]
+#        [--workloads big,small]    (the large file, the small files, or both)
 #        [--congestion bbr|cubic]   (both ends of the QUIC link; default: the built-in one)
 #   bench/run.sh --link ...          (the same)
 #
@@ -19,7 +20,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rtts=5,20,40 losses=0,0.5,1 rate=100mbit rounds=1 tools=ha-edge,ha-edge-quic,rclone
-size_mib=256 files=1000 congestion=
+size_mib=256 files=1000 congestion= workloads=big,small
 while [ $# -gt 0 ]; do
   case "$1" in
     --rtt) rtts="$2"; shift 2 ;;
@@ -30,6 +31,7 @@ while [ $# -gt 0 ]; do
     --size-mib) size_mib="$2"; shift 2 ;;
     --files) files="$2"; shift 2 ;;
     --congestion) congestion="$2"; shift 2 ;;
+    --workloads) workloads="$2"; shift 2 ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -172,17 +174,20 @@ TOML
   echo "$(python3 -c "print($t1 - $t0)") $(python3 -c "print($c1 - $c0)")"
 }
 
-med() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+# The median of its arguments; a workload not run is float("nan") (shown as nan).
+med() { printf '%s\n' "$@" | sort -g | awk 'NF {a[++n]=$1} END {print n ? a[int((n+1)/2)] : "float(\"nan\")"}'; }
 IFS=, read -ra tool_list <<<"$tools"
 IFS=, read -ra rtt_list <<<"$rtts"
 IFS=, read -ra loss_list <<<"$losses"
+IFS=, read -ra workload_list <<<"$workloads"
+has() { [[ ",$workloads," == *,$1,* ]]; }
 declare -A secs relay_cpu
 n=0
 for rtt in "${rtt_list[@]}"; do
   for loss in "${loss_list[@]}"; do
     "$netlab" set --delay "$(python3 -c "print($rtt / 2)")" --loss "$loss" --rate "$rate" >/dev/null
     for round in $(seq 1 "$rounds"); do
-      for w in big small; do
+      for w in "${workload_list[@]}"; do
         # Alternate the order of the tools from one round (and cell) to the next.
         order=("${tool_list[@]}")
         [ $(((round + n) % 2)) = 0 ] && order=($(printf '%s\n' "${tool_list[@]}" | tac))

@@ -726,6 +726,89 @@ fn f01_where_conditions_are_ignored_a_head_before_each_write_keeps_others_object
     );
 }
 
+/// Finding 1, and the start of a run: the conditional-write probe runs beside the first
+/// uploads instead of before them (four round trips less before the first byte moves on a
+/// long link), yet no write of a key is made before its answer is known. Here the probe's
+/// answers are slow (1.5 s each) and say the server ignores conditions: the large object's
+/// parts go out while the probe waits, and each write (the small object's PUT, the large
+/// one's completion) comes after the probe, behind a HEAD of its key.
+#[test]
+fn f01_the_probe_runs_beside_the_first_uploads_and_every_write_waits_for_its_answer() {
+    let s3 = S3Server::start();
+    s3.create_bucket("slowprobe");
+    let proxy = Proxy::start(s3.port);
+    // Both probe writes answered 200 after a pause: a slow server that lets the second
+    // create-only write through.
+    proxy.add_rule(
+        Rule::new(
+            "PutObject",
+            Fault::Status {
+                status: 200,
+                code: "",
+                retry_after: None,
+            },
+            2,
+        )
+        .on_probe()
+        .after(Duration::from_millis(1500)),
+    );
+    let setup = Setup::new("slowprobe");
+    let big = data(11, 12 * MIB);
+    write_settled(&setup.src().join("big.ndjson"), &big);
+    write_settled(&setup.src().join("small.ndjson"), b"small\n");
+    setup.write_config(
+        &proxy.endpoint(),
+        "part_size = \"5MiB\"\nmultipart_threshold = \"5MiB\"",
+        "",
+    );
+    let out = setup.run_once(bin());
+    let err = stderr_of(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("ignores conditional writes"), "{err}");
+    assert_eq!(s3.object("slowprobe", "fhir/big.ndjson").unwrap(), big);
+    assert_eq!(
+        s3.object("slowprobe", "fhir/small.ndjson").unwrap(),
+        b"small\n"
+    );
+
+    let mut seen = proxy.requests.lock().unwrap().clone();
+    seen.sort_by_key(|r| r.at);
+    let probe_done = seen
+        .iter()
+        .filter(|r| r.is_probe())
+        .map(|r| r.at)
+        .max()
+        .expect("the probe ran");
+    let first_part = seen
+        .iter()
+        .find(|r| r.op() == "UploadPart")
+        .expect("parts were sent")
+        .at;
+    assert!(
+        first_part < probe_done,
+        "the first part waited for the probe ({:?} after its last request)",
+        first_part - probe_done
+    );
+    for (key, write) in [
+        ("big.ndjson", "CompleteMultipartUpload"),
+        ("small.ndjson", "PutObject"),
+    ] {
+        let on_key = |op: &str| {
+            seen.iter()
+                .filter(|r| r.op() == op && r.path() == format!("/slowprobe/fhir/{key}"))
+                .map(|r| r.at)
+                .collect::<Vec<_>>()
+        };
+        let writes = on_key(write);
+        assert_eq!(writes.len(), 1, "{key}: {writes:?}");
+        let heads = on_key("HeadObject");
+        assert!(
+            heads.iter().any(|h| *h > probe_done && *h < writes[0]),
+            "{key}: no HEAD between the probe's answer and the write"
+        );
+    }
+}
+
 /// Finding 16: a destination that does not answer, and pending work older than the threshold.
 #[test]
 fn f16_status_says_unreachable_and_stale() {

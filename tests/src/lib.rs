@@ -333,7 +333,7 @@ impl SeenRequest {
     }
 
     /// A request of the agent's conditional-write probe (a private marker key written twice,
-    /// create-only, once per journal): never faulted, never counted.
+    /// create-only, once per journal): faulted only by rules made `on_probe`, never counted.
     pub fn is_probe(&self) -> bool {
         self.target.contains(".ha-edge-probe")
     }
@@ -420,6 +420,11 @@ pub struct Rule {
     pub header: Option<(&'static str, &'static str)>,
     pub fault: Fault,
     pub times: u32,
+    /// The rule is for the agent's conditional-write probe (`SeenRequest::is_probe`), and only
+    /// for it; other rules never touch the probe.
+    pub probe: bool,
+    /// How long the proxy waits before it acts on a matching request (a slow server).
+    pub after: Duration,
 }
 
 impl Rule {
@@ -430,7 +435,21 @@ impl Rule {
             header: None,
             fault,
             times,
+            probe: false,
+            after: Duration::ZERO,
         }
+    }
+
+    /// For the agent's conditional-write probe's requests only.
+    pub fn on_probe(mut self) -> Rule {
+        self.probe = true;
+        self
+    }
+
+    /// Acts on a matching request only after `wait` (its answer comes that much later).
+    pub fn after(mut self, wait: Duration) -> Rule {
+        self.after = wait;
+        self
     }
 
     /// Only requests whose header `name` holds `value` (e.g. a checksum algorithm).
@@ -824,6 +843,7 @@ fn serve_connection(mut client: TcpStream, sh: &ProxyShared) {
             fault: None,
             head: head.clone(),
         };
+        let mut wait = Duration::ZERO;
         {
             let mut rules = sh.rules.lock().expect("lock");
             if let Some(r) = rules.iter_mut().find(|r| {
@@ -832,12 +852,14 @@ fn serve_connection(mut client: TcpStream, sh: &ProxyShared) {
                     && seen.target.contains(&r.target_contains)
                     && r.header
                         .is_none_or(|(n, v)| seen.header(n).is_some_and(|h| h.contains(v)))
-                    && !seen.is_probe()
+                    && seen.is_probe() == r.probe
             }) {
                 r.times -= 1;
                 seen.fault = Some(r.fault.clone());
+                wait = r.after;
             }
         }
+        thread::sleep(wait);
         let fault = seen.fault.clone();
         let is_head = seen.method == "HEAD";
         let is_object_get = seen.op() == "Get" && !seen.target.contains("list-type");

@@ -354,6 +354,10 @@ struct Request {
     headers: Vec<(&'static str, String)>,
     body: Bytes,
     payload_sha256_hex: String,
+    /// Close the connection after the answer (`Connection: close`, not signed): for a write
+    /// expected to be refused, which a server may answer before it reads the body and then
+    /// close, so that no other request is sent on a connection about to be closed.
+    close: bool,
 }
 
 /// An answer: status, headers, body.
@@ -523,6 +527,33 @@ impl S3Client {
         when: &Precondition,
         meta: &ObjectMeta,
     ) -> Result<PutAnswer, S3Error> {
+        self.put(key, body, sha256, when, meta, false).await
+    }
+
+    /// `put_object` of a write expected to be refused (the conditional-write probe's second
+    /// create-only write): its connection is closed after the answer, not pooled, since a
+    /// server may refuse it before reading the body and close the connection; a request sent
+    /// meanwhile on that connection would fail and be sent again.
+    pub async fn put_object_expecting_refusal(
+        &self,
+        key: &str,
+        body: Bytes,
+        sha256: &[u8; 32],
+        when: &Precondition,
+    ) -> Result<PutAnswer, S3Error> {
+        self.put(key, body, sha256, when, &ObjectMeta::default(), true)
+            .await
+    }
+
+    async fn put(
+        &self,
+        key: &str,
+        body: Bytes,
+        sha256: &[u8; 32],
+        when: &Precondition,
+        meta: &ObjectMeta,
+        close: bool,
+    ) -> Result<PutAnswer, S3Error> {
         let mut headers = vec![
             ("x-amz-checksum-sha256", b64(sha256)),
             ("x-amz-meta-sha256", hex::encode(sha256)),
@@ -536,6 +567,7 @@ impl S3Client {
             headers,
             body,
             payload_sha256_hex: hex::encode(sha256),
+            close,
         };
         let resp = self.execute("PutObject", key, req).await?;
         let header = |n: &str| {
@@ -586,6 +618,7 @@ impl S3Client {
             headers,
             body: Bytes::new(),
             payload_sha256_hex: sign::EMPTY_SHA256.to_string(),
+            close: false,
         };
         let resp = self.execute("CreateMultipartUpload", key, req).await?;
         let body = String::from_utf8_lossy(&resp.body);
@@ -628,6 +661,7 @@ impl S3Client {
             headers: vec![checksum],
             body,
             payload_sha256_hex: payload,
+            close: false,
         };
         let resp = self.execute("UploadPart", key, req).await?;
         resp.headers
@@ -653,6 +687,7 @@ impl S3Client {
                 headers: vec![],
                 body: Bytes::new(),
                 payload_sha256_hex: sign::EMPTY_SHA256.to_string(),
+                close: false,
             };
             let resp = self.execute("ListParts", key, req).await?;
             let page = xml::parse_list_parts(&String::from_utf8_lossy(&resp.body))
@@ -702,6 +737,7 @@ impl S3Client {
             headers,
             body,
             payload_sha256_hex: sha,
+            close: false,
         };
         let resp = self.execute("CompleteMultipartUpload", key, req).await?;
         self.error_in_ok("CompleteMultipartUpload", key, &resp.body)
@@ -722,6 +758,7 @@ impl S3Client {
             headers: vec![],
             body: Bytes::new(),
             payload_sha256_hex: sign::EMPTY_SHA256.to_string(),
+            close: false,
         };
         let resp = self.execute("ListMultipartUploads", key, req).await?;
         xml::parse_uploads_for_key(&String::from_utf8_lossy(&resp.body), key).ok_or_else(|| {
@@ -741,6 +778,7 @@ impl S3Client {
             headers: vec![],
             body: Bytes::new(),
             payload_sha256_hex: sign::EMPTY_SHA256.to_string(),
+            close: false,
         };
         match self.execute("AbortMultipartUpload", key, req).await {
             Ok(_) => Ok(()),
@@ -764,6 +802,7 @@ impl S3Client {
             headers: vec![],
             body: Bytes::new(),
             payload_sha256_hex: sign::EMPTY_SHA256.to_string(),
+            close: false,
         };
         match self.execute("HeadBucket", "", req).await {
             Ok(_) => Ok(()),
@@ -783,6 +822,7 @@ impl S3Client {
             headers: vec![("x-amz-checksum-mode", "ENABLED".to_string())],
             body: Bytes::new(),
             payload_sha256_hex: sign::EMPTY_SHA256.to_string(),
+            close: false,
         };
         let resp = match self.execute("HeadObject", key, req).await {
             Ok(r) => r,
@@ -926,6 +966,7 @@ impl S3Client {
             headers,
             body: Bytes::new(),
             payload_sha256_hex: sign::EMPTY_SHA256.to_string(),
+            close: false,
         }
     }
 
@@ -951,6 +992,7 @@ impl S3Client {
             headers: vec![],
             body: Bytes::new(),
             payload_sha256_hex: sign::EMPTY_SHA256.to_string(),
+            close: false,
         };
         let resp = self.execute("ListObjectsV2", prefix, req).await?;
         xml::parse_list_objects(&String::from_utf8_lossy(&resp.body))
@@ -976,6 +1018,7 @@ impl S3Client {
             headers,
             body: Bytes::new(),
             payload_sha256_hex: sign::EMPTY_SHA256.to_string(),
+            close: false,
         };
         let resp = self.execute("CopyObject", to, req).await?;
         self.error_in_ok("CopyObject", to, &resp.body)
@@ -989,6 +1032,7 @@ impl S3Client {
             headers: vec![],
             body: Bytes::new(),
             payload_sha256_hex: sign::EMPTY_SHA256.to_string(),
+            close: false,
         };
         match self.execute("DeleteObject", key, req).await {
             Ok(_) => Ok(()),
@@ -1089,6 +1133,7 @@ impl S3Client {
             headers: vec![],
             body: Bytes::new(),
             payload_sha256_hex: sign::EMPTY_SHA256.to_string(),
+            close: false,
         };
         let op = "ListenBucketNotification";
         let resp = self.send_signed(op, prefix, &req, None).await?;
@@ -1159,6 +1204,9 @@ impl S3Client {
         }
         for (k, v) in signed {
             rb = rb.header(k, v);
+        }
+        if req.close {
+            rb = rb.header(reqwest::header::CONNECTION, "close");
         }
         rb.send()
             .await

@@ -41,7 +41,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{watch, Notify};
-use tokio::task::JoinSet;
+use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 use tracing::Instrument;
 
@@ -260,7 +260,9 @@ pub async fn run<D: Destination>(
         budget,
         studies: StudyUids::default(),
     };
-    sched.preflight().await?;
+    // What the sink learns once (S3: the conditional-write probe, four round trips) runs beside
+    // the first deliveries; it is let finish before the run ends, so it leaves nothing behind.
+    let mut learning = sched.preflight().await?;
     systemd::ready();
     systemd::status("running");
     let mut watchdog = systemd::watchdog_interval().map(tokio::time::interval);
@@ -452,6 +454,14 @@ pub async fn run<D: Destination>(
             return Err(e);
         }
     }
+    if let Some(mut task) = learning.take() {
+        if tokio::time::timeout(sched.w.shutdown_grace, &mut task)
+            .await
+            .is_err()
+        {
+            task.abort();
+        }
+    }
     sched.w.sink.close().await;
     Ok(sched.summary)
 }
@@ -623,16 +633,19 @@ impl<D: Destination> Scheduler<D> {
     }
 
     /// One cheap request before the first upload, so a missing bucket, a wrong region or a
-    /// relay that refuses this agent is reported at once.
-    async fn preflight(&mut self) -> Result<(), JournalError> {
+    /// relay that refuses this agent is reported at once. If the destination is fine, the
+    /// sink's `ready` is started in the background (its task is returned).
+    async fn preflight(&mut self) -> Result<Option<JoinHandle<()>>, JournalError> {
         match self.w.sink.preflight().await {
             Preflight::Ok => {
-                self.w.sink.ready().await;
+                let sink = self.w.sink.clone();
+                let ready = tokio::spawn(async move { sink.ready().await });
                 self.health.preflight_ok();
                 self.w
                     .journal
                     .set_agent_state("destination", "ok".into())
-                    .await
+                    .await?;
+                Ok(Some(ready))
             }
             Preflight::Refused(e) => {
                 let advice = e.for_operator();
@@ -641,11 +654,11 @@ impl<D: Destination> Scheduler<D> {
                     message: &advice,
                 };
                 let action = self.health.on_signal(signal, Instant::now());
-                self.act(&action).await
+                self.act(&action).await.map(|()| None)
             }
             Preflight::Inconclusive(why) => {
                 tracing::debug!(error = %why, "destination check inconclusive; continuing");
-                Ok(())
+                Ok(None)
             }
         }
     }

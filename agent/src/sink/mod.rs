@@ -46,7 +46,8 @@ pub trait Destination: Send + Sync + 'static {
     /// One cheap request before the first upload.
     fn preflight(&self) -> impl std::future::Future<Output = Preflight> + Send;
     /// After a preflight found the destination fine: what the sink learns once per journal
-    /// (S3: whether conditional writes are honoured).
+    /// (S3: whether conditional writes are honoured). Runs in the background, beside the first
+    /// deliveries: a delivery that depends on what it learns waits for it in the sink.
     fn ready(&self) -> impl std::future::Future<Output = ()> + Send;
     /// Where objects go, for logs.
     fn endpoint(&self) -> String;

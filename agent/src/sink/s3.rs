@@ -38,6 +38,8 @@
 //! - **Conditions** (`overwrite = "own"`): create-only for a key never delivered, replace only
 //!   the recorded ETag for a new version; a 412 is settled by one HEAD (ours: delivered; else a
 //!   conflict). A server that ignores conditions (probed once per journal) gets a HEAD first.
+//!   The probe runs beside the first uploads (creating an upload and sending parts write no
+//!   key); a PUT or a completion waits for its answer.
 //!
 //! Must not break: nothing is replaced that is not ours (`overwrite = "own"`), and `Delivered`
 //! comes only after verification.
@@ -75,9 +77,10 @@ pub struct S3Sink {
     budget: Budget,
     warned_no_listing: std::sync::atomic::AtomicBool,
     overwrite: Overwrite,
-    /// Whether the server honours conditional writes (found by `probe_conditional`); if not,
-    /// every write is preceded by a HEAD of its key (a race remains, said once at start).
-    conditional: std::sync::atomic::AtomicBool,
+    /// Whether the server honours conditional writes, found once (`conditional`): by the probe
+    /// `ready` runs beside the first uploads, or by the first write that needs the answer
+    /// first. If not, every write is preceded by a HEAD of its key (a race remains, said once).
+    conditional: tokio::sync::OnceCell<bool>,
     /// Multipart uploads are checked by a full-object CRC-64/NVME and read once (`checksum =
     /// "crc64nvme"`, until the server refuses it).
     crc64nvme: std::sync::atomic::AtomicBool,
@@ -102,7 +105,7 @@ impl S3Sink {
             params,
             budget: Budget::new(budget_bytes),
             warned_no_listing: std::sync::atomic::AtomicBool::new(false),
-            conditional: std::sync::atomic::AtomicBool::new(true),
+            conditional: tokio::sync::OnceCell::new(),
         }
     }
 
@@ -122,24 +125,36 @@ impl S3Sink {
         }
     }
 
-    /// Finds out once, at start, whether the server honours `If-None-Match: *`: a private
+    /// Finds out whether the server honours conditional writes (see `conditional`), so that
+    /// the answer is there before the first write needs it. Run beside the first uploads: it
+    /// makes no write of any object's key, and every such write waits for its answer.
+    pub async fn probe_conditional(&self) {
+        self.conditional().await;
+    }
+
+    /// Whether the server honours conditional writes: probed at most once per run (a caller
+    /// arriving while the probe runs waits for its answer) and remembered in the journal.
+    async fn conditional(&self) -> bool {
+        *self.conditional.get_or_init(|| self.probe()).await
+    }
+
+    /// Asks the server whether it honours `If-None-Match: *`, once per journal: a private
     /// marker key is created twice, create-only. A server that lets the second write through
     /// ignores the header; then every write HEADs its key first, and the operator is told once.
     /// Inconclusive answers (no permission, no network) keep conditional writes on.
-    pub async fn probe_conditional(&self) {
+    async fn probe(&self) -> bool {
         if self.overwrite == Overwrite::Always {
-            return;
+            return true;
         }
         // Once per destination and journal: the answer is remembered.
         let target = format!("{} {}", self.client.endpoint(), self.client.bucket());
         if let Ok(Some(known)) = self.journal.agent_state("conditional_writes").await {
             if let Some(rest) = known.strip_prefix("ignored ") {
                 if rest == target {
-                    self.fall_back_to_head();
-                    return;
+                    return self.fall_back_to_head();
                 }
             } else if known.strip_prefix("honoured ") == Some(target.as_str()) {
-                return;
+                return true;
             }
         }
         // One fixed key: a probe cut short by a crash leaves at most this one object, and the
@@ -161,50 +176,36 @@ impl S3Sink {
         if first.is_err() {
             tracing::debug!(key, "conditional write probe inconclusive");
             let _ = self.client.delete_object(&key).await;
-            return;
+            return true;
         }
         let second = self
             .client
-            .put_object(
-                &key,
-                body,
-                &sha,
-                &Precondition::Create,
-                &ObjectMeta::default(),
-            )
+            .put_object_expecting_refusal(&key, body, &sha, &Precondition::Create)
             .await;
         let _ = self.client.delete_object(&key).await;
-        let found = match second {
+        let (found, honoured) = match second {
             Err(e) if is_precondition_failed(&e) => {
                 tracing::debug!("destination honours conditional writes (If-None-Match)");
-                "honoured"
+                ("honoured", true)
             }
-            Ok(_) => {
-                self.fall_back_to_head();
-                "ignored"
-            }
+            Ok(_) => ("ignored", self.fall_back_to_head()),
             Err(e) => {
                 tracing::debug!(error = %e, "conditional write probe inconclusive");
-                return;
+                return true;
             }
         };
         let _ = self
             .journal
             .set_agent_state("conditional_writes", format!("{found} {target}"))
             .await;
+        honoured
     }
 
-    /// The server ignores conditional writes: say so once, and HEAD before every write from now
-    /// on.
-    fn fall_back_to_head(&self) {
-        self.conditional
-            .store(false, std::sync::atomic::Ordering::Relaxed);
+    /// The server ignores conditional writes: say so once; every write HEADs its key first
+    /// (returns the answer: not honoured).
+    fn fall_back_to_head(&self) -> bool {
         tracing::warn!(endpoint = %self.client.endpoint(), "the destination ignores conditional writes (If-None-Match: *): falling back to HEAD before every write, which leaves a short race with other writers to the same keys");
-    }
-
-    /// Whether the server honours conditional writes (as probed).
-    fn conditional(&self) -> bool {
-        self.conditional.load(std::sync::atomic::Ordering::Relaxed)
+        false
     }
 
     /// The condition a write of this row is made under: create-only for a key never delivered,
@@ -304,7 +305,7 @@ impl S3Sink {
 
     /// Before a write on a server that ignores conditions: HEAD decides (see `key_before_write`).
     async fn check_key_first(&self, row: &ObjectRow, sha: &[u8; 32]) -> Result<Option<Sent>, Stop> {
-        if self.overwrite == Overwrite::Always || self.conditional() {
+        if self.overwrite == Overwrite::Always || self.conditional().await {
             return Ok(None);
         }
         self.key_before_write(row, sha, None).await
@@ -972,7 +973,7 @@ impl S3Sink {
         // A new version replaces our own object only. Not every server honours If-Match on
         // completion (nor any condition, see `probe_conditional`): HEAD first in those cases.
         let when = self.precondition(row);
-        if matches!(when, Precondition::Replace(_)) || !self.conditional() {
+        if matches!(when, Precondition::Replace(_)) || !self.conditional().await {
             let found = self.key_before_write(row, sha, crc).await;
             if !matches!(found, Ok(None)) {
                 // Someone else's object (a conflict), or ours already: this upload is not needed.
