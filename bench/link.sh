@@ -214,9 +214,10 @@ for rtt in "${rtt_list[@]}"; do
   for loss in "${loss_list[@]}"; do
     for tool in "${tool_list[@]}"; do
       # shellcheck disable=SC2086
-      b=$(med ${secs[$rtt/$loss/$tool/big]}) s=$(med ${secs[$rtt/$loss/$tool/small]})
+      b=$(med ${secs[$rtt/$loss/$tool/big]:-}) s=$(med ${secs[$rtt/$loss/$tool/small]:-})
       python3 -c "b=$b; s=$s; m=$size_mib*2**20*8/b/1e6
-print(f'| $rtt ms | $loss % | $tool | {b:.1f} | {m:.1f} | {m/$rate_mbit:.0%} | {s:.1f} | {$files/s:.0f} |')"
+f=lambda v, spec: '-' if v != v else format(v, spec)  # a workload not run
+print(f'| $rtt ms | $loss % | $tool | {f(b, \".1f\")} | {f(m, \".1f\")} | {f(m/$rate_mbit, \".0%\")} | {f(s, \".1f\")} | {f($files/s, \".0f\")} |')"
     done
   done
 done
@@ -230,10 +231,11 @@ if [[ ",$tools," == *,ha-edge-quic,* && ",$tools," == *,ha-edge,* ]]; then
     for loss in "${loss_list[@]}"; do
       # shellcheck disable=SC2086
       python3 -c "
-db=$(med ${secs[$rtt/$loss/ha-edge/big]}); qb=$(med ${secs[$rtt/$loss/ha-edge-quic/big]})
-ds=$(med ${secs[$rtt/$loss/ha-edge/small]}); qs=$(med ${secs[$rtt/$loss/ha-edge-quic/small]})
-c=$(med ${relay_cpu[$rtt/$loss/big]})
-print(f'| $rtt ms | $loss % | {db/qb:.2f}x | {ds/qs:.2f}x | {c/($size_mib/1024):.1f} |')"
+db=$(med ${secs[$rtt/$loss/ha-edge/big]:-}); qb=$(med ${secs[$rtt/$loss/ha-edge-quic/big]:-})
+ds=$(med ${secs[$rtt/$loss/ha-edge/small]:-}); qs=$(med ${secs[$rtt/$loss/ha-edge-quic/small]:-})
+c=$(med ${relay_cpu[$rtt/$loss/big]:-})
+f=lambda v, spec: '-' if v != v else format(v, spec)  # a workload not run
+print(f'| $rtt ms | $loss % | {f(db/qb, \".2f\")}x | {f(ds/qs, \".2f\")}x | {f(c/($size_mib/1024), \".1f\")} |')"
     done
   done
 fi
