@@ -363,6 +363,53 @@ fn many_files_and_a_large_one_land_in_s3_through_the_relay_verified_and_only_onc
     );
 }
 
+/// Bytes the process `pid` has read through read(2) and friends (files, sockets, the journal).
+fn rchar_of(pid: u32) -> u64 {
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).expect("/proc/PID/io");
+    io.lines()
+        .find_map(|l| l.strip_prefix("rchar: "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("rchar")
+}
+
+/// Objects small enough for one flight (eager offers, up to 1 MiB) are read once: hashed from
+/// the bytes that are then sent, not read a second time to send them.
+#[test]
+fn small_objects_go_through_the_relay_read_once() {
+    let s3 = S3Server::start();
+    s3.create_bucket("cloud");
+    let w = world(Some(&s3_store(&s3)));
+    let relay = w.relay();
+    w.agent_config(w.relay_port, "agent", "fhir/dkfz/", "");
+    let files: Vec<(String, Vec<u8>)> = (0..16)
+        .map(|i| (format!("small/f{i}.ndjson"), data(300 + i, 600 * 1024)))
+        .collect();
+    for (name, bytes) in &files {
+        write_settled(&w.setup.src().join(name), bytes);
+    }
+    let mut daemon = w.setup.spawn_daemon(bin());
+    let stored = || relay.log().matches("stored and verified").count();
+    let all = wait_until(Duration::from_secs(60), || stored() == files.len())
+        && wait_until(Duration::from_secs(30), || {
+            w.setup.journal_counts() == vec![("done".to_string(), files.len() as i64)]
+        });
+    let read = rchar_of(daemon.id());
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    assert!(all, "{}\n{}", w.setup.daemon_log(), relay.log());
+    for (name, bytes) in &files {
+        let got = s3.object("cloud", &format!("fhir/dkfz/{name}"));
+        assert_eq!(got.as_deref().map(sha256), Some(sha256(bytes)), "{name}");
+    }
+    let total: u64 = files.iter().map(|(_, b)| b.len() as u64).sum();
+    // The files' bytes, plus the config, certificates, journal pages and the relay's answers.
+    let slack = 2 * MIB as u64;
+    assert!(
+        read >= total && read < total + slack,
+        "the agent read {read} bytes for {total} bytes of files"
+    );
+}
+
 #[test]
 fn a_dropped_connection_resumes_from_the_offset_the_relay_confirms() {
     let w = world(None);

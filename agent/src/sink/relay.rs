@@ -3,7 +3,10 @@
 //!
 //! Journal states are the S3 path's: the whole-object SHA-256 is fixed (`uploading`) before the
 //! offer, and the object is delivered only on the relay's `Stored` (it verified size and
-//! SHA-256 and stored the object) or `AlreadyHave`. A transfer interrupted by a lost connection,
+//! SHA-256 and stored the object) or `AlreadyHave`. An object that goes in one flight (an eager
+//! offer, up to 1 MiB) is read once, into memory within the budget, and hashed from the bytes
+//! that are sent; a larger one is read twice, once to hash it for the offer and once to send it
+//! (the offer names the SHA-256, which keys the relay's partial transfer). A transfer interrupted by a lost connection,
 //! a relay restart or our own restart offers the object again and sends from the offset the
 //! relay confirms it holds.
 //!
@@ -25,13 +28,14 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use bytes::Bytes;
 use ha_edge_proto::{Refusal, SessionError, Upload, UploadEvent, MAX_DATA};
 use tokio::sync::watch;
 
 use super::error::{Code, DestinationError, Scope};
 use super::read::{pin, Budget, Origin, Pinned, Stop};
 use super::Outcome;
-use crate::journal::{Journal, ObjectRow, State};
+use crate::journal::{Hashed, Journal, ObjectRow, State};
 use crate::relay::client::{LinkError, RelayClient};
 
 /// Delivery to one relay over one shared QUIC connection.
@@ -158,12 +162,28 @@ impl RelaySink {
         let fp = row.version.clone();
         let size = fp.size();
         let pinned = pin(row, origin).await?;
+        // An object that goes in one flight is read once, within the budget: hashed from the
+        // bytes that are then sent. A larger one is hashed first, then read to be sent.
+        let whole = if self.client.eager() && size <= EAGER_MAX {
+            let permit = self.budget.reserve(size).await;
+            let (bytes, sha) = pinned.read(0, size).await?;
+            Some((permit, bytes, sha))
+        } else {
+            None
+        };
         // The hash is fixed before the first offer, and kept for every later attempt: the relay
-        // keys its partial transfer on (key, SHA-256).
+        // keys its partial transfer on (key, SHA-256), and checks the bytes against it.
         let sha = match (row.state, row.sha256) {
             (State::Uploading | State::Completing, Some(sha)) => sha,
             _ => {
-                let hashed = pinned.hash_all(&self.budget, size, None).await?;
+                let hashed = match &whole {
+                    Some((_, _, sha)) => Hashed {
+                        sha256: *sha,
+                        parts: Vec::new(),
+                        ctime_ns: pinned.ctime_ns(),
+                    },
+                    None => pinned.hash_all(&self.budget, size, None).await?,
+                };
                 let sha = hashed.sha256;
                 if !self
                     .journal
@@ -177,10 +197,9 @@ impl RelaySink {
             }
         };
         let conn = self.client.connection().await?;
-        let sent = if self.client.eager() && size <= EAGER_MAX {
-            self.eager(&conn, row, &pinned, sha).await
-        } else {
-            self.offer(&conn, row, &pinned, sha, stop).await
+        let sent = match whole {
+            Some((_permit, bytes, _)) => self.eager(&conn, row, &pinned, sha, bytes).await,
+            None => self.offer(&conn, row, &pinned, sha, stop).await,
         };
         match sent {
             Err(RStop::Link(e @ LinkError::Unreachable { .. })) => {
@@ -192,26 +211,24 @@ impl RelaySink {
     }
 
     /// A small object in one flight: offer, data and commit at once (the relay announced
-    /// `CAP_EAGER`), then its answers: one round trip instead of two.
+    /// `CAP_EAGER`), then its answers: one round trip instead of two. `body` is the whole
+    /// object, read once (its share of the budget held by the caller).
     async fn eager(
         &self,
         conn: &quinn::Connection,
         row: &ObjectRow,
         pinned: &Arc<Pinned>,
         sha: [u8; 32],
+        body: Bytes,
     ) -> Result<[u8; 32], RStop> {
         let size = row.version.size();
         let idle = self.client.idle();
         let (mut send, mut recv) = self.open_stream(conn).await?;
         let mut up = Upload::new_eager(&row.key, size, sha, Instant::now(), idle);
-        let _permit = self.budget.reserve(size).await;
-        let mut off = 0;
-        while off < size {
-            let len = (size - off).min(MAX_DATA as u64);
-            let (bytes, _) = pinned.read(off, len).await?;
-            up.send_data(off, bytes.to_vec())?;
-            off += len;
+        for (i, chunk) in body.chunks(MAX_DATA).enumerate() {
+            up.send_data(i as u64 * MAX_DATA as u64, chunk.to_vec())?;
         }
+        // Still the version read (a file: size, mtime, inode, ctime; an object: its ETag).
         pinned.check().await?;
         up.commit(Instant::now(), idle)?;
         match write_frames(&mut up, &mut send).await {
