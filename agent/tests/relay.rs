@@ -321,6 +321,15 @@ fn many_files_and_a_large_one_land_in_s3_through_the_relay_verified_and_only_onc
         relay.log().matches("stored and verified").count(),
         files.len()
     );
+    // The agent closed its connection before exiting, and the relay heard it (not its idle
+    // timeout).
+    assert!(
+        wait_until(Duration::from_secs(5), || relay.log().lines().any(|l| l
+            .contains("agent connection ended")
+            && l.contains("agent stopping"))),
+        "{}",
+        relay.log()
+    );
     let scrape = || {
         let (status, body) = http_get(metrics_port, "/metrics", None).expect("relay /metrics");
         assert_eq!(status, 200);
