@@ -372,15 +372,6 @@ fn many_files_and_a_large_one_land_in_s3_through_the_relay_verified_and_only_onc
     );
 }
 
-/// Bytes the process `pid` has read through read(2) and friends (files, sockets, the journal).
-fn rchar_of(pid: u32) -> u64 {
-    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).expect("/proc/PID/io");
-    io.lines()
-        .find_map(|l| l.strip_prefix("rchar: "))
-        .and_then(|v| v.trim().parse().ok())
-        .expect("rchar")
-}
-
 /// Objects small enough for one flight (eager offers, up to 1 MiB) are read once: hashed from
 /// the bytes that are then sent, not read a second time to send them.
 #[test]
@@ -402,7 +393,7 @@ fn small_objects_go_through_the_relay_read_once() {
         && wait_until(Duration::from_secs(30), || {
             w.setup.journal_counts() == vec![("done".to_string(), files.len() as i64)]
         });
-    let read = rchar_of(daemon.id());
+    let read = rchar(&daemon.id().to_string());
     let _ = daemon.kill();
     let _ = daemon.wait();
     assert!(all, "{}\n{}", w.setup.daemon_log(), relay.log());

@@ -21,15 +21,6 @@ fn bin() -> &'static Path {
 /// takes in a child's counts when the child is reaped): one at a time.
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
-/// Bytes this process (and its reaped children) have read through read(2) and friends.
-fn rchar() -> u64 {
-    let io = std::fs::read_to_string("/proc/self/io").expect("/proc/self/io");
-    io.lines()
-        .find_map(|l| l.strip_prefix("rchar: "))
-        .and_then(|v| v.trim().parse().ok())
-        .expect("rchar in /proc/self/io")
-}
-
 /// A 40 MiB file in 5 MiB parts: read once with `checksum = "crc64nvme"` (the default), twice
 /// with `"sha256"` (a hash pass, then the parts). The same bytes arrive either way; the server
 /// checks the full-object CRC64NVME of the first, and the journal holds both SHA-256s.
@@ -53,9 +44,9 @@ fn a_multipart_file_is_read_once_and_the_server_checks_its_full_object_crc() {
             "part_size = \"5MiB\"\nmultipart_threshold = \"8MiB\"\nlog_level = \"warn\"",
             "",
         );
-        let before = rchar();
+        let before = rchar("self");
         let out = setup.run_once(bin());
-        read.push(rchar() - before);
+        read.push(rchar("self") - before);
         assert!(out.status.success(), "{}", stderr_of(&out));
         let key = "fhir/scan.ndjson";
         assert_eq!(

@@ -1053,6 +1053,16 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
 
+/// Bytes a process has read through read(2) and friends (files, sockets, a journal's pages):
+/// `rchar` of `/proc/<proc>/io`, for a pid or "self" (which takes in reaped children's counts).
+pub fn rchar(proc: &str) -> u64 {
+    let io = std::fs::read_to_string(format!("/proc/{proc}/io")).expect("/proc/PID/io");
+    io.lines()
+        .find_map(|l| l.strip_prefix("rchar: "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("rchar in /proc/PID/io")
+}
+
 pub fn sha256(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
