@@ -9,6 +9,10 @@
 #        [--rounds 1] [--tools ha-edge,ha-edge-quic,rclone] [--size-mib 256] [--files 1000]
 #        [--workloads big,small]    (the large file, the small files, or both)
 #        [--congestion bbr|cubic]   (both ends of the QUIC link; default: the built-in one)
+#
+# Besides ha-edge, ha-edge-quic and rclone, --tools takes the link's ceilings, for the large
+# file only: ha-edge-1put (ha-edge with one PUT for the file: one TCP flow, no multipart
+# completion), tcp-1 and tcp-4 (iperf3 moving as many bytes over one and four TCP flows).
 #   bench/run.sh --link ...          (the same)
 #
 # Loss is each way; RTT is twice netlab's one-way delay. Settings as in bench/run.sh: 4 objects
@@ -40,6 +44,9 @@ scripts/install-s3s-fs.sh >/dev/null
 command -v rclone >/dev/null || { apt-get update -qq && apt-get install -y -qq rclone; }
 # netlab's random loss is an nftables rule.
 command -v nft >/dev/null || { apt-get update -qq && apt-get install -y -qq nftables; }
+if [[ ",$tools," == *,tcp-* ]]; then
+  command -v iperf3 >/dev/null || { apt-get update -qq && apt-get install -y -qq iperf3; }
+fi
 packaging/build.sh --no-package x86_64-unknown-linux-musl >/dev/null
 version="$(sed -n 's/^version = "\(.*\)"$/\1/p' Cargo.toml | head -n 1)"
 bin="$PWD/dist/ha-edge-$version-x86_64-unknown-linux-musl"
@@ -119,6 +126,20 @@ cpu() { awk '{print ($14 + $15) / 100}' "/proc/$1/stat"; }
 run() {
   local tool="$1" w="$2" name="$3" r="$work/runs/$3" landed
   mkdir -p "$r"
+  case "$tool" in
+    tcp-1 | tcp-4)
+      # The same number of bytes through iperf3 (the server answers one test, then exits).
+      ip netns exec cloud iperf3 -s -1 -B 198.18.0.2 -p 5201 >"$r/server.log" 2>&1 &
+      local server_pid=$! t0 t1
+      sleep 0.5
+      t0=$(date +%s.%N)
+      ip netns exec onprem iperf3 -c 198.18.0.2 -p 5201 -n "${size_mib}M" -P "${tool#tcp-}" >"$r/log" 2>&1 ||
+        { cat "$r/log" >&2; exit 1; }
+      t1=$(date +%s.%N)
+      wait "$server_pid" || true
+      echo "$(python3 -c "print($t1 - $t0)") 0"
+      return ;;
+  esac
   if [ "$tool" = ha-edge-quic ]; then landed="$work/s3/quic/bench/$name"; else landed="$work/s3/$name"; mkdir -p "$landed"; fi
   local dest
   if [ "$tool" = ha-edge-quic ]; then
@@ -144,7 +165,7 @@ log_level = "warn"
 concurrency = 4
 parts_in_flight = 4
 part_size = "8MiB"
-multipart_threshold = "16MiB"
+multipart_threshold = "$([ "$tool" = ha-edge-1put ] && echo 1GiB || echo 16MiB)"
 [[source]]
 name = "bench"
 type = "fs"
@@ -156,7 +177,7 @@ TOML
   c0=$(cpu "$relay")
   t0=$(date +%s.%N)
   case "$tool" in
-    ha-edge | ha-edge-quic)
+    ha-edge | ha-edge-quic | ha-edge-1put)
       AWS_ACCESS_KEY_ID=AK AWS_SECRET_ACCESS_KEY=SKSKSKSK ip netns exec onprem "$bin" run --once -c "$r/agent.toml" >"$r/log" 2>&1 ;;
     rclone)
       RCLONE_CONFIG="$work/rclone.conf" ip netns exec onprem rclone copy "$work/$w" "cloud:$name" \
@@ -188,9 +209,14 @@ for rtt in "${rtt_list[@]}"; do
     "$netlab" set --delay "$(python3 -c "print($rtt / 2)")" --loss "$loss" --rate "$rate" >/dev/null
     for round in $(seq 1 "$rounds"); do
       for w in "${workload_list[@]}"; do
+        # The ceilings are for the large file only.
+        tools_now=()
+        for tool in "${tool_list[@]}"; do
+          [[ "$w" = small && "$tool" =~ ^(tcp-1|tcp-4|ha-edge-1put)$ ]] || tools_now+=("$tool")
+        done
         # Alternate the order of the tools from one round (and cell) to the next.
-        order=("${tool_list[@]}")
-        [ $(((round + n) % 2)) = 0 ] && order=($(printf '%s\n' "${tool_list[@]}" | tac))
+        order=("${tools_now[@]}")
+        [ $(((round + n) % 2)) = 0 ] && order=($(printf '%s\n' "${tools_now[@]}" | tac))
         for tool in "${order[@]}"; do
           read -r s c < <(run "$tool" "$w" "${tool//-/}-$w-$rtt-${loss/./}-$round")
           echo "RTT $rtt ms, loss $loss %, round $round, $w, $tool: ${s}s" >&2
