@@ -354,11 +354,12 @@ struct Request {
     headers: Vec<(&'static str, String)>,
     body: Bytes,
     payload_sha256_hex: String,
-    /// Close the connection after the answer (`Connection: close`, not signed): for a write
-    /// expected to be refused, which a server may answer before it reads the body and then
-    /// close, so that no other request is sent on a connection about to be closed.
-    close: bool,
 }
+
+/// The one hop-by-hop header a request may carry (`Connection: close`, for a write expected to
+/// be refused, which a server may answer before reading the body and then close: the
+/// connection is not pooled). Sent, never signed: a proxy on the way may drop it.
+const HOP_BY_HOP: &str = "connection";
 
 /// An answer: status, headers, body.
 struct Response {
@@ -561,13 +562,15 @@ impl S3Client {
         meta.add_to(&mut headers);
         when.add_to(&mut headers);
         self.sse_headers(&mut headers);
+        if close {
+            headers.push((HOP_BY_HOP, "close".to_string()));
+        }
         let req = Request {
             method: Method::PUT,
             url: self.url(key, &[]),
             headers,
             body,
             payload_sha256_hex: hex::encode(sha256),
-            close,
         };
         let resp = self.execute("PutObject", key, req).await?;
         let header = |n: &str| {
@@ -618,7 +621,6 @@ impl S3Client {
             headers,
             body: Bytes::new(),
             payload_sha256_hex: sign::EMPTY_SHA256.to_string(),
-            close: false,
         };
         let resp = self.execute("CreateMultipartUpload", key, req).await?;
         let body = String::from_utf8_lossy(&resp.body);
@@ -661,7 +663,6 @@ impl S3Client {
             headers: vec![checksum],
             body,
             payload_sha256_hex: payload,
-            close: false,
         };
         let resp = self.execute("UploadPart", key, req).await?;
         resp.headers
@@ -687,7 +688,6 @@ impl S3Client {
                 headers: vec![],
                 body: Bytes::new(),
                 payload_sha256_hex: sign::EMPTY_SHA256.to_string(),
-                close: false,
             };
             let resp = self.execute("ListParts", key, req).await?;
             let page = xml::parse_list_parts(&String::from_utf8_lossy(&resp.body))
@@ -737,7 +737,6 @@ impl S3Client {
             headers,
             body,
             payload_sha256_hex: sha,
-            close: false,
         };
         let resp = self.execute("CompleteMultipartUpload", key, req).await?;
         self.error_in_ok("CompleteMultipartUpload", key, &resp.body)
@@ -758,7 +757,6 @@ impl S3Client {
             headers: vec![],
             body: Bytes::new(),
             payload_sha256_hex: sign::EMPTY_SHA256.to_string(),
-            close: false,
         };
         let resp = self.execute("ListMultipartUploads", key, req).await?;
         xml::parse_uploads_for_key(&String::from_utf8_lossy(&resp.body), key).ok_or_else(|| {
@@ -778,7 +776,6 @@ impl S3Client {
             headers: vec![],
             body: Bytes::new(),
             payload_sha256_hex: sign::EMPTY_SHA256.to_string(),
-            close: false,
         };
         match self.execute("AbortMultipartUpload", key, req).await {
             Ok(_) => Ok(()),
@@ -802,7 +799,6 @@ impl S3Client {
             headers: vec![],
             body: Bytes::new(),
             payload_sha256_hex: sign::EMPTY_SHA256.to_string(),
-            close: false,
         };
         match self.execute("HeadBucket", "", req).await {
             Ok(_) => Ok(()),
@@ -822,7 +818,6 @@ impl S3Client {
             headers: vec![("x-amz-checksum-mode", "ENABLED".to_string())],
             body: Bytes::new(),
             payload_sha256_hex: sign::EMPTY_SHA256.to_string(),
-            close: false,
         };
         let resp = match self.execute("HeadObject", key, req).await {
             Ok(r) => r,
@@ -966,7 +961,6 @@ impl S3Client {
             headers,
             body: Bytes::new(),
             payload_sha256_hex: sign::EMPTY_SHA256.to_string(),
-            close: false,
         }
     }
 
@@ -992,7 +986,6 @@ impl S3Client {
             headers: vec![],
             body: Bytes::new(),
             payload_sha256_hex: sign::EMPTY_SHA256.to_string(),
-            close: false,
         };
         let resp = self.execute("ListObjectsV2", prefix, req).await?;
         xml::parse_list_objects(&String::from_utf8_lossy(&resp.body))
@@ -1018,7 +1011,6 @@ impl S3Client {
             headers,
             body: Bytes::new(),
             payload_sha256_hex: sign::EMPTY_SHA256.to_string(),
-            close: false,
         };
         let resp = self.execute("CopyObject", to, req).await?;
         self.error_in_ok("CopyObject", to, &resp.body)
@@ -1032,7 +1024,6 @@ impl S3Client {
             headers: vec![],
             body: Bytes::new(),
             payload_sha256_hex: sign::EMPTY_SHA256.to_string(),
-            close: false,
         };
         match self.execute("DeleteObject", key, req).await {
             Ok(_) => Ok(()),
@@ -1133,7 +1124,6 @@ impl S3Client {
             headers: vec![],
             body: Bytes::new(),
             payload_sha256_hex: sign::EMPTY_SHA256.to_string(),
-            close: false,
         };
         let op = "ListenBucketNotification";
         let resp = self.send_signed(op, prefix, &req, None).await?;
@@ -1167,7 +1157,12 @@ impl S3Client {
             None => host,
         };
         let mut to_sign: Vec<(&str, &str)> = vec![("host", host.as_str())];
-        to_sign.extend(req.headers.iter().map(|(k, v)| (*k, v.as_str())));
+        to_sign.extend(
+            req.headers
+                .iter()
+                .filter(|(k, _)| *k != HOP_BY_HOP)
+                .map(|(k, v)| (*k, v.as_str())),
+        );
         let creds = self
             .creds
             .current()
@@ -1204,9 +1199,6 @@ impl S3Client {
         }
         for (k, v) in signed {
             rb = rb.header(k, v);
-        }
-        if req.close {
-            rb = rb.header(reqwest::header::CONNECTION, "close");
         }
         rb.send()
             .await

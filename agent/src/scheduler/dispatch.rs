@@ -262,7 +262,7 @@ pub async fn run<D: Destination>(
     };
     // What the sink learns once (S3: the conditional-write probe, four round trips) runs beside
     // the first deliveries; it is let finish before the run ends, so it leaves nothing behind.
-    let mut learning = sched.preflight().await?;
+    let learning = sched.preflight().await?;
     systemd::ready();
     systemd::status("running");
     let mut watchdog = systemd::watchdog_interval().map(tokio::time::interval);
@@ -454,7 +454,7 @@ pub async fn run<D: Destination>(
             return Err(e);
         }
     }
-    if let Some(mut task) = learning.take() {
+    if let Some(mut task) = learning {
         if tokio::time::timeout(sched.w.shutdown_grace, &mut task)
             .await
             .is_err()

@@ -3,12 +3,14 @@
 //!
 //! Journal states are the S3 path's: the whole-object SHA-256 is fixed (`uploading`) before the
 //! offer, and the object is delivered only on the relay's `Stored` (it verified size and
-//! SHA-256 and stored the object) or `AlreadyHave`. An object that goes in one flight (an eager
-//! offer, up to 1 MiB) is read once, into memory within the budget, and hashed from the bytes
-//! that are sent; a larger one is read twice, once to hash it for the offer and once to send it
-//! (the offer names the SHA-256, which keys the relay's partial transfer). A transfer interrupted by a lost connection,
+//! SHA-256 and stored the object) or `AlreadyHave`. A transfer interrupted by a lost connection,
 //! a relay restart or our own restart offers the object again and sends from the offset the
 //! relay confirms it holds.
+//!
+//! An object that goes in one flight (an eager offer, up to 1 MiB) is read once, into memory
+//! within the budget, and hashed from the bytes that are sent; a larger one is read twice, once
+//! to hash it for the offer and once to send it (the offer names the SHA-256, which keys the
+//! relay's partial transfer).
 //!
 //! # One object on one stream
 //! ```text

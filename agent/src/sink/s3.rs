@@ -151,7 +151,8 @@ impl S3Sink {
         if let Ok(Some(known)) = self.journal.agent_state("conditional_writes").await {
             if let Some(rest) = known.strip_prefix("ignored ") {
                 if rest == target {
-                    return self.fall_back_to_head();
+                    self.warn_conditions_ignored();
+                    return false;
                 }
             } else if known.strip_prefix("honoured ") == Some(target.as_str()) {
                 return true;
@@ -188,7 +189,10 @@ impl S3Sink {
                 tracing::debug!("destination honours conditional writes (If-None-Match)");
                 ("honoured", true)
             }
-            Ok(_) => ("ignored", self.fall_back_to_head()),
+            Ok(_) => {
+                self.warn_conditions_ignored();
+                ("ignored", false)
+            }
             Err(e) => {
                 tracing::debug!(error = %e, "conditional write probe inconclusive");
                 return true;
@@ -201,11 +205,10 @@ impl S3Sink {
         honoured
     }
 
-    /// The server ignores conditional writes: say so once; every write HEADs its key first
-    /// (returns the answer: not honoured).
-    fn fall_back_to_head(&self) -> bool {
+    /// The server ignores conditional writes: say so, once per run (every write HEADs its key
+    /// first from now on).
+    fn warn_conditions_ignored(&self) {
         tracing::warn!(endpoint = %self.client.endpoint(), "the destination ignores conditional writes (If-None-Match: *): falling back to HEAD before every write, which leaves a short race with other writers to the same keys");
-        false
     }
 
     /// The condition a write of this row is made under: create-only for a key never delivered,
