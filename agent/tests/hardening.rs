@@ -887,3 +887,50 @@ fn f01_a_new_multipart_version_replaces_only_our_own_object() {
         .journal_counts()
         .contains(&("conflict".to_string(), 1)));
 }
+
+/// A server may refuse a conditional write (412) before it reads the body, and then close the
+/// connection without saying so. That connection must not go back to the client's pool: the
+/// next request would be sent on it and die there (after a crash, the re-sent objects' 412s
+/// made a following part of 5 MiB go twice, once into the dead connection).
+#[test]
+fn f01_a_write_refused_by_its_condition_leaves_no_dead_connection_behind() {
+    let s3 = S3Server::start();
+    s3.create_bucket("refused");
+    let proxy = Proxy::start(s3.port);
+    let setup = Setup::new("refused");
+    let body = data(12, 96 * 1024);
+    write_settled(&setup.src().join("again.ndjson"), &body);
+    setup.write_config(&proxy.endpoint(), "", "");
+    let out = setup.run_once(bin());
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    // A lost journal: the object is sent again, create-only, and refused because it is there;
+    // the refusing server closes the connection 300 ms after its answer.
+    std::fs::remove_dir_all(setup.journal().parent().unwrap()).unwrap();
+    let before = proxy.seen().len();
+    proxy.add_rule(Rule::new(
+        "PutObject",
+        Fault::RefuseThenClose {
+            status: 412,
+            code: "PreconditionFailed",
+            after: Duration::from_millis(300),
+        },
+        1,
+    ));
+    let out = setup.run_once(bin());
+    let err = stderr_of(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("already holds these bytes"),
+        "settled as ours: {err}"
+    );
+    assert_eq!(proxy.faults_injected(), 1);
+    let seen = proxy.seen();
+    let after: Vec<String> = seen[before..]
+        .iter()
+        .map(|r| format!("{} {} -> {:?}", r.method, r.target, r.status))
+        .collect();
+    assert!(
+        seen[before..].iter().all(|r| r.status.is_some()),
+        "a request died on the refused write's connection: {after:#?}"
+    );
+}

@@ -324,6 +324,9 @@ pub struct SeenRequest {
     pub fault: Option<Fault>,
     /// The request head as sent (request line and headers).
     pub head: String,
+    /// The status of the answer the client was given, once one was (None: the request was
+    /// never answered, e.g. its connection died or its sender was killed).
+    pub status: Option<u16>,
 }
 
 impl SeenRequest {
@@ -408,6 +411,15 @@ pub enum Fault {
     /// disk, memory or middlebox behind the TLS would: only a checksum the server checks
     /// catches it.
     CorruptBody,
+    /// Answer with this status and S3 error code before reading the request body, as a server
+    /// refusing a write by its condition does, then read nothing more and close the connection
+    /// `after` later (no `Connection: close` said): a client that pooled it meanwhile loses the
+    /// next request it sends on it.
+    RefuseThenClose {
+        status: u16,
+        code: &'static str,
+        after: Duration,
+    },
 }
 
 /// Injects `fault` into the next `times` requests of operation `op` (see `SeenRequest::op`)
@@ -842,6 +854,7 @@ fn serve_connection(mut client: TcpStream, sh: &ProxyShared) {
             at: Instant::now(),
             fault: None,
             head: head.clone(),
+            status: None,
         };
         let mut wait = Duration::ZERO;
         {
@@ -864,7 +877,16 @@ fn serve_connection(mut client: TcpStream, sh: &ProxyShared) {
         let is_head = seen.method == "HEAD";
         let is_object_get = seen.op() == "Get" && !seen.target.contains("list-type");
         let is_listen = seen.method == "GET" && seen.target.contains("events=");
-        sh.requests.lock().expect("lock").push(seen);
+        let index = {
+            let mut requests = sh.requests.lock().expect("lock");
+            requests.push(seen);
+            requests.len() - 1
+        };
+        let answered = |status: u16| {
+            if let Some(r) = sh.requests.lock().expect("lock").get_mut(index) {
+                r.status = Some(status);
+            }
+        };
         if is_listen {
             return serve_notifications(client, sh);
         }
@@ -895,10 +917,56 @@ fn serve_connection(mut client: TcpStream, sh: &ProxyShared) {
                 if client.write_all(resp.as_bytes()).is_err() {
                     break;
                 }
+                answered(status);
                 continue;
             }
             Some(Fault::BlackHole) => {
                 return hold(client, &sh.stop);
+            }
+            Some(Fault::RefuseThenClose {
+                status,
+                code,
+                after,
+            }) => {
+                let body = format!(
+                    "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>{code}</Code><Message>refused by the test proxy</Message></Error>"
+                );
+                let resp = format!(
+                    "HTTP/1.1 {status} Refused\r\ncontent-type: application/xml\r\ncontent-length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                if client.write_all(resp.as_bytes()).is_ok() {
+                    answered(status);
+                }
+                thread::sleep(after);
+                // What the client sent on the connection meanwhile dies unanswered: seen all
+                // the same (after the refused request's unread body).
+                let _ = client.set_read_timeout(Some(Duration::from_millis(50)));
+                let mut chunk = [0u8; 64 * 1024];
+                while let Ok(n @ 1..) = client.read(&mut chunk) {
+                    cbuf.extend_from_slice(&chunk[..n]);
+                }
+                let skip = usize::try_from(body_len)
+                    .unwrap_or(usize::MAX)
+                    .min(cbuf.len());
+                let text = String::from_utf8_lossy(&cbuf[skip..]).into_owned();
+                for line in text.split("\r\n") {
+                    let mut words = line.split(' ');
+                    if let (Some(m @ ("GET" | "HEAD" | "PUT" | "POST" | "DELETE")), Some(t)) =
+                        (words.next(), words.next())
+                    {
+                        sh.requests.lock().expect("lock").push(SeenRequest {
+                            method: m.to_string(),
+                            target: t.to_string(),
+                            body_len: 0,
+                            at: Instant::now(),
+                            fault: None,
+                            head: line.to_string(),
+                            status: None,
+                        });
+                    }
+                }
+                break;
             }
             Some(Fault::ResetMidBody) => {
                 let half = body_len / 2;
@@ -937,8 +1005,10 @@ fn serve_connection(mut client: TcpStream, sh: &ProxyShared) {
             // client talking to the server directly would see it. If it was the client that
             // went away (killed mid-body), the server has nothing to say: wait only briefly.
             let _ = server.set_read_timeout(Some(Duration::from_millis(200)));
-            if read_head(&mut server, &mut sbuf).is_some() {
-                let _ = client.write_all(&sbuf);
+            if let Some(end) = read_head(&mut server, &mut sbuf) {
+                if client.write_all(&sbuf).is_ok() {
+                    answered(status_of(&String::from_utf8_lossy(&sbuf[..end])));
+                }
             }
             break;
         }
@@ -947,11 +1017,7 @@ fn serve_connection(mut client: TcpStream, sh: &ProxyShared) {
             break;
         };
         let rhead = String::from_utf8_lossy(&sbuf[..resp_end]).into_owned();
-        let status: u16 = rhead
-            .split(' ')
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0);
+        let status = status_of(&rhead);
         let chunked = header_value(&rhead, "transfer-encoding")
             .is_some_and(|v| v.eq_ignore_ascii_case("chunked"));
         let rlen: u64 = if is_head || status == 204 || status == 304 {
@@ -996,6 +1062,7 @@ fn serve_connection(mut client: TcpStream, sh: &ProxyShared) {
         if written.is_err() {
             break;
         }
+        answered(status);
         sbuf.drain(..resp_end);
         if chunked {
             // Relay until the last chunk.
@@ -1030,6 +1097,14 @@ fn serve_connection(mut client: TcpStream, sh: &ProxyShared) {
     }
     let _ = server.shutdown(Shutdown::Both);
     let _ = client.shutdown(Shutdown::Both);
+}
+
+/// The status code of an HTTP answer head (0 if unreadable).
+fn status_of(head: &str) -> u16 {
+    head.split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
 }
 
 /// An HTTP answer head (ending in an empty line) with header `name` replaced or removed.

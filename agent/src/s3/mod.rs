@@ -370,7 +370,12 @@ struct Response {
 /// A client for one bucket at one endpoint, shared (`Arc`) by every transfer to it: one connection
 /// pool, one set of credentials (refreshed when they expire).
 pub struct S3Client {
-    http: reqwest::Client,
+    /// The connection pool, replaced by a fresh one after a write refused by its condition
+    /// (`renew_pool`).
+    http: std::sync::RwLock<reqwest::Client>,
+    /// What a fresh pool is built from.
+    tls_config: rustls::ClientConfig,
+    pool: usize,
     dest: S3Destination,
     creds: Credentials,
     max_retries: u32,
@@ -391,23 +396,40 @@ impl S3Client {
         pool: usize,
     ) -> Result<Arc<S3Client>, S3Error> {
         let tls = tls_config(dest.ca_file.as_deref()).map_err(S3Error::Setup)?;
-        let http = reqwest::Client::builder()
-            .tls_backend_preconfigured(tls)
-            .connect_timeout(Duration::from_secs(10))
-            .pool_max_idle_per_host(pool)
-            .pool_idle_timeout(Duration::from_secs(30))
-            .tcp_nodelay(true)
-            .user_agent(concat!("ha-edge/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| S3Error::Setup(e.to_string()))?;
+        let http = http_client(tls.clone(), pool)?;
         Ok(Arc::new(S3Client {
-            http,
+            http: std::sync::RwLock::new(http),
+            tls_config: tls,
+            pool,
             dest: dest.clone(),
             creds,
             max_retries,
             timeout,
             tls: dest.endpoint.scheme() == "https",
         }))
+    }
+
+    /// A write refused by its condition (412): the server may have answered before reading
+    /// the body and then close the connection without saying so, and the client would pool it
+    /// for the next request, which dies there (a part of several MiB sent for nothing). Later
+    /// requests go through a fresh pool; the old one's connections close as their requests
+    /// end. A 412 is rare (a write re-sent after a crash, another writer's object), so the
+    /// connections opened again cost little.
+    fn renew_pool(&self, op: &str, key: &str) {
+        match http_client(self.tls_config.clone(), self.pool) {
+            Ok(fresh) => {
+                *self
+                    .http
+                    .write()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = fresh;
+                tracing::debug!(
+                    op,
+                    key,
+                    "a write refused by its condition: later requests use fresh connections"
+                );
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot renew the connection pool"),
+        }
     }
 
     /// Whether a part of an upload checked by CRC-64/NVME (`with_crc`) is signed with its
@@ -1187,10 +1209,12 @@ impl S3Client {
         } else {
             reqwest::Body::from(req.body.clone())
         };
-        let mut rb = self
+        let http = self
             .http
-            .request(req.method.clone(), req.url.clone())
-            .body(body);
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        let mut rb = http.request(req.method.clone(), req.url.clone()).body(body);
         if let Some(t) = timeout {
             rb = rb.timeout(t);
         }
@@ -1255,6 +1279,9 @@ impl S3Client {
         let resp = self.send_signed(op, key, req, Some(self.timeout)).await?;
         let status = resp.status();
         let headers = resp.headers().clone();
+        if status == reqwest::StatusCode::PRECONDITION_FAILED && !req.body.is_empty() {
+            self.renew_pool(op, key);
+        }
         let body = resp.bytes().await.map_err(|e| transport(describe(&e)))?;
         if status.is_success() {
             return Ok(Response { headers, body });
@@ -1303,6 +1330,19 @@ fn describe(e: &reqwest::Error) -> String {
 }
 
 /// TLS with ring: the built-in web roots plus the configured CA, if any.
+/// The HTTP client of an `S3Client`: TLS by `tls`, up to `pool` idle connections.
+fn http_client(tls: rustls::ClientConfig, pool: usize) -> Result<reqwest::Client, S3Error> {
+    reqwest::Client::builder()
+        .tls_backend_preconfigured(tls)
+        .connect_timeout(Duration::from_secs(10))
+        .pool_max_idle_per_host(pool)
+        .pool_idle_timeout(Duration::from_secs(30))
+        .tcp_nodelay(true)
+        .user_agent(concat!("ha-edge/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|e| S3Error::Setup(e.to_string()))
+}
+
 fn tls_config(ca_file: Option<&std::path::Path>) -> Result<rustls::ClientConfig, String> {
     use rustls_pki_types::pem::PemObject;
     use rustls_pki_types::CertificateDer;
