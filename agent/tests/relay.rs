@@ -312,8 +312,7 @@ fn many_files_and_a_large_one_land_in_s3_through_the_relay_verified_and_only_onc
         let key = format!("fhir/dkfz/{name}");
         let got = s3.object("cloud", &key).unwrap_or_default();
         assert_eq!(sha256(&got), sha256(bytes), "{key}");
-        let meta = s3.metadata("cloud", &key).unwrap();
-        assert!(meta.to_string().contains(&sha256(bytes)), "{key}: {meta}");
+        assert_checked(&s3, &w.setup, &key, bytes);
     }
     assert_eq!(s3.keys("cloud").len(), files.len());
     assert_eq!(s3.open_uploads(), 0);
@@ -410,6 +409,122 @@ fn small_objects_go_through_the_relay_read_once() {
     );
 }
 
+/// Objects larger than one flight are read once too: offered sealed (named by a transfer id,
+/// their SHA-256 sent with the commit), hashed as they are sent. Both landings of the relay:
+/// whole on its disk (up to one part) and streamed into a multipart upload.
+#[test]
+fn large_objects_go_through_the_relay_read_once() {
+    let s3 = S3Server::start();
+    s3.create_bucket("cloud");
+    let w = world(Some(&s3_store(&s3)));
+    let relay = w.relay();
+    w.agent_config(w.relay_port, "agent", "fhir/dkfz/", "");
+    let files: Vec<(String, Vec<u8>)> = vec![
+        ("imaging/ct-1.dcm".into(), data(401, 12 * MIB + 77)),
+        ("imaging/ct-2.dcm".into(), data(402, 16 * MIB)),
+        ("imaging/sr.dcm".into(), data(403, 3 * MIB + 5)),
+    ];
+    for (name, bytes) in &files {
+        write_settled(&w.setup.src().join(name), bytes);
+    }
+    let mut daemon = w.setup.spawn_daemon(bin());
+    let stored = || relay.log().matches("stored and verified").count();
+    let all = wait_until(Duration::from_secs(90), || stored() == files.len())
+        && wait_until(Duration::from_secs(30), || {
+            w.setup.journal_counts() == vec![("done".to_string(), files.len() as i64)]
+        });
+    let read = rchar(&daemon.id().to_string());
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    assert!(all, "{}\n{}", w.setup.daemon_log(), relay.log());
+    let total: u64 = files.iter().map(|(_, b)| b.len() as u64).sum();
+    let slack = 2 * MIB as u64;
+    assert!(
+        read >= total && read < total + slack,
+        "the agent read {read} bytes for {total} bytes of files"
+    );
+    for (name, bytes) in &files {
+        let key = format!("fhir/dkfz/{name}");
+        assert_eq!(
+            s3.object("cloud", &key).as_deref().map(sha256),
+            Some(sha256(bytes))
+        );
+        assert_checked(&s3, &w.setup, &key, bytes);
+    }
+    assert_eq!(s3.open_uploads(), 0);
+    assert_eq!(
+        relay.log().matches("stored and verified").count(),
+        files.len()
+    );
+}
+
+/// A bucket source through the relay: each object is fetched once (one GET, pinned to its
+/// ETag), hashed as it is sent, however large.
+#[test]
+fn bucket_objects_go_through_the_relay_fetched_once() {
+    let onprem = S3Server::start();
+    onprem.create_bucket("onprem");
+    let src = Proxy::start(onprem.port);
+    let w = world(None);
+    let relay = w.relay();
+    w.agent_config(w.relay_port, "agent", "fhir/dkfz/", "");
+    let cfg = std::fs::read_to_string(w.setup.config_path()).unwrap();
+    let dir_source = format!(
+        "type = \"fs\"\npath = \"{}\"\nsettle = \"0s\"",
+        w.setup.src().display()
+    );
+    assert!(cfg.contains(&dir_source), "{cfg}");
+    let bucket_source = format!(
+        "type = \"s3\"\nendpoint = \"{}\"\nbucket = \"onprem\"\nprefix = \"exports/\"",
+        src.endpoint()
+    );
+    std::fs::write(
+        w.setup.config_path(),
+        cfg.replace(&dir_source, &bucket_source),
+    )
+    .unwrap();
+    let objects = [
+        ("exports/Patient.ndjson", data(41, 70_000)),
+        ("exports/imaging/ct.dcm", data(42, 13 * MIB + 3)),
+    ];
+    for (k, v) in &objects {
+        onprem.put("onprem", k, v);
+    }
+    let out = w.setup.run_once(bin());
+    assert!(out.status.success(), "{}\n{}", stderr_of(&out), relay.log());
+    for (k, v) in &objects {
+        let landed = w
+            .landed
+            .join("fhir/dkfz")
+            .join(k.strip_prefix("exports/").unwrap());
+        assert_eq!(
+            std::fs::read(&landed).map(|b| sha256(&b)).ok(),
+            Some(sha256(v)),
+            "{k}"
+        );
+    }
+    let gets: Vec<_> = src
+        .seen()
+        .into_iter()
+        .filter(|r| r.op() == "Get" && !r.target.contains("list-type"))
+        .collect();
+    let ranges: Vec<_> = gets
+        .iter()
+        .map(|r| format!("{} {}", r.target, r.header("range").unwrap_or("whole")))
+        .collect();
+    assert_eq!(gets.len(), objects.len(), "one GET per object: {ranges:#?}");
+    assert!(
+        gets.iter().all(|r| r.header("if-match").is_some()),
+        "pinned to the ETag"
+    );
+    let total: usize = objects.iter().map(|(_, v)| v.len()).sum();
+    assert_eq!(
+        src.object_bytes.load(Ordering::Relaxed),
+        total as u64,
+        "each source byte fetched once"
+    );
+}
+
 #[test]
 fn a_dropped_connection_resumes_from_the_offset_the_relay_confirms() {
     let w = world(None);
@@ -470,6 +585,71 @@ fn a_dropped_connection_resumes_from_the_offset_the_relay_confirms() {
         sent < big.len() as u64 * 3 / 2,
         "{sent} bytes sent for a {} byte file",
         big.len()
+    );
+    assert!(relay.partial_files().is_empty());
+}
+
+/// An agent killed (-9) in the middle of a sealed offer (its SHA-256 not known yet) offers the
+/// same transfer after its restart: the relay answers the offset it holds, the agent reads
+/// those bytes once more only to hash them, and sends the rest; nothing crosses twice, and the
+/// relay checks the whole against the SHA-256 of the commit.
+#[test]
+fn an_agent_killed_mid_transfer_resumes_its_sealed_offer_from_the_relays_offset() {
+    let w = world(None);
+    let metrics_port = w.relay_metrics();
+    let relay = w.relay();
+    // Held to 40 MB/s, so that the kill lands mid-transfer.
+    w.agent_config(w.relay_port, "agent", "fhir/dkfz/", "bandwidth = \"40MB\"");
+    let big = data(23, 96 * MIB);
+    let mut daemon = w.send_until_held(&relay, "mri.dcm", &big, 16 * MIB as u64);
+    let _ = daemon.kill(); // SIGKILL
+    let _ = daemon.wait();
+    let held = relay.partial_bytes();
+    assert!(
+        held < big.len() as u64,
+        "the transfer ended before the kill"
+    );
+    assert_eq!(
+        w.setup
+            .journal_column("SELECT state || ' ' || CASE WHEN sha256 IS NULL THEN 'none' ELSE 'set' END FROM objects"),
+        ["uploading none"],
+        "the SHA-256 is fixed only once every byte was read"
+    );
+    // Once the relay noticed the first connection is gone, the transfer is free to resume.
+    let mut daemon = w.setup.spawn_daemon(bin());
+    let landed = w.landed.join("fhir/dkfz/mri.dcm");
+    assert!(
+        wait_until(Duration::from_secs(90), || landed.exists()),
+        "{}\n{}",
+        w.setup.daemon_log(),
+        relay.log()
+    );
+    let read = rchar(&daemon.id().to_string());
+    sigterm(&daemon);
+    assert!(wait_within(&mut daemon, Duration::from_secs(20)).success());
+    assert_eq!(sha256(&std::fs::read(&landed).unwrap()), sha256(&big));
+    let log = w.setup.daemon_log();
+    assert!(
+        log.contains("hashing them again, sending the rest"),
+        "{log}"
+    );
+    assert_eq!(
+        w.setup.journal_sha256("fhir/dkfz/mri.dcm"),
+        Some(sha256(&big))
+    );
+    // The restarted agent read the file once: the held prefix to hash it, the rest to send it.
+    let size = big.len() as u64;
+    assert!(
+        read >= size && read < size + 2 * MIB as u64,
+        "the restarted agent read {read} bytes of a {size} byte file"
+    );
+    // What the relay took: the file once (what was in flight at the kill never arrived, or
+    // arrived before the relay's offset was read).
+    let (_, m) = http_get(metrics_port, "/metrics", None).expect("relay /metrics");
+    assert_eq!(
+        metric(&m, "ha_edge_relay_bytes_received_total"),
+        Some(size as f64),
+        "object bytes received more than once"
     );
     assert!(relay.partial_files().is_empty());
 }
@@ -1213,10 +1393,13 @@ fn fails_over_and_resumes(tls: bool) {
     send_signal(&first.child, "STOP");
     let recorded = state_parts(&s3).unwrap() as u64;
     let state = state_object(&s3).unwrap();
-    assert_eq!(state["crc64nvme"], tls, "{state}");
+    // A sealed offer (the agent hashes as it sends): the upload is checked by CRC-64/NVME over
+    // http too, since its metadata cannot name a SHA-256 not known yet.
+    assert_eq!(state["sealed"], true, "{state}");
+    assert_eq!(state["crc64nvme"], true, "{state}");
     for p in state["parts"].as_array().unwrap() {
-        assert_eq!(p["crc64nvme"].is_string(), tls, "{p}");
-        assert_eq!(p["sha256"].is_string(), !tls, "{p}");
+        assert!(p["crc64nvme"].is_string(), "{p}");
+        assert!(p["sha256"].is_null(), "{p}");
     }
     let on_disk = first.partial_bytes();
     assert_eq!(
@@ -1247,13 +1430,7 @@ fn fails_over_and_resumes(tls: bool) {
     );
     assert_eq!(s3.open_uploads(), 0, "no upload left open");
     assert_eq!(s3.keys("cloud"), [key], "no state object left");
-    let meta = s3.metadata("cloud", key).unwrap();
-    assert_eq!(meta["user_metadata"]["sha256"], sha256(&big), "{meta}");
-    if tls {
-        assert_eq!(meta["checksum_type"], "FULL_OBJECT", "{meta}");
-        let sums = s3.checksums("cloud", key).unwrap();
-        assert_eq!(sums["checksum_crc64nvme"], crc64nvme_b64(&big), "{sums}");
-    }
+    assert_checked(&s3, &w.setup, key, &big);
 }
 
 /// A relay landing in bucket "cloud" over https: s3s-fs, the recording proxy in front of it
@@ -1306,11 +1483,7 @@ fn over_https_the_relay_sends_parts_unsigned_with_their_crc64nvme() {
     assert!(out.status.success(), "{}\n{}", stderr_of(&out), relay.log());
     let key = "fhir/dkfz/ct.dcm";
     assert_eq!(sha256(&s3.object("cloud", key).unwrap()), sha256(&big));
-    let meta = s3.metadata("cloud", key).unwrap();
-    assert_eq!(meta["user_metadata"]["sha256"], sha256(&big), "{meta}");
-    assert_eq!(meta["checksum_type"], "FULL_OBJECT", "{meta}");
-    let sums = s3.checksums("cloud", key).unwrap();
-    assert_eq!(sums["checksum_crc64nvme"], crc64nvme_b64(&big), "{sums}");
+    assert_checked(&s3, &w.setup, key, &big);
     let seen = proxy.seen();
     let parts: Vec<&SeenRequest> = seen.iter().filter(|r| r.op() == "UploadPart").collect();
     assert_eq!(parts.len(), 5, "{parts:?}");
@@ -1471,6 +1644,31 @@ fn landed_then_stop(
     sigterm(daemon);
     assert!(wait_within(daemon, Duration::from_secs(20)).success());
     assert_eq!(sha256(&s3.object("cloud", key).unwrap()), sha256(bytes));
+}
+
+/// What an object the relay landed in S3 proves about its bytes. Up to one part (5 MiB here),
+/// landed by one verified upload: its SHA-256, in `x-amz-meta-sha256`. Larger, streamed into a
+/// multipart upload from a sealed offer (the agent hashes as it sends, so the SHA-256 is known
+/// only after the upload was created): the full-object CRC-64/NVME that S3 checked at
+/// completion, and the SHA-256 the relay checked, in the agent's journal (and receipt).
+fn assert_checked(s3: &S3Server, setup: &Setup, key: &str, bytes: &[u8]) {
+    let meta = s3.metadata("cloud", key).unwrap();
+    if bytes.len() <= 5 * MIB {
+        assert_eq!(
+            meta["user_metadata"]["sha256"],
+            sha256(bytes),
+            "{key}: {meta}"
+        );
+        return;
+    }
+    assert_eq!(meta["checksum_type"], "FULL_OBJECT", "{key}: {meta}");
+    let sums = s3.checksums("cloud", key).unwrap();
+    assert_eq!(
+        sums["checksum_crc64nvme"],
+        crc64nvme_b64(bytes),
+        "{key}: {sums}"
+    );
+    assert_eq!(setup.journal_sha256(key), Some(sha256(bytes)), "{key}");
 }
 
 /// Flips the byte at `at` in the file at `path` (a bad disk, a bad copy).

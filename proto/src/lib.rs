@@ -8,7 +8,8 @@
 //!   is refused before its body is buffered, and bincode's own limit stops a hostile length
 //!   inside a message from allocating;
 //! - an object is delivered only on `Stored` (the relay verified size and SHA-256 and stored
-//!   it) or `AlreadyHave` (it holds the same key with the same SHA-256);
+//!   it) or `AlreadyHave` (it holds the same key with the same SHA-256); a sealed offer's
+//!   SHA-256 comes with its commit, and is checked the same way;
 //! - `Accept{offset}` is the relay's promise that it holds the bytes before `offset`, so a
 //!   transfer resumes there after a dropped connection or a relay restart;
 //! - the encoding is pinned by a golden-bytes test: changing it needs a new `VERSION`.
@@ -17,8 +18,8 @@ mod message;
 mod session;
 
 pub use message::{
-    decode_one, encode, Decoder, FrameError, Message, Refusal, CAPABILITIES, CAP_EAGER, MAX_DATA,
-    MAX_FRAME, VERSION,
+    decode_one, encode, Decoder, FrameError, Message, Refusal, CAPABILITIES, CAP_EAGER, CAP_SEAL,
+    MAX_DATA, MAX_FRAME, VERSION,
 };
 pub use session::{
     ClientHandshake, Handshake, Receive, ReceiveEvent, ServerHandshake, SessionError, Upload,

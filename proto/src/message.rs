@@ -14,8 +14,11 @@ pub const MAX_DATA: usize = 512 * 1024;
 /// Capability bit: the relay takes `EagerOffer` (an offer whose data and commit follow at once,
 /// without waiting for its answer: one round trip per object instead of two).
 pub const CAP_EAGER: u64 = 1;
+/// Capability bit: the relay takes `SealedOffer` (an offer named by a transfer id, its SHA-256
+/// sent with the commit, `Seal`): the agent hashes the object as it sends it, reading it once.
+pub const CAP_SEAL: u64 = 2;
 /// Capability bits this build announces in the handshake (unknown bits are ignored).
-pub const CAPABILITIES: u64 = CAP_EAGER;
+pub const CAPABILITIES: u64 = CAP_EAGER | CAP_SEAL;
 
 /// Why the relay refuses an offer (or a handshake).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Encode, Decode)]
@@ -91,6 +94,27 @@ pub enum Message {
         size: u64,
         sha256: [u8; 32],
     },
+    /// Agent -> relay, first on an object stream, only to a relay that announced `CAP_SEAL`:
+    /// this object, whole, its SHA-256 to follow with the commit (`Seal`), because the agent
+    /// hashes the bytes as it sends them. `transfer` names the transfer for a resume (the
+    /// relay keys its partial on agent, key and transfer); `sha256` and `crc64nvme`, if the
+    /// agent knows them already (a retry), let the relay answer `AlreadyHave` (a store whose
+    /// object cannot name its SHA-256 may show its full-object CRC-64/NVME). Answered like
+    /// `Offer`. Appended last, so the encoding of the others is unchanged.
+    SealedOffer {
+        key: String,
+        size: u64,
+        transfer: [u8; 32],
+        sha256: Option<[u8; 32]>,
+        crc64nvme: Option<u64>,
+    },
+    /// Agent -> relay: every byte of a `SealedOffer` is sent, and this is their SHA-256. The
+    /// relay checks what it holds against it before `Stored`, as against an offer's.
+    Seal { sha256: [u8; 32] },
+    /// Relay -> agent, to a `SealedOffer` that named no SHA-256: an object of the offered size
+    /// is at the key already (a journal lost, say). The agent hashes its object and offers it
+    /// again with the SHA-256, which the relay may answer `AlreadyHave`; nothing is sent twice.
+    Present,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

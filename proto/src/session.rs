@@ -21,6 +21,12 @@
 //! offset 0 and `Commit` at once; the relay answers `Accept{0}` then `Stored` | `Mismatch`, or
 //! `AlreadyHave` | `Refuse` and ignores the rest of the stream. One round trip per object
 //! instead of two (the agent uses it for small objects, whose bytes fit the stream's window).
+//!
+//! To a relay that announced `CAP_SEAL`, the agent may offer an object before it knows its
+//! SHA-256: `SealedOffer{key, size, transfer}` names the transfer (the relay keys its partial
+//! on it), is answered like `Offer`, and ends with `Seal{sha256}` instead of `Commit`; the
+//! relay checks what it holds against that SHA-256 before `Stored`, as against an offer's. The
+//! agent hashes the bytes as it sends them, so it reads the object once.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -66,6 +72,9 @@ fn name(m: &Message) -> &'static str {
         Message::Mismatch { .. } => "Mismatch",
         Message::Error { .. } => "Error",
         Message::EagerOffer { .. } => "EagerOffer",
+        Message::SealedOffer { .. } => "SealedOffer",
+        Message::Seal { .. } => "Seal",
+        Message::Present => "Present",
     }
 }
 
@@ -275,6 +284,9 @@ pub enum UploadEvent {
     Refused { reason: Refusal, message: String },
     /// The relay received something else than offered and dropped it: offer again.
     Mismatch(String),
+    /// To a sealed offer without its SHA-256: an object of that size is at the key; hash the
+    /// object and offer it again with its SHA-256.
+    Present,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -296,6 +308,9 @@ pub struct Upload {
     eager: bool,
     /// The relay's `Accept{0}` to an eager offer has arrived.
     accepted: bool,
+    /// A sealed offer: it ends with `seal`, not `commit`; `AlreadyHave` is an answer only if
+    /// it named a SHA-256 (the `Some`).
+    sealed: Option<bool>,
 }
 
 impl Upload {
@@ -325,6 +340,30 @@ impl Upload {
         Upload::offering(&offer, size, UpState::Sending { next: 0 }, now, idle)
     }
 
+    /// A sealed offer (only to a relay that announced `CAP_SEAL`): answered like `new`, it
+    /// ends with `seal(sha256)` once every byte is sent. `known`: its SHA-256 (and
+    /// CRC-64/NVME) if known already.
+    pub fn new_sealed(
+        key: &str,
+        size: u64,
+        transfer: [u8; 32],
+        known: Option<([u8; 32], Option<u64>)>,
+        now: Instant,
+        idle: Duration,
+    ) -> Upload {
+        let sha256 = known.map(|k| k.0);
+        let offer = Message::SealedOffer {
+            key: key.to_string(),
+            size,
+            transfer,
+            sha256,
+            crc64nvme: known.and_then(|k| k.1),
+        };
+        let mut up = Upload::offering(&offer, size, UpState::AwaitAnswer, now, idle);
+        up.sealed = Some(sha256.is_some());
+        up
+    }
+
     /// An upload that has queued `offer` and waits from `now`, starting in `state`.
     fn offering(
         offer: &Message,
@@ -343,6 +382,7 @@ impl Upload {
             ack_wait: idle,
             eager: matches!(offer, Message::EagerOffer { .. }),
             accepted: false,
+            sealed: None,
         }
     }
 
@@ -368,6 +408,14 @@ impl Upload {
             return Err(SessionError::Timeout(waited));
         }
         Ok(())
+    }
+
+    /// Where the next data goes, while sending (after `SendFrom`, before the commit).
+    pub fn sending_at(&self) -> Option<u64> {
+        match self.state {
+            UpState::Sending { next } => Some(next),
+            _ => None,
+        }
     }
 
     /// Queues `bytes` at `offset`, which must continue where the last data ended.
@@ -396,9 +444,41 @@ impl Upload {
     /// Queues the commit once every byte is queued. The answer is due within `ack_wait`: the
     /// relay verifies and lands the object first, which takes time in proportion to its size.
     pub fn commit(&mut self, now: Instant, ack_wait: Duration) -> Result<(), SessionError> {
+        if self.sealed.is_some() {
+            return Err(SessionError::Unexpected {
+                got: "Commit",
+                state: "sending a sealed offer (it ends with Seal)",
+            });
+        }
+        self.end(&Message::Commit, now, ack_wait)
+    }
+
+    /// `commit` for a sealed offer: every byte is queued, and `sha256` is theirs.
+    pub fn seal(
+        &mut self,
+        sha256: [u8; 32],
+        now: Instant,
+        ack_wait: Duration,
+    ) -> Result<(), SessionError> {
+        if self.sealed.is_none() {
+            return Err(SessionError::Unexpected {
+                got: "Seal",
+                state: "sending an offer that named its SHA-256",
+            });
+        }
+        self.end(&Message::Seal { sha256 }, now, ack_wait)
+    }
+
+    /// Queues the commit or seal once every byte is queued.
+    fn end(
+        &mut self,
+        last: &Message,
+        now: Instant,
+        ack_wait: Duration,
+    ) -> Result<(), SessionError> {
         match self.state {
             UpState::Sending { next } if next == self.size => {
-                self.io.send(&Message::Commit);
+                self.io.send(last);
                 self.io.deadline = Some(now + ack_wait);
                 self.ack_wait = ack_wait;
                 self.state = UpState::AwaitAck;
@@ -409,7 +489,7 @@ impl Upload {
                 size: self.size,
             }),
             _ => Err(SessionError::Unexpected {
-                got: "Commit",
+                got: name(last),
                 state: "not sending",
             }),
         }
@@ -449,7 +529,12 @@ impl Upload {
                     size: self.size,
                 });
             }
-            (UpState::AwaitAnswer, Message::AlreadyHave) => {
+            (UpState::AwaitAnswer, Message::Present) if self.sealed == Some(false) => {
+                self.state = UpState::Finished;
+                UploadEvent::Present
+            }
+            // Only to an offer that named its SHA-256: "the same object" needs one.
+            (UpState::AwaitAnswer, Message::AlreadyHave) if self.sealed != Some(false) => {
                 self.state = UpState::Finished;
                 UploadEvent::AlreadyStored
             }
@@ -552,10 +637,23 @@ pub enum ReceiveEvent {
         sha256: [u8; 32],
         eager: bool,
     },
+    /// A sealed offer: decide as for `Offered` (`already_have()` only if it names a
+    /// SHA-256); the partial is keyed on `transfer`, and the SHA-256 to check comes with
+    /// `Sealed`.
+    SealedOffered {
+        key: String,
+        size: u64,
+        transfer: [u8; 32],
+        sha256: Option<[u8; 32]>,
+        crc64nvme: Option<u64>,
+    },
     /// Bytes at `offset` (contiguous from the accepted offset, within the size): store them.
     Data { offset: u64, bytes: Vec<u8> },
     /// Every byte is in: verify and answer `stored()` or `mismatch(..)`.
     Committed,
+    /// Every byte of a sealed offer is in, and this is their SHA-256 as the agent read them:
+    /// verify against it and answer `stored()` or `mismatch(..)`.
+    Sealed { sha256: [u8; 32] },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -574,6 +672,8 @@ pub struct Receive {
     state: RxState,
     /// The offer was eager: what follows a refusal is ignored, not an error.
     eager: bool,
+    /// The offer was sealed: it ends with `Seal`, not `Commit`.
+    sealed: bool,
 }
 
 impl Receive {
@@ -584,6 +684,7 @@ impl Receive {
             io,
             state: RxState::AwaitOffer,
             eager: false,
+            sealed: false,
         }
     }
 
@@ -625,6 +726,13 @@ impl Receive {
 
     pub fn already_have(&mut self) {
         self.io.send(&Message::AlreadyHave);
+        self.state = RxState::Finished;
+    }
+
+    /// To a sealed offer that named no SHA-256: an object of its size is at the key; the
+    /// agent offers again with the SHA-256.
+    pub fn present(&mut self) {
+        self.io.send(&Message::Present);
         self.state = RxState::Finished;
     }
 
@@ -677,6 +785,26 @@ impl Receive {
                         eager: true,
                     }
                 }
+                (
+                    RxState::AwaitOffer,
+                    Message::SealedOffer {
+                        key,
+                        size,
+                        transfer,
+                        sha256,
+                        crc64nvme,
+                    },
+                ) => {
+                    self.state = RxState::Deciding { size };
+                    self.sealed = true;
+                    ReceiveEvent::SealedOffered {
+                        key,
+                        size,
+                        transfer,
+                        sha256,
+                        crc64nvme,
+                    }
+                }
                 // The rest of an eager offer that was answered already (refused, already had).
                 (RxState::Finished, Message::Data { .. } | Message::Commit) if self.eager => {
                     continue
@@ -695,11 +823,26 @@ impl Receive {
                     self.state = RxState::Receiving { next: end, size };
                     ReceiveEvent::Data { offset, bytes }
                 }
-                (RxState::Receiving { next, size }, Message::Commit) if next == size => {
+                (RxState::Receiving { next, size }, Message::Commit)
+                    if next == size && !self.sealed =>
+                {
                     self.state = RxState::Verifying;
                     ReceiveEvent::Committed
                 }
-                (RxState::Receiving { next, size }, Message::Commit) => {
+                (RxState::Receiving { next, size }, Message::Seal { sha256 })
+                    if next == size && self.sealed =>
+                {
+                    self.state = RxState::Verifying;
+                    ReceiveEvent::Sealed { sha256 }
+                }
+                (RxState::Receiving { next, size }, Message::Commit)
+                    if next < size && !self.sealed =>
+                {
+                    return Err(self.fail(SessionError::Incomplete { sent: next, size }));
+                }
+                (RxState::Receiving { next, size }, Message::Seal { .. })
+                    if next < size && self.sealed =>
+                {
                     return Err(self.fail(SessionError::Incomplete { sent: next, size }));
                 }
                 (_, Message::Error { message }) => {

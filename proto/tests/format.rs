@@ -39,6 +39,15 @@ fn samples() -> Vec<Message> {
         Message::Error {
             message: "e".into(),
         },
+        Message::SealedOffer {
+            key: "k".into(),
+            size: 300,
+            transfer: [0xcd; 32],
+            sha256: None,
+            crc64nvme: Some(7),
+        },
+        Message::Seal { sha256: [0xef; 32] },
+        Message::Present,
     ]
 }
 
@@ -59,11 +68,15 @@ const GOLDEN: &[&str] = &[
     "0000000108",
     "00000003090178",
     "000000030a0165",
+    "000000290c016bfb2c01cdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcdcd000107",
+    "000000210defefefefefefefefefefefefefefefefefefefefefefefefefefefefefefefef",
+    "000000010e",
 ];
 
 #[test]
 fn golden_bytes() {
     let got: Vec<String> = samples().iter().map(|m| hex(&encode(m))).collect();
+    assert_eq!(got.len(), GOLDEN.len(), "{got:#?}");
     for (i, (g, want)) in got.iter().zip(GOLDEN).enumerate() {
         assert_eq!(
             g,
@@ -154,6 +167,24 @@ fn any_message() -> impl Strategy<Value = Message> {
         Just(Message::Stored),
         ".{0,80}".prop_map(|message| Message::Mismatch { message }),
         ".{0,80}".prop_map(|message| Message::Error { message }),
+        (
+            ".{0,200}",
+            any::<u64>(),
+            any::<[u8; 32]>(),
+            any::<Option<[u8; 32]>>(),
+            any::<Option<u64>>()
+        )
+            .prop_map(
+                |(key, size, transfer, sha256, crc64nvme)| Message::SealedOffer {
+                    key,
+                    size,
+                    transfer,
+                    sha256,
+                    crc64nvme
+                }
+            ),
+        any::<[u8; 32]>().prop_map(|sha256| Message::Seal { sha256 }),
+        Just(Message::Present),
     ]
 }
 

@@ -548,3 +548,158 @@ fn a_plain_offer_still_waits_for_its_answer() {
         "no data before Accept"
     );
 }
+
+/// A sealed offer (the SHA-256 follows the bytes): answered like an offer, resumed from the
+/// relay's offset, and ended by `Seal`, whose SHA-256 the relay is handed to check.
+#[test]
+fn a_sealed_offer_names_its_transfer_and_carries_the_sha256_with_its_seal() {
+    let data: Vec<u8> = (0..100u8).collect();
+    for (offset, bytewise) in [(0, false), (60, true), (100, false)] {
+        let now = Instant::now();
+        let mut up = Upload::new_sealed("fhir/dkfz/s.dcm", 100, sha(7), None, now, IDLE);
+        let mut rx = Receive::new(now, IDLE);
+        let mut events = Vec::new();
+        pump(
+            || up.poll_transmit(),
+            |b| events.extend(rx.handle_input(b, now).unwrap()),
+            bytewise,
+        );
+        assert_eq!(
+            events,
+            [ReceiveEvent::SealedOffered {
+                key: "fhir/dkfz/s.dcm".into(),
+                size: 100,
+                transfer: sha(7),
+                sha256: None,
+                crc64nvme: None,
+            }]
+        );
+        rx.accept(offset, now).unwrap();
+        let mut answer = None;
+        pump(
+            || rx.poll_transmit(),
+            |b| answer = answer.clone().or(up.handle_input(b, now).unwrap()),
+            bytewise,
+        );
+        assert_eq!(answer, Some(UploadEvent::SendFrom(offset)));
+        let mut off = offset;
+        for chunk in data[usize::try_from(offset).unwrap()..].chunks(9) {
+            up.send_data(off, chunk.to_vec()).unwrap();
+            off += chunk.len() as u64;
+        }
+        assert!(
+            matches!(up.commit(now, IDLE), Err(SessionError::Unexpected { .. })),
+            "a sealed offer ends with Seal, not Commit"
+        );
+        up.seal(sha(8), now, IDLE).unwrap();
+        let mut received = Vec::new();
+        let mut sealed = None;
+        pump(
+            || up.poll_transmit(),
+            |b| {
+                for e in rx.handle_input(b, now).unwrap() {
+                    match e {
+                        ReceiveEvent::Data { bytes, .. } => received.extend(bytes),
+                        ReceiveEvent::Sealed { sha256 } => sealed = Some(sha256),
+                        other => panic!("{other:?}"),
+                    }
+                }
+            },
+            bytewise,
+        );
+        assert_eq!(received, data[usize::try_from(offset).unwrap()..]);
+        assert_eq!(
+            sealed,
+            Some(sha(8)),
+            "the relay is handed the SHA-256 to check"
+        );
+        rx.stored();
+        let back = rx.poll_transmit().unwrap();
+        assert_eq!(
+            up.handle_input(&back, now).unwrap(),
+            Some(UploadEvent::Stored)
+        );
+    }
+}
+
+#[test]
+fn a_sealed_offer_takes_no_commit_and_a_plain_one_no_seal() {
+    let now = Instant::now();
+    // The relay: Commit after a sealed offer, Seal after a plain one, Seal before the end.
+    let cases: [(Message, Message); 3] = [
+        (
+            Message::SealedOffer {
+                key: "k".into(),
+                size: 2,
+                transfer: sha(1),
+                sha256: None,
+                crc64nvme: None,
+            },
+            Message::Commit,
+        ),
+        (
+            Message::Offer {
+                key: "k".into(),
+                size: 2,
+                sha256: sha(1),
+            },
+            Message::Seal { sha256: sha(1) },
+        ),
+        (
+            Message::SealedOffer {
+                key: "k".into(),
+                size: 3,
+                transfer: sha(1),
+                sha256: None,
+                crc64nvme: None,
+            },
+            Message::Seal { sha256: sha(1) },
+        ),
+    ];
+    for (offer, last) in cases {
+        let mut rx = Receive::new(now, IDLE);
+        assert_eq!(rx.handle_input(&encode(&offer), now).unwrap().len(), 1);
+        rx.accept(0, now).unwrap();
+        let _ = rx.poll_transmit();
+        let data = encode(&Message::Data {
+            offset: 0,
+            bytes: vec![1, 2],
+        });
+        assert_eq!(rx.handle_input(&data, now).unwrap().len(), 1);
+        assert!(
+            rx.handle_input(&encode(&last), now).is_err(),
+            "{offer:?} then {last:?}"
+        );
+    }
+    // The agent: Seal on a plain offer is refused; AlreadyHave answers a sealed offer only
+    // if it named a SHA-256 (an unnamed object cannot be "the same").
+    let mut plain = Upload::new("k", 0, sha(1), now, IDLE);
+    plain
+        .handle_input(&encode(&Message::Accept { offset: 0 }), now)
+        .unwrap();
+    assert!(plain.seal(sha(1), now, IDLE).is_err());
+    let mut unnamed = Upload::new_sealed("k", 4, sha(1), None, now, IDLE);
+    assert!(unnamed
+        .handle_input(&encode(&Message::AlreadyHave), now)
+        .is_err());
+    let mut unnamed = Upload::new_sealed("k", 4, sha(1), None, now, IDLE);
+    assert_eq!(
+        unnamed
+            .handle_input(&encode(&Message::Present), now)
+            .unwrap(),
+        Some(UploadEvent::Present),
+        "an object of that size is there: hash and offer again"
+    );
+    let mut named = Upload::new_sealed("k", 4, sha(1), Some((sha(2), None)), now, IDLE);
+    assert!(
+        named.handle_input(&encode(&Message::Present), now).is_err(),
+        "Present answers only an offer without its SHA-256"
+    );
+    let mut named = Upload::new_sealed("k", 4, sha(1), Some((sha(2), Some(9))), now, IDLE);
+    assert_eq!(
+        named
+            .handle_input(&encode(&Message::AlreadyHave), now)
+            .unwrap(),
+        Some(UploadEvent::AlreadyStored)
+    );
+}

@@ -124,6 +124,11 @@ impl RelayClient {
         self.capabilities.load(std::sync::atomic::Ordering::Relaxed) & ha_edge_proto::CAP_EAGER != 0
     }
 
+    /// Whether the relay takes sealed offers (the SHA-256 sent with the commit).
+    pub fn sealed(&self) -> bool {
+        self.capabilities.load(std::sync::atomic::Ordering::Relaxed) & ha_edge_proto::CAP_SEAL != 0
+    }
+
     /// The QUIC idle timeout.
     pub fn idle(&self) -> Duration {
         self.idle

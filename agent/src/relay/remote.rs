@@ -21,6 +21,12 @@
 //!   refuses CRC-64/NVME, said once) each part is signed with its SHA-256, which is also its
 //!   checksum (composite). Either way the whole-object SHA-256 is computed as the bytes
 //!   arrive, checked against the offer, and kept in `x-amz-meta-sha256`.
+//! - **Sealed offers** (the agent hashes as it sends; the SHA-256 comes with the commit): the
+//!   state object is named by the transfer id, and the upload is checked by CRC-64/NVME over
+//!   http too, since its metadata, fixed at creation, cannot name the SHA-256. The completed
+//!   object is verified by its full-object CRC; the SHA-256, checked here before completion,
+//!   stays in the agent's journal and receipt (as for the agent's own multipart uploads). A
+//!   store that refuses CRC-64/NVME keeps sealed transfers whole on the relay's disk.
 //! - **Receiving:** bytes go into the whole-object hash, the part's checksum, and the part being
 //!   assembled (at most `part_size`): in memory while the relay's assembly budget
 //!   (`store.assembly_memory`, shared by all transfers) has room for the whole part, else in
@@ -142,7 +148,11 @@ pub struct At<'a> {
     pub identity: &'a str,
     pub key: &'a str,
     pub size: u64,
+    /// The offer's SHA-256, or what names a sealed offer's transfer (`sealed`).
     pub sha: &'a [u8; 32],
+    /// The SHA-256 comes with the commit: the upload is checked by CRC-64/NVME and its
+    /// metadata names no SHA-256.
+    pub sealed: bool,
     pub part_size: u64,
 }
 
@@ -153,6 +163,7 @@ struct State {
     identity: String,
     key: String,
     size: u64,
+    /// The offer's SHA-256, or (`sealed`) what names the transfer.
     sha256: String,
     part_size: u64,
     upload_id: String,
@@ -164,6 +175,9 @@ struct State {
     /// unsigned (https); else by SHA-256 per part (composite). Older state objects: SHA-256.
     #[serde(default)]
     crc64nvme: bool,
+    /// A sealed offer's transfer: the SHA-256 to check comes with the commit.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    sealed: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -219,8 +233,13 @@ static CRC_REFUSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBoo
 /// Over http each part is hashed with SHA-256 for its signature anyway, so it is also the
 /// part's checksum, as before.
 fn new_upload_uses_crc(client: &S3Client) -> bool {
+    takes_crc(client) && !client.signs_part_payload(true)
+}
+
+/// Whether uploads to `client` may be checked by CRC-64/NVME: its configuration asks for it
+/// and the store has not refused it.
+pub fn takes_crc(client: &S3Client) -> bool {
     client.checksum() == crate::config::Checksum::Crc64Nvme
-        && !client.signs_part_payload(true)
         && !CRC_REFUSED.load(std::sync::atomic::Ordering::Relaxed)
 }
 
@@ -275,15 +294,18 @@ fn midstate_parse(s: &str) -> Option<[u32; 8]> {
 /// Starts the multipart upload of a new transfer: checked by CRC-64/NVME where
 /// `new_upload_uses_crc` says so and the store takes it, else by SHA-256 per part (a refusal is
 /// said once and remembered). Its upload ID, and whether it is checked by CRC-64/NVME.
+/// A sealed transfer (`sha` None: not known yet) is checked by CRC-64/NVME over http too, or
+/// not created: its refusal is returned (the store keeps it on disk instead; it asks only
+/// where `takes_crc`).
 async fn create_upload(
     client: &S3Client,
     key: &str,
-    sha: &[u8; 32],
+    sha: Option<&[u8; 32]>,
     meta: &crate::s3::ObjectMeta,
 ) -> Result<(String, bool), crate::s3::S3Error> {
-    if new_upload_uses_crc(client) {
+    if new_upload_uses_crc(client) || sha.is_none() {
         match client
-            .create_multipart(key, PartChecksum::Crc64Nvme(Some(sha)), meta)
+            .create_multipart(key, PartChecksum::Crc64Nvme(sha), meta)
             .await
         {
             Ok(id) => return Ok((id, true)),
@@ -291,10 +313,15 @@ async fn create_upload(
                 if !CRC_REFUSED.swap(true, std::sync::atomic::Ordering::Relaxed) {
                     tracing::warn!(endpoint = %client.endpoint(), error = %e, "the store refuses full-object CRC64NVME checksums on multipart uploads: using SHA-256 per part instead (every byte then hashed twice with SHA-256)");
                 }
+                if sha.is_none() {
+                    return Err(e);
+                }
             }
             Err(e) => return Err(e),
         }
     }
+    // A sealed transfer returned above, created or refused.
+    let sha = sha.expect("a sealed transfer is created with CRC-64/NVME or refused");
     let id = client
         .create_multipart(key, PartChecksum::Sha256(sha), meta)
         .await?;
@@ -317,6 +344,7 @@ impl Remote {
             key,
             size,
             sha,
+            sealed,
             part_size,
         } = at;
         let dest_key = format!("{prefix}{key}");
@@ -327,6 +355,7 @@ impl Remote {
                 && s.key == dest_key
                 && s.size == size
                 && s.sha256 == hex::encode(sha)
+                && s.sealed == sealed
                 && s.part_size == part_size
         };
         let mut state = None;
@@ -344,7 +373,8 @@ impl Remote {
             None => {
                 let mut meta = client.meta_for(&dest_key, "");
                 meta.agent_identity = Some(identity.to_string());
-                let (upload_id, crc64nvme) = create_upload(client, &dest_key, sha, &meta).await?;
+                let named = (!sealed).then_some(sha);
+                let (upload_id, crc64nvme) = create_upload(client, &dest_key, named, &meta).await?;
                 let fresh = State {
                     v: 1,
                     identity: identity.to_string(),
@@ -357,6 +387,7 @@ impl Remote {
                     midstate: midstate_hex(&Sha256Resumable::new().midstate().expect("empty").0),
                     hashed: 0,
                     crc64nvme,
+                    sealed,
                 };
                 match write_state(client, &state_key, &fresh, &Precondition::Create).await {
                     Ok(()) => fresh,
@@ -568,9 +599,10 @@ impl Remote {
         }
     }
 
-    /// Every byte is in: the last part, the whole-object SHA-256 checked against the offer,
-    /// then completion and verification; a mismatch aborts the upload and lands nothing.
-    pub async fn finish(mut self) -> Result<Landed, StoreError> {
+    /// Every byte is in: the last part, the whole-object SHA-256 checked against `sha` (the
+    /// offer's, or a sealed offer's from its commit), then completion and verification; a
+    /// mismatch aborts the upload and lands nothing.
+    pub async fn finish(mut self, sha: &[u8; 32]) -> Result<Landed, StoreError> {
         if self.part_len > 0 {
             self.cut_part(true).await?;
         } else {
@@ -579,11 +611,12 @@ impl Remote {
         let got_len = self.whole.len();
         let got = self.whole.clone().finalize();
         let size = self.state.size;
-        if got_len != size || hex::encode(got) != self.state.sha256 {
+        let named = self.state.sealed || hex::encode(sha) == self.state.sha256;
+        if got_len != size || got != *sha || !named {
             let detail = format!(
                 "received {got_len} bytes with SHA-256 {}, offered {size} bytes with {}",
                 hex::encode(got),
-                self.state.sha256
+                hex::encode(sha)
             );
             self.abandon().await;
             return Ok(Landed::Mismatch(detail));
@@ -623,9 +656,7 @@ impl Remote {
         {
             return Err(e.into());
         }
-        let mut sha = [0u8; 32];
-        hex::decode_to_slice(&self.state.sha256, &mut sha).map_err(std::io::Error::other)?;
-        verify::verify_full(&client, &self.dest_key, size, &sha, whole_crc, Some(&rows))
+        verify::verify_full(&client, &self.dest_key, size, sha, whole_crc, Some(&rows))
             .await
             .map_err(|e| match e {
                 VerifyError::S3(e) => StoreError::S3(e),

@@ -15,7 +15,10 @@
 //!   certificate's DNS name must equal an `[[agent]] identity` exactly (no wildcards, no CN).
 //! - **Streams**: each object is one stream driven by the sans-IO `Receive` machine: Offer
 //!   (key under the identity's prefix, size, SHA-256) → Resume from what the partial holds (or
-//!   AlreadyHave, or a Refusal with a reason) → data → Commit → Stored once landed.
+//!   AlreadyHave, or a Refusal with a reason) → data → Commit → Stored once landed. A sealed
+//!   offer names a transfer id instead (the partial is keyed on it) and brings the SHA-256 with
+//!   its commit (`Seal`); one that names no SHA-256 for a key holding an object of its size is
+//!   answered `Present`, and the agent offers again with the SHA-256 (AlreadyHave, or resume).
 //! - **Landing** (`store.rs`): the partial is fsynced, its size and SHA-256 checked, then
 //!   renamed into the landing directory or uploaded to S3 (one verified upload); a permanent
 //!   failure removes the partial, a temporary one keeps it for the agent's next attempt.
@@ -425,7 +428,7 @@ async fn object_stream(
 ) {
     let mut rx = Receive::new(Instant::now(), shared.idle);
     let mut partial: Option<Partial> = None;
-    let mut offer: Option<(String, u64, [u8; 32])> = None;
+    let mut offer: Option<Offered> = None;
     let mut received = 0u64;
     let mut finished = false;
     loop {
@@ -462,7 +465,7 @@ async fn object_stream(
             Ok(Some(c)) => c.bytes,
             // The agent went away (connection lost, stopped): what arrived stays for a resume.
             Ok(None) | Err(_) => {
-                if let Some((key, _, _)) = &offer {
+                if let Some(Offered { key, .. }) = &offer {
                     tracing::info!(identity = %agent.identity, key = %key, received, "transfer interrupted; the partial transfer is kept for a resume");
                 }
                 return;
@@ -486,22 +489,11 @@ async fn object_stream(
             }
             for ev in events {
                 match ev {
-                    ReceiveEvent::Offered {
-                        key,
-                        size,
-                        sha256,
-                        eager,
-                    } => {
-                        finished = decide(
-                            &mut rx,
-                            &mut partial,
-                            agent,
-                            shared,
-                            (&key, size, &sha256),
-                            eager,
-                        )
-                        .await;
-                        offer = Some((key, size, sha256));
+                    ev @ (ReceiveEvent::Offered { .. } | ReceiveEvent::SealedOffered { .. }) => {
+                        let Some(o) = Offered::of(ev) else { continue };
+                        finished = decide(&mut rx, &mut partial, agent, shared, &o).await;
+                        let eager = o.eager;
+                        offer = Some(o);
                         if finished && eager {
                             // Answered without the data: the rest of the stream is not wanted.
                             let _ = recv.stop(quinn::VarInt::from_u32(0));
@@ -525,16 +517,29 @@ async fn object_stream(
                         received += len;
                         metrics::relay().bytes_received.inc_by(len);
                     }
-                    ReceiveEvent::Committed => {
-                        let (Some(p), Some((key, size, sha))) = (partial.take(), offer.as_ref())
-                        else {
+                    ev @ (ReceiveEvent::Committed | ReceiveEvent::Sealed { .. }) => {
+                        let (Some(p), Some(o)) = (partial.take(), offer.as_ref()) else {
                             metrics::relay().refused("unavailable");
                             rx.refuse(Refusal::Unavailable, "no partial transfer open".into());
                             finished = true;
                             break;
                         };
                         finished = true;
-                        match shared.store.land(p, key, *size, sha).await {
+                        let (key, size) = (&o.key, &o.size);
+                        // The SHA-256 the bytes must have: the offer's, or the seal's (which
+                        // must be the sealed offer's, had it named one).
+                        let sha = match ev {
+                            ReceiveEvent::Sealed { sha256 } => {
+                                if o.sha256.is_some_and(|named| named != sha256) {
+                                    rx.mismatch("the seal's SHA-256 is not the offer's".into());
+                                    drop(p);
+                                    continue;
+                                }
+                                sha256
+                            }
+                            _ => o.name,
+                        };
+                        match shared.store.land(p, key, *size, &sha).await {
                             Ok(Landed::Stored) => {
                                 tracing::info!(identity = %agent.identity, key = %key, size, received, "stored and verified");
                                 metrics::relay().objects_landed.inc();
@@ -563,16 +568,71 @@ async fn object_stream(
     }
 }
 
-/// Answers an offer (`eager`: its data from 0 follows at once, so it is accepted from 0 only);
-/// returns whether the stream is finished.
+/// An offer on a stream, plain, eager or sealed.
+struct Offered {
+    key: String,
+    size: u64,
+    /// The SHA-256 the offer names (a sealed offer may not).
+    sha256: Option<[u8; 32]>,
+    /// The full-object CRC-64/NVME a sealed offer may name besides.
+    crc64nvme: Option<u64>,
+    /// What names its partial transfer: the SHA-256, or a sealed offer's transfer id's name.
+    name: [u8; 32],
+    /// Its data from 0 follows at once, so it is accepted from 0 only.
+    eager: bool,
+    /// Its SHA-256 comes with its commit (`Seal`).
+    sealed: bool,
+}
+
+impl Offered {
+    /// The offer an event makes, if it is one.
+    fn of(ev: ReceiveEvent) -> Option<Offered> {
+        Some(match ev {
+            ReceiveEvent::Offered {
+                key,
+                size,
+                sha256,
+                eager,
+            } => Offered {
+                key,
+                size,
+                sha256: Some(sha256),
+                crc64nvme: None,
+                name: sha256,
+                eager,
+                sealed: false,
+            },
+            ReceiveEvent::SealedOffered {
+                key,
+                size,
+                transfer,
+                sha256,
+                crc64nvme,
+            } => Offered {
+                key,
+                size,
+                sha256,
+                crc64nvme,
+                name: super::store::sealed_name(&transfer),
+                eager: false,
+                sealed: true,
+            },
+            ReceiveEvent::Data { .. } | ReceiveEvent::Committed | ReceiveEvent::Sealed { .. } => {
+                return None
+            }
+        })
+    }
+}
+
+/// Answers an offer; returns whether the stream is finished.
 async fn decide(
     rx: &mut Receive,
     partial: &mut Option<Partial>,
     agent: &AgentAuth,
     shared: &Shared,
-    (key, size, sha): (&str, u64, &[u8; 32]),
-    eager: bool,
+    offer: &Offered,
 ) -> bool {
+    let (key, size, eager) = (offer.key.as_str(), offer.size, offer.eager);
     if let Err(e) = keymap::bucket_key("", key) {
         tracing::warn!(identity = %agent.identity, key = ?key, reason = %e, "refused: bad key");
         metrics::relay().refused("bad_key");
@@ -588,7 +648,18 @@ async fn decide(
         );
         return true;
     }
-    match shared.store.has(key, size, sha).await {
+    // An offer without its SHA-256 (sealed) for a key that holds an object of its size: the
+    // agent hashes its object and offers again with the SHA-256 (a lost journal, say).
+    let known = match offer.sha256 {
+        Some(sha) => shared.store.has(key, size, &sha, offer.crc64nvme).await,
+        None => shared.store.present(key, size).await,
+    };
+    match known {
+        Ok(true) if offer.sha256.is_none() => {
+            tracing::info!(identity = %agent.identity, key = %key, size, "an object of the offered size is there; asking for the SHA-256");
+            rx.present();
+            return true;
+        }
         Ok(true) => {
             tracing::info!(identity = %agent.identity, key = %key, "already stored with this SHA-256");
             rx.already_have();
@@ -604,7 +675,7 @@ async fn decide(
     }
     match shared
         .store
-        .open_transfer(&agent.identity, key, size, sha)
+        .open_transfer(&agent.identity, key, size, &offer.name, offer.sealed)
         .await
     {
         Ok(mut p) => {

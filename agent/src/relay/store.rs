@@ -6,6 +6,8 @@
 //! # Layout on disk
 //! - `state_dir/partial/<identity tag>-<hash of key and SHA-256>`: one file per transfer
 //!   (0600, directory 0700), appended in order; its length is where a resumed transfer goes on.
+//!   A sealed offer's transfer is named by its transfer id (`sealed_name`) in place of the
+//!   SHA-256, which comes with its commit.
 //! - `state_dir/index/<hash of key>`: for a directory landing, the SHA-256 and size landed at
 //!   that key, so a repeated offer is answered AlreadyHave without reading the object.
 //! - Limits per identity: open partials (`max_partials`) and their offered bytes
@@ -173,6 +175,14 @@ pub enum Landed {
     Mismatch(String),
 }
 
+/// What names the partial of a sealed offer's transfer (never an offer's SHA-256).
+pub fn sealed_name(transfer: &[u8; 32]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(b"ha-edge sealed transfer\0");
+    h.update(transfer);
+    h.finalize()
+}
+
 /// The first 16 hex digits of the identity's SHA-256: its partial transfers' name prefix.
 fn agent_tag(identity: &str) -> String {
     hex_sha(&[identity.as_bytes()])[..16].to_string()
@@ -236,8 +246,15 @@ impl Store {
         }
     }
 
-    /// Whether `key` is stored with this size and SHA-256.
-    pub async fn has(&self, key: &str, size: u64, sha: &[u8; 32]) -> Result<bool, StoreError> {
+    /// Whether `key` is stored with this size and SHA-256 (in S3: in its metadata, or, for an
+    /// object that cannot name it, a sealed transfer's, the full-object CRC-64/NVME `crc`).
+    pub async fn has(
+        &self,
+        key: &str,
+        size: u64,
+        sha: &[u8; 32],
+        crc: Option<u64>,
+    ) -> Result<bool, StoreError> {
         match &self.landing {
             Landing::Dir(root) => {
                 let index = self.index_dir.join(hex_sha(&[key.as_bytes()]));
@@ -252,11 +269,26 @@ impl Store {
                 let head = client.head_object(&format!("{prefix}{key}")).await?;
                 Ok(head.is_some_and(|h| {
                     h.size == size
-                        && h.meta_sha256
-                            .as_deref()
-                            .is_some_and(|m| m.eq_ignore_ascii_case(&hex::encode(sha)))
+                        && match h.meta_sha256.as_deref() {
+                            Some(m) => m.eq_ignore_ascii_case(&hex::encode(sha)),
+                            None => crc.is_some_and(|c| verify::check_crc(&h, c).is_ok()),
+                        }
                 }))
             }
+        }
+    }
+
+    /// Whether an object of `size` bytes is at `key` (whatever its bytes): a sealed offer
+    /// that named no SHA-256 is then asked for it, so that a lost journal resends nothing.
+    pub async fn present(&self, key: &str, size: u64) -> Result<bool, StoreError> {
+        match &self.landing {
+            Landing::Dir(root) => Ok(tokio::fs::metadata(root.join(key))
+                .await
+                .is_ok_and(|m| m.is_file() && m.len() == size)),
+            Landing::S3 { client, prefix, .. } => Ok(client
+                .head_object(&format!("{prefix}{key}"))
+                .await?
+                .is_some_and(|h| h.size == size)),
         }
     }
 
@@ -351,40 +383,61 @@ impl Store {
         })
     }
 
-    /// Opens the transfer of (agent, key, SHA-256): for an S3 landing of an object larger than
+    /// Opens the transfer of (agent, key, `name`): for an S3 landing of an object larger than
     /// one part, streamed into a multipart upload whose state is kept in the bucket (any relay
-    /// replica resumes it); otherwise a partial file on this relay's disk.
+    /// replica resumes it); otherwise a partial file on this relay's disk. `name` is the
+    /// offer's SHA-256, or for a sealed offer (`sealed`: its SHA-256 comes with the commit)
+    /// what its transfer id names (`sealed_name`).
     pub async fn open_transfer(
         &self,
         agent: &str,
         key: &str,
         size: u64,
-        sha: &[u8; 32],
+        name: &[u8; 32],
+        sealed: bool,
     ) -> Result<Partial, StoreError> {
+        // A sealed transfer's upload is checked by CRC-64/NVME (the object's metadata, fixed
+        // at its creation, cannot name a SHA-256 not known yet): a store that refuses it keeps
+        // sealed transfers whole on this disk, landed by one verified upload.
         let streamed = match &self.landing {
-            Landing::S3 { part_size, .. } if size > *part_size => Some(*part_size),
+            Landing::S3 {
+                client, part_size, ..
+            } if size > *part_size && (!sealed || super::remote::takes_crc(client)) => {
+                Some(*part_size)
+            }
             _ => None,
         };
-        let mut p = self.open_local(agent, key, size, sha, streamed.unwrap_or(size))?;
-        if let Landing::S3 {
-            client,
-            prefix,
-            part_size,
-            assembly,
-        } = &self.landing
+        let mut p = self.open_local(agent, key, size, name, streamed.unwrap_or(size))?;
+        if let (
+            Landing::S3 {
+                client,
+                prefix,
+                part_size,
+                assembly,
+            },
+            Some(_),
+        ) = (&self.landing, streamed)
         {
-            if size > *part_size {
-                let at = super::remote::At {
-                    prefix,
-                    identity: agent,
-                    key,
-                    size,
-                    sha,
-                    part_size: *part_size,
-                };
-                let r = Remote::open(client, at, assembly, &p.path).await?;
-                p.len = r.held();
-                p.remote = Some(r);
+            let at = super::remote::At {
+                prefix,
+                identity: agent,
+                key,
+                size,
+                sha: name,
+                sealed,
+                part_size: *part_size,
+            };
+            match Remote::open(client, at, assembly, &p.path).await {
+                Ok(r) => {
+                    p.len = r.held();
+                    p.remote = Some(r);
+                }
+                // Refused just now (said once): the whole object on this disk instead.
+                Err(StoreError::S3(e)) if sealed && e.refuses_crc64nvme() => {
+                    drop(p);
+                    return self.open_local(agent, key, size, name, size);
+                }
+                Err(e) => return Err(e),
             }
         }
         Ok(p)
@@ -405,7 +458,7 @@ impl Store {
         let mut partial = partial;
         if let Some(r) = partial.remote.take() {
             drop(partial);
-            return r.finish().await;
+            return r.finish(sha).await;
         }
         let landed = self.land_verified(partial, key, size, sha).await;
         if let Err(e) = &landed {
@@ -727,14 +780,17 @@ mod tests {
         let mut p = store.open_partial("a", "fhir/a/x", 10, &digest).unwrap();
         assert_eq!(p.len, 4);
         p.append(4, data[4..].to_vec()).await.unwrap();
-        assert!(!store.has("fhir/a/x", 10, &digest).await.unwrap());
+        assert!(!store.has("fhir/a/x", 10, &digest, None).await.unwrap());
         assert_eq!(
             store.land(p, "fhir/a/x", 10, &digest).await.unwrap(),
             Landed::Stored
         );
         assert_eq!(std::fs::read(root.join("fhir/a/x")).unwrap(), data);
-        assert!(store.has("fhir/a/x", 10, &digest).await.unwrap());
-        assert!(!store.has("fhir/a/x", 10, &sha(b"other")).await.unwrap());
+        assert!(store.has("fhir/a/x", 10, &digest, None).await.unwrap());
+        assert!(!store
+            .has("fhir/a/x", 10, &sha(b"other"), None)
+            .await
+            .unwrap());
 
         // A partial whose bytes differ from the offer is dropped at commit.
         let mut p = store

@@ -1,31 +1,40 @@
 //! Delivery of one journaled object to a QUIC relay (`[destination] type = "quic"`): one stream
 //! per object on a shared connection, driven by the sans-IO `Upload` machine of `ha-edge-proto`.
 //!
-//! Journal states are the S3 path's: the whole-object SHA-256 is fixed (`uploading`) before the
-//! offer, and the object is delivered only on the relay's `Stored` (it verified size and
-//! SHA-256 and stored the object) or `AlreadyHave`. A transfer interrupted by a lost connection,
-//! a relay restart or our own restart offers the object again and sends from the offset the
-//! relay confirms it holds.
+//! Journal states are the S3 path's, and an object is delivered only on the relay's `Stored`
+//! (it verified size and SHA-256 and stored the object) or `AlreadyHave`. A transfer interrupted
+//! by a lost connection, a relay restart or our own restart offers the object again and sends
+//! from the offset the relay confirms it holds.
 //!
-//! An object that goes in one flight (an eager offer, up to 1 MiB) is read once, into memory
-//! within the budget, and hashed from the bytes that are sent; a larger one is read twice, once
-//! to hash it for the offer and once to send it (the offer names the SHA-256, which keys the
-//! relay's partial transfer).
+//! Every source byte is read once:
+//! - An object that goes in one flight (an eager offer, up to 1 MiB) is read into memory within
+//!   the budget and hashed from the bytes that are sent; its SHA-256 is journaled before the
+//!   offer.
+//! - A larger one goes as a sealed offer (to a relay that announced `CAP_SEAL`): the journal
+//!   fixes its version first (`uploading`, no hash), the offer names a transfer id derived from
+//!   the journal row and that version, the object is read once, in order (`StreamParts`, one
+//!   GET for a bucket object), hashed as it is sent, and its SHA-256 (and CRC-64/NVME) is
+//!   journaled before it goes with the commit (`Seal`). A resume reads the prefix the relay
+//!   holds once more, only to hash it. A relay that holds an object of that size at the key
+//!   answers `Present`: the object is hashed and offered again with its SHA-256, which the
+//!   relay may answer `AlreadyHave` (a lost journal resends nothing).
+//! - To an older relay, a larger object is hashed first and read again to be sent.
 //!
 //! # One object on one stream
 //! ```text
 //!  agent                                    relay
 //!  Offer {key, size, sha256}  ───────────▶
-//!                             ◀───────────  Resume {offset} | AlreadyHave | Refuse {reason}
+//!   | SealedOffer {key, size, transfer}
+//!                             ◀───────────  Resume {offset} | AlreadyHave | Present | Refuse
 //!  Data (from offset) …       ───────────▶  appended to the partial, in order
-//!  Commit                     ───────────▶  fsync, size and SHA-256 checked, landed
+//!  Commit | Seal {sha256}     ───────────▶  fsync, size and SHA-256 checked, landed
 //!                             ◀───────────  Stored | Refuse {reason}
 //! ```
 //! Refusals map into the sink's `DestinationError` (this agent, a key outside its prefix, the
 //! protocol version) or to `Rejected`/`Retry` (a bad key; busy or unavailable).
 //!
-//! Must not break: an object counts as delivered only on the relay's `Stored` or `AlreadyHave` for
-//! the SHA-256 fixed before the offer.
+//! Must not break: an object counts as delivered only on the relay's `Stored` or `AlreadyHave`
+//! for a SHA-256 journaled before the relay was asked to check it.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -36,6 +45,7 @@ use tokio::sync::watch;
 
 use super::error::{Code, DestinationError, Scope};
 use super::read::{pin, Budget, Origin, Pinned, Stop};
+use super::stream::StreamParts;
 use super::Outcome;
 use crate::journal::{Hashed, Journal, ObjectRow, State};
 use crate::relay::client::{LinkError, RelayClient};
@@ -164,8 +174,15 @@ impl RelaySink {
         let fp = row.version.clone();
         let size = fp.size();
         let pinned = pin(row, origin).await?;
+        // The relay's capabilities come with the connection.
+        let conn = self.client.connection().await?;
+        if size > EAGER_MAX && self.client.sealed() {
+            let sent = self.sealed(&conn, row, pinned, stop).await;
+            return self.forget_if_unreachable(&conn, sent).await;
+        }
         // An object that goes in one flight is read once, within the budget: hashed from the
-        // bytes that are then sent. A larger one is hashed first, then read to be sent.
+        // bytes that are then sent. A larger one (to a relay without sealed offers) is hashed
+        // first, then read to be sent.
         let whole = if self.client.eager() && size <= EAGER_MAX {
             let permit = self.budget.reserve(size).await;
             let (bytes, sha) = pinned.read(0, size).await?;
@@ -198,17 +215,144 @@ impl RelaySink {
                 sha
             }
         };
-        let conn = self.client.connection().await?;
         let sent = match whole {
             Some((_permit, bytes, _)) => self.eager(&conn, row, &pinned, sha, bytes).await,
             None => self.offer(&conn, row, &pinned, sha, stop).await,
         };
-        match sent {
-            Err(RStop::Link(e @ LinkError::Unreachable { .. })) => {
-                self.client.forget(&conn).await;
-                Err(RStop::Link(e))
+        self.forget_if_unreachable(&conn, sent).await
+    }
+
+    /// A connection that failed is not used again.
+    async fn forget_if_unreachable(
+        &self,
+        conn: &quinn::Connection,
+        sent: Result<[u8; 32], RStop>,
+    ) -> Result<[u8; 32], RStop> {
+        if let Err(RStop::Link(LinkError::Unreachable { .. })) = &sent {
+            self.client.forget(conn).await;
+        }
+        sent
+    }
+
+    /// An object larger than one flight, to a relay that takes sealed offers: read once, in
+    /// order, hashed as it is sent; its SHA-256 (fixed in the journal first) goes with the
+    /// commit. A resumed transfer reads the bytes the relay holds once more, to hash them.
+    async fn sealed(
+        &self,
+        conn: &quinn::Connection,
+        row: &ObjectRow,
+        pinned: Arc<Pinned>,
+        stop: watch::Receiver<bool>,
+    ) -> Result<[u8; 32], RStop> {
+        let size = row.version.size();
+        // Fixed before: a retry (the relay found a mismatch, or the commit's answer was lost).
+        let mut known = match (row.state, row.sha256) {
+            (State::Uploading | State::Completing, Some(sha)) => Some((sha, row.crc64nvme)),
+            _ => None,
+        };
+        if row.state == State::Pending
+            && !self
+                .journal
+                .start_streamed(
+                    row.id,
+                    row.version.clone(),
+                    pinned.ctime_ns(),
+                    pinned.pinned_etag(),
+                )
+                .await
+                .map_err(Stop::Journal)?
+        {
+            return Err(Stop::Changed(pinned.what()).into());
+        }
+        let idle = self.client.idle();
+        let transfer = transfer_id(row);
+        let mut buf = vec![0u8; 16 * 1024];
+        // At most twice: once more with the SHA-256 if an object of this size is at the key.
+        let (offset, mut up, mut send, mut recv) = loop {
+            let (mut send, mut recv) = self.open_stream(conn).await?;
+            let mut up = Upload::new_sealed(&row.key, size, transfer, known, Instant::now(), idle);
+            self.flush(conn, &mut up, &mut send).await?;
+            match self.answer(conn, &mut up, &mut recv, &mut buf).await? {
+                UploadEvent::SendFrom(offset) => break (offset, up, send, recv),
+                UploadEvent::AlreadyStored => {
+                    tracing::info!(key = %row.key, "the relay already stores this object (same SHA-256)");
+                    // The machine takes `AlreadyHave` only for an offer that named its SHA-256.
+                    return known.map(|k| k.0).ok_or_else(|| {
+                        SessionError::Unexpected {
+                            got: "AlreadyHave",
+                            state: "a sealed offer without its SHA-256",
+                        }
+                        .into()
+                    });
+                }
+                UploadEvent::Present if known.is_none() => {
+                    tracing::info!(key = %row.key, "an object of this size is at the key; hashing ours to compare");
+                    let reader =
+                        StreamParts::whole(pinned.clone(), size, self.journal.clone(), row.id);
+                    reader.hash_up_to(size).await?;
+                    pinned.check().await?;
+                    let (sha, crc) = reader.finish().await?;
+                    self.journal
+                        .set_streamed_hash(row.id, sha, crc)
+                        .await
+                        .map_err(Stop::Journal)?;
+                    known = Some((sha, Some(crc)));
+                }
+                other => return self.ended(row, other),
             }
-            other => other,
+        };
+        let reader = StreamParts::whole(pinned.clone(), size, self.journal.clone(), row.id);
+        if offset > 0 {
+            tracing::info!(key = %row.key, offset, size, "the relay holds the first bytes already; hashing them again, sending the rest");
+            reader.hash_up_to(offset).await?;
+        }
+        while let Some(next) = up.sending_at().filter(|&next| next < size) {
+            if *stop.borrow() {
+                // The relay keeps what it has; the next start resumes from there.
+                return Err(Stop::Interrupted.into());
+            }
+            let want = (size - next).min(MAX_DATA as u64);
+            let _permit = self.budget.reserve(want).await;
+            let (at, bytes) = reader.next_bytes(want).await?;
+            let len = bytes.len() as u64;
+            up.send_data(at, Vec::from(bytes))?;
+            match write_frames(&mut up, &mut send).await {
+                Ok(()) => {}
+                // The relay stopped reading: it has answered (a refusal); read it.
+                Err(quinn::WriteError::Stopped(_)) => {
+                    let answer = self.answer(conn, &mut up, &mut recv, &mut buf).await?;
+                    return self.ended(row, answer);
+                }
+                Err(e) => return Err(self.client.write_error(conn, e).into()),
+            }
+            crate::progress::board().advance(row.id, len);
+        }
+        // Still the version read (a file: size, mtime, inode, ctime; an object: its ETag).
+        pinned.check().await?;
+        let (sha, crc) = reader.finish().await?;
+        match known {
+            // The journal's hash is of another content than was read now: the source changed
+            // in a way its version does not show.
+            Some((k, _)) if k != sha => return Err(Stop::Changed(pinned.what()).into()),
+            Some(_) => {}
+            // Fixed before the relay is asked to check it: an answer lost after the relay
+            // stored the object is recognised by it on the next offer.
+            None => self
+                .journal
+                .set_streamed_hash(row.id, sha, crc)
+                .await
+                .map_err(Stop::Journal)?,
+        }
+        let landing = std::time::Duration::from_secs(size / 4_000_000);
+        up.seal(sha, Instant::now(), idle + landing)?;
+        self.flush(conn, &mut up, &mut send).await?;
+        let _ = send.finish();
+        match self.answer(conn, &mut up, &mut recv, &mut buf).await? {
+            UploadEvent::Stored => {
+                tracing::debug!(key = %row.key, sent = size - offset, "stored by the relay (sealed)");
+                Ok(sha)
+            }
+            other => self.ended(row, other),
         }
     }
 
@@ -286,7 +430,7 @@ impl RelaySink {
                     let len = (size - off).min(MAX_DATA as u64);
                     let _permit = self.budget.reserve(len).await;
                     let (bytes, _) = pinned.read(off, len).await?;
-                    up.send_data(off, bytes.to_vec())?;
+                    up.send_data(off, Vec::from(bytes))?;
                     match write_frames(&mut up, &mut send).await {
                         Ok(()) => {}
                         // The relay stopped reading: it has answered (a refusal); read it.
@@ -351,6 +495,7 @@ impl RelaySink {
                 got: match other {
                     UploadEvent::SendFrom(_) => "Accept",
                     UploadEvent::AlreadyStored => "AlreadyHave",
+                    UploadEvent::Present => "Present",
                     _ => "Stored",
                 },
                 state: "this point of the transfer",
@@ -419,6 +564,41 @@ async fn write_frames(
         send.write_all(&frame).await?;
     }
     Ok(())
+}
+
+/// What names a sealed offer's transfer at the relay, the same on every attempt at this
+/// version of the object (a restart included): the journal's row and the version it holds.
+/// A partial the relay holds under it from another journal is caught by the SHA-256 check.
+fn transfer_id(row: &ObjectRow) -> [u8; 32] {
+    let mut h = crate::hash::Sha256::new();
+    h.update(b"ha-edge relay transfer\0");
+    h.update(row.id.to_be_bytes());
+    h.update(row.key.as_bytes());
+    h.update([0]);
+    match &row.version {
+        crate::version::Version::File {
+            size,
+            mtime_ns,
+            inode,
+        } => {
+            h.update(b"file\0");
+            h.update(size.to_be_bytes());
+            h.update(mtime_ns.to_be_bytes());
+            h.update(inode.to_be_bytes());
+        }
+        crate::version::Version::Object {
+            etag,
+            size,
+            last_modified,
+        } => {
+            h.update(b"object\0");
+            h.update(etag.as_deref().unwrap_or("").as_bytes());
+            h.update([0]);
+            h.update(size.to_be_bytes());
+            h.update(last_modified.unwrap_or(i64::MIN).to_be_bytes());
+        }
+    }
+    h.finalize()
 }
 
 /// What to check when the relay refuses a key.

@@ -85,6 +85,42 @@ impl StreamParts {
         }
     }
 
+    /// A reader for a transfer that goes on from any byte (the QUIC relay's sealed offers):
+    /// no parts, `hash_up_to` the offset the relay holds, then `next_bytes` to the end, then
+    /// `finish`.
+    pub fn whole(pinned: Arc<Pinned>, size: u64, journal: Journal, id: i64) -> StreamParts {
+        StreamParts::new(pinned, &[], size.max(1), size, journal, id)
+    }
+
+    /// Reads and hashes the bytes before `to` without handing them out: what a resumed
+    /// transfer's receiver holds already, read once more (only after a fault) so that the
+    /// whole-object hashes cover it. Nothing checks them here: the receiver checks the whole.
+    pub async fn hash_up_to(&self, to: u64) -> Result<(), Stop> {
+        let mut cur = self.cursor.lock().await;
+        while cur.pos < to {
+            let n = (to - cur.pos).min(SKIP_CHUNK as u64);
+            self.next(&mut cur, n).await?;
+        }
+        Ok(())
+    }
+
+    /// The next `len` bytes in order (fewer at the end), with their offset; hashed into the
+    /// whole-object hashes.
+    pub async fn next_bytes(&self, len: u64) -> Result<(u64, Bytes), Stop> {
+        let mut cur = self.cursor.lock().await;
+        let at = cur.pos;
+        let len = len.min(self.size - at);
+        if let Pinned::File { .. } = &*self.pinned {
+            return Ok((at, self.next(&mut cur, len).await?));
+        }
+        let mut buf = BytesMut::with_capacity(buffer_len(len)?);
+        while (buf.len() as u64) < len {
+            let chunk = self.next(&mut cur, len - buf.len() as u64).await?;
+            buf.extend_from_slice(&chunk);
+        }
+        Ok((at, buf.freeze()))
+    }
+
     /// Reads the rest (parts the server holds, after the last one sent) and returns the SHA-256
     /// and CRC-64/NVME of the whole source (whether it is still that version is checked before
     /// completion).
