@@ -20,7 +20,8 @@
 # --s3-upload-concurrency 4 --s3-chunk-size 8M --s3-upload-cutoff 16M). A run ends when every
 # object is in the bucket (for the relay: landed and verified by it). Prints a Markdown table per
 # cell and tool, the ratios of QUIC to direct, and the relay's CPU seconds per GB.
-# Builds the static release binary first; scratch space in /var/tmp/ha-edge-link.
+# Builds the static release binary first (HA_EDGE_BIN=path measures that binary instead);
+# scratch space in /var/tmp/ha-edge-link.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rtts=5,20,40 losses=0,0.5,1 rate=100mbit rounds=1 tools=ha-edge,ha-edge-quic,rclone
@@ -47,9 +48,13 @@ command -v nft >/dev/null || { apt-get update -qq && apt-get install -y -qq nfta
 if [[ ",$tools," == *,tcp-* ]]; then
   command -v iperf3 >/dev/null || { apt-get update -qq && apt-get install -y -qq iperf3; }
 fi
-packaging/build.sh --no-package x86_64-unknown-linux-musl >/dev/null
-version="$(sed -n 's/^version = "\(.*\)"$/\1/p' Cargo.toml | head -n 1)"
-bin="$PWD/dist/ha-edge-$version-x86_64-unknown-linux-musl"
+if [ -n "${HA_EDGE_BIN:-}" ]; then
+  bin="$(realpath "$HA_EDGE_BIN")"   # another build, e.g. a commit before a change
+else
+  packaging/build.sh --no-package x86_64-unknown-linux-musl >/dev/null
+  version="$(sed -n 's/^version = "\(.*\)"$/\1/p' Cargo.toml | head -n 1)"
+  bin="$PWD/dist/ha-edge-$version-x86_64-unknown-linux-musl"
+fi
 s3s="${S3S_FS_ROOT:-/opt/s3s-fs}/bin/s3s-fs"
 unset AWS_CA_BUNDLE
 work=/var/tmp/ha-edge-link
