@@ -118,12 +118,21 @@ partial_ttl = "1h"
     }
 
     fn start(dir: &Path) -> Relay {
+        Relay::start_announcing(dir, None)
+    }
+
+    /// A relay announcing only `capabilities` (bits), as an older one would.
+    fn start_announcing(dir: &Path, capabilities: Option<u64>) -> Relay {
         let log = std::fs::File::options()
             .create(true)
             .append(true)
             .open(dir.join("relay.log"))
             .unwrap();
-        let child = Command::new(bin())
+        let mut cmd = Command::new(bin());
+        if let Some(bits) = capabilities {
+            cmd.env("HA_EDGE_RELAY_CAPABILITIES", bits.to_string());
+        }
+        let child = cmd
             .args(["relay", "-c"])
             .arg(dir.join("relay.toml"))
             .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
@@ -371,6 +380,35 @@ fn many_files_and_a_large_one_land_in_s3_through_the_relay_verified_and_only_onc
     );
 }
 
+/// Writes `files`, runs the agent daemon until the relay has stored them all and the journal
+/// is done, and returns what the daemon read (`rchar`).
+fn send_all_counting_reads(w: &World, relay: &Relay, files: &[(String, Vec<u8>)]) -> u64 {
+    for (name, bytes) in files {
+        write_settled(&w.setup.src().join(name), bytes);
+    }
+    let mut daemon = w.setup.spawn_daemon(bin());
+    let stored = || relay.log().matches("stored and verified").count();
+    let all = wait_until(Duration::from_secs(90), || stored() == files.len())
+        && wait_until(Duration::from_secs(30), || {
+            w.setup.journal_counts() == vec![("done".to_string(), files.len() as i64)]
+        });
+    let read = rchar(&daemon.id().to_string());
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    assert!(all, "{}\n{}", w.setup.daemon_log(), relay.log());
+    read
+}
+
+/// The agent read each file once: the files' bytes, plus at most 2 MiB of config,
+/// certificates, journal pages and the relay's answers.
+fn assert_read_once(read: u64, files: &[(String, Vec<u8>)]) {
+    let total: u64 = files.iter().map(|(_, b)| b.len() as u64).sum();
+    assert!(
+        read >= total && read < total + 2 * MIB as u64,
+        "the agent read {read} bytes for {total} bytes of files"
+    );
+}
+
 /// Objects small enough for one flight (eager offers, up to 1 MiB) are read once: hashed from
 /// the bytes that are then sent, not read a second time to send them.
 #[test]
@@ -383,30 +421,12 @@ fn small_objects_go_through_the_relay_read_once() {
     let files: Vec<(String, Vec<u8>)> = (0..16)
         .map(|i| (format!("small/f{i}.ndjson"), data(300 + i, 600 * 1024)))
         .collect();
-    for (name, bytes) in &files {
-        write_settled(&w.setup.src().join(name), bytes);
-    }
-    let mut daemon = w.setup.spawn_daemon(bin());
-    let stored = || relay.log().matches("stored and verified").count();
-    let all = wait_until(Duration::from_secs(60), || stored() == files.len())
-        && wait_until(Duration::from_secs(30), || {
-            w.setup.journal_counts() == vec![("done".to_string(), files.len() as i64)]
-        });
-    let read = rchar(&daemon.id().to_string());
-    let _ = daemon.kill();
-    let _ = daemon.wait();
-    assert!(all, "{}\n{}", w.setup.daemon_log(), relay.log());
+    let read = send_all_counting_reads(&w, &relay, &files);
     for (name, bytes) in &files {
         let got = s3.object("cloud", &format!("fhir/dkfz/{name}"));
         assert_eq!(got.as_deref().map(sha256), Some(sha256(bytes)), "{name}");
     }
-    let total: u64 = files.iter().map(|(_, b)| b.len() as u64).sum();
-    // The files' bytes, plus the config, certificates, journal pages and the relay's answers.
-    let slack = 2 * MIB as u64;
-    assert!(
-        read >= total && read < total + slack,
-        "the agent read {read} bytes for {total} bytes of files"
-    );
+    assert_read_once(read, &files);
 }
 
 /// Objects larger than one flight are read once too: offered sealed (named by a transfer id,
@@ -424,25 +444,8 @@ fn large_objects_go_through_the_relay_read_once() {
         ("imaging/ct-2.dcm".into(), data(402, 16 * MIB)),
         ("imaging/sr.dcm".into(), data(403, 3 * MIB + 5)),
     ];
-    for (name, bytes) in &files {
-        write_settled(&w.setup.src().join(name), bytes);
-    }
-    let mut daemon = w.setup.spawn_daemon(bin());
-    let stored = || relay.log().matches("stored and verified").count();
-    let all = wait_until(Duration::from_secs(90), || stored() == files.len())
-        && wait_until(Duration::from_secs(30), || {
-            w.setup.journal_counts() == vec![("done".to_string(), files.len() as i64)]
-        });
-    let read = rchar(&daemon.id().to_string());
-    let _ = daemon.kill();
-    let _ = daemon.wait();
-    assert!(all, "{}\n{}", w.setup.daemon_log(), relay.log());
-    let total: u64 = files.iter().map(|(_, b)| b.len() as u64).sum();
-    let slack = 2 * MIB as u64;
-    assert!(
-        read >= total && read < total + slack,
-        "the agent read {read} bytes for {total} bytes of files"
-    );
+    let read = send_all_counting_reads(&w, &relay, &files);
+    assert_read_once(read, &files);
     for (name, bytes) in &files {
         let key = format!("fhir/dkfz/{name}");
         assert_eq!(
@@ -455,6 +458,28 @@ fn large_objects_go_through_the_relay_read_once() {
     assert_eq!(
         relay.log().matches("stored and verified").count(),
         files.len()
+    );
+}
+
+/// A relay without sealed offers (an older one) still gets large objects: hashed first, then
+/// read again to be sent, the plain offer naming the SHA-256.
+#[test]
+fn an_older_relay_without_sealed_offers_gets_large_objects_hashed_first() {
+    let w = world(None);
+    let relay = Relay::start_announcing(w.setup.dir.path(), Some(ha_edge_proto::CAP_EAGER));
+    w.agent_config(w.relay_port, "agent", "fhir/dkfz/", "");
+    let files = vec![("imaging/ct.dcm".to_string(), data(404, 9 * MIB + 1))];
+    let read = send_all_counting_reads(&w, &relay, &files);
+    let landed = std::fs::read(w.landed.join("fhir/dkfz/imaging/ct.dcm")).unwrap();
+    assert_eq!(sha256(&landed), sha256(&files[0].1));
+    assert_eq!(
+        w.setup.journal_sha256("fhir/dkfz/imaging/ct.dcm"),
+        Some(sha256(&files[0].1))
+    );
+    let size = files[0].1.len() as u64;
+    assert!(
+        read >= 2 * size && read < 2 * size + 2 * MIB as u64,
+        "a hash pass, then the send: {read} bytes read for {size}"
     );
 }
 

@@ -207,16 +207,28 @@ pub struct ServerHandshake {
     io: Io,
     relay: String,
     done: bool,
+    capabilities: u64,
 }
 
 impl ServerHandshake {
     pub fn new(relay: &str, now: Instant, idle: Duration) -> ServerHandshake {
+        ServerHandshake::with_capabilities(relay, CAPABILITIES, now, idle)
+    }
+
+    /// A handshake announcing `capabilities` (of this build's; fewer: as an older relay).
+    pub fn with_capabilities(
+        relay: &str,
+        capabilities: u64,
+        now: Instant,
+        idle: Duration,
+    ) -> ServerHandshake {
         let mut io = Io::new(idle);
         io.wait(now);
         ServerHandshake {
             io,
             relay: relay.to_string(),
             done: false,
+            capabilities: capabilities & CAPABILITIES,
         }
     }
 
@@ -247,7 +259,7 @@ impl ServerHandshake {
                 self.io.send(&Message::Welcome {
                     version: VERSION,
                     relay: self.relay.clone(),
-                    capabilities: CAPABILITIES,
+                    capabilities: self.capabilities,
                 });
                 Ok(Some(agent))
             }

@@ -322,7 +322,12 @@ async fn connection(
         Ok(Err(_)) => return,
         Err(_) => return close_late(&conn),
     };
-    let mut hs = ServerHandshake::new(&shared.name, Instant::now(), shared.idle);
+    let mut hs = ServerHandshake::with_capabilities(
+        &shared.name,
+        announced_capabilities(),
+        Instant::now(),
+        shared.idle,
+    );
     let mut buf = vec![0u8; 4096];
     let name = loop {
         let n = match tokio::time::timeout_at(deadline, recv.read(&mut buf)).await {
@@ -401,6 +406,19 @@ impl endpoint::Exporter for RelayExporter {
     fn ready(&self) -> Result<(), String> {
         Ok(())
     }
+}
+
+/// The capabilities the relay announces: all of this build's. A debug build (the tests') takes
+/// `HA_EDGE_RELAY_CAPABILITIES` (bits) to play an older relay.
+fn announced_capabilities() -> u64 {
+    #[cfg(debug_assertions)]
+    if let Some(bits) = std::env::var("HA_EDGE_RELAY_CAPABILITIES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        return bits;
+    }
+    ha_edge_proto::CAPABILITIES
 }
 
 /// An open agent connection, counted in `ha_edge_relay_connections` while it lives.

@@ -315,16 +315,9 @@ impl RelaySink {
             let _permit = self.budget.reserve(want).await;
             let (at, bytes) = reader.next_bytes(want).await?;
             let len = bytes.len() as u64;
-            up.send_data(at, Vec::from(bytes))?;
-            match write_frames(&mut up, &mut send).await {
-                Ok(()) => {}
-                // The relay stopped reading: it has answered (a refusal); read it.
-                Err(quinn::WriteError::Stopped(_)) => {
-                    let answer = self.answer(conn, &mut up, &mut recv, &mut buf).await?;
-                    return self.ended(row, answer);
-                }
-                Err(e) => return Err(self.client.write_error(conn, e).into()),
-            }
+            let stream = (&mut send, &mut recv);
+            self.send_data(conn, &mut up, stream, &mut buf, row, at, bytes)
+                .await?;
             crate::progress::board().advance(row.id, len);
         }
         // Still the version read (a file: size, mtime, inode, ctime; an object: its ETag).
@@ -430,16 +423,9 @@ impl RelaySink {
                     let len = (size - off).min(MAX_DATA as u64);
                     let _permit = self.budget.reserve(len).await;
                     let (bytes, _) = pinned.read(off, len).await?;
-                    up.send_data(off, Vec::from(bytes))?;
-                    match write_frames(&mut up, &mut send).await {
-                        Ok(()) => {}
-                        // The relay stopped reading: it has answered (a refusal); read it.
-                        Err(quinn::WriteError::Stopped(_)) => {
-                            let answer = self.answer(conn, &mut up, &mut recv, &mut buf).await?;
-                            return self.ended(row, answer);
-                        }
-                        Err(e) => return Err(self.client.write_error(conn, e).into()),
-                    }
+                    let stream = (&mut send, &mut recv);
+                    self.send_data(conn, &mut up, stream, &mut buf, row, off, bytes)
+                        .await?;
                     off += len;
                     // Written to the stream (QUIC's flow control holds it to what the relay
                     // takes): the live display's progress for this object.
@@ -466,6 +452,30 @@ impl RelaySink {
                 Ok(sha)
             }
             other => self.ended(row, other),
+        }
+    }
+
+    /// Queues `bytes` at `at` and writes them to the stream. A relay that stopped reading has
+    /// answered (a refusal): its answer is the error.
+    #[allow(clippy::too_many_arguments)]
+    async fn send_data(
+        &self,
+        conn: &quinn::Connection,
+        up: &mut Upload,
+        (send, recv): (&mut quinn::SendStream, &mut quinn::RecvStream),
+        buf: &mut [u8],
+        row: &ObjectRow,
+        at: u64,
+        bytes: Bytes,
+    ) -> Result<(), RStop> {
+        up.send_data(at, Vec::from(bytes))?;
+        match write_frames(up, send).await {
+            Ok(()) => Ok(()),
+            Err(quinn::WriteError::Stopped(_)) => {
+                let answer = self.answer(conn, up, recv, buf).await?;
+                self.ended(row, answer).map(drop)
+            }
+            Err(e) => Err(self.client.write_error(conn, e).into()),
         }
     }
 
