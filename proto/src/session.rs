@@ -316,13 +316,21 @@ pub struct Upload {
     size: u64,
     state: UpState,
     ack_wait: Duration,
-    /// An eager offer: data follows at once; `Accept{0}` is expected before `Stored`.
-    eager: bool,
+    kind: OfferKind,
     /// The relay's `Accept{0}` to an eager offer has arrived.
     accepted: bool,
-    /// A sealed offer: it ends with `seal`, not `commit`; `AlreadyHave` is an answer only if
-    /// it named a SHA-256 (the `Some`).
-    sealed: Option<bool>,
+}
+
+/// What an upload offered, which decides the answers it takes and how it ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OfferKind {
+    /// `Offer`: answered, then data, then `Commit`.
+    Plain,
+    /// `EagerOffer`: data follows at once; `Accept{0}` is expected before `Stored`.
+    Eager,
+    /// `SealedOffer`: ends with `Seal`, not `Commit`; `AlreadyHave` answers it only if it
+    /// named its SHA-256 (`named`), `Present` only if it did not.
+    Sealed { named: bool },
 }
 
 impl Upload {
@@ -363,17 +371,14 @@ impl Upload {
         now: Instant,
         idle: Duration,
     ) -> Upload {
-        let sha256 = known.map(|k| k.0);
         let offer = Message::SealedOffer {
             key: key.to_string(),
             size,
             transfer,
-            sha256,
+            sha256: known.map(|k| k.0),
             crc64nvme: known.and_then(|k| k.1),
         };
-        let mut up = Upload::offering(&offer, size, UpState::AwaitAnswer, now, idle);
-        up.sealed = Some(sha256.is_some());
-        up
+        Upload::offering(&offer, size, UpState::AwaitAnswer, now, idle)
     }
 
     /// An upload that has queued `offer` and waits from `now`, starting in `state`.
@@ -387,14 +392,20 @@ impl Upload {
         let mut io = Io::new(idle);
         io.send(offer);
         io.wait(now);
+        let kind = match offer {
+            Message::EagerOffer { .. } => OfferKind::Eager,
+            Message::SealedOffer { sha256, .. } => OfferKind::Sealed {
+                named: sha256.is_some(),
+            },
+            _ => OfferKind::Plain,
+        };
         Upload {
             io,
             size,
             state,
             ack_wait: idle,
-            eager: matches!(offer, Message::EagerOffer { .. }),
+            kind,
             accepted: false,
-            sealed: None,
         }
     }
 
@@ -456,7 +467,7 @@ impl Upload {
     /// Queues the commit once every byte is queued. The answer is due within `ack_wait`: the
     /// relay verifies and lands the object first, which takes time in proportion to its size.
     pub fn commit(&mut self, now: Instant, ack_wait: Duration) -> Result<(), SessionError> {
-        if self.sealed.is_some() {
+        if matches!(self.kind, OfferKind::Sealed { .. }) {
             return Err(SessionError::Unexpected {
                 got: "Commit",
                 state: "sending a sealed offer (it ends with Seal)",
@@ -472,7 +483,7 @@ impl Upload {
         now: Instant,
         ack_wait: Duration,
     ) -> Result<(), SessionError> {
-        if self.sealed.is_none() {
+        if !matches!(self.kind, OfferKind::Sealed { .. }) {
             return Err(SessionError::Unexpected {
                 got: "Seal",
                 state: "sending an offer that named its SHA-256",
@@ -525,7 +536,7 @@ impl Upload {
 
     /// One message from the relay: an event, or nothing yet (an eager offer's `Accept{0}`).
     fn message(&mut self, m: Message, now: Instant) -> Result<Option<UploadEvent>, SessionError> {
-        if self.eager {
+        if self.kind == OfferKind::Eager {
             return self.eager_message(m, now);
         }
         let ev = match (self.state, m) {
@@ -541,12 +552,16 @@ impl Upload {
                     size: self.size,
                 });
             }
-            (UpState::AwaitAnswer, Message::Present) if self.sealed == Some(false) => {
+            (UpState::AwaitAnswer, Message::Present)
+                if self.kind == (OfferKind::Sealed { named: false }) =>
+            {
                 self.state = UpState::Finished;
                 UploadEvent::Present
             }
             // Only to an offer that named its SHA-256: "the same object" needs one.
-            (UpState::AwaitAnswer, Message::AlreadyHave) if self.sealed != Some(false) => {
+            (UpState::AwaitAnswer, Message::AlreadyHave)
+                if self.kind != (OfferKind::Sealed { named: false }) =>
+            {
                 self.state = UpState::Finished;
                 UploadEvent::AlreadyStored
             }

@@ -556,7 +556,9 @@ impl S3Client {
     /// `put_object` of a write expected to be refused (the conditional-write probe's second
     /// create-only write): its connection is closed after the answer, not pooled, since a
     /// server may refuse it before reading the body and close the connection; a request sent
-    /// meanwhile on that connection would fail and be sent again.
+    /// meanwhile on that connection would fail and be sent again. Known in advance here, so
+    /// the connection is never offered to another request; a write refused unexpectedly
+    /// renews the pool after its answer (`renew_pool`), which leaves a short window.
     pub async fn put_object_expecting_refusal(
         &self,
         key: &str,

@@ -585,29 +585,7 @@ fn transfer_id(row: &ObjectRow) -> [u8; 32] {
     h.update(row.id.to_be_bytes());
     h.update(row.key.as_bytes());
     h.update([0]);
-    match &row.version {
-        crate::version::Version::File {
-            size,
-            mtime_ns,
-            inode,
-        } => {
-            h.update(b"file\0");
-            h.update(size.to_be_bytes());
-            h.update(mtime_ns.to_be_bytes());
-            h.update(inode.to_be_bytes());
-        }
-        crate::version::Version::Object {
-            etag,
-            size,
-            last_modified,
-        } => {
-            h.update(b"object\0");
-            h.update(etag.as_deref().unwrap_or("").as_bytes());
-            h.update([0]);
-            h.update(size.to_be_bytes());
-            h.update(last_modified.unwrap_or(i64::MIN).to_be_bytes());
-        }
-    }
+    row.version.feed(&mut h);
     h.finalize()
 }
 
