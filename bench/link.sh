@@ -70,18 +70,8 @@ fi
 touch -d '1 hour ago' "$work/big/one.bin" "$work/small"/*
 
 # Certificates for the relay and the agent (openssl), as an operator would make them.
-(
-  cd "$work/pki"
-  o() { openssl "$@" >/dev/null 2>&1; }
-  o req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout ca.key -out ca.pem \
-    -days 2 -subj "/CN=bench CA" -addext basicConstraints=critical,CA:TRUE \
-    -addext keyUsage=critical,keyCertSign
-  for n in relay agent; do
-    o req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout $n.key -out $n.csr -subj "/CN=$n.bench"
-    echo "subjectAltName=DNS:$n.bench" >$n.ext
-    o x509 -req -in $n.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out $n.pem -days 2 -extfile $n.ext
-  done
-)
+. bench/pki.sh
+bench_pki "$work/pki"
 cc_line=""
 [ -n "$congestion" ] && cc_line="congestion = \"$congestion\""
 
@@ -92,10 +82,7 @@ ip netns exec cloud "$s3s" --host 198.18.0.2 --port 19557 --access-key AK --secr
 server=$!
 cat >"$work/relay.toml" <<TOML
 [relay]
-listen = "198.18.0.2:4433"
-cert_file = "$work/pki/relay.pem"
-key_file = "$work/pki/relay.key"
-client_ca_file = "$work/pki/ca.pem"
+$(bench_relay_tls "$work/pki")
 state_dir = "$work/relay-state"
 log_level = "warn"
 $cc_line
@@ -148,12 +135,7 @@ run() {
   if [ "$tool" = ha-edge-quic ]; then landed="$work/s3/quic/bench/$name"; else landed="$work/s3/$name"; mkdir -p "$landed"; fi
   local dest
   if [ "$tool" = ha-edge-quic ]; then
-    dest="type = \"quic\"
-relay = \"198.18.0.2:4433\"
-server_name = \"relay.bench\"
-ca_file = \"$work/pki/ca.pem\"
-cert_file = \"$work/pki/agent.pem\"
-key_file = \"$work/pki/agent.key\"
+    dest="$(bench_agent_tls "$work/pki")
 prefix = \"bench/$name/\"
 $cc_line"
   else

@@ -53,6 +53,19 @@ impl Ca {
         self.issue_with(file, &[dns], dns, validity)
     }
 
+    /// A leaf certificate for `dns`, valid from a day ago until `until`.
+    fn issue_until(
+        &self,
+        file: &str,
+        dns: &str,
+        until: time::OffsetDateTime,
+    ) -> (PathBuf, PathBuf) {
+        self.issue_params(file, &[dns], dns, |p| {
+            p.not_before = until - time::Duration::days(1);
+            p.not_after = until;
+        })
+    }
+
     /// A leaf certificate with these DNS subjectAltNames (none: a CN-only certificate), valid
     /// from the start of one year to the start of another if given.
     fn issue_with(
@@ -62,13 +75,25 @@ impl Ca {
         cn: &str,
         validity: Option<(i32, i32)>,
     ) -> (PathBuf, PathBuf) {
+        self.issue_params(file, sans, cn, |params| {
+            if let Some((from, to)) = validity {
+                params.not_before = rcgen::date_time_ymd(from, 1, 1);
+                params.not_after = rcgen::date_time_ymd(to, 1, 1);
+            }
+        })
+    }
+
+    fn issue_params(
+        &self,
+        file: &str,
+        sans: &[&str],
+        cn: &str,
+        set: impl FnOnce(&mut CertificateParams),
+    ) -> (PathBuf, PathBuf) {
         let mut params =
             CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
         params.distinguished_name.push(DnType::CommonName, cn);
-        if let Some((from, to)) = validity {
-            params.not_before = rcgen::date_time_ymd(from, 1, 1);
-            params.not_after = rcgen::date_time_ymd(to, 1, 1);
-        }
+        set(&mut params);
         let key = KeyPair::generate().unwrap();
         let issuer = Issuer::from_params(&self.params, &self.key);
         let cert = params.signed_by(&key, &issuer).unwrap();
@@ -285,6 +310,35 @@ impl World {
     /// Turns the relay's metrics endpoint on (before `relay()`); its port.
     fn relay_metrics(&self) -> u16 {
         metrics_on(&self.setup.dir.path().join("relay.toml"))
+    }
+
+    /// Waits until `name` has landed under the agent's prefix (a directory landing).
+    fn wait_landed(&self, relay: &Relay, name: &str) -> PathBuf {
+        let landed = self.landed.join("fhir/dkfz").join(name);
+        assert!(
+            wait_until(Duration::from_secs(60), || landed.exists()),
+            "{name} did not land\n{}\n{}",
+            self.setup.daemon_log(),
+            relay.log()
+        );
+        landed
+    }
+
+    /// Cuts `link`, writes `meanwhile` (work that meets the cut), and waits until the agent has
+    /// noticed (its QUIC idle timeout): its journal says the destination is unreachable.
+    fn cut_until_noticed(&self, link: &UdpProxy, meanwhile: Option<(&str, &[u8])>) {
+        link.down.store(true, Ordering::Relaxed);
+        if let Some((name, bytes)) = meanwhile {
+            write_settled(&self.setup.src().join(name), bytes);
+        }
+        assert!(
+            wait_until(Duration::from_secs(30), || self.setup.status_json(bin())
+                ["agent"]["destination"]
+                .as_str()
+                .is_some_and(|d| d.starts_with("unreachable since"))),
+            "the agent never noticed the cut: {}",
+            self.setup.daemon_log()
+        );
     }
 
     /// Writes `name`, starts the agent daemon, and returns once the relay holds `held` bytes
@@ -560,16 +614,7 @@ fn a_dropped_connection_resumes_from_the_offset_the_relay_confirms() {
     w.agent_config(link.port, "agent", "fhir/dkfz/", "request_timeout = \"3s\"");
     let big = data(21, 64 * MIB);
     let mut daemon = w.send_until_held(&relay, "big.dcm", &big, 16 * MIB as u64);
-    link.down.store(true, Ordering::Relaxed);
-    // Down until the agent has noticed (its QUIC idle timeout): its journal says so.
-    assert!(
-        wait_until(Duration::from_secs(30), || w.setup.status_json(bin())
-            ["agent"]["destination"]
-            .as_str()
-            .is_some_and(|d| d.starts_with("unreachable since"))),
-        "the agent never noticed the cut: {}",
-        w.setup.daemon_log()
-    );
+    w.cut_until_noticed(&link, None);
     let held = relay.partial_bytes();
     link.down.store(false, Ordering::Relaxed);
     let landed = w.landed.join("fhir/dkfz/big.dcm");
@@ -612,6 +657,120 @@ fn a_dropped_connection_resumes_from_the_offset_the_relay_confirms() {
         big.len()
     );
     assert!(relay.partial_files().is_empty());
+}
+
+/// An agent that loses its connection and comes back resumes its TLS session: its hello goes
+/// in 0-RTT and the relay answers it in its first flight, so the connection is ready in one
+/// round trip. Nothing else goes in 0-RTT (replayable): the object waiting for the connection,
+/// sent in one flight when it is ready, is never among the early bytes.
+#[test]
+fn a_reconnecting_agent_sends_its_hello_in_0rtt_and_nothing_else() {
+    let w = world(None);
+    let metrics_port = w.relay_metrics();
+    let relay = w.relay();
+    let link = UdpProxy::start(w.relay_port);
+    // request_timeout bounds the QUIC idle timeout: a cut link is noticed within 3 s.
+    w.agent_config(link.port, "agent", "fhir/dkfz/", "request_timeout = \"3s\"");
+    write_settled(&w.setup.src().join("first.ndjson"), &data(31, 40 * 1024));
+    let mut daemon = w.setup.spawn_daemon(bin());
+    w.wait_landed(&relay, "first.ndjson");
+    assert_eq!(
+        link.early_up.load(Ordering::Relaxed),
+        0,
+        "no session to resume on the first connection"
+    );
+    // An object (sent in one flight: an eager offer, its data and its commit) meets the cut
+    // link, and waits for the connection. What goes into the cut is not counted.
+    let second = data(32, 40 * 1024);
+    w.cut_until_noticed(&link, Some(("second.ndjson", &second)));
+    // Back for the next connection attempt: its first flight goes through whole.
+    link.up_at_next_attempt.store(true, Ordering::Relaxed);
+    let landed = w.wait_landed(&relay, "second.ndjson");
+    sigterm(&daemon);
+    assert!(wait_within(&mut daemon, Duration::from_secs(20)).success());
+    assert_eq!(std::fs::read(landed).unwrap(), second);
+    let (_, m) = http_get(metrics_port, "/metrics", None).expect("relay /metrics");
+    assert_eq!(
+        metric(&m, "ha_edge_relay_handshakes_total{kind=\"full\"}"),
+        Some(1.0),
+        "{m}\n{}\n{}",
+        w.setup.daemon_log(),
+        relay.log()
+    );
+    assert_eq!(
+        metric(&m, "ha_edge_relay_handshakes_total{kind=\"resumed\"}"),
+        Some(1.0),
+        "the reconnection did not resume: {m}\n{}\n{}",
+        w.setup.daemon_log(),
+        relay.log()
+    );
+    // The hello in its 0-RTT packet, padded with the first datagram to 1,200 bytes at most:
+    // far below the 40 KiB object (or the ~12 KB a first flight may carry).
+    let early = link.early_up.load(Ordering::Relaxed);
+    assert!(
+        (1..=1200).contains(&early),
+        "{early} bytes went in 0-RTT packets\n{}\n{}",
+        w.setup.daemon_log(),
+        relay.log()
+    );
+}
+
+/// A resumed TLS session carries the agent's certificate from the handshake that made it,
+/// unverified since. The relay verifies it again: one that has expired since is refused on
+/// resumption as it would be in a full handshake, and nothing of the agent's lands.
+#[test]
+fn a_certificate_expired_since_the_session_began_is_refused_on_resumption() {
+    let w = world(None);
+    let metrics_port = w.relay_metrics();
+    let relay = w.relay();
+    let link = UdpProxy::start(w.relay_port);
+    let until = time::OffsetDateTime::now_utc() + time::Duration::seconds(6);
+    let (cert, key) = w.ca.issue_until("short-lived", DKFZ, until);
+    w.agent_config_with(
+        link.port,
+        &cert,
+        &key,
+        &w.ca.pem(),
+        "fhir/dkfz/",
+        "request_timeout = \"3s\"",
+    );
+    write_settled(&w.setup.src().join("first.ndjson"), b"{}\n");
+    let mut daemon = w.setup.spawn_daemon(bin());
+    w.wait_landed(&relay, "first.ndjson");
+    w.cut_until_noticed(&link, Some(("second.ndjson", b"{}\n")));
+    // The certificate's validity is what must pass (to the second, as X.509 counts it).
+    let expired = until + time::Duration::seconds(1);
+    assert!(wait_until(Duration::from_secs(30), || {
+        time::OffsetDateTime::now_utc() > expired
+    }));
+    link.up_at_next_attempt.store(true, Ordering::Relaxed);
+    assert!(
+        wait_until(Duration::from_secs(30), || w.setup.status_json(bin())
+            ["agent"]["destination"]
+            .as_str()
+            .is_some_and(|d| d.starts_with("refusing since"))),
+        "the relay did not refuse the expired certificate: {}\n{}",
+        w.setup.daemon_log(),
+        relay.log()
+    );
+    sigterm(&daemon);
+    let _ = wait_within(&mut daemon, Duration::from_secs(20));
+    assert!(!w.landed.join("fhir/dkfz/second.ndjson").exists());
+    let (_, m) = http_get(metrics_port, "/metrics", None).expect("relay /metrics");
+    assert_eq!(
+        metric(
+            &m,
+            "ha_edge_relay_refusals_total{reason=\"tls_resumption\"}"
+        ),
+        Some(1.0),
+        "not refused on resumption: {m}\n{}",
+        relay.log()
+    );
+    assert_eq!(
+        metric(&m, "ha_edge_relay_handshakes_total{kind=\"resumed\"}"),
+        None,
+        "{m}"
+    );
 }
 
 /// An agent killed (-9) in the middle of a sealed offer (its SHA-256 not known yet) offers the

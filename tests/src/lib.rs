@@ -1534,12 +1534,67 @@ pub fn wait_within(child: &mut Child, limit: Duration) -> std::process::ExitStat
 }
 
 /// A UDP forwarder in front of a QUIC relay: `down` drops every datagram both ways (a cut
-/// link); `bytes_up` counts what the agent sent towards the relay.
+/// link); `bytes_up` counts what the agent sent towards the relay, `early_up` the bytes of
+/// its 0-RTT packets (QUIC v1 long headers of type 0-RTT, read from the clear header).
+/// `up_at_next_attempt` brings a cut link back just before the agent's next connection attempt
+/// (an Initial packet with a connection id not seen before), so that attempt's first flight,
+/// and nothing of an attempt made into the cut, is what the relay gets first.
 pub struct UdpProxy {
     pub port: u16,
     pub down: Arc<AtomicBool>,
     pub bytes_up: Arc<AtomicU64>,
+    pub early_up: Arc<AtomicU64>,
+    pub up_at_next_attempt: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
+}
+
+/// The destination connection id of a QUIC v1 Initial packet at the start of a datagram (long
+/// header, type 0; the fixed bit may be greased, RFC 9287).
+fn quic_initial_dcid(d: &[u8]) -> Option<&[u8]> {
+    if d.first()? & 0xb0 != 0x80 {
+        return None;
+    }
+    let len = usize::from(*d.get(5)?);
+    d.get(6..6 + len)
+}
+
+/// The bytes of the 0-RTT packets in one QUIC datagram (RFC 9000 17.2: coalesced long-header
+/// packets, each with its length; a short-header packet ends the datagram).
+pub fn quic_0rtt_bytes(mut d: &[u8]) -> u64 {
+    fn varint(d: &[u8]) -> Option<(u64, usize)> {
+        let first = *d.first()?;
+        let len = 1usize << (first >> 6);
+        let bytes = d.get(..len)?;
+        let mut v = u64::from(first & 0x3f);
+        for b in &bytes[1..] {
+            v = (v << 8) | u64::from(*b);
+        }
+        Some((v, len))
+    }
+    let mut early = 0;
+    let mut walk = || -> Option<()> {
+        while d.first()? & 0x80 != 0 {
+            let kind = (d[0] >> 4) & 0x03;
+            let mut at = 5; // first byte, version
+            let dcid = usize::from(*d.get(at)?);
+            at += 1 + dcid;
+            let scid = usize::from(*d.get(at)?);
+            at += 1 + scid;
+            if kind == 0 {
+                let (token, n) = varint(d.get(at..)?)?;
+                at += n + usize::try_from(token).ok()?;
+            }
+            let (len, n) = varint(d.get(at..)?)?;
+            let end = at + n + usize::try_from(len).ok()?;
+            if kind == 1 {
+                early += end as u64;
+            }
+            d = d.get(end..)?;
+        }
+        Some(())
+    };
+    let _ = walk();
+    early
 }
 
 impl UdpProxy {
@@ -1552,20 +1607,36 @@ impl UdpProxy {
         let port = front.local_addr().expect("addr").port();
         let down = Arc::new(AtomicBool::new(false));
         let bytes_up = Arc::new(AtomicU64::new(0));
+        let early_up = Arc::new(AtomicU64::new(0));
+        let up_at_next_attempt = Arc::new(AtomicBool::new(false));
         let stop = Arc::new(AtomicBool::new(false));
-        let (d, b, st) = (down.clone(), bytes_up.clone(), stop.clone());
+        let (d, b, e, up, st) = (
+            down.clone(),
+            bytes_up.clone(),
+            early_up.clone(),
+            up_at_next_attempt.clone(),
+            stop.clone(),
+        );
         thread::spawn(move || {
             let mut peers: std::collections::HashMap<std::net::SocketAddr, Arc<UdpSocket>> =
                 std::collections::HashMap::new();
             let mut buf = vec![0u8; 65536];
+            let mut attempts = std::collections::HashSet::<Vec<u8>>::new();
             while !st.load(Ordering::Relaxed) {
                 let Ok((n, client)) = front.recv_from(&mut buf) else {
                     continue;
                 };
+                if let Some(dcid) = quic_initial_dcid(&buf[..n]) {
+                    if attempts.insert(dcid.to_vec()) && up.swap(false, Ordering::Relaxed) {
+                        e.store(0, Ordering::Relaxed);
+                        d.store(false, Ordering::Relaxed);
+                    }
+                }
                 if d.load(Ordering::Relaxed) {
                     continue;
                 }
                 b.fetch_add(n as u64, Ordering::Relaxed);
+                e.fetch_add(quic_0rtt_bytes(&buf[..n]), Ordering::Relaxed);
                 let sock = peers.entry(client).or_insert_with(|| {
                     let s = Arc::new(UdpSocket::bind("127.0.0.1:0").expect("bind upstream"));
                     s.connect(("127.0.0.1", upstream))
@@ -1596,6 +1667,8 @@ impl UdpProxy {
             port,
             down,
             bytes_up,
+            early_up,
+            up_at_next_attempt,
             stop,
         }
     }

@@ -207,13 +207,17 @@ impl RelayClient {
         for i in 0..candidates.len() {
             let at = (start + i) % candidates.len();
             let (relay, addr) = candidates[at];
+            let began = Instant::now();
             match self.connect(addr).await {
-                Ok(conn) => {
+                Ok((conn, early)) => {
                     self.next.store(at, Ordering::Relaxed);
+                    // From the first packet to the relay's answer to the hello: two round trips,
+                    // one when the session resumed with the hello in 0-RTT.
+                    let setup_ms = u64::try_from(began.elapsed().as_millis()).unwrap_or(u64::MAX);
                     if i > 0 || start > 0 {
-                        tracing::warn!(relay, remote = %addr, "connected to another relay (fail-over)");
+                        tracing::warn!(relay, remote = %addr, setup_ms, early_data = early, "connected to another relay (fail-over)");
                     } else {
-                        tracing::info!(relay, remote = %addr, "connected to the relay");
+                        tracing::info!(relay, remote = %addr, setup_ms, early_data = early, "connected to the relay");
                     }
                     *guard = Some(conn.clone());
                     return Ok(conn);
@@ -232,17 +236,54 @@ impl RelayClient {
     }
 
     /// One connection attempt to `addr`: QUIC, TLS, then the protocol's handshake.
-    async fn connect(&self, addr: std::net::SocketAddr) -> Result<quinn::Connection, LinkError> {
+    ///
+    /// With a session ticket from an earlier connection to this relay, the hello goes out in
+    /// 0-RTT and the relay answers it in its first flight: the connection is ready in one round
+    /// trip, not two. It is handed out only once the TLS handshake has completed, so no offer
+    /// and no commit is ever sent in 0-RTT (which an attacker could replay); the hello is the
+    /// one idempotent message that is. If the relay refuses the early data (its sessions were
+    /// lost, a restart), the hello is sent again after the handshake.
+    /// The connection, and whether the hello went in 0-RTT (and the relay took it).
+    async fn connect(
+        &self,
+        addr: std::net::SocketAddr,
+    ) -> Result<(quinn::Connection, bool), LinkError> {
         let connecting = self
             .endpoint
             .connect(addr, &self.server_name)
             .map_err(|e| LinkError::Setup(e.to_string()))?;
-        let conn = tokio::time::timeout(self.idle, connecting)
+        let no_answer = || self.unreachable(format!("{addr}: no answer within {:?}", self.idle));
+        let (conn, accepted) = match connecting.into_0rtt() {
+            Ok((conn, accepted)) => (conn, Some(accepted)),
+            Err(connecting) => {
+                let conn = tokio::time::timeout(self.idle, connecting)
+                    .await
+                    .map_err(|_| no_answer())?
+                    .map_err(|e| self.connection_error(&e))?;
+                (conn, None)
+            }
+        };
+        let Some(accepted) = accepted else {
+            self.handshake(&conn).await?;
+            return Ok((conn, false));
+        };
+        let early = self.handshake(&conn).await;
+        // Whether the relay took the 0-RTT data; false too if the connection failed.
+        let took = tokio::time::timeout(self.idle, accepted)
             .await
-            .map_err(|_| self.unreachable(format!("{addr}: no answer within {:?}", self.idle)))?
-            .map_err(|e| self.connection_error(&e))?;
-        self.handshake(&conn).await?;
-        Ok(conn)
+            .map_err(|_| no_answer())?;
+        if let Some(reason) = conn.close_reason() {
+            return Err(self.connection_error(&reason));
+        }
+        match (early, took) {
+            (Ok(()), true) => Ok((conn, true)),
+            (Err(e), true) => Err(e),
+            (_, false) => {
+                tracing::debug!(relay = %self.relay, remote = %addr, "0-RTT refused by the relay; hello sent again");
+                self.handshake(&conn).await?;
+                Ok((conn, false))
+            }
+        }
     }
 
     /// Hello and Welcome on the first stream: protocol version and identity; a refusal is

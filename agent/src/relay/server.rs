@@ -13,6 +13,8 @@
 //! - **Admission**: at most `max_handshakes` handshakes at once and `max_connections_per_address`
 //!   connections per peer address, each handshake bounded by `idle_timeout`; then the client
 //!   certificate's DNS name must equal an `[[agent]] identity` exactly (no wildcards, no CN).
+//!   A resumed TLS session's certificate is verified again; its hello (in 0-RTT) is answered in
+//!   the relay's first flight, and no object stream is served before the handshake completes.
 //! - **Streams**: each object is one stream driven by the sans-IO `Receive` machine: Offer
 //!   (key under the identity's prefix, size, SHA-256) → Resume from what the partial holds (or
 //!   AlreadyHave, or a Refusal with a reason) → data → Commit → Stored once landed. A sealed
@@ -119,6 +121,8 @@ struct Shared {
     store: Store,
     agents: Vec<AgentAuth>,
     name: String,
+    /// Verifies a resumed session's certificate again.
+    client_tls: tls::ClientTls,
     idle: Duration,
     max_streams: u32,
     /// Streams in use per agent identity, across its connections.
@@ -186,7 +190,7 @@ pub async fn serve(
         cfg.max_streams_per_agent,
         cfg.congestion,
     );
-    let server_cfg = tls::server_config(
+    let (server_cfg, client_tls) = tls::server_config(
         &cfg.cert_file,
         &cfg.key_file,
         &cfg.client_ca_file,
@@ -201,6 +205,7 @@ pub async fn serve(
         store,
         agents: cfg.agents.clone(),
         name: cfg.name.clone(),
+        client_tls,
         idle: cfg.idle_timeout,
         max_streams: cfg.max_streams_per_agent,
         streams: Mutex::new(HashMap::new()),
@@ -260,14 +265,9 @@ pub async fn serve(
                 tokio::spawn(async move {
                     let _slot = slot;
                     let deadline = tokio::time::Instant::now() + shared.idle;
-                    match tokio::time::timeout_at(deadline, incoming).await {
-                        Ok(Ok(conn)) => connection(conn, shared, handshake, deadline).await,
-                        // Unknown CA, expired certificate, no certificate: refused in the handshake.
-                        Ok(Err(e)) => {
-                            metrics::relay().refused("tls_handshake");
-                            tracing::warn!(%remote, error = %e, "connection refused in the handshake");
-                        }
-                        Err(_) => tracing::debug!(%remote, "TLS handshake not finished in time; dropped"),
+                    match incoming.accept() {
+                        Ok(connecting) => connection(connecting, shared, handshake, deadline).await,
+                        Err(e) => tracing::debug!(%remote, error = %e, "connection attempt dropped"),
                     }
                 });
             }
@@ -279,35 +279,137 @@ pub async fn serve(
     Ok(())
 }
 
-/// The first configured agent whose identity the (chain-verified) certificate carries.
-fn authorize<'a>(conn: &quinn::Connection, agents: &'a [AgentAuth]) -> Option<&'a AgentAuth> {
+/// Why an agent's certificate does not admit it.
+enum Unauthorized {
+    /// It no longer verifies against the client CA (a resumed session's, checked again).
+    Invalid(String),
+    /// It carries no `[[agent]]` identity.
+    NoIdentity,
+}
+
+/// The first configured agent whose identity the certificate carries, once the certificate
+/// verifies against the client CA now (for a resumed session, again).
+fn authorize<'a>(
+    conn: &quinn::Connection,
+    agents: &'a [AgentAuth],
+    client_tls: &tls::ClientTls,
+) -> Result<&'a AgentAuth, Unauthorized> {
     let certs = conn
-        .peer_identity()?
-        .downcast::<Vec<CertificateDer<'static>>>()
-        .ok()?;
-    let leaf = certs.first()?;
+        .peer_identity()
+        .and_then(|c| c.downcast::<Vec<CertificateDer<'static>>>().ok())
+        .ok_or(Unauthorized::NoIdentity)?;
+    client_tls.verify(&certs).map_err(Unauthorized::Invalid)?;
+    let leaf = certs.first().ok_or(Unauthorized::NoIdentity)?;
     agents
         .iter()
         .find(|a| tls::carries_identity(leaf, &a.identity))
+        .ok_or(Unauthorized::NoIdentity)
 }
 
-/// One agent's connection: authorization, the protocol handshake (by `deadline`, holding one of
-/// the `max_handshakes` places), then its object streams.
+/// One agent's connection: TLS, authorization, the protocol handshake (by `deadline`, holding
+/// one of the `max_handshakes` places), then its object streams.
+///
+/// The connection is taken as 0.5-RTT: a resumed agent's hello (in 0-RTT, its certificate known
+/// from the session) is answered in the relay's first flight. A full handshake's certificate
+/// comes with the agent's Finished, so there the relay waits for the handshake first. Either
+/// way no object stream is served before the handshake has completed: 0-RTT data can be
+/// replayed, and a replayed flight never completes it (its hello is answered, to no one).
 async fn connection(
+    connecting: quinn::Connecting,
+    shared: Arc<Shared>,
+    handshake: tokio::sync::OwnedSemaphorePermit,
+    deadline: tokio::time::Instant,
+) {
+    let remote = connecting.remote_address();
+    // A server's connection always converts; the other arm is quinn's API shape.
+    let (conn, mut done) = match connecting.into_0rtt() {
+        Ok(c) => c,
+        Err(connecting) => match tokio::time::timeout_at(deadline, connecting).await {
+            Ok(Ok(conn)) => {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                let _ = tx.send(());
+                return established(conn, rx, shared, handshake, deadline).await;
+            }
+            Ok(Err(e)) => return refused_in_tls(remote, &e),
+            Err(_) => {
+                return tracing::debug!(%remote, "TLS handshake not finished in time; dropped")
+            }
+        },
+    };
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    // The handshake's end, watched apart so that `established` can ask whether it is over yet.
+    let watch = conn.clone();
+    tokio::spawn(async move {
+        let _ = (&mut done).await;
+        if watch.close_reason().is_none() {
+            let _ = tx.send(());
+        }
+    });
+    established(conn, rx, shared, handshake, deadline).await;
+}
+
+/// An unknown CA, an expired certificate or none: refused in the TLS handshake.
+fn refused_in_tls(remote: std::net::SocketAddr, e: &quinn::ConnectionError) {
+    metrics::relay().refused("tls_handshake");
+    tracing::warn!(%remote, error = %e, "connection refused in the handshake");
+}
+
+/// The connection after `connecting`: `complete` fires when its TLS handshake has completed (and
+/// is dropped unfired if it failed).
+async fn established(
     conn: quinn::Connection,
+    mut complete: tokio::sync::oneshot::Receiver<()>,
     shared: Arc<Shared>,
     handshake: tokio::sync::OwnedSemaphorePermit,
     deadline: tokio::time::Instant,
 ) {
     let remote = conn.remote_address();
-    let Some(agent) = authorize(&conn, &shared.agents).cloned() else {
-        tracing::warn!(%remote, "refused: the certificate carries no identity listed in [[agent]]");
-        metrics::relay().refused("unknown_identity");
-        conn.close(
-            quinn::VarInt::from_u32(CLOSE_UNAUTHORIZED),
-            b"this certificate carries no identity the relay authorizes",
-        );
-        return;
+    let mut is_complete = false;
+    // A resumed session knows the agent's certificate from its first flight (and brings the
+    // hello in 0-RTT); a full handshake's comes with the agent's Finished.
+    let resumed = conn.peer_identity().is_some();
+    if !resumed {
+        match tokio::time::timeout_at(deadline, &mut complete).await {
+            Ok(Ok(())) => is_complete = true,
+            Ok(Err(_)) => {
+                if let Some(e) = conn.close_reason() {
+                    refused_in_tls(remote, &e);
+                }
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(%remote, "TLS handshake not finished in time; dropped");
+                return conn.close(
+                    quinn::VarInt::from_u32(CLOSE_UNAUTHORIZED),
+                    b"handshake not finished in time",
+                );
+            }
+        }
+    }
+    let refusal = match authorize(&conn, &shared.agents, &shared.client_tls) {
+        Ok(agent) => Ok(agent.clone()),
+        Err(Unauthorized::Invalid(why)) => {
+            tracing::warn!(%remote, error = %why, "refused: the resumed session's certificate no longer verifies");
+            metrics::relay().refused("tls_resumption");
+            Err(&b"this certificate no longer verifies"[..])
+        }
+        Err(Unauthorized::NoIdentity) => {
+            tracing::warn!(%remote, "refused: the certificate carries no identity listed in [[agent]]");
+            metrics::relay().refused("unknown_identity");
+            Err(&b"this certificate carries no identity the relay authorizes"[..])
+        }
+    };
+    let agent = match refusal {
+        Ok(agent) => agent,
+        Err(why) => {
+            // A close during the handshake reaches the agent as a bare transport error (RFC
+            // 9000 10.2.3), which it would take for an outage: the refusal waits for the
+            // handshake's end, so that its code and reason arrive.
+            if !is_complete {
+                let _ = tokio::time::timeout_at(deadline, &mut complete).await;
+            }
+            return conn.close(quinn::VarInt::from_u32(CLOSE_UNAUTHORIZED), why);
+        }
     };
     let close_late = |conn: &quinn::Connection| {
         tracing::debug!(%remote, "protocol handshake not finished in time; closed");
@@ -350,8 +452,18 @@ async fn connection(
         }
     };
     let _ = send.finish();
+    // Nothing more is served until the TLS handshake completes: a hello in 0-RTT may be a
+    // replay, and a replayed flight never completes it.
+    if !is_complete {
+        match tokio::time::timeout_at(deadline, &mut complete).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return,
+            Err(_) => return close_late(&conn),
+        }
+    }
     drop(handshake);
-    tracing::info!(identity = %agent.identity, agent = %name, %remote, prefix = %agent.prefix, "agent connected");
+    metrics::relay().handshake(if resumed { "resumed" } else { "full" });
+    tracing::info!(identity = %agent.identity, agent = %name, %remote, prefix = %agent.prefix, resumed, "agent connected");
     let _open = Open::connection();
     let streams = shared.streams_of(&agent.identity);
     loop {

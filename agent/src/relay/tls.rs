@@ -8,6 +8,18 @@
 //! - Both sides speak TLS 1.3 only, with ring as the one crypto provider; keys are read from
 //!   files (or `$CREDENTIALS_DIRECTORY`), never from the TOML.
 //!
+//! # Resumption and 0-RTT
+//! - The relay keeps sessions in memory (stateful, `SESSIONS` of them) and hands each agent
+//!   `TICKETS` single-use tickets per connection; TLS 1.3 allows 0-RTT only with such tickets, so
+//!   a recorded first flight replayed to the relay finds its ticket spent (a full handshake,
+//!   its early data refused).
+//! - An agent that reconnects to the same relay resumes and sends its protocol hello in 0-RTT;
+//!   nothing else goes before the handshake completes (`client.rs`), and the relay serves no
+//!   object stream before it either (`server.rs`).
+//! - A resumed session carries the agent's certificate from the first handshake, unverified
+//!   since: the relay verifies it again against `client_ca_file` at the current time
+//!   (`ClientTls::verify`), so an expired certificate is refused on resumption too.
+//!
 //! Must not break: each side trusts only its configured CA, and a certificate without the expected
 //! name is refused.
 
@@ -129,6 +141,8 @@ pub fn client_config(
         .with_client_auth_cert(load_certs(cert)?, load_key(key)?)
         .map_err(|e| setup(format!("client certificate {}: {e}", cert.display())))?;
     cfg.alpn_protocols = vec![ha_edge_proto::ALPN.to_vec()];
+    // Resumed sessions (kept in memory, rustls's default) may carry the hello in 0-RTT.
+    cfg.enable_early_data = true;
     let quic =
         quinn::crypto::rustls::QuicClientConfig::try_from(cfg).map_err(|e| setup(e.to_string()))?;
     let mut c = quinn::ClientConfig::new(Arc::new(quic));
@@ -136,14 +150,40 @@ pub fn client_config(
     Ok(c)
 }
 
+/// Sessions the relay remembers for resumption (each some hundreds of bytes and the agent's
+/// certificate chain).
+const SESSIONS: usize = 1024;
+/// Single-use tickets the relay hands an agent per connection: one is spent by each attempt to
+/// resume, failed ones (an outage) included.
+const TICKETS: usize = 4;
+
+/// The relay's check of agents' certificates, kept to verify a resumed session's certificate
+/// again (it was verified in the handshake that made the session, perhaps hours ago).
+#[derive(Clone, Debug)]
+pub struct ClientTls {
+    verifier: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+}
+
+impl ClientTls {
+    /// Whether `chain` (leaf first) verifies against the client CA now.
+    pub fn verify(&self, chain: &[CertificateDer<'static>]) -> Result<(), String> {
+        let (leaf, rest) = chain.split_first().ok_or("no certificate")?;
+        self.verifier
+            .verify_client_cert(leaf, rest, rustls_pki_types::UnixTime::now())
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+}
+
 /// The relay's side: presents its certificate, requires a client certificate signed by
-/// `client_ca` (unknown and expired ones are refused in the handshake).
+/// `client_ca` (unknown and expired ones are refused in the handshake), and takes 0-RTT from
+/// resumed sessions (see the module's notes).
 pub fn server_config(
     cert: &Path,
     key: &Path,
     client_ca: &Path,
     transport_cfg: quinn::TransportConfig,
-) -> Result<quinn::ServerConfig, TlsError> {
+) -> Result<(quinn::ServerConfig, ClientTls), TlsError> {
     let setup = |e: String| TlsError::Setup(e);
     let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
         Arc::new(roots(client_ca)?),
@@ -154,15 +194,19 @@ pub fn server_config(
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| setup(e.to_string()))?
-        .with_client_cert_verifier(verifier)
+        .with_client_cert_verifier(verifier.clone())
         .with_single_cert(load_certs(cert)?, load_key(key)?)
         .map_err(|e| setup(format!("server certificate {}: {e}", cert.display())))?;
     cfg.alpn_protocols = vec![ha_edge_proto::ALPN.to_vec()];
+    // Stateful, single-use tickets: the only kind TLS 1.3 (and rustls) takes 0-RTT with.
+    cfg.session_storage = rustls::server::ServerSessionMemoryCache::new(SESSIONS);
+    cfg.send_tls13_tickets = TICKETS;
+    cfg.max_early_data_size = u32::MAX; // QUIC's only value for "0-RTT allowed"
     let quic =
         quinn::crypto::rustls::QuicServerConfig::try_from(cfg).map_err(|e| setup(e.to_string()))?;
     let mut s = quinn::ServerConfig::with_crypto(Arc::new(quic));
     s.transport_config(Arc::new(transport_cfg));
-    Ok(s)
+    Ok((s, ClientTls { verifier }))
 }
 
 /// Whether a (chain-verified) client certificate carries exactly `identity` as a DNS

@@ -54,6 +54,13 @@ pub struct ReasonLabel {
     pub reason: &'static str,
 }
 
+/// `{kind}`: an agent connection's TLS handshake: `resumed` (a session ticket from an earlier
+/// connection; the agent's hello in 0-RTT) or `full`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HandshakeLabel {
+    pub kind: &'static str,
+}
+
 /// The outcomes `ha_edge_objects_total` counts (all shown, from 0, for every source).
 pub const OUTCOMES: [&str; 6] = [
     "delivered",
@@ -290,6 +297,7 @@ pub struct Relay {
     pub bytes_received: Counter,
     pub objects_landed: Counter,
     pub refusals: Family<ReasonLabel, Counter>,
+    pub handshakes: Family<HandshakeLabel, Counter>,
     pub partials: Gauge,
     pub partial_bytes: Gauge,
 }
@@ -305,6 +313,7 @@ impl Relay {
             bytes_received: Counter::default(),
             objects_landed: Counter::default(),
             refusals: Family::default(),
+            handshakes: Family::default(),
             partials: Gauge::default(),
             partial_bytes: Gauge::default(),
         };
@@ -339,6 +348,11 @@ impl Relay {
             m.refusals.clone(),
         );
         r.register(
+            "ha_edge_relay_handshakes",
+            "Agent connections admitted, by TLS handshake: resumed (a session ticket; the agent's hello in 0-RTT, answered in the relay's first flight) or full",
+            m.handshakes.clone(),
+        );
+        r.register(
             "ha_edge_relay_partials",
             "Partial transfers kept for resumption",
             m.partials.clone(),
@@ -357,6 +371,13 @@ impl Relay {
     /// A refusal, by reason.
     pub fn refused(&self, reason: &'static str) {
         self.refusals.get_or_create(&ReasonLabel { reason }).inc();
+    }
+
+    /// An admitted agent connection, by its TLS handshake: `resumed` or `full`.
+    pub fn handshake(&self, kind: &'static str) {
+        self.handshakes
+            .get_or_create(&HandshakeLabel { kind })
+            .inc();
     }
 
     /// The exposition (OpenMetrics text).
