@@ -876,6 +876,15 @@ fn a_relay_restarted_mid_transfer_resumes_where_its_disk_says() {
         .and_then(|s| s.parse().ok())
         .unwrap();
     assert_eq!(offset, held, "resumed from what the relay's disk held");
+    // The agent's session was with the relay before the restart, which took its sessions
+    // along: the hello sent in 0-RTT is refused, and sent again after a full handshake.
+    assert!(
+        w.setup
+            .daemon_log()
+            .contains("0-RTT refused by the relay; hello sent again"),
+        "{}",
+        w.setup.daemon_log()
+    );
 }
 
 /// Flips one byte the relay already holds (a bad disk, a bad copy) in the middle of a transfer;

@@ -235,7 +235,8 @@ impl RelayClient {
         Err(last.unwrap_or_else(|| self.unreachable("no relay answered")))
     }
 
-    /// One connection attempt to `addr`: QUIC, TLS, then the protocol's handshake.
+    /// One connection attempt to `addr`: QUIC, TLS, then the protocol's handshake. Returns the
+    /// connection, and whether the hello went in 0-RTT (and the relay took it).
     ///
     /// With a session ticket from an earlier connection to this relay, the hello goes out in
     /// 0-RTT and the relay answers it in its first flight: the connection is ready in one round
@@ -243,7 +244,6 @@ impl RelayClient {
     /// and no commit is ever sent in 0-RTT (which an attacker could replay); the hello is the
     /// one idempotent message that is. If the relay refuses the early data (its sessions were
     /// lost, a restart), the hello is sent again after the handshake.
-    /// The connection, and whether the hello went in 0-RTT (and the relay took it).
     async fn connect(
         &self,
         addr: std::net::SocketAddr,
