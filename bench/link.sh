@@ -9,6 +9,8 @@
 #        [--rounds 1] [--tools ha-edge,ha-edge-quic,rclone] [--size-mib 256] [--files 1000]
 #        [--workloads big,small]    (the large file, the small files, or both)
 #        [--congestion bbr|cubic]   (both ends of the QUIC link; default: the built-in one)
+#        [--tcp-congestion cubic|bbr|reno]   (the kernel's TCP controller in both namespaces, for
+#                                    the direct path, rclone and iperf3; default: the system's)
 #
 # Besides ha-edge, ha-edge-quic and rclone, --tools takes the link's ceilings, for the large
 # file only: ha-edge-1put (ha-edge with one PUT for the file: one TCP flow, no multipart
@@ -25,7 +27,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rtts=5,20,40 losses=0,0.5,1 rate=100mbit rounds=1 tools=ha-edge,ha-edge-quic,rclone
-size_mib=256 files=1000 congestion= workloads=big,small
+size_mib=256 files=1000 congestion= workloads=big,small tcp_cc=
 while [ $# -gt 0 ]; do
   case "$1" in
     --rtt) rtts="$2"; shift 2 ;;
@@ -37,6 +39,7 @@ while [ $# -gt 0 ]; do
     --files) files="$2"; shift 2 ;;
     --congestion) congestion="$2"; shift 2 ;;
     --workloads) workloads="$2"; shift 2 ;;
+    --tcp-congestion) tcp_cc="$2"; shift 2 ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -78,6 +81,17 @@ cc_line=""
 first_rtt=${rtts%%,*} first_loss=${losses%%,*}
 "$netlab" up --mode wire --delay "$(python3 -c "print($first_rtt / 2)")" --loss "$first_loss" --rate "$rate" >/dev/null
 trap '"$netlab" down >/dev/null 2>&1 || true; kill "${server:-0}" "${relay:-0}" 2>/dev/null || true' EXIT
+if [ -n "$tcp_cc" ]; then
+  # A namespace may only choose a controller the host allows (tcp_allowed_congestion_control):
+  # allowed for the run, the host's list restored at the end.
+  allowed=$(sysctl -n net.ipv4.tcp_allowed_congestion_control)
+  if [[ " $allowed " != *" $tcp_cc "* ]]; then
+    sysctl -qw "net.ipv4.tcp_allowed_congestion_control=$allowed $tcp_cc"
+    trap 'sysctl -qw "net.ipv4.tcp_allowed_congestion_control=$allowed"; "$netlab" down >/dev/null 2>&1 || true; kill "${server:-0}" "${relay:-0}" 2>/dev/null || true' EXIT
+  fi
+  for ns in onprem cloud; do ip netns exec "$ns" sysctl -qw "net.ipv4.tcp_congestion_control=$tcp_cc"; done
+fi
+tcp_cc_now=$(ip netns exec onprem sysctl -n net.ipv4.tcp_congestion_control)
 ip netns exec cloud "$s3s" --host 198.18.0.2 --port 19557 --access-key AK --secret-key SKSKSKSK "$work/s3" >/dev/null 2>&1 &
 server=$!
 cat >"$work/relay.toml" <<TOML
@@ -219,7 +233,8 @@ done
 rate_mbit=$(python3 -c "import re; m=re.match(r'([0-9.]+)([kmg]?)bit', '$rate'); print(float(m[1]) * {'k': 1e-3, 'm': 1, 'g': 1e3, '': 1e-6}[m[2]])")
 echo
 echo "Link: netlab, $rate, loss each way; ${size_mib} MiB file and $files files of 20 KiB;"
-echo "medians of $rounds round(s); QUIC congestion: ${congestion:-default}; $(nproc) cores, $(uname -r)."
+echo "medians of $rounds round(s); QUIC congestion: ${congestion:-default}; TCP congestion: $tcp_cc_now;"
+echo "$(nproc) cores, $(uname -r)."
 echo
 echo "| RTT | loss | tool | ${size_mib} MiB: s | Mbit/s | of link | $files files: s | files/s |"
 echo "|---|---|---|---|---|---|---|---|"
