@@ -306,6 +306,12 @@ fn authorize<'a>(
         .ok_or(Unauthorized::NoIdentity)
 }
 
+/// An unknown CA, an expired certificate or none: refused in the TLS handshake.
+fn refused_in_tls(remote: std::net::SocketAddr, e: &quinn::ConnectionError) {
+    metrics::relay().refused("tls_handshake");
+    tracing::warn!(%remote, error = %e, "connection refused in the handshake");
+}
+
 /// One agent's connection: TLS, authorization, the protocol handshake (by `deadline`, holding
 /// one of the `max_handshakes` places), then its object streams.
 ///
@@ -321,62 +327,22 @@ async fn connection(
     deadline: tokio::time::Instant,
 ) {
     let remote = connecting.remote_address();
-    // A server's connection always converts; the other arm is quinn's API shape.
-    let (conn, mut done) = match connecting.into_0rtt() {
-        Ok(c) => c,
-        Err(connecting) => match tokio::time::timeout_at(deadline, connecting).await {
-            Ok(Ok(conn)) => {
-                let (tx, rx) = tokio::sync::oneshot::channel();
-                let _ = tx.send(());
-                return established(conn, rx, shared, handshake, deadline).await;
-            }
-            Ok(Err(e)) => return refused_in_tls(remote, &e),
-            Err(_) => {
-                return tracing::debug!(%remote, "TLS handshake not finished in time; dropped")
-            }
-        },
+    // quinn converts every incoming connection ("a 0.5-RTT connection will always be
+    // successfully constructed"); `done` resolves when the TLS handshake has ended, and it
+    // completed if the connection is still open then.
+    let Ok((conn, mut done)) = connecting.into_0rtt() else {
+        return tracing::debug!(%remote, "connection not convertible to 0.5-RTT; dropped");
     };
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    // The handshake's end, watched apart so that `established` can ask whether it is over yet.
-    let watch = conn.clone();
-    tokio::spawn(async move {
-        let _ = (&mut done).await;
-        if watch.close_reason().is_none() {
-            let _ = tx.send(());
-        }
-    });
-    established(conn, rx, shared, handshake, deadline).await;
-}
-
-/// An unknown CA, an expired certificate or none: refused in the TLS handshake.
-fn refused_in_tls(remote: std::net::SocketAddr, e: &quinn::ConnectionError) {
-    metrics::relay().refused("tls_handshake");
-    tracing::warn!(%remote, error = %e, "connection refused in the handshake");
-}
-
-/// The connection after `connecting`: `complete` fires when its TLS handshake has completed (and
-/// is dropped unfired if it failed).
-async fn established(
-    conn: quinn::Connection,
-    mut complete: tokio::sync::oneshot::Receiver<()>,
-    shared: Arc<Shared>,
-    handshake: tokio::sync::OwnedSemaphorePermit,
-    deadline: tokio::time::Instant,
-) {
-    let remote = conn.remote_address();
     let mut is_complete = false;
     // A resumed session knows the agent's certificate from its first flight (and brings the
     // hello in 0-RTT); a full handshake's comes with the agent's Finished.
     let resumed = conn.peer_identity().is_some();
     if !resumed {
-        match tokio::time::timeout_at(deadline, &mut complete).await {
-            Ok(Ok(())) => is_complete = true,
-            Ok(Err(_)) => {
-                if let Some(e) = conn.close_reason() {
-                    refused_in_tls(remote, &e);
-                }
-                return;
-            }
+        match tokio::time::timeout_at(deadline, &mut done).await {
+            Ok(_) => match conn.close_reason() {
+                None => is_complete = true,
+                Some(e) => return refused_in_tls(remote, &e),
+            },
             Err(_) => {
                 tracing::debug!(%remote, "TLS handshake not finished in time; dropped");
                 return conn.close(
@@ -406,7 +372,7 @@ async fn established(
             // 9000 10.2.3), which it would take for an outage: the refusal waits for the
             // handshake's end, so that its code and reason arrive.
             if !is_complete {
-                let _ = tokio::time::timeout_at(deadline, &mut complete).await;
+                let _ = tokio::time::timeout_at(deadline, &mut done).await;
             }
             return conn.close(quinn::VarInt::from_u32(CLOSE_UNAUTHORIZED), why);
         }
@@ -455,9 +421,9 @@ async fn established(
     // Nothing more is served until the TLS handshake completes: a hello in 0-RTT may be a
     // replay, and a replayed flight never completes it.
     if !is_complete {
-        match tokio::time::timeout_at(deadline, &mut complete).await {
-            Ok(Ok(())) => {}
-            Ok(Err(_)) => return,
+        match tokio::time::timeout_at(deadline, &mut done).await {
+            Ok(_) if conn.close_reason().is_none() => {}
+            Ok(_) => return,
             Err(_) => return close_late(&conn),
         }
     }
