@@ -44,6 +44,9 @@ WORKLOADS = {
     # Peak RSS flat in object size (not in the default set).
     "bucket-64m": ("bucket: one 64 MiB object", [("o64m/one.bin", 64 * MIB)]),
     "bucket-2g": ("bucket: one 2 GiB object", [("o2g/one.bin", 2048 * MIB)]),
+    # bucket-large's object as a local file: what the same destination takes from a client whose
+    # source costs nothing (no source server, page cache), the bound of any bucket-to-bucket copy.
+    "file-512m": ("one 512 MiB file", [("one.bin", 512 * MIB)]),
     "small": ("5,000 files of 20 KiB", [(f"d{i // 500}/f{i}.ndjson", 20 * 1024) for i in range(5000)]),
     "medium": ("200 files of 8 MiB", [(f"m{i}.bin", 8 * MIB) for i in range(200)]),
 }

@@ -3,6 +3,7 @@
 # alternating tools over several rounds; medians and ratios are printed as Markdown tables.
 #
 #   bench/run.sh [--rounds N] [--workloads big,small,medium,bucket-large,bucket-small]
+#                (not by default: bucket-64m, bucket-2g, file-512m: the bucket-large object as a file)
 #                [--tools ha-edge,rclone,aws]   (bucket-large, bucket-small: bucket to bucket from a
 #                second s3s-fs, ha-edge and rclone only)
 #                [--server-storage tmpfs|disk]   (tools also: ha-edge-quic, via the QUIC relay;
