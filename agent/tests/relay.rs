@@ -307,6 +307,15 @@ impl World {
         Relay::start(self.setup.dir.path())
     }
 
+    /// A UDP forwarder in front of the relay (to cut the link), and the agent (identity
+    /// "agent", prefix "fhir/dkfz/") configured through it. `request_timeout` bounds the QUIC
+    /// idle timeout: a cut link is noticed within 3 s.
+    fn agent_behind_link(&self) -> UdpProxy {
+        let link = UdpProxy::start(self.relay_port);
+        self.agent_config(link.port, "agent", "fhir/dkfz/", "request_timeout = \"3s\"");
+        link
+    }
+
     /// Turns the relay's metrics endpoint on (before `relay()`); its port.
     fn relay_metrics(&self) -> u16 {
         metrics_on(&self.setup.dir.path().join("relay.toml"))
@@ -332,13 +341,19 @@ impl World {
             write_settled(&self.setup.src().join(name), bytes);
         }
         assert!(
-            wait_until(Duration::from_secs(30), || self.setup.status_json(bin())
-                ["agent"]["destination"]
-                .as_str()
-                .is_some_and(|d| d.starts_with("unreachable since"))),
+            self.destination_becomes("unreachable since"),
             "the agent never noticed the cut: {}",
             self.setup.daemon_log()
         );
+    }
+
+    /// Waits (up to 30 s) until `status` says the destination's state begins with `state`.
+    fn destination_becomes(&self, state: &str) -> bool {
+        wait_until(Duration::from_secs(30), || {
+            self.setup.status_json(bin())["agent"]["destination"]
+                .as_str()
+                .is_some_and(|d| d.starts_with(state))
+        })
     }
 
     /// Writes `name`, starts the agent daemon, and returns once the relay holds `held` bytes
@@ -609,9 +624,7 @@ fn a_dropped_connection_resumes_from_the_offset_the_relay_confirms() {
     let w = world(None);
     let metrics_port = w.relay_metrics();
     let relay = w.relay();
-    let link = UdpProxy::start(w.relay_port);
-    // request_timeout bounds the QUIC idle timeout: a cut link is noticed within 3 s.
-    w.agent_config(link.port, "agent", "fhir/dkfz/", "request_timeout = \"3s\"");
+    let link = w.agent_behind_link();
     let big = data(21, 64 * MIB);
     let mut daemon = w.send_until_held(&relay, "big.dcm", &big, 16 * MIB as u64);
     w.cut_until_noticed(&link, None);
@@ -668,9 +681,7 @@ fn a_reconnecting_agent_sends_its_hello_in_0rtt_and_nothing_else() {
     let w = world(None);
     let metrics_port = w.relay_metrics();
     let relay = w.relay();
-    let link = UdpProxy::start(w.relay_port);
-    // request_timeout bounds the QUIC idle timeout: a cut link is noticed within 3 s.
-    w.agent_config(link.port, "agent", "fhir/dkfz/", "request_timeout = \"3s\"");
+    let link = w.agent_behind_link();
     write_settled(&w.setup.src().join("first.ndjson"), &data(31, 40 * 1024));
     let mut daemon = w.setup.spawn_daemon(bin());
     w.wait_landed(&relay, "first.ndjson");
@@ -745,10 +756,7 @@ fn a_certificate_expired_since_the_session_began_is_refused_on_resumption() {
     }));
     link.up_at_next_attempt.store(true, Ordering::Relaxed);
     assert!(
-        wait_until(Duration::from_secs(30), || w.setup.status_json(bin())
-            ["agent"]["destination"]
-            .as_str()
-            .is_some_and(|d| d.starts_with("refusing since"))),
+        w.destination_becomes("refusing since"),
         "the relay did not refuse the expired certificate: {}\n{}",
         w.setup.daemon_log(),
         relay.log()
@@ -890,8 +898,7 @@ fn a_relay_restarted_mid_transfer_resumes_where_its_disk_says() {
 /// Flips one byte the relay already holds (a bad disk, a bad copy) in the middle of a transfer;
 /// `landed` reads the object where the relay lands it.
 fn corrupt_mid_transfer(w: &World, relay: &Relay, landed: &dyn Fn() -> Option<Vec<u8>>) {
-    let link = UdpProxy::start(w.relay_port);
-    w.agent_config(link.port, "agent", "fhir/dkfz/", "request_timeout = \"3s\"");
+    let link = w.agent_behind_link();
     let big = data(23, 24 * MIB);
     let mut daemon = w.send_until_held(relay, "scan.dcm", &big, 2 * MIB as u64);
     flip_byte(&relay.partial_files().pop().unwrap(), 1000);
@@ -943,8 +950,7 @@ fn corrupted_bytes_never_reach_s3_the_part_is_sent_again() {
     s3.create_bucket("cloud");
     let w = world(Some(&format!("{}\nassembly_memory = \"0\"", s3_store(&s3))));
     let relay = w.relay();
-    let link = UdpProxy::start(w.relay_port);
-    w.agent_config(link.port, "agent", "fhir/dkfz/", "request_timeout = \"3s\"");
+    let link = w.agent_behind_link();
     let big = data(23, 24 * MIB);
     // Part 1 (5 MiB) is in S3, part 2 is being assembled on the relay's disk.
     let mut daemon = w.send_until_held(&relay, "scan.dcm", &big, 2 * MIB as u64);

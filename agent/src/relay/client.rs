@@ -254,18 +254,16 @@ impl RelayClient {
             .map_err(|e| LinkError::Setup(e.to_string()))?;
         let no_answer = || self.unreachable(format!("{addr}: no answer within {:?}", self.idle));
         let (conn, accepted) = match connecting.into_0rtt() {
-            Ok((conn, accepted)) => (conn, Some(accepted)),
+            Ok(resumed) => resumed,
+            // No session to resume: a full handshake, then the hello.
             Err(connecting) => {
                 let conn = tokio::time::timeout(self.idle, connecting)
                     .await
                     .map_err(|_| no_answer())?
                     .map_err(|e| self.connection_error(&e))?;
-                (conn, None)
+                self.handshake(&conn).await?;
+                return Ok((conn, false));
             }
-        };
-        let Some(accepted) = accepted else {
-            self.handshake(&conn).await?;
-            return Ok((conn, false));
         };
         let early = self.handshake(&conn).await;
         // Whether the relay took the 0-RTT data; false too if the connection failed.

@@ -287,18 +287,21 @@ enum Unauthorized {
     NoIdentity,
 }
 
-/// The first configured agent whose identity the certificate carries, once the certificate
-/// verifies against the client CA now (for a resumed session, again).
+/// The first configured agent whose identity the certificate carries. A resumed session's
+/// certificate (`again`: verified in the handshake that made the session, perhaps hours ago)
+/// must first verify against the client CA now; a full handshake's was verified just now.
 fn authorize<'a>(
     conn: &quinn::Connection,
     agents: &'a [AgentAuth],
-    client_tls: &tls::ClientTls,
+    again: Option<&tls::ClientTls>,
 ) -> Result<&'a AgentAuth, Unauthorized> {
     let certs = conn
         .peer_identity()
         .and_then(|c| c.downcast::<Vec<CertificateDer<'static>>>().ok())
         .ok_or(Unauthorized::NoIdentity)?;
-    client_tls.verify(&certs).map_err(Unauthorized::Invalid)?;
+    if let Some(client_tls) = again {
+        client_tls.verify(&certs).map_err(Unauthorized::Invalid)?;
+    }
     let leaf = certs.first().ok_or(Unauthorized::NoIdentity)?;
     agents
         .iter()
@@ -352,22 +355,22 @@ async fn connection(
             }
         }
     }
-    let refusal = match authorize(&conn, &shared.agents, &shared.client_tls) {
-        Ok(agent) => Ok(agent.clone()),
-        Err(Unauthorized::Invalid(why)) => {
-            tracing::warn!(%remote, error = %why, "refused: the resumed session's certificate no longer verifies");
-            metrics::relay().refused("tls_resumption");
-            Err(&b"this certificate no longer verifies"[..])
-        }
-        Err(Unauthorized::NoIdentity) => {
-            tracing::warn!(%remote, "refused: the certificate carries no identity listed in [[agent]]");
-            metrics::relay().refused("unknown_identity");
-            Err(&b"this certificate carries no identity the relay authorizes"[..])
-        }
-    };
-    let agent = match refusal {
-        Ok(agent) => agent,
-        Err(why) => {
+    let again = resumed.then_some(&shared.client_tls);
+    let agent = match authorize(&conn, &shared.agents, again) {
+        Ok(agent) => agent.clone(),
+        Err(unauthorized) => {
+            let why: &[u8] = match unauthorized {
+                Unauthorized::Invalid(e) => {
+                    tracing::warn!(%remote, error = %e, "refused: the resumed session's certificate no longer verifies");
+                    metrics::relay().refused("tls_resumption");
+                    b"this certificate no longer verifies"
+                }
+                Unauthorized::NoIdentity => {
+                    tracing::warn!(%remote, "refused: the certificate carries no identity listed in [[agent]]");
+                    metrics::relay().refused("unknown_identity");
+                    b"this certificate carries no identity the relay authorizes"
+                }
+            };
             // A close during the handshake reaches the agent as a bare transport error (RFC
             // 9000 10.2.3), which it would take for an outage: the refusal waits for the
             // handshake's end, so that its code and reason arrive.
